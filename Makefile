@@ -1,0 +1,28 @@
+# make test: build .venv and run the whole suite.   make demo: the main job.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Without a GPU, pin the CPU torch wheel: an unpinned torch pulls a multi-GB CUDA build.
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: venv test demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest tests
+
+demo: $(STAMP)
+	$(PY) -m kvcache.cli demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

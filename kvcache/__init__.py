@@ -1,0 +1,31 @@
+"""kvcache: a memory-bandwidth-aware paged KV cache manager for long-context decoding."""
+
+from kvcache.config import KVCacheConfig
+from kvcache.errors import (
+    DTypeMismatch,
+    InvalidParameter,
+    KVCacheError,
+    PositionOutOfRange,
+    SequenceNotFound,
+    ShapeMismatch,
+    StoreFull,
+)
+from kvcache.methods.result import AttentionResult
+from kvcache.store import KVStore, SequenceInfo
+from kvcache.client import InProcessClient, KVCacheClient
+
+__all__ = [
+    "AttentionResult",
+    "DTypeMismatch",
+    "InProcessClient",
+    "InvalidParameter",
+    "KVCacheClient",
+    "KVCacheConfig",
+    "KVCacheError",
+    "KVStore",
+    "PositionOutOfRange",
+    "SequenceInfo",
+    "SequenceNotFound",
+    "ShapeMismatch",
+    "StoreFull",
+]

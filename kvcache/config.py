@@ -1,0 +1,72 @@
+"""KVCacheConfig: the one source of truth for page size, dtypes, layouts and capacities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.errors import InvalidParameter
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+# Summaries (page min/max/mean) and value sums are kept in float32: a running mean
+# in bf16 drifts, and both are small (3d per page, d per sequence and head).
+SUMMARY_DTYPE = torch.float32
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """Shape, dtype and capacity of a KV store; validated on construction."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int = 16
+    dtype: torch.dtype | str = torch.float16
+    device: torch.device | str = "cpu"
+    device_pages: int = 1024
+    host_pages: int = 0
+    disk_pages: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):
+            if self.dtype not in _DTYPES:
+                raise InvalidParameter(f"dtype {self.dtype!r} unsupported; expected one of {sorted(_DTYPES)}")
+            object.__setattr__(self, "dtype", _DTYPES[self.dtype])
+        if self.dtype not in _DTYPES.values():
+            raise InvalidParameter(f"dtype {self.dtype} unsupported; expected float32, float16 or bfloat16")
+        try:
+            object.__setattr__(self, "device", torch.device(self.device))
+        except (RuntimeError, TypeError) as exc:
+            raise InvalidParameter(f"device {self.device!r} is not a torch device: {exc}") from None
+        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "device_pages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidParameter(f"{name} must be a positive int, got {value!r}")
+        for name in ("host_pages", "disk_pages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidParameter(f"{name} must be a non-negative int, got {value!r}")
+        if self.head_dim % 8:
+            raise InvalidParameter(f"head_dim must be a multiple of 8, got {self.head_dim}")
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per K or V element."""
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes one page id holds across all layers: k_seq + k_dim + v_seq + summaries."""
+        kv = 3 * self.num_kv_heads * self.page_size * self.head_dim * self.itemsize
+        summary = self.num_kv_heads * 3 * self.head_dim * SUMMARY_DTYPE.itemsize
+        return self.num_layers * (kv + summary)
+
+    def pages_for(self, num_tokens: int) -> int:
+        """Number of pages needed to hold `num_tokens` positions."""
+        return -(-num_tokens // self.page_size)

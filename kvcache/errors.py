@@ -1,0 +1,42 @@
+"""Exceptions raised on bad input; each maps to one gRPC status code in the service."""
+
+
+class KVCacheError(Exception):
+    """Base of every error kvcache raises on purpose; `grpc_code` names its wire status."""
+
+    grpc_code = "INTERNAL"
+
+
+class InvalidParameter(KVCacheError, ValueError):
+    """A method parameter or config value is out of its allowed range."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class ShapeMismatch(InvalidParameter):
+    """A tensor's shape is not the one the call expects."""
+
+
+class DTypeMismatch(InvalidParameter):
+    """A tensor's dtype is not the store's dtype."""
+
+
+class SequenceNotFound(KVCacheError, KeyError):
+    """The sequence id is unknown (never created, or already freed)."""
+
+    grpc_code = "NOT_FOUND"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PositionOutOfRange(KVCacheError, IndexError):
+    """Positions are out of order, beyond the sequence, or beyond its page budget."""
+
+    grpc_code = "OUT_OF_RANGE"
+
+
+class StoreFull(KVCacheError, MemoryError):
+    """Not enough free pages for the request; nothing was changed."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"

@@ -1,0 +1,34 @@
+"""Gathers from the page pool through a page table: whole sequences, chosen rows, chosen key dims."""
+
+from __future__ import annotations
+
+import torch
+
+from kvcache.table import PageTableCSR
+
+
+def gather_sequence(pool: torch.Tensor, csr: PageTableCSR, b: int) -> torch.Tensor:
+    """Rows of sequence b from a sequence-major pool [N, Hkv, P, d] -> [Hkv, S, d]."""
+    pages = csr.pages_of(b)
+    S = int(csr.seq_lens()[b])
+    rows = pool[pages]  # [n, Hkv, P, d]
+    return rows.permute(1, 0, 2, 3).reshape(pool.shape[1], -1, pool.shape[3])[:, :S]
+
+
+def gather_rows(pool: torch.Tensor, csr: PageTableCSR, b: int, positions: torch.Tensor) -> torch.Tensor:
+    """Rows at `positions` [Hkv, k] of sequence b from a sequence-major pool -> [Hkv, k, d]."""
+    pages = csr.pages_of(b)[positions // csr.page_size]  # [Hkv, k]
+    heads = torch.arange(pool.shape[1], device=pool.device)[:, None]
+    return pool[pages, heads, positions % csr.page_size]
+
+
+def gather_key_dims(k_dim: torch.Tensor, csr: PageTableCSR, b: int, dims: torch.Tensor) -> torch.Tensor:
+    """Key components `dims` [Hkv, r] of sequence b from the dim-major pool [N, Hkv, d, P] -> [Hkv, r, S].
+
+    Only the r chosen rows of each page are read: each a contiguous run of P values.
+    """
+    pages = csr.pages_of(b)
+    S = int(csr.seq_lens()[b])
+    heads = torch.arange(k_dim.shape[1], device=k_dim.device)[:, None]
+    cols = k_dim[pages[:, None, None], heads, dims]  # [n, Hkv, r, P]
+    return cols.permute(1, 2, 0, 3).reshape(dims.shape[0], dims.shape[1], -1)[:, :, :S]

@@ -1,0 +1,18 @@
+"""Exact merge of partial attention results by their log-sum-exp (ALGORITHMS.md §4)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def merge_lse(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge n partial results: outs [n, ..., d], lses [n, ...] -> out [..., d] (outs' dtype), lse [...] f32.
+
+    ALGORITHMS.md §4: s = log(sum_h exp(s_h)), A = sum_h exp(s_h - s) * A_h. A part with
+    lse = -inf (it saw no positions) gets weight 0.
+    """
+    lses = lses.float()
+    lse = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - lse).nan_to_num(0.0)  # -inf - -inf when every part is empty
+    out = (weights[..., None] * outs.float()).sum(dim=0)
+    return out.to(outs.dtype), lse

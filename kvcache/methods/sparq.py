@@ -1,0 +1,93 @@
+"""SparQ Attention, torch reference (ALGORITHMS.md §1): two-stage fetch with mean-value reallocation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvcache.errors import InvalidParameter
+from kvcache.methods.dense import attend_rows
+from kvcache.methods.gather import gather_key_dims, gather_rows
+from kvcache.methods.result import AttentionResult
+from kvcache.table import PageTableCSR
+
+VALUE_MEAN_ITEMSIZE = 4  # the mean value is read from float32 running sums
+
+
+def sparq_bytes(S: int, d: int, r: int, k: int, itemsize: int) -> int:
+    """Bytes SparQ reads per kv head (§1): S*r key elements, 2*k*d rows, d of the mean value (f32)."""
+    return (S * r + 2 * k * d) * itemsize + d * VALUE_MEAN_ITEMSIZE
+
+
+def check_sparq_params(d: int, seq_lens: list[int], r: int, k: int, local_window: int) -> None:
+    """Raise InvalidParameter unless 1 <= r <= d, 1 <= k <= S for every sequence, 0 <= local_window <= k."""
+    if not isinstance(r, int) or not 1 <= r <= d:
+        raise InvalidParameter(f"sparq: r={r!r} must be in [1, d={d}]")
+    if not isinstance(k, int) or k < 1:
+        raise InvalidParameter(f"sparq: k={k!r} must be a positive int")
+    if not isinstance(local_window, int) or not 0 <= local_window <= k:
+        raise InvalidParameter(f"sparq: local_window={local_window!r} must be in [0, k={k}]")
+    short = [S for S in seq_lens if k > S]
+    if short:
+        raise InvalidParameter(f"sparq: k={k} exceeds the cached length S={min(short)} of a sequence in the batch")
+
+
+def sparq(
+    q: torch.Tensor,
+    k_seq: torch.Tensor,
+    k_dim: torch.Tensor,
+    v_seq: torch.Tensor,
+    value_mean: torch.Tensor,
+    csr: PageTableCSR,
+    r: int,
+    k: int,
+    local_window: int = 0,
+    reallocate: bool = True,
+    scale: float | None = None,
+) -> AttentionResult:
+    """SparQ decode attention of q [B, Hq, d] (§1, GQA as §1 says); value_mean [B, Hkv, d] f32.
+
+    Stage 1 reads r components of every key from `k_dim`; stage 2 reads k rows of K and V
+    from `k_seq` / `v_seq`. The lse returned is that of the exact stage-2 scores.
+    """
+    B, Hq, d = q.shape
+    Hkv = k_seq.shape[1]
+    G = Hq // Hkv
+    seq_lens = csr.seq_lens().tolist()
+    check_sparq_params(d, seq_lens, r, k, local_window)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    for b, S in enumerate(seq_lens):
+        qg = q[b].view(Hkv, G, d).float()
+        qabs = qg.abs()
+        # 1. i1: the r components with the largest |q|, summed over the group so it reads them once.
+        i1 = torch.topk(qabs.sum(dim=1), r, dim=-1).indices  # [Hkv, r]
+        q_i1 = torch.gather(qg, 2, i1[:, None, :].expand(Hkv, G, r))  # [Hkv, G, r]
+        # 2. tau per query head, from the L1 mass its chosen components cover.
+        tau = torch.sqrt(d * q_i1.abs().sum(-1) / qabs.sum(-1))  # [Hkv, G]
+        # 3. shat over all S positions from the r chosen key components (dim-major reads).
+        k_i1 = gather_key_dims(k_dim, csr, b, i1).float()  # [Hkv, r, S]
+        shat = torch.softmax(torch.einsum("hgr,hrs->hgs", q_i1, k_i1) / tau[..., None], dim=-1)
+        # 4. i2: top-k of the group's shat plus the local-window mask. Ranking by the group mean
+        # (same order as the sum) keeps shat <= 1, so m = 1 still guarantees the window.
+        m = torch.zeros(S, device=q.device)
+        if local_window:
+            m[S - local_window :] = 1.0
+        i2 = torch.topk(shat.mean(dim=1) + m, k, dim=-1).indices  # [Hkv, k]
+        # 5. alpha per query head: approximate attention mass the chosen rows cover.
+        alpha = torch.gather(shat, 2, i2[:, None, :].expand(Hkv, G, k)).sum(-1)  # [Hkv, G]
+        if not reallocate:
+            alpha = torch.ones_like(alpha)
+        # 6. exact softmax over the k chosen rows (sequence-major reads).
+        k_rows = gather_rows(k_seq, csr, b, i2)
+        v_rows = gather_rows(v_seq, csr, b, i2)
+        y, s = attend_rows(qg, k_rows, v_rows, scale)
+        # 7. mean-value reallocation of the mass the chosen rows miss.
+        vbar = value_mean[b].float()[:, None, :]  # [Hkv, 1, d]
+        y = alpha[..., None] * y + (1 - alpha[..., None]) * vbar
+        out[b], lse[b] = y.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
+    itemsize = k_seq.element_size()
+    bytes_read = sum(Hkv * sparq_bytes(S, d, r, k, itemsize) for S in seq_lens)
+    return AttentionResult(out, lse, bytes_read)

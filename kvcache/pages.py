@@ -1,0 +1,69 @@
+"""PagePool: the preallocated page tensors (both key layouts, values, key summaries)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
+
+# Rows of k_summary along its third axis.
+SUMMARY_MIN, SUMMARY_MAX, SUMMARY_MEAN = 0, 1, 2
+
+
+class PagePool:
+    """Page storage indexed by [layer, page id]; a page id names the same positions in every layer.
+
+    Layouts (DESIGN.md "The store"):
+      k_seq     [L, N, Hkv, P, d]   sequence-major keys (stage-2 rows, dense attention)
+      k_dim     [L, N, Hkv, d, P]   dim-major keys (SparQ stage 1 reads r runs of P)
+      v_seq     [L, N, Hkv, P, d]
+      k_summary [L, N, Hkv, 3, d]   float32 min / max / mean of the page's filled key rows
+    """
+
+    def __init__(self, config: KVCacheConfig, num_pages: int, device: torch.device | None = None) -> None:
+        c = config
+        dev = device if device is not None else c.device
+        shape_seq = (c.num_layers, num_pages, c.num_kv_heads, c.page_size, c.head_dim)
+        shape_dim = (c.num_layers, num_pages, c.num_kv_heads, c.head_dim, c.page_size)
+        self.config = c
+        self.num_pages = num_pages
+        self.k_seq = torch.zeros(shape_seq, dtype=c.dtype, device=dev)
+        self.k_dim = torch.zeros(shape_dim, dtype=c.dtype, device=dev)
+        self.v_seq = torch.zeros(shape_seq, dtype=c.dtype, device=dev)
+        self.k_summary = torch.zeros(
+            (c.num_layers, num_pages, c.num_kv_heads, 3, c.head_dim), dtype=SUMMARY_DTYPE, device=dev
+        )
+
+    def write(
+        self,
+        layers: torch.Tensor,
+        page_ids: torch.Tensor,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
+        """Scatter k, v [nl, T, Hkv, d] to (layers[nl], page_ids[T], slots[T]) in both key layouts."""
+        li = layers[:, None]  # [nl, 1] broadcasts against [T]
+        pi = page_ids[None, :]
+        si = slots[None, :]
+        # Advanced indices separated by a slice put their broadcast dims [nl, T] first.
+        self.k_seq[li, pi, :, si] = k
+        self.v_seq[li, pi, :, si] = v
+        self.k_dim[li, pi, :, :, si] = k
+
+    def refresh_summaries(self, layers: torch.Tensor, page_ids: torch.Tensor, fills: torch.Tensor) -> None:
+        """Recompute min/max/mean of pages `page_ids[n]` over their first `fills[nl, n]` rows."""
+        keys = self.k_seq[layers[:, None], page_ids[None, :]].float()  # [nl, n, Hkv, P, d]
+        filled = torch.arange(self.config.page_size, device=keys.device) < fills[..., None]  # [nl, n, P]
+        filled = filled[:, :, None, :, None]
+        inf = torch.tensor(float("inf"), device=keys.device)
+        kmin = torch.where(filled, keys, inf).amin(dim=3)
+        kmax = torch.where(filled, keys, -inf).amax(dim=3)
+        count = fills.clamp(min=1)[:, :, None, None].to(keys.dtype)
+        kmean = torch.where(filled, keys, 0.0).sum(dim=3) / count
+        self.k_summary[layers[:, None], page_ids[None, :]] = torch.stack((kmin, kmax, kmean), dim=3)
+
+    def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy pages src[n] -> dst[n] in every layer and layout (copy-on-write)."""
+        for pool in (self.k_seq, self.k_dim, self.v_seq, self.k_summary):
+            pool[:, dst] = pool[:, src]

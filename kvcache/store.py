@@ -1,0 +1,310 @@
+"""KVStore: sequences over a page pool: create / fork / free / append, and what attention reads."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.allocator import PageAllocator, chain_hash
+from kvcache.config import KVCacheConfig
+from kvcache.errors import (
+    DTypeMismatch,
+    InvalidParameter,
+    PositionOutOfRange,
+    SequenceNotFound,
+    ShapeMismatch,
+)
+from kvcache.pages import PagePool
+from kvcache.table import PageTableCSR, SequenceState, build_csr
+
+
+@dataclass(frozen=True)
+class SequenceInfo:
+    """What a client may know of a sequence: its id, cached positions per layer, pages, prefix hits."""
+
+    seq_id: str
+    lengths: tuple[int, ...]
+    num_pages: int
+    cached_tokens: int
+
+    @property
+    def length(self) -> int:
+        """Positions cached in every layer (the minimum over layers)."""
+        return min(self.lengths)
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """The pool tensors of one layer, as attention methods and kernels take them."""
+
+    k_seq: torch.Tensor  # [N, Hkv, P, d]
+    k_dim: torch.Tensor  # [N, Hkv, d, P]
+    v_seq: torch.Tensor  # [N, Hkv, P, d]
+    k_summary: torch.Tensor  # [N, Hkv, 3, d] float32
+
+
+class KVStore:
+    """A paged KV cache for one model: every public method validates its input before changing state."""
+
+    def __init__(self, config: KVCacheConfig) -> None:
+        self.config = config
+        self.pool = PagePool(config, config.device_pages)
+        self.allocator = PageAllocator(config.device_pages)
+        self._seqs: dict[str, SequenceState] = {}
+        # One lock for the page bookkeeping; the service adds per-sequence ordering on top.
+        self._lock = threading.RLock()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def create(self, token_ids: Sequence[int] | None = None) -> SequenceInfo:
+        """New sequence; full pages of `token_ids` already in the prefix cache are reused, not rewritten."""
+        with self._lock:
+            seq = SequenceState(self._new_id(), self.config)
+            if token_ids is not None:
+                seq.token_ids = _as_token_list(token_ids)
+                self._reuse_prefix(seq)
+            self._seqs[seq.seq_id] = seq
+            return self._info(seq)
+
+    def fork(self, seq_id: str) -> SequenceInfo:
+        """New sequence sharing all of `seq_id`'s pages; a shared partial page is copied on write."""
+        with self._lock:
+            parent = self._get(seq_id)
+            child = parent.clone_as(self._new_id())
+            self.allocator.share(child.live_pages)
+            self._seqs[child.seq_id] = child
+            return self._info(child)
+
+    def free(self, seq_id: str) -> None:
+        """Drop a sequence; its pages return to the free list once no other sequence holds them."""
+        with self._lock:
+            seq = self._get(seq_id)
+            self.allocator.release(seq.live_pages)
+            del self._seqs[seq_id]
+
+    def describe(self, seq_id: str) -> SequenceInfo:
+        """Lengths, page count and prefix-cache hits of a sequence."""
+        with self._lock:
+            return self._info(self._get(seq_id))
+
+    def sequence_ids(self) -> list[str]:
+        """Ids of the live sequences."""
+        with self._lock:
+            return list(self._seqs)
+
+    # ---- append ----------------------------------------------------------------------------
+
+    def append(
+        self,
+        seq_id: str,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int | None = None,
+        start: int | None = None,
+        token_ids: Sequence[int] | None = None,
+    ) -> SequenceInfo:
+        """Write K/V for T new positions: k, v [L, T, Hkv, d] for all layers, or [T, Hkv, d] for `layer`.
+
+        Both key layouts, the touched pages' summaries and the value sums are updated in one
+        vectorised pass. `start`, if given, must equal the current length (positions in order).
+        """
+        with self._lock:
+            seq = self._get(seq_id)
+            layers = self._check_layers(layer)
+            k, v = self._check_kv(k, v, layer)
+            num_new = k.shape[1]
+            start = self._check_start(seq, layers, start)
+            end = start + num_new
+            new_ids = [] if token_ids is None else self._new_token_ids(seq, start, _as_token_list(token_ids), num_new)
+
+            P = self.config.page_size
+            first_page, end_page = start // P, self.config.pages_for(end)
+            self._prepare_pages(seq, first_page, end_page)
+
+            dev = self.config.device
+            positions = torch.arange(start, end)
+            page_ids = seq.pages[positions // P].to(dev, torch.long)
+            slots = (positions % P).to(dev)
+            layers_t = torch.tensor(layers, device=dev)
+            self.pool.write(layers_t, page_ids, slots, k, v)
+
+            touched = seq.pages[first_page:end_page].to(dev, torch.long)
+            fills = (end - torch.arange(first_page, end_page) * P).clamp(max=P).to(dev)
+            self.pool.refresh_summaries(layers_t, touched, fills.expand(len(layers), -1))
+            seq.value_sum[layers_t] += v.float().sum(dim=1)
+            for layer_idx in layers:
+                seq.lengths[layer_idx] = end
+            seq.token_ids.extend(new_ids)
+            self._register_full_pages(seq)
+            return self._info(seq)
+
+    # ---- what attention reads ----------------------------------------------------------------
+
+    def layer_view(self, layer: int) -> LayerView:
+        """Pool tensors of `layer`."""
+        self._check_layers(layer)
+        p = self.pool
+        return LayerView(p.k_seq[layer], p.k_dim[layer], p.v_seq[layer], p.k_summary[layer])
+
+    def page_table(self, seq_ids: Sequence[str], layer: int) -> PageTableCSR:
+        """CSR page table of `seq_ids` for `layer` on the store's device."""
+        with self._lock:
+            self._check_layers(layer)
+            return build_csr([self._get(s) for s in seq_ids], layer, self.config.device)
+
+    def value_mean(self, seq_ids: Sequence[str], layer: int) -> torch.Tensor:
+        """Mean of cached V per sequence and kv head [B, Hkv, d] float32, from the running sums."""
+        with self._lock:
+            self._check_layers(layer)
+            seqs = [self._get(s) for s in seq_ids]
+            sums = torch.stack([s.value_sum[layer] for s in seqs])
+            counts = torch.tensor([max(s.lengths[layer], 1) for s in seqs], dtype=sums.dtype, device=sums.device)
+            return sums / counts[:, None, None]
+
+    def pool_usage(self) -> dict[str, int]:
+        """Page counts of the device pool: total, free (incl. evictable cached), cached, sequences."""
+        with self._lock:
+            a = self.allocator
+            return {
+                "pages_total": a.num_pages,
+                "pages_free": a.num_free,
+                "pages_cached": a.num_cached,
+                "sequences": len(self._seqs),
+            }
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        # Random, so one client cannot guess another's sequence (the service relies on this).
+        return secrets.token_hex(8)
+
+    def _get(self, seq_id: str) -> SequenceState:
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise SequenceNotFound(f"sequence {seq_id!r} unknown; was it freed?")
+        return seq
+
+    def _info(self, seq: SequenceState) -> SequenceInfo:
+        return SequenceInfo(seq.seq_id, tuple(seq.lengths), seq.num_pages, seq.cached_tokens)
+
+    def _check_layers(self, layer: int | None) -> list[int]:
+        L = self.config.num_layers
+        if layer is None:
+            return list(range(L))
+        if not isinstance(layer, int) or not 0 <= layer < L:
+            raise InvalidParameter(f"layer {layer!r} out of range; the store has {L} layers")
+        return [layer]
+
+    def _check_kv(self, k: torch.Tensor, v: torch.Tensor, layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        if layer is None:
+            expect, names = (c.num_layers, None, c.num_kv_heads, c.head_dim), "[L, T, Hkv, d]"
+        else:
+            expect, names = (None, c.num_kv_heads, c.head_dim), "[T, Hkv, d]"
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise ShapeMismatch(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != len(expect) or any(e is not None and e != s for e, s in zip(expect, t.shape)):
+                want = tuple("T" if e is None else e for e in expect)
+                raise ShapeMismatch(f"{name} has shape {tuple(t.shape)}; expected {names} = {want}")
+            if t.dtype != c.dtype:
+                raise DTypeMismatch(f"{name} has dtype {t.dtype}; the store holds {c.dtype}")
+        if k.shape != v.shape:
+            raise ShapeMismatch(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
+        if k.shape[-3] == 0:
+            raise ShapeMismatch("k and v hold no positions (T = 0)")
+        if layer is not None:
+            k, v = k.unsqueeze(0), v.unsqueeze(0)
+        return k.to(c.device), v.to(c.device)
+
+    def _check_start(self, seq: SequenceState, layers: list[int], start: int | None) -> int:
+        current = {seq.lengths[layer] for layer in layers}
+        if len(current) > 1:
+            raise PositionOutOfRange(
+                f"sequence {seq.seq_id}: layers hold different lengths {sorted(current)}; append one layer at a time"
+            )
+        (length,) = current
+        if start is not None and start != length:
+            raise PositionOutOfRange(
+                f"sequence {seq.seq_id}: append at position {start}, but the next position is {length}"
+            )
+        return length
+
+    def _new_token_ids(self, seq: SequenceState, start: int, ids: list[int], num_new: int) -> list[int]:
+        """The ids of `ids` not yet known to `seq`, after checking they agree with the known ones."""
+        if len(ids) != num_new:
+            raise ShapeMismatch(f"{len(ids)} token ids for {num_new} positions")
+        known = len(seq.token_ids)
+        if start > known:
+            raise PositionOutOfRange(
+                f"sequence {seq.seq_id}: token ids given from position {start}, but ids are known only up to {known}"
+            )
+        overlap = min(known - start, num_new)
+        if seq.token_ids[start : start + overlap] != ids[:overlap]:
+            raise InvalidParameter(f"sequence {seq.seq_id}: token ids at {start}.. differ from those given before")
+        return ids[overlap:]
+
+    def _prepare_pages(self, seq: SequenceState, first_page: int, end_page: int) -> None:
+        """Give the sequence private pages [first_page, end_page): copy shared ones, allocate new ones."""
+        existing = seq.live_pages[first_page:end_page]
+        shared_mask = self.allocator.refcount[existing.long()] > 1
+        num_new = max(0, end_page - seq.num_pages)
+        fresh = self.allocator.allocate(int(shared_mask.sum()) + num_new)  # raises before any change
+        if shared_mask.any():
+            idx = torch.nonzero(shared_mask).flatten() + first_page
+            src = seq.pages[idx].clone()
+            dst = torch.tensor(fresh[: len(idx)], dtype=torch.int32)
+            dev = self.config.device
+            self.pool.copy_pages(src.to(dev, torch.long), dst.to(dev, torch.long))
+            seq.pages[idx] = dst
+            self.allocator.release(src)
+        if num_new:
+            seq.push_pages(fresh[len(fresh) - num_new :])
+
+    def _register_full_pages(self, seq: SequenceState) -> None:
+        """Hash full pages (in every layer, with known token ids) into the prefix cache."""
+        P = self.config.page_size
+        full = min(min(seq.lengths), len(seq.token_ids)) // P
+        while seq.num_hashed_pages < full:
+            i = seq.num_hashed_pages
+            seq.last_hash = chain_hash(seq.last_hash, seq.token_ids[i * P : (i + 1) * P])
+            self.allocator.register(int(seq.pages[i]), seq.last_hash)
+            seq.num_hashed_pages += 1
+
+    def _reuse_prefix(self, seq: SequenceState) -> None:
+        """Take cached pages for the leading full pages of seq.token_ids (at least one token is left to compute)."""
+        P = self.config.page_size
+        matchable = (len(seq.token_ids) - 1) // P
+        pages: list[int] = []
+        digest = seq.last_hash
+        for i in range(matchable):
+            nxt = chain_hash(digest, seq.token_ids[i * P : (i + 1) * P])
+            page = self.allocator.lookup(nxt)
+            if page is None:
+                break
+            self.allocator.acquire_cached(page)
+            pages.append(page)
+            digest = nxt
+        if not pages:
+            return
+        seq.push_pages(pages)
+        seq.num_hashed_pages = len(pages)
+        seq.last_hash = digest
+        seq.cached_tokens = len(pages) * P
+        seq.lengths = [seq.cached_tokens] * self.config.num_layers
+        # A reused prefix was never appended here, so its value sums are taken once from its pages.
+        idx = torch.tensor(pages, device=self.config.device)
+        seq.value_sum += self.pool.v_seq[:, idx].float().sum(dim=(1, 3))
+
+
+def _as_token_list(token_ids: Sequence[int]) -> list[int]:
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.flatten().tolist()
+    ids = list(token_ids)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise InvalidParameter("token_ids must be non-negative ints")
+    return ids

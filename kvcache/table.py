@@ -1,0 +1,101 @@
+"""Per-sequence page tables and their CSR export (FlashInfer's indptr / indices / last_page_len)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcache.allocator import ROOT_HASH
+from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
+
+
+@dataclass(frozen=True)
+class PageTableCSR:
+    """Page tables of a batch of sequences for one layer, as the paged kernels take them.
+
+    indptr        [B + 1] int32: sequence b's pages are indices[indptr[b]:indptr[b + 1]]
+    indices       [sum pages] int32: page ids, in position order
+    last_page_len [B] int32: filled rows of each sequence's last page (1..P; 0 only for an empty sequence)
+    """
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    last_page_len: torch.Tensor
+    page_size: int
+
+    @property
+    def batch_size(self) -> int:
+        """Number of sequences B."""
+        return self.last_page_len.numel()
+
+    def seq_lens(self) -> torch.Tensor:
+        """Cached positions S of each sequence [B] (int64)."""
+        num_pages = (self.indptr[1:] - self.indptr[:-1]).long()
+        return torch.where(num_pages > 0, (num_pages - 1) * self.page_size + self.last_page_len.long(), 0)
+
+    def pages_of(self, b: int) -> torch.Tensor:
+        """Page ids of sequence b [n_pages] (int64, for indexing)."""
+        return self.indices[self.indptr[b] : self.indptr[b + 1]].long()
+
+
+@dataclass
+class SequenceState:
+    """One sequence: its pages (shared by all layers), per-layer lengths, value sums and token ids."""
+
+    seq_id: str
+    config: KVCacheConfig
+    pages: torch.Tensor = field(init=False)  # [capacity] int32 page ids; the first num_pages are live
+    num_pages: int = 0
+    lengths: list[int] = field(init=False)  # cached positions per layer
+    value_sum: torch.Tensor = field(init=False)  # [L, Hkv, d] float32 running sum of V
+    token_ids: list[int] = field(default_factory=list)
+    num_hashed_pages: int = 0  # leading full pages registered in the prefix cache
+    last_hash: bytes = ROOT_HASH
+    cached_tokens: int = 0  # positions reused from the prefix cache at creation
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.pages = torch.empty(16, dtype=torch.int32)
+        self.lengths = [0] * c.num_layers
+        self.value_sum = torch.zeros((c.num_layers, c.num_kv_heads, c.head_dim), dtype=SUMMARY_DTYPE, device=c.device)
+
+    @property
+    def live_pages(self) -> torch.Tensor:
+        """Page ids in position order [num_pages] (int32, CPU)."""
+        return self.pages[: self.num_pages]
+
+    def push_pages(self, new_pages: list[int]) -> None:
+        """Append page ids to the table, growing its buffer by doubling."""
+        need = self.num_pages + len(new_pages)
+        if need > self.pages.numel():
+            grown = torch.empty(max(need, 2 * self.pages.numel()), dtype=torch.int32)
+            grown[: self.num_pages] = self.live_pages
+            self.pages = grown
+        self.pages[self.num_pages : need] = torch.tensor(new_pages, dtype=torch.int32)
+        self.num_pages = need
+
+    def clone_as(self, seq_id: str) -> "SequenceState":
+        """A copy sharing the same page ids (references are the caller's business)."""
+        other = SequenceState(seq_id, self.config)
+        other.pages = self.pages.clone()
+        other.num_pages = self.num_pages
+        other.lengths = list(self.lengths)
+        other.value_sum = self.value_sum.clone()
+        other.token_ids = list(self.token_ids)
+        other.num_hashed_pages = self.num_hashed_pages
+        other.last_hash = self.last_hash
+        return other
+
+
+def build_csr(seqs: list[SequenceState], layer: int, device: torch.device) -> PageTableCSR:
+    """CSR page table of `seqs` for `layer`: only the pages that layer has written into."""
+    P = seqs[0].config.page_size if seqs else 1
+    lens = [s.lengths[layer] for s in seqs]
+    counts = [-(-n // P) for n in lens]
+    indptr = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    indptr[1:] = torch.tensor(counts, dtype=torch.int32).cumsum(0)
+    parts = [s.pages[:c] for s, c in zip(seqs, counts)]
+    indices = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
+    last = torch.tensor([n - (c - 1) * P if c else 0 for n, c in zip(lens, counts)], dtype=torch.int32)
+    return PageTableCSR(indptr.to(device), indices.to(device), last.to(device), P)
