@@ -23,6 +23,7 @@ class PageTableCSR:
     indices: torch.Tensor
     last_page_len: torch.Tensor
     page_size: int
+    max_len: int  # longest sequence, known on the host so kernels plan without a device sync
 
     @property
     def batch_size(self) -> int:
@@ -98,4 +99,4 @@ def build_csr(seqs: list[SequenceState], layer: int, device: torch.device) -> Pa
     parts = [s.pages[:c] for s, c in zip(seqs, counts)]
     indices = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
     last = torch.tensor([n - (c - 1) * P if c else 0 for n, c in zip(lens, counts)], dtype=torch.int32)
-    return PageTableCSR(indptr.to(device), indices.to(device), last.to(device), P)
+    return PageTableCSR(indptr.to(device), indices.to(device), last.to(device), P, max(lens, default=0))

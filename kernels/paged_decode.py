@@ -1,0 +1,260 @@
+"""Dense paged decode (flash-decoding over the page table) and the row/page-list attention it generalises.
+
+One program per (sequence, kv head, split) attends all G query heads of the group to a slice
+of positions, so each K/V row is read once per group; partial (out, lse) per split are merged
+by lse (ALGORITHMS.md §4) in a second kernel. The positions come from one of three sources:
+
+  MODE_DENSE  every cached position of the sequence (dense attention);
+  MODE_ROWS   a list of positions per (sequence, kv head) (SparQ stage 2, §1);
+  MODE_PAGES  a list of logical pages per (sequence, kv head) (Quest / gate page selection, §3).
+
+With WITH_ALPHA the program also sums SparQ's approximate scores shat over its rows (§1 step 5),
+recomputed from the rows it reads with the stage-1 components, temperature and softmax stats.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvcache.table import PageTableCSR
+
+MODE_DENSE, MODE_ROWS, MODE_PAGES = 0, 1, 2
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact for float32 stores (tests), native tensor-core math otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _attend_partial_kernel(
+    q_ptr, k_ptr, v_ptr,
+    indptr_ptr, indices_ptr, last_len_ptr,
+    list_ptr, list_len_ptr,
+    sel_ptr, tau_ptr, stat_m_ptr, stat_l_ptr,
+    out_ptr, lse_ptr, alpha_ptr,
+    sm_scale, items_per_split, num_stat_splits,
+    s_qb, s_qh,
+    s_kn, s_kh, s_kp,
+    s_list,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    BLOCK_N: tl.constexpr, MODE: tl.constexpr, WITH_ALPHA: tl.constexpr, BLOCK_STAT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+
+    page_start = tl.load(indptr_ptr + b)
+    num_pages = tl.load(indptr_ptr + b + 1) - page_start
+    seq_len = tl.maximum(num_pages - 1, 0) * P + tl.load(last_len_ptr + b)
+    if MODE == 0:
+        num_items = seq_len
+    elif MODE == 1:
+        num_items = tl.load(list_len_ptr + pid_bh)
+    else:
+        num_items = tl.load(list_len_ptr + pid_bh) * P
+    start = pid_split * items_per_split
+    end = tl.minimum(start + items_per_split, num_items)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    mask_g = offs_g < G
+    q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+
+    if WITH_ALPHA:
+        # Stage-1 softmax stats of each query head, merged over the stage-1 splits.
+        offs_s = tl.arange(0, BLOCK_STAT)
+        stat_idx = (pid_bh * num_stat_splits + offs_s)[:, None] * G + offs_g[None, :]
+        mask_stat = (offs_s < num_stat_splits)[:, None] & mask_g[None, :]
+        part_m = tl.load(stat_m_ptr + stat_idx, mask=mask_stat, other=float("-inf"))
+        part_l = tl.load(stat_l_ptr + stat_idx, mask=mask_stat, other=0.0)
+        glob_m = tl.max(part_m, axis=0)
+        glob_m = tl.where(glob_m == float("-inf"), 0.0, glob_m)
+        glob_l = tl.sum(part_l * tl.exp(part_m - glob_m[None, :]), axis=0)
+        glob_l = tl.where(glob_l > 0, glob_l, 1.0)
+        tau = tl.load(tau_ptr + pid_bh * G + offs_g, mask=mask_g, other=1.0)
+        chosen = tl.load(sel_ptr + pid_bh * D + offs_d) != 0
+        q_sel = tl.where(chosen[None, :], q, 0.0)
+        alpha_acc = tl.zeros([BLOCK_G], dtype=tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+    for it in range(start, end, BLOCK_N):
+        offs_n = it + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        if MODE == 0:
+            pos = offs_n
+        elif MODE == 1:
+            pos = tl.load(list_ptr + pid_bh * s_list + offs_n, mask=mask_n, other=0)
+        else:
+            logical_page = tl.load(list_ptr + pid_bh * s_list + offs_n // P, mask=mask_n, other=0)
+            pos = logical_page * P + offs_n % P
+            mask_n = mask_n & (pos < seq_len)
+        page = tl.load(indices_ptr + page_start + pos // P, mask=mask_n, other=0).to(tl.int64)
+        row = page * s_kn + h * s_kh + (pos % P) * s_kp
+        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+        scores = tl.where(mask_n[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        rescale = tl.exp(m_i - m_safe)
+        l_i = l_i * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+        if WITH_ALPHA:
+            approx = tl.dot(q_sel, tl.trans(k), input_precision=DOT_PRECISION) / tau[:, None]
+            shat = tl.exp(approx - glob_m[:, None]) / glob_l[:, None]
+            alpha_acc += tl.sum(tl.where(mask_n[None, :], shat, 0.0), axis=1)
+
+    has_rows = l_i > 0
+    out = acc / tl.where(has_rows, l_i, 1.0)[:, None]
+    lse = tl.where(has_rows, m_i + tl.log(tl.where(has_rows, l_i, 1.0)), float("-inf"))
+    part = pid_bh * num_splits + pid_split
+    tl.store(out_ptr + (part * G + offs_g)[:, None] * D + offs_d[None, :], out, mask=mask_g[:, None])
+    tl.store(lse_ptr + part * G + offs_g, lse, mask=mask_g)
+    if WITH_ALPHA:
+        tl.store(alpha_ptr + part * G + offs_g, alpha_acc, mask=mask_g)
+
+
+@triton.jit
+def _merge_kernel(
+    part_out_ptr, part_lse_ptr, part_alpha_ptr, vbar_ptr,
+    out_ptr, lse_ptr,
+    num_splits,
+    s_ob, s_oh,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+    BLOCK_S: tl.constexpr, WITH_ALPHA: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    mask_s = offs_s < num_splits
+    mask_g = offs_g < G
+    mask_sg = mask_s[:, None] & mask_g[None, :]
+    idx_sg = (pid_bh * num_splits + offs_s)[:, None] * G + offs_g[None, :]  # [BLOCK_S, BLOCK_G]
+    lse = tl.load(part_lse_ptr + idx_sg, mask=mask_sg, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    lse_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w_sum = tl.sum(tl.exp(lse - lse_safe[None, :]), axis=0)  # empty splits weigh 0
+    out = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+    for s in range(num_splits):  # one [G, D] slice at a time keeps registers bounded
+        idx_g = (pid_bh * num_splits + s) * G + offs_g
+        w = tl.exp(tl.load(part_lse_ptr + idx_g, mask=mask_g, other=float("-inf")) - lse_safe)
+        part = tl.load(part_out_ptr + idx_g[:, None] * D + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+        out += w[:, None] * part
+    out = out / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
+    lse_out = tl.where(w_sum > 0, lse_safe + tl.log(tl.where(w_sum > 0, w_sum, 1.0)), float("-inf"))
+    if WITH_ALPHA:
+        alpha = tl.sum(tl.load(part_alpha_ptr + idx_sg, mask=mask_sg, other=0.0), axis=0)
+        vbar = tl.load(vbar_ptr + pid_bh * D + offs_d)
+        out = alpha[:, None] * out + (1.0 - alpha[:, None]) * vbar[None, :]
+    dst = out_ptr + b * s_ob + (h * G + offs_g)[:, None] * s_oh + offs_d[None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+    tl.store(lse_ptr + b * (HKV * G) + h * G + offs_g, lse_out, mask=mask_g)
+
+
+def plan_splits(max_items: int, batch_heads: int, block_n: int, target_programs: int = 264) -> tuple[int, int]:
+    """(number of splits, items per split) so about `target_programs` programs share `max_items` per row."""
+    blocks = max(1, triton.cdiv(max_items, block_n))
+    num_splits = max(1, min(blocks, triton.cdiv(target_programs, batch_heads), 256))
+    items = triton.cdiv(blocks, num_splits) * block_n
+    return triton.cdiv(max(max_items, 1), items), items
+
+
+def attend_partial_and_merge(
+    q: torch.Tensor,
+    k_seq: torch.Tensor,
+    v_seq: torch.Tensor,
+    csr: PageTableCSR,
+    max_items: int,
+    mode: int,
+    item_list: torch.Tensor | None = None,
+    list_len: torch.Tensor | None = None,
+    alpha_inputs: tuple[torch.Tensor, ...] | None = None,
+    value_mean: torch.Tensor | None = None,
+    scale: float | None = None,
+    block_n: int = 64,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the partial kernel over (B*Hkv, splits) and merge: out [B, Hq, d] (q dtype), lse [B, Hq] f32.
+
+    alpha_inputs = (sel [B*Hkv, d] int8, tau [B*Hkv, G], stat_m, stat_l [B*Hkv, S1, G], S1) turns on
+    SparQ's alpha and the mean-value reallocation with value_mean [B, Hkv, d] f32.
+    """
+    B, Hq, D = q.shape
+    _, Hkv, P, _ = k_seq.shape
+    G = Hq // Hkv
+    BH = B * Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if num_splits is None:
+        num_splits, items = plan_splits(max_items, BH, block_n)
+    else:
+        items = triton.cdiv(triton.cdiv(max(max_items, 1), num_splits), block_n) * block_n
+    dev = q.device
+    part_out = torch.empty((BH, num_splits, G, D), dtype=torch.float32, device=dev)
+    part_lse = torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev)
+    with_alpha = alpha_inputs is not None
+    part_alpha = torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev) if with_alpha else part_lse
+    if with_alpha:
+        sel, tau, stat_m, stat_l, stat_splits = alpha_inputs
+    else:
+        sel, tau, stat_m, stat_l, stat_splits = part_lse, part_lse, part_lse, part_lse, 1
+    dummy = csr.indptr
+    item_list = dummy if item_list is None else item_list
+    list_len = dummy if list_len is None else list_len
+    block_g = max(16, triton.next_power_of_2(G))
+    _attend_partial_kernel[(BH, num_splits)](
+        q, k_seq, v_seq,
+        csr.indptr, csr.indices, csr.last_page_len,
+        item_list, list_len,
+        sel, tau, stat_m, stat_l,
+        part_out, part_lse, part_alpha,
+        scale, items, stat_splits,
+        q.stride(0), q.stride(1),
+        k_seq.stride(0), k_seq.stride(1), k_seq.stride(2),
+        item_list.stride(0) if item_list.dim() == 2 else 0,
+        HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, BLOCK_N=block_n, MODE=mode, WITH_ALPHA=with_alpha,
+        BLOCK_STAT=triton.next_power_of_2(stat_splits), DOT_PRECISION=dot_precision(q.dtype),
+    )
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq), dtype=torch.float32, device=dev)
+    vbar = value_mean.contiguous() if with_alpha else part_lse
+    _merge_kernel[(BH,)](
+        part_out, part_lse, part_alpha, vbar,
+        out, lse,
+        num_splits,
+        out.stride(0), out.stride(1),
+        HKV=Hkv, G=G, BLOCK_G=triton.next_power_of_2(G), D=D,
+        BLOCK_S=triton.next_power_of_2(num_splits), WITH_ALPHA=with_alpha,
+    )
+    return out, lse
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_seq: torch.Tensor,
+    v_seq: torch.Tensor,
+    csr: PageTableCSR,
+    scale: float | None = None,
+    block_n: int = 64,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense decode attention of q [B, Hq, d] over the paged K/V [N, Hkv, P, d]: out [B, Hq, d], lse [B, Hq]."""
+    return attend_partial_and_merge(
+        q, k_seq, v_seq, csr, csr.max_len, MODE_DENSE, scale=scale, block_n=block_n, num_splits=num_splits
+    )

@@ -1,0 +1,206 @@
+"""SparQ decode attention in Triton (ALGORITHMS.md §1): stage 1 on dim-major keys, radix top-k, stage 2 on rows.
+
+  stage 1   per (sequence, kv head, split): pick i1 (the r largest of sum_g |q_g|) and tau_g, read
+            only rows i1 of each k_dim page (r runs of P), write the approximate logits
+            x_g = q_g[i1] . K[:, i1] / tau_g and the split's softmax max / sum per query head.
+  scores    f = mean_g softmax(x_g) over the positions outside the local window (the group mean
+            ranks like the sum of §1, step 4), with the first radix histogram fused in.
+  top-k     kernels.topk.radix_topk: the window plus the k - l largest f, no sort.
+  stage 2   kernels.paged_decode MODE_ROWS with alpha: exact softmax over the k rows, alpha_g
+            = sum of shat_g over them, y = alpha * (s . V) + (1 - alpha) * vbar.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits
+from kernels.topk import LEVELS, digit_histogram, radix_topk, topk_workspace
+from kvcache.table import PageTableCSR
+
+
+@triton.jit
+def _stage1_kernel(
+    q_ptr, kdim_ptr, indptr_ptr, indices_ptr, last_len_ptr,
+    logits_ptr, stat_m_ptr, stat_l_ptr, sel_ptr, tau_ptr,
+    r, items_per_split,
+    s_qb, s_qh, s_kn, s_kh, s_kd, s_lrow,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    page_start = tl.load(indptr_ptr + b)
+    num_pages = tl.load(indptr_ptr + b + 1) - page_start
+    seq_len = tl.maximum(num_pages - 1, 0) * P + tl.load(last_len_ptr + b)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_g = offs_g < G
+    q_rows = q_ptr + b * s_qb + (h * G + offs_g) * s_qh
+    q_abs = tl.abs(tl.load(q_rows[:, None] + offs_d[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32))
+
+    # §1 step 1 (GQA): the r components with the largest sum_g |q_g|, one argmax at a time.
+    remaining = tl.sum(q_abs, axis=0)
+    chosen = offs_d < 0
+    i1 = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for j in range(r):
+        best = tl.argmax(remaining, axis=0)
+        chosen = chosen | (offs_d == best)
+        remaining = tl.where(offs_d == best, -1.0, remaining)
+        i1 = tl.where(offs_r == j, best, i1)
+    # §1 step 2: tau_g = sqrt(d * sum|q_g[i1]| / sum|q_g|).
+    covered = tl.sum(tl.where(chosen[None, :], q_abs, 0.0), axis=1)
+    total = tl.sum(q_abs, axis=1)
+    tau = tl.sqrt(D * covered / tl.where(total > 0, total, 1.0))
+    tau = tl.where(tau > 0, tau, 1.0)
+    if split == 0:
+        tl.store(sel_ptr + pid_bh * D + offs_d, chosen.to(tl.int8))
+        tl.store(tau_ptr + pid_bh * G + offs_g, tau, mask=mask_g)
+
+    mask_r = offs_r < r
+    q_sel = tl.load(q_rows[:, None] + i1[None, :], mask=mask_g[:, None] & mask_r[None, :], other=0.0)
+    col = h * s_kh + i1.to(tl.int64) * s_kd  # [BLOCK_R]
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    start = split * items_per_split
+    end = tl.minimum(start + items_per_split, seq_len)
+    for it in range(start, end, BLOCK_N):
+        offs_n = it + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        page = tl.load(indices_ptr + page_start + offs_n // P, mask=mask_n, other=0).to(tl.int64)
+        # §1 step 3: only rows i1 of each page are read, each a contiguous run of P.
+        k_cols = tl.load(
+            kdim_ptr + col[:, None] + (page * s_kn + offs_n % P)[None, :],
+            mask=mask_r[:, None] & mask_n[None, :], other=0.0,
+        )
+        x = tl.dot(q_sel, k_cols, input_precision=DOT_PRECISION) / tau[:, None]
+        x = tl.where(mask_n[None, :], x, float("-inf"))
+        tl.store(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_lrow + offs_n[None, :], x,
+                 mask=mask_g[:, None] & mask_n[None, :])
+        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+        m_i = m_new
+    stat = (pid_bh * num_splits + split) * G + offs_g
+    tl.store(stat_m_ptr + stat, m_i, mask=mask_g)
+    tl.store(stat_l_ptr + stat, l_i, mask=mask_g)
+
+
+@triton.jit
+def _scores_kernel(
+    logits_ptr, stat_m_ptr, stat_l_ptr, indptr_ptr, last_len_ptr,
+    f_ptr, n_valid_ptr, n_total_ptr, hist_ptr,
+    local_window, items_per_split, num_stat_splits, s_lrow, s_frow,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_STAT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    num_pages = tl.load(indptr_ptr + b + 1) - tl.load(indptr_ptr + b)
+    seq_len = tl.maximum(num_pages - 1, 0) * P + tl.load(last_len_ptr + b)
+    n_valid = seq_len - local_window
+    if split == 0:
+        tl.store(n_valid_ptr + pid_bh, n_valid)
+        tl.store(n_total_ptr + pid_bh, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < G
+    offs_s = tl.arange(0, BLOCK_STAT)
+    stat = (pid_bh * num_stat_splits + offs_s)[:, None] * G + offs_g[None, :]
+    mask_stat = (offs_s < num_stat_splits)[:, None] & mask_g[None, :]
+    part_m = tl.load(stat_m_ptr + stat, mask=mask_stat, other=float("-inf"))
+    part_l = tl.load(stat_l_ptr + stat, mask=mask_stat, other=0.0)
+    glob_m = tl.max(part_m, axis=0)
+    glob_m = tl.where(glob_m == float("-inf"), 0.0, glob_m)
+    glob_l = tl.sum(part_l * tl.exp(part_m - glob_m[None, :]), axis=0)
+    inv_l = tl.where(mask_g & (glob_l > 0), 1.0 / glob_l, 0.0) / G
+
+    hist = tl.zeros([NBINS], dtype=tl.int32)
+    start = split * items_per_split
+    end = tl.minimum(start + items_per_split, n_valid)
+    for it in range(start, end, BLOCK_N):
+        offs_n = it + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        x = tl.load(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_lrow + offs_n[None, :],
+                    mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
+        f = tl.sum(tl.exp(x - glob_m[:, None]) * inv_l[:, None], axis=0)  # group mean of shat_g
+        tl.store(f_ptr + pid_bh * s_frow + offs_n, f, mask=mask_n)
+        hist += digit_histogram(f, mask_n, SHIFT, NBINS)
+    tl.atomic_add(hist_ptr + pid_bh * NBINS + tl.arange(0, NBINS), hist)
+
+
+def sparq_decode(
+    q: torch.Tensor,
+    k_seq: torch.Tensor,
+    k_dim: torch.Tensor,
+    v_seq: torch.Tensor,
+    value_mean: torch.Tensor,
+    csr: PageTableCSR,
+    r: int,
+    k: int,
+    local_window: int = 0,
+    reallocate: bool = True,
+    scale: float | None = None,
+    block_n: int = 64,
+    topk_block: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparQ attention of q [B, Hq, d] (§1): out [B, Hq, d] in q's dtype, lse [B, Hq] of the stage-2 scores.
+
+    Parameters as kvcache.methods.sparq, which checks them; value_mean [B, Hkv, d] float32.
+    """
+    B, Hq, D = q.shape
+    Hkv, P = k_seq.shape[1], k_seq.shape[2]
+    G = Hq // Hkv
+    BH = B * Hkv
+    dev = q.device
+    S_max = csr.max_len
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    block_g = max(16, triton.next_power_of_2(G))
+    num_splits, items = plan_splits(S_max, BH, block_n)
+
+    row_len = triton.cdiv(S_max, 16) * 16
+    logits = torch.empty((BH, G, row_len), dtype=torch.float32, device=dev)
+    stat_m = torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev)
+    stat_l = torch.empty_like(stat_m)
+    sel = torch.empty((BH, D), dtype=torch.int8, device=dev)
+    tau = torch.empty((BH, G), dtype=torch.float32, device=dev)
+    _stage1_kernel[(BH, num_splits)](
+        q, k_dim, csr.indptr, csr.indices, csr.last_page_len,
+        logits, stat_m, stat_l, sel, tau,
+        r, items,
+        q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), logits.stride(1),
+        HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, BLOCK_R=max(16, triton.next_power_of_2(r)),
+        BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
+    )
+
+    scores = torch.empty((BH, row_len), dtype=torch.float32, device=dev)
+    n_valid = torch.empty(BH, dtype=torch.int32, device=dev)
+    n_total = torch.empty(BH, dtype=torch.int32, device=dev)
+    ws = topk_workspace(BH, dev)
+    shift, bits = LEVELS[0]
+    _scores_kernel[(BH, num_splits)](
+        logits, stat_m, stat_l, csr.indptr, csr.last_page_len,
+        scores, n_valid, n_total, ws["hist0"],
+        local_window, items, num_splits, logits.stride(1), scores.stride(0),
+        HKV=Hkv, G=G, BLOCK_G=triton.next_power_of_2(G), P=P, BLOCK_N=block_n,
+        BLOCK_STAT=triton.next_power_of_2(num_splits), SHIFT=shift, NBINS=1 << bits,
+    )
+    positions = radix_topk(scores, k, n_valid, n_total, S_max, ws, block=topk_block, hist0_done=True)
+
+    list_len = torch.full((BH,), k, dtype=torch.int32, device=dev)
+    alpha_inputs = (sel, tau, stat_m, stat_l, num_splits) if reallocate else None
+    return attend_partial_and_merge(
+        q, k_seq, v_seq, csr, k, MODE_ROWS, item_list=positions, list_len=list_len,
+        alpha_inputs=alpha_inputs, value_mean=value_mean.float().reshape(BH, D) if reallocate else None,
+        scale=scale, block_n=block_n,
+    )
