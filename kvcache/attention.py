@@ -4,42 +4,86 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from kvcache.config import KVCacheConfig
 from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, ShapeMismatch
 from kvcache.methods import AttentionResult, dense, quest, sparq
-from kvcache.store import KVStore, LayerView
+from kvcache.methods.quest import check_quest_params
+from kvcache.methods.sparq import check_sparq_params
+from kvcache.methods.traffic import dense_bytes, quest_bytes, sparq_bytes
+from kvcache.store import KVStore
 from kvcache.table import PageTableCSR
 
 
-def _run_dense(q, view: LayerView, csr: PageTableCSR, store: KVStore, seq_ids, layer, **p) -> AttentionResult:
-    return dense(q, view.k_seq, view.v_seq, csr, **p)
+@dataclass(frozen=True)
+class Method:
+    """An attention method: its torch reference (whose keywords are the method's parameters),
+    its Triton path, the check of its parameters, and the formula of the bytes it reads."""
+
+    reference: Callable[..., AttentionResult]
+    reads: tuple[str, ...]  # LayerView fields the method takes, in order, after q
+    uses_value_mean: bool
+    check: Callable[[KVCacheConfig, PageTableCSR, dict], None]
+    traffic: Callable[[KVCacheConfig, PageTableCSR, dict], int]
+    triton: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def _run_sparq(q, view: LayerView, csr: PageTableCSR, store: KVStore, seq_ids, layer, **p) -> AttentionResult:
-    return sparq(q, view.k_seq, view.k_dim, view.v_seq, store.value_mean(seq_ids, layer), csr, **p)
+def _triton_dense(*args, **kw):
+    from kernels.paged_decode import paged_decode
+
+    return paged_decode(*args, **kw)
 
 
-def _run_quest(q, view: LayerView, csr: PageTableCSR, store: KVStore, seq_ids, layer, **p) -> AttentionResult:
-    return quest(q, view.k_seq, view.v_seq, view.k_summary, csr, **p)
+def _triton_sparq(*args, **kw):
+    from kernels.sparq import sparq_decode
+
+    return sparq_decode(*args, **kw)
 
 
-# method name -> (runner, the reference whose keyword parameters it accepts)
-METHODS: dict[str, tuple[Callable[..., AttentionResult], Callable[..., AttentionResult]]] = {
-    "dense": (_run_dense, dense),
-    "sparq": (_run_sparq, sparq),
-    "quest": (_run_quest, quest),
+def _triton_quest(*args, **kw):
+    from kernels.quest import quest_decode
+
+    return quest_decode(*args, **kw)
+
+
+def _no_check(config: KVCacheConfig, csr: PageTableCSR, p: dict) -> None:
+    pass
+
+
+def _check_sparq(config: KVCacheConfig, csr: PageTableCSR, p: dict) -> None:
+    check_sparq_params(config.head_dim, list(csr.host_lens), p.get("r"), p.get("k"), p.get("local_window", 0))
+
+
+METHODS: dict[str, Method] = {
+    "dense": Method(
+        dense, ("k_seq", "v_seq"), False, _no_check,
+        lambda c, csr, p: dense_bytes(csr.host_lens, c.num_kv_heads, c.head_dim, c.itemsize),
+        _triton_dense,
+    ),
+    "sparq": Method(
+        sparq, ("k_seq", "k_dim", "v_seq"), True, _check_sparq,
+        lambda c, csr, p: sparq_bytes(csr.host_lens, c.num_kv_heads, c.head_dim, p["r"], p["k"], c.itemsize),
+        _triton_sparq,
+    ),
+    "quest": Method(
+        quest, ("k_seq", "v_seq", "k_summary"), False, lambda c, csr, p: check_quest_params(p.get("top_pages")),
+        lambda c, csr, p: quest_bytes(csr.host_lens, c.page_size, p["top_pages"], c.num_kv_heads, c.head_dim, c.itemsize),
+        _triton_quest,
+    ),
 }
 
-_POSITIONAL = {"q", "k_seq", "k_dim", "v_seq", "k_summary", "value_mean", "csr"}
+BACKENDS = ("auto", "torch", "triton")
 
+# Arguments every reference takes positionally; the rest are the method's parameters.
+_POSITIONAL = {"q", "k_seq", "k_dim", "v_seq", "k_summary", "value_mean", "csr"}
 
 def method_parameters(method: str) -> list[str]:
     """Names of the keyword parameters `method` accepts."""
-    _, reference = _lookup(method)
-    return [n for n in inspect.signature(reference).parameters if n not in _POSITIONAL]
+    return [n for n in inspect.signature(_lookup(method).reference).parameters if n not in _POSITIONAL]
 
 
 def attend(
@@ -49,19 +93,34 @@ def attend(
     q: torch.Tensor,
     method: str = "dense",
     params: Mapping[str, Any] | None = None,
+    backend: str = "auto",
 ) -> AttentionResult:
-    """Decode attention of q [B, Hq, d] for sequences `seq_ids` at `layer` by `method` with `params`."""
-    runner, _ = _lookup(method)
+    """Decode attention of q [B, Hq, d] for sequences `seq_ids` at `layer` by `method` with `params`.
+
+    backend "auto" runs the Triton kernels when the store is on CUDA and the torch reference
+    elsewhere; "torch" or "triton" forces one (tests run "triton" on the CPU interpreter).
+    """
+    m = _lookup(method)
+    if backend not in BACKENDS:
+        raise InvalidParameter(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     params = dict(params or {})
     unknown = set(params) - set(method_parameters(method))
     if unknown:
         raise InvalidParameter(f"{method}: unknown parameters {sorted(unknown)}; accepted: {method_parameters(method)}")
     q = check_query(store, seq_ids, q)
     csr = store.page_table(seq_ids, layer)
-    empty = [s for s, n in zip(seq_ids, csr.seq_lens().tolist()) if n == 0]
+    empty = [s for s, n in zip(seq_ids, csr.host_lens) if n == 0]
     if empty:
         raise PositionOutOfRange(f"sequence {empty[0]} has no cached positions at layer {layer}")
-    return runner(q, store.layer_view(layer), csr, store, list(seq_ids), layer, **params)
+    view = store.layer_view(layer)
+    tensors = [getattr(view, name) for name in m.reads]
+    if m.uses_value_mean:
+        tensors.append(store.value_mean(seq_ids, layer))
+    if backend == "torch" or (backend == "auto" and q.device.type != "cuda"):
+        return m.reference(q, *tensors, csr, **params)
+    m.check(store.config, csr, params)
+    out, lse = m.triton(q, *tensors, csr, **params)
+    return AttentionResult(out, lse, m.traffic(store.config, csr, params))
 
 
 def check_query(store: KVStore, seq_ids: Sequence[str], q: torch.Tensor) -> torch.Tensor:
@@ -80,10 +139,10 @@ def check_query(store: KVStore, seq_ids: Sequence[str], q: torch.Tensor) -> torc
         raise DTypeMismatch(f"q has dtype {q.dtype}; the store holds {c.dtype}")
     if len(set(seq_ids)) != len(seq_ids):
         raise InvalidParameter("a sequence appears twice in one attend call")
-    return q.to(c.device)
+    return q.to(c.device).contiguous()
 
 
-def _lookup(method: str) -> tuple[Callable[..., AttentionResult], Callable[..., AttentionResult]]:
+def _lookup(method: str) -> Method:
     if method not in METHODS:
         raise InvalidParameter(f"unknown attention method {method!r}; known: {sorted(METHODS)}")
     return METHODS[method]

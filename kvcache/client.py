@@ -123,8 +123,12 @@ class InProcessClient:
         params: Mapping[str, Any] | None = None,
         new_k: torch.Tensor | None = None,
         new_v: torch.Tensor | None = None,
+        backend: str = "auto",
     ) -> AttentionResult:
-        """Attention of q [B, Hq, d] at `layer`; new_k/new_v [B, Hkv, d], if given, are appended first."""
+        """Attention of q [B, Hq, d] at `layer`; new_k/new_v [B, Hkv, d], if given, are appended first.
+
+        backend: "auto" (Triton on CUDA, torch reference elsewhere), "torch" or "triton".
+        """
         if (new_k is None) != (new_v is None):
             raise InvalidParameter("new_k and new_v must be given together")
         if new_k is not None:
@@ -137,7 +141,7 @@ class InProcessClient:
             for b, seq_id in enumerate(seq_ids):
                 self.store.append(seq_id, new_k[b : b + 1], new_v[b : b + 1], layer=layer)
         t0 = time.perf_counter()
-        result = run_attention(self.store, seq_ids, layer, q, method, params)
+        result = run_attention(self.store, seq_ids, layer, q, method, params, backend)
         self.counters.add(method, result.bytes_read, time.perf_counter() - t0)
         return result
 

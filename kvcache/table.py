@@ -23,7 +23,12 @@ class PageTableCSR:
     indices: torch.Tensor
     last_page_len: torch.Tensor
     page_size: int
-    max_len: int  # longest sequence, known on the host so kernels plan without a device sync
+    host_lens: tuple[int, ...]  # S per sequence, kept on the host so kernels plan without a device sync
+
+    @property
+    def max_len(self) -> int:
+        """Longest sequence in the batch."""
+        return max(self.host_lens, default=0)
 
     @property
     def batch_size(self) -> int:
@@ -99,4 +104,4 @@ def build_csr(seqs: list[SequenceState], layer: int, device: torch.device) -> Pa
     parts = [s.pages[:c] for s, c in zip(seqs, counts)]
     indices = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
     last = torch.tensor([n - (c - 1) * P if c else 0 for n, c in zip(lens, counts)], dtype=torch.int32)
-    return PageTableCSR(indptr.to(device), indices.to(device), last.to(device), P, max(lens, default=0))
+    return PageTableCSR(indptr.to(device), indices.to(device), last.to(device), P, tuple(lens))

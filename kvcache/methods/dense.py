@@ -8,6 +8,7 @@ import torch
 
 from kvcache.methods.gather import gather_sequence
 from kvcache.methods.result import AttentionResult
+from kvcache.methods.traffic import dense_bytes
 from kvcache.table import PageTableCSR
 
 
@@ -39,11 +40,9 @@ def dense(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
-    bytes_read = 0
     for b in range(B):
         k = gather_sequence(k_seq, csr, b)
         v = gather_sequence(v_seq, csr, b)
         o, s = attend_rows(q[b].view(Hkv, Hq // Hkv, d), k, v, scale)
         out[b], lse[b] = o.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
-        bytes_read += 2 * k.numel() * k.element_size()
-    return AttentionResult(out, lse, bytes_read)
+    return AttentionResult(out, lse, dense_bytes(csr.host_lens, Hkv, d, k_seq.element_size()))

@@ -10,7 +10,7 @@ from kvcache.table import PageTableCSR
 def gather_sequence(pool: torch.Tensor, csr: PageTableCSR, b: int) -> torch.Tensor:
     """Rows of sequence b from a sequence-major pool [N, Hkv, P, d] -> [Hkv, S, d]."""
     pages = csr.pages_of(b)
-    S = int(csr.seq_lens()[b])
+    S = csr.host_lens[b]
     rows = pool[pages]  # [n, Hkv, P, d]
     return rows.permute(1, 0, 2, 3).reshape(pool.shape[1], -1, pool.shape[3])[:, :S]
 
@@ -28,7 +28,7 @@ def gather_key_dims(k_dim: torch.Tensor, csr: PageTableCSR, b: int, dims: torch.
     Only the r chosen rows of each page are read: each a contiguous run of P values.
     """
     pages = csr.pages_of(b)
-    S = int(csr.seq_lens()[b])
+    S = csr.host_lens[b]
     heads = torch.arange(k_dim.shape[1], device=k_dim.device)[:, None]
     cols = k_dim[pages[:, None, None], heads, dims]  # [n, Hkv, r, P]
     return cols.permute(1, 2, 0, 3).reshape(dims.shape[0], dims.shape[1], -1)[:, :, :S]

@@ -6,15 +6,12 @@ import math
 
 import torch
 
-from kvcache.config import SUMMARY_DTYPE
 from kvcache.errors import InvalidParameter
 from kvcache.methods.dense import attend_rows
 from kvcache.methods.result import AttentionResult
+from kvcache.methods.traffic import quest_bytes
 from kvcache.pages import SUMMARY_MAX, SUMMARY_MIN
 from kvcache.table import PageTableCSR
-
-SUMMARY_ROWS_READ = 2  # min and max; the mean is for learned gates
-
 
 def quest_page_scores(q: torch.Tensor, summary: torch.Tensor, scale: float) -> torch.Tensor:
     """Page scores of a GQA group: q [Hkv, G, d], summary [n, Hkv, 3, d] -> [Hkv, n].
@@ -42,6 +39,12 @@ def select_pages(scores: torch.Tensor, top_pages: int) -> torch.Tensor:
     return torch.cat((best, last), dim=-1)
 
 
+def check_quest_params(top_pages: int) -> None:
+    """Raise InvalidParameter unless top_pages is a positive int."""
+    if not isinstance(top_pages, int) or isinstance(top_pages, bool) or top_pages < 1:
+        raise InvalidParameter(f"quest: top_pages={top_pages!r} must be a positive int")
+
+
 def quest(
     q: torch.Tensor,
     k_seq: torch.Tensor,
@@ -52,17 +55,14 @@ def quest(
     scale: float | None = None,
 ) -> AttentionResult:
     """Exact attention of q [B, Hq, d] over the `top_pages` pages with the highest Quest bound (last page always)."""
-    if not isinstance(top_pages, int) or top_pages < 1:
-        raise InvalidParameter(f"quest: top_pages={top_pages!r} must be a positive int")
+    check_quest_params(top_pages)
     B, Hq, d = q.shape
     Hkv = k_seq.shape[1]
     P = csr.page_size
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
-    bytes_read = 0
-    seq_lens = csr.seq_lens().tolist()
-    for b, S in enumerate(seq_lens):
+    for b, S in enumerate(csr.host_lens):
         qg = q[b].view(Hkv, Hq // Hkv, d)
         pages = csr.pages_of(b)
         chosen = select_pages(quest_page_scores(qg, k_summary[pages], scale), top_pages)  # [Hkv, t]
@@ -75,6 +75,4 @@ def quest(
         valid = positions < S
         y, s = attend_rows(qg, k_rows, v_rows, scale, mask=valid)
         out[b], lse[b] = y.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
-        summary_bytes = len(pages) * Hkv * SUMMARY_ROWS_READ * d * SUMMARY_DTYPE.itemsize
-        bytes_read += summary_bytes + 2 * int(valid.sum()) * d * k_seq.element_size()
-    return AttentionResult(out, lse, bytes_read)
+    return AttentionResult(out, lse, quest_bytes(csr.host_lens, P, top_pages, Hkv, d, k_seq.element_size()))

@@ -10,15 +10,8 @@ from kvcache.errors import InvalidParameter
 from kvcache.methods.dense import attend_rows
 from kvcache.methods.gather import gather_key_dims, gather_rows
 from kvcache.methods.result import AttentionResult
+from kvcache.methods.traffic import sparq_bytes
 from kvcache.table import PageTableCSR
-
-VALUE_MEAN_ITEMSIZE = 4  # the mean value is read from float32 running sums
-
-
-def sparq_bytes(S: int, d: int, r: int, k: int, itemsize: int) -> int:
-    """Bytes SparQ reads per kv head (§1): S*r key elements, 2*k*d rows, d of the mean value (f32)."""
-    return (S * r + 2 * k * d) * itemsize + d * VALUE_MEAN_ITEMSIZE
-
 
 def check_sparq_params(d: int, seq_lens: list[int], r: int, k: int, local_window: int) -> None:
     """Raise InvalidParameter unless 1 <= r <= d, 1 <= k <= S for every sequence, 0 <= local_window <= k."""
@@ -54,7 +47,7 @@ def sparq(
     B, Hq, d = q.shape
     Hkv = k_seq.shape[1]
     G = Hq // Hkv
-    seq_lens = csr.seq_lens().tolist()
+    seq_lens = list(csr.host_lens)
     check_sparq_params(d, seq_lens, r, k, local_window)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.empty_like(q)
@@ -88,6 +81,4 @@ def sparq(
         vbar = value_mean[b].float()[:, None, :]  # [Hkv, 1, d]
         y = alpha[..., None] * y + (1 - alpha[..., None]) * vbar
         out[b], lse[b] = y.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
-    itemsize = k_seq.element_size()
-    bytes_read = sum(Hkv * sparq_bytes(S, d, r, k, itemsize) for S in seq_lens)
-    return AttentionResult(out, lse, bytes_read)
+    return AttentionResult(out, lse, sparq_bytes(csr.host_lens, Hkv, d, r, k, k_seq.element_size()))

@@ -1,0 +1,102 @@
+"""Quest page selection in Triton: page bounds from the key summaries (ALGORITHMS.md §3), then exact
+attention over the chosen pages with kernels.paged_decode MODE_PAGES.
+
+bound_g(page) = sum_j max(q_j * max_j, q_j * min_j) = relu(q) . max + min(q, 0) . min: two dots
+per block of pages, reading 2d float32 summary values per page instead of its 2*P*d K/V values.
+The group's page scores and the choice follow kvcache.methods.quest (softmaxed bounds summed
+over the group; the last page always read).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge, plan_splits
+from kvcache.pages import SUMMARY_MAX, SUMMARY_MIN
+from kvcache.table import PageTableCSR
+
+
+@triton.jit
+def _page_bounds_kernel(
+    q_ptr, summary_ptr, indptr_ptr, indices_ptr, bounds_ptr,
+    pages_per_split,
+    s_qb, s_qh, s_sn, s_sh, s_sk, s_brow,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+    BLOCK_PG: tl.constexpr, ROW_MIN: tl.constexpr, ROW_MAX: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    page_start = tl.load(indptr_ptr + b)
+    num_pages = tl.load(indptr_ptr + b + 1) - page_start
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    mask_g = offs_g < G
+    q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+    q = q.to(tl.float32)
+    q_pos = tl.maximum(q, 0.0)
+    q_neg = tl.minimum(q, 0.0)
+    start = split * pages_per_split
+    end = tl.minimum(start + pages_per_split, num_pages)
+    for it in range(start, end, BLOCK_PG):
+        offs_p = it + tl.arange(0, BLOCK_PG)
+        mask_p = offs_p < end
+        page = tl.load(indices_ptr + page_start + offs_p, mask=mask_p, other=0).to(tl.int64)
+        base = page * s_sn + h * s_sh
+        kmax = tl.load(summary_ptr + (base + ROW_MAX * s_sk)[:, None] + offs_d[None, :], mask=mask_p[:, None], other=0.0)
+        kmin = tl.load(summary_ptr + (base + ROW_MIN * s_sk)[:, None] + offs_d[None, :], mask=mask_p[:, None], other=0.0)
+        bound = tl.dot(q_pos, tl.trans(kmax), input_precision="ieee")
+        bound += tl.dot(q_neg, tl.trans(kmin), input_precision="ieee")
+        tl.store(bounds_ptr + (pid_bh * G + offs_g)[:, None] * s_brow + offs_p[None, :], bound,
+                 mask=mask_g[:, None] & mask_p[None, :])
+
+
+def quest_decode(
+    q: torch.Tensor,
+    k_seq: torch.Tensor,
+    v_seq: torch.Tensor,
+    k_summary: torch.Tensor,
+    csr: PageTableCSR,
+    top_pages: int,
+    scale: float | None = None,
+    block_n: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, Hq, d] over each group's `top_pages` best pages by the Quest bound: out, lse."""
+    B, Hq, D = q.shape
+    Hkv, P = k_seq.shape[1], k_seq.shape[2]
+    G = Hq // Hkv
+    BH = B * Hkv
+    dev = q.device
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    max_pages = triton.cdiv(csr.max_len, P)
+    block_pg = 16
+    splits, per_split = plan_splits(max_pages, BH, block_pg)
+    bounds = torch.empty((BH, G, max_pages), dtype=torch.float32, device=dev)
+    _page_bounds_kernel[(BH, splits)](
+        q, k_summary, csr.indptr, csr.indices, bounds,
+        per_split,
+        q.stride(0), q.stride(1), k_summary.stride(0), k_summary.stride(1), k_summary.stride(2), bounds.stride(1),
+        HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK_PG=block_pg,
+        ROW_MIN=SUMMARY_MIN, ROW_MAX=SUMMARY_MAX,
+    )
+    # Group scores over [0, n_pages) of each sequence; the last page is forced in, as in the reference.
+    num_pages = (csr.indptr[1:] - csr.indptr[:-1]).long().repeat_interleave(Hkv)  # [BH]
+    page_idx = torch.arange(max_pages, device=dev)
+    valid = page_idx[None, :] < num_pages[:, None]
+    logits = torch.where(valid[:, None, :], bounds * scale, float("-inf"))
+    scores = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=1)
+    scores = torch.where(valid, scores, -1.0)
+    scores = torch.where(page_idx[None, :] == (num_pages - 1)[:, None], float("inf"), scores)
+    t = min(top_pages, max_pages)
+    chosen = torch.topk(scores, t, dim=-1).indices.to(torch.int32)  # invalid pages sort last
+    list_len = torch.clamp(num_pages, max=t).to(torch.int32)
+    max_items = t * P
+    return attend_partial_and_merge(
+        q, k_seq, v_seq, csr, max_items, MODE_PAGES, item_list=chosen, list_len=list_len,
+        scale=scale, block_n=block_n,
+    )

@@ -1,0 +1,33 @@
+"""Bytes each attention method must read: one formula per method, shared by the references and kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvcache.config import SUMMARY_DTYPE
+
+VALUE_MEAN_ITEMSIZE = SUMMARY_DTYPE.itemsize  # the mean value comes from float32 running sums
+SUMMARY_ROWS_READ = 2  # Quest reads min and max; the mean is for learned gates
+
+
+def dense_bytes(lens: Sequence[int], num_kv_heads: int, d: int, itemsize: int) -> int:
+    """Dense: every cached K and V row, 2*S*d elements per kv head."""
+    return sum(2 * S * d * itemsize * num_kv_heads for S in lens)
+
+
+def sparq_bytes(lens: Sequence[int], num_kv_heads: int, d: int, r: int, k: int, itemsize: int) -> int:
+    """SparQ (ALGORITHMS.md §1), per kv head: S*r key elements, 2*k*d rows, d of the mean value (float32)."""
+    return sum(((S * r + 2 * k * d) * itemsize + d * VALUE_MEAN_ITEMSIZE) * num_kv_heads for S in lens)
+
+
+def quest_bytes(lens: Sequence[int], page_size: int, top_pages: int, num_kv_heads: int, d: int, itemsize: int) -> int:
+    """Quest, per kv head: min and max summaries (float32) of every page, then the filled rows of the chosen pages."""
+    total = 0
+    for S in lens:
+        n = -(-S // page_size)
+        t = min(top_pages, n)
+        # The last (possibly partial) page is always among the chosen.
+        rows = S if t == n else (t - 1) * page_size + (S - (n - 1) * page_size)
+        summaries = n * SUMMARY_ROWS_READ * d * SUMMARY_DTYPE.itemsize
+        total += (summaries + 2 * rows * d * itemsize) * num_kv_heads
+    return total
