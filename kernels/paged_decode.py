@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.tuning import TUNING
 from kvcache.table import PageTableCSR
 
 MODE_DENSE, MODE_ROWS, MODE_PAGES = 0, 1, 2
@@ -134,41 +135,43 @@ def _merge_kernel(
     out_ptr, lse_ptr,
     num_splits,
     s_ob, s_oh,
-    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-    BLOCK_S: tl.constexpr, WITH_ALPHA: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, WITH_ALPHA: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    b = pid_bh // HKV
-    h = pid_bh % HKV
+    """One program per (sequence, query head): the lse merge of §4 over the splits, then SparQ's
+    reallocation y = alpha * out + (1 - alpha) * vbar when WITH_ALPHA."""
+    pid = tl.program_id(0)  # b * HKV * G + h * G + g
+    bh = pid // G
+    g = pid % G
+    b = bh // HKV
     offs_s = tl.arange(0, BLOCK_S)
-    offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
-    mask_s = offs_s < num_splits
-    mask_g = offs_g < G
-    mask_sg = mask_s[:, None] & mask_g[None, :]
-    idx_sg = (pid_bh * num_splits + offs_s)[:, None] * G + offs_g[None, :]  # [BLOCK_S, BLOCK_G]
-    lse = tl.load(part_lse_ptr + idx_sg, mask=mask_sg, other=float("-inf"))
+    lse = tl.load(part_lse_ptr + (bh * num_splits + offs_s) * G + g, mask=offs_s < num_splits, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
     lse_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    w_sum = tl.sum(tl.exp(lse - lse_safe[None, :]), axis=0)  # empty splits weigh 0
-    out = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-    for s in range(num_splits):  # one [G, D] slice at a time keeps registers bounded
-        idx_g = (pid_bh * num_splits + s) * G + offs_g
-        w = tl.exp(tl.load(part_lse_ptr + idx_g, mask=mask_g, other=float("-inf")) - lse_safe)
-        part = tl.load(part_out_ptr + idx_g[:, None] * D + offs_d[None, :], mask=mask_g[:, None], other=0.0)
-        out += w[:, None] * part
-    out = out / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
-    lse_out = tl.where(w_sum > 0, lse_safe + tl.log(tl.where(w_sum > 0, w_sum, 1.0)), float("-inf"))
+    w_sum = tl.sum(tl.exp(lse - lse_safe), axis=0)  # empty splits weigh 0
+    out = tl.zeros([D], dtype=tl.float32)
+    for s0 in range(0, num_splits, CHUNK_S):  # CHUNK_S splits at a time keeps registers bounded
+        offs_c = s0 + tl.arange(0, CHUNK_S)
+        mask_c = offs_c < num_splits
+        idx = (bh * num_splits + offs_c) * G + g
+        w = tl.exp(tl.load(part_lse_ptr + idx, mask=mask_c, other=float("-inf")) - lse_safe)
+        part = tl.load(part_out_ptr + idx[:, None] * D + offs_d[None, :], mask=mask_c[:, None], other=0.0)
+        out += tl.sum(w[:, None] * part, axis=0)
+    has = w_sum > 0
+    out = out / tl.where(has, w_sum, 1.0)
+    lse_out = tl.where(has, lse_safe + tl.log(tl.where(has, w_sum, 1.0)), float("-inf"))
     if WITH_ALPHA:
-        alpha = tl.sum(tl.load(part_alpha_ptr + idx_sg, mask=mask_sg, other=0.0), axis=0)
-        vbar = tl.load(vbar_ptr + pid_bh * D + offs_d)
-        out = alpha[:, None] * out + (1.0 - alpha[:, None]) * vbar[None, :]
-    dst = out_ptr + b * s_ob + (h * G + offs_g)[:, None] * s_oh + offs_d[None, :]
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
-    tl.store(lse_ptr + b * (HKV * G) + h * G + offs_g, lse_out, mask=mask_g)
+        alpha = tl.sum(tl.load(part_alpha_ptr + (bh * num_splits + offs_s) * G + g, mask=offs_s < num_splits,
+                               other=0.0), axis=0)
+        vbar = tl.load(vbar_ptr + bh * D + offs_d)
+        out = alpha * out + (1.0 - alpha) * vbar
+    head = (bh % HKV) * G + g
+    tl.store(out_ptr + b * s_ob + head * s_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + b * (HKV * G) + head, lse_out)
 
 
-def plan_splits(max_items: int, batch_heads: int, block_n: int, target_programs: int = 264) -> tuple[int, int]:
+def plan_splits(max_items: int, batch_heads: int, block_n: int, target_programs: int) -> tuple[int, int]:
     """(number of splits, items per split) so about `target_programs` programs share `max_items` per row."""
     blocks = max(1, triton.cdiv(max_items, block_n))
     num_splits = max(1, min(blocks, triton.cdiv(target_programs, batch_heads), 256))
@@ -188,7 +191,7 @@ def attend_partial_and_merge(
     alpha_inputs: tuple[torch.Tensor, ...] | None = None,
     value_mean: torch.Tensor | None = None,
     scale: float | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the partial kernel over (B*Hkv, splits) and merge: out [B, Hq, d] (q dtype), lse [B, Hq] f32.
@@ -201,8 +204,10 @@ def attend_partial_and_merge(
     G = Hq // Hkv
     BH = B * Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    launch = TUNING["decode"]
+    block_n = launch.block_n if block_n is None else block_n
     if num_splits is None:
-        num_splits, items = plan_splits(max_items, BH, block_n)
+        num_splits, items = plan_splits(max_items, BH, block_n, launch.programs)
     else:
         items = triton.cdiv(triton.cdiv(max(max_items, 1), num_splits), block_n) * block_n
     dev = q.device
@@ -230,17 +235,19 @@ def attend_partial_and_merge(
         item_list.stride(0) if item_list.dim() == 2 else 0,
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, BLOCK_N=block_n, MODE=mode, WITH_ALPHA=with_alpha,
         BLOCK_STAT=triton.next_power_of_2(stat_splits), DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=launch.num_warps,
     )
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=dev)
     vbar = value_mean.contiguous() if with_alpha else part_lse
-    _merge_kernel[(BH,)](
+    _merge_kernel[(B * Hq,)](
         part_out, part_lse, part_alpha, vbar,
         out, lse,
         num_splits,
         out.stride(0), out.stride(1),
-        HKV=Hkv, G=G, BLOCK_G=triton.next_power_of_2(G), D=D,
-        BLOCK_S=triton.next_power_of_2(num_splits), WITH_ALPHA=with_alpha,
+        HKV=Hkv, G=G, D=D,
+        BLOCK_S=triton.next_power_of_2(num_splits), CHUNK_S=min(16, triton.next_power_of_2(num_splits)),
+        WITH_ALPHA=with_alpha,
     )
     return out, lse
 
@@ -251,7 +258,7 @@ def paged_decode(
     v_seq: torch.Tensor,
     csr: PageTableCSR,
     scale: float | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense decode attention of q [B, Hq, d] over the paged K/V [N, Hkv, P, d]: out [B, Hq, d], lse [B, Hq]."""

@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 
 from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge, plan_splits
+from kernels.topk import radix_topk
+from kernels.tuning import TUNING
 from kvcache.pages import SUMMARY_MAX, SUMMARY_MIN
 from kvcache.table import PageTableCSR
 
@@ -64,7 +66,7 @@ def quest_decode(
     csr: PageTableCSR,
     top_pages: int,
     scale: float | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, Hq, d] over each group's `top_pages` best pages by the Quest bound: out, lse."""
     B, Hq, D = q.shape
@@ -74,27 +76,25 @@ def quest_decode(
     dev = q.device
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     max_pages = triton.cdiv(csr.max_len, P)
-    block_pg = 16
-    splits, per_split = plan_splits(max_pages, BH, block_pg)
+    launch = TUNING["quest"]
+    splits, per_split = plan_splits(max_pages, BH, launch.block_n, launch.programs)
     bounds = torch.empty((BH, G, max_pages), dtype=torch.float32, device=dev)
     _page_bounds_kernel[(BH, splits)](
         q, k_summary, csr.indptr, csr.indices, bounds,
         per_split,
         q.stride(0), q.stride(1), k_summary.stride(0), k_summary.stride(1), k_summary.stride(2), bounds.stride(1),
-        HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK_PG=block_pg,
-        ROW_MIN=SUMMARY_MIN, ROW_MAX=SUMMARY_MAX,
+        HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK_PG=launch.block_n,
+        ROW_MIN=SUMMARY_MIN, ROW_MAX=SUMMARY_MAX, num_warps=launch.num_warps,
     )
-    # Group scores over [0, n_pages) of each sequence; the last page is forced in, as in the reference.
-    num_pages = (csr.indptr[1:] - csr.indptr[:-1]).long().repeat_interleave(Hkv)  # [BH]
-    page_idx = torch.arange(max_pages, device=dev)
-    valid = page_idx[None, :] < num_pages[:, None]
+    # Group scores over [0, n_pages) of each sequence, as the reference computes them; the last
+    # page is the forced tail of the selection, like SparQ's local window.
+    num_pages = (csr.indptr[1:] - csr.indptr[:-1]).repeat_interleave(Hkv)  # [BH] int32
+    valid = torch.arange(max_pages, device=dev)[None, :] < num_pages[:, None]
     logits = torch.where(valid[:, None, :], bounds * scale, float("-inf"))
-    scores = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=1)
-    scores = torch.where(valid, scores, -1.0)
-    scores = torch.where(page_idx[None, :] == (num_pages - 1)[:, None], float("inf"), scores)
+    scores = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=1).contiguous()
     t = min(top_pages, max_pages)
-    chosen = torch.topk(scores, t, dim=-1).indices.to(torch.int32)  # invalid pages sort last
-    list_len = torch.clamp(num_pages, max=t).to(torch.int32)
+    list_len = torch.clamp(num_pages, max=t)
+    chosen = radix_topk(scores, list_len, num_pages - 1, num_pages, max_pages, k_max=t)
     max_items = t * P
     return attend_partial_and_merge(
         q, k_seq, v_seq, csr, max_items, MODE_PAGES, item_list=chosen, list_len=list_len,

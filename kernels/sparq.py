@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -20,18 +20,51 @@ import triton.language as tl
 
 from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits
 from kernels.topk import LEVELS, digit_histogram, radix_topk, topk_workspace
+from kernels.tuning import TUNING
 from kvcache.table import PageTableCSR
+
+
+@triton.jit
+def _query_kernel(
+    q_ptr, i1_ptr, sel_ptr, tau_ptr, r,
+    s_qb, s_qh,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """§1 steps 1-2 once per (sequence, kv head): i1 from sum_g |q_g| (GQA), and tau_g."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    mask_g = offs_g < G
+    q_rows = q_ptr + b * s_qb + (h * G + offs_g) * s_qh
+    q_abs = tl.abs(tl.load(q_rows[:, None] + offs_d[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32))
+    group = tl.sum(q_abs, axis=0)
+    # One sort of d keys instead of r rounds of argmax: the float's bits order like the value
+    # (it is >= 0), and the low byte makes every key distinct, lower index first on ties.
+    key = (group.to(tl.int32, bitcast=True).to(tl.int64) << 8) | (255 - offs_d).to(tl.int64)
+    ranked = tl.sort(key, descending=True)
+    threshold = tl.sum(tl.where(offs_d == r - 1, ranked, 0), axis=0)
+    chosen = key >= threshold
+    slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(i1_ptr + pid_bh * BLOCK_R + slot, offs_d, mask=chosen)
+    tl.store(sel_ptr + pid_bh * D + offs_d, chosen.to(tl.int8))
+    covered = tl.sum(tl.where(chosen[None, :], q_abs, 0.0), axis=1)
+    total = tl.sum(q_abs, axis=1)
+    tau = tl.sqrt(D * covered / tl.where(total > 0, total, 1.0))
+    tl.store(tau_ptr + pid_bh * G + offs_g, tl.where(tau > 0, tau, 1.0), mask=mask_g)
 
 
 @triton.jit
 def _stage1_kernel(
     q_ptr, kdim_ptr, indptr_ptr, indices_ptr, last_len_ptr,
-    logits_ptr, stat_m_ptr, stat_l_ptr, sel_ptr, tau_ptr,
+    i1_ptr, tau_ptr, logits_ptr, stat_m_ptr, stat_l_ptr,
     r, items_per_split,
     s_qb, s_qh, s_kn, s_kh, s_kd, s_lrow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """§1 step 3 on one slice of positions: approximate logits from the r chosen key rows of k_dim."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -42,30 +75,11 @@ def _stage1_kernel(
     seq_len = tl.maximum(num_pages - 1, 0) * P + tl.load(last_len_ptr + b)
 
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, D)
     offs_r = tl.arange(0, BLOCK_R)
     mask_g = offs_g < G
     q_rows = q_ptr + b * s_qb + (h * G + offs_g) * s_qh
-    q_abs = tl.abs(tl.load(q_rows[:, None] + offs_d[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32))
-
-    # §1 step 1 (GQA): the r components with the largest sum_g |q_g|, one argmax at a time.
-    remaining = tl.sum(q_abs, axis=0)
-    chosen = offs_d < 0
-    i1 = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for j in range(r):
-        best = tl.argmax(remaining, axis=0)
-        chosen = chosen | (offs_d == best)
-        remaining = tl.where(offs_d == best, -1.0, remaining)
-        i1 = tl.where(offs_r == j, best, i1)
-    # §1 step 2: tau_g = sqrt(d * sum|q_g[i1]| / sum|q_g|).
-    covered = tl.sum(tl.where(chosen[None, :], q_abs, 0.0), axis=1)
-    total = tl.sum(q_abs, axis=1)
-    tau = tl.sqrt(D * covered / tl.where(total > 0, total, 1.0))
-    tau = tl.where(tau > 0, tau, 1.0)
-    if split == 0:
-        tl.store(sel_ptr + pid_bh * D + offs_d, chosen.to(tl.int8))
-        tl.store(tau_ptr + pid_bh * G + offs_g, tau, mask=mask_g)
-
+    i1 = tl.load(i1_ptr + pid_bh * BLOCK_R + offs_r, mask=offs_r < r, other=0)
+    tau = tl.load(tau_ptr + pid_bh * G + offs_g, mask=mask_g, other=1.0)
     mask_r = offs_r < r
     q_sel = tl.load(q_rows[:, None] + i1[None, :], mask=mask_g[:, None] & mask_r[None, :], other=0.0)
     col = h * s_kh + i1.to(tl.int64) * s_kd  # [BLOCK_R]
@@ -73,15 +87,22 @@ def _stage1_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     start = split * items_per_split
     end = tl.minimum(start + items_per_split, seq_len)
-    for it in range(start, end, BLOCK_N):
+    NPG: tl.constexpr = BLOCK_N // P
+    offs_pg = tl.arange(0, NPG)
+    offs_p = tl.arange(0, P)
+    for it in range(start, end, BLOCK_N):  # start and BLOCK_N are multiples of P: whole pages per step
+        logical_page = it // P + offs_pg
+        page_ok = logical_page * P < end
+        page = tl.load(indices_ptr + page_start + logical_page, mask=page_ok, other=0).to(tl.int64)
+        # §1 step 3: only rows i1 of each page are read, each a contiguous run of P. The mask is
+        # per page (constant along P) so the runs load as vectors; rows past the end are masked below.
+        k3 = tl.load(
+            kdim_ptr + col[:, None, None] + (page * s_kn)[None, :, None] + offs_p[None, None, :],
+            mask=mask_r[:, None, None] & page_ok[None, :, None], other=0.0,
+        )
+        k_cols = tl.reshape(k3, [BLOCK_R, BLOCK_N])
         offs_n = it + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        page = tl.load(indices_ptr + page_start + offs_n // P, mask=mask_n, other=0).to(tl.int64)
-        # §1 step 3: only rows i1 of each page are read, each a contiguous run of P.
-        k_cols = tl.load(
-            kdim_ptr + col[:, None] + (page * s_kn + offs_n % P)[None, :],
-            mask=mask_r[:, None] & mask_n[None, :], other=0.0,
-        )
         x = tl.dot(q_sel, k_cols, input_precision=DOT_PRECISION) / tau[:, None]
         x = tl.where(mask_n[None, :], x, float("-inf"))
         tl.store(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_lrow + offs_n[None, :], x,
@@ -139,6 +160,104 @@ def _scores_kernel(
     tl.atomic_add(hist_ptr + pid_bh * NBINS + tl.arange(0, NBINS), hist)
 
 
+@dataclass
+class Stage1Result:
+    """What stage 1 leaves for the selection and stage 2 (all on the device)."""
+
+    i1: torch.Tensor  # [B*Hkv, BLOCK_R] int32: the r chosen key components (then padding)
+    logits: torch.Tensor  # [B*Hkv, G, S_pad] float32 approximate logits x_g
+    stat_m: torch.Tensor  # [B*Hkv, splits, G] per-split softmax max of x_g
+    stat_l: torch.Tensor  # [B*Hkv, splits, G] per-split softmax sum
+    sel: torch.Tensor  # [B*Hkv, d] int8: 1 on the r chosen components
+    tau: torch.Tensor  # [B*Hkv, G] float32 temperatures
+    items_per_split: int
+
+    @property
+    def num_splits(self) -> int:
+        """Splits of the sequence axis used by stage 1 (and the scoring pass)."""
+        return self.stat_m.shape[1]
+
+
+def sparq_stage1(
+    q: torch.Tensor, k_dim: torch.Tensor, csr: PageTableCSR, r: int, block_n: int | None = None
+) -> Stage1Result:
+    """§1 steps 1-3 up to the softmax statistics: reads r of d key components per position."""
+    B, Hq, D = q.shape
+    Hkv, P = k_dim.shape[1], k_dim.shape[3]
+    G = Hq // Hkv
+    BH = B * Hkv
+    dev = q.device
+    launch = TUNING["stage1"]
+    block_n = launch.block_n if block_n is None else block_n
+    num_splits, items = plan_splits(csr.max_len, BH, block_n, launch.programs)
+    row_len = triton.cdiv(csr.max_len, 16) * 16
+    block_r = max(16, triton.next_power_of_2(r))
+    res = Stage1Result(
+        i1=torch.empty((BH, block_r), dtype=torch.int32, device=dev),
+        logits=torch.empty((BH, G, row_len), dtype=torch.float32, device=dev),
+        stat_m=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
+        stat_l=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
+        sel=torch.empty((BH, D), dtype=torch.int8, device=dev),
+        tau=torch.empty((BH, G), dtype=torch.float32, device=dev),
+        items_per_split=items,
+    )
+    block_g = max(16, triton.next_power_of_2(G))
+    _query_kernel[(BH,)](
+        q, res.i1, res.sel, res.tau, r, q.stride(0), q.stride(1),
+        HKV=Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_R=block_r,
+    )
+    _stage1_kernel[(BH, num_splits)](
+        q, k_dim, csr.indptr, csr.indices, csr.last_page_len,
+        res.i1, res.tau, res.logits, res.stat_m, res.stat_l,
+        r, items,
+        q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), res.logits.stride(1),
+        HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, BLOCK_R=block_r, BLOCK_N=block_n,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=launch.num_warps,
+    )
+    return res
+
+
+def sparq_select(
+    s1: Stage1Result, csr: PageTableCSR, num_kv_heads: int, k: int, local_window: int,
+    block_n: int | None = None, topk_block: int | None = None,
+) -> torch.Tensor:
+    """§1 step 4: positions [B*Hkv, k] (int32, unordered): the local window and the k - l best group-mean shat."""
+    BH, G, row_len = s1.logits.shape
+    dev = s1.logits.device
+    launch = TUNING["stage1"]
+    block_n = launch.block_n if block_n is None else block_n
+    scores = torch.empty((BH, row_len), dtype=torch.float32, device=dev)
+    n_valid = torch.empty(BH, dtype=torch.int32, device=dev)
+    n_total = torch.empty(BH, dtype=torch.int32, device=dev)
+    ws = topk_workspace(BH, dev)
+    shift, bits = LEVELS[0]
+    _scores_kernel[(BH, s1.num_splits)](
+        s1.logits, s1.stat_m, s1.stat_l, csr.indptr, csr.last_page_len,
+        scores, n_valid, n_total, ws["hist0"],
+        local_window, s1.items_per_split, s1.num_splits, s1.logits.stride(1), scores.stride(0),
+        HKV=num_kv_heads, G=G, BLOCK_G=triton.next_power_of_2(G), P=csr.page_size, BLOCK_N=block_n,
+        BLOCK_STAT=triton.next_power_of_2(s1.num_splits), SHIFT=shift, NBINS=1 << bits,
+        num_warps=launch.num_warps,
+    )
+    return radix_topk(scores, k, n_valid, n_total, csr.max_len, ws, block=topk_block, hist0_done=True)
+
+
+def sparq_stage2(
+    q: torch.Tensor, k_seq: torch.Tensor, v_seq: torch.Tensor, value_mean: torch.Tensor, csr: PageTableCSR,
+    s1: Stage1Result, positions: torch.Tensor, reallocate: bool = True, scale: float | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """§1 steps 5-7: exact attention over the chosen rows, alpha, mean-value reallocation: out, lse."""
+    BH, k = positions.shape
+    list_len = torch.full((BH,), k, dtype=torch.int32, device=q.device)
+    alpha_inputs = (s1.sel, s1.tau, s1.stat_m, s1.stat_l, s1.num_splits) if reallocate else None
+    vbar = value_mean.float().reshape(BH, -1) if reallocate else None
+    return attend_partial_and_merge(
+        q, k_seq, v_seq, csr, k, MODE_ROWS, item_list=positions, list_len=list_len,
+        alpha_inputs=alpha_inputs, value_mean=vbar, scale=scale, block_n=block_n,
+    )
+
+
 def sparq_decode(
     q: torch.Tensor,
     k_seq: torch.Tensor,
@@ -151,56 +270,13 @@ def sparq_decode(
     local_window: int = 0,
     reallocate: bool = True,
     scale: float | None = None,
-    block_n: int = 64,
-    topk_block: int = 1024,
+    block_n: int | None = None,
+    topk_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparQ attention of q [B, Hq, d] (§1): out [B, Hq, d] in q's dtype, lse [B, Hq] of the stage-2 scores.
 
     Parameters as kvcache.methods.sparq, which checks them; value_mean [B, Hkv, d] float32.
     """
-    B, Hq, D = q.shape
-    Hkv, P = k_seq.shape[1], k_seq.shape[2]
-    G = Hq // Hkv
-    BH = B * Hkv
-    dev = q.device
-    S_max = csr.max_len
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    block_g = max(16, triton.next_power_of_2(G))
-    num_splits, items = plan_splits(S_max, BH, block_n)
-
-    row_len = triton.cdiv(S_max, 16) * 16
-    logits = torch.empty((BH, G, row_len), dtype=torch.float32, device=dev)
-    stat_m = torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev)
-    stat_l = torch.empty_like(stat_m)
-    sel = torch.empty((BH, D), dtype=torch.int8, device=dev)
-    tau = torch.empty((BH, G), dtype=torch.float32, device=dev)
-    _stage1_kernel[(BH, num_splits)](
-        q, k_dim, csr.indptr, csr.indices, csr.last_page_len,
-        logits, stat_m, stat_l, sel, tau,
-        r, items,
-        q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), logits.stride(1),
-        HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, BLOCK_R=max(16, triton.next_power_of_2(r)),
-        BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
-    )
-
-    scores = torch.empty((BH, row_len), dtype=torch.float32, device=dev)
-    n_valid = torch.empty(BH, dtype=torch.int32, device=dev)
-    n_total = torch.empty(BH, dtype=torch.int32, device=dev)
-    ws = topk_workspace(BH, dev)
-    shift, bits = LEVELS[0]
-    _scores_kernel[(BH, num_splits)](
-        logits, stat_m, stat_l, csr.indptr, csr.last_page_len,
-        scores, n_valid, n_total, ws["hist0"],
-        local_window, items, num_splits, logits.stride(1), scores.stride(0),
-        HKV=Hkv, G=G, BLOCK_G=triton.next_power_of_2(G), P=P, BLOCK_N=block_n,
-        BLOCK_STAT=triton.next_power_of_2(num_splits), SHIFT=shift, NBINS=1 << bits,
-    )
-    positions = radix_topk(scores, k, n_valid, n_total, S_max, ws, block=topk_block, hist0_done=True)
-
-    list_len = torch.full((BH,), k, dtype=torch.int32, device=dev)
-    alpha_inputs = (sel, tau, stat_m, stat_l, num_splits) if reallocate else None
-    return attend_partial_and_merge(
-        q, k_seq, v_seq, csr, k, MODE_ROWS, item_list=positions, list_len=list_len,
-        alpha_inputs=alpha_inputs, value_mean=value_mean.float().reshape(BH, D) if reallocate else None,
-        scale=scale, block_n=block_n,
-    )
+    s1 = sparq_stage1(q, k_dim, csr, r, block_n)
+    positions = sparq_select(s1, csr, k_seq.shape[1], k, local_window, block_n, topk_block)
+    return sparq_stage2(q, k_seq, v_seq, value_mean, csr, s1, positions, reallocate, scale, block_n)

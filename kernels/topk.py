@@ -1,7 +1,8 @@
-"""Top-k selection without sorting: a three-level radix select on the bits of non-negative float32 scores.
+"""Top-k selection without sorting: a four-level radix select on the bits of non-negative float32 scores.
 
 For scores >= 0 the float32 bit pattern orders like the value, so the k largest are found digit
-by digit: bits 30..20 (2048 bins), 19..8 (4096 bins), 7..0 (256 bins). Each level reads the
+by digit, 8 bits at a time: bits 30..23 (the exponent), 22..15, 14..7, 6..0 (256 bins or fewer:
+tl.histogram's cost grows with the bin count). Each level reads the
 histogram of the candidates left by the level above, finds the bin holding the k-th largest,
 emits every candidate in a higher bin, and histograms the boundary bin's candidates on the
 next digit. Exact ties at the last level are taken in arrival order (any choice among equal
@@ -18,8 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-# (shift, bits) of the three radix digits of a non-negative float32.
-LEVELS = ((20, 11), (8, 12), (0, 8))
+from kernels.tuning import TUNING
+
+# (shift, bits) of the radix digits of a non-negative float32, most significant first.
+LEVELS = ((23, 8), (15, 8), (7, 8), (0, 7))
 _HIST_SIZES = tuple(1 << bits for _, bits in LEVELS)
 
 
@@ -108,8 +111,9 @@ def _select_level_kernel(
 
 def topk_workspace(rows: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Zeroed int32 buffers for one selection: histograms per level, level states, counters."""
-    sizes = {"hist0": _HIST_SIZES[0], "hist1": _HIST_SIZES[1], "hist2": _HIST_SIZES[2],
-             "state0": 2, "state1": 2, "state2": 2, "state3": 2, "counters": 2}
+    sizes = {f"hist{i}": n for i, n in enumerate(_HIST_SIZES)}
+    sizes.update({f"state{i}": 2 for i in range(len(LEVELS) + 1)})
+    sizes["counters"] = 2
     flat = torch.zeros(rows * sum(sizes.values()), dtype=torch.int32, device=device)  # one memset
     views, offset = {}, 0
     for name, size in sizes.items():
@@ -120,44 +124,49 @@ def topk_workspace(rows: int, device: torch.device) -> dict[str, torch.Tensor]:
 
 def radix_topk(
     values: torch.Tensor,
-    k: int,
+    k: int | torch.Tensor,
     n_valid: torch.Tensor,
     n_total: torch.Tensor | None = None,
     max_total: int | None = None,
     workspace: dict[str, torch.Tensor] | None = None,
-    block: int = 1024,
+    block: int | None = None,
     hist0_done: bool = False,
+    k_max: int | None = None,
 ) -> torch.Tensor:
     """Positions [R, k] (int32, unordered) of the k largest values [R, S] float32 >= 0 in each row.
 
     Positions in [n_valid[r], n_total[r]) are always taken; the other k - (n_total - n_valid)
-    are the largest of values[r, :n_valid[r]]. Needs k <= n_total. With hist0_done the caller
+    are the largest of values[r, :n_valid[r]]. Needs k <= n_total. `k` may be a per-row int
+    tensor [R] (then the output has max_k columns, row r filled up to k[r]; pass max_k via k_max). With hist0_done the caller
     has already filled workspace['hist0'] (SparQ fuses it into its scoring pass).
     """
     R = values.shape[0]
     n_total = n_valid if n_total is None else n_total
     max_total = values.shape[1] if max_total is None else max_total
     ws = topk_workspace(R, values.device) if workspace is None else workspace
-    out = torch.empty((R, k), dtype=torch.int32, device=values.device)
+    width = k if isinstance(k, int) else k_max
+    out = torch.empty((R, width), dtype=torch.int32, device=values.device)
     ws["state0"][:, 1] = k - (n_total - n_valid)
+    launch = TUNING["topk"]
+    block = launch.block_n if block is None else block
     blocks = triton.cdiv(max(max_total, 1), block)
-    splits = max(1, min(blocks, triton.cdiv(264, R)))
+    splits = max(1, min(blocks, triton.cdiv(launch.programs, R)))
     items = triton.cdiv(blocks, splits) * block
     splits = triton.cdiv(max(max_total, 1), items)
     grid = (R, splits)
     if not hist0_done:
         shift, bits = LEVELS[0]
         _histogram_kernel[grid](values, n_valid, ws["hist0"], items, values.stride(0),
-                                BLOCK=block, SHIFT=shift, NBINS=1 << bits)
+                                BLOCK=block, SHIFT=shift, NBINS=1 << bits, num_warps=launch.num_warps)
     for level, (shift, bits) in enumerate(LEVELS):
         last = level == len(LEVELS) - 1
         next_shift, next_bits = (0, 1) if last else LEVELS[level + 1]
         _select_level_kernel[grid](
             values, n_valid, n_total,
-            ws[f"hist{level}"], ws[f"hist{min(level + 1, 2)}"], ws[f"state{level}"], ws[f"state{level + 1}"],
+            ws[f"hist{level}"], ws[f"hist{min(level + 1, len(LEVELS) - 1)}"], ws[f"state{level}"], ws[f"state{level + 1}"],
             ws["counters"], out,
             items, values.stride(0), out.stride(0),
             BLOCK=block, SHIFT=shift, NBITS=bits, NEXT_SHIFT=next_shift, NEXT_NBINS=1 << next_bits,
-            FIRST=level == 0, LAST=last,
+            FIRST=level == 0, LAST=last, num_warps=launch.num_warps,
         )
     return out

@@ -27,7 +27,7 @@ class Method:
     reference: Callable[..., AttentionResult]
     reads: tuple[str, ...]  # LayerView fields the method takes, in order, after q
     uses_value_mean: bool
-    check: Callable[[KVCacheConfig, PageTableCSR, dict], None]
+    check: Callable[[KVCacheConfig, Sequence[int], dict], None]
     traffic: Callable[[KVCacheConfig, PageTableCSR, dict], int]
     triton: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -50,12 +50,12 @@ def _triton_quest(*args, **kw):
     return quest_decode(*args, **kw)
 
 
-def _no_check(config: KVCacheConfig, csr: PageTableCSR, p: dict) -> None:
+def _no_check(config: KVCacheConfig, lens: Sequence[int], p: dict) -> None:
     pass
 
 
-def _check_sparq(config: KVCacheConfig, csr: PageTableCSR, p: dict) -> None:
-    check_sparq_params(config.head_dim, list(csr.host_lens), p.get("r"), p.get("k"), p.get("local_window", 0))
+def _check_sparq(config: KVCacheConfig, lens: Sequence[int], p: dict) -> None:
+    check_sparq_params(config.head_dim, list(lens), p["r"], p["k"], p.get("local_window", 0))
 
 
 METHODS: dict[str, Method] = {
@@ -70,7 +70,7 @@ METHODS: dict[str, Method] = {
         _triton_sparq,
     ),
     "quest": Method(
-        quest, ("k_seq", "v_seq", "k_summary"), False, lambda c, csr, p: check_quest_params(p.get("top_pages")),
+        quest, ("k_seq", "v_seq", "k_summary"), False, lambda c, lens, p: check_quest_params(p["top_pages"]),
         lambda c, csr, p: quest_bytes(csr.host_lens, c.page_size, p["top_pages"], c.num_kv_heads, c.head_dim, c.itemsize),
         _triton_quest,
     ),
@@ -84,6 +84,39 @@ _POSITIONAL = {"q", "k_seq", "k_dim", "v_seq", "k_summary", "value_mean", "csr"}
 def method_parameters(method: str) -> list[str]:
     """Names of the keyword parameters `method` accepts."""
     return [n for n in inspect.signature(_lookup(method).reference).parameters if n not in _POSITIONAL]
+
+
+def validate(
+    store: KVStore,
+    seq_ids: Sequence[str],
+    layer: int,
+    q: torch.Tensor,
+    method: str,
+    params: Mapping[str, Any] | None,
+    backend: str = "auto",
+    extra_positions: int = 0,
+) -> tuple[Method, torch.Tensor, dict]:
+    """Check a decode query, method, parameters and sequences as if each held `extra_positions` more;
+    returns the method, q on the store's device, and the parameters. Changes nothing."""
+    m = _lookup(method)
+    if backend not in BACKENDS:
+        raise InvalidParameter(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    params = dict(params or {})
+    accepted = method_parameters(method)
+    unknown = set(params) - set(accepted)
+    if unknown:
+        raise InvalidParameter(f"{method}: unknown parameters {sorted(unknown)}; accepted: {accepted}")
+    signature = inspect.signature(m.reference).parameters
+    missing = [n for n in accepted if signature[n].default is inspect.Parameter.empty and n not in params]
+    if missing:
+        raise InvalidParameter(f"{method}: missing required parameters {missing}")
+    q = check_query(store, seq_ids, q)
+    lens = [n + extra_positions for n in store.lengths(seq_ids, layer)]
+    empty = [s for s, n in zip(seq_ids, lens) if n == 0]
+    if empty:
+        raise PositionOutOfRange(f"sequence {empty[0]} has no cached positions at layer {layer}")
+    m.check(store.config, lens, params)
+    return m, q, params
 
 
 def attend(
@@ -100,25 +133,14 @@ def attend(
     backend "auto" runs the Triton kernels when the store is on CUDA and the torch reference
     elsewhere; "torch" or "triton" forces one (tests run "triton" on the CPU interpreter).
     """
-    m = _lookup(method)
-    if backend not in BACKENDS:
-        raise InvalidParameter(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    params = dict(params or {})
-    unknown = set(params) - set(method_parameters(method))
-    if unknown:
-        raise InvalidParameter(f"{method}: unknown parameters {sorted(unknown)}; accepted: {method_parameters(method)}")
-    q = check_query(store, seq_ids, q)
+    m, q, params = validate(store, seq_ids, layer, q, method, params, backend)
     csr = store.page_table(seq_ids, layer)
-    empty = [s for s, n in zip(seq_ids, csr.host_lens) if n == 0]
-    if empty:
-        raise PositionOutOfRange(f"sequence {empty[0]} has no cached positions at layer {layer}")
     view = store.layer_view(layer)
     tensors = [getattr(view, name) for name in m.reads]
     if m.uses_value_mean:
         tensors.append(store.value_mean(seq_ids, layer))
     if backend == "torch" or (backend == "auto" and q.device.type != "cuda"):
         return m.reference(q, *tensors, csr, **params)
-    m.check(store.config, csr, params)
     out, lse = m.triton(q, *tensors, csr, **params)
     return AttentionResult(out, lse, m.traffic(store.config, csr, params))
 

@@ -15,12 +15,26 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     demo.add_argument("--page-size", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0)
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    decode = bench_sub.add_parser("decode", help="decode attention time, bytes and bandwidth per method vs SDPA")
+    decode.add_argument("--context", help="comma-separated contexts (default GPU 8K..512K, CPU 1K,4K)")
+    decode.add_argument("--batch", help="comma-separated batch sizes (default GPU 1,8; CPU 1)")
+    decode.add_argument("--methods", default="dense,sparq,quest")
+    decode.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    decode.add_argument("--iters", type=int, default=30, help="timed runs per row (median reported)")
+    decode.add_argument("--page-size", type=int, default=16, help="positions per page (default 16)")
+    decode.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from kvcache.demo import run_demo
 
         run_demo(args.seq_len, args.dtype, args.page_size, args.seed)
+    elif args.command == "bench" and args.bench == "decode":
+        from bench.decode import main as bench_decode
+
+        return bench_decode(args)
     return 0
 
 

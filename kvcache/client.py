@@ -10,6 +10,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from kvcache.attention import attend as run_attention
+from kvcache.attention import validate
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import InvalidParameter, PositionOutOfRange, ShapeMismatch
 from kvcache.methods import AttentionResult
@@ -138,8 +139,9 @@ class InProcessClient:
                 if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
                     got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ShapeMismatch(f"{name} has shape {got}; expected [B, Hkv, d] = {want}")
-            for b, seq_id in enumerate(seq_ids):
-                self.store.append(seq_id, new_k[b : b + 1], new_v[b : b + 1], layer=layer)
+            # Everything is checked before the new token is written, so a rejected call changes nothing.
+            validate(self.store, seq_ids, layer, q, method, params, backend, extra_positions=1)
+            self.store.append_tokens(seq_ids, new_k, new_v, layer)
         t0 = time.perf_counter()
         result = run_attention(self.store, seq_ids, layer, q, method, params, backend)
         self.counters.add(method, result.bytes_read, time.perf_counter() - t0)

@@ -44,6 +44,8 @@ class KVCacheConfig:
             object.__setattr__(self, "device", torch.device(self.device))
         except (RuntimeError, TypeError) as exc:
             raise InvalidParameter(f"device {self.device!r} is not a torch device: {exc}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidParameter(f"device {self.device} requested, but CUDA is not available on this machine")
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "device_pages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

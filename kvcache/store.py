@@ -17,6 +17,7 @@ from kvcache.errors import (
     PositionOutOfRange,
     SequenceNotFound,
     ShapeMismatch,
+    StoreFull,
 )
 from kvcache.pages import PagePool
 from kvcache.table import PageTableCSR, SequenceState, build_csr
@@ -142,6 +143,28 @@ class KVStore:
             self._register_full_pages(seq)
             return self._info(seq)
 
+    def append_tokens(self, seq_ids: Sequence[str], k: torch.Tensor, v: torch.Tensor, layer: int) -> None:
+        """Append one position to each of `seq_ids` at `layer` (k, v [B, Hkv, d]): all or nothing."""
+        with self._lock:
+            self._check_layers(layer)
+            seqs = [self._get(s) for s in seq_ids]
+            if len(set(seq_ids)) != len(seq_ids):
+                raise InvalidParameter("a sequence appears twice in one append")
+            for b, seq in enumerate(seqs):
+                self._check_kv(k[b : b + 1], v[b : b + 1], layer)
+            need = sum(self._pages_needed(seq, 1, layer) for seq in seqs)
+            if need > self.allocator.num_free:
+                raise StoreFull(f"appending to {len(seqs)} sequences needs {need} free pages; "
+                                f"{self.allocator.num_free} are free")
+            for b, seq_id in enumerate(seq_ids):
+                self.append(seq_id, k[b : b + 1], v[b : b + 1], layer=layer)
+
+    def lengths(self, seq_ids: Sequence[str], layer: int) -> list[int]:
+        """Cached positions of each sequence at `layer`."""
+        with self._lock:
+            self._check_layers(layer)
+            return [self._get(s).lengths[layer] for s in seq_ids]
+
     # ---- what attention reads ----------------------------------------------------------------
 
     def layer_view(self, layer: int) -> LayerView:
@@ -247,6 +270,14 @@ class KVStore:
         if seq.token_ids[start : start + overlap] != ids[:overlap]:
             raise InvalidParameter(f"sequence {seq.seq_id}: token ids at {start}.. differ from those given before")
         return ids[overlap:]
+
+    def _pages_needed(self, seq: SequenceState, num_new_positions: int, layer: int | None) -> int:
+        """Pages an append of `num_new_positions` would take from the free list (new + copy-on-write)."""
+        start = seq.lengths[0 if layer is None else layer]
+        first_page, end_page = start // self.config.page_size, self.config.pages_for(start + num_new_positions)
+        existing = seq.live_pages[first_page:end_page]
+        shared = int((self.allocator.refcount[existing.long()] > 1).sum())
+        return shared + max(0, end_page - seq.num_pages)
 
     def _prepare_pages(self, seq: SequenceState, first_page: int, end_page: int) -> None:
         """Give the sequence private pages [first_page, end_page): copy shared ones, allocate new ones."""

@@ -1,0 +1,66 @@
+"""Timing helpers for benchmarks: CUDA events around CUDA-graph replays with L2 flushed, median of many."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+class Timer:
+    """Times a zero-argument callable on one device; median microseconds of `iters` runs."""
+
+    def __init__(self, device: torch.device, iters: int = 50, warmup: int = 3, use_graphs: bool = True) -> None:
+        self.device = device
+        self.iters = iters
+        self.warmup = warmup
+        self.cuda = device.type == "cuda"
+        self.use_graphs = use_graphs and self.cuda
+        # Larger than any L2 (50 MB on H100): written before each timed run so no run starts warm.
+        self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if self.cuda else None
+
+    def median_us(self, fn: Callable[[], object]) -> float:
+        """Median wall time of fn in microseconds (CUDA events on the GPU, perf_counter on the CPU)."""
+        for _ in range(self.warmup):
+            fn()
+        if not self.cuda:
+            times = []
+            for _ in range(self.iters):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+            return statistics.median(times)
+        run = fn
+        if self.use_graphs:
+            # Decode steps are replayed as CUDA graphs in serving engines; a graph also keeps
+            # Python launch overhead out of a measurement of GPU time.
+            torch.cuda.synchronize()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            run = graph.replay
+        times = []
+        for _ in range(self.iters):
+            self._flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return statistics.median(times)
+
+    def copy_bandwidth(self, nbytes: int = 2**30) -> float:
+        """Device copy bandwidth in bytes/s: (read + write) / time of a large tensor copy."""
+        n = nbytes if self.cuda else min(nbytes, 2**26)
+        src = torch.empty(n, dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
+        us = self.median_us(lambda: dst.copy_(src))
+        return 2 * n / (us * 1e-6)

@@ -1,0 +1,247 @@
+"""Shared fixtures: a client factory, random K/V, a contiguous reference of what was appended,
+and a gather through the CSR page table written independently of kvcache.methods.gather.
+
+Helpers are exposed as fixtures (not imported from this module) so tests work in any import mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kvcache import InProcessClient, KVCacheConfig, KVStore
+
+
+# ---- construction ------------------------------------------------------------------------------
+
+
+def _make_client(
+    num_layers: int = 2,
+    num_kv_heads: int = 2,
+    head_dim: int = 16,
+    page_size: int = 4,
+    dtype: torch.dtype | str = torch.float32,
+    device_pages: int = 256,
+) -> InProcessClient:
+    config = KVCacheConfig(
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
+        dtype=dtype,
+        device="cpu",
+        device_pages=device_pages,
+    )
+    return InProcessClient(config)
+
+
+@pytest.fixture
+def make_client():
+    """Factory: make_client(num_layers=2, num_kv_heads=2, head_dim=16, page_size=4, dtype=float32, device_pages=256)."""
+    return _make_client
+
+
+def _random_kv(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype = torch.float32):
+    """A pair (k, v) of standard-normal tensors of `shape`, drawn from `gen`, cast to `dtype`."""
+    k = torch.randn(shape, generator=gen).to(dtype)
+    v = torch.randn(shape, generator=gen).to(dtype)
+    return k, v
+
+
+@pytest.fixture
+def random_kv():
+    """random_kv(gen, shape, dtype=float32) -> (k, v)."""
+    return _random_kv
+
+
+# ---- the contiguous reference ------------------------------------------------------------------
+
+
+class ContiguousKV:
+    """What was appended to each sequence, per layer, as plain tensors k, v [S, Hkv, d] (store dtype)."""
+
+    def __init__(self, config: KVCacheConfig) -> None:
+        self.config = config
+        self.k: dict[str, list[torch.Tensor]] = {}
+        self.v: dict[str, list[torch.Tensor]] = {}
+
+    def add_sequence(self, seq_id: str) -> None:
+        c = self.config
+        empty = torch.empty((0, c.num_kv_heads, c.head_dim), dtype=c.dtype)
+        self.k[seq_id] = [empty.clone() for _ in range(c.num_layers)]
+        self.v[seq_id] = [empty.clone() for _ in range(c.num_layers)]
+
+    def append(self, seq_id: str, k: torch.Tensor, v: torch.Tensor, layer: int | None = None) -> None:
+        """k, v [L, T, Hkv, d] (all layers) or [T, Hkv, d] with `layer`."""
+        layers = range(self.config.num_layers) if layer is None else [layer]
+        if layer is not None:
+            k, v = k[None], v[None]
+        for i, layer_idx in enumerate(layers):
+            self.k[seq_id][layer_idx] = torch.cat((self.k[seq_id][layer_idx], k[i]))
+            self.v[seq_id][layer_idx] = torch.cat((self.v[seq_id][layer_idx], v[i]))
+
+    def fork(self, parent: str, child: str) -> None:
+        self.k[child] = [t.clone() for t in self.k[parent]]
+        self.v[child] = [t.clone() for t in self.v[parent]]
+
+    def drop(self, seq_id: str) -> None:
+        del self.k[seq_id], self.v[seq_id]
+
+    def length(self, seq_id: str, layer: int) -> int:
+        return self.k[seq_id][layer].shape[0]
+
+
+@pytest.fixture
+def contiguous():
+    """contiguous(config) -> a new ContiguousKV."""
+    return ContiguousKV
+
+
+# ---- reading the store back through the page table -----------------------------------------------
+
+
+@dataclass
+class Gathered:
+    """One sequence's rows at one layer, read position by position through the CSR page table."""
+
+    pages: torch.Tensor  # [n_pages] int64 page ids, in position order
+    last_page_len: int
+    k: torch.Tensor  # [S, Hkv, d] from k_seq
+    v: torch.Tensor  # [S, Hkv, d] from v_seq
+    k_from_dim: torch.Tensor  # [S, Hkv, d] from k_dim (read at [.., :, slot])
+    summaries: torch.Tensor  # [n_pages, Hkv, 3, d] float32
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[0]
+
+
+def _gather(store: KVStore, seq_ids: list[str], layer: int) -> list[Gathered]:
+    """Read every sequence's rows through store.page_table(seq_ids, layer) (CSR)."""
+    csr = store.page_table(seq_ids, layer)
+    P = store.config.page_size
+    assert csr.indptr.dtype == torch.int32 and csr.indices.dtype == torch.int32
+    assert csr.indptr.shape == (len(seq_ids) + 1,) and int(csr.indptr[0]) == 0
+    assert csr.last_page_len.shape == (len(seq_ids),)
+    pool = store.pool
+    out = []
+    for b in range(len(seq_ids)):
+        pages = csr.indices[int(csr.indptr[b]) : int(csr.indptr[b + 1])].long()
+        last = int(csr.last_page_len[b])
+        S = (len(pages) - 1) * P + last if len(pages) else 0
+        if len(pages):
+            assert 1 <= last <= P
+        else:
+            assert last == 0
+        pos = torch.arange(S)
+        page, slot = pages[pos // P], pos % P
+        out.append(
+            Gathered(
+                pages=pages,
+                last_page_len=last,
+                k=pool.k_seq[layer, page, :, slot],
+                v=pool.v_seq[layer, page, :, slot],
+                k_from_dim=pool.k_dim[layer, page, :, :, slot],
+                summaries=pool.k_summary[layer, pages].clone(),
+            )
+        )
+    return out
+
+
+@pytest.fixture
+def gather():
+    """gather(store, seq_ids, layer) -> [Gathered per sequence]."""
+    return _gather
+
+
+def _expected_summaries(k: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Min, max, mean of each page's rows of k [S, Hkv, d] -> [n_pages, Hkv, 3, d] float32."""
+    rows = []
+    for start in range(0, k.shape[0], page_size):
+        page = k[start : start + page_size].float()  # [rows, Hkv, d]
+        rows.append(torch.stack((page.amin(0), page.amax(0), page.mean(0)), dim=1))
+    if not rows:
+        return torch.empty((0, k.shape[1], 3, k.shape[2]))
+    return torch.stack(rows)
+
+
+@pytest.fixture
+def expected_summaries():
+    """expected_summaries(k [S, Hkv, d], page_size) -> [n_pages, Hkv, 3, d] (min, max, mean)."""
+    return _expected_summaries
+
+
+def _assert_store_matches(store: KVStore, ref: ContiguousKV, seq_ids: list[str] | None = None) -> None:
+    """Every sequence, every layer: CSR, K, V, dim-major K, summaries and value mean equal the reference."""
+    seq_ids = list(ref.k) if seq_ids is None else seq_ids
+    P = store.config.page_size
+    for layer in range(store.config.num_layers):
+        gathered = _gather(store, seq_ids, layer)
+        means = store.value_mean(seq_ids, layer)
+        for sid, g, mean in zip(seq_ids, gathered, means):
+            k_ref, v_ref = ref.k[sid][layer], ref.v[sid][layer]
+            assert g.length == k_ref.shape[0], f"{sid} layer {layer}: length"
+            assert len(g.pages) == -(-k_ref.shape[0] // P)
+            torch.testing.assert_close(g.k, k_ref, rtol=0, atol=0)
+            torch.testing.assert_close(g.v, v_ref, rtol=0, atol=0)
+            torch.testing.assert_close(g.k_from_dim, k_ref, rtol=0, atol=0)
+            exp = _expected_summaries(k_ref, P)
+            torch.testing.assert_close(g.summaries[:, :, :2], exp[:, :, :2], rtol=0, atol=0)  # min, max exact
+            torch.testing.assert_close(g.summaries[:, :, 2], exp[:, :, 2], rtol=1e-5, atol=1e-6)
+            if k_ref.shape[0]:
+                torch.testing.assert_close(mean, v_ref.float().mean(0), rtol=1e-5, atol=1e-5)
+        # Distinct sequences never write into the same page: their page sets are disjoint
+        # unless shared (refcount > 1).
+        owners: dict[int, int] = {}
+        for g in gathered:
+            for p in g.pages.tolist():
+                owners[p] = owners.get(p, 0) + 1
+        for p, n in owners.items():
+            assert int(store.allocator.refcount[p]) >= n
+
+
+@pytest.fixture
+def assert_store_matches():
+    """assert_store_matches(store, ref, seq_ids=None): the paged store equals the contiguous reference."""
+    return _assert_store_matches
+
+
+def _snapshot(store: KVStore, seq_id: str) -> dict:
+    """Everything observable about a sequence: lengths, page ids, per-layer K/V/summaries/value mean."""
+    info = store.describe(seq_id)
+    snap = {"lengths": info.lengths, "num_pages": info.num_pages, "layers": []}
+    for layer in range(store.config.num_layers):
+        (g,) = _gather(store, [seq_id], layer)
+        snap["layers"].append(
+            {
+                "pages": g.pages.clone(),
+                "k": g.k.clone(),
+                "v": g.v.clone(),
+                "k_dim": g.k_from_dim.clone(),
+                "summaries": g.summaries.clone(),
+                "value_mean": store.value_mean([seq_id], layer).clone(),
+            }
+        )
+    return snap
+
+
+def _assert_snapshot_equal(before: dict, after: dict) -> None:
+    assert before["lengths"] == after["lengths"]
+    assert before["num_pages"] == after["num_pages"]
+    for b, a in zip(before["layers"], after["layers"]):
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{key} changed")
+
+
+@pytest.fixture
+def snapshot():
+    """snapshot(store, seq_id) -> dict of everything observable about that sequence."""
+    return _snapshot
+
+
+@pytest.fixture
+def assert_unchanged():
+    """assert_unchanged(before, after): two snapshots are identical."""
+    return _assert_snapshot_equal
