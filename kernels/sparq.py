@@ -62,7 +62,7 @@ def _stage1_kernel(
     r, items_per_split,
     s_qb, s_qh, s_kn, s_kh, s_kd, s_lrow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """§1 step 3 on one slice of positions: approximate logits from the r chosen key rows of k_dim."""
     pid_bh = tl.program_id(0)
@@ -103,7 +103,10 @@ def _stage1_kernel(
         k_cols = tl.reshape(k3, [BLOCK_R, BLOCK_N])
         offs_n = it + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        x = tl.dot(q_sel, k_cols, input_precision=DOT_PRECISION) / tau[:, None]
+        if USE_DOT:
+            x = tl.dot(q_sel, k_cols, input_precision=DOT_PRECISION) / tau[:, None]
+        else:  # small groups: FMAs on G rows beat a tensor-core tile padded to 16 rows
+            x = tl.sum(q_sel.to(tl.float32)[:, :, None] * k_cols.to(tl.float32)[None, :, :], axis=1) / tau[:, None]
         x = tl.where(mask_n[None, :], x, float("-inf"))
         tl.store(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_lrow + offs_n[None, :], x,
                  mask=mask_g[:, None] & mask_n[None, :])
@@ -201,7 +204,8 @@ def sparq_stage1(
         tau=torch.empty((BH, G), dtype=torch.float32, device=dev),
         items_per_split=items,
     )
-    block_g = max(16, triton.next_power_of_2(G))
+    use_dot = G >= 16  # measured on an H200: FMAs on G rows beat a 16-row tensor-core tile for G <= 8
+    block_g = max(16, triton.next_power_of_2(G)) if use_dot else triton.next_power_of_2(G)
     _query_kernel[(BH,)](
         q, res.i1, res.sel, res.tau, r, q.stride(0), q.stride(1),
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_R=block_r,
@@ -212,7 +216,7 @@ def sparq_stage1(
         r, items,
         q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), res.logits.stride(1),
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, BLOCK_R=block_r, BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=launch.num_warps,
+        DOT_PRECISION=dot_precision(q.dtype), USE_DOT=use_dot, num_warps=launch.num_warps,
     )
     return res
 

@@ -29,7 +29,7 @@ _HIST_SIZES = tuple(1 << bits for _, bits in LEVELS)
 @triton.jit
 def digit_histogram(x, keep, SHIFT: tl.constexpr, NBINS: tl.constexpr):
     """Histogram of digit (bits >> SHIFT) & (NBINS - 1) of x (float32 >= 0) over the lanes where keep."""
-    digit = (x.to(tl.int32, bitcast=True) >> SHIFT) & (NBINS - 1)
+    digit = ((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> SHIFT) & (NBINS - 1)  # -0.0 counts as 0
     hist = tl.histogram(tl.where(keep, digit, 0), NBINS)
     # Dropped lanes were counted in bin 0; take them back out (histogram masks are not in every Triton).
     dropped = tl.sum((keep == 0).to(tl.int32), axis=0)
@@ -87,7 +87,7 @@ def _select_level_kernel(
         offs = it + tl.arange(0, BLOCK)
         valid = offs < tl.minimum(end, n_valid)
         x = tl.load(values_ptr + row * s_row + offs, mask=valid, other=0.0)
-        bits = x.to(tl.int32, bitcast=True)
+        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # -0.0 ranks as 0
         match = valid & ((bits >> (SHIFT + NBITS)) == prefix)  # candidates left by the levels above
         digit = (bits >> SHIFT) & (NBINS - 1)
         take = match & (digit > boundary)

@@ -1,0 +1,158 @@
+"""kernels.sparq.sparq_decode against the torch reference kvcache.methods.sparq (ALGORITHMS.md §1).
+
+Kernels run on the CPU under the Triton interpreter, so shapes are tiny and block sizes small
+(stage 1 over 2 splits of 32 positions, the top-k in one block of 64). Every kernel call runs with
+torch.empty / torch.empty_like poisoned (NaN for floats, -7 for ints), so an element the kernels
+never write shows up instead of passing by luck.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from kernels.sparq import sparq_decode
+from kvcache import KVCacheConfig, KVStore
+from kvcache.methods import dense, sparq
+
+HKV = 2
+LENGTHS = (37, 11, 61)  # mixed and odd: every last page is partly filled
+K = 6  # positions read in stage 2, <= every length
+TOL = {  # (rtol, atol) on outputs of unit scale, from the dtype's precision
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+LSE_TOL = 1e-5  # lse is computed in float32 whatever the store dtype
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+NO_BF16_ON_CPU = "bf16 tl.dot is checked on the GPU: the CPU interpreter computes it wrongly"
+BLOCKS = {"block_n": 32, "topk_block": 64}
+
+
+@contextmanager
+def poisoned_allocations():
+    """While active, torch.empty / torch.empty_like return NaN (float) or -7 (int) instead of garbage."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan") if t.is_floating_point() else -7 if t.dtype.is_signed else 7)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+        mp.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+        yield
+
+
+def scattered_store(lengths, *, d=64, page_size=8, dtype=torch.float32, seed=0, device="cpu"):
+    """A one-layer store with one sequence per length whose page ids are scattered, and their ids.
+
+    The sequences are appended in interleaved random chunks next to two filler sequences; one
+    filler is forked (the child keeps appending) and both are freed midway, so later pages reuse
+    freed ids out of order.
+    """
+    config = KVCacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=d, page_size=page_size, dtype=dtype,
+                           device=device, device_pages=128)
+    store = KVStore(config)
+    gen = torch.Generator().manual_seed(seed)
+    ids = [store.create().seq_id for _ in lengths]
+    fillers = [store.create().seq_id for _ in range(2)]
+    remaining = dict(zip(ids, lengths))
+    live_fillers = list(fillers)
+    rounds = 0
+    while any(remaining.values()):
+        for sid in ids + live_fillers:
+            T = int(torch.randint(1, page_size + 4, (), generator=gen))
+            if sid in remaining:
+                T = min(T, remaining[sid])
+                remaining[sid] -= T
+            if T:
+                k = torch.randn((T, HKV, d), generator=gen).to(dtype)
+                v = torch.randn((T, HKV, d), generator=gen).to(dtype)
+                store.append(sid, k, v, layer=0)
+        rounds += 1
+        if rounds == 1:
+            live_fillers.append(store.fork(fillers[0]).seq_id)
+        elif rounds in (2, 3):
+            store.free(live_fillers.pop(0))
+    return store, ids
+
+
+def run_both(lengths=LENGTHS, *, G=4, d=64, dtype=torch.float32, page_size=8, device="cpu", **params):
+    """(out, lse) of the kernel under poisoned allocations, the reference's AttentionResult, and the
+    store's tensors (csr, view, q) for further references."""
+    store, ids = scattered_store(lengths, d=d, page_size=page_size, dtype=dtype, device=device)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn((len(ids), HKV * G, d), generator=gen).to(dtype).to(device)
+    csr = store.page_table(ids, 0)
+    view = store.layer_view(0)
+    value_mean = store.value_mean(ids, 0)
+    args = (q, view.k_seq, view.k_dim, view.v_seq, value_mean, csr)
+    with poisoned_allocations():
+        out, lse = sparq_decode(*args, **params, **BLOCKS)
+    return out, lse, sparq(*args, **params), (q, view, csr)
+
+
+def assert_matches(out, lse, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.out.shape and lse.shape == ref.lse.shape
+    assert not out.isnan().any(), "an output element was never written"
+    assert not lse.isnan().any(), "an lse element was never written"
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.out.float(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(lse, ref.lse, rtol=LSE_TOL, atol=LSE_TOL)
+
+
+# A cross-section of (G, d, dtype, page size), not the full product: the interpreter is slow.
+@pytest.mark.parametrize(
+    "G, d, dtype, page_size",
+    [
+        pytest.param(1, 64, torch.float32, 8, id="G1-d64-f32-P8"),
+        pytest.param(4, 128, torch.float16, 16, id="G4-d128-f16-P16"),
+        pytest.param(8, 64, torch.float16, 8, id="G8-d64-f16-P8"),
+    ],
+)
+def test_sparq_decode_matches_the_reference_on_a_mixed_batch(G, d, dtype, page_size):
+    out, lse, ref, _ = run_both(G=G, d=d, dtype=dtype, page_size=page_size, r=d // 8, k=K, local_window=2)
+    assert_matches(out, lse, ref, dtype)
+
+
+@pytest.mark.parametrize("r", [1, 64], ids=["r=1", "r=d"])
+def test_one_or_all_query_components_match_the_reference(r):
+    out, lse, ref, _ = run_both(r=r, k=K, local_window=2)
+    assert_matches(out, lse, ref, torch.float32)
+
+
+def test_without_reallocation_matches_the_reference():
+    out, lse, ref, _ = run_both(dtype=torch.float16, r=8, k=K, local_window=2, reallocate=False)
+    assert_matches(out, lse, ref, torch.float16)
+
+
+@pytest.mark.parametrize("local_window", [0, K], ids=["no-window", "window=k"])
+def test_no_local_window_or_one_as_large_as_k_matches_the_reference(local_window):
+    out, lse, ref, _ = run_both(r=8, k=K, local_window=local_window)
+    assert_matches(out, lse, ref, torch.float32)
+
+
+def test_reading_every_position_equals_dense():
+    # k = S: stage 2 is exact attention over all rows, and alpha = 1 so vbar gets no weight.
+    out, lse, ref, (q, view, csr) = run_both((45, 45), r=4, k=45, local_window=3)
+    assert_matches(out, lse, ref, torch.float32)
+    exact = dense(q, view.k_seq, view.v_seq, csr)
+    assert_matches(out, lse, exact, torch.float32)
+
+
+def test_a_sequence_of_length_one_with_k_of_one_matches_the_reference():
+    out, lse, ref, _ = run_both((1, 23), r=4, k=1, local_window=1)
+    assert_matches(out, lse, ref, torch.float32)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="bf16 needs compiled kernels: run with TRITON_INTERPRET=0 on a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_BF16_ON_CPU)
+@pytest.mark.parametrize("G", [1, 4, 8])
+def test_bfloat16_matches_the_reference_on_the_gpu(G):
+    out, lse, ref, _ = run_both(G=G, d=128, dtype=torch.bfloat16, page_size=16, device="cuda",
+                                r=16, k=K, local_window=2)
+    assert_matches(out, lse, ref, torch.bfloat16)
