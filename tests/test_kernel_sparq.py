@@ -112,6 +112,8 @@ def assert_matches(out, lse, ref, dtype):
         pytest.param(1, 64, torch.float32, 8, id="G1-d64-f32-P8"),
         pytest.param(4, 128, torch.float16, 16, id="G4-d128-f16-P16"),
         pytest.param(8, 64, torch.float16, 8, id="G8-d64-f16-P8"),
+        # G >= 16 takes stage 1's tensor-core (tl.dot) path instead of the FMA one.
+        pytest.param(16, 64, torch.float32, 8, id="G16-d64-f32-P8"),
     ],
 )
 def test_sparq_decode_matches_the_reference_on_a_mixed_batch(G, d, dtype, page_size):
