@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.softmax_stats import merged_softmax_stats
 from kernels.tuning import TUNING
 from kvcache.table import PageTableCSR
 
@@ -71,14 +72,8 @@ def _attend_partial_kernel(
 
     if WITH_ALPHA:
         # Stage-1 softmax stats of each query head, merged over the stage-1 splits.
-        offs_s = tl.arange(0, BLOCK_STAT)
-        stat_idx = (pid_bh * num_stat_splits + offs_s)[:, None] * G + offs_g[None, :]
-        mask_stat = (offs_s < num_stat_splits)[:, None] & mask_g[None, :]
-        part_m = tl.load(stat_m_ptr + stat_idx, mask=mask_stat, other=float("-inf"))
-        part_l = tl.load(stat_l_ptr + stat_idx, mask=mask_stat, other=0.0)
-        glob_m = tl.max(part_m, axis=0)
-        glob_m = tl.where(glob_m == float("-inf"), 0.0, glob_m)
-        glob_l = tl.sum(part_l * tl.exp(part_m - glob_m[None, :]), axis=0)
+        glob_m, glob_l = merged_softmax_stats(stat_m_ptr, stat_l_ptr, pid_bh, num_stat_splits, offs_g, mask_g,
+                                              G, BLOCK_STAT)
         glob_l = tl.where(glob_l > 0, glob_l, 1.0)
         tau = tl.load(tau_ptr + pid_bh * G + offs_g, mask=mask_g, other=1.0)
         chosen = tl.load(sel_ptr + pid_bh * D + offs_d) != 0

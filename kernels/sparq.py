@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits
+from kernels.softmax_stats import merged_softmax_stats
 from kernels.topk import LEVELS, digit_histogram, radix_topk, topk_workspace
 from kernels.tuning import TUNING
 from kvcache.table import PageTableCSR
@@ -139,14 +140,8 @@ def _scores_kernel(
 
     offs_g = tl.arange(0, BLOCK_G)
     mask_g = offs_g < G
-    offs_s = tl.arange(0, BLOCK_STAT)
-    stat = (pid_bh * num_stat_splits + offs_s)[:, None] * G + offs_g[None, :]
-    mask_stat = (offs_s < num_stat_splits)[:, None] & mask_g[None, :]
-    part_m = tl.load(stat_m_ptr + stat, mask=mask_stat, other=float("-inf"))
-    part_l = tl.load(stat_l_ptr + stat, mask=mask_stat, other=0.0)
-    glob_m = tl.max(part_m, axis=0)
-    glob_m = tl.where(glob_m == float("-inf"), 0.0, glob_m)
-    glob_l = tl.sum(part_l * tl.exp(part_m - glob_m[None, :]), axis=0)
+    glob_m, glob_l = merged_softmax_stats(stat_m_ptr, stat_l_ptr, pid_bh, num_stat_splits, offs_g, mask_g,
+                                          G, BLOCK_STAT)
     inv_l = tl.where(mask_g & (glob_l > 0), 1.0 / glob_l, 0.0) / G
 
     hist = tl.zeros([NBINS], dtype=tl.int32)

@@ -1,5 +1,6 @@
 """kvcache: a memory-bandwidth-aware paged KV cache manager for long-context decoding."""
 
+from kvcache.client import InProcessClient, KVCacheClient
 from kvcache.config import KVCacheConfig
 from kvcache.errors import (
     DTypeMismatch,
@@ -12,7 +13,6 @@ from kvcache.errors import (
 )
 from kvcache.methods.result import AttentionResult
 from kvcache.store import KVStore, SequenceInfo
-from kvcache.client import InProcessClient, KVCacheClient
 
 __all__ = [
     "AttentionResult",

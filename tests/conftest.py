@@ -13,7 +13,6 @@ import torch
 
 from kvcache import InProcessClient, KVCacheConfig, KVStore
 
-
 # ---- construction ------------------------------------------------------------------------------
 
 

@@ -10,28 +10,13 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
 
-from contextlib import contextmanager
-
 import pytest
 import torch
+from kernel_support import poisoned_allocations
 
 from kernels.topk import radix_topk
 
 BLOCK = 32
-
-
-@contextmanager
-def poisoned_allocations():
-    """While active, torch.empty / torch.empty_like return NaN (float) or -7 (int) instead of garbage."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan") if t.is_floating_point() else -7 if t.dtype.is_signed else 7)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
-        mp.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
-        yield
 
 
 def run_topk(values, k, n_valid, n_total=None, block=BLOCK):

@@ -13,6 +13,7 @@ from kvcache.methods.traffic import quest_bytes
 from kvcache.pages import SUMMARY_MAX, SUMMARY_MIN
 from kvcache.table import PageTableCSR
 
+
 def quest_page_scores(q: torch.Tensor, summary: torch.Tensor, scale: float) -> torch.Tensor:
     """Page scores of a GQA group: q [Hkv, G, d], summary [n, Hkv, 3, d] -> [Hkv, n].
 

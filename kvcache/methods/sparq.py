@@ -13,6 +13,7 @@ from kvcache.methods.result import AttentionResult
 from kvcache.methods.traffic import sparq_bytes
 from kvcache.table import PageTableCSR
 
+
 def check_sparq_params(d: int, seq_lens: list[int], r: int, k: int, local_window: int) -> None:
     """Raise InvalidParameter unless 1 <= r <= d, 1 <= k <= S for every sequence, 0 <= local_window <= k."""
     if not isinstance(r, int) or not 1 <= r <= d:
