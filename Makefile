@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Without a GPU, pin the CPU torch wheel: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo proto clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m kvcache.cli demo
+
+# Regenerate the gRPC stubs in kvcache/wire from proto/kvcache.proto (tests fail when they are stale).
+proto: $(STAMP)
+	$(PY) proto/generate.py kvcache/wire
 
 clean:
 	rm -rf $(VENV) build *.egg-info

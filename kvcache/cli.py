@@ -15,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     demo.add_argument("--page-size", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0)
+    serve = sub.add_parser("serve", help="run the gRPC KV cache service")
+    from kvcache.serve_cli import add_arguments
+
+    add_arguments(serve)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     decode = bench_sub.add_parser("decode", help="decode attention time, bytes and bandwidth per method vs SDPA")
@@ -31,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvcache.demo import run_demo
 
         run_demo(args.seq_len, args.dtype, args.page_size, args.seed)
+    elif args.command == "serve":
+        from kvcache.serve_cli import main as serve_main
+
+        return serve_main(args)
     elif args.command == "bench" and args.bench == "decode":
         from bench.decode import main as bench_decode
 

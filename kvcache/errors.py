@@ -40,3 +40,27 @@ class StoreFull(KVCacheError, MemoryError):
     """Not enough free pages for the request; nothing was changed."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(KVCacheError, ConnectionError):
+    """The server is shutting down or cannot be reached; the call may be retried elsewhere."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class Unauthenticated(KVCacheError, PermissionError):
+    """The bearer token is missing or wrong."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class NotSupported(KVCacheError, NotImplementedError):
+    """The call exists in the wire contract but is not implemented yet."""
+
+    grpc_code = "UNIMPLEMENTED"
+
+
+class RemoteError(KVCacheError, RuntimeError):
+    """The server failed in a way no other error describes (a bug there; see its log)."""
+
+    grpc_code = "INTERNAL"

@@ -1,0 +1,279 @@
+"""RemoteClient: the KVCacheClient protocol over gRPC, raising the same exceptions as InProcessClient.
+
+Deadlines on every call; retries (with backoff) only for idempotent calls and only on UNAVAILABLE;
+attend goes over one bidirectional stream per thread, so a decode step's layer calls pay no
+per-call setup.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+import torch
+
+from kvcache import errors
+from kvcache.client import FetchKind, FetchResult
+from kvcache.config import KVCacheConfig
+from kvcache.methods import AttentionResult
+from kvcache.server import ERROR_CLASS_KEY
+from kvcache.store import SequenceInfo
+from kvcache.wire import kvcache_pb2 as pb
+from kvcache.wire import kvcache_pb2_grpc as pb_grpc
+from kvcache.wire.codec import from_wire, to_wire
+from kvcache.wire.messages import config_from_wire, info_from_wire, params_to_wire
+
+_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidParameter,
+    grpc.StatusCode.NOT_FOUND: errors.SequenceNotFound,
+    grpc.StatusCode.OUT_OF_RANGE: errors.PositionOutOfRange,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.StoreFull,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.UNIMPLEMENTED: errors.NotSupported,
+}
+_CODE_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _error(code: grpc.StatusCode, message: str, class_name: str | None) -> errors.KVCacheError:
+    cls = getattr(errors, class_name or "", None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.KVCacheError)):
+        cls = _BY_CODE.get(code, errors.RemoteError)
+    return cls(f"{message} [{code.name}]")
+
+
+def _from_rpc_error(exc: grpc.RpcError) -> errors.KVCacheError:
+    class_name = dict(exc.trailing_metadata() or ()).get(ERROR_CLASS_KEY)
+    return _error(exc.code(), exc.details() or "", class_name)
+
+
+class _AttendStream:
+    """One AttendStream call: requests go in through a queue, responses come back in order."""
+
+    def __init__(self, stub: pb_grpc.KVCacheStub, metadata, timeout: float | None) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._responses = stub.AttendStream(self._iterate(), metadata=metadata)
+        self.timeout = timeout
+
+    def _iterate(self) -> Iterator[pb.AttendRequest]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def call(self, request: pb.AttendRequest) -> pb.AttendResponse:
+        """Send one request and wait for its response."""
+        self._requests.put(request)
+        return next(self._responses)
+
+    def close(self) -> None:
+        """End the stream."""
+        self._requests.put(None)
+        self._responses.cancel()
+
+
+class RemoteClient:
+    """KVCacheClient over a `kvcache serve` at `target` ("host:port")."""
+
+    IDEMPOTENT = {"Describe", "Fetch", "Stats", "Health", "Config"}
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        tls_server_name: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        max_message_mb: int = 64,
+        use_stream: bool = True,
+    ) -> None:
+        limit = max_message_mb * 2**20
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        if root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.KVCacheStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+        self.retries = retries
+        self.use_stream = use_stream
+        self._local = threading.local()
+        self._streams: list[_AttendStream] = []
+        self._config: KVCacheConfig | None = None
+
+    # ---- protocol --------------------------------------------------------------------------
+
+    @property
+    def config(self) -> KVCacheConfig:
+        """The server store's config (fetched once; device as seen by this client: cpu)."""
+        if self._config is None:
+            self._config = config_from_wire(self._call("Config", pb.ConfigRequest()))
+        return self._config
+
+    def create(self, token_ids: Sequence[int] | None = None) -> SequenceInfo:
+        """New sequence; full pages of `token_ids` found in the prefix cache are reused."""
+        return info_from_wire(self._call("Create", pb.CreateRequest(token_ids=_ids(token_ids))))
+
+    def fork(self, seq_id: str) -> SequenceInfo:
+        """New sequence sharing `seq_id`'s pages (copy-on-write)."""
+        return info_from_wire(self._call("Fork", pb.SequenceRef(seq_id=seq_id)))
+
+    def free(self, seq_id: str) -> None:
+        """Release a sequence."""
+        self._call("Free", pb.SequenceRef(seq_id=seq_id))
+
+    def describe(self, seq_id: str) -> SequenceInfo:
+        """Lengths and pages of a sequence."""
+        return info_from_wire(self._call("Describe", pb.SequenceRef(seq_id=seq_id)))
+
+    def append(
+        self,
+        seq_id: str,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int | None = None,
+        start: int | None = None,
+        token_ids: Sequence[int] | None = None,
+    ) -> SequenceInfo:
+        """Write K/V for new positions: [L, T, Hkv, d] for all layers or [T, Hkv, d] for one."""
+        return info_from_wire(self._call("Append", _append_request(seq_id, k, v, layer, start, token_ids)))
+
+    def append_chunks(
+        self, seq_id: str, chunks: Sequence[tuple[torch.Tensor, torch.Tensor]], layer: int | None = None
+    ) -> SequenceInfo:
+        """A long prefill as one client stream of (k, v) chunks, appended in order."""
+        requests = (_append_request(seq_id, k, v, layer, None, None) for k, v in chunks)
+        try:
+            reply = self._stub.AppendStream(requests, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _from_rpc_error(exc) from None
+        return info_from_wire(reply)
+
+    def attend(
+        self,
+        seq_ids: Sequence[str],
+        layer: int,
+        q: torch.Tensor,
+        method: str = "dense",
+        params: Mapping[str, Any] | None = None,
+        new_k: torch.Tensor | None = None,
+        new_v: torch.Tensor | None = None,
+        backend: str = "auto",
+    ) -> AttentionResult:
+        """Attention of q [B, Hq, d] at `layer`; new_k/new_v [B, Hkv, d], if given, are appended first."""
+        request = pb.AttendRequest(seq_ids=list(seq_ids), layer=layer, q=_wire(q, "q"), method=method,
+                                   params=params_to_wire(dict(params or {})), backend=backend)
+        if new_k is not None:
+            request.new_k.CopyFrom(_wire(new_k, "new_k"))
+        if new_v is not None:
+            request.new_v.CopyFrom(_wire(new_v, "new_v"))
+        if self.use_stream:
+            reply = self._attend_on_stream(request)
+        else:
+            reply = self._call("Attend", request, idempotent=new_k is None and new_v is None)
+        return AttentionResult(from_wire(reply.out, "out"), from_wire(reply.lse, "lse"), reply.bytes_read)
+
+    def fetch(self, seq_id: str, layer: int, what: FetchKind, index: torch.Tensor | None = None) -> FetchResult:
+        """Raw reads for engines that attend themselves (columns, rows, value_mean, summaries)."""
+        request = pb.FetchRequest(seq_id=seq_id, layer=layer, what=what)
+        if index is not None:
+            request.index.CopyFrom(_wire(index, "index"))
+        reply = self._call("Fetch", request)
+        return FetchResult(tuple(from_wire(t) for t in reply.tensors), reply.bytes_read)
+
+    def stats(self) -> dict[str, Any]:
+        """Pool usage, per-method and per-RPC calls, bytes read and seconds."""
+        s = self._call("Stats", pb.StatsRequest())
+        return {
+            "pool": dict(s.pool),
+            "methods": {m: {"calls": t.calls, "bytes_read": t.bytes_read, "seconds": t.seconds}
+                        for m, t in s.methods.items()},
+            "rpcs": {r: {"calls": t.calls, "errors": t.errors, "seconds": t.seconds} for r, t in s.rpcs.items()},
+        }
+
+    def health(self) -> str:
+        """"SERVING" or "DRAINING"."""
+        return self._call("Health", pb.HealthRequest()).status
+
+    def sparse_index(self, seq_id: str, layer: int, q: torch.Tensor, pattern: str) -> tuple[torch.Tensor, ...]:
+        """MInference indices for a query chunk (not implemented by the server yet: NotSupported)."""
+        reply = self._call("SparseIndex", pb.SparseIndexRequest(seq_id=seq_id, layer=layer, q=_wire(q, "q"),
+                                                                pattern=pattern))
+        return tuple(from_wire(t) for t in reply.tensors)
+
+    def close(self) -> None:
+        """Close the streams and the channel."""
+        for stream in self._streams:
+            stream.close()
+        self._channel.close()
+
+    def __enter__(self) -> "RemoteClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _call(self, rpc: str, request, idempotent: bool | None = None):
+        idempotent = rpc in self.IDEMPOTENT if idempotent is None else idempotent
+        attempts = 1 + (self.retries if idempotent else 0)
+        for attempt in range(attempts):
+            try:
+                return getattr(self._stub, rpc)(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
+                    time.sleep(0.05 * 2**attempt)
+                    continue
+                raise _from_rpc_error(exc) from None
+        raise AssertionError("unreachable")
+
+    def _attend_on_stream(self, request: pb.AttendRequest) -> pb.AttendResponse:
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = _AttendStream(self._stub, self._metadata, self.timeout)
+            self._streams.append(stream)
+        try:
+            reply = stream.call(request)
+        except grpc.RpcError as exc:
+            self._local.stream = None  # the stream is dead; the next call opens a new one
+            raise _from_rpc_error(exc) from None
+        except StopIteration:
+            self._local.stream = None
+            raise errors.Unavailable("attend stream closed by the server") from None
+        if reply.error_code:
+            raise _error(_CODE_BY_VALUE.get(reply.error_code, grpc.StatusCode.UNKNOWN), reply.error_message,
+                         reply.error_class)
+        return reply
+
+
+def _ids(token_ids: Sequence[int] | torch.Tensor | None) -> list[int]:
+    if token_ids is None:
+        return []
+    if isinstance(token_ids, torch.Tensor):
+        return token_ids.flatten().tolist()
+    return list(token_ids)
+
+
+def _wire(t: Any, name: str) -> pb.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise errors.ShapeMismatch(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return to_wire(t)
+
+
+def _append_request(seq_id, k, v, layer, start, token_ids) -> pb.AppendRequest:
+    request = pb.AppendRequest(seq_id=seq_id, k=_wire(k, "k"), v=_wire(v, "v"), token_ids=_ids(token_ids))
+    if layer is not None:
+        request.layer = layer
+    if start is not None:
+        request.start = start
+    return request

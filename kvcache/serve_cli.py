@@ -1,0 +1,110 @@
+"""`kvcache serve` options: flags over a TOML file over defaults; JSON log lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from kvcache.config import KVCacheConfig
+from kvcache.errors import InvalidParameter
+from kvcache.server import ServerOptions, run_server
+
+STORE_FLAGS = {  # flag dest -> KVCacheConfig field
+    "layers": "num_layers", "kv_heads": "num_kv_heads", "head_dim": "head_dim", "page_size": "page_size",
+    "dtype": "dtype", "device": "device", "pages": "device_pages",
+}
+SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
+                "grace_seconds")
+STORE_DEFAULTS = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "page_size": 16, "dtype": "float32",
+                  "device": "cpu", "device_pages": 4096}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `kvcache serve` (all default to None so a TOML file can fill them)."""
+    p.add_argument("--config", help="TOML file with [store] (KVCacheConfig fields) and [server] tables")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one, logged at start)")
+    p.add_argument("--workers", type=int, help="RPC threads (default 16)")
+    p.add_argument("--max-message-mb", type=int, help="largest message accepted or sent (default 64)")
+    p.add_argument("--token-file", help="file holding the bearer token every call must carry")
+    p.add_argument("--tls-cert", help="PEM certificate chain (TLS on when given with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://host:PORT/metrics")
+    p.add_argument("--grace-seconds", type=float, help="on SIGTERM, time in-flight calls get to finish (30)")
+    p.add_argument("--layers", type=int, help="model layers (default 30)")
+    p.add_argument("--kv-heads", type=int, help="kv heads (default 3)")
+    p.add_argument("--head-dim", type=int, help="head dim (default 64)")
+    p.add_argument("--page-size", type=int, help="positions per page (default 16)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="K/V dtype (default float32)")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--pages", type=int, help="pages in the device pool (default 4096)")
+
+
+def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
+    """KVCacheConfig and ServerOptions from defaults, then the TOML file, then the flags."""
+    store, server = dict(STORE_DEFAULTS), {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            doc = tomllib.load(f)
+        unknown = set(doc) - {"store", "server"}
+        if unknown:
+            raise InvalidParameter(f"{args.config}: unknown tables {sorted(unknown)}; expected [store], [server]")
+        store.update(doc.get("store", {}))
+        server.update(doc.get("server", {}))
+    for dest, field in STORE_FLAGS.items():
+        if getattr(args, dest) is not None:
+            store[field] = getattr(args, dest)
+    for dest in SERVER_FLAGS:
+        if getattr(args, dest) is not None:
+            server[dest] = getattr(args, dest)
+    token_file = server.pop("token_file", None)
+    if token_file:
+        with open(token_file) as f:
+            server["token"] = f.read().strip()
+        if not server["token"]:
+            raise InvalidParameter(f"token file {token_file} is empty")
+    if bool(server.get("tls_cert")) != bool(server.get("tls_key")):
+        raise InvalidParameter("TLS needs both --tls-cert and --tls-key")
+    try:
+        return KVCacheConfig(**store), ServerOptions(**server)
+    except TypeError as exc:
+        raise InvalidParameter(f"bad configuration key: {exc}") from None
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per log line: time, level, logger, and the message's own fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)), "level": record.levelname,
+                "logger": record.name}
+        message = record.getMessage()
+        try:
+            fields = json.loads(message)
+            line.update(fields if isinstance(fields, dict) else {"msg": message})
+        except ValueError:
+            line["msg"] = message
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `kvcache serve` until SIGTERM; returns the exit code."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonLines())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    try:
+        config, options = resolve(args)
+    except (InvalidParameter, OSError) as exc:
+        print(f"kvcache serve: {exc}", file=sys.stderr)
+        return 2
+    run_server(config, options)
+    return 0

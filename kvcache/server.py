@@ -1,0 +1,328 @@
+"""`kvcache serve`: the gRPC service over an in-process store (DESIGN.md "The wire contract").
+
+Every call: bearer token checked (if configured), refused with UNAVAILABLE while draining, the
+sequences it names locked (sorted, so calls on one sequence are ordered and calls on different
+ones run in parallel), kvcache errors mapped to their status codes, anything else logged and
+answered INTERNAL. One JSON log line per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from kvcache.client import InProcessClient
+from kvcache.config import KVCacheConfig
+from kvcache.errors import KVCacheError, NotSupported, ShapeMismatch
+from kvcache.locks import SequenceLocks
+from kvcache.metrics import RpcMetrics, serve_metrics
+from kvcache.wire import kvcache_pb2 as pb
+from kvcache.wire import kvcache_pb2_grpc as pb_grpc
+from kvcache.wire.codec import from_wire, to_wire
+from kvcache.wire.messages import config_to_wire, info_to_wire, params_from_wire
+
+log = logging.getLogger("kvcache.server")
+ERROR_CLASS_KEY = "kvcache-error"  # trailing metadata: the kvcache.errors class to raise client-side
+
+
+@dataclass
+class ServerOptions:
+    """Network and safety settings of `kvcache serve`."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    workers: int = 16
+    max_message_mb: int = 64
+    token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_port: int | None = None
+    grace_seconds: float = 30.0
+
+
+@dataclass
+class _Chunks:
+    """The first chunk of an AppendStream (it names the sequence) and the rest of the stream."""
+
+    first: object
+    rest: Iterator
+
+
+class _Draining:
+    """Set when SIGTERM arrives: new calls are refused while in-flight ones finish."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+
+def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None):
+    """Decorator for a unary servicer method: locking, error mapping, metrics, one log line."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(self: KVCacheServicer, request, context: grpc.ServicerContext):
+            t0 = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                if self.draining.event.is_set():
+                    code = grpc.StatusCode.UNAVAILABLE
+                    context.abort(code, "server is shutting down")
+                seq_ids = seq_ids_of(request) if seq_ids_of else []
+                with self.locks.hold(seq_ids):
+                    return fn(self, request, context)
+            except KVCacheError as exc:
+                code = getattr(grpc.StatusCode, exc.grpc_code)
+                context.set_trailing_metadata(((ERROR_CLASS_KEY, type(exc).__name__),))
+                context.abort(code, str(exc))
+            except Exception as exc:  # abort() raises too; only real failures are not grpc's own
+                if code == grpc.StatusCode.OK and not _is_abort(exc):
+                    code = grpc.StatusCode.INTERNAL
+                    log.exception("internal error in %s", rpc)
+                    context.abort(code, f"internal error ({type(exc).__name__}); see the server log")
+                raise
+            finally:
+                seconds = time.perf_counter() - t0
+                self.metrics.add(rpc, seconds, code != grpc.StatusCode.OK)
+                log.info(json.dumps({"rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3),
+                                     "peer": context.peer()}))
+
+        return run
+
+    return wrap
+
+
+def _is_abort(exc: Exception) -> bool:
+    # context.abort() raises a plain Exception subclass defined inside grpc; recognise it by module.
+    return type(exc).__module__.startswith("grpc")
+
+
+class KVCacheServicer(pb_grpc.KVCacheServicer):
+    """The KVCache service over an InProcessClient."""
+
+    def __init__(self, client: InProcessClient, draining: _Draining | None = None) -> None:
+        self.client = client
+        self.locks = SequenceLocks()
+        self.metrics = RpcMetrics()
+        self.draining = draining or _Draining()
+
+    @_handler("Create")
+    def Create(self, request, context):
+        return info_to_wire(self.client.create(list(request.token_ids) or None))
+
+    @_handler("Fork", lambda r: [r.seq_id])
+    def Fork(self, request, context):
+        return info_to_wire(self.client.fork(request.seq_id))
+
+    @_handler("Free", lambda r: [r.seq_id])
+    def Free(self, request, context):
+        info = self.client.describe(request.seq_id)
+        self.client.free(request.seq_id)
+        self.locks.forget(request.seq_id)
+        return info_to_wire(info)
+
+    @_handler("Describe", lambda r: [r.seq_id])
+    def Describe(self, request, context):
+        return info_to_wire(self.client.describe(request.seq_id))
+
+    @_handler("Append", lambda r: [r.seq_id])
+    def Append(self, request, context):
+        return info_to_wire(self._append(request))
+
+    def AppendStream(self, request_iterator, context):
+        """Chunks of one sequence's prefill, appended in order under that sequence's lock."""
+        first = next(request_iterator, None)
+        if first is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AppendStream got no chunk")
+        return self._append_chunks(_Chunks(first, request_iterator), context)
+
+    @_handler("AppendStream", lambda chunks: [chunks.first.seq_id])
+    def _append_chunks(self, chunks: "_Chunks", context):
+        info = self._append(chunks.first)
+        for chunk in chunks.rest:
+            if chunk.seq_id and chunk.seq_id != chunks.first.seq_id:
+                raise ShapeMismatch(f"AppendStream chunks name two sequences: {chunks.first.seq_id}, {chunk.seq_id}")
+            chunk.seq_id = chunks.first.seq_id
+            info = self._append(chunk)
+        return info_to_wire(info)
+
+    @_handler("Attend", lambda r: list(r.seq_ids))
+    def Attend(self, request, context):
+        return self._attend(request)
+
+    def AttendStream(self, request_iterator, context) -> Iterator[pb.AttendResponse]:
+        """Attend calls on one stream; a rejected request is answered in the response and the stream goes on."""
+        for request in request_iterator:
+            t0 = time.perf_counter()
+            failed = False
+            if self.draining.event.is_set():
+                yield pb.AttendResponse(error_code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                        error_message="server is shutting down", error_class="Unavailable")
+                self.metrics.add("AttendStream", time.perf_counter() - t0, True)
+                continue
+            try:
+                with self.locks.hold(request.seq_ids):
+                    response = self._attend(request)
+            except KVCacheError as exc:
+                failed = True
+                response = pb.AttendResponse(error_code=getattr(grpc.StatusCode, exc.grpc_code).value[0],
+                                             error_message=str(exc), error_class=type(exc).__name__)
+            except Exception as exc:
+                failed = True
+                log.exception("internal error in AttendStream")
+                response = pb.AttendResponse(error_code=grpc.StatusCode.INTERNAL.value[0],
+                                             error_message=f"internal error ({type(exc).__name__})",
+                                             error_class="RemoteError")
+            self.metrics.add("AttendStream", time.perf_counter() - t0, failed)
+            yield response
+
+    @_handler("Fetch", lambda r: [r.seq_id])
+    def Fetch(self, request, context):
+        index = from_wire(request.index, "index") if request.HasField("index") else None
+        result = self.client.fetch(request.seq_id, request.layer, request.what, index)
+        return pb.FetchResponse(tensors=[to_wire(t) for t in result.tensors], bytes_read=result.bytes_read)
+
+    @_handler("SparseIndex")
+    def SparseIndex(self, request, context):
+        raise NotSupported("SparseIndex carries MInference indices, which are not implemented yet")
+
+    @_handler("Stats")
+    def Stats(self, request, context):
+        s = self.stats()
+        return pb.StatsResponse(
+            pool=s["pool"],
+            methods={m: pb.MethodStats(calls=int(t["calls"]), bytes_read=int(t["bytes_read"]), seconds=t["seconds"])
+                     for m, t in s["methods"].items()},
+            rpcs={r: pb.RpcStats(calls=int(t["calls"]), errors=int(t["errors"]), seconds=t["seconds"])
+                  for r, t in s["rpcs"].items()},
+        )
+
+    @_handler("Health")
+    def Health(self, request, context):
+        return pb.HealthResponse(status="DRAINING" if self.draining.event.is_set() else "SERVING")
+
+    @_handler("Config")
+    def Config(self, request, context):
+        return config_to_wire(self.client.config)
+
+    def stats(self) -> dict:
+        """Pool usage, per-method and per-RPC totals."""
+        return {**self.client.stats(), "rpcs": self.metrics.snapshot()}
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _append(self, request):
+        if not request.HasField("k") or not request.HasField("v"):
+            raise ShapeMismatch("append needs both k and v")
+        return self.client.append(
+            request.seq_id, from_wire(request.k, "k"), from_wire(request.v, "v"),
+            layer=request.layer if request.HasField("layer") else None,
+            start=request.start if request.HasField("start") else None,
+            token_ids=list(request.token_ids) or None,
+        )
+
+    def _attend(self, request) -> pb.AttendResponse:
+        if not request.HasField("q"):
+            raise ShapeMismatch("attend needs q")
+        has_k, has_v = request.HasField("new_k"), request.HasField("new_v")
+        result = self.client.attend(
+            list(request.seq_ids), request.layer, from_wire(request.q, "q"), request.method or "dense",
+            params_from_wire(request.params),
+            new_k=from_wire(request.new_k, "new_k") if has_k else None,
+            new_v=from_wire(request.new_v, "new_v") if has_v else None,
+            backend=request.backend or "auto",
+        )
+        return pb.AttendResponse(out=to_wire(result.out), lse=to_wire(result.lse), bytes_read=result.bytes_read)
+
+
+class _BearerToken(grpc.ServerInterceptor):
+    """Refuses every call whose `authorization` metadata is not `Bearer <token>` with UNAUTHENTICATED."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if handler is None or hmac.compare_digest(given.encode(), self._expected):
+            return handler
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        def deny_stream(request_iterator, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        kinds = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }
+        make = kinds[(handler.request_streaming, handler.response_streaming)]
+        return make(deny_stream if handler.request_streaming else deny,
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+class Server:
+    """A running `kvcache serve`: the gRPC server, its servicer, optional metrics endpoint."""
+
+    def __init__(self, config: KVCacheConfig, options: ServerOptions) -> None:
+        self.options = options
+        self.draining = _Draining()
+        self.servicer = KVCacheServicer(InProcessClient(config), self.draining)
+        limit = options.max_message_mb * 2**20
+        interceptors = [_BearerToken(options.token)] if options.token else []
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="kvcache-rpc"),
+            interceptors=interceptors,
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        pb_grpc.add_KVCacheServicer_to_server(self.servicer, self.grpc)
+        address = f"{options.host}:{options.port}"
+        if options.tls_cert or options.tls_key:
+            with open(options.tls_key, "rb") as key, open(options.tls_cert, "rb") as cert:
+                creds = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            self.port = self.grpc.add_secure_port(address, creds)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+        self.metrics_http = None
+        if options.metrics_port is not None:
+            self.metrics_http = serve_metrics(options.host, options.metrics_port, self.servicer.stats)
+
+    def start(self) -> None:
+        """Start serving; logs the bound address (port 0 picks a free one)."""
+        self.grpc.start()
+        extra = {"metrics_port": self.metrics_http.server_address[1]} if self.metrics_http else {}
+        log.info(json.dumps({"event": "listening", "host": self.options.host, "port": self.port,
+                             "tls": bool(self.options.tls_cert), "auth": bool(self.options.token), **extra}))
+
+    def drain_and_stop(self) -> None:
+        """Refuse new calls (UNAVAILABLE), let in-flight ones finish within the grace period, stop."""
+        self.draining.event.set()
+        log.info(json.dumps({"event": "draining", "grace_s": self.options.grace_seconds}))
+        self.grpc.stop(self.options.grace_seconds).wait()
+        if self.metrics_http:
+            self.metrics_http.shutdown()
+        log.info(json.dumps({"event": "stopped"}))
+
+
+def run_server(config: KVCacheConfig, options: ServerOptions) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and stop."""
+    server = Server(config, options)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    stop.wait()
+    server.drain_and_stop()

@@ -1,0 +1,1 @@
+"""Generated stubs of proto/kvcache.proto (`make proto`) and the codecs between them and torch."""
