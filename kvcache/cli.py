@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("--iters", type=int, default=30, help="timed runs per row (median reported)")
     decode.add_argument("--page-size", type=int, default=16, help="positions per page (default 16)")
     decode.add_argument("--json", help="write the report here")
+    rpc = bench_sub.add_parser("rpc", help="decode-step latency and throughput, in-process vs gRPC on loopback")
+    rpc.add_argument("--context", type=int, default=4096, help="cached positions per sequence (default 4096)")
+    rpc.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
+    rpc.add_argument("--steps", type=int, default=5, help="timed decode steps per row (median reported)")
+    rpc.add_argument("--threads", type=int, default=4, help="concurrent engine connections in the last row")
+    rpc.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -39,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvcache.serve_cli import main as serve_main
 
         return serve_main(args)
+    elif args.command == "bench" and args.bench == "rpc":
+        from bench.rpc import main as bench_rpc
+
+        return bench_rpc(args)
     elif args.command == "bench" and args.bench == "decode":
         from bench.decode import main as bench_decode
 

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://host:PORT/metrics")
     p.add_argument("--grace-seconds", type=float, help="on SIGTERM, time in-flight calls get to finish (30)")
+    p.add_argument("--torch-threads", type=int,
+                   help="intra-op threads of the CPU attention (default: torch's); 1 when engine and server share a few cores")
     p.add_argument("--layers", type=int, help="model layers (default 30)")
     p.add_argument("--kv-heads", type=int, help="kv heads (default 3)")
     p.add_argument("--head-dim", type=int, help="head dim (default 64)")
@@ -101,10 +103,15 @@ def main(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonLines())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.raiseExceptions = False  # a closed stdout (the parent went away) must not disturb the drain
     try:
         config, options = resolve(args)
     except (InvalidParameter, OSError) as exc:
         print(f"kvcache serve: {exc}", file=sys.stderr)
         return 2
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     run_server(config, options)
     return 0

@@ -1,0 +1,163 @@
+"""In-process versus gRPC: latency of a decode step's layer calls and steps per second as batches grow.
+
+A decode step of a SmolLM2-135M-shaped model (30 layers, 9 q heads, 3 kv heads, d=64): for every
+layer, one attend call carrying the new token's q, k, v for every sequence of the batch.
+`kvcache bench rpc` starts a `kvcache serve` on loopback, measures both clients in one run and
+writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from kvcache.client import InProcessClient
+from kvcache.config import KVCacheConfig
+from kvcache.remote import RemoteClient
+
+SHAPE = {"num_layers": 30, "num_q_heads": 9, "num_kv_heads": 3, "head_dim": 64}
+
+
+def start_server(config: KVCacheConfig) -> tuple[subprocess.Popen, int]:
+    """A `kvcache serve` subprocess with `config` on a free loopback port."""
+    cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--port", "0", "--layers", str(config.num_layers),
+           "--kv-heads", str(config.num_kv_heads), "--head-dim", str(config.head_dim),
+           "--page-size", str(config.page_size), "--dtype", str(config.dtype).removeprefix("torch."),
+           "--pages", str(config.device_pages), "--workers", "8", "--torch-threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event.get("event") == "listening":
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep the pipe drained
+            return proc, event["port"]
+    raise RuntimeError("kvcache serve exited before listening")
+
+
+def fill(client, batch: int, context: int, config: KVCacheConfig, chunk: int = 512) -> list[str]:
+    """`batch` sequences of `context` random positions in every layer."""
+    gen = torch.Generator().manual_seed(0)
+    seqs = []
+    for _ in range(batch):
+        seq = client.create().seq_id
+        for start in range(0, context, chunk):
+            n = min(chunk, context - start)
+            shape = (config.num_layers, n, config.num_kv_heads, config.head_dim)
+            client.append(seq, torch.randn(shape, generator=gen).to(config.dtype),
+                          torch.randn(shape, generator=gen).to(config.dtype))
+        seqs.append(seq)
+    return seqs
+
+
+def decode_steps(client, seqs: list[str], config: KVCacheConfig, steps: int) -> tuple[list[float], list[float]]:
+    """Run `steps` decode steps; (seconds per layer call, seconds per step)."""
+    B = len(seqs)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn((B, SHAPE["num_q_heads"], config.head_dim), generator=gen).to(config.dtype)
+    kv = torch.randn((2, B, config.num_kv_heads, config.head_dim), generator=gen).to(config.dtype)
+    layer_times, step_times = [], []
+    for _ in range(steps):
+        t_step = time.perf_counter()
+        for layer in range(config.num_layers):
+            t = time.perf_counter()
+            client.attend(seqs, layer, q, "dense", new_k=kv[0], new_v=kv[1])
+            layer_times.append(time.perf_counter() - t)
+        step_times.append(time.perf_counter() - t_step)
+    return layer_times, step_times
+
+
+def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int = 5, threads: int = 4) -> dict:
+    """Both clients at each batch size, plus `threads` concurrent remote engines; returns the report.
+
+    Engine and server share this machine's cores, so both run torch with one intra-op thread:
+    otherwise each process's spinning OpenMP workers steal the other's cores and the comparison
+    measures contention, not the wire."""
+    torch.set_num_threads(1)
+    pages = (max(batches) + threads) * (-(-(context + 64 * steps) // 16)) + 64
+    config = KVCacheConfig(num_layers=SHAPE["num_layers"], num_kv_heads=SHAPE["num_kv_heads"],
+                           head_dim=SHAPE["head_dim"], page_size=16, dtype="float16", device_pages=pages)
+    report = {"shape": SHAPE, "context": context, "dtype": "float16", "steps": steps, "machine": platform.machine(),
+              "cpus": torch.get_num_threads(), "command": " ".join(sys.argv), "rows": []}
+    proc, port = start_server(config)
+    try:
+        local = InProcessClient(config)
+        stream = RemoteClient(f"127.0.0.1:{port}")
+        unary = RemoteClient(f"127.0.0.1:{port}", use_stream=False)
+        print(f"{'client':<12} {'batch':>5} {'layer call ms':>14} {'step ms':>9} {'steps/s':>8} {'tokens/s':>9}")
+        for batch in batches:
+            # The unary client shares the stream client's sequences (same server); unary at batch 1 only.
+            for owner, runners in ((local, {"in-process": local}),
+                                   (stream, {"grpc-stream": stream, **({"grpc-unary": unary} if batch == 1 else {})})):
+                seqs = fill(owner, batch, context, config)
+                for name, client in runners.items():
+                    decode_steps(client, seqs, config, 1)  # warm-up
+                    layer_t, step_t = decode_steps(client, seqs, config, steps)
+                    report["rows"].append(_row(name, batch, layer_t, step_t))
+                for seq in seqs:
+                    owner.free(seq)
+        stream.close()
+        unary.close()
+        report["rows"].append(_concurrent(port, config, context, steps, threads))
+        base = {r["batch"]: r for r in report["rows"] if r["client"] == "in-process"}
+        for r in report["rows"]:
+            if r["client"] in ("grpc-stream", "grpc-unary"):
+                r["added_ms_per_layer_call"] = r["layer_call_ms"] - base[r["batch"]]["layer_call_ms"]
+                r["step_time_ratio_vs_in_process"] = r["step_ms"] / base[r["batch"]]["step_ms"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return report
+
+
+def _row(name: str, batch: int, layer_t: list[float], step_t: list[float]) -> dict:
+    row = {"client": name, "batch": batch, "layer_call_ms": statistics.median(layer_t) * 1e3,
+           "step_ms": statistics.median(step_t) * 1e3}
+    row["steps_per_s"] = 1e3 / row["step_ms"]
+    row["tokens_per_s"] = row["steps_per_s"] * batch
+    print(f"{name:<12} {batch:>5} {row['layer_call_ms']:>14.3f} {row['step_ms']:>9.1f} {row['steps_per_s']:>8.2f} "
+          f"{row['tokens_per_s']:>9.1f}")
+    return row
+
+
+def _concurrent(port: int, config: KVCacheConfig, context: int, steps: int, threads: int) -> dict:
+    """`threads` engines, each its own connection and one sequence, decoding at the same time."""
+    results: list[list[float]] = [[] for _ in range(threads)]
+
+    def engine(i: int) -> None:
+        with RemoteClient(f"127.0.0.1:{port}") as client:
+            seqs = fill(client, 1, context, config)
+            barrier.wait()
+            _, results[i] = decode_steps(client, seqs, config, steps)
+            client.free(seqs[0])
+
+    barrier = threading.Barrier(threads + 1)
+    workers = [threading.Thread(target=engine, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - t0
+    row = {"client": f"grpc-stream x{threads} connections", "batch": 1, "threads": threads,
+           "steps_per_s": threads * steps / wall, "tokens_per_s": threads * steps / wall,
+           "step_ms": statistics.median([t for r in results for t in r]) * 1e3}
+    print(f"{row['client']:<12} {'1':>5} {'':>14} {row['step_ms']:>9.1f} {row['steps_per_s']:>8.2f} "
+          f"{row['tokens_per_s']:>9.1f}")
+    return row
+
+
+def main(args) -> int:
+    """Entry of `kvcache bench rpc`."""
+    report = run(args.context, tuple(int(b) for b in args.batch.split(",")), args.steps, args.threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
