@@ -203,7 +203,7 @@ class KVStore:
 
     def _new_id(self) -> str:
         # Random, so one client cannot guess another's sequence (the service relies on this).
-        return secrets.token_hex(8)
+        return secrets.token_hex(16)
 
     def _get(self, seq_id: str) -> SequenceState:
         seq = self._seqs.get(seq_id)
