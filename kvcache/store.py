@@ -284,8 +284,11 @@ class KVStore:
         existing = seq.live_pages[first_page:end_page]
         shared_mask = self.allocator.refcount[existing.long()] > 1
         num_new = max(0, end_page - seq.num_pages)
-        fresh = self.allocator.allocate(int(shared_mask.sum()) + num_new)  # raises before any change
-        if shared_mask.any():
+        num_shared = int(shared_mask.sum())
+        if num_new + num_shared == 0:  # the common decode step: the last page has room and is private
+            return
+        fresh = self.allocator.allocate(num_shared + num_new)  # raises before any change
+        if num_shared:
             idx = torch.nonzero(shared_mask).flatten() + first_page
             src = seq.pages[idx].clone()
             dst = torch.tensor(fresh[: len(idx)], dtype=torch.int32)
