@@ -15,7 +15,6 @@ except ModuleNotFoundError:  # Python 3.10
 
 from kvcache.config import KVCacheConfig
 from kvcache.errors import InvalidParameter
-from kvcache.server import ServerOptions, run_server
 
 STORE_FLAGS = {  # flag dest -> KVCacheConfig field
     "layers": "num_layers", "kv_heads": "num_kv_heads", "head_dim": "head_dim", "page_size": "page_size",
@@ -50,8 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pages", type=int, help="pages in the device pool (default 4096)")
 
 
-def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
+def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, "ServerOptions"]:
     """KVCacheConfig and ServerOptions from defaults, then the TOML file, then the flags."""
+    from kvcache.server import ServerOptions  # grpc is imported only by commands that serve
+
     store, server = dict(STORE_DEFAULTS), {}
     if args.config:
         with open(args.config, "rb") as f:
@@ -109,6 +110,8 @@ def main(args: argparse.Namespace) -> int:
     except (InvalidParameter, OSError) as exc:
         print(f"kvcache serve: {exc}", file=sys.stderr)
         return 2
+    from kvcache.server import run_server
+
     if args.torch_threads:
         import torch
 
