@@ -56,13 +56,11 @@ def _histogram_kernel(
 @triton.jit
 def _select_level_kernel(
     values_ptr, n_valid_ptr, n_total_ptr,
-    hist_ptr, next_hist_ptr, state_in_ptr, state_out_ptr, counters_ptr, out_ptr, cand_val_ptr, cand_pos_ptr,
+    hist_ptr, next_hist_ptr, state_in_ptr, state_out_ptr, counters_ptr, out_ptr,
     items_per_split, s_row, s_out,
     BLOCK: tl.constexpr, SHIFT: tl.constexpr, NBITS: tl.constexpr,
     NEXT_SHIFT: tl.constexpr, NEXT_NBINS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
 ):
-    """One radix level. The first reads every value and writes the boundary bin's candidates
-    (value, position) compactly; later levels read only those candidates."""
     NBINS: tl.constexpr = 1 << NBITS
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -70,9 +68,6 @@ def _select_level_kernel(
     n_total = tl.load(n_total_ptr + row)
     prefix = tl.load(state_in_ptr + row * 2)
     need = tl.load(state_in_ptr + row * 2 + 1)
-    emitted_ptr = counters_ptr + row * 4
-    ties_ptr = counters_ptr + row * 4 + 1
-    cand_count_ptr = counters_ptr + row * 4 + 2
 
     # The bin holding the need-th largest candidate, and how many candidates lie above it.
     bins = tl.arange(0, NBINS)
@@ -86,22 +81,12 @@ def _select_level_kernel(
         tl.store(state_out_ptr + row * 2 + 1, need_next)
 
     start = split * items_per_split
-    if FIRST:
-        end = tl.minimum(start + items_per_split, n_total)
-        n_items = n_valid
-    else:
-        n_items = tl.load(cand_count_ptr)
-        end = tl.minimum(start + items_per_split, n_items)
+    end = tl.minimum(start + items_per_split, n_total if FIRST else n_valid)
     next_hist = tl.zeros([NEXT_NBINS], dtype=tl.int32)
     for it in range(start, end, BLOCK):
         offs = it + tl.arange(0, BLOCK)
-        valid = offs < tl.minimum(end, n_items)
-        if FIRST:
-            x = tl.load(values_ptr + row * s_row + offs, mask=valid, other=0.0)
-            pos = offs
-        else:
-            x = tl.load(cand_val_ptr + row * s_row + offs, mask=valid, other=0.0)
-            pos = tl.load(cand_pos_ptr + row * s_row + offs, mask=valid, other=0)
+        valid = offs < tl.minimum(end, n_valid)
+        x = tl.load(values_ptr + row * s_row + offs, mask=valid, other=0.0)
         bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # -0.0 ranks as 0
         match = valid & ((bits >> (SHIFT + NBITS)) == prefix)  # candidates left by the levels above
         digit = (bits >> SHIFT) & (NBINS - 1)
@@ -109,39 +94,26 @@ def _select_level_kernel(
         cand = match & (digit == boundary)
         if FIRST:
             take = take | ((offs >= n_valid) & (offs < end))
-            if not LAST:
-                first_cand = tl.atomic_add(cand_count_ptr, tl.sum(cand.to(tl.int32), axis=0))
-                cand_slot = first_cand + tl.cumsum(cand.to(tl.int32), axis=0) - 1
-                tl.store(cand_val_ptr + row * s_row + cand_slot, x, mask=cand)
-                tl.store(cand_pos_ptr + row * s_row + cand_slot, pos, mask=cand)
         if LAST:
             n_cand = tl.sum(cand.to(tl.int32), axis=0)
-            first_tie = tl.atomic_add(ties_ptr, n_cand)
+            first_tie = tl.atomic_add(counters_ptr + row * 2 + 1, n_cand)
             tie_rank = first_tie + tl.cumsum(cand.to(tl.int32), axis=0) - 1
             take = take | (cand & (tie_rank < need_next))
         else:
             next_hist += digit_histogram(x, cand, NEXT_SHIFT, NEXT_NBINS)
         n_take = tl.sum(take.to(tl.int32), axis=0)
-        first = tl.atomic_add(emitted_ptr, n_take)
+        first = tl.atomic_add(counters_ptr + row * 2, n_take)
         slot = first + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(out_ptr + row * s_out + slot, pos, mask=take)
+        tl.store(out_ptr + row * s_out + slot, offs, mask=take)
     if not LAST:
         tl.atomic_add(next_hist_ptr + row * NEXT_NBINS + tl.arange(0, NEXT_NBINS), next_hist)
-
-
-def _plan(rows: int, max_total: int, block: int, programs: int) -> tuple[tuple[int, int], int]:
-    """Grid (rows, splits) and positions per split so about `programs` programs cover max_total."""
-    blocks = triton.cdiv(max(max_total, 1), block)
-    splits = max(1, min(blocks, triton.cdiv(programs, rows)))
-    items = triton.cdiv(blocks, splits) * block
-    return (rows, triton.cdiv(max(max_total, 1), items)), items
 
 
 def topk_workspace(rows: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Zeroed int32 buffers for one selection: histograms per level, level states, counters."""
     sizes = {f"hist{i}": n for i, n in enumerate(_HIST_SIZES)}
     sizes.update({f"state{i}": 2 for i in range(len(LEVELS) + 1)})
-    sizes["counters"] = 4  # emitted, ties taken, candidates written by the first level, (pad)
+    sizes["counters"] = 2
     flat = torch.zeros(rows * sum(sizes.values()), dtype=torch.int32, device=device)  # one memset
     views, offset = {}, 0
     for name, size in sizes.items():
@@ -168,7 +140,6 @@ def radix_topk(
     tensor [R] (then the output has max_k columns, row r filled up to k[r]; pass max_k via k_max). With hist0_done the caller
     has already filled workspace['hist0'] (SparQ fuses it into its scoring pass).
     """
-    values = values.contiguous()  # candidate buffers share its row stride
     R = values.shape[0]
     n_total = n_valid if n_total is None else n_total
     max_total = values.shape[1] if max_total is None else max_total
@@ -178,11 +149,11 @@ def radix_topk(
     ws["state0"][:, 1] = k - (n_total - n_valid)
     launch = TUNING["topk"]
     block = launch.block_n if block is None else block
-    grid, items = _plan(R, max_total, block, launch.programs)
-    # Later levels see only the first level's boundary-bin candidates: fewer programs suffice.
-    grid_c, items_c = _plan(R, max_total, block, max(R, launch.programs // 4))
-    cand_val = torch.empty((R, values.shape[1]), dtype=torch.float32, device=values.device)
-    cand_pos = torch.empty((R, values.shape[1]), dtype=torch.int32, device=values.device)
+    blocks = triton.cdiv(max(max_total, 1), block)
+    splits = max(1, min(blocks, triton.cdiv(launch.programs, R)))
+    items = triton.cdiv(blocks, splits) * block
+    splits = triton.cdiv(max(max_total, 1), items)
+    grid = (R, splits)
     if not hist0_done:
         shift, bits = LEVELS[0]
         _histogram_kernel[grid](values, n_valid, ws["hist0"], items, values.stride(0),
@@ -190,11 +161,11 @@ def radix_topk(
     for level, (shift, bits) in enumerate(LEVELS):
         last = level == len(LEVELS) - 1
         next_shift, next_bits = (0, 1) if last else LEVELS[level + 1]
-        _select_level_kernel[grid if level == 0 else grid_c](
+        _select_level_kernel[grid](
             values, n_valid, n_total,
             ws[f"hist{level}"], ws[f"hist{min(level + 1, len(LEVELS) - 1)}"], ws[f"state{level}"], ws[f"state{level + 1}"],
-            ws["counters"], out, cand_val, cand_pos,
-            items if level == 0 else items_c, values.stride(0), out.stride(0),
+            ws["counters"], out,
+            items, values.stride(0), out.stride(0),
             BLOCK=block, SHIFT=shift, NBITS=bits, NEXT_SHIFT=next_shift, NEXT_NBINS=1 << next_bits,
             FIRST=level == 0, LAST=last, num_warps=launch.num_warps,
         )
