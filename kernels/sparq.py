@@ -1,7 +1,8 @@
 """SparQ decode attention in Triton (ALGORITHMS.md §1): stage 1 on dim-major keys, radix top-k, stage 2 on rows.
 
-  stage 1   per (sequence, kv head, split): pick i1 (the r largest of sum_g |q_g|) and tau_g, read
-            only rows i1 of each k_dim page (r runs of P), write the approximate logits
+  query     per (sequence, kv head): i1 (the r largest of sum_g |q_g|) and tau_g, once.
+  stage 1   per (sequence, kv head, split): read only rows i1 of each k_dim page (r runs of P),
+            write the approximate logits
             x_g = q_g[i1] . K[:, i1] / tau_g and the split's softmax max / sum per query head.
   scores    f = mean_g softmax(x_g) over the positions outside the local window (the group mean
             ranks like the sum of §1, step 4), with the first radix histogram fused in.
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +29,12 @@ from kvcache.table import PageTableCSR
 
 @triton.jit
 def _query_kernel(
-    q_ptr, i1_ptr, sel_ptr, tau_ptr, r,
+    q_ptr, i1_ptr, sel_ptr, tau_ptr, r, scale,
     s_qb, s_qh,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """§1 steps 1-2 once per (sequence, kv head): i1 from sum_g |q_g| (GQA), and tau_g."""
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)
     b = pid_bh // HKV
     h = pid_bh % HKV
     offs_g = tl.arange(0, BLOCK_G)
@@ -42,8 +44,8 @@ def _query_kernel(
     q_abs = tl.abs(tl.load(q_rows[:, None] + offs_d[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32))
     group = tl.sum(q_abs, axis=0)
     # One sort of d keys instead of r rounds of argmax: the float's bits order like the value
-    # (it is >= 0), and the low byte makes every key distinct, lower index first on ties.
-    key = (group.to(tl.int32, bitcast=True).to(tl.int64) << 8) | (255 - offs_d).to(tl.int64)
+    # (it is >= 0), and the low 16 bits make every key distinct, lower index first on ties.
+    key = (group.to(tl.int32, bitcast=True).to(tl.int64) << 16) | (65535 - offs_d).to(tl.int64)
     ranked = tl.sort(key, descending=True)
     threshold = tl.sum(tl.where(offs_d == r - 1, ranked, 0), axis=0)
     chosen = key >= threshold
@@ -52,8 +54,9 @@ def _query_kernel(
     tl.store(sel_ptr + pid_bh * D + offs_d, chosen.to(tl.int8))
     covered = tl.sum(tl.where(chosen[None, :], q_abs, 0.0), axis=1)
     total = tl.sum(q_abs, axis=1)
-    tau = tl.sqrt(D * covered / tl.where(total > 0, total, 1.0))
-    tl.store(tau_ptr + pid_bh * G + offs_g, tl.where(tau > 0, tau, 1.0), mask=mask_g)
+    # As the reference: tau = sqrt(ratio) / scale, ratio 1 for a head with no mass on i1.
+    ratio = tl.where((covered > 0) & (total > 0), covered / tl.where(total > 0, total, 1.0), 1.0)
+    tl.store(tau_ptr + pid_bh * G + offs_g, tl.sqrt(ratio) / scale, mask=mask_g)
 
 
 @triton.jit
@@ -66,7 +69,7 @@ def _stage1_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """§1 step 3 on one slice of positions: approximate logits from the r chosen key rows of k_dim."""
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)  # logits offsets can pass 2^31
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     b = pid_bh // HKV
@@ -128,7 +131,7 @@ def _scores_kernel(
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_STAT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = pid_bh // HKV
     num_pages = tl.load(indptr_ptr + b + 1) - tl.load(indptr_ptr + b)
@@ -177,7 +180,8 @@ class Stage1Result:
 
 
 def sparq_stage1(
-    q: torch.Tensor, k_dim: torch.Tensor, csr: PageTableCSR, r: int, block_n: int | None = None
+    q: torch.Tensor, k_dim: torch.Tensor, csr: PageTableCSR, r: int, block_n: int | None = None,
+    scale: float | None = None,
 ) -> Stage1Result:
     """§1 steps 1-3 up to the softmax statistics: reads r of d key components per position."""
     B, Hq, D = q.shape
@@ -202,7 +206,7 @@ def sparq_stage1(
     use_dot = G >= 16  # measured on an H200: FMAs on G rows beat a 16-row tensor-core tile for G <= 8
     block_g = max(16, triton.next_power_of_2(G)) if use_dot else triton.next_power_of_2(G)
     _query_kernel[(BH,)](
-        q, res.i1, res.sel, res.tau, r, q.stride(0), q.stride(1),
+        q, res.i1, res.sel, res.tau, r, 1.0 / math.sqrt(D) if scale is None else scale, q.stride(0), q.stride(1),
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_R=block_r,
     )
     _stage1_kernel[(BH, num_splits)](
@@ -276,6 +280,6 @@ def sparq_decode(
 
     Parameters as kvcache.methods.sparq, which checks them; value_mean [B, Hkv, d] float32.
     """
-    s1 = sparq_stage1(q, k_dim, csr, r, block_n)
+    s1 = sparq_stage1(q, k_dim, csr, r, block_n, scale)
     positions = sparq_select(s1, csr, k_seq.shape[1], k, local_window, block_n, topk_block)
     return sparq_stage2(q, k_seq, v_seq, value_mean, csr, s1, positions, reallocate, scale, block_n)

@@ -41,7 +41,7 @@ def _histogram_kernel(
     values_ptr, n_valid_ptr, hist_ptr, items_per_split, s_row,
     BLOCK: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * s_row can pass 2^31
     start = tl.program_id(1) * items_per_split
     end = tl.minimum(start + items_per_split, tl.load(n_valid_ptr + row))
     hist = tl.zeros([NBINS], dtype=tl.int32)
@@ -62,7 +62,7 @@ def _select_level_kernel(
     NEXT_SHIFT: tl.constexpr, NEXT_NBINS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
 ):
     NBINS: tl.constexpr = 1 << NBITS
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * s_row can pass 2^31
     split = tl.program_id(1)
     n_valid = tl.load(n_valid_ptr + row)
     n_total = tl.load(n_total_ptr + row)
@@ -137,7 +137,8 @@ def radix_topk(
 
     Positions in [n_valid[r], n_total[r]) are always taken; the other k - (n_total - n_valid)
     are the largest of values[r, :n_valid[r]]. Needs k <= n_total. `k` may be a per-row int
-    tensor [R] (then the output has max_k columns, row r filled up to k[r]; pass max_k via k_max). With hist0_done the caller
+    tensor [R] (then the output has k_max columns, row r filled up to k[r]). Exact ties at the last
+    digit are taken in arrival order, which may differ between runs. With hist0_done the caller
     has already filled workspace['hist0'] (SparQ fuses it into its scoring pass).
     """
     R = values.shape[0]

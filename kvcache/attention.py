@@ -13,7 +13,7 @@ from kvcache.config import KVCacheConfig
 from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, ShapeMismatch
 from kvcache.methods import AttentionResult, dense, quest, sparq
 from kvcache.methods.quest import check_quest_params
-from kvcache.methods.sparq import check_sparq_params
+from kvcache.methods.sparq import check_common_params, check_sparq_params
 from kvcache.methods.traffic import dense_bytes, quest_bytes, sparq_bytes
 from kvcache.store import KVStore
 from kvcache.table import PageTableCSR
@@ -110,6 +110,7 @@ def validate(
     missing = [n for n in accepted if signature[n].default is inspect.Parameter.empty and n not in params]
     if missing:
         raise InvalidParameter(f"{method}: missing required parameters {missing}")
+    check_common_params(params.get("scale"), params.get("reallocate", True))
     q = check_query(store, seq_ids, q)
     lens = [n + extra_positions for n in store.lengths(seq_ids, layer)]
     empty = [s for s, n in zip(seq_ids, lens) if n == 0]
@@ -139,10 +140,23 @@ def attend(
     tensors = [getattr(view, name) for name in m.reads]
     if m.uses_value_mean:
         tensors.append(store.value_mean(seq_ids, layer))
-    if backend == "torch" or (backend == "auto" and q.device.type != "cuda"):
+    unsupported = triton_unsupported(store.config)
+    if backend == "triton" and unsupported:
+        raise InvalidParameter(f"the Triton kernels cannot serve this store: {unsupported}")
+    if backend == "torch" or (backend == "auto" and (q.device.type != "cuda" or unsupported)):
         return m.reference(q, *tensors, csr, **params)
     out, lse = m.triton(q, *tensors, csr, **params)
     return AttentionResult(out, lse, m.traffic(store.config, csr, params))
+
+
+def triton_unsupported(config: KVCacheConfig) -> str | None:
+    """Why the Triton kernels cannot run on stores of this shape, or None if they can."""
+    d, P = config.head_dim, config.page_size
+    if d & (d - 1) or d < 16:
+        return f"head_dim {d} is not a power of two >= 16"
+    if P & (P - 1) or P > 256:
+        return f"page_size {P} is not a power of two <= 256"
+    return None
 
 
 def check_query(store: KVStore, seq_ids: Sequence[str], q: torch.Tensor) -> torch.Tensor:

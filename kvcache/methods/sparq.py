@@ -16,15 +16,24 @@ from kvcache.table import PageTableCSR
 
 def check_sparq_params(d: int, seq_lens: list[int], r: int, k: int, local_window: int) -> None:
     """Raise InvalidParameter unless 1 <= r <= d, 1 <= k <= S for every sequence, 0 <= local_window <= k."""
-    if not isinstance(r, int) or not 1 <= r <= d:
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= d:
         raise InvalidParameter(f"sparq: r={r!r} must be in [1, d={d}]")
-    if not isinstance(k, int) or k < 1:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise InvalidParameter(f"sparq: k={k!r} must be a positive int")
-    if not isinstance(local_window, int) or not 0 <= local_window <= k:
+    if not isinstance(local_window, int) or isinstance(local_window, bool) or not 0 <= local_window <= k:
         raise InvalidParameter(f"sparq: local_window={local_window!r} must be in [0, k={k}]")
     short = [S for S in seq_lens if k > S]
     if short:
         raise InvalidParameter(f"sparq: k={k} exceeds the cached length S={min(short)} of a sequence in the batch")
+
+
+def check_common_params(scale: float | None, reallocate: bool = True) -> None:
+    """Raise InvalidParameter unless scale is None or a positive finite number and reallocate a bool."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise InvalidParameter(f"scale={scale!r} must be a positive finite number (or None for 1/sqrt(d))")
+    if not isinstance(reallocate, bool):
+        raise InvalidParameter(f"reallocate={reallocate!r} must be a bool")
 
 
 def sparq(
@@ -43,13 +52,16 @@ def sparq(
     """SparQ decode attention of q [B, Hq, d] (§1, GQA as §1 says); value_mean [B, Hkv, d] f32.
 
     Stage 1 reads r components of every key from `k_dim`; stage 2 reads k rows of K and V
-    from `k_seq` / `v_seq`. The lse returned is that of the exact stage-2 scores.
+    from `k_seq` / `v_seq`. The lse returned is that of the exact stage-2 scores, so merging
+    SparQ results of several shards or tiers by lse (§4) is approximate: each part's mean-value
+    reallocation and its top-k were decided on its own positions only.
     """
     B, Hq, d = q.shape
     Hkv = k_seq.shape[1]
     G = Hq // Hkv
     seq_lens = list(csr.host_lens)
     check_sparq_params(d, seq_lens, r, k, local_window)
+    check_common_params(scale, reallocate)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
@@ -59,16 +71,21 @@ def sparq(
         # 1. i1: the r components with the largest |q|, summed over the group so it reads them once.
         i1 = torch.topk(qabs.sum(dim=1), r, dim=-1).indices  # [Hkv, r]
         q_i1 = torch.gather(qg, 2, i1[:, None, :].expand(Hkv, G, r))  # [Hkv, G, r]
-        # 2. tau per query head, from the L1 mass its chosen components cover.
-        tau = torch.sqrt(d * q_i1.abs().sum(-1) / qabs.sum(-1))  # [Hkv, G]
+        # 2. tau per query head, from the L1 mass its chosen components cover: sqrt(d * ratio) at
+        # the default scale 1/sqrt(d), sqrt(ratio) / scale in general. A head with no mass on i1
+        # (or q = 0) keeps ratio 1: its approximate logits are all 0 whatever tau is.
+        covered, total = q_i1.abs().sum(-1), qabs.sum(-1)
+        ratio = torch.where((covered > 0) & (total > 0), covered / total.clamp(min=1e-30), 1.0)
+        tau = torch.sqrt(ratio) / scale  # [Hkv, G]
         # 3. shat over all S positions from the r chosen key components (dim-major reads).
         k_i1 = gather_key_dims(k_dim, csr, b, i1).float()  # [Hkv, r, S]
         shat = torch.softmax(torch.einsum("hgr,hrs->hgs", q_i1, k_i1) / tau[..., None], dim=-1)
         # 4. i2: top-k of the group's shat plus the local-window mask. Ranking by the group mean
-        # (same order as the sum) keeps shat <= 1, so m = 1 still guarantees the window.
+        # (same order as the sum) keeps shat <= 1; m = 2 rather than 1 so that a saturated
+        # shat of exactly 1.0 outside the window cannot tie with a window row.
         m = torch.zeros(S, device=q.device)
         if local_window:
-            m[S - local_window :] = 1.0
+            m[S - local_window :] = 2.0
         i2 = torch.topk(shat.mean(dim=1) + m, k, dim=-1).indices  # [Hkv, k]
         # 5. alpha per query head: approximate attention mass the chosen rows cover.
         alpha = torch.gather(shat, 2, i2[:, None, :].expand(Hkv, G, k)).sum(-1)  # [Hkv, G]
