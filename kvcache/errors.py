@@ -42,6 +42,12 @@ class StoreFull(KVCacheError, MemoryError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class MessageTooLarge(KVCacheError, ValueError):
+    """A request or reply exceeds the configured maximum message size."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class Unavailable(KVCacheError, ConnectionError):
     """The server is shutting down or cannot be reached; the call may be retried elsewhere."""
 

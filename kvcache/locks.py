@@ -8,29 +8,40 @@ from contextlib import contextmanager
 
 
 class SequenceLocks:
-    """One lock per sequence id, made on first use; several are always taken in sorted order (no deadlock)."""
+    """One lock per sequence id while some call holds or waits for it; several are taken in sorted order.
+
+    Entries are counted and dropped when the last user leaves, so ids that name no sequence (or
+    freed ones) leave nothing behind.
+    """
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, list] = {}  # id -> [lock, users]
 
     @contextmanager
     def hold(self, seq_ids: Iterable[str]) -> Iterator[None]:
         """Hold the locks of `seq_ids` for the body of the with-block."""
+        ids = sorted(set(seq_ids))
         with self._guard:
-            locks = [self._locks.setdefault(s, threading.Lock()) for s in sorted(set(seq_ids))]
-        for lock in locks:
-            lock.acquire()
+            entries = []
+            for seq_id in ids:
+                entry = self._locks.setdefault(seq_id, [threading.Lock(), 0])
+                entry[1] += 1
+                entries.append(entry)
+        acquired = []
         try:
+            for entry in entries:
+                entry[0].acquire()
+                acquired.append(entry)
             yield
         finally:
-            for lock in reversed(locks):
-                lock.release()
-
-    def forget(self, seq_id: str) -> None:
-        """Drop the lock of a freed sequence (a later call on it finds no sequence anyway)."""
-        with self._guard:
-            self._locks.pop(seq_id, None)
+            for entry in reversed(acquired):
+                entry[0].release()
+            with self._guard:
+                for seq_id, entry in zip(ids, entries):
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        del self._locks[seq_id]
 
     def __len__(self) -> int:
         return len(self._locks)

@@ -31,13 +31,17 @@ _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidParameter,
     grpc.StatusCode.NOT_FOUND: errors.SequenceNotFound,
     grpc.StatusCode.OUT_OF_RANGE: errors.PositionOutOfRange,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.StoreFull,
+    # A full store says StoreFull in its trailing metadata; without a class it was the message size.
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.MessageTooLarge,
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
+    # This client never cancels a call itself: a cancellation is the server going away.
+    grpc.StatusCode.CANCELLED: errors.Unavailable,
     grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
     grpc.StatusCode.UNIMPLEMENTED: errors.NotSupported,
 }
 _CODE_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
 
 def _error(code: grpc.StatusCode, message: str, class_name: str | None) -> errors.KVCacheError:
@@ -53,26 +57,47 @@ def _from_rpc_error(exc: grpc.RpcError) -> errors.KVCacheError:
 
 
 class _AttendStream:
-    """One AttendStream call: requests go in through a queue, responses come back in order."""
+    """One AttendStream call: requests go in through a queue; a reader thread hands responses back,
+    so each call can wait with a deadline."""
 
-    def __init__(self, stub: pb_grpc.KVCacheStub, metadata, timeout: float | None) -> None:
+    _CLOSED = object()
+
+    def __init__(self, stub: pb_grpc.KVCacheStub, metadata) -> None:
         self._requests: queue.Queue = queue.Queue()
-        self._responses = stub.AttendStream(self._iterate(), metadata=metadata)
-        self.timeout = timeout
+        self._responses: queue.Queue = queue.Queue()
+        self._call = stub.AttendStream(self._iterate(), metadata=metadata)
+        threading.Thread(target=self._read, daemon=True, name="kvcache-attend-stream").start()
 
     def _iterate(self) -> Iterator[pb.AttendRequest]:
         while (request := self._requests.get()) is not None:
             yield request
 
-    def call(self, request: pb.AttendRequest) -> pb.AttendResponse:
-        """Send one request and wait for its response."""
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self._responses.put(response)
+        except grpc.RpcError as exc:
+            self._responses.put(exc)
+        self._responses.put(self._CLOSED)
+
+    def call(self, request: pb.AttendRequest, timeout: float | None) -> pb.AttendResponse:
+        """Send one request and wait for its response; raises grpc.RpcError, Unavailable on a deadline."""
         self._requests.put(request)
-        return next(self._responses)
+        try:
+            reply = self._responses.get(timeout=timeout)
+        except queue.Empty:
+            self.close()
+            raise errors.Unavailable(f"no attend reply within {timeout} s [DEADLINE_EXCEEDED]") from None
+        if isinstance(reply, grpc.RpcError):
+            raise reply
+        if reply is self._CLOSED:
+            raise errors.Unavailable("attend stream closed by the server [UNAVAILABLE]")
+        return reply
 
     def close(self) -> None:
         """End the stream."""
         self._requests.put(None)
-        self._responses.cancel()
+        self._call.cancel()
 
 
 class RemoteClient:
@@ -231,25 +256,31 @@ class RemoteClient:
             try:
                 return getattr(self._stub, rpc)(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
+                if exc.code() in _RETRYABLE and attempt + 1 < attempts:
                     time.sleep(0.05 * 2**attempt)
                     continue
                 raise _from_rpc_error(exc) from None
         raise AssertionError("unreachable")
 
     def _attend_on_stream(self, request: pb.AttendRequest) -> pb.AttendResponse:
+        if getattr(self._local, "unary", False):
+            return self._call("Attend", request, idempotent=not request.HasField("new_k"))
         stream = getattr(self._local, "stream", None)
         if stream is None:
-            stream = self._local.stream = _AttendStream(self._stub, self._metadata, self.timeout)
+            stream = self._local.stream = _AttendStream(self._stub, self._metadata)
             self._streams.append(stream)
         try:
-            reply = stream.call(request)
+            reply = stream.call(request, self.timeout)
         except grpc.RpcError as exc:
             self._local.stream = None  # the stream is dead; the next call opens a new one
+            class_name = dict(exc.trailing_metadata() or ()).get(ERROR_CLASS_KEY)
+            if class_name == "TooManyStreams":  # the server has no thread to spare for another stream
+                self._local.unary = True
+                return self._call("Attend", request, idempotent=not request.HasField("new_k"))
             raise _from_rpc_error(exc) from None
-        except StopIteration:
+        except errors.Unavailable:
             self._local.stream = None
-            raise errors.Unavailable("attend stream closed by the server") from None
+            raise
         if reply.error_code:
             raise _error(_CODE_BY_VALUE.get(reply.error_code, grpc.StatusCode.UNKNOWN), reply.error_message,
                          reply.error_class)

@@ -65,6 +65,28 @@ class _Draining:
         self.event = threading.Event()
 
 
+class _InFlight:
+    """Counts unary calls being served (a context manager around each)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self.count = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.count += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self.count -= 1
+            self._lock.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight (True) or `timeout` seconds pass (False)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.count == 0, timeout)
+
+
 def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None):
     """Decorator for a unary servicer method: locking, error mapping, metrics, one log line."""
 
@@ -78,7 +100,7 @@ def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None):
                     code = grpc.StatusCode.UNAVAILABLE
                     context.abort(code, "server is shutting down")
                 seq_ids = seq_ids_of(request) if seq_ids_of else []
-                with self.locks.hold(seq_ids):
+                with self.in_flight, self.locks.hold(seq_ids):
                     return fn(self, request, context)
             except KVCacheError as exc:
                 code = getattr(grpc.StatusCode, exc.grpc_code)
@@ -92,6 +114,7 @@ def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None):
                 raise
             finally:
                 seconds = time.perf_counter() - t0
+                self.last_call = time.monotonic()
                 self.metrics.add(rpc, seconds, code != grpc.StatusCode.OK)
                 log.info(json.dumps({"rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3),
                                      "peer": context.peer()}))
@@ -109,11 +132,18 @@ def _is_abort(exc: Exception) -> bool:
 class KVCacheServicer(pb_grpc.KVCacheServicer):
     """The KVCache service over an InProcessClient."""
 
-    def __init__(self, client: InProcessClient, draining: _Draining | None = None) -> None:
+    def __init__(self, client: InProcessClient, draining: _Draining | None = None, max_streams: int = 8) -> None:
         self.client = client
         self.locks = SequenceLocks()
         self.metrics = RpcMetrics()
         self.draining = draining or _Draining()
+        self.in_flight = _InFlight()
+        self.last_call = time.monotonic()  # when a unary call last ended (served or refused)
+        # Each open AttendStream holds a worker thread of the sync server for its lifetime; past
+        # this many, new streams are refused so unary calls always find a thread.
+        self.max_streams = max_streams
+        self._streams = 0
+        self._streams_lock = threading.Lock()
 
     @_handler("Create")
     def Create(self, request, context):
@@ -127,7 +157,6 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     def Free(self, request, context):
         info = self.client.describe(request.seq_id)
         self.client.free(request.seq_id)
-        self.locks.forget(request.seq_id)
         return info_to_wire(info)
 
     @_handler("Describe", lambda r: [r.seq_id])
@@ -139,7 +168,10 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         return info_to_wire(self._append(request))
 
     def AppendStream(self, request_iterator, context):
-        """Chunks of one sequence's prefill, appended in order under that sequence's lock."""
+        """Chunks of one sequence's prefill, appended in order under that sequence's lock.
+
+        Each chunk is an append of its own: if one is rejected, the call fails with its status and
+        the chunks before it stay appended (describe tells how far the prefill got)."""
         first = next(request_iterator, None)
         if first is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AppendStream got no chunk")
@@ -160,7 +192,23 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         return self._attend(request)
 
     def AttendStream(self, request_iterator, context) -> Iterator[pb.AttendResponse]:
-        """Attend calls on one stream; a rejected request is answered in the response and the stream goes on."""
+        """Attend calls on one stream; a rejected request is answered in the response and the stream goes on.
+
+        Refused with RESOURCE_EXHAUSTED (error class TooManyStreams) when max_streams are open:
+        the client then attends with unary calls."""
+        with self._streams_lock:
+            admitted = self._streams < self.max_streams
+            self._streams += admitted
+        if not admitted:
+            context.set_trailing_metadata(((ERROR_CLASS_KEY, "TooManyStreams"),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.max_streams} attend streams already open")
+        try:
+            yield from self._serve_stream(request_iterator)
+        finally:
+            with self._streams_lock:
+                self._streams -= 1
+
+    def _serve_stream(self, request_iterator) -> Iterator[pb.AttendResponse]:
         for request in request_iterator:
             t0 = time.perf_counter()
             failed = False
@@ -280,7 +328,7 @@ class Server:
     def __init__(self, config: KVCacheConfig, options: ServerOptions) -> None:
         self.options = options
         self.draining = _Draining()
-        self.servicer = KVCacheServicer(InProcessClient(config), self.draining)
+        self.servicer = KVCacheServicer(InProcessClient(config), self.draining, max_streams=max(1, options.workers // 2))
         limit = options.max_message_mb * 2**20
         interceptors = [_BearerToken(options.token)] if options.token else []
         self.grpc = grpc.server(
@@ -311,7 +359,15 @@ class Server:
         """Refuse new calls (UNAVAILABLE), let in-flight ones finish within the grace period, stop."""
         self.draining.event.set()
         log.info(json.dumps({"event": "draining", "grace_s": self.options.grace_seconds}))
-        self.grpc.stop(self.options.grace_seconds).wait()
+        # Keep accepting (and refusing with UNAVAILABLE) until in-flight calls are done, so late
+        # callers see UNAVAILABLE rather than a cancelled connection; open streams end at stop().
+        deadline = time.monotonic() + self.options.grace_seconds
+        idle = self.servicer.in_flight.wait_idle(self.options.grace_seconds)
+        # Calls already queued for a worker thread are not in flight yet: keep answering them
+        # (UNAVAILABLE) until the server has been quiet for a moment.
+        while idle and time.monotonic() - self.servicer.last_call < 0.2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.grpc.stop(0 if idle else 1).wait()
         if self.metrics_http:
             self.metrics_http.shutdown()
         log.info(json.dumps({"event": "stopped"}))
@@ -324,5 +380,7 @@ def run_server(config: KVCacheConfig, options: ServerOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    stop.wait()
+    # Poll: a signal delivered to another thread only runs its handler when the main thread wakes.
+    while not stop.wait(0.2):
+        pass
     server.drain_and_stop()
