@@ -21,7 +21,7 @@ STORE_FLAGS = {  # flag dest -> KVCacheConfig field
     "dtype": "dtype", "device": "device", "pages": "device_pages",
 }
 SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
-                "grace_seconds")
+                "grace_seconds", "torch_threads")
 STORE_DEFAULTS = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "page_size": 16, "dtype": "float32",
                   "device": "cpu", "device_pages": 4096}
 
@@ -112,9 +112,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from kvcache.server import run_server
 
-    if args.torch_threads:
+    if options.torch_threads:
         import torch
 
-        torch.set_num_threads(args.torch_threads)
+        torch.set_num_threads(options.torch_threads)
     run_server(config, options)
     return 0

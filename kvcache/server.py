@@ -20,6 +20,7 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from kvcache.client import InProcessClient
 from kvcache.config import KVCacheConfig
@@ -48,6 +49,7 @@ class ServerOptions:
     tls_key: str | None = None
     metrics_port: int | None = None
     grace_seconds: float = 30.0
+    torch_threads: int | None = None  # intra-op threads of each RPC thread's torch ops
 
 
 @dataclass
@@ -331,8 +333,10 @@ class Server:
         self.servicer = KVCacheServicer(InProcessClient(config), self.draining, max_streams=max(1, options.workers // 2))
         limit = options.max_message_mb * 2**20
         interceptors = [_BearerToken(options.token)] if options.token else []
+        # torch.set_num_threads is per thread for OpenMP: set it in every RPC thread, not only main.
+        init = (lambda: torch.set_num_threads(options.torch_threads)) if options.torch_threads else None
         self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="kvcache-rpc"),
+            futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="kvcache-rpc", initializer=init),
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
