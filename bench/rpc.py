@@ -82,8 +82,11 @@ def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int =
     pages = (max(batches) + threads) * (-(-(context + 64 * steps) // 16)) + 64
     config = KVCacheConfig(num_layers=SHAPE["num_layers"], num_kv_heads=SHAPE["num_kv_heads"],
                            head_dim=SHAPE["head_dim"], page_size=16, dtype="float16", device_pages=pages)
+    import grpc
+
     report = {"shape": SHAPE, "context": context, "dtype": "float16", "steps": steps, "machine": platform.machine(),
-              "cpus": torch.get_num_threads(), "command": " ".join(sys.argv), "rows": []}
+              "torch": torch.__version__, "grpcio": grpc.__version__, "python": platform.python_version(),
+              "command": " ".join(sys.argv), "rows": []}
     proc, port = start_server(config)
     try:
         local = InProcessClient(config)
