@@ -15,7 +15,7 @@ from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import InvalidParameter, PositionOutOfRange, ShapeMismatch
 from kvcache.methods import AttentionResult
 from kvcache.methods.gather import gather_key_dims, gather_rows
-from kvcache.stats import MethodCounters
+from kvcache.stats import Totals
 from kvcache.store import KVStore, SequenceInfo
 
 FetchKind = Literal["columns", "rows", "value_mean", "summaries"]
@@ -80,7 +80,7 @@ class InProcessClient:
 
     def __init__(self, store_or_config: KVStore | KVCacheConfig) -> None:
         self.store = store_or_config if isinstance(store_or_config, KVStore) else KVStore(store_or_config)
-        self.counters = MethodCounters()
+        self.counters = Totals(("calls", "bytes_read", "seconds"))  # per attention method
 
     @property
     def config(self) -> KVCacheConfig:
@@ -144,7 +144,7 @@ class InProcessClient:
             self.store.append_tokens(seq_ids, new_k, new_v, layer)
         t0 = time.perf_counter()
         result = run_attention(self.store, seq_ids, layer, q, method, params, backend)
-        self.counters.add(method, result.bytes_read, time.perf_counter() - t0)
+        self.counters.add(method, calls=1, bytes_read=result.bytes_read, seconds=time.perf_counter() - t0)
         return result
 
     def fetch(self, seq_id: str, layer: int, what: FetchKind, index: torch.Tensor | None = None) -> FetchResult:

@@ -1,32 +1,10 @@
-"""Per-RPC call counts, errors and latencies, and their Prometheus text exposition."""
+"""Prometheus text exposition of the stats (pool, per-method and per-RPC totals), served over HTTP."""
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
-
-
-class RpcMetrics:
-    """Thread-safe totals per RPC name: calls, errors, seconds."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._totals: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "errors": 0, "seconds": 0.0})
-
-    def add(self, rpc: str, seconds: float, failed: bool) -> None:
-        """Count one call of `rpc` that took `seconds` (and failed, if so)."""
-        with self._lock:
-            t = self._totals[rpc]
-            t["calls"] += 1
-            t["errors"] += int(failed)
-            t["seconds"] += seconds
-
-    def snapshot(self) -> dict[str, dict[str, float]]:
-        """A copy of the totals, keyed by RPC name."""
-        with self._lock:
-            return {k: dict(v) for k, v in self._totals.items()}
 
 
 def prometheus_text(stats: dict) -> str:

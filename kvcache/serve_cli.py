@@ -13,8 +13,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from typing import TYPE_CHECKING
+
 from kvcache.config import KVCacheConfig
 from kvcache.errors import InvalidParameter
+
+if TYPE_CHECKING:  # grpc is imported only by commands that serve
+    from kvcache.server import ServerOptions
 
 STORE_FLAGS = {  # flag dest -> KVCacheConfig field
     "layers": "num_layers", "kv_heads": "num_kv_heads", "head_dim": "head_dim", "page_size": "page_size",
@@ -49,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pages", type=int, help="pages in the device pool (default 4096)")
 
 
-def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, "ServerOptions"]:
+def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
     """KVCacheConfig and ServerOptions from defaults, then the TOML file, then the flags."""
     from kvcache.server import ServerOptions  # grpc is imported only by commands that serve
 

@@ -26,7 +26,8 @@ from kvcache.client import InProcessClient
 from kvcache.config import KVCacheConfig
 from kvcache.errors import KVCacheError, NotSupported, ShapeMismatch
 from kvcache.locks import SequenceLocks
-from kvcache.metrics import RpcMetrics, serve_metrics
+from kvcache.metrics import serve_metrics
+from kvcache.stats import Totals
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
 from kvcache.wire.codec import from_wire, to_wire
@@ -117,7 +118,7 @@ def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None):
             finally:
                 seconds = time.perf_counter() - t0
                 self.last_call = time.monotonic()
-                self.metrics.add(rpc, seconds, code != grpc.StatusCode.OK)
+                self.metrics.add(rpc, calls=1, errors=int(code != grpc.StatusCode.OK), seconds=seconds)
                 log.info(json.dumps({"rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3),
                                      "peer": context.peer()}))
 
@@ -137,7 +138,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     def __init__(self, client: InProcessClient, draining: _Draining | None = None, max_streams: int = 8) -> None:
         self.client = client
         self.locks = SequenceLocks()
-        self.metrics = RpcMetrics()
+        self.metrics = Totals(("calls", "errors", "seconds"))  # per RPC
         self.draining = draining or _Draining()
         self.in_flight = _InFlight()
         self.last_call = time.monotonic()  # when a unary call last ended (served or refused)
@@ -217,7 +218,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             if self.draining.event.is_set():
                 yield pb.AttendResponse(error_code=grpc.StatusCode.UNAVAILABLE.value[0],
                                         error_message="server is shutting down", error_class="Unavailable")
-                self.metrics.add("AttendStream", time.perf_counter() - t0, True)
+                self.metrics.add("AttendStream", calls=1, errors=1, seconds=time.perf_counter() - t0)
                 continue
             try:
                 with self.locks.hold(request.seq_ids):
@@ -232,7 +233,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                 response = pb.AttendResponse(error_code=grpc.StatusCode.INTERNAL.value[0],
                                              error_message=f"internal error ({type(exc).__name__})",
                                              error_class="RemoteError")
-            self.metrics.add("AttendStream", time.perf_counter() - t0, failed)
+            self.metrics.add("AttendStream", calls=1, errors=int(failed), seconds=time.perf_counter() - t0)
             yield response
 
     @_handler("Fetch", lambda r: [r.seq_id])

@@ -1,27 +1,27 @@
-"""Counters of calls, bytes read and time per attention method (what `stats` reports)."""
+"""Thread-safe running totals keyed by name: per attention method, per RPC."""
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections.abc import Sequence
 
 
-class MethodCounters:
-    """Thread-safe totals per method: calls, bytes read, seconds spent."""
+class Totals:
+    """Sums of named fields per key (e.g. calls, bytes_read, seconds per method)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fields: Sequence[str]) -> None:
+        self._fields = tuple(fields)
         self._lock = threading.Lock()
-        self._totals: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "bytes_read": 0, "seconds": 0.0})
+        self._totals: dict[str, dict[str, float]] = {}
 
-    def add(self, method: str, bytes_read: int, seconds: float) -> None:
-        """Count one call of `method` that read `bytes_read` bytes in `seconds`."""
+    def add(self, key: str, **amounts: float) -> None:
+        """Add `amounts` (field=value) to `key`'s totals."""
         with self._lock:
-            t = self._totals[method]
-            t["calls"] += 1
-            t["bytes_read"] += bytes_read
-            t["seconds"] += seconds
+            t = self._totals.setdefault(key, dict.fromkeys(self._fields, 0))
+            for field, value in amounts.items():
+                t[field] += value
 
     def snapshot(self) -> dict[str, dict[str, float]]:
-        """A copy of the totals, keyed by method."""
+        """A copy of the totals."""
         with self._lock:
-            return {m: dict(t) for m, t in self._totals.items()}
+            return {k: dict(v) for k, v in self._totals.items()}

@@ -14,12 +14,12 @@ import dataclasses
 
 import pytest
 import torch
-from kernel_support import poisoned_allocations
+from kernel_support import HKV, poisoned_allocations, scattered_store
 
-from kvcache import InProcessClient, InvalidParameter, KVCacheConfig, KVStore
+from kvcache import InProcessClient, InvalidParameter
 from kvcache.attention import METHODS, attend
 
-HKV, G, D, P = 2, 4, 64, 8
+G, D, P = 4, 64, 8  # HKV comes from kernel_support, whose stores these tests use
 DTYPE = torch.float16
 ITEMSIZE = 2
 LENGTHS = (37, 11, 61)  # mixed and odd: every last page is partly filled
@@ -32,43 +32,10 @@ RTOL = ATOL = 2e-3  # float16 outputs of unit scale
 LSE_TOL = 1e-5
 
 
-def scattered_store(lengths, seed=0):
-    """A one-layer store with one sequence per length whose page ids are scattered, and their ids.
-
-    The sequences are appended in interleaved random chunks next to two filler sequences; one
-    filler is forked (the child keeps appending) and both are freed midway, so later pages reuse
-    freed ids out of order.
-    """
-    config = KVCacheConfig(num_layers=1, num_kv_heads=HKV, head_dim=D, page_size=P, dtype=DTYPE, device_pages=128)
-    store = KVStore(config)
-    gen = torch.Generator().manual_seed(seed)
-    ids = [store.create().seq_id for _ in lengths]
-    fillers = [store.create().seq_id for _ in range(2)]
-    remaining = dict(zip(ids, lengths))
-    live_fillers = list(fillers)
-    rounds = 0
-    while any(remaining.values()):
-        for sid in ids + live_fillers:
-            T = int(torch.randint(1, P + 4, (), generator=gen))
-            if sid in remaining:
-                T = min(T, remaining[sid])
-                remaining[sid] -= T
-            if T:
-                k = torch.randn((T, HKV, D), generator=gen).to(DTYPE)
-                v = torch.randn((T, HKV, D), generator=gen).to(DTYPE)
-                store.append(sid, k, v, layer=0)
-        rounds += 1
-        if rounds == 1:
-            live_fillers.append(store.fork(fillers[0]).seq_id)
-        elif rounds in (2, 3):
-            store.free(live_fillers.pop(0))
-    return store, ids
-
-
 @pytest.fixture(scope="module")
 def batch():
     """(store, seq ids, q) shared by the tests of this module; nothing here writes to the store."""
-    store, ids = scattered_store(LENGTHS)
+    store, ids = scattered_store(LENGTHS, d=D, page_size=P, dtype=DTYPE)
     q = torch.randn((len(ids), HKV * G, D), generator=torch.Generator().manual_seed(1)).to(DTYPE)
     return store, ids, q
 

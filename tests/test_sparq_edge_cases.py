@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from kernel_support import HKV, assert_matches, scattered_store
 
 from kernels.sparq import sparq_decode
 from kvcache import InProcessClient, InvalidParameter, KVCacheConfig
 from kvcache.methods import dense, sparq
-from kernel_support import HKV, assert_matches, scattered_store
 
 BLOCKS = {"block_n": 32, "topk_block": 64}
 
