@@ -61,13 +61,6 @@ class _Chunks:
     rest: Iterator
 
 
-class _Draining:
-    """Set when SIGTERM arrives: new calls are refused while in-flight ones finish."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-
 class _InFlight:
     """Counts unary calls being served (a context manager around each)."""
 
@@ -99,7 +92,7 @@ def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None):
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                if self.draining.event.is_set():
+                if self.draining.is_set():
                     code = grpc.StatusCode.UNAVAILABLE
                     context.abort(code, "server is shutting down")
                 seq_ids = seq_ids_of(request) if seq_ids_of else []
@@ -135,11 +128,11 @@ def _is_abort(exc: Exception) -> bool:
 class KVCacheServicer(pb_grpc.KVCacheServicer):
     """The KVCache service over an InProcessClient."""
 
-    def __init__(self, client: InProcessClient, draining: _Draining | None = None, max_streams: int = 8) -> None:
+    def __init__(self, client: InProcessClient, draining: threading.Event | None = None, max_streams: int = 8) -> None:
         self.client = client
         self.locks = SequenceLocks()
         self.metrics = Totals(("calls", "errors", "seconds"))  # per RPC
-        self.draining = draining or _Draining()
+        self.draining = draining or threading.Event()  # set on SIGTERM: new calls are refused
         self.in_flight = _InFlight()
         self.last_call = time.monotonic()  # when a unary call last ended (served or refused)
         # Each open AttendStream holds a worker thread of the sync server for its lifetime; past
@@ -215,7 +208,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         for request in request_iterator:
             t0 = time.perf_counter()
             failed = False
-            if self.draining.event.is_set():
+            if self.draining.is_set():
                 yield pb.AttendResponse(error_code=grpc.StatusCode.UNAVAILABLE.value[0],
                                         error_message="server is shutting down", error_class="Unavailable")
                 self.metrics.add("AttendStream", calls=1, errors=1, seconds=time.perf_counter() - t0)
@@ -259,7 +252,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     @_handler("Health")
     def Health(self, request, context):
-        return pb.HealthResponse(status="DRAINING" if self.draining.event.is_set() else "SERVING")
+        return pb.HealthResponse(status="DRAINING" if self.draining.is_set() else "SERVING")
 
     @_handler("Config")
     def Config(self, request, context):
@@ -330,7 +323,7 @@ class Server:
 
     def __init__(self, config: KVCacheConfig, options: ServerOptions) -> None:
         self.options = options
-        self.draining = _Draining()
+        self.draining = threading.Event()
         self.servicer = KVCacheServicer(InProcessClient(config), self.draining, max_streams=max(1, options.workers // 2))
         limit = options.max_message_mb * 2**20
         interceptors = [_BearerToken(options.token)] if options.token else []
@@ -362,7 +355,7 @@ class Server:
 
     def drain_and_stop(self) -> None:
         """Refuse new calls (UNAVAILABLE), let in-flight ones finish within the grace period, stop."""
-        self.draining.event.set()
+        self.draining.set()
         log.info(json.dumps({"event": "draining", "grace_s": self.options.grace_seconds}))
         # Keep accepting (and refusing with UNAVAILABLE) until in-flight calls are done, so late
         # callers see UNAVAILABLE rather than a cancelled connection; open streams end at stop().
