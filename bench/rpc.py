@@ -30,7 +30,8 @@ def start_server(config: KVCacheConfig) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--port", "0", "--layers", str(config.num_layers),
            "--kv-heads", str(config.num_kv_heads), "--head-dim", str(config.head_dim),
            "--page-size", str(config.page_size), "--dtype", str(config.dtype).removeprefix("torch."),
-           "--pages", str(config.device_pages), "--workers", "8", "--torch-threads", "1"]
+           "--pages", str(config.device_pages), "--workers", "8", "--torch-threads", "1",
+           "--device", str(config.device)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         event = json.loads(line)
@@ -72,7 +73,8 @@ def decode_steps(client, seqs: list[str], config: KVCacheConfig, steps: int) -> 
     return layer_times, step_times
 
 
-def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int = 5, threads: int = 4) -> dict:
+def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int = 5, threads: int = 4,
+        device: str = "cpu") -> dict:
     """Both clients at each batch size, plus `threads` concurrent remote engines; returns the report.
 
     Engine and server share this machine's cores, so both run torch with one intra-op thread:
@@ -81,10 +83,12 @@ def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int =
     torch.set_num_threads(1)
     pages = (max(batches) + threads) * (-(-(context + 64 * steps) // 16)) + 64
     config = KVCacheConfig(num_layers=SHAPE["num_layers"], num_kv_heads=SHAPE["num_kv_heads"],
-                           head_dim=SHAPE["head_dim"], page_size=16, dtype="float16", device_pages=pages)
+                           head_dim=SHAPE["head_dim"], page_size=16, dtype="float16", device=device,
+                           device_pages=pages)
     import grpc
 
     report = {"shape": SHAPE, "context": context, "dtype": "float16", "steps": steps, "machine": platform.machine(),
+              "device": torch.cuda.get_device_name() if config.device.type == "cuda" else "cpu",
               "torch": torch.__version__, "grpcio": grpc.__version__, "python": platform.python_version(),
               "command": " ".join(sys.argv), "rows": []}
     proc, port = start_server(config)
@@ -158,7 +162,7 @@ def _concurrent(port: int, config: KVCacheConfig, context: int, steps: int, thre
 
 def main(args) -> int:
     """Entry of `kvcache bench rpc`."""
-    report = run(args.context, tuple(int(b) for b in args.batch.split(",")), args.steps, args.threads)
+    report = run(args.context, tuple(int(b) for b in args.batch.split(",")), args.steps, args.threads, args.device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
