@@ -33,6 +33,14 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def sequence_extent(indptr_ptr, last_len_ptr, b, P: tl.constexpr):
+    """(first page index in the CSR indices, number of pages, cached positions) of sequence b."""
+    page_start = tl.load(indptr_ptr + b)
+    num_pages = tl.load(indptr_ptr + b + 1) - page_start
+    return page_start, num_pages, tl.maximum(num_pages - 1, 0) * P + tl.load(last_len_ptr + b)
+
+
+@triton.jit
 def _attend_partial_kernel(
     q_ptr, k_ptr, v_ptr,
     indptr_ptr, indices_ptr, last_len_ptr,
@@ -53,9 +61,7 @@ def _attend_partial_kernel(
     b = pid_bh // HKV
     h = pid_bh % HKV
 
-    page_start = tl.load(indptr_ptr + b)
-    num_pages = tl.load(indptr_ptr + b + 1) - page_start
-    seq_len = tl.maximum(num_pages - 1, 0) * P + tl.load(last_len_ptr + b)
+    page_start, _, seq_len = sequence_extent(indptr_ptr, last_len_ptr, b, P)
     if MODE == 0:
         num_items = seq_len
     elif MODE == 1:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits
+from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
 from kernels.softmax_stats import merged_softmax_stats
 from kernels.topk import LEVELS, digit_histogram, radix_topk, topk_workspace
 from kernels.tuning import TUNING
@@ -74,9 +74,7 @@ def _stage1_kernel(
     num_splits = tl.num_programs(1)
     b = pid_bh // HKV
     h = pid_bh % HKV
-    page_start = tl.load(indptr_ptr + b)
-    num_pages = tl.load(indptr_ptr + b + 1) - page_start
-    seq_len = tl.maximum(num_pages - 1, 0) * P + tl.load(last_len_ptr + b)
+    page_start, _, seq_len = sequence_extent(indptr_ptr, last_len_ptr, b, P)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_r = tl.arange(0, BLOCK_R)
@@ -134,8 +132,7 @@ def _scores_kernel(
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = pid_bh // HKV
-    num_pages = tl.load(indptr_ptr + b + 1) - tl.load(indptr_ptr + b)
-    seq_len = tl.maximum(num_pages - 1, 0) * P + tl.load(last_len_ptr + b)
+    _, _, seq_len = sequence_extent(indptr_ptr, last_len_ptr, b, P)
     n_valid = seq_len - local_window
     if split == 0:
         tl.store(n_valid_ptr + pid_bh, n_valid)
