@@ -63,6 +63,20 @@ class PagePool:
         kmean = torch.where(filled, keys, 0.0).sum(dim=3) / count
         self.k_summary[layers[:, None], page_ids[None, :]] = torch.stack((kmin, kmax, kmean), dim=3)
 
+    def fold_row(self, layer: int, page_id: int, slot: int, k: torch.Tensor) -> None:
+        """Write one key/value row's effect on the summaries of (layer, page) that held `slot` rows: k [Hkv, d].
+
+        The decode step's append: min, max and a running mean updated in place, instead of
+        re-reducing the page."""
+        kf = k.float()
+        summary = self.k_summary[layer, page_id]  # [Hkv, 3, d], a view
+        if slot == 0:
+            summary.copy_(kf[:, None, :].expand(-1, 3, -1))
+            return
+        torch.minimum(summary[:, SUMMARY_MIN], kf, out=summary[:, SUMMARY_MIN])
+        torch.maximum(summary[:, SUMMARY_MAX], kf, out=summary[:, SUMMARY_MAX])
+        summary[:, SUMMARY_MEAN].mul_(slot / (slot + 1)).add_(kf, alpha=1 / (slot + 1))
+
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy pages src[n] -> dst[n] in every layer and layout (copy-on-write)."""
         for pool in (self.k_seq, self.k_dim, self.v_seq, self.k_summary):

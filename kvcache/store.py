@@ -126,17 +126,10 @@ class KVStore:
             first_page, end_page = start // P, self.config.pages_for(end)
             self._prepare_pages(seq, first_page, end_page)
 
-            dev = self.config.device
-            positions = torch.arange(start, end)
-            page_ids = seq.pages[positions // P].to(dev, torch.long)
-            slots = (positions % P).to(dev)
-            layers_t = torch.tensor(layers, device=dev)
-            self.pool.write(layers_t, page_ids, slots, k, v)
-
-            touched = seq.pages[first_page:end_page].to(dev, torch.long)
-            fills = (end - torch.arange(first_page, end_page) * P).clamp(max=P).to(dev)
-            self.pool.refresh_summaries(layers_t, touched, fills.expand(len(layers), -1))
-            seq.value_sum[layers_t] += v.float().sum(dim=1)
+            if num_new == 1 and len(layers) == 1:
+                self._append_row(seq, layers[0], start, k[0, 0], v[0, 0])
+            else:
+                self._append_rows(seq, layers, start, end, k, v)
             for layer_idx in layers:
                 seq.lengths[layer_idx] = end
             seq.token_ids.extend(new_ids)
@@ -270,6 +263,33 @@ class KVStore:
         if seq.token_ids[start : start + overlap] != ids[:overlap]:
             raise InvalidParameter(f"sequence {seq.seq_id}: token ids at {start}.. differ from those given before")
         return ids[overlap:]
+
+    def _append_row(self, seq: SequenceState, layer: int, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One position of one layer (a decode step): plain indexing and in-place summary updates."""
+        P = self.config.page_size
+        page, slot = int(seq.pages[position // P]), position % P
+        pool = self.pool
+        pool.k_seq[layer, page, :, slot] = k
+        pool.v_seq[layer, page, :, slot] = v
+        pool.k_dim[layer, page, :, :, slot] = k
+        pool.fold_row(layer, page, slot, k)
+        seq.value_sum[layer] += v.float()
+
+    def _append_rows(self, seq: SequenceState, layers: list[int], start: int, end: int, k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """Positions [start, end) of `layers` (k, v [nl, T, Hkv, d]) in one vectorised pass."""
+        P = self.config.page_size
+        dev = self.config.device
+        positions = torch.arange(start, end)
+        page_ids = seq.pages[positions // P].to(dev, torch.long)
+        slots = (positions % P).to(dev)
+        layers_t = torch.tensor(layers, device=dev)
+        self.pool.write(layers_t, page_ids, slots, k, v)
+        first_page, end_page = start // P, self.config.pages_for(end)
+        touched = seq.pages[first_page:end_page].to(dev, torch.long)
+        fills = (end - torch.arange(first_page, end_page) * P).clamp(max=P).to(dev)
+        self.pool.refresh_summaries(layers_t, touched, fills.expand(len(layers), -1))
+        seq.value_sum[layers_t] += v.float().sum(dim=1)
 
     def _pages_needed(self, seq: SequenceState, num_new_positions: int, layer: int | None) -> int:
         """Pages an append of `num_new_positions` would take from the free list (new + copy-on-write)."""
