@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge, plan_splits
+from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge, dot_precision, plan_splits
 from kernels.topk import radix_topk
 from kernels.tuning import TUNING
 from kvcache.pages import SUMMARY_MAX, SUMMARY_MIN
@@ -28,7 +28,7 @@ def _page_bounds_kernel(
     pages_per_split,
     s_qb, s_qh, s_sn, s_sh, s_sk, s_brow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-    BLOCK_PG: tl.constexpr, ROW_MIN: tl.constexpr, ROW_MAX: tl.constexpr,
+    BLOCK_PG: tl.constexpr, ROW_MIN: tl.constexpr, ROW_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -52,8 +52,9 @@ def _page_bounds_kernel(
         base = page * s_sn + h * s_sh
         kmax = tl.load(summary_ptr + (base + ROW_MAX * s_sk)[:, None] + offs_d[None, :], mask=mask_p[:, None], other=0.0)
         kmin = tl.load(summary_ptr + (base + ROW_MIN * s_sk)[:, None] + offs_d[None, :], mask=mask_p[:, None], other=0.0)
-        bound = tl.dot(q_pos, tl.trans(kmax), input_precision="ieee")
-        bound += tl.dot(q_neg, tl.trans(kmin), input_precision="ieee")
+        # tf32 is exact here for bf16/fp16 stores: their q and min/max values fit tf32's mantissa.
+        bound = tl.dot(q_pos, tl.trans(kmax), input_precision=DOT_PRECISION)
+        bound += tl.dot(q_neg, tl.trans(kmin), input_precision=DOT_PRECISION)
         tl.store(bounds_ptr + (pid_bh * G + offs_g)[:, None] * s_brow + offs_p[None, :], bound,
                  mask=mask_g[:, None] & mask_p[None, :])
 
@@ -84,7 +85,7 @@ def quest_decode(
         per_split,
         q.stride(0), q.stride(1), k_summary.stride(0), k_summary.stride(1), k_summary.stride(2), bounds.stride(1),
         HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK_PG=launch.block_n,
-        ROW_MIN=SUMMARY_MIN, ROW_MAX=SUMMARY_MAX, num_warps=launch.num_warps,
+        ROW_MIN=SUMMARY_MIN, ROW_MAX=SUMMARY_MAX, DOT_PRECISION=dot_precision(q.dtype), num_warps=launch.num_warps,
     )
     # Group scores over [0, n_pages) of each sequence, as the reference computes them; the last
     # page is the forced tail of the selection, like SparQ's local window.
