@@ -135,6 +135,13 @@ def attend(
     elsewhere; "torch" or "triton" forces one (tests run "triton" on the CPU interpreter).
     """
     m, q, params = validate(store, seq_ids, layer, q, method, params, backend)
+    return run_validated(store, seq_ids, layer, m, q, params, backend)
+
+
+def run_validated(
+    store: KVStore, seq_ids: Sequence[str], layer: int, m: Method, q: torch.Tensor, params: dict, backend: str
+) -> AttentionResult:
+    """Run a method on what validate() returned: the attention half of attend()."""
     csr = store.page_table(seq_ids, layer)
     view = store.layer_view(layer)
     tensors = [getattr(view, name) for name in m.reads]

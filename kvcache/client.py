@@ -10,7 +10,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from kvcache.attention import attend as run_attention
-from kvcache.attention import validate
+from kvcache.attention import run_validated, validate
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import InvalidParameter, PositionOutOfRange, ShapeMismatch
 from kvcache.methods import AttentionResult
@@ -140,10 +140,13 @@ class InProcessClient:
                     got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ShapeMismatch(f"{name} has shape {got}; expected [B, Hkv, d] = {want}")
             # Everything is checked before the new token is written, so a rejected call changes nothing.
-            validate(self.store, seq_ids, layer, q, method, params, backend, extra_positions=1)
+            checked = validate(self.store, seq_ids, layer, q, method, params, backend, extra_positions=1)
             self.store.append_tokens(seq_ids, new_k, new_v, layer)
         t0 = time.perf_counter()
-        result = run_attention(self.store, seq_ids, layer, q, method, params, backend)
+        if new_k is not None:  # already validated above: run without checking twice
+            result = run_validated(self.store, seq_ids, layer, *checked, backend)
+        else:
+            result = run_attention(self.store, seq_ids, layer, q, method, params, backend)
         self.counters.add(method, calls=1, bytes_read=result.bytes_read, seconds=time.perf_counter() - t0)
         return result
 
@@ -157,7 +160,7 @@ class InProcessClient:
         """
         store, c = self.store, self.config
         csr = store.page_table([seq_id], layer)
-        S = int(csr.seq_lens()[0])
+        S = csr.host_lens[0]  # no device sync
         view = store.layer_view(layer)
         if what in ("columns", "rows"):
             index = _check_index(index, c.num_kv_heads, c.head_dim if what == "columns" else S, what)
