@@ -15,6 +15,7 @@ recomputed from the rows it reads with the stage-1 components, temperature and s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -180,7 +181,24 @@ def plan_splits(max_items: int, batch_heads: int, block_n: int, target_programs:
     return triton.cdiv(max(max_items, 1), items), items
 
 
-def attend_partial_and_merge(
+@dataclass
+class Partials:
+    """Per-split partial results of the attend kernel, before the merge."""
+
+    out: torch.Tensor  # [B*Hkv, splits, G, d] float32
+    lse: torch.Tensor  # [B*Hkv, splits, G] float32
+    alpha: torch.Tensor | None  # [B*Hkv, splits, G] float32 SparQ alpha sums, when computed
+
+    @staticmethod
+    def concat(parts: list[Partials]) -> Partials:
+        """The splits of several launches over disjoint items of the same (sequence, kv head)s."""
+        if len(parts) == 1:
+            return parts[0]
+        alpha = None if parts[0].alpha is None else torch.cat([p.alpha for p in parts], dim=1)
+        return Partials(torch.cat([p.out for p in parts], dim=1), torch.cat([p.lse for p in parts], dim=1), alpha)
+
+
+def attend_partial(
     q: torch.Tensor,
     k_seq: torch.Tensor,
     v_seq: torch.Tensor,
@@ -190,20 +208,23 @@ def attend_partial_and_merge(
     item_list: torch.Tensor | None = None,
     list_len: torch.Tensor | None = None,
     alpha_inputs: tuple[torch.Tensor, ...] | None = None,
-    value_mean: torch.Tensor | None = None,
     scale: float | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the partial kernel over (B*Hkv, splits) and merge: out [B, Hq, d] (q dtype), lse [B, Hq] f32.
+) -> Partials:
+    """Run the partial kernel over (B*Hkv, splits): per-split out, lse (and alpha) for merge_partials.
 
+    k_seq and v_seq [N, Hkv, P, d] must have the same strides; they may be views of a pinned host
+    tensor (the GPU reads those rows over PCIe) as long as csr.indices address that pool.
     alpha_inputs = (sel [B*Hkv, d] int8, tau [B*Hkv, G], stat_m, stat_l [B*Hkv, S1, G], S1) turns on
-    SparQ's alpha and the mean-value reallocation with value_mean [B, Hkv, d] f32.
+    SparQ's alpha.
     """
     B, Hq, D = q.shape
     _, Hkv, P, _ = k_seq.shape
     G = Hq // Hkv
     BH = B * Hkv
+    if k_seq.stride() != v_seq.stride():
+        raise ValueError(f"k and v pools differ in strides: {k_seq.stride()} vs {v_seq.stride()}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     launch = TUNING["decode"]
     block_n = launch.block_n if block_n is None else block_n
@@ -238,19 +259,55 @@ def attend_partial_and_merge(
         BLOCK_STAT=triton.next_power_of_2(stat_splits), DOT_PRECISION=dot_precision(q.dtype),
         num_warps=launch.num_warps,
     )
+    return Partials(part_out, part_lse, part_alpha if with_alpha else None)
+
+
+def merge_partials(
+    q: torch.Tensor, parts: Partials, num_kv_heads: int, value_mean: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-split partials by lse (§4): out [B, Hq, d] (q dtype), lse [B, Hq] f32.
+
+    With alpha partials, SparQ's mean-value reallocation uses value_mean [B*Hkv, d] f32.
+    """
+    B, Hq, D = q.shape
+    G = Hq // num_kv_heads
+    num_splits = parts.out.shape[1]
+    with_alpha = parts.alpha is not None
     out = torch.empty_like(q)
-    lse = torch.empty((B, Hq), dtype=torch.float32, device=dev)
-    vbar = value_mean.contiguous() if with_alpha else part_lse
+    lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    part_alpha = parts.alpha if with_alpha else parts.lse
+    vbar = value_mean.contiguous() if with_alpha else parts.lse
     _merge_kernel[(B * Hq,)](
-        part_out, part_lse, part_alpha, vbar,
+        parts.out, parts.lse, part_alpha, vbar,
         out, lse,
         num_splits,
         out.stride(0), out.stride(1),
-        HKV=Hkv, G=G, D=D,
+        HKV=num_kv_heads, G=G, D=D,
         BLOCK_S=triton.next_power_of_2(num_splits), CHUNK_S=min(16, triton.next_power_of_2(num_splits)),
         WITH_ALPHA=with_alpha,
     )
     return out, lse
+
+
+def attend_partial_and_merge(
+    q: torch.Tensor,
+    k_seq: torch.Tensor,
+    v_seq: torch.Tensor,
+    csr: PageTableCSR,
+    max_items: int,
+    mode: int,
+    item_list: torch.Tensor | None = None,
+    list_len: torch.Tensor | None = None,
+    alpha_inputs: tuple[torch.Tensor, ...] | None = None,
+    value_mean: torch.Tensor | None = None,
+    scale: float | None = None,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """attend_partial then merge_partials: out [B, Hq, d] (q dtype), lse [B, Hq] f32."""
+    parts = attend_partial(q, k_seq, v_seq, csr, max_items, mode, item_list, list_len, alpha_inputs, scale,
+                           block_n, num_splits)
+    return merge_partials(q, parts, k_seq.shape[1], value_mean)
 
 
 def paged_decode(

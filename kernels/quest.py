@@ -59,22 +59,16 @@ def _page_bounds_kernel(
                  mask=mask_g[:, None] & mask_p[None, :])
 
 
-def quest_decode(
-    q: torch.Tensor,
-    k_seq: torch.Tensor,
-    v_seq: torch.Tensor,
-    k_summary: torch.Tensor,
-    csr: PageTableCSR,
-    top_pages: int,
-    scale: float | None = None,
-    block_n: int | None = None,
+def quest_select(
+    q: torch.Tensor, k_summary: torch.Tensor, csr: PageTableCSR, top_pages: int, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q [B, Hq, d] over each group's `top_pages` best pages by the Quest bound: out, lse."""
+    """Each group's chosen pages by the Quest bound (§3): page indexes [B*Hkv, t] int32 and their count [B*Hkv]."""
     B, Hq, D = q.shape
-    Hkv, P = k_seq.shape[1], k_seq.shape[2]
+    Hkv = k_summary.shape[1]
     G = Hq // Hkv
     BH = B * Hkv
     dev = q.device
+    P = csr.page_size
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     max_pages = triton.cdiv(csr.max_len, P)
     launch = TUNING["quest"]
@@ -96,8 +90,22 @@ def quest_decode(
     t = min(top_pages, max_pages)
     list_len = torch.clamp(num_pages, max=t)
     chosen = radix_topk(scores, list_len, num_pages - 1, num_pages, max_pages, k_max=t)
-    max_items = t * P
+    return chosen, list_len
+
+
+def quest_decode(
+    q: torch.Tensor,
+    k_seq: torch.Tensor,
+    v_seq: torch.Tensor,
+    k_summary: torch.Tensor,
+    csr: PageTableCSR,
+    top_pages: int,
+    scale: float | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, Hq, d] over each group's `top_pages` best pages by the Quest bound: out, lse."""
+    chosen, list_len = quest_select(q, k_summary, csr, top_pages, scale)
     return attend_partial_and_merge(
-        q, k_seq, v_seq, csr, max_items, MODE_PAGES, item_list=chosen, list_len=list_len,
+        q, k_seq, v_seq, csr, chosen.shape[1] * csr.page_size, MODE_PAGES, item_list=chosen, list_len=list_len,
         scale=scale, block_n=block_n,
     )

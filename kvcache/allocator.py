@@ -65,15 +65,20 @@ class PageAllocator:
         """Add one reference to each page (a fork)."""
         self.refcount.index_add_(0, pages.cpu().long(), torch.ones(len(pages), dtype=torch.int32))
 
-    def release(self, pages: torch.Tensor) -> None:
-        """Drop one reference from each page; pages reaching zero become free (or evictable)."""
+    def release(self, pages: torch.Tensor) -> list[int]:
+        """Drop one reference from each page; pages reaching zero become free (or evictable, if hashed).
+
+        Returns the pages that became plain free: their contents are garbage from now on."""
         pages = pages.cpu().long()
         self.refcount.index_add_(0, pages, torch.full((len(pages),), -1, dtype=torch.int32))
+        freed = []
         for page in pages[self.refcount[pages] == 0].tolist():
             if page in self._hash_of_page:
                 self._cached_free[page] = None
             else:
                 self._free.append(page)
+                freed.append(page)
+        return freed
 
     def register(self, page: int, digest: bytes) -> None:
         """Record that `page` holds the full page with hash `digest` (first writer wins)."""

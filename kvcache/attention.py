@@ -142,14 +142,22 @@ def run_validated(
     store: KVStore, seq_ids: Sequence[str], layer: int, m: Method, q: torch.Tensor, params: dict, backend: str
 ) -> AttentionResult:
     """Run a method on what validate() returned: the attention half of attend()."""
+    unsupported = triton_unsupported(store.config)
+    if backend == "triton" and unsupported:
+        raise InvalidParameter(f"the Triton kernels cannot serve this store: {unsupported}")
+    if store.tiers is not None:
+        from kvcache.tiered_attention import attend_tiered
+
+        use_triton = backend == "triton" or (backend == "auto" and q.device.type == "cuda" and not unsupported)
+        with store.lock:  # pages must not move while their rows are read
+            csr = store.page_table(seq_ids, layer)
+            return attend_tiered(store, list(seq_ids), layer, _name_of(m), q, params, use_triton,
+                                 m.traffic(store.config, csr, params))
     csr = store.page_table(seq_ids, layer)
     view = store.layer_view(layer)
     tensors = [getattr(view, name) for name in m.reads]
     if m.uses_value_mean:
         tensors.append(store.value_mean(seq_ids, layer))
-    unsupported = triton_unsupported(store.config)
-    if backend == "triton" and unsupported:
-        raise InvalidParameter(f"the Triton kernels cannot serve this store: {unsupported}")
     if backend == "torch" or (backend == "auto" and (q.device.type != "cuda" or unsupported)):
         return m.reference(q, *tensors, csr, **params)
     out, lse = m.triton(q, *tensors, csr, **params)
@@ -183,6 +191,10 @@ def check_query(store: KVStore, seq_ids: Sequence[str], q: torch.Tensor) -> torc
     if len(set(seq_ids)) != len(seq_ids):
         raise InvalidParameter("a sequence appears twice in one attend call")
     return q.to(c.device).contiguous()
+
+
+def _name_of(m: Method) -> str:
+    return next(name for name, known in METHODS.items() if known is m)
 
 
 def _lookup(method: str) -> Method:

@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     from kvcache.serve_cli import add_arguments
 
     add_arguments(serve)
+    generate = sub.add_parser("generate", help="generate text with SmolLM2 (or --model) decoding through the KV store")
+    from engine.cli import add_arguments as add_generate_arguments
+
+    add_generate_arguments(generate)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     decode = bench_sub.add_parser("decode", help="decode attention time, bytes and bandwidth per method vs SDPA")
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvcache.serve_cli import main as serve_main
 
         return serve_main(args)
+    elif args.command == "generate":
+        from engine.cli import main as generate_main
+
+        return generate_main(args)
     elif args.command == "bench" and args.bench == "rpc":
         from bench.rpc import main as bench_rpc
 

@@ -29,9 +29,11 @@ class KVCacheConfig:
     page_size: int = 16
     dtype: torch.dtype | str = torch.float16
     device: torch.device | str = "cpu"
-    device_pages: int = 1024
-    host_pages: int = 0
-    disk_pages: int = 0
+    device_pages: int = 1024  # K/V pages held on the device
+    host_pages: int = 0  # K/V pages in pinned CPU memory (0: no host tier)
+    disk_pages: int = 0  # K/V pages in a file (0: no disk tier)
+    disk_path: str | None = None  # directory of the disk tier's file (default: the system's temp dir)
+    pinned_tail_pages: int = 2  # last pages of every live sequence kept on the device (the local window)
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):
@@ -46,7 +48,7 @@ class KVCacheConfig:
             raise InvalidParameter(f"device {self.device!r} is not a torch device: {exc}") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidParameter(f"device {self.device} requested, but CUDA is not available on this machine")
-        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "device_pages"):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "device_pages", "pinned_tail_pages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidParameter(f"{name} must be a positive int, got {value!r}")
@@ -56,6 +58,21 @@ class KVCacheConfig:
                 raise InvalidParameter(f"{name} must be a non-negative int, got {value!r}")
         if self.head_dim % 8:
             raise InvalidParameter(f"head_dim must be a multiple of 8, got {self.head_dim}")
+
+    @property
+    def tiered(self) -> bool:
+        """Whether K/V pages may leave the device (a host or disk tier exists)."""
+        return self.host_pages > 0 or self.disk_pages > 0
+
+    @property
+    def total_pages(self) -> int:
+        """Page ids the store hands out: one per K/V page slot over all tiers.
+
+        Placement policy (DESIGN.md "Tiers"): `k_dim` and the summaries of every page stay on the
+        device, indexed by page id, so SparQ stage 1 and page scoring never leave it; only `k_seq`
+        and `v_seq` move between tiers.
+        """
+        return self.device_pages + self.host_pages + self.disk_pages
 
     @property
     def itemsize(self) -> int:

@@ -70,3 +70,9 @@ class RemoteError(KVCacheError, RuntimeError):
     """The server failed in a way no other error describes (a bug there; see its log)."""
 
     grpc_code = "INTERNAL"
+
+
+class PageCorrupted(KVCacheError, IOError):
+    """A page read back from the host or disk tier failed its checksum; no attention was computed from it."""
+
+    grpc_code = "DATA_LOSS"

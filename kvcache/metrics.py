@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 
 def prometheus_text(stats: dict) -> str:
@@ -31,7 +31,7 @@ def serve_metrics(host: str, port: int, stats: Callable[[], dict]) -> ThreadingH
     """Serve GET /metrics on (host, port) from a daemon thread; returns the HTTP server (shutdown() stops it)."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             if self.path != "/metrics":
                 self.send_error(404)
                 return

@@ -11,19 +11,24 @@ SUMMARY_MIN, SUMMARY_MAX, SUMMARY_MEAN = 0, 1, 2
 
 
 class PagePool:
-    """Page storage indexed by [layer, page id]; a page id names the same positions in every layer.
+    """Device page storage; a page id names the same positions in every layer.
 
     Layouts (DESIGN.md "The store"):
-      k_seq     [L, N, Hkv, P, d]   sequence-major keys (stage-2 rows, dense attention)
-      k_dim     [L, N, Hkv, d, P]   dim-major keys (SparQ stage 1 reads r runs of P)
-      v_seq     [L, N, Hkv, P, d]
-      k_summary [L, N, Hkv, 3, d]   float32 min / max / mean of the page's filled key rows
+      k_seq     [L, Nkv, Hkv, P, d]  sequence-major keys (stage-2 rows, dense attention)
+      k_dim     [L, N, Hkv, d, P]    dim-major keys (SparQ stage 1 reads r runs of P)
+      v_seq     [L, Nkv, Hkv, P, d]
+      k_summary [L, N, Hkv, 3, d]    float32 min / max / mean of the page's filled key rows
+
+    k_dim and k_summary are indexed by page id (N = config.total_pages: they stay on the device
+    whatever tier holds the page); k_seq and v_seq by device slot (Nkv = config.device_pages). A
+    store without lower tiers uses slot = page id.
     """
 
-    def __init__(self, config: KVCacheConfig, num_pages: int, device: torch.device | None = None) -> None:
+    def __init__(self, config: KVCacheConfig) -> None:
         c = config
-        dev = device if device is not None else c.device
-        shape_seq = (c.num_layers, num_pages, c.num_kv_heads, c.page_size, c.head_dim)
+        dev = c.device
+        num_pages, kv_slots = c.total_pages, c.device_pages
+        shape_seq = (c.num_layers, kv_slots, c.num_kv_heads, c.page_size, c.head_dim)
         shape_dim = (c.num_layers, num_pages, c.num_kv_heads, c.head_dim, c.page_size)
         self.config = c
         self.num_pages = num_pages
@@ -38,22 +43,26 @@ class PagePool:
         self,
         layers: torch.Tensor,
         page_ids: torch.Tensor,
+        kv_slots: torch.Tensor,
         slots: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
     ) -> None:
-        """Scatter k, v [nl, T, Hkv, d] to (layers[nl], page_ids[T], slots[T]) in both key layouts."""
+        """Scatter k, v [nl, T, Hkv, d] to (layers[nl], page_ids[T] / kv_slots[T], slots[T]) in both key layouts."""
         li = layers[:, None]  # [nl, 1] broadcasts against [T]
         pi = page_ids[None, :]
+        ki = kv_slots[None, :]
         si = slots[None, :]
         # Advanced indices separated by a slice put their broadcast dims [nl, T] first.
-        self.k_seq[li, pi, :, si] = k
-        self.v_seq[li, pi, :, si] = v
+        self.k_seq[li, ki, :, si] = k
+        self.v_seq[li, ki, :, si] = v
         self.k_dim[li, pi, :, :, si] = k
 
-    def refresh_summaries(self, layers: torch.Tensor, page_ids: torch.Tensor, fills: torch.Tensor) -> None:
-        """Recompute min/max/mean of pages `page_ids[n]` over their first `fills[nl, n]` rows."""
-        keys = self.k_seq[layers[:, None], page_ids[None, :]].float()  # [nl, n, Hkv, P, d]
+    def refresh_summaries(
+        self, layers: torch.Tensor, page_ids: torch.Tensor, kv_slots: torch.Tensor, fills: torch.Tensor
+    ) -> None:
+        """Recompute min/max/mean of pages `page_ids[n]` (at device slots kv_slots[n]) over their first `fills[nl, n]` rows."""
+        keys = self.k_seq[layers[:, None], kv_slots[None, :]].float()  # [nl, n, Hkv, P, d]
         filled = torch.arange(self.config.page_size, device=keys.device) < fills[..., None]  # [nl, n, P]
         filled = filled[:, :, None, :, None]
         inf = torch.tensor(float("inf"), device=keys.device)
@@ -77,7 +86,9 @@ class PagePool:
         torch.maximum(summary[:, SUMMARY_MAX], kf, out=summary[:, SUMMARY_MAX])
         summary[:, SUMMARY_MEAN].mul_(slot / (slot + 1)).add_(kf, alpha=1 / (slot + 1))
 
-    def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy pages src[n] -> dst[n] in every layer and layout (copy-on-write)."""
-        for pool in (self.k_seq, self.k_dim, self.v_seq, self.k_summary):
+    def copy_pages(self, src: torch.Tensor, dst: torch.Tensor, src_kv: torch.Tensor, dst_kv: torch.Tensor) -> None:
+        """Copy pages src[n] -> dst[n] (device slots src_kv -> dst_kv) in every layer and layout (copy-on-write)."""
+        for pool in (self.k_dim, self.k_summary):
             pool[:, dst] = pool[:, src]
+        for pool in (self.k_seq, self.v_seq):
+            pool[:, dst_kv] = pool[:, src_kv]

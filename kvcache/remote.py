@@ -241,7 +241,7 @@ class RemoteClient:
             stream.close()
         self._channel.close()
 
-    def __enter__(self) -> "RemoteClient":
+    def __enter__(self) -> RemoteClient:
         return self
 
     def __exit__(self, *exc) -> None:

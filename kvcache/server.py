@@ -174,7 +174,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         return self._append_chunks(_Chunks(first, request_iterator), context)
 
     @_handler("AppendStream", lambda chunks: [chunks.first.seq_id])
-    def _append_chunks(self, chunks: "_Chunks", context):
+    def _append_chunks(self, chunks: _Chunks, context):
         info = self._append(chunks.first)
         for chunk in chunks.rest:
             if chunk.seq_id and chunk.seq_id != chunks.first.seq_id:

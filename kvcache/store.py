@@ -20,7 +20,9 @@ from kvcache.errors import (
     StoreFull,
 )
 from kvcache.pages import PagePool
+from kvcache.placement import TierManager
 from kvcache.table import PageTableCSR, SequenceState, build_csr
+from kvcache.tiers import DEVICE
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,12 @@ class KVStore:
 
     def __init__(self, config: KVCacheConfig) -> None:
         self.config = config
-        self.pool = PagePool(config, config.device_pages)
-        self.allocator = PageAllocator(config.device_pages)
+        self.pool = PagePool(config)
+        self.allocator = PageAllocator(config.total_pages)
+        # Lower tiers, when configured: k_seq/v_seq of cold pages leave the device (kvcache.placement).
+        self.tiers = TierManager(config, self.pool) if config.tiered else None
+        if self.tiers is not None:
+            self.tiers.owner_of = self._owners_of
         self._seqs: dict[str, SequenceState] = {}
         # One lock for the page bookkeeping; the service adds per-sequence ordering on top.
         self._lock = threading.RLock()
@@ -84,7 +90,7 @@ class KVStore:
         """Drop a sequence; its pages return to the free list once no other sequence holds them."""
         with self._lock:
             seq = self._get(seq_id)
-            self.allocator.release(seq.live_pages)
+            self._release(seq.live_pages)
             del self._seqs[seq_id]
 
     def describe(self, seq_id: str) -> SequenceInfo:
@@ -123,13 +129,20 @@ class KVStore:
             new_ids = [] if token_ids is None else self._new_token_ids(seq, start, _as_token_list(token_ids), num_new)
 
             P = self.config.page_size
-            first_page, end_page = start // P, self.config.pages_for(end)
-            self._prepare_pages(seq, first_page, end_page)
-
             if num_new == 1 and len(layers) == 1:
+                self._prepare_pages(seq, start // P, self.config.pages_for(end))
                 self._append_row(seq, layers[0], start, k[0, 0], v[0, 0])
             else:
-                self._append_rows(seq, layers, start, end, k, v)
+                need = self._pages_needed(seq, num_new, layer)
+                if need > self.allocator.num_free:
+                    raise StoreFull(f"appending {num_new} positions: need {need} free pages, only "
+                                    f"{self.allocator.num_free} of {self.allocator.num_pages} are free")
+                # A tiered store writes on the device a chunk at a time; earlier chunks go down a tier.
+                step = num_new if self.tiers is None else self._chunk_positions(seq, start)
+                for s0 in range(0, num_new, step):
+                    s1 = min(num_new, s0 + step)
+                    self._prepare_pages(seq, (start + s0) // P, self.config.pages_for(start + s1))
+                    self._append_rows(seq, layers, start + s0, start + s1, k[:, s0:s1], v[:, s0:s1])
             for layer_idx in layers:
                 seq.lengths[layer_idx] = end
             seq.token_ids.extend(new_ids)
@@ -182,15 +195,56 @@ class KVStore:
             return sums / counts[:, None, None]
 
     def pool_usage(self) -> dict[str, int]:
-        """Page counts of the device pool: total, free (incl. evictable cached), cached, sequences."""
+        """Page counts: total, free (incl. evictable cached), cached, sequences; per tier when tiered."""
         with self._lock:
             a = self.allocator
-            return {
+            usage = {
                 "pages_total": a.num_pages,
                 "pages_free": a.num_free,
                 "pages_cached": a.num_cached,
                 "sequences": len(self._seqs),
             }
+            if self.tiers is not None:
+                usage.update(self.tiers.counts())
+            return usage
+
+    def bytes_moved(self) -> dict[str, int]:
+        """Bytes moved between tiers so far, per direction (e.g. 'host<-device')."""
+        if self.tiers is None:
+            return {}
+        return {k: int(v["bytes"]) for k, v in self.tiers.moved.snapshot().items()}
+
+    def prefetch(self, seq_id: str, pages: Sequence[int] | None = None) -> SequenceInfo:
+        """Bring a sequence's pages (indexes into its page table; all if None) to the device ahead of use."""
+        with self._lock:
+            seq = self._get(seq_id)
+            if pages is None:
+                wanted = seq.live_pages.tolist()
+            else:
+                idx = _as_token_list(pages)
+                if any(i >= seq.num_pages for i in idx):
+                    raise PositionOutOfRange(f"sequence {seq_id}: page index beyond its {seq.num_pages} pages")
+                wanted = seq.live_pages[idx].tolist() if idx else []
+            if self.tiers is not None and wanted:
+                self.tiers.bring_up(wanted, self.pinned_pages())
+            return self._info(seq)
+
+    def pinned_pages(self) -> set[int]:
+        """Pages that stay on the device: the last `pinned_tail_pages` of every live sequence."""
+        w = self.config.pinned_tail_pages
+        pinned: set[int] = set()
+        for seq in self._seqs.values():
+            pinned.update(seq.pages[max(0, seq.num_pages - w) : seq.num_pages].tolist())
+        return pinned
+
+    def kv_slots(self, page_ids: torch.Tensor) -> torch.Tensor:
+        """Device slots of k_seq/v_seq for device-resident page ids (the ids themselves without tiers)."""
+        return page_ids if self.tiers is None else self.tiers.device_slots(page_ids)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The store's lock: held by readers that must see pages stay in their tiers."""
+        return self._lock
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -203,6 +257,24 @@ class KVStore:
         if seq is None:
             raise SequenceNotFound(f"sequence {seq_id!r} unknown; was it freed?")
         return seq
+
+    def _owners_of(self, page: int) -> str:
+        owners = [s.seq_id for s in self._seqs.values() if page in set(s.live_pages.tolist())]
+        return "sequence " + ", ".join(owners) if owners else "no live sequence (prefix cache)"
+
+    def _release(self, pages: torch.Tensor) -> None:
+        freed = self.allocator.release(pages)
+        if self.tiers is not None:
+            self.tiers.drop(freed)
+
+    def _chunk_positions(self, seq: SequenceState, start: int) -> int:
+        """Positions one device-side write may cover in a tiered store: whole pages that fit beside the pinned ones."""
+        P = self.config.page_size
+        others = len(self.pinned_pages() - set(seq.live_pages.tolist()))
+        room = self.config.device_pages - others - self.config.pinned_tail_pages
+        if room < 1:
+            raise StoreFull(f"the device holds {self.config.device_pages} pages, {others} pinned by other sequences")
+        return room * P - start % P
 
     def _info(self, seq: SequenceState) -> SequenceInfo:
         return SequenceInfo(seq.seq_id, tuple(seq.lengths), seq.num_pages, seq.cached_tokens)
@@ -268,9 +340,10 @@ class KVStore:
         """One position of one layer (a decode step): plain indexing and in-place summary updates."""
         P = self.config.page_size
         page, slot = int(seq.pages[position // P]), position % P
+        kv_slot = page if self.tiers is None else int(self.tiers.slot[page])
         pool = self.pool
-        pool.k_seq[layer, page, :, slot] = k
-        pool.v_seq[layer, page, :, slot] = v
+        pool.k_seq[layer, kv_slot, :, slot] = k
+        pool.v_seq[layer, kv_slot, :, slot] = v
         pool.k_dim[layer, page, :, :, slot] = k
         pool.fold_row(layer, page, slot, k)
         seq.value_sum[layer] += v.float()
@@ -284,11 +357,13 @@ class KVStore:
         page_ids = seq.pages[positions // P].to(dev, torch.long)
         slots = (positions % P).to(dev)
         layers_t = torch.tensor(layers, device=dev)
-        self.pool.write(layers_t, page_ids, slots, k, v)
+        self.pool.write(layers_t, page_ids, self.kv_slots(page_ids), slots, k, v)
         first_page, end_page = start // P, self.config.pages_for(end)
         touched = seq.pages[first_page:end_page].to(dev, torch.long)
         fills = (end - torch.arange(first_page, end_page) * P).clamp(max=P).to(dev)
-        self.pool.refresh_summaries(layers_t, touched, fills.expand(len(layers), -1))
+        self.pool.refresh_summaries(layers_t, touched, self.kv_slots(touched), fills.expand(len(layers), -1))
+        if self.tiers is not None:
+            self.tiers.policy.touch(seq.pages[first_page:end_page].tolist())
         seq.value_sum[layers_t] += v.float().sum(dim=1)
 
     def _pages_needed(self, seq: SequenceState, num_new_positions: int, layer: int | None) -> int:
@@ -306,16 +381,26 @@ class KVStore:
         num_new = max(0, end_page - seq.num_pages)
         num_shared = int(shared_mask.sum())
         if num_new + num_shared == 0:  # the common decode step: the last page has room and is private
+            if self.tiers is not None:  # a layer behind the others may write to pages that went down
+                self.tiers.bring_up(existing.tolist(), self.pinned_pages() | set(existing.tolist()))
             return
+        idx = torch.nonzero(shared_mask).flatten() + first_page
+        if self.tiers is not None:
+            pinned = self.pinned_pages() | set(existing.tolist())
+            below = sum(int(self.tiers.tier[p]) != DEVICE for p in existing.tolist())
+            self.tiers.room_check(num_shared + num_new + below, pinned)  # before any change
         fresh = self.allocator.allocate(num_shared + num_new)  # raises before any change
+        if self.tiers is not None:
+            self.tiers.bring_up(existing.tolist(), pinned | set(fresh))
+            self.tiers.place_new(fresh, pinned | set(existing.tolist()))
         if num_shared:
-            idx = torch.nonzero(shared_mask).flatten() + first_page
             src = seq.pages[idx].clone()
             dst = torch.tensor(fresh[: len(idx)], dtype=torch.int32)
             dev = self.config.device
-            self.pool.copy_pages(src.to(dev, torch.long), dst.to(dev, torch.long))
+            src_d, dst_d = src.to(dev, torch.long), dst.to(dev, torch.long)
+            self.pool.copy_pages(src_d, dst_d, self.kv_slots(src_d), self.kv_slots(dst_d))
             seq.pages[idx] = dst
-            self.allocator.release(src)
+            self._release(src)
         if num_new:
             seq.push_pages(fresh[len(fresh) - num_new :])
 
@@ -351,8 +436,12 @@ class KVStore:
         seq.cached_tokens = len(pages) * P
         seq.lengths = [seq.cached_tokens] * self.config.num_layers
         # A reused prefix was never appended here, so its value sums are taken once from its pages.
-        idx = torch.tensor(pages, device=self.config.device)
-        seq.value_sum += self.pool.v_seq[:, idx].float().sum(dim=(1, 3))
+        if self.tiers is None:
+            idx = torch.tensor(pages, device=self.config.device)
+            values = self.pool.v_seq[:, idx].float()  # [L, n, Hkv, P, d]
+        else:
+            values = torch.stack([self.tiers.page_kv(p)[:, 1] for p in pages], dim=1).float()
+        seq.value_sum += values.sum(dim=(1, 3)).to(seq.value_sum.device)
 
 
 def _as_token_list(token_ids: Sequence[int]) -> list[int]:

@@ -81,7 +81,7 @@ class SequenceState:
         self.pages[self.num_pages : need] = torch.tensor(new_pages, dtype=torch.int32)
         self.num_pages = need
 
-    def clone_as(self, seq_id: str) -> "SequenceState":
+    def clone_as(self, seq_id: str) -> SequenceState:
         """A copy sharing the same page ids (references are the caller's business)."""
         other = SequenceState(seq_id, self.config)
         other.pages = self.pages.clone()

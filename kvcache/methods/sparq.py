@@ -36,6 +36,47 @@ def check_common_params(scale: float | None, reallocate: bool = True) -> None:
         raise InvalidParameter(f"reallocate={reallocate!r} must be a bool")
 
 
+def i1_of(qg: torch.Tensor, r: int) -> torch.Tensor:
+    """§1 step 1: the r components [Hkv, r] with the largest |q|, summed over the group so it reads them once."""
+    return torch.topk(qg.abs().sum(dim=1), r, dim=-1).indices
+
+
+def select_rows(
+    qg: torch.Tensor, k_i1: torch.Tensor, r: int, S: int, k: int, local_window: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """§1 steps 2-5 for one sequence: positions i2 [Hkv, k] and alpha [Hkv, G].
+
+    qg [Hkv, G, d] float32; k_i1 [Hkv, r, S]: components i1_of(qg, r) of every key (dim-major reads).
+    """
+    Hkv, G, _ = qg.shape
+    i1 = i1_of(qg, r)
+    q_i1 = torch.gather(qg, 2, i1[:, None, :].expand(Hkv, G, r))  # [Hkv, G, r]
+    # 2. tau per query head, from the L1 mass its chosen components cover: sqrt(d * ratio) at
+    # the default scale 1/sqrt(d), sqrt(ratio) / scale in general. A head with no mass on i1
+    # (or q = 0) keeps ratio 1: its approximate logits are all 0 whatever tau is.
+    covered, total = q_i1.abs().sum(-1), qg.abs().sum(-1)
+    ratio = torch.where((covered > 0) & (total > 0), covered / total.clamp(min=1e-30), 1.0)
+    tau = torch.sqrt(ratio) / scale  # [Hkv, G]
+    # 3. shat over all S positions from the r chosen key components.
+    shat = torch.softmax(torch.einsum("hgr,hrs->hgs", q_i1, k_i1.float()) / tau[..., None], dim=-1)
+    # 4. i2: top-k of the group's shat plus the local-window mask. Ranking by the group mean
+    # (same order as the sum) keeps shat <= 1; m = 2 rather than 1 so that a saturated
+    # shat of exactly 1.0 outside the window cannot tie with a window row.
+    m = torch.zeros(S, device=qg.device)
+    if local_window:
+        m[S - local_window :] = 2.0
+    i2 = torch.topk(shat.mean(dim=1) + m, k, dim=-1).indices  # [Hkv, k]
+    # 5. alpha per query head: approximate attention mass the chosen rows cover.
+    alpha = torch.gather(shat, 2, i2[:, None, :].expand(Hkv, G, k)).sum(-1)  # [Hkv, G]
+    return i2, alpha
+
+
+def reallocate_mean(y: torch.Tensor, alpha: torch.Tensor, value_mean: torch.Tensor) -> torch.Tensor:
+    """§1 step 7: alpha * y + (1 - alpha) * vbar; y [Hkv, G, d], alpha [Hkv, G], value_mean [Hkv, d]."""
+    vbar = value_mean.float()[:, None, :]
+    return alpha[..., None] * y + (1 - alpha[..., None]) * vbar
+
+
 def sparq(
     q: torch.Tensor,
     k_seq: torch.Tensor,
@@ -67,36 +108,12 @@ def sparq(
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
     for b, S in enumerate(seq_lens):
         qg = q[b].view(Hkv, G, d).float()
-        qabs = qg.abs()
-        # 1. i1: the r components with the largest |q|, summed over the group so it reads them once.
-        i1 = torch.topk(qabs.sum(dim=1), r, dim=-1).indices  # [Hkv, r]
-        q_i1 = torch.gather(qg, 2, i1[:, None, :].expand(Hkv, G, r))  # [Hkv, G, r]
-        # 2. tau per query head, from the L1 mass its chosen components cover: sqrt(d * ratio) at
-        # the default scale 1/sqrt(d), sqrt(ratio) / scale in general. A head with no mass on i1
-        # (or q = 0) keeps ratio 1: its approximate logits are all 0 whatever tau is.
-        covered, total = q_i1.abs().sum(-1), qabs.sum(-1)
-        ratio = torch.where((covered > 0) & (total > 0), covered / total.clamp(min=1e-30), 1.0)
-        tau = torch.sqrt(ratio) / scale  # [Hkv, G]
-        # 3. shat over all S positions from the r chosen key components (dim-major reads).
-        k_i1 = gather_key_dims(k_dim, csr, b, i1).float()  # [Hkv, r, S]
-        shat = torch.softmax(torch.einsum("hgr,hrs->hgs", q_i1, k_i1) / tau[..., None], dim=-1)
-        # 4. i2: top-k of the group's shat plus the local-window mask. Ranking by the group mean
-        # (same order as the sum) keeps shat <= 1; m = 2 rather than 1 so that a saturated
-        # shat of exactly 1.0 outside the window cannot tie with a window row.
-        m = torch.zeros(S, device=q.device)
-        if local_window:
-            m[S - local_window :] = 2.0
-        i2 = torch.topk(shat.mean(dim=1) + m, k, dim=-1).indices  # [Hkv, k]
-        # 5. alpha per query head: approximate attention mass the chosen rows cover.
-        alpha = torch.gather(shat, 2, i2[:, None, :].expand(Hkv, G, k)).sum(-1)  # [Hkv, G]
+        i2, alpha = select_rows(qg, gather_key_dims(k_dim, csr, b, i1_of(qg, r)), r, S, k, local_window, scale)
         if not reallocate:
             alpha = torch.ones_like(alpha)
         # 6. exact softmax over the k chosen rows (sequence-major reads).
         k_rows = gather_rows(k_seq, csr, b, i2)
         v_rows = gather_rows(v_seq, csr, b, i2)
         y, s = attend_rows(qg, k_rows, v_rows, scale)
-        # 7. mean-value reallocation of the mass the chosen rows miss.
-        vbar = value_mean[b].float()[:, None, :]  # [Hkv, 1, d]
-        y = alpha[..., None] * y + (1 - alpha[..., None]) * vbar
-        out[b], lse[b] = y.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
+        out[b], lse[b] = reallocate_mean(y, alpha, value_mean[b]).reshape(Hq, d).to(q.dtype), s.reshape(Hq)
     return AttentionResult(out, lse, sparq_bytes(csr.host_lens, Hkv, d, r, k, k_seq.element_size()))
