@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     rpc.add_argument("--threads", type=int, default=4, help="concurrent engine connections in the last row")
     rpc.add_argument("--device", default="cpu", help="where both stores live: cpu (default) or cuda")
     rpc.add_argument("--json", help="write the report here")
+    offload = bench_sub.add_parser("offload", help="decode steps over K/V offloaded to pinned host memory")
+    offload.add_argument("--context", default="131072,524288", help="comma-separated contexts")
+    offload.add_argument("--device-tokens", type=int, default=8192, help="positions whose K/V stay on the device")
+    offload.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    offload.add_argument("--iters", type=int, default=10, help="timed steps per row (median reported)")
+    offload.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -58,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.rpc import main as bench_rpc
 
         return bench_rpc(args)
+    elif args.command == "bench" and args.bench == "offload":
+        from bench.offload import main as bench_offload
+
+        return bench_offload(args)
     elif args.command == "bench" and args.bench == "decode":
         from bench.decode import main as bench_decode
 

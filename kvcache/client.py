@@ -17,6 +17,7 @@ from kvcache.methods import AttentionResult
 from kvcache.methods.gather import gather_key_dims, gather_rows
 from kvcache.stats import Totals
 from kvcache.store import KVStore, SequenceInfo
+from kvcache.tiered_attention import read_tiered_rows
 
 FetchKind = Literal["columns", "rows", "value_mean", "summaries"]
 
@@ -71,8 +72,11 @@ class KVCacheClient(Protocol):
     def fetch(self, seq_id: str, layer: int, what: FetchKind, index: torch.Tensor | None = None) -> FetchResult:
         """Raw reads for engines that attend themselves (columns, rows, value_mean, summaries)."""
 
+    def prefetch(self, seq_id: str, pages: Sequence[int] | None = None) -> SequenceInfo:
+        """Bring pages (indexes into the sequence's page table; all if None) to the device ahead of use."""
+
     def stats(self) -> dict[str, Any]:
-        """Pool usage and per-method calls, bytes read and seconds."""
+        """Pool usage (pages per tier), per-method calls, bytes read and seconds, bytes moved between tiers."""
 
 
 class InProcessClient:
@@ -168,8 +172,11 @@ class InProcessClient:
             if what == "columns":
                 cols = gather_key_dims(view.k_dim, csr, 0, index)
                 return FetchResult((cols,), cols.numel() * cols.element_size())
-            keys = gather_rows(view.k_seq, csr, 0, index)
-            values = gather_rows(view.v_seq, csr, 0, index)
+            if store.tiers is not None:  # rows from whichever tier holds them
+                keys, values = read_tiered_rows(store, layer, csr, index)
+            else:
+                keys = gather_rows(view.k_seq, csr, 0, index)
+                values = gather_rows(view.v_seq, csr, 0, index)
             return FetchResult((keys, values), 2 * keys.numel() * keys.element_size())
         if index is not None:
             raise InvalidParameter(f"fetch {what!r} takes no index")
@@ -181,9 +188,14 @@ class InProcessClient:
             return FetchResult((summary,), summary.numel() * SUMMARY_DTYPE.itemsize)
         raise InvalidParameter(f"unknown fetch kind {what!r}; expected columns, rows, value_mean or summaries")
 
+    def prefetch(self, seq_id: str, pages: Sequence[int] | None = None) -> SequenceInfo:
+        """Bring pages (indexes into the sequence's page table; all if None) to the device ahead of use."""
+        return self.store.prefetch(seq_id, pages)
+
     def stats(self) -> dict[str, Any]:
-        """Pool usage and per-method calls, bytes read and seconds."""
-        return {"pool": self.store.pool_usage(), "methods": self.counters.snapshot()}
+        """Pool usage (pages per tier), per-method calls, bytes read and seconds, bytes moved between tiers."""
+        return {"pool": self.store.pool_usage(), "methods": self.counters.snapshot(),
+                "bytes_moved": self.store.bytes_moved()}
 
 
 def _check_index(index: torch.Tensor | None, num_kv_heads: int, bound: int, what: str) -> torch.Tensor:

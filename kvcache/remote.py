@@ -205,7 +205,8 @@ class RemoteClient:
             reply = self._attend_on_stream(request)
         else:
             reply = self._call("Attend", request, idempotent=new_k is None and new_v is None)
-        return AttentionResult(from_wire(reply.out, "out"), from_wire(reply.lse, "lse"), reply.bytes_read)
+        return AttentionResult(from_wire(reply.out, "out"), from_wire(reply.lse, "lse"), reply.bytes_read,
+                               dict(reply.bytes_moved))
 
     def fetch(self, seq_id: str, layer: int, what: FetchKind, index: torch.Tensor | None = None) -> FetchResult:
         """Raw reads for engines that attend themselves (columns, rows, value_mean, summaries)."""
@@ -223,7 +224,13 @@ class RemoteClient:
             "methods": {m: {"calls": t.calls, "bytes_read": t.bytes_read, "seconds": t.seconds}
                         for m, t in s.methods.items()},
             "rpcs": {r: {"calls": t.calls, "errors": t.errors, "seconds": t.seconds} for r, t in s.rpcs.items()},
+            "bytes_moved": dict(s.bytes_moved),
         }
+
+    def prefetch(self, seq_id: str, pages: Sequence[int] | None = None) -> SequenceInfo:
+        """Bring pages (indexes into the sequence's page table; all if None) to the device ahead of use."""
+        request = pb.PrefetchRequest(seq_id=seq_id, pages=list(pages or []))
+        return info_from_wire(self._call("Prefetch", request, idempotent=True))
 
     def health(self) -> str:
         """"SERVING" or "DRAINING"."""

@@ -235,6 +235,10 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         result = self.client.fetch(request.seq_id, request.layer, request.what, index)
         return pb.FetchResponse(tensors=[to_wire(t) for t in result.tensors], bytes_read=result.bytes_read)
 
+    @_handler("Prefetch", lambda r: [r.seq_id])
+    def Prefetch(self, request, context):
+        return info_to_wire(self.client.prefetch(request.seq_id, list(request.pages) or None))
+
     @_handler("SparseIndex")
     def SparseIndex(self, request, context):
         raise NotSupported("SparseIndex carries MInference indices, which are not implemented yet")
@@ -248,6 +252,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                      for m, t in s["methods"].items()},
             rpcs={r: pb.RpcStats(calls=int(t["calls"]), errors=int(t["errors"]), seconds=t["seconds"])
                   for r, t in s["rpcs"].items()},
+            bytes_moved=s["bytes_moved"],
         )
 
     @_handler("Health")
@@ -285,7 +290,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             new_v=from_wire(request.new_v, "new_v") if has_v else None,
             backend=request.backend or "auto",
         )
-        return pb.AttendResponse(out=to_wire(result.out), lse=to_wire(result.lse), bytes_read=result.bytes_read)
+        return pb.AttendResponse(out=to_wire(result.out), lse=to_wire(result.lse), bytes_read=result.bytes_read,
+                                 bytes_moved=result.bytes_moved)
 
 
 class _BearerToken(grpc.ServerInterceptor):

@@ -99,6 +99,17 @@ def _torch(store, seq_ids, csr: PageTableCSR, layer: int, method: str, q, params
     return out, lse
 
 
+def read_tiered_rows(store, layer: int, csr: PageTableCSR, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V rows [Hkv, k, d] of sequence 0 of `csr` at positions [Hkv, k] (a fetch of a tiered store)."""
+    with store.lock:
+        Hkv, n = positions.shape
+        P = csr.page_size
+        pos = positions.cpu()
+        heads = torch.arange(Hkv)[:, None].expand(Hkv, n)
+        k, v = read_rows(store, layer, csr.pages_of(0).cpu()[pos // P], heads, pos % P, _Moves(store.tiers))
+        return k.view(Hkv, n, -1), v.view(Hkv, n, -1)
+
+
 def read_rows(store, layer: int, pages: torch.Tensor, heads: torch.Tensor, rows: torch.Tensor,
               moves: _Moves) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V rows [n, d] at (page id, kv head, row) triples, from whichever tier holds each page."""
@@ -151,7 +162,6 @@ def _dense_one(store, layer, qg, pages, S, scale, moves):
     """Exact attention of one sequence: device pages in place, offloaded pages streamed; merged by lse."""
     tiers: TierManager = store.tiers
     P = store.config.page_size
-    Hkv, _, d = qg.shape
     n = len(pages)
     fills = torch.full((n,), P)
     fills[-1] = S - (n - 1) * P
@@ -221,7 +231,7 @@ def stream_pages(
 
     nxt = start(0) if n else None
     while nxt is not None:
-        span, src, dst, done = nxt
+        span, _staging, dst, done = nxt  # the staging buffer lives until its copy is waited on
         nxt = start(span[1]) if span[1] < n else None  # overlaps the copy and attention of this chunk
         torch.cuda.current_stream(device).wait_event(done)
         dst.record_stream(torch.cuda.current_stream(device))

@@ -79,6 +79,11 @@ class KVCacheStub:
                 request_serializer=kvcache__pb2.FetchRequest.SerializeToString,
                 response_deserializer=kvcache__pb2.FetchResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/kvcache.v1.KVCache/Prefetch',
+                request_serializer=kvcache__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=kvcache__pb2.SequenceInfo.FromString,
+                _registered_method=True)
         self.SparseIndex = channel.unary_unary(
                 '/kvcache.v1.KVCache/SparseIndex',
                 request_serializer=kvcache__pb2.SparseIndexRequest.SerializeToString,
@@ -160,6 +165,13 @@ class KVCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Bring pages of a sequence to the device ahead of use (a hint; tiered stores only move).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SparseIndex(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -231,6 +243,11 @@ def add_KVCacheServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=kvcache__pb2.FetchRequest.FromString,
                     response_serializer=kvcache__pb2.FetchResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=kvcache__pb2.PrefetchRequest.FromString,
+                    response_serializer=kvcache__pb2.SequenceInfo.SerializeToString,
             ),
             'SparseIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.SparseIndex,
@@ -496,6 +513,33 @@ class KVCache:
             '/kvcache.v1.KVCache/Fetch',
             kvcache__pb2.FetchRequest.SerializeToString,
             kvcache__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcache.v1.KVCache/Prefetch',
+            kvcache__pb2.PrefetchRequest.SerializeToString,
+            kvcache__pb2.SequenceInfo.FromString,
             options,
             channel_credentials,
             insecure,
