@@ -34,6 +34,7 @@ class KVCacheConfig:
     disk_pages: int = 0  # K/V pages in a file (0: no disk tier)
     disk_path: str | None = None  # directory of the disk tier's file (default: the system's temp dir)
     pinned_tail_pages: int = 2  # last pages of every live sequence kept on the device (the local window)
+    eviction: str = "lru"  # "lru", or "sparse": pages sparse attention rarely chooses go down first
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):
@@ -56,6 +57,10 @@ class KVCacheConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidParameter(f"{name} must be a non-negative int, got {value!r}")
+        if self.eviction not in ("lru", "sparse"):
+            raise InvalidParameter(f"eviction {self.eviction!r} unknown; expected 'lru' or 'sparse'")
+        if self.disk_path is not None and not isinstance(self.disk_path, str):
+            raise InvalidParameter(f"disk_path must be a str (a directory), got {type(self.disk_path).__name__}")
         if self.head_dim % 8:
             raise InvalidParameter(f"head_dim must be a multiple of 8, got {self.head_dim}")
 

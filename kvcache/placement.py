@@ -20,7 +20,7 @@ import torch
 
 from kvcache.config import KVCacheConfig
 from kvcache.errors import PageCorrupted, StoreFull
-from kvcache.eviction import EvictionPolicy, LRUPolicy
+from kvcache.eviction import EvictionPolicy, LRUPolicy, SparseAwarePolicy
 from kvcache.pages import PagePool
 from kvcache.stats import Totals
 from kvcache.tiers import DEVICE, DISK, HOST, NOWHERE, TIER_NAMES, SlotStorage
@@ -38,7 +38,9 @@ class TierManager:
         c = config
         self.config = c
         self.pool = pool
-        self.policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
+        if policy is None:
+            policy = SparseAwarePolicy() if c.eviction == "sparse" else LRUPolicy()
+        self.policy: EvictionPolicy = policy
         total = c.total_pages
         self.tier = torch.full((total,), NOWHERE, dtype=torch.int8)
         self.slot = torch.full((total,), -1, dtype=torch.int32)
@@ -201,6 +203,16 @@ class TierManager:
             self._set([p], DEVICE, [ds])
             self.moved.add(pair(DEVICE, tier), bytes=self.storage[tier].page_bytes, pages=1)
         self.policy.touch(pages)
+
+    @property
+    def tracks_choices(self) -> bool:
+        """Whether the policy wants to hear which pages sparse attention chose (a sparse-aware policy)."""
+        return hasattr(self.policy, "chosen")
+
+    def note_chosen(self, pages: torch.Tensor) -> None:
+        """Tell a sparse-aware policy which pages a sparse method read from (ids, any device)."""
+        if self.tracks_choices:
+            self.policy.chosen(torch.unique(pages.flatten()).tolist())
 
     def page_kv(self, page: int) -> torch.Tensor:
         """K/V of one page in every layer [L, 2, Hkv, P, d] from whichever tier holds it (a copy on the host)."""

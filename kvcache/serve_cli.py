@@ -23,7 +23,9 @@ if TYPE_CHECKING:  # grpc is imported only by commands that serve
 
 STORE_FLAGS = {  # flag dest -> KVCacheConfig field
     "layers": "num_layers", "kv_heads": "num_kv_heads", "head_dim": "head_dim", "page_size": "page_size",
-    "dtype": "dtype", "device": "device", "pages": "device_pages",
+    "dtype": "dtype", "device": "device", "pages": "device_pages", "host_pages": "host_pages",
+    "disk_pages": "disk_pages", "disk_path": "disk_path", "pinned_tail_pages": "pinned_tail_pages",
+    "eviction": "eviction",
 }
 SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
                 "grace_seconds", "torch_threads")
@@ -52,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="K/V dtype (default float32)")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     p.add_argument("--pages", type=int, help="pages in the device pool (default 4096)")
+    p.add_argument("--host-pages", type=int, help="K/V pages in pinned CPU memory (default 0: no host tier)")
+    p.add_argument("--disk-pages", type=int, help="K/V pages in a file (default 0: no disk tier)")
+    p.add_argument("--disk-path", help="directory of the disk tier's file (default: the temp dir)")
+    p.add_argument("--pinned-tail-pages", type=int, help="last pages of each sequence kept on the device (2)")
+    p.add_argument("--eviction", choices=["lru", "sparse"], help="which device pages go down first (default lru)")
 
 
 def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:

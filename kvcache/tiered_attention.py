@@ -71,6 +71,7 @@ def _torch(store, seq_ids, csr: PageTableCSR, layer: int, method: str, q, params
     B, Hq, d = q.shape
     Hkv = store.config.num_kv_heads
     G = Hq // Hkv
+    tiers: TierManager = store.tiers
     view = store.layer_view(layer)
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
@@ -87,11 +88,13 @@ def _torch(store, seq_ids, csr: PageTableCSR, layer: int, method: str, q, params
                 alpha = torch.ones_like(alpha)
             heads = torch.arange(Hkv, device=i2.device)[:, None].expand_as(i2)
             P = csr.page_size
+            tiers.note_chosen(pages[i2 // P])
             kr, vr = read_rows(store, layer, pages[i2 // P].cpu(), heads.cpu(), (i2 % P).cpu(), moves)
             y, s = attend_rows(qg, kr.view(Hkv, -1, d), vr.view(Hkv, -1, d), scale)
             y = reallocate_mean(y, alpha, store.value_mean([seq_ids[b]], layer)[0])
         elif method == "quest":
             chosen = select_pages(quest_page_scores(qg, view.k_summary[pages], scale), params["top_pages"])
+            tiers.note_chosen(pages[chosen])
             y, s = _pages_one(store, layer, qg, pages, chosen, S, scale, moves)
         else:
             raise ValueError(f"no tiered path for method {method!r}")
@@ -275,6 +278,8 @@ def _triton(store, seq_ids, csr: PageTableCSR, layer: int, method: str, q, param
     live = torch.arange(items.shape[1], device=q.device)[None, :] < list_len[:, None]
     page_ids = csr.indices[(starts + page_index.clamp(min=0)).clamp(max=max(csr.indices.numel() - 1, 0)).long()]
     where = torch.where(live, tiers.tier_dev[page_ids.long()], -1)
+    if method != "dense" and tiers.tracks_choices:  # a host sync: only for a policy that asks
+        tiers.note_chosen(page_ids[live])
     slot_csr = PageTableCSR(csr.indptr, tiers.slot_dev[csr.indices.long()], csr.last_page_len, P, csr.host_lens)
     row_bytes = 2 * store.config.head_dim * store.config.itemsize
     parts = []
