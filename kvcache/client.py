@@ -173,7 +173,7 @@ class InProcessClient:
                 cols = gather_key_dims(view.k_dim, csr, 0, index)
                 return FetchResult((cols,), cols.numel() * cols.element_size())
             if store.tiers is not None:  # rows from whichever tier holds them
-                keys, values = read_tiered_rows(store, layer, csr, index)
+                keys, values = read_tiered_rows(store, seq_id, layer, index)
             else:
                 keys = gather_rows(view.k_seq, csr, 0, index)
                 values = gather_rows(view.v_seq, csr, 0, index)

@@ -160,8 +160,7 @@ class TierManager:
         host, disk = self.storage[HOST], self.storage[DISK]
         if disk.num_free < len(pages):
             raise StoreFull(f"the disk tier has {disk.num_free} free pages; {len(pages)} must go down from the host")
-        slots = []
-        for p in pages:
+        for p in pages:  # one page at a time, so a corrupted page stops the moves with the tables right
             hs = int(self.slot[p])
             self._verify(p, host, hs)
             ds = disk.allocate()
@@ -171,9 +170,8 @@ class TierManager:
                 raise PageCorrupted(f"page {p} ({self.owner_of(p)}) changed while written to the disk tier")
             host.release(hs)
             self._host_lru.pop(p, None)
-            slots.append(ds)
-        self._set(pages, DISK, slots)
-        self.moved.add(pair(DISK, HOST), bytes=len(pages) * host.page_bytes, pages=len(pages))
+            self._set([p], DISK, [ds])
+            self.moved.add(pair(DISK, HOST), bytes=host.page_bytes, pages=1)
 
     def _verify(self, page: int, storage: SlotStorage, slot: int) -> None:
         if storage.checksum(slot) != self.checksums[page]:

@@ -138,9 +138,8 @@ class KVStore:
                     raise StoreFull(f"appending {num_new} positions: need {need} free pages, only "
                                     f"{self.allocator.num_free} of {self.allocator.num_pages} are free")
                 # A tiered store writes on the device a chunk at a time; earlier chunks go down a tier.
-                step = num_new if self.tiers is None else self._chunk_positions(seq, start)
-                for s0 in range(0, num_new, step):
-                    s1 = min(num_new, s0 + step)
+                chunks = [(0, num_new)] if self.tiers is None else self._plan_chunks(seq, start, num_new)
+                for s0, s1 in chunks:
                     self._prepare_pages(seq, (start + s0) // P, self.config.pages_for(start + s1))
                     self._append_rows(seq, layers, start + s0, start + s1, k[:, s0:s1], v[:, s0:s1])
             for layer_idx in layers:
@@ -267,14 +266,32 @@ class KVStore:
         if self.tiers is not None:
             self.tiers.drop(freed)
 
-    def _chunk_positions(self, seq: SequenceState, start: int) -> int:
-        """Positions one device-side write may cover in a tiered store: whole pages that fit beside the pinned ones."""
-        P = self.config.page_size
-        others = len(self.pinned_pages() - set(seq.live_pages.tolist()))
-        room = self.config.device_pages - others - self.config.pinned_tail_pages
-        if room < 1:
-            raise StoreFull(f"the device holds {self.config.device_pages} pages, {others} pinned by other sequences")
-        return room * P - start % P
+    def _plan_chunks(self, seq: SequenceState, start: int, num_new: int) -> list[tuple[int, int]]:
+        """Offsets [s0, s1) of the device-side writes of a long append to a tiered store; raises StoreFull
+        (before any change) if a chunk cannot fit beside the pinned tails.
+
+        A chunk's new pages must fit on the device with the other sequences' pinned tails and this
+        sequence's own tail as it stands before the chunk. Pages this sequence shares with another
+        (a fork) count in both, which leaves room for their copy on write."""
+        P, W = self.config.page_size, self.config.pinned_tail_pages
+        others = 0
+        for other in self._seqs.values():
+            if other is not seq:
+                others += min(W, other.num_pages)
+        chunks: list[tuple[int, int]] = []
+        done, pages = 0, seq.num_pages
+        while done < num_new:
+            position = start + done
+            room = self.config.device_pages - others - min(W, pages)
+            cap = max(room, 0) * P + (P - position % P) % P  # new pages, plus what is left of the last one
+            if cap <= 0:
+                raise StoreFull(f"the device holds {self.config.device_pages} pages: {others} are pinned by other "
+                                f"sequences and {min(W, pages)} by this one's tail; no room for a new page")
+            n = min(cap, num_new - done)
+            chunks.append((done, done + n))
+            done += n
+            pages = max(pages, self.config.pages_for(start + done))
+        return chunks
 
     def _info(self, seq: SequenceState) -> SequenceInfo:
         return SequenceInfo(seq.seq_id, tuple(seq.lengths), seq.num_pages, seq.cached_tokens)
@@ -391,8 +408,12 @@ class KVStore:
             self.tiers.room_check(num_shared + num_new + below, pinned)  # before any change
         fresh = self.allocator.allocate(num_shared + num_new)  # raises before any change
         if self.tiers is not None:
-            self.tiers.bring_up(existing.tolist(), pinned | set(fresh))
-            self.tiers.place_new(fresh, pinned | set(existing.tolist()))
+            try:
+                self.tiers.bring_up(existing.tolist(), pinned | set(fresh))
+                self.tiers.place_new(fresh, pinned | set(existing.tolist()))
+            except BaseException:  # a corrupted page met on the way down: give the fresh ids back
+                self._release(torch.tensor(fresh, dtype=torch.int32))
+                raise
         if num_shared:
             src = seq.pages[idx].clone()
             dst = torch.tensor(fresh[: len(idx)], dtype=torch.int32)

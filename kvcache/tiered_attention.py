@@ -102,9 +102,10 @@ def _torch(store, seq_ids, csr: PageTableCSR, layer: int, method: str, q, params
     return out, lse
 
 
-def read_tiered_rows(store, layer: int, csr: PageTableCSR, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V rows [Hkv, k, d] of sequence 0 of `csr` at positions [Hkv, k] (a fetch of a tiered store)."""
-    with store.lock:
+def read_tiered_rows(store, seq_id: str, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V rows [Hkv, k, d] of a sequence at positions [Hkv, k], from whichever tier holds them (a fetch)."""
+    with store.lock:  # the page table and the tiers must agree while the rows are read
+        csr = store.page_table([seq_id], layer)
         Hkv, n = positions.shape
         P = csr.page_size
         pos = positions.cpu()
