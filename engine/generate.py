@@ -1,0 +1,158 @@
+"""The generation loop: prefill each prompt into the KV store, then decode the batch step by step.
+
+Every layer's decode attention goes through the KVCacheClient (in-process or remote), so the
+method (dense, sparq, quest) is a parameter of the loop and the bytes it reads are counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.decode import DENSE, AttentionSpec, decode_step
+from engine.model import Llama
+from engine.prefill import PrefillAttention, Progress, causal_attention, prefill
+from engine.sampling import GREEDY, Sampler
+from engine.tokenizer import StreamDecoder, Tokenizer
+from kvcache.client import KVCacheClient
+
+# (index of the prompt in the batch, token id) for every token as soon as it is chosen
+TokenCallback = Callable[[int, int], None]
+
+
+@dataclass
+class GenerationResult:
+    """Tokens generated per prompt and what producing them cost."""
+
+    tokens: list[list[int]]  # per prompt, the stop token included when one ended it
+    stop_reasons: list[str]  # per prompt: "stop" (a stop token) or "length" (max_new_tokens)
+    prompt_tokens: int  # prompt positions, all prompts
+    reused_tokens: int  # of those, positions found in the store's prefix cache (not recomputed)
+    prefill_seconds: float
+    decode_steps: int
+    decode_tokens: int  # tokens chosen after a decode step (the first token of each prompt comes from prefill)
+    decode_seconds: float
+    attention_bytes: int  # bytes the store's attention read during decode, all layers and sequences
+    texts: list[str] = field(default_factory=list)  # filled by generate_text
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode throughput: tokens chosen after decode steps per second of decoding (all prompts together)."""
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def attention_bytes_per_token(self) -> float:
+        """Attention bytes read from the store per decoded token (all layers)."""
+        return self.attention_bytes / self.decode_tokens if self.decode_tokens else 0.0
+
+
+def generate(
+    model: Llama,
+    client: KVCacheClient,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 128,
+    spec: AttentionSpec = DENSE,
+    sampler: Sampler = GREEDY,
+    stop_ids: Sequence[int] = (),
+    chunk_size: int = 256,
+    prefill_attention: PrefillAttention = causal_attention,
+    on_token: TokenCallback | None = None,
+    progress: Progress | None = None,
+) -> GenerationResult:
+    """Generate up to `max_new_tokens` tokens for each prompt (token ids), decoding the prompts as one batch.
+
+    A prompt stops at its first token in `stop_ids`; its sequence is freed from the store at the end.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    prompts = [[int(t) for t in p] for p in prompts]
+    limit = model.config.max_position_embeddings
+    for p in prompts:
+        if not p:
+            raise ValueError("a prompt needs at least one token")
+        if len(p) + max_new_tokens > limit:
+            raise ValueError(f"a prompt of {len(p)} tokens plus {max_new_tokens} new ones exceeds the model's "
+                             f"context of {limit}")
+    stops = frozenset(int(s) for s in stop_ids)
+    gen = sampler.generator()
+    seq_ids: list[str] = []
+    try:
+        t0 = time.perf_counter()
+        last_logits = []
+        reused = 0
+        for p in prompts:
+            info = client.create(token_ids=p)
+            seq_ids.append(info.seq_id)
+            reused += info.cached_tokens
+            last_logits.append(prefill(model, client, info.seq_id, p, info.cached_tokens, chunk_size,
+                                       prefill_attention, progress))
+        prefill_seconds = time.perf_counter() - t0
+
+        tokens: list[list[int]] = [[] for _ in prompts]
+        reasons = ["length"] * len(prompts)
+        positions = [len(p) for p in prompts]  # where each sequence's next token goes
+
+        def take(rows: list[int], chosen: list[int]) -> list[int]:
+            """Record the chosen tokens; returns the rows still generating."""
+            alive = []
+            for b, t in zip(rows, chosen):
+                tokens[b].append(t)
+                if on_token is not None:
+                    on_token(b, t)
+                if t in stops:
+                    reasons[b] = "stop"
+                elif len(tokens[b]) < max_new_tokens:
+                    alive.append(b)
+            return alive
+
+        active = take(list(range(len(prompts))), sampler.sample(torch.stack(last_logits), gen).tolist())
+        steps = decoded = attention_bytes = 0
+        t1 = time.perf_counter()
+        while active:
+            step = decode_step(model, client, [seq_ids[b] for b in active], [tokens[b][-1] for b in active],
+                               [positions[b] for b in active], spec)
+            for b in active:
+                positions[b] += 1
+            steps, decoded, attention_bytes = steps + 1, decoded + len(active), attention_bytes + step.bytes_read
+            active = take(active, sampler.sample(step.logits, gen).tolist())
+        decode_seconds = time.perf_counter() - t1
+    except BaseException:
+        for s in seq_ids:  # best effort: the error that got us here is the one to report
+            with contextlib.suppress(Exception):
+                client.free(s)
+        raise
+    for s in seq_ids:
+        client.free(s)
+    return GenerationResult(tokens, reasons, sum(map(len, prompts)), reused, prefill_seconds, steps, decoded,
+                            decode_seconds, attention_bytes)
+
+
+def generate_text(
+    model: Llama,
+    tokenizer: Tokenizer,
+    client: KVCacheClient,
+    prompt: str | Sequence[Mapping[str, str]],
+    chat: bool = False,
+    on_text: Callable[[str], None] | None = None,
+    **kwargs,
+) -> GenerationResult:
+    """generate() for one text prompt (a chat by the model's template if `chat`), stopping at the tokenizer's
+    stop tokens; streams the answer's text to `on_text` as it comes and fills `texts`."""
+    ids = tokenizer.prompt_ids(prompt, chat)
+    stream = StreamDecoder(tokenizer)
+
+    def on_token(b: int, token: int) -> None:
+        if token in tokenizer.stop_ids:
+            return
+        piece = stream.push(token)
+        if piece and on_text is not None:
+            on_text(piece)
+
+    result = generate(model, client, [ids], stop_ids=tokenizer.stop_ids, on_token=on_token, **kwargs)
+    answer = [t for t in result.tokens[0] if t not in tokenizer.stop_ids]
+    result.texts = [tokenizer.decode(answer)]
+    return result
