@@ -16,6 +16,7 @@ Triton path serves device and host rows and leaves a batch that touches the disk
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 
@@ -244,6 +245,15 @@ def stream_pages(
 
 # ---- Triton path: the kernels read device and pinned-host pools in place ------------------------------------
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One reusable stream per device for the offloaded part of an attention call."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
 
 def _triton(store, seq_ids, csr: PageTableCSR, layer: int, method: str, q, params, moves: _Moves):
     from kernels.paged_decode import MODE_PAGES, MODE_ROWS, Partials, attend_partial, merge_partials
@@ -288,16 +298,37 @@ def _triton(store, seq_ids, csr: PageTableCSR, layer: int, method: str, q, param
     if HOST in tiers.storage:
         host = tiers.storage[HOST].data[layer]  # [N, 2, Hkv, P, d], pinned: the kernel reads it over PCIe
         pools[HOST] = (host[:, 0], host[:, 1])
-    for tier, (k_pool, v_pool) in pools.items():
-        mine = where == tier
-        count = mine.sum(dim=1, dtype=torch.int32)
-        if tier != DEVICE and not bool(count.any()):
+    mine = {tier: where == tier for tier in pools}
+    counts = {tier: m.sum(dim=1, dtype=torch.int32) for tier, m in mine.items()}
+    totals = dict(zip(counts, torch.stack([c.sum() for c in counts.values()]).tolist()))  # one host sync
+    cuda = q.device.type == "cuda"
+    main = torch.cuda.current_stream(q.device) if cuda else None
+    side = _side_stream(q.device) if cuda else None
+    joins = []
+    # Offloaded parts first, on a side stream: they wait on PCIe while the device part runs.
+    for tier in sorted(pools, key=lambda t: t == DEVICE):
+        if tier != DEVICE and totals[tier] == 0:
             continue
-        # Items of this tier first in each row (a stable sort keeps their order), then its count.
-        order = torch.sort((~mine).to(torch.int8), dim=1, stable=True).indices
-        mine_items = torch.gather(items, 1, order).to(torch.int32).contiguous()
-        parts.append(attend_partial(q, k_pool, v_pool, slot_csr, items.shape[1] * item_bytes, mode,
-                                    item_list=mine_items, list_len=count, alpha_inputs=alpha_inputs, scale=scale))
+        k_pool, v_pool = pools[tier]
+        stream = side if tier != DEVICE else main
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            if cuda and tier != DEVICE:
+                stream.wait_stream(main)
+            # Items of this tier first in each row (a stable sort keeps their order), then its count.
+            order = torch.sort((~mine[tier]).to(torch.int8), dim=1, stable=True).indices
+            mine_items = torch.gather(items, 1, order).to(torch.int32).contiguous()
+            parts.append(attend_partial(q, k_pool, v_pool, slot_csr, items.shape[1] * item_bytes, mode,
+                                        item_list=mine_items, list_len=counts[tier], alpha_inputs=alpha_inputs,
+                                        scale=scale))
+            if cuda and tier != DEVICE:
+                for t in (parts[-1].out, parts[-1].lse, parts[-1].alpha):
+                    if t is not None:  # made on the side stream, read by the merge on the main one
+                        t.record_stream(main)
+                done = torch.cuda.Event()
+                done.record(stream)
+                joins.append(done)
         if tier != DEVICE:
-            moves.add(tier, int(count.sum()) * item_bytes * row_bytes)
+            moves.add(tier, totals[tier] * item_bytes * row_bytes)
+    for done in joins:
+        main.wait_event(done)
     return merge_partials(q, Partials.concat(parts), Hkv, vbar)
