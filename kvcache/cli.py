@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.cli import add_arguments as add_generate_arguments
 
     add_generate_arguments(generate)
+    evaluate = sub.add_parser("eval", help="accuracy of each decode method against dense on the real model")
+    from engine.eval_cli import add_arguments as add_eval_arguments
+
+    add_eval_arguments(evaluate)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     decode = bench_sub.add_parser("decode", help="decode attention time, bytes and bandwidth per method vs SDPA")
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.cli import main as generate_main
 
         return generate_main(args)
+    elif args.command == "eval":
+        from engine.eval_cli import main as eval_main
+
+        return eval_main(args)
     elif args.command == "bench" and args.bench == "rpc":
         from bench.rpc import main as bench_rpc
 

@@ -1,0 +1,143 @@
+"""`kvcache eval`: perplexity, greedy agreement and passkey retrieval of each decode method against dense,
+with the attention bytes per token each one read; JSON and a plot under bench/results/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import time
+
+import torch
+
+from engine.decode import AttentionSpec
+from engine.eval_data import long_text, passkey_prompt
+from engine.evaluation import greedy_methods, perplexity, teacher_force
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `kvcache eval`."""
+    p.add_argument("--model", help="a .gguf file or a Hugging Face checkpoint directory (default: SmolLM2-135M)")
+    p.add_argument("--contexts", default="1024,2048,4096,8192", help="perplexity contexts in tokens")
+    p.add_argument("--eval-tokens", type=int, default=64, help="tokens scored at the end of each context")
+    p.add_argument("--agree-tokens", type=int, default=32, help="free-running greedy tokens compared with dense")
+    p.add_argument("--passkey-lengths", default="1024,2048,4096,8000", help="passkey prompt lengths in tokens")
+    p.add_argument("--depths", default="0.1,0.5,0.9", help="relative depths of the key in the filler")
+    p.add_argument("--trials", type=int, default=1, help="keys per (length, depth)")
+    p.add_argument("--sparq", default="16:8,8:16,4:32,2:64",
+                   help="SparQ settings r:f with k = S/f (local window k/4): default 1/4 .. 1/32 of dense bytes")
+    p.add_argument("--quest", default="4,8", help="Quest settings f with top_pages = pages/f")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--server", help="host:port of a `kvcache serve` to decode through (default: in-process)")
+    p.add_argument("--json", default="bench/results/eval_smollm2.json")
+    p.add_argument("--plot", default="bench/results/eval_smollm2.png", help="PNG of accuracy against bytes ('' for none)")
+
+
+def method_grid(context: int, page_size: int, sparq: str, quest: str) -> list[tuple[str, AttentionSpec]]:
+    """(label, spec) of dense and every SparQ and Quest setting at a context of `context` positions."""
+    grid = [("dense", AttentionSpec("dense", {}))]
+    for item in filter(None, sparq.split(",")):
+        r, f = (int(x) for x in item.split(":"))
+        k = context // f
+        grid.append((f"sparq r={r} k=S/{f}", AttentionSpec("sparq", {"r": r, "k": k, "local_window": k // 4})))
+    for item in filter(None, quest.split(",")):
+        f = int(item)
+        pages = max(1, -(-context // page_size) // f)
+        grid.append((f"quest pages/{f}", AttentionSpec("quest", {"top_pages": pages})))
+    return grid
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run every part of the harness, print tables, write the JSON and the plot."""
+    from engine.cli import _client
+    from engine.load import load_model
+
+    model, tok = load_model(args.model)
+    contexts = sorted((int(c) for c in args.contexts.split(",")), reverse=True)  # longest first: prefix reuse
+    lengths = sorted((int(n) for n in args.passkey_lengths.split(",")), reverse=True)
+    client = _client(argparse.Namespace(server=args.server, token_file=None, page_size=args.page_size,
+                                        kv_dtype="float32"), model.config, max(contexts + lengths) * 4)
+    report: dict = {"model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)", "torch": torch.__version__,
+                    "python": platform.python_version(), "command": " ".join(sys.argv), "perplexity": [],
+                    "agreement": [], "passkey": []}
+    text_ids = tok.encode(long_text())
+    for C in contexts:
+        grid = method_grid(C, args.page_size, args.sparq, args.quest)
+        labels, specs = [g[0] for g in grid], [g[1] for g in grid]
+        M = args.eval_tokens
+        t0 = time.perf_counter()
+        run = teacher_force(model, client, text_ids[: C - M], text_ids[C - M : C], specs)
+        ppl = perplexity(run.nll)
+        agree = (run.argmax == run.argmax[0]).float().mean(dim=1).tolist()
+        free = greedy_methods(model, client, text_ids[: C - args.agree_tokens], specs, args.agree_tokens)
+        for i, label in enumerate(labels):
+            same = next((j for j, (a, b) in enumerate(zip(free[i], free[0])) if a != b), len(free[0]))
+            report["perplexity"].append({"context": C, "method": label, **_spec(specs[i]), "perplexity": ppl[i],
+                                         "vs_dense": ppl[i] / ppl[0] - 1, "bytes_per_token": run.bytes_per_token[i],
+                                         "bytes_vs_dense": run.bytes_per_token[i] / run.bytes_per_token[0],
+                                         "top1_agreement_forced": agree[i]})
+            report["agreement"].append({"context": C, "method": label, "greedy_tokens_equal_to_dense_until": same,
+                                        "of": len(free[0])})
+            print(f"ppl C={C:>5} {label:<18} {ppl[i]:8.3f} ({ppl[i] / ppl[0] - 1:+.2%}) bytes/token "
+                  f"{run.bytes_per_token[i]:>12,.0f} ({run.bytes_per_token[i] / run.bytes_per_token[0]:.3f}x) "
+                  f"top-1 agree {agree[i]:.3f}  free-run same for {same}/{len(free[0])}", flush=True)
+        print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    depths = [float(x) for x in args.depths.split(",")]
+    for n in lengths:
+        grid = method_grid(n, args.page_size, args.sparq, args.quest)
+        labels, specs = [g[0] for g in grid], [g[1] for g in grid]
+        for depth in sorted(depths, reverse=True):
+            for trial in range(args.trials):
+                prompt = passkey_prompt(tok, n, depth, seed=hash((n, depth, trial)) % 2**31)
+                outs = greedy_methods(model, client, prompt.ids, specs, 8)
+                for label, out in zip(labels, outs):
+                    answer = tok.decode(out)
+                    found = re.findall(r"\d{5}", answer)
+                    report["passkey"].append({"length": prompt.length, "depth": depth, "method": label,
+                                              "key": prompt.key, "answer": answer,
+                                              "correct": bool(found) and found[0] == prompt.key})
+                print(f"passkey n={prompt.length} depth={depth} key={prompt.key}: " +
+                      ", ".join(f"{lb}={'ok' if r['correct'] else 'no'}"
+                                for lb, r in zip(labels, report["passkey"][-len(labels):])), flush=True)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {args.json}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _spec(spec: AttentionSpec) -> dict:
+    return {"attention": spec.method, "params": dict(spec.params)}
+
+
+def plot(report: dict, path: str) -> None:
+    """Perplexity change and passkey accuracy against attention bytes per token (relative to dense)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for C in sorted({r["context"] for r in report["perplexity"]}):
+        rows = [r for r in report["perplexity"] if r["context"] == C and r["attention"] != "dense"]
+        for attention, marker in (("sparq", "o"), ("quest", "s")):
+            pts = sorted((r["bytes_vs_dense"], 100 * r["vs_dense"]) for r in rows if r["attention"] == attention)
+            if pts:
+                left.plot(*zip(*pts), marker=marker, label=f"{attention} C={C}")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("attention bytes per token / dense")
+    left.set_ylabel("perplexity change vs dense (%)")
+    left.axhline(0, color="gray", lw=0.5)
+    left.legend(fontsize=7)
+    methods = list(dict.fromkeys(r["method"] for r in report["passkey"]))
+    acc = [sum(r["correct"] for r in report["passkey"] if r["method"] == m) /
+           max(1, sum(1 for r in report["passkey"] if r["method"] == m)) for m in methods]
+    right.barh(methods, acc)
+    right.set_xlabel("passkey accuracy (all lengths and depths)")
+    right.set_xlim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
