@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.errors import UnsupportedModel
 from engine.gguf_loader import GGUFModelFile
 from engine.load import smollm2_path
 from engine.tokenizer import CHATML_TEMPLATE, StreamDecoder, Tokenizer
@@ -96,3 +97,12 @@ def test_stream_decoder_never_emits_half_a_character(tok):
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
     assert len(ids) > len([p for p in pieces if p])  # some tokens held back the bytes of a split character
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("tokenizer.ggml.model", "llama", "only byte-level BPE"),
+    ("tokenizer.ggml.pre", "qwen9", "pre-tokenizer 'qwen9'"),
+])
+def test_tokenizers_it_cannot_rebuild_are_refused(gguf_file, key, value, message):
+    with pytest.raises(UnsupportedModel, match=message):
+        Tokenizer.from_gguf_metadata({**gguf_file.metadata, key: value})
