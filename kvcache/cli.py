@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     rpc.add_argument("--threads", type=int, default=4, help="concurrent engine connections in the last row")
     rpc.add_argument("--device", default="cpu", help="where both stores live: cpu (default) or cuda")
     rpc.add_argument("--json", help="write the report here")
+    prefill = bench_sub.add_parser("prefill", help="MInference sparse prefill vs SDPA, one layer")
+    from bench.prefill import add_arguments as add_prefill_arguments
+
+    add_prefill_arguments(prefill)
     offload = bench_sub.add_parser("offload", help="decode steps over K/V offloaded to pinned host memory")
     offload.add_argument("--context", default="131072,524288", help="comma-separated contexts")
     offload.add_argument("--device-tokens", type=int, default=8192, help="positions whose K/V stay on the device")
@@ -72,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.rpc import main as bench_rpc
 
         return bench_rpc(args)
+    elif args.command == "bench" and args.bench == "prefill":
+        from bench.prefill import main as bench_prefill
+
+        return bench_prefill(args)
     elif args.command == "bench" and args.bench == "offload":
         from bench.offload import main as bench_offload
 
