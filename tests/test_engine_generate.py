@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from service_support import STORE, serving, store_config
-from test_engine_model import as_gguf
+from test_engine_model import as_gguf, one_torch_thread  # noqa: F401 (an autouse fixture)
 
 from engine.config import ModelConfig
 from engine.decode import AttentionSpec, decode_step

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from service_support import serving
-from test_engine_model import as_gguf
+from test_engine_model import as_gguf, one_torch_thread  # noqa: F401 (an autouse fixture)
 
 from engine.config import ModelConfig
 from engine.errors import ModelFileError, ModelFileMissing, ModelFileTruncated, UnsupportedModel

@@ -36,6 +36,17 @@ HF_TO_GGUF = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread for the engine tests (the other engine test files import this fixture): their ops are
+    small, so a second thread costs more than it gives, and several times more when other processes share the
+    cores. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """convert_hf_to_gguf.py's LlamaModel.permute: per head, interleave the two halves of the rows."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

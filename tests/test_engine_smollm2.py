@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine_model import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 from engine.decode import decode_step
 from engine.generate import generate_text
