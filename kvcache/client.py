@@ -34,6 +34,10 @@ class FetchResult:
 class KVCacheClient(Protocol):
     """What an engine calls, in-process or over gRPC; both raise the same kvcache.errors exceptions."""
 
+    @property
+    def config(self) -> KVCacheConfig:
+        """The store's shape, dtype and capacities."""
+
     def create(self, token_ids: Sequence[int] | None = None) -> SequenceInfo:
         """New sequence; full pages of `token_ids` found in the prefix cache are reused."""
 
