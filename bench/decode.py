@@ -7,14 +7,12 @@ median); on a CPU it runs the torch references at small sizes so the bytes per t
 from __future__ import annotations
 
 import json
-import platform
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from bench.timing import Timer
+from bench.timing import Timer, run_header
 from kvcache.attention import METHODS, attend
 from kvcache.config import KVCacheConfig
 from kvcache.methods.traffic import dense_bytes, sparq_bytes
@@ -78,11 +76,7 @@ def run(
     eager = Timer(device, iters=iters, use_graphs=False)
     copy_bw = timer.copy_bandwidth()
     report: dict = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "python": platform.python_version(),
-        "command": " ".join(sys.argv),
+        **run_header(device),
         "copy_bandwidth_GBps": copy_bw / 1e9,
         "page_size": page_size,
         "rows": [],
@@ -187,15 +181,6 @@ def _sparq_stage_rows(store, seqs, q, shape: Shape, timer: Timer, copy_bw: float
         rows.append(_row(shape.batch, S, "topk.radix", {"k": k}, us_radix, 0, copy_bw, us_torch))
         rows.append(_row(shape.batch, S, "topk.torch", {"k": k}, us_torch, 0, copy_bw, us_torch))
     return rows
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "not installed"
 
 
 def main(args) -> int:

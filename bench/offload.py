@@ -10,14 +10,12 @@ same run. Baseline: dense attention with the whole cache on the device.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
-from bench.decode import _triton_version
+from bench.timing import run_header
 from kvcache import InProcessClient, KVCacheConfig
 
 HQ, HKV, D, P = 32, 8, 128, 16
@@ -65,11 +63,7 @@ def run(contexts: list[int], device_tokens: int, device: torch.device, iters: in
     """Benchmark every context; returns the JSON-ready report."""
     copy_GBps = _pinned_copy_GBps(device)
     report: dict = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "python": platform.python_version(),
-        "command": " ".join(sys.argv),
+        **run_header(device),
         "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "page_size": P, "dtype": "bfloat16"},
         "device_tokens": device_tokens,
         "pinned_copy_GBps": copy_GBps,

@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from bench.decode import _triton_version
-from bench.timing import Timer
+from bench.timing import Timer, run_header
 from kvcache.config import KVCacheConfig
 from kvcache.methods.minference import minference_prefill
 from kvcache.methods.minference_index import (
@@ -150,11 +148,7 @@ def run(contexts: list[int], patterns: list[str], device: torch.device, dtype: t
         attention, launch = minference_prefill, None  # the Triton kernels need a GPU (or the slow interpreter)
     timer = Timer(device, iters=iters, warmup=1, use_graphs=False)  # index builders sync on sizes
     report: dict = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "python": platform.python_version(),
-        "command": " ".join(sys.argv),
+        **run_header(device),
         "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": str(dtype).removeprefix("torch."),
                   "page_size": page_size, "block_size": block_size},
         "attention": "kernels.sparse_prefill" if launch else "kvcache.methods.minference (torch reference)",

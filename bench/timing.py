@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -64,3 +66,20 @@ class Timer:
         dst = torch.empty_like(src)
         us = self.median_us(lambda: dst.copy_(src))
         return 2 * n / (us * 1e-6)
+
+
+def run_header(device: torch.device) -> dict:
+    """What every benchmark report starts with: the device, the versions and the command that made it."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+    }
