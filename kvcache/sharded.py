@@ -400,6 +400,14 @@ class ShardedClient:
                 moved[key] = moved.get(key, 0) + n
         return {"shards": per, "pool": pool, "methods": methods, "bytes_moved": moved}
 
+    def sparse_index(self, seq_id: str, layer: int, *args: Any, **kwargs: Any) -> Any:
+        """MInference indices are not served over shards (a chunk's index needs every shard's keys)."""
+        raise errors.NotSupported("sparse_index over shards is not implemented; prefill through one server")
+
+    def sparse_prefill(self, seq_id: str, layer: int, *args: Any, **kwargs: Any) -> Any:
+        """Served sparse prefill is not available over shards (see sparse_index)."""
+        raise errors.NotSupported("sparse_prefill over shards is not implemented; prefill through one server")
+
     # ---- sharding --------------------------------------------------------------------------
 
     def sub_ids(self, seq_id: str) -> list[str]:
