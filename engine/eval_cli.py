@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from engine.cli import add_prefill_arguments
 from engine.decode import AttentionSpec
 from engine.eval_data import long_text, passkey_prompt
 from engine.evaluation import greedy_methods, perplexity, teacher_force
@@ -33,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="host:port of a `kvcache serve` to decode through (default: in-process)")
     p.add_argument("--json", default="bench/results/eval_smollm2.json")
     p.add_argument("--plot", default="bench/results/eval_smollm2.png", help="PNG of accuracy against bytes ('' for none)")
+    add_prefill_arguments(p)
 
 
 def method_grid(context: int, page_size: int, sparq: str, quest: str) -> list[tuple[str, AttentionSpec]]:
@@ -50,40 +52,68 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str) -> list[tu
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run every part of the harness, print tables, write the JSON and the plot."""
-    from engine.cli import _client
+    """Run every part of the harness, print tables, write the JSON and the plot.
+
+    With --prefill minference every measurement runs twice, after a dense prefill and after a
+    MInference prefill, each in a store of its own (so neither reuses the other's cached prefix);
+    both are compared with dense prefill and dense decoding.
+    """
+    from engine.cli import _client, prefill_attention
     from engine.load import load_model
+    from engine.prefill import causal_attention
 
     model, tok = load_model(args.model)
     contexts = sorted((int(c) for c in args.contexts.split(",")), reverse=True)  # longest first: prefix reuse
     lengths = sorted((int(n) for n in args.passkey_lengths.split(",")), reverse=True)
-    client = _client(argparse.Namespace(server=args.server, token_file=None, page_size=args.page_size,
-                                        kv_dtype="float32"), model.config, max(contexts + lengths) * 4)
+    prefills = [("dense", causal_attention)]
+    if args.prefill != "dense":
+        prefills.append((args.prefill, prefill_attention(args, model.config)))
+    clients = {name: _client(argparse.Namespace(server=args.server, token_file=None, page_size=args.page_size,
+                                                kv_dtype="float32"), model.config, max(contexts + lengths) * 4)
+               for name, _ in prefills}
     report: dict = {"model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)", "torch": torch.__version__,
                     "python": platform.python_version(), "command": " ".join(sys.argv), "perplexity": [],
                     "agreement": [], "passkey": []}
+    if args.prefill != "dense":
+        attention = prefills[1][1]
+        report["prefill"] = {"method": args.prefill, "patterns": attention.patterns.model,
+                             "pattern_counts": attention.patterns.counts(), "served": args.minference_served}
     text_ids = tok.encode(long_text())
     for C in contexts:
         grid = method_grid(C, args.page_size, args.sparq, args.quest)
         labels, specs = [g[0] for g in grid], [g[1] for g in grid]
         M = args.eval_tokens
-        t0 = time.perf_counter()
-        run = teacher_force(model, client, text_ids[: C - M], text_ids[C - M : C], specs)
-        ppl = perplexity(run.nll)
-        agree = (run.argmax == run.argmax[0]).float().mean(dim=1).tolist()
-        free = greedy_methods(model, client, text_ids[: C - args.agree_tokens], specs, args.agree_tokens)
-        for i, label in enumerate(labels):
-            same = next((j for j, (a, b) in enumerate(zip(free[i], free[0])) if a != b), len(free[0]))
-            report["perplexity"].append({"context": C, "method": label, **_spec(specs[i]), "perplexity": ppl[i],
-                                         "vs_dense": ppl[i] / ppl[0] - 1, "bytes_per_token": run.bytes_per_token[i],
-                                         "bytes_vs_dense": run.bytes_per_token[i] / run.bytes_per_token[0],
-                                         "top1_agreement_forced": agree[i]})
-            report["agreement"].append({"context": C, "method": label, "greedy_tokens_equal_to_dense_until": same,
-                                        "of": len(free[0])})
-            print(f"ppl C={C:>5} {label:<18} {ppl[i]:8.3f} ({ppl[i] / ppl[0] - 1:+.2%}) bytes/token "
-                  f"{run.bytes_per_token[i]:>12,.0f} ({run.bytes_per_token[i] / run.bytes_per_token[0]:.3f}x) "
-                  f"top-1 agree {agree[i]:.3f}  free-run same for {same}/{len(free[0])}", flush=True)
-        print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        base = None  # dense prefill, dense decode: (perplexity, forced argmax, free-running tokens)
+        for prefill_name, attention in prefills:
+            t0 = time.perf_counter()
+            client = clients[prefill_name]
+            before = _pairs(attention)
+            run = teacher_force(model, client, text_ids[: C - M], text_ids[C - M : C], specs, attention)
+            density = _density(attention, before)
+            ppl = perplexity(run.nll)
+            free = greedy_methods(model, client, text_ids[: C - args.agree_tokens], specs, args.agree_tokens,
+                                  attention)
+            if base is None:
+                base = (ppl[0], run.argmax[0], free[0])
+            agree = (run.argmax == base[1]).float().mean(dim=1).tolist()
+            for i, label in enumerate(labels):
+                name = _label(prefill_name, label)
+                same = next((j for j, (a, b) in enumerate(zip(free[i], base[2])) if a != b), len(base[2]))
+                row = {"context": C, "method": name, "prefill": prefill_name, **_spec(specs[i]),
+                       "perplexity": ppl[i], "vs_dense": ppl[i] / base[0] - 1,
+                       "bytes_per_token": run.bytes_per_token[i],
+                       "bytes_vs_dense": run.bytes_per_token[i] / run.bytes_per_token[0],
+                       "top1_agreement_forced": agree[i]}
+                if density is not None:
+                    row["prefill_density"] = density
+                report["perplexity"].append(row)
+                report["agreement"].append({"context": C, "method": name, "prefill": prefill_name,
+                                            "greedy_tokens_equal_to_dense_until": same, "of": len(base[2])})
+                print(f"ppl C={C:>5} {name:<24} {ppl[i]:8.3f} ({ppl[i] / base[0] - 1:+.2%}) bytes/token "
+                      f"{run.bytes_per_token[i]:>12,.0f} ({run.bytes_per_token[i] / run.bytes_per_token[0]:.3f}x) "
+                      f"top-1 agree {agree[i]:.3f}  free-run same for {same}/{len(base[2])}"
+                      + ("" if density is None else f"  prefill density {density:.3f}"), flush=True)
+            print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     depths = [float(x) for x in args.depths.split(",")]
     for n in lengths:
         grid = method_grid(n, args.page_size, args.sparq, args.quest)
@@ -91,16 +121,22 @@ def main(args: argparse.Namespace) -> int:
         for depth in sorted(depths, reverse=True):
             for trial in range(args.trials):
                 prompt = passkey_prompt(tok, n, depth, seed=hash((n, depth, trial)) % 2**31)
-                outs = greedy_methods(model, client, prompt.ids, specs, 8)
-                for label, out in zip(labels, outs):
-                    answer = tok.decode(out)
-                    found = re.findall(r"\d{5}", answer)
-                    report["passkey"].append({"length": prompt.length, "depth": depth, "method": label,
-                                              "key": prompt.key, "answer": answer,
-                                              "correct": bool(found) and found[0] == prompt.key})
-                print(f"passkey n={prompt.length} depth={depth} key={prompt.key}: " +
-                      ", ".join(f"{lb}={'ok' if r['correct'] else 'no'}"
-                                for lb, r in zip(labels, report["passkey"][-len(labels):])), flush=True)
+                for prefill_name, attention in prefills:
+                    before = _pairs(attention)
+                    outs = greedy_methods(model, clients[prefill_name], prompt.ids, specs, 8, attention)
+                    density = _density(attention, before)
+                    for label, out in zip(labels, outs):
+                        answer = tok.decode(out)
+                        found = re.findall(r"\d{5}", answer)
+                        row = {"length": prompt.length, "depth": depth, "method": _label(prefill_name, label),
+                               "prefill": prefill_name, "key": prompt.key, "answer": answer,
+                               "correct": bool(found) and found[0] == prompt.key}
+                        if density is not None:
+                            row["prefill_density"] = density
+                        report["passkey"].append(row)
+                    print(f"passkey n={prompt.length} depth={depth} key={prompt.key} prefill={prefill_name}: " +
+                          ", ".join(f"{lb}={'ok' if r['correct'] else 'no'}"
+                                    for lb, r in zip(labels, report["passkey"][-len(labels):])), flush=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {args.json}")
@@ -108,6 +144,27 @@ def main(args: argparse.Namespace) -> int:
         plot(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _label(prefill_name: str, label: str) -> str:
+    """A method's label, prefixed by its prefill unless that is dense."""
+    return label if prefill_name == "dense" else f"{prefill_name}+{label}"
+
+
+def _pairs(attention) -> tuple[int, int] | None:
+    """(pairs, causal pairs) a counting prefill attention has computed so far; None for dense."""
+    if not hasattr(attention, "pairs"):
+        return None
+    return attention.pairs, attention.causal_pairs
+
+
+def _density(attention, before: tuple[int, int] | None) -> float | None:
+    """Share of causal pairs a counting prefill attention computed since `before` (None for dense, or if it ran
+    no chunk: a prompt wholly in the prefix cache)."""
+    if before is None:
+        return None
+    pairs, causal = attention.pairs - before[0], attention.causal_pairs - before[1]
+    return round(pairs / causal, 4) if causal else None
 
 
 def _spec(spec: AttentionSpec) -> dict:

@@ -16,7 +16,7 @@ import torch
 
 from engine.decode import AttentionSpec
 from engine.model import Llama
-from engine.prefill import prefill
+from engine.prefill import PrefillAttention, causal_attention, prefill
 from kvcache.client import KVCacheClient
 
 
@@ -30,10 +30,11 @@ class ForcedRun:
 
 
 def prefill_copies(model: Llama, client: KVCacheClient, prompt: Sequence[int], n: int,
-                   chunk_size: int = 512) -> tuple[list[str], torch.Tensor]:
-    """n sequences holding `prompt`: one prefill, then forks (shared pages); and the logits after the prompt."""
+                   chunk_size: int = 512, attention: PrefillAttention = causal_attention) -> tuple[list[str], torch.Tensor]:
+    """n sequences holding `prompt`: one prefill (by `attention`), then forks (shared pages); and the logits after
+    the prompt."""
     first = client.create(token_ids=prompt)
-    logits = prefill(model, client, first.seq_id, prompt, first.cached_tokens, chunk_size)
+    logits = prefill(model, client, first.seq_id, prompt, first.cached_tokens, chunk_size, attention)
     return [first.seq_id] + [client.fork(first.seq_id).seq_id for _ in range(n - 1)], logits
 
 
@@ -59,9 +60,9 @@ def step_methods(model: Llama, client: KVCacheClient, seq_ids: Sequence[str], sp
 
 
 def teacher_force(model: Llama, client: KVCacheClient, prefix: Sequence[int], continuation: Sequence[int],
-                  specs: Sequence[AttentionSpec]) -> ForcedRun:
+                  specs: Sequence[AttentionSpec], prefill_attention: PrefillAttention = causal_attention) -> ForcedRun:
     """Feed continuation[:-1] after `prefix` to every method; score each method's prediction of continuation[1:]."""
-    seq_ids, _ = prefill_copies(model, client, prefix, len(specs))
+    seq_ids, _ = prefill_copies(model, client, prefix, len(specs), attention=prefill_attention)
     try:
         nll, argmax = [], []
         total = [0] * len(specs)
@@ -80,9 +81,9 @@ def teacher_force(model: Llama, client: KVCacheClient, prefix: Sequence[int], co
 
 
 def greedy_methods(model: Llama, client: KVCacheClient, prompt: Sequence[int], specs: Sequence[AttentionSpec],
-                   max_new_tokens: int) -> list[list[int]]:
+                   max_new_tokens: int, prefill_attention: PrefillAttention = causal_attention) -> list[list[int]]:
     """Greedy continuation of `prompt` by each method (free running, not forced)."""
-    seq_ids, logits = prefill_copies(model, client, prompt, len(specs))
+    seq_ids, logits = prefill_copies(model, client, prompt, len(specs), attention=prefill_attention)
     first = int(logits.argmax())
     outs = [[first] for _ in specs]
     try:

@@ -3,13 +3,15 @@
 The engine holds the prompt's post-RoPE K/V itself while prefilling, so each chunk attends
 exactly (causally) to everything before it without reading the store back; the store gets one
 append per chunk, all layers at once (one round trip over gRPC). The attention is a parameter so
-a sparse prefill (MInference) can replace `causal_attention`.
+a sparse prefill (MInference, engine/minference_prefill.py) can replace `causal_attention`; one
+that needs its layer and chunk says so (see PrefillChunk).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,22 @@ from kvcache.client import KVCacheClient
 PrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # (positions done, positions in all) after each chunk
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Where a chunk-aware prefill attention is called: attention(q, k, v, chunk) instead of attention(q, k, v).
+
+    An attention object says it wants this with `chunk_aware = True` (MInference: each layer's heads
+    have their own patterns). With `appends_kv = True` as well, it writes each layer's chunk K/V to
+    the store itself (a served index or attention needs them there first), and prefill does not.
+    """
+
+    layer: int
+    start: int  # the chunk's first position
+    seq_id: str
+    client: KVCacheClient
+    token_ids: Sequence[int]  # the chunk's tokens
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -81,17 +99,23 @@ def prefill(
             keys, values = client.fetch(seq_id, layer, "rows", rows).tensors  # [Hkv, S, d]
             kv.write(layer, 0, keys.transpose(0, 1).to(model.dtype), values.transpose(0, 1).to(model.dtype))
     ids = torch.tensor(token_ids, dtype=torch.long)
+    chunk_aware = getattr(attention, "chunk_aware", False)
+    appends_kv = chunk_aware and getattr(attention, "appends_kv", False)
     logits = None
     for start in range(cached_tokens, n, chunk_size):
         end = min(start + chunk_size, n)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start=start, end=end):
             kv.write(layer, start, k[0], v[0])
+            if chunk_aware:
+                chunk = PrefillChunk(layer, start, seq_id, client, token_ids[start:end])
+                return attention(q[0], kv.k[layer, :end], kv.v[layer, :end], chunk)[None]
             return attention(q[0], kv.k[layer, :end], kv.v[layer, :end])[None]
 
         logits = model(ids[None, start:end], torch.arange(start, end)[None], attend, last_only=True)
-        client.append(seq_id, kv.k[:, start:end].to(store_dtype), kv.v[:, start:end].to(store_dtype),
-                      token_ids=token_ids[start:end])
+        if not appends_kv:
+            client.append(seq_id, kv.k[:, start:end].to(store_dtype), kv.v[:, start:end].to(store_dtype),
+                          token_ids=token_ids[start:end])
         if progress is not None:
             progress(end, n)
     return logits[0, -1]

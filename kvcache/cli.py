@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.eval_cli import add_arguments as add_eval_arguments
 
     add_eval_arguments(evaluate)
+    search = sub.add_parser("search-patterns", help="per-head MInference prefill patterns of a model, saved as JSON")
+    from engine.pattern_search import add_arguments as add_search_arguments
+
+    add_search_arguments(search)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     decode = bench_sub.add_parser("decode", help="decode attention time, bytes and bandwidth per method vs SDPA")
@@ -72,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.eval_cli import main as eval_main
 
         return eval_main(args)
+    elif args.command == "search-patterns":
+        from engine.pattern_search import main as search_main
+
+        return search_main(args)
     elif args.command == "bench" and args.bench == "rpc":
         from bench.rpc import main as bench_rpc
 

@@ -15,6 +15,8 @@ from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import InvalidParameter, PositionOutOfRange, ShapeMismatch
 from kvcache.methods import AttentionResult
 from kvcache.methods.gather import gather_key_dims, gather_rows
+from kvcache.methods.minference_index import BLOCK_SIZE, SparseIndex
+from kvcache.minference_serving import HeadPattern, SparsePrefillResult, served_index, served_prefill
 from kvcache.stats import Totals
 from kvcache.store import KVStore, SequenceInfo
 from kvcache.tiered_attention import read_tiered_rows
@@ -81,6 +83,29 @@ class KVCacheClient(Protocol):
 
     def stats(self) -> dict[str, Any]:
         """Pool usage (pages per tier), per-method calls, bytes read and seconds, bytes moved between tiers."""
+
+    def sparse_index(
+        self,
+        seq_id: str,
+        layer: int,
+        q: torch.Tensor,
+        start: int,
+        patterns: HeadPattern | Sequence[HeadPattern],
+        block_size: int = BLOCK_SIZE,
+    ) -> SparseIndex:
+        """MInference index of the prefill chunk q [T, Hq, d] at positions [start, start + T), from the keys held."""
+
+    def sparse_prefill(
+        self,
+        seq_id: str,
+        layer: int,
+        q: torch.Tensor,
+        start: int,
+        patterns: HeadPattern | Sequence[HeadPattern],
+        block_size: int = BLOCK_SIZE,
+        backend: str = "auto",
+    ) -> SparsePrefillResult:
+        """Sparse prefill attention of the chunk q [T, Hq, d] at `start` (its K/V appended first): out, lse."""
 
 
 class InProcessClient:
@@ -200,6 +225,42 @@ class InProcessClient:
         """Pool usage (pages per tier), per-method calls, bytes read and seconds, bytes moved between tiers."""
         return {"pool": self.store.pool_usage(), "methods": self.counters.snapshot(),
                 "bytes_moved": self.store.bytes_moved()}
+
+    def sparse_index(
+        self,
+        seq_id: str,
+        layer: int,
+        q: torch.Tensor,
+        start: int,
+        patterns: HeadPattern | Sequence[HeadPattern],
+        block_size: int = BLOCK_SIZE,
+    ) -> SparseIndex:
+        """MInference index of the prefill chunk q [T, Hq, d] at positions [start, start + T), from the keys held.
+
+        patterns: one HeadPattern for every head, or one per query head. q is in the store's dtype;
+        the chunk's K/V must be appended at `layer` first (else PositionOutOfRange).
+        """
+        return served_index(self.store, seq_id, layer, q, start, patterns, block_size)
+
+    def sparse_prefill(
+        self,
+        seq_id: str,
+        layer: int,
+        q: torch.Tensor,
+        start: int,
+        patterns: HeadPattern | Sequence[HeadPattern],
+        block_size: int = BLOCK_SIZE,
+        backend: str = "auto",
+    ) -> SparsePrefillResult:
+        """Sparse prefill attention of the chunk q [T, Hq, d] at `start` (its K/V appended first): out, lse.
+
+        The index is built as sparse_index builds it; attention runs on it by the Triton kernel on
+        CUDA, the torch reference elsewhere (backend "auto"), or as `backend` says.
+        """
+        t0 = time.perf_counter()
+        result = served_prefill(self.store, seq_id, layer, q, start, patterns, block_size, backend)
+        self.counters.add("minference", calls=1, bytes_read=result.bytes_read, seconds=time.perf_counter() - t0)
+        return result
 
 
 def _check_index(index: torch.Tensor | None, num_kv_heads: int, bound: int, what: str) -> torch.Tensor:

@@ -20,6 +20,8 @@ from kvcache import errors
 from kvcache.client import FetchKind, FetchResult
 from kvcache.config import KVCacheConfig
 from kvcache.methods import AttentionResult
+from kvcache.methods.minference_index import BLOCK_SIZE, SparseIndex
+from kvcache.minference_serving import HeadPattern, SparsePrefillResult
 from kvcache.server import ERROR_CLASS_KEY
 from kvcache.store import SequenceInfo
 from kvcache.wire import kvcache_pb2 as pb
@@ -236,11 +238,40 @@ class RemoteClient:
         """"SERVING" or "DRAINING"."""
         return self._call("Health", pb.HealthRequest()).status
 
-    def sparse_index(self, seq_id: str, layer: int, q: torch.Tensor, pattern: str) -> tuple[torch.Tensor, ...]:
-        """MInference indices for a query chunk (not implemented by the server yet: NotSupported)."""
-        reply = self._call("SparseIndex", pb.SparseIndexRequest(seq_id=seq_id, layer=layer, q=_wire(q, "q"),
-                                                                pattern=pattern))
-        return tuple(from_wire(t) for t in reply.tensors)
+    def sparse_index(
+        self,
+        seq_id: str,
+        layer: int,
+        q: torch.Tensor,
+        start: int,
+        patterns: HeadPattern | Sequence[HeadPattern],
+        block_size: int = BLOCK_SIZE,
+    ) -> SparseIndex:
+        """MInference index of the prefill chunk q [T, Hq, d] at positions [start, start + T), from the keys held."""
+        reply = self._call("SparseIndex", _sparse_request(seq_id, layer, q, start, patterns, block_size),
+                           idempotent=True)
+        if len(reply.tensors) != 4:
+            raise errors.RemoteError(f"SparseIndex answered {len(reply.tensors)} tensors; expected 4")
+        block_index, block_count, column_index, column_count = (from_wire(t) for t in reply.tensors)
+        return SparseIndex(reply.block_size, reply.start, reply.num_queries, block_index, block_count, column_index,
+                           column_count)
+
+    def sparse_prefill(
+        self,
+        seq_id: str,
+        layer: int,
+        q: torch.Tensor,
+        start: int,
+        patterns: HeadPattern | Sequence[HeadPattern],
+        block_size: int = BLOCK_SIZE,
+        backend: str = "auto",
+    ) -> SparsePrefillResult:
+        """Sparse prefill attention of the chunk q [T, Hq, d] at `start` (its K/V appended first): out, lse."""
+        request = _sparse_request(seq_id, layer, q, start, patterns, block_size)
+        request.backend = backend
+        reply = self._call("SparsePrefill", request, idempotent=True)
+        return SparsePrefillResult(from_wire(reply.out, "out"), from_wire(reply.lse, "lse"), reply.bytes_read,
+                                   reply.pairs, reply.causal_pairs)
 
     def close(self) -> None:
         """Close the streams and the channel."""
@@ -306,6 +337,19 @@ def _wire(t: Any, name: str) -> pb.Tensor:
     if not isinstance(t, torch.Tensor):
         raise errors.ShapeMismatch(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     return to_wire(t)
+
+
+def _sparse_request(seq_id, layer, q, start, patterns, block_size) -> pb.SparseIndexRequest:
+    request = pb.SparseIndexRequest(seq_id=seq_id, layer=layer, q=_wire(q, "q"), start=start, block_size=block_size)
+    if isinstance(patterns, HeadPattern):
+        request.pattern = patterns.pattern
+        request.sizes.update(patterns.params)
+    else:
+        for p in patterns:
+            if not isinstance(p, HeadPattern):
+                raise errors.InvalidParameter(f"head patterns must be HeadPattern, got {type(p).__name__}")
+            request.heads.append(pb.HeadPattern(pattern=p.pattern, sizes=p.params))
+    return request
 
 
 def _append_request(seq_id, k, v, layer, start, token_ids) -> pb.AppendRequest:

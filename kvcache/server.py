@@ -24,9 +24,11 @@ import torch
 
 from kvcache.client import InProcessClient
 from kvcache.config import KVCacheConfig
-from kvcache.errors import KVCacheError, NotSupported, ShapeMismatch
+from kvcache.errors import InvalidParameter, KVCacheError, ShapeMismatch
 from kvcache.locks import SequenceLocks
+from kvcache.methods.minference_index import BLOCK_SIZE
 from kvcache.metrics import serve_metrics
+from kvcache.minference_serving import HeadPattern
 from kvcache.stats import Totals
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
@@ -239,9 +241,18 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     def Prefetch(self, request, context):
         return info_to_wire(self.client.prefetch(request.seq_id, list(request.pages) or None))
 
-    @_handler("SparseIndex")
+    @_handler("SparseIndex", lambda r: [r.seq_id])
     def SparseIndex(self, request, context):
-        raise NotSupported("SparseIndex carries MInference indices, which are not implemented yet")
+        index = self.client.sparse_index(*_sparse_chunk(request))
+        tensors = (index.block_index, index.block_count, index.column_index, index.column_count)
+        return pb.SparseIndexResponse(tensors=[to_wire(t) for t in tensors], block_size=index.block_size,
+                                      start=index.start, num_queries=index.num_queries)
+
+    @_handler("SparsePrefill", lambda r: [r.seq_id])
+    def SparsePrefill(self, request, context):
+        result = self.client.sparse_prefill(*_sparse_chunk(request), backend=request.backend or "auto")
+        return pb.SparsePrefillResponse(out=to_wire(result.out), lse=to_wire(result.lse), bytes_read=result.bytes_read,
+                                        pairs=result.pairs, causal_pairs=result.causal_pairs)
 
     @_handler("Stats")
     def Stats(self, request, context):
@@ -292,6 +303,20 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         )
         return pb.AttendResponse(out=to_wire(result.out), lse=to_wire(result.lse), bytes_read=result.bytes_read,
                                  bytes_moved=result.bytes_moved)
+
+
+def _sparse_chunk(request) -> tuple:
+    """(seq_id, layer, q, start, head patterns, block size) of a SparseIndexRequest."""
+    if not request.HasField("q"):
+        raise ShapeMismatch("a sparse prefill chunk needs q")
+    if request.heads:
+        patterns = [HeadPattern(h.pattern, dict(h.sizes)) for h in request.heads]
+    elif request.pattern:
+        patterns = HeadPattern(request.pattern, dict(request.sizes))
+    else:
+        raise InvalidParameter("name a pattern (with its sizes) or give one per head")
+    return (request.seq_id, request.layer, from_wire(request.q, "q"), request.start, patterns,
+            request.block_size or BLOCK_SIZE)
 
 
 class _BearerToken(grpc.ServerInterceptor):

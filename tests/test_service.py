@@ -276,8 +276,16 @@ def _append_over_message_limit(stub, seq_id):
     stub.Append(pb.AppendRequest(seq_id=seq_id, k=k, v=k), timeout=10)
 
 
-def _sparse_index(stub, seq_id):
+def _sparse_index_without_sizes(stub, seq_id):
     stub.SparseIndex(pb.SparseIndexRequest(seq_id=seq_id, q=to_wire(_q()), pattern="vertical_slash"), timeout=10)
+
+
+def _sparse_index_unknown(stub, seq_id):
+    stub.SparseIndex(pb.SparseIndexRequest(seq_id="f" * 16, q=to_wire(_q()), pattern="causal"), timeout=10)
+
+
+def _sparse_prefill_beyond_the_cache(stub, seq_id):
+    stub.SparsePrefill(pb.SparseIndexRequest(seq_id=seq_id, q=to_wire(_q()), pattern="causal", start=8), timeout=10)
 
 
 WIRE_CASES = {
@@ -302,7 +310,9 @@ WIRE_CASES = {
     "fetch empty sequence id": (_fetch_unknown, grpc.StatusCode.NOT_FOUND),
     "append with a wrong start": (_append_wrong_start, grpc.StatusCode.OUT_OF_RANGE),
     "message over --max-message-mb": (_append_over_message_limit, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    "sparse index": (_sparse_index, grpc.StatusCode.UNIMPLEMENTED),
+    "sparse index without the pattern's sizes": (_sparse_index_without_sizes, grpc.StatusCode.INVALID_ARGUMENT),
+    "sparse index of an unknown sequence": (_sparse_index_unknown, grpc.StatusCode.NOT_FOUND),
+    "sparse prefill beyond the cache": (_sparse_prefill_beyond_the_cache, grpc.StatusCode.OUT_OF_RANGE),
 }
 
 
@@ -327,13 +337,6 @@ def test_message_under_max_message_mb_is_accepted(stub):
         assert list(info.lengths) == [T] * L
     finally:
         stub.Free(pb.SequenceRef(seq_id=seq_id), timeout=10)
-
-
-def test_sparse_index_says_it_is_not_implemented_yet(stub, seq):
-    with pytest.raises(grpc.RpcError) as excinfo:
-        _sparse_index(stub, seq)
-    assert excinfo.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "not implemented" in excinfo.value.details()
 
 
 @pytest.mark.parametrize("call, error_class", [(_bytes_short_of_shape, "ShapeMismatch"),

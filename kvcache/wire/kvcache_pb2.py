@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rkvcache.proto\x12\nkvcache.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1d\n\x0bSequenceRef\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\"Y\n\x0cSequenceInfo\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x0f\n\x07lengths\x18\x02 \x03(\x03\x12\x11\n\tnum_pages\x18\x03 \x01(\x03\x12\x15\n\rcached_tokens\x18\x04 \x01(\x03\"\"\n\rCreateRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"\xac\x01\n\rAppendRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x1d\n\x01k\x18\x02 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x1d\n\x01v\x18\x03 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x12\n\x05layer\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05start\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x06 \x03(\x03\x42\x08\n\x06_layerB\x08\n\x06_start\"V\n\nParamValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"\xb3\x02\n\rAttendRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x1d\n\x01q\x18\x03 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x35\n\x06params\x18\x05 \x03(\x0b\x32%.kvcache.v1.AttendRequest.ParamsEntry\x12!\n\x05new_k\x18\x06 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12!\n\x05new_v\x18\x07 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x1a\x45\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.kvcache.v1.ParamValue:\x02\x38\x01\"\x9a\x02\n\x0e\x41ttendResponse\x12\x1f\n\x03out\x18\x01 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x1f\n\x03lse\x18\x02 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x12\n\nbytes_read\x18\x03 \x01(\x03\x12\x12\n\nerror_code\x18\x04 \x01(\x05\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x13\n\x0b\x65rror_class\x18\x06 \x01(\t\x12?\n\x0b\x62ytes_moved\x18\x07 \x03(\x0b\x32*.kvcache.v1.AttendResponse.BytesMovedEntry\x1a\x31\n\x0f\x42ytesMovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"^\n\x0c\x46\x65tchRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0c\n\x04what\x18\x03 \x01(\t\x12!\n\x05index\x18\x04 \x01(\x0b\x32\x12.kvcache.v1.Tensor\"H\n\rFetchResponse\x12#\n\x07tensors\x18\x01 \x03(\x0b\x32\x12.kvcache.v1.Tensor\x12\x12\n\nbytes_read\x18\x02 \x01(\x03\"c\n\x12SparseIndexRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x1d\n\x01q\x18\x03 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x0f\n\x07pattern\x18\x04 \x01(\t\":\n\x13SparseIndexResponse\x12#\n\x07tensors\x18\x01 \x03(\x0b\x32\x12.kvcache.v1.Tensor\"\x0e\n\x0cStatsRequest\"A\n\x0bMethodStats\x12\r\n\x05\x63\x61lls\x18\x01 \x01(\x03\x12\x12\n\nbytes_read\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\":\n\x08RpcStats\x12\r\n\x05\x63\x61lls\x18\x01 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xda\x03\n\rStatsResponse\x12\x31\n\x04pool\x18\x01 \x03(\x0b\x32#.kvcache.v1.StatsResponse.PoolEntry\x12\x37\n\x07methods\x18\x02 \x03(\x0b\x32&.kvcache.v1.StatsResponse.MethodsEntry\x12\x31\n\x04rpcs\x18\x03 \x03(\x0b\x32#.kvcache.v1.StatsResponse.RpcsEntry\x12>\n\x0b\x62ytes_moved\x18\x04 \x03(\x0b\x32).kvcache.v1.StatsResponse.BytesMovedEntry\x1a+\n\tPoolEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1aG\n\x0cMethodsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.kvcache.v1.MethodStats:\x02\x38\x01\x1a\x41\n\tRpcsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.kvcache.v1.RpcStats:\x02\x38\x01\x1a\x31\n\x0f\x42ytesMovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"0\n\x0fPrefetchRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05pages\x18\x02 \x03(\x03\"\x0f\n\rConfigRequest\"\xb9\x01\n\x0bStoreConfig\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x65vice_pages\x18\x07 \x01(\x03\x12\x12\n\nhost_pages\x18\x08 \x01(\x03\x12\x12\n\ndisk_pages\x18\t \x01(\x03\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t2\x9d\x07\n\x07KVCache\x12=\n\x06\x43reate\x12\x19.kvcache.v1.CreateRequest\x1a\x18.kvcache.v1.SequenceInfo\x12\x39\n\x04\x46ork\x12\x17.kvcache.v1.SequenceRef\x1a\x18.kvcache.v1.SequenceInfo\x12\x39\n\x04\x46ree\x12\x17.kvcache.v1.SequenceRef\x1a\x18.kvcache.v1.SequenceInfo\x12=\n\x08\x44\x65scribe\x12\x17.kvcache.v1.SequenceRef\x1a\x18.kvcache.v1.SequenceInfo\x12=\n\x06\x41ppend\x12\x19.kvcache.v1.AppendRequest\x1a\x18.kvcache.v1.SequenceInfo\x12\x45\n\x0c\x41ppendStream\x12\x19.kvcache.v1.AppendRequest\x1a\x18.kvcache.v1.SequenceInfo(\x01\x12?\n\x06\x41ttend\x12\x19.kvcache.v1.AttendRequest\x1a\x1a.kvcache.v1.AttendResponse\x12I\n\x0c\x41ttendStream\x12\x19.kvcache.v1.AttendRequest\x1a\x1a.kvcache.v1.AttendResponse(\x01\x30\x01\x12<\n\x05\x46\x65tch\x12\x18.kvcache.v1.FetchRequest\x1a\x19.kvcache.v1.FetchResponse\x12\x41\n\x08Prefetch\x12\x1b.kvcache.v1.PrefetchRequest\x1a\x18.kvcache.v1.SequenceInfo\x12N\n\x0bSparseIndex\x12\x1e.kvcache.v1.SparseIndexRequest\x1a\x1f.kvcache.v1.SparseIndexResponse\x12<\n\x05Stats\x12\x18.kvcache.v1.StatsRequest\x1a\x19.kvcache.v1.StatsResponse\x12?\n\x06Health\x12\x19.kvcache.v1.HealthRequest\x1a\x1a.kvcache.v1.HealthResponse\x12<\n\x06\x43onfig\x12\x19.kvcache.v1.ConfigRequest\x1a\x17.kvcache.v1.StoreConfigb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rkvcache.proto\x12\nkvcache.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1d\n\x0bSequenceRef\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\"Y\n\x0cSequenceInfo\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x0f\n\x07lengths\x18\x02 \x03(\x03\x12\x11\n\tnum_pages\x18\x03 \x01(\x03\x12\x15\n\rcached_tokens\x18\x04 \x01(\x03\"\"\n\rCreateRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"\xac\x01\n\rAppendRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x1d\n\x01k\x18\x02 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x1d\n\x01v\x18\x03 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x12\n\x05layer\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05start\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x06 \x03(\x03\x42\x08\n\x06_layerB\x08\n\x06_start\"V\n\nParamValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"\xb3\x02\n\rAttendRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x1d\n\x01q\x18\x03 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x35\n\x06params\x18\x05 \x03(\x0b\x32%.kvcache.v1.AttendRequest.ParamsEntry\x12!\n\x05new_k\x18\x06 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12!\n\x05new_v\x18\x07 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x1a\x45\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.kvcache.v1.ParamValue:\x02\x38\x01\"\x9a\x02\n\x0e\x41ttendResponse\x12\x1f\n\x03out\x18\x01 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x1f\n\x03lse\x18\x02 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x12\n\nbytes_read\x18\x03 \x01(\x03\x12\x12\n\nerror_code\x18\x04 \x01(\x05\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x13\n\x0b\x65rror_class\x18\x06 \x01(\t\x12?\n\x0b\x62ytes_moved\x18\x07 \x03(\x0b\x32*.kvcache.v1.AttendResponse.BytesMovedEntry\x1a\x31\n\x0f\x42ytesMovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"^\n\x0c\x46\x65tchRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0c\n\x04what\x18\x03 \x01(\t\x12!\n\x05index\x18\x04 \x01(\x0b\x32\x12.kvcache.v1.Tensor\"H\n\rFetchResponse\x12#\n\x07tensors\x18\x01 \x03(\x0b\x32\x12.kvcache.v1.Tensor\x12\x12\n\nbytes_read\x18\x02 \x01(\x03\"\x7f\n\x0bHeadPattern\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12\x31\n\x05sizes\x18\x02 \x03(\x0b\x32\".kvcache.v1.HeadPattern.SizesEntry\x1a,\n\nSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xa7\x02\n\x12SparseIndexRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x1d\n\x01q\x18\x03 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x0f\n\x07pattern\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\x03\x12\x38\n\x05sizes\x18\x06 \x03(\x0b\x32).kvcache.v1.SparseIndexRequest.SizesEntry\x12&\n\x05heads\x18\x07 \x03(\x0b\x32\x17.kvcache.v1.HeadPattern\x12\x12\n\nblock_size\x18\x08 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x1a,\n\nSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"r\n\x13SparseIndexResponse\x12#\n\x07tensors\x18\x01 \x03(\x0b\x32\x12.kvcache.v1.Tensor\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x13\n\x0bnum_queries\x18\x04 \x01(\x03\"\x92\x01\n\x15SparsePrefillResponse\x12\x1f\n\x03out\x18\x01 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x1f\n\x03lse\x18\x02 \x01(\x0b\x32\x12.kvcache.v1.Tensor\x12\x12\n\nbytes_read\x18\x03 \x01(\x03\x12\r\n\x05pairs\x18\x04 \x01(\x03\x12\x14\n\x0c\x63\x61usal_pairs\x18\x05 \x01(\x03\"\x0e\n\x0cStatsRequest\"A\n\x0bMethodStats\x12\r\n\x05\x63\x61lls\x18\x01 \x01(\x03\x12\x12\n\nbytes_read\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\":\n\x08RpcStats\x12\r\n\x05\x63\x61lls\x18\x01 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xda\x03\n\rStatsResponse\x12\x31\n\x04pool\x18\x01 \x03(\x0b\x32#.kvcache.v1.StatsResponse.PoolEntry\x12\x37\n\x07methods\x18\x02 \x03(\x0b\x32&.kvcache.v1.StatsResponse.MethodsEntry\x12\x31\n\x04rpcs\x18\x03 \x03(\x0b\x32#.kvcache.v1.StatsResponse.RpcsEntry\x12>\n\x0b\x62ytes_moved\x18\x04 \x03(\x0b\x32).kvcache.v1.StatsResponse.BytesMovedEntry\x1a+\n\tPoolEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1aG\n\x0cMethodsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.kvcache.v1.MethodStats:\x02\x38\x01\x1a\x41\n\tRpcsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.kvcache.v1.RpcStats:\x02\x38\x01\x1a\x31\n\x0f\x42ytesMovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"0\n\x0fPrefetchRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05pages\x18\x02 \x03(\x03\"\x0f\n\rConfigRequest\"\xb9\x01\n\x0bStoreConfig\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x65vice_pages\x18\x07 \x01(\x03\x12\x12\n\nhost_pages\x18\x08 \x01(\x03\x12\x12\n\ndisk_pages\x18\t \x01(\x03\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t2\xf1\x07\n\x07KVCache\x12=\n\x06\x43reate\x12\x19.kvcache.v1.CreateRequest\x1a\x18.kvcache.v1.SequenceInfo\x12\x39\n\x04\x46ork\x12\x17.kvcache.v1.SequenceRef\x1a\x18.kvcache.v1.SequenceInfo\x12\x39\n\x04\x46ree\x12\x17.kvcache.v1.SequenceRef\x1a\x18.kvcache.v1.SequenceInfo\x12=\n\x08\x44\x65scribe\x12\x17.kvcache.v1.SequenceRef\x1a\x18.kvcache.v1.SequenceInfo\x12=\n\x06\x41ppend\x12\x19.kvcache.v1.AppendRequest\x1a\x18.kvcache.v1.SequenceInfo\x12\x45\n\x0c\x41ppendStream\x12\x19.kvcache.v1.AppendRequest\x1a\x18.kvcache.v1.SequenceInfo(\x01\x12?\n\x06\x41ttend\x12\x19.kvcache.v1.AttendRequest\x1a\x1a.kvcache.v1.AttendResponse\x12I\n\x0c\x41ttendStream\x12\x19.kvcache.v1.AttendRequest\x1a\x1a.kvcache.v1.AttendResponse(\x01\x30\x01\x12<\n\x05\x46\x65tch\x12\x18.kvcache.v1.FetchRequest\x1a\x19.kvcache.v1.FetchResponse\x12\x41\n\x08Prefetch\x12\x1b.kvcache.v1.PrefetchRequest\x1a\x18.kvcache.v1.SequenceInfo\x12N\n\x0bSparseIndex\x12\x1e.kvcache.v1.SparseIndexRequest\x1a\x1f.kvcache.v1.SparseIndexResponse\x12R\n\rSparsePrefill\x12\x1e.kvcache.v1.SparseIndexRequest\x1a!.kvcache.v1.SparsePrefillResponse\x12<\n\x05Stats\x12\x18.kvcache.v1.StatsRequest\x1a\x19.kvcache.v1.StatsResponse\x12?\n\x06Health\x12\x19.kvcache.v1.HealthRequest\x1a\x1a.kvcache.v1.HealthResponse\x12<\n\x06\x43onfig\x12\x19.kvcache.v1.ConfigRequest\x1a\x17.kvcache.v1.StoreConfigb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTENDREQUEST_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_ATTENDRESPONSE_BYTESMOVEDENTRY']._loaded_options = None
   _globals['_ATTENDRESPONSE_BYTESMOVEDENTRY']._serialized_options = b'8\001'
+  _globals['_HEADPATTERN_SIZESENTRY']._loaded_options = None
+  _globals['_HEADPATTERN_SIZESENTRY']._serialized_options = b'8\001'
+  _globals['_SPARSEINDEXREQUEST_SIZESENTRY']._loaded_options = None
+  _globals['_SPARSEINDEXREQUEST_SIZESENTRY']._serialized_options = b'8\001'
   _globals['_STATSRESPONSE_POOLENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_POOLENTRY']._serialized_options = b'8\001'
   _globals['_STATSRESPONSE_METHODSENTRY']._loaded_options = None
@@ -67,36 +71,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FETCHREQUEST']._serialized_end=1193
   _globals['_FETCHRESPONSE']._serialized_start=1195
   _globals['_FETCHRESPONSE']._serialized_end=1267
-  _globals['_SPARSEINDEXREQUEST']._serialized_start=1269
-  _globals['_SPARSEINDEXREQUEST']._serialized_end=1368
-  _globals['_SPARSEINDEXRESPONSE']._serialized_start=1370
-  _globals['_SPARSEINDEXRESPONSE']._serialized_end=1428
-  _globals['_STATSREQUEST']._serialized_start=1430
-  _globals['_STATSREQUEST']._serialized_end=1444
-  _globals['_METHODSTATS']._serialized_start=1446
-  _globals['_METHODSTATS']._serialized_end=1511
-  _globals['_RPCSTATS']._serialized_start=1513
-  _globals['_RPCSTATS']._serialized_end=1571
-  _globals['_STATSRESPONSE']._serialized_start=1574
-  _globals['_STATSRESPONSE']._serialized_end=2048
-  _globals['_STATSRESPONSE_POOLENTRY']._serialized_start=1814
-  _globals['_STATSRESPONSE_POOLENTRY']._serialized_end=1857
-  _globals['_STATSRESPONSE_METHODSENTRY']._serialized_start=1859
-  _globals['_STATSRESPONSE_METHODSENTRY']._serialized_end=1930
-  _globals['_STATSRESPONSE_RPCSENTRY']._serialized_start=1932
-  _globals['_STATSRESPONSE_RPCSENTRY']._serialized_end=1997
+  _globals['_HEADPATTERN']._serialized_start=1269
+  _globals['_HEADPATTERN']._serialized_end=1396
+  _globals['_HEADPATTERN_SIZESENTRY']._serialized_start=1352
+  _globals['_HEADPATTERN_SIZESENTRY']._serialized_end=1396
+  _globals['_SPARSEINDEXREQUEST']._serialized_start=1399
+  _globals['_SPARSEINDEXREQUEST']._serialized_end=1694
+  _globals['_SPARSEINDEXREQUEST_SIZESENTRY']._serialized_start=1352
+  _globals['_SPARSEINDEXREQUEST_SIZESENTRY']._serialized_end=1396
+  _globals['_SPARSEINDEXRESPONSE']._serialized_start=1696
+  _globals['_SPARSEINDEXRESPONSE']._serialized_end=1810
+  _globals['_SPARSEPREFILLRESPONSE']._serialized_start=1813
+  _globals['_SPARSEPREFILLRESPONSE']._serialized_end=1959
+  _globals['_STATSREQUEST']._serialized_start=1961
+  _globals['_STATSREQUEST']._serialized_end=1975
+  _globals['_METHODSTATS']._serialized_start=1977
+  _globals['_METHODSTATS']._serialized_end=2042
+  _globals['_RPCSTATS']._serialized_start=2044
+  _globals['_RPCSTATS']._serialized_end=2102
+  _globals['_STATSRESPONSE']._serialized_start=2105
+  _globals['_STATSRESPONSE']._serialized_end=2579
+  _globals['_STATSRESPONSE_POOLENTRY']._serialized_start=2345
+  _globals['_STATSRESPONSE_POOLENTRY']._serialized_end=2388
+  _globals['_STATSRESPONSE_METHODSENTRY']._serialized_start=2390
+  _globals['_STATSRESPONSE_METHODSENTRY']._serialized_end=2461
+  _globals['_STATSRESPONSE_RPCSENTRY']._serialized_start=2463
+  _globals['_STATSRESPONSE_RPCSENTRY']._serialized_end=2528
   _globals['_STATSRESPONSE_BYTESMOVEDENTRY']._serialized_start=1048
   _globals['_STATSRESPONSE_BYTESMOVEDENTRY']._serialized_end=1097
-  _globals['_PREFETCHREQUEST']._serialized_start=2050
-  _globals['_PREFETCHREQUEST']._serialized_end=2098
-  _globals['_CONFIGREQUEST']._serialized_start=2100
-  _globals['_CONFIGREQUEST']._serialized_end=2115
-  _globals['_STORECONFIG']._serialized_start=2118
-  _globals['_STORECONFIG']._serialized_end=2303
-  _globals['_HEALTHREQUEST']._serialized_start=2305
-  _globals['_HEALTHREQUEST']._serialized_end=2320
-  _globals['_HEALTHRESPONSE']._serialized_start=2322
-  _globals['_HEALTHRESPONSE']._serialized_end=2354
-  _globals['_KVCACHE']._serialized_start=2357
-  _globals['_KVCACHE']._serialized_end=3282
+  _globals['_PREFETCHREQUEST']._serialized_start=2581
+  _globals['_PREFETCHREQUEST']._serialized_end=2629
+  _globals['_CONFIGREQUEST']._serialized_start=2631
+  _globals['_CONFIGREQUEST']._serialized_end=2646
+  _globals['_STORECONFIG']._serialized_start=2649
+  _globals['_STORECONFIG']._serialized_end=2834
+  _globals['_HEALTHREQUEST']._serialized_start=2836
+  _globals['_HEALTHREQUEST']._serialized_end=2851
+  _globals['_HEALTHRESPONSE']._serialized_start=2853
+  _globals['_HEALTHRESPONSE']._serialized_end=2885
+  _globals['_KVCACHE']._serialized_start=2888
+  _globals['_KVCACHE']._serialized_end=3897
 # @@protoc_insertion_point(module_scope)

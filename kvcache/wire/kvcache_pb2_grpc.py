@@ -89,6 +89,11 @@ class KVCacheStub:
                 request_serializer=kvcache__pb2.SparseIndexRequest.SerializeToString,
                 response_deserializer=kvcache__pb2.SparseIndexResponse.FromString,
                 _registered_method=True)
+        self.SparsePrefill = channel.unary_unary(
+                '/kvcache.v1.KVCache/SparsePrefill',
+                request_serializer=kvcache__pb2.SparseIndexRequest.SerializeToString,
+                response_deserializer=kvcache__pb2.SparsePrefillResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvcache.v1.KVCache/Stats',
                 request_serializer=kvcache__pb2.StatsRequest.SerializeToString,
@@ -173,7 +178,15 @@ class KVCacheServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SparseIndex(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """MInference: the sparse index of a prefill chunk, built from the keys the server holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SparsePrefill(self, request, context):
+        """MInference: the chunk's whole sparse prefill attention, computed on the server.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -253,6 +266,11 @@ def add_KVCacheServicer_to_server(servicer, server):
                     servicer.SparseIndex,
                     request_deserializer=kvcache__pb2.SparseIndexRequest.FromString,
                     response_serializer=kvcache__pb2.SparseIndexResponse.SerializeToString,
+            ),
+            'SparsePrefill': grpc.unary_unary_rpc_method_handler(
+                    servicer.SparsePrefill,
+                    request_deserializer=kvcache__pb2.SparseIndexRequest.FromString,
+                    response_serializer=kvcache__pb2.SparsePrefillResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -567,6 +585,33 @@ class KVCache:
             '/kvcache.v1.KVCache/SparseIndex',
             kvcache__pb2.SparseIndexRequest.SerializeToString,
             kvcache__pb2.SparseIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SparsePrefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcache.v1.KVCache/SparsePrefill',
+            kvcache__pb2.SparseIndexRequest.SerializeToString,
+            kvcache__pb2.SparsePrefillResponse.FromString,
             options,
             channel_credentials,
             insecure,
