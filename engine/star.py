@@ -54,6 +54,7 @@ from engine.model import Llama
 from engine.prefill import PromptKV, causal_attention
 from engine.sampling import GREEDY, Sampler
 from kvcache.methods import merge_lse
+from kvcache.sharded import ShardedClient
 
 # ---- the plan --------------------------------------------------------------------------------
 
@@ -421,3 +422,102 @@ def split_prompt(tokenizer, context: str, question: str | None, chat: bool,
         common += 1
     common = min(common, len(ids) - 1)
     return ids[:common], ids[common:]
+
+
+# ---- `kvcache generate --star` ---------------------------------------------------------------
+
+
+def connect(args, config) -> ShardedClient:
+    """The ShardedClient of --servers (with --token-file and --block-size), checked against the model's shape."""
+    from engine.errors import UnsupportedModel
+    from kvcache.sharded import ShardedClient
+
+    token = None
+    if getattr(args, "token_file", None):
+        with open(args.token_file) as f:
+            token = f.read().strip()
+    targets = [t.strip() for t in args.servers.split(",") if t.strip()]
+    client = ShardedClient(targets, block_size=getattr(args, "block_size", None) or 4096, token=token)
+    try:
+        c = client.config
+    except Exception:
+        client.close()
+        raise
+    want = (config.num_layers, config.num_kv_heads, config.head_dim)
+    if (c.num_layers, c.num_kv_heads, c.head_dim) != want:
+        client.close()
+        raise UnsupportedModel(f"the servers {targets} store (layers, kv heads, head dim) = "
+                               f"{(c.num_layers, c.num_kv_heads, c.head_dim)}; the model needs {want}")
+    return client
+
+
+def run_cli(args) -> int:
+    """`kvcache generate --star --servers ...`: Star Attention over the servers, streaming the answer; 0 on success."""
+    from engine.cli import attention_spec
+    from engine.load import load_model
+    from engine.sampling import Sampler
+    from engine.tokenizer import StreamDecoder
+
+    if not args.servers:
+        raise ValueError("--star needs --servers host:port,... (one shard per server; the last is the query host)")
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    else:
+        prompt = args.prompt
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_seconds = time.perf_counter() - t0
+    context_ids, query_ids = split_prompt(tokenizer, prompt, args.question, args.chat, args.query_tokens)
+    spec = attention_spec(args)
+    stream = StreamDecoder(tokenizer)
+
+    def on_token(token: int) -> None:
+        if token not in tokenizer.stop_ids:
+            print(stream.push(token), end="", flush=True)
+
+    with connect(args, model.config) as client:
+        result = star_generate(model, client, context_ids, query_ids, block_size=args.block_size,
+                               anchor_size=args.anchor_size, max_new_tokens=args.max_new_tokens, spec=spec,
+                               sampler=Sampler(args.temperature, args.top_p, args.seed), stop_ids=tokenizer.stop_ids,
+                               chunk_size=args.chunk_size, token_file=args.token_file, on_token=on_token)
+    print(flush=True)
+    result.text = tokenizer.decode([t for t in result.tokens if t not in tokenizer.stop_ids])
+    summary = star_summary(result, spec, args.servers)
+    summary["load_seconds"] = round(load_seconds, 3)
+    print(f"[star over {client.num_shards} servers, b={result.plan.block_size}, anchor={result.plan.anchor_size}, "
+          f"{spec.method}] context {result.context_tokens} + query {result.query_tokens} tokens; phase 1 "
+          f"{result.phase1.seconds:.2f} s (encoding {result.phase1.encode_seconds:.2f} s on the slowest rank); "
+          f"query {result.query_seconds:.2f} s; {result.decode_tokens} decode steps, median "
+          f"{1000 * result.median_step_seconds:.0f} ms ({result.tokens_per_second:.1f} tokens/s)", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+def star_summary(result: StarResult, spec: AttentionSpec, servers: str | None = None) -> dict:
+    """The figures of a Star Attention run, for JSON."""
+    return {
+        "servers": servers,
+        "shards": result.plan.num_shards,
+        "method": spec.method,
+        "params": dict(spec.params),
+        "block_size": result.plan.block_size,
+        "anchor_size": result.plan.anchor_size,
+        "shard_lengths": result.plan.shard_lengths(),
+        "context_tokens": result.context_tokens,
+        "query_tokens": result.query_tokens,
+        "answer": result.text,
+        "stop_reason": result.stop_reason,
+        "phase1_launcher": result.phase1.launcher,
+        "phase1_seconds": round(result.phase1.seconds, 3),
+        "phase1_encode_seconds_slowest_rank": round(result.phase1.encode_seconds, 3),
+        "phase1_ranks": result.phase1.ranks,
+        "query_seconds": round(result.query_seconds, 3),
+        "decode_steps": result.decode_tokens,
+        "step_ms": [round(1000 * s, 2) for s in result.step_seconds],
+        "median_step_ms": round(1000 * result.median_step_seconds, 2),
+        "tokens_per_second": round(result.tokens_per_second, 3),
+        "attention_bytes_per_token": round(result.attention_bytes / max(result.decode_tokens, 1)),
+    }
