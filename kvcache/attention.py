@@ -14,7 +14,8 @@ from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, 
 from kvcache.methods import AttentionResult, dense, quest, sparq
 from kvcache.methods.quest import check_quest_params
 from kvcache.methods.sparq import check_common_params, check_sparq_params
-from kvcache.methods.traffic import dense_bytes, quest_bytes, sparq_bytes
+from kvcache.methods.gate import gate
+from kvcache.methods.traffic import dense_bytes, gate_budget_pages, gate_bytes, quest_bytes, sparq_bytes
 from kvcache.store import KVStore
 from kvcache.table import PageTableCSR
 
@@ -30,6 +31,7 @@ class Method:
     check: Callable[[KVCacheConfig, Sequence[int], dict], None]
     traffic: Callable[[KVCacheConfig, PageTableCSR, dict], int]
     triton: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    needs_gate: bool = False  # takes the store's page gate (kvcache.gate_store) for the layer after `reads`
 
 
 def _triton_dense(*args, **kw):
@@ -48,6 +50,26 @@ def _triton_quest(*args, **kw):
     from kernels.quest import quest_decode
 
     return quest_decode(*args, **kw)
+
+
+def _triton_gate(*args, **kw):
+    from kernels.gate import gate_decode
+
+    return gate_decode(*args, **kw)
+
+
+def _check_gate(config: KVCacheConfig, lens: Sequence[int], p: dict) -> None:
+    from kvcache.methods.gate import check_gate_params
+
+    check_gate_params(p.get("budget"), p.get("threshold"))
+    if config.tiered:
+        raise InvalidParameter("gate: not available on tiered stores yet (use quest or sparq there)")
+
+
+def _gate_traffic(c: KVCacheConfig, csr: PageTableCSR, p: dict) -> int:
+    # With a threshold the count is data-dependent: this is the budget's bound; the paths return exact bytes.
+    pages = [[gate_budget_pages(S, c.page_size, p.get("budget"))] * c.num_kv_heads for S in csr.host_lens]
+    return gate_bytes(csr.host_lens, c.page_size, pages, c.head_dim, c.itemsize)
 
 
 def _no_check(config: KVCacheConfig, lens: Sequence[int], p: dict) -> None:
@@ -74,12 +96,15 @@ METHODS: dict[str, Method] = {
         lambda c, csr, p: quest_bytes(csr.host_lens, c.page_size, p["top_pages"], c.num_kv_heads, c.head_dim, c.itemsize),
         _triton_quest,
     ),
+    "gate": Method(
+        gate, ("k_seq", "v_seq", "k_summary"), False, _check_gate, _gate_traffic, _triton_gate, needs_gate=True,
+    ),
 }
 
 BACKENDS = ("auto", "torch", "triton")
 
 # Arguments every reference takes positionally; the rest are the method's parameters.
-_POSITIONAL = {"q", "k_seq", "k_dim", "v_seq", "k_summary", "value_mean", "csr"}
+_POSITIONAL = {"q", "k_seq", "k_dim", "v_seq", "k_summary", "value_mean", "layer_gate", "csr"}
 
 def method_parameters(method: str) -> list[str]:
     """Names of the keyword parameters `method` accepts."""
@@ -117,6 +142,10 @@ def validate(
     if empty:
         raise PositionOutOfRange(f"sequence {empty[0]} has no cached positions at layer {layer}")
     m.check(store.config, lens, params)
+    if m.needs_gate:
+        from kvcache.gate_store import gate_of
+
+        gate_of(store, q.shape[1])  # GateMissing (FAILED_PRECONDITION) before any work
     return m, q, params
 
 
@@ -158,9 +187,16 @@ def run_validated(
     tensors = [getattr(view, name) for name in m.reads]
     if m.uses_value_mean:
         tensors.append(store.value_mean(seq_ids, layer))
+    if m.needs_gate:
+        from kvcache.gate_store import gate_of
+
+        tensors.append(gate_of(store).layer(layer))
     if backend == "torch" or (backend == "auto" and (q.device.type != "cuda" or unsupported)):
         return m.reference(q, *tensors, csr, **params)
-    out, lse = m.triton(q, *tensors, csr, **params)
+    result = m.triton(q, *tensors, csr, **params)
+    if len(result) == 3:  # a path that counts its own bytes (data-dependent choices)
+        return AttentionResult(*result)
+    out, lse = result
     return AttentionResult(out, lse, m.traffic(store.config, csr, params))
 
 

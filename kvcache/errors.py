@@ -76,3 +76,15 @@ class PageCorrupted(KVCacheError, IOError):
     """A page read back from the host or disk tier failed its checksum; no attention was computed from it."""
 
     grpc_code = "DATA_LOSS"
+
+
+class GateMissing(KVCacheError, LookupError):
+    """Method `gate` was asked of a store that holds no trained page gate (train one, then serve with --gate)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class GateFileInvalid(KVCacheError, ValueError):
+    """A gate weights file is corrupt, truncated, or made for another model shape; nothing was loaded."""
+
+    grpc_code = "INVALID_ARGUMENT"

@@ -31,3 +31,25 @@ def quest_bytes(lens: Sequence[int], page_size: int, top_pages: int, num_kv_head
         summaries = n * SUMMARY_ROWS_READ * d * SUMMARY_DTYPE.itemsize
         total += (summaries + 2 * rows * d * itemsize) * num_kv_heads
     return total
+
+
+GATE_SUMMARY_ROWS_READ = 3  # the learned gate reads max, min and mean of every page
+
+
+def gate_budget_pages(S: int, page_size: int, budget: int | None) -> int:
+    """Pages a gate with a token `budget` reads of a sequence of S positions (first and last included)."""
+    n = -(-S // page_size)
+    return n if budget is None or n <= 2 else min(n, max(2, -(-budget // page_size)))
+
+
+def gate_bytes(lens: Sequence[int], page_size: int, pages_read: Sequence[Sequence[int]], d: int, itemsize: int) -> int:
+    """Learned gate (§3), per kv head: [max, min, mean] summaries (float32) of every page, then the filled rows
+    of the pages it chose; pages_read[b][h] counts them for kv head h of sequence b (the last page among them)."""
+    total = 0
+    for S, per_head in zip(lens, pages_read):
+        n = -(-S // page_size)
+        last_rows = S - (n - 1) * page_size
+        for t in per_head:
+            rows = S if t >= n else (t - 1) * page_size + last_rows
+            total += n * GATE_SUMMARY_ROWS_READ * d * SUMMARY_DTYPE.itemsize + 2 * rows * d * itemsize
+    return total

@@ -1,0 +1,131 @@
+"""Page-gate weights on disk (safetensors, one file per model) and the gate a store holds.
+
+A file holds q_weight [L, Hkv, G*d, dg], q_bias [L, Hkv, dg], k_weight [L, Hkv, 3d, dg] and, in its
+metadata, the GateShape (layers, kv heads, group, head dim, page size, gate dim, RoPE base), the
+model it was trained for, and a crc32 of every tensor's bytes: a truncated file fails to parse,
+a changed byte fails its checksum, a file for another model shape is refused; nothing is loaded
+then. Names resolve to engine/gates/<name>.safetensors (`kvcache train-gate` writes there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import weakref
+import zlib
+
+import torch
+
+from kvcache.errors import GateFileInvalid, GateMissing
+from kvcache.methods.gate import GateShape, PageGate
+
+FORMAT = "kvcache-page-gate/1"
+GATES_DIR = pathlib.Path(__file__).resolve().parent.parent / "engine" / "gates"
+DEFAULT_GATE = "smollm2-135m"
+TRAIN_COMMAND = "kvcache train-gate --name smollm2-135m"
+_TENSORS = ("q_weight", "q_bias", "k_weight")
+
+
+def gate_path(name_or_path: str | os.PathLike) -> pathlib.Path:
+    """A path as given if it names a file (or ends in .safetensors), else engine/gates/<name>.safetensors."""
+    p = pathlib.Path(name_or_path)
+    if p.suffix == ".safetensors" or p.exists():
+        return p
+    return GATES_DIR / f"{name_or_path}.safetensors"
+
+
+def _crc(t: torch.Tensor) -> str:
+    return f"{zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes()):08x}"
+
+
+def save_gate(gate: PageGate, path: str | os.PathLike, model: str = "", extra: dict | None = None) -> pathlib.Path:
+    """Write the gate's weights (float32) and shape to `path` (a name resolves under engine/gates/)."""
+    from safetensors.torch import save_file
+
+    path = gate_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {n: getattr(gate, n).detach().float().cpu().contiguous() for n in _TENSORS}
+    meta = {"format": FORMAT, "shape": json.dumps(gate.shape.as_dict()), "model": model,
+            "crc32": json.dumps({n: _crc(t) for n, t in tensors.items()}), "extra": json.dumps(extra or {})}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_gate(path: str | os.PathLike, expect: dict | None = None) -> PageGate:
+    """The gate in `path` (or engine/gates/<name>.safetensors).
+
+    `expect` maps GateShape fields (num_layers, num_kv_heads, group, head_dim, page_size) to the
+    values the model and store need; any that differ raise GateFileInvalid, as does a file that is
+    missing, truncated, corrupt (checksum) or whose tensors disagree with its metadata.
+    """
+    from safetensors import safe_open
+
+    path = gate_path(path)
+    if not path.is_file():
+        raise GateMissing(f"no gate weights at {path}; train them with `{TRAIN_COMMAND}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {n: f.get_tensor(n) for n in _TENSORS}
+    except Exception as exc:  # safetensors raises its own error types for a bad header or short data
+        raise GateFileInvalid(f"gate file {path} is unreadable (truncated or corrupt?): {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise GateFileInvalid(f"gate file {path} has format {meta.get('format')!r}; expected {FORMAT!r}")
+    try:
+        shape = GateShape(**json.loads(meta["shape"]))
+        crcs = json.loads(meta["crc32"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GateFileInvalid(f"gate file {path} has unreadable metadata: {exc}") from exc
+    for name, t in tensors.items():
+        if crcs.get(name) != _crc(t):
+            raise GateFileInvalid(f"gate file {path}: tensor {name} fails its crc32 (corrupt file)")
+    gate = PageGate(shape)
+    for name, t in tensors.items():
+        want = tuple(getattr(gate, name).shape)
+        if tuple(t.shape) != want:
+            raise GateFileInvalid(f"gate file {path}: {name} has shape {tuple(t.shape)}; its metadata says {want}")
+        if not torch.isfinite(t).all():
+            raise GateFileInvalid(f"gate file {path}: {name} holds non-finite values")
+        getattr(gate, name).data.copy_(t)
+    check_gate_shape(shape, expect or {}, str(path))
+    return gate.requires_grad_(False).eval()
+
+
+def check_gate_shape(shape: GateShape, expect: dict, where: str) -> None:
+    """Raise GateFileInvalid if any field of `expect` differs from the gate's shape."""
+    wrong = {k: (getattr(shape, k), v) for k, v in expect.items() if getattr(shape, k) != v}
+    if wrong:
+        detail = ", ".join(f"{k}={have} (need {need})" for k, (have, need) in wrong.items())
+        raise GateFileInvalid(f"gate {where} was trained for another shape: {detail}")
+
+
+# ---- the gate a store holds ---------------------------------------------------------------------
+
+_GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def attach_gate(store, gate: PageGate | str | os.PathLike) -> PageGate:
+    """Give `store` a page gate (an object, a path or a name), checked against the store's shape; returns it."""
+    c = store.config
+    expect = {"num_layers": c.num_layers, "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
+              "page_size": c.page_size}
+    if not isinstance(gate, PageGate):
+        gate = load_gate(gate, expect)
+    check_gate_shape(gate.shape, expect, "given")
+    gate = gate.to(c.device)
+    _GATES[store] = gate
+    return gate
+
+
+def gate_of(store, num_q_heads: int | None = None) -> PageGate:
+    """The store's gate; GateMissing (FAILED_PRECONDITION) if it has none, GateFileInvalid for another group size."""
+    gate = _GATES.get(store)
+    if gate is None:
+        raise GateMissing(f"method 'gate' needs a trained page gate and this store holds none: train one with "
+                          f"`{TRAIN_COMMAND}`, then start the server with `kvcache serve --gate smollm2-135m` "
+                          "(in-process: kvcache.gate_store.attach_gate(store, name))")
+    if num_q_heads is not None and gate.shape.group * gate.shape.num_kv_heads != num_q_heads:
+        raise GateFileInvalid(f"the store's gate is for {gate.shape.group * gate.shape.num_kv_heads} query heads; "
+                              f"q has {num_q_heads}")
+    return gate

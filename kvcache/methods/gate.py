@@ -1,0 +1,215 @@
+"""SeerAttention's learned page gate (ALGORITHMS.md §3), torch reference: page scores from the key
+summaries, the choice of pages (token budget or probability threshold), exact attention on them.
+
+Per layer and kv head (one GQA group of G query heads):
+    query side  qg = RoPE(W_q [q_1 .. q_G] + b_q, page(q))      G*d -> dg  (the group picks one set of pages)
+    key side    kg = RoPE(W_k [max, min, mean](page), page)      3*d -> dg  (the store's page summaries)
+    scores      softmax_pages(qg . kg / sqrt(dg))
+RoPE: the store's keys (and the decode query) are already rotated by the model at their token
+positions, so the summaries are of rotated keys; min/max/mean over 16 rotated keys blur what
+position they carry. As in §3 the gate rotates its own dg-dimensional vectors again at block
+positions: a key vector at its page index, the query at the index of the page it sits in (the
+last page at decode), so the gate sees the distance in pages between query and page. Its base is
+`GateShape.rope_base` (saved with the weights).
+
+The first page (attention sink) and the last, partly filled page are always read; the gate ranks
+the pages between them, and a threshold applies to the scores renormalised over those pages
+(the distribution training fits, engine/train_gate.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from kvcache.errors import InvalidParameter
+from kvcache.methods.dense import attend_rows
+from kvcache.methods.result import AttentionResult
+from kvcache.methods.traffic import gate_bytes
+from kvcache.pages import SUMMARY_MAX, SUMMARY_MEAN, SUMMARY_MIN
+from kvcache.table import PageTableCSR
+
+GATE_DIM = 128
+
+
+@dataclass(frozen=True)
+class GateShape:
+    """What a gate is for: the model's layers, kv heads, group size and head dim, the store's page size."""
+
+    num_layers: int
+    num_kv_heads: int
+    group: int  # query heads per kv head (G)
+    head_dim: int
+    page_size: int
+    gate_dim: int = GATE_DIM
+    rope_base: float = 10000.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class PageGate(nn.Module):
+    """Gate weights of every layer: q side [L, Hkv, G*d, dg] (+ bias), k side [L, Hkv, 3d, dg]."""
+
+    def __init__(self, shape: GateShape, seed: int = 0) -> None:
+        super().__init__()
+        self.shape = shape
+        L, H, G, d, dg = shape.num_layers, shape.num_kv_heads, shape.group, shape.head_dim, shape.gate_dim
+        gen = torch.Generator().manual_seed(seed)
+        self.q_weight = nn.Parameter(torch.randn((L, H, G * d, dg), generator=gen) / math.sqrt(G * d))
+        self.q_bias = nn.Parameter(torch.zeros((L, H, dg)))
+        self.k_weight = nn.Parameter(torch.randn((L, H, 3 * d, dg), generator=gen) / math.sqrt(3 * d))
+
+    def layer(self, layer: int) -> LayerGate:
+        """The weights of one layer, as the attention method takes them."""
+        return LayerGate(self.shape, self.q_weight[layer], self.q_bias[layer], self.k_weight[layer])
+
+
+@dataclass(frozen=True)
+class LayerGate:
+    """One layer's gate: q_weight [Hkv, G*d, dg], q_bias [Hkv, dg], k_weight [Hkv, 3d, dg]."""
+
+    shape: GateShape
+    q_weight: torch.Tensor
+    q_bias: torch.Tensor
+    k_weight: torch.Tensor
+
+    def to(self, device: torch.device | str) -> LayerGate:
+        return LayerGate(self.shape, self.q_weight.to(device), self.q_bias.to(device), self.k_weight.to(device))
+
+
+def gate_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate x [..., dg] at integer `positions` (broadcast against x[..., 0]) in the half-split layout."""
+    dg = x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, dg, 2, dtype=torch.float32, device=x.device) / dg)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., dg/2]
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    half = dg // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def pooled_keys(summary: torch.Tensor) -> torch.Tensor:
+    """[max, min, mean] of each page's keys, concatenated: summary [n, Hkv, 3, d] -> [n, Hkv, 3d] float32."""
+    s = summary.float()
+    return torch.cat((s[:, :, SUMMARY_MAX], s[:, :, SUMMARY_MIN], s[:, :, SUMMARY_MEAN]), dim=-1)
+
+
+def gate_queries(g: LayerGate, q: torch.Tensor, q_page: torch.Tensor) -> torch.Tensor:
+    """Gate queries of q [..., Hkv, G, d] sitting in pages q_page [...] -> [..., Hkv, dg]."""
+    flat = q.float().flatten(-2)  # [..., Hkv, G*d]
+    qg = torch.einsum("...hi,hio->...ho", flat, g.q_weight.float()) + g.q_bias.float()
+    return gate_rope(qg, q_page[..., None], g.shape.rope_base)
+
+
+def gate_keys(g: LayerGate, pooled: torch.Tensor) -> torch.Tensor:
+    """Gate keys of pooled [n, Hkv, 3d] (page i at position i) -> [n, Hkv, dg]."""
+    kg = torch.einsum("nhi,hio->nho", pooled.float(), g.k_weight.float())
+    return gate_rope(kg, torch.arange(pooled.shape[0], device=pooled.device)[:, None], g.shape.rope_base)
+
+
+def gate_logits(g: LayerGate, q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    """Gate logits of a decode query q [Hkv, G, d] (in the last page) over summary [n, Hkv, 3, d] -> [Hkv, n]."""
+    n = summary.shape[0]
+    qg = gate_queries(g, q, torch.tensor(n - 1, device=q.device))  # [Hkv, dg]
+    kg = gate_keys(g, pooled_keys(summary))  # [n, Hkv, dg]
+    return torch.einsum("hd,nhd->hn", qg, kg) / math.sqrt(g.shape.gate_dim)
+
+
+def gate_page_scores(g: LayerGate, q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    """§3 block scores softmax(Qg Kg^T / sqrt(dg)) of q [Hkv, G, d] over the pages of summary -> [Hkv, n]."""
+    return torch.softmax(gate_logits(g, q, summary), dim=-1)
+
+
+def gate_select(scores: torch.Tensor, page_size: int, budget: int | None = None,
+                threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen page indexes per kv head from scores [Hkv, n]: (chosen [Hkv, t] int64, count [Hkv]).
+
+    Pages 0 and n-1 always; of the pages between, those whose score renormalised over them is at
+    least `threshold` (all, without one), best first, as many as fit `budget` tokens (whole pages,
+    the first and last included; every page without one). Row h is [0, n-1, best...]; its entries
+    past count[h] are padding (they repeat page n-1) and are not read.
+    """
+    H, n = scores.shape
+    dev = scores.device
+    if n <= 2:
+        chosen = torch.arange(n, device=dev).expand(H, n)
+        return chosen.contiguous(), torch.full((H,), n, device=dev, dtype=torch.long)
+    middle = scores[:, 1 : n - 1]
+    keep = n - 2 if budget is None else min(n - 2, max(0, -(-budget // page_size) - 2))
+    order = torch.sort(middle, dim=-1, descending=True, stable=True)
+    best = order.indices[:, :keep] + 1  # [H, keep]
+    count = torch.full((H,), keep, device=dev, dtype=torch.long)
+    if threshold is not None:
+        prob = order.values[:, :keep] / middle.sum(-1, keepdim=True).clamp_min(1e-30)
+        count = (prob >= threshold).sum(-1)  # sorted: the ones above come first
+    slots = torch.arange(keep, device=dev)[None, :]
+    last = torch.full((H, 1), n - 1, device=dev, dtype=torch.long)
+    best = torch.where(slots < count[:, None], best, last)
+    chosen = torch.cat((torch.zeros_like(last), last, best), dim=-1)
+    return chosen, count + 2
+
+
+def check_gate_params(budget: int | None, threshold: float | None) -> None:
+    """Raise InvalidParameter unless budget (tokens) is a positive int or None, threshold in [0, 1] or None,
+    and at least one is given."""
+    if budget is None and threshold is None:
+        raise InvalidParameter("gate: give a token budget, a threshold, or both")
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+        raise InvalidParameter(f"gate: budget={budget!r} must be a positive int (tokens)")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0.0 <= threshold <= 1.0):
+        raise InvalidParameter(f"gate: threshold={threshold!r} must be a number in [0, 1]")
+
+
+def gate_choose(q: torch.Tensor, k_summary: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR,
+                budget: int | None, threshold: float | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(chosen [Hkv, t], count [Hkv]) of every sequence of q [B, Hq, d]."""
+    B, Hq, d = q.shape
+    Hkv = k_summary.shape[1]
+    picks = []
+    for b in range(B):
+        qg = q[b].view(Hkv, Hq // Hkv, d)
+        scores = gate_page_scores(layer_gate, qg, k_summary[csr.pages_of(b)])
+        picks.append(gate_select(scores, csr.page_size, budget, threshold))
+    return picks
+
+
+def gate(
+    q: torch.Tensor,
+    k_seq: torch.Tensor,
+    v_seq: torch.Tensor,
+    k_summary: torch.Tensor,
+    layer_gate: LayerGate,
+    csr: PageTableCSR,
+    budget: int | None = None,
+    threshold: float | None = None,
+    scale: float | None = None,
+) -> AttentionResult:
+    """Exact attention of q [B, Hq, d] over the pages the gate picks (first and last always); bytes read:
+    the [max, min, mean] summaries of every page and the filled rows of the chosen pages."""
+    check_gate_params(budget, threshold)
+    B, Hq, d = q.shape
+    Hkv = k_seq.shape[1]
+    P = csr.page_size
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    counts = []
+    for b, (chosen, count) in enumerate(gate_choose(q, k_summary, layer_gate, csr, budget, threshold)):
+        S = csr.host_lens[b]
+        qg = q[b].view(Hkv, Hq // Hkv, d)
+        page_ids = csr.pages_of(b)[chosen]  # [Hkv, t]
+        heads = torch.arange(Hkv, device=q.device)[:, None]
+        k_rows = k_seq[page_ids, heads].flatten(1, 2)  # [Hkv, t*P, d]
+        v_rows = v_seq[page_ids, heads].flatten(1, 2)
+        positions = (chosen[..., None] * P + torch.arange(P, device=q.device)).flatten(1)  # [Hkv, t*P]
+        # Padding slots (past count) repeat the last page: masked out with the rows past S.
+        slot_ok = (torch.arange(chosen.shape[1], device=q.device)[None, :] < count[:, None]).repeat_interleave(P, 1)
+        y, s = attend_rows(qg, k_rows, v_rows, scale, mask=(positions < S) & slot_ok)
+        out[b], lse[b] = y.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
+        counts.append(count.tolist())
+    return AttentionResult(out, lse, gate_bytes(csr.host_lens, P, counts, d, k_seq.element_size()))

@@ -1,0 +1,207 @@
+"""The learned page gate (ALGORITHMS.md §3): page scores against a plain transcription of §3, the
+choice of pages, save/load of its weights, and the decode method `gate` through the client."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvcache import InProcessClient, KVCacheConfig
+from kvcache.errors import GateFileInvalid, GateMissing, InvalidParameter
+from kvcache.gate_store import attach_gate, load_gate, save_gate
+from kvcache.methods.gate import GateShape, PageGate, gate_page_scores, gate_select
+from kvcache.methods.traffic import gate_bytes
+
+L, D, P = 2, 16, 4
+
+
+def _transcribed_scores(q_w, q_b, k_w, q, keys, page_size, base):
+    """§3 written out with loops: pool each page's raw keys [max, min, avg], project both sides, RoPE at block
+    positions (the query at its page), softmax(Qg Kg^T / sqrt(dg)). q [Hkv, G, d], keys [S, Hkv, d] -> [Hkv, n]."""
+    S, Hkv, d = keys.shape
+    n = -(-S // page_size)
+    dg = q_w.shape[-1]
+
+    def rope(x, pos):
+        out = torch.empty_like(x)
+        half = dg // 2
+        for i in range(half):
+            theta = pos * base ** (-2 * i / dg)
+            c, s = math.cos(theta), math.sin(theta)
+            out[i] = x[i] * c - x[i + half] * s
+            out[i + half] = x[i + half] * c + x[i] * s
+        return out
+
+    scores = torch.empty((Hkv, n))
+    for h in range(Hkv):
+        qg = rope(q[h].reshape(-1).double() @ q_w[h].double() + q_b[h].double(), n - 1)
+        logits = []
+        for i in range(n):
+            block = keys[i * page_size : (i + 1) * page_size, h].double()
+            pooled = torch.cat((block.max(0).values, block.min(0).values, block.mean(0)))
+            logits.append(float(qg @ rope(pooled @ k_w[h].double(), i)) / math.sqrt(dg))
+        scores[h] = torch.softmax(torch.tensor(logits), 0).float()
+    return scores
+
+
+def _gate(hkv, G, d=D, page_size=P, gate_dim=32, seed=1):
+    gate = PageGate(GateShape(L, hkv, G, d, page_size, gate_dim=gate_dim, rope_base=100.0), seed=seed)
+    with torch.no_grad():
+        gate.q_bias.normal_(generator=torch.Generator().manual_seed(seed))
+    return gate
+
+
+def _client_with(lengths, hkv, G, page_size=P, gate=None, seed=0):
+    """A client over a store holding one random sequence per length, a query, and each sequence's layer-1 keys."""
+    client = InProcessClient(KVCacheConfig(L, hkv, D, page_size=page_size, dtype=torch.float32, device_pages=256))
+    if gate is not None:
+        attach_gate(client.store, gate)
+    gen = torch.Generator().manual_seed(seed)
+    ids, keys = [], []
+    for S in lengths:
+        sid = client.create().seq_id
+        k, v = torch.randn((L, S, hkv, D), generator=gen), torch.randn((L, S, hkv, D), generator=gen)
+        for start in range(0, S, 7):  # uneven chunks
+            client.append(sid, k[:, start : start + 7], v[:, start : start + 7])
+        ids.append(sid)
+        keys.append(k[1])
+    return client, ids, torch.randn((len(lengths), hkv * G, D), generator=gen), keys
+
+
+@pytest.mark.parametrize("hkv,G,S", [(1, 1, 4), (2, 3, 17), (3, 3, 33), (2, 4, 5), (1, 2, 64)])
+def test_page_scores_match_a_transcription_of_section_3(hkv, G, S):
+    gate = _gate(hkv, G)
+    client, ids, q, keys = _client_with([S], hkv, G)
+    store = client.store
+    pages = store.page_table(ids, 1).pages_of(0)
+    got = gate_page_scores(gate.layer(1), q[0].view(hkv, G, D), store.layer_view(1).k_summary[pages])
+    want = _transcribed_scores(gate.q_weight[1].detach(), gate.q_bias[1].detach(), gate.k_weight[1].detach(),
+                               q[0].view(hkv, G, D), keys[0], P, 100.0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_selection_always_takes_the_first_and_last_page_and_the_best_between():
+    scores = torch.tensor([[0.05, 0.1, 0.4, 0.05, 0.3, 0.1], [0.3, 0.3, 0.0, 0.2, 0.1, 0.1]])
+    chosen, count = gate_select(scores, page_size=4, budget=16)  # 4 pages: first, last, best two between
+    assert count.tolist() == [4, 4]
+    assert [sorted(r) for r in chosen.tolist()] == [[0, 2, 4, 5], [0, 1, 3, 5]]
+    chosen, count = gate_select(scores, page_size=4, budget=1)  # below two pages: still first and last
+    assert count.tolist() == [2, 2] and [sorted(r[:2]) for r in chosen.tolist()] == [[0, 5], [0, 5]]
+
+
+def test_threshold_keeps_the_pages_between_above_it_and_a_budget_caps_them():
+    scores = torch.tensor([[0.05, 0.1, 0.4, 0.05, 0.3, 0.1]])  # between: .1 .4 .05 .3 -> /0.85
+    chosen, count = gate_select(scores, 4, threshold=0.2)
+    assert count.tolist() == [4] and sorted(chosen[0, :4].tolist()) == [0, 2, 4, 5]
+    chosen, count = gate_select(scores, 4, budget=12, threshold=0.1)  # 3 pages fit
+    assert count.tolist() == [3] and sorted(chosen[0, :3].tolist()) == [0, 2, 5]
+
+
+def test_gate_bytes_count_three_summary_rows_and_the_filled_rows_of_chosen_pages():
+    # S=10, P=4: 3 pages, the last holds 2 rows; head 0 reads 2 pages (4 + 2 rows), head 1 all 3 (10 rows).
+    got = gate_bytes([10], 4, [[2, 3]], d=8, itemsize=2)
+    assert got == 2 * (3 * 3 * 8 * 4) + 2 * (6 + 10) * 8 * 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_budget_covering_every_page_equals_dense_exactly(backend):
+    hkv, G = 2, 3
+    client, ids, q, _ = _client_with([17, 33, 5], hkv, G, gate=_gate(hkv, G))
+    dense = client.attend(ids, 1, q, "dense", backend=backend)
+    r = client.attend(ids, 1, q, "gate", {"budget": 10_000}, backend=backend)
+    torch.testing.assert_close(r.out, dense.out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(r.lse, dense.lse, rtol=1e-6, atol=1e-6)
+    summaries = sum(-(-S // P) * 3 * D * 4 * hkv for S in (17, 33, 5))
+    assert r.bytes_read == dense.bytes_read + summaries
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_small_budget_reads_exactly_the_chosen_pages(backend):
+    hkv, G, S = 2, 3, 41  # 11 pages, the last holding 1 row
+    gate = _gate(hkv, G)
+    client, ids, q, keys = _client_with([S], hkv, G, gate=gate)
+    store = client.store
+    pages = store.page_table(ids, 1).pages_of(0)
+    scores = gate_page_scores(gate.layer(1), q[0].view(hkv, G, D), store.layer_view(1).k_summary[pages])
+    chosen, count = gate_select(scores, P, budget=16)
+    r = client.attend(ids, 1, q, "gate", {"budget": 16}, backend=backend)
+    # Exact attention over the chosen pages' rows only, per kv head.
+    k1, vals = _client_kv(client, ids[0], S)
+    assert torch.equal(k1, keys[0])
+    for h in range(hkv):
+        rows = sorted(p * P + i for p in chosen[h, : count[h]].tolist() for i in range(P) if p * P + i < S)
+        qh = q[0].view(hkv, G, D)[h].float()
+        logits = qh @ k1[rows, h].T / math.sqrt(D)
+        want = torch.softmax(logits, -1) @ vals[rows, h]
+        torch.testing.assert_close(r.out[0].view(hkv, G, D)[h], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r.lse[0].view(hkv, G)[h], torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
+    assert count.tolist() == [4, 4]
+    assert r.bytes_read == gate_bytes([S], P, [count.tolist()], D, 4)
+    assert r.bytes_read == hkv * (11 * 3 * D * 4 + 2 * (3 * P + 1) * D * 4)
+
+
+def _client_kv(client, seq_id, S):
+    """Layer-1 K and V [S, Hkv, d] read back from the store through the page table."""
+    store = client.store
+    csr = store.page_table([seq_id], 1)
+    view = store.layer_view(1)
+    pages = csr.pages_of(0)
+    k = view.k_seq[pages].transpose(1, 2).flatten(0, 1)[:S]
+    v = view.v_seq[pages].transpose(1, 2).flatten(0, 1)[:S]
+    return k, v
+
+
+def test_gate_without_a_trained_gate_fails_naming_the_training_command():
+    client, ids, q, _ = _client_with([9], 2, 3)
+    with pytest.raises(GateMissing, match="kvcache train-gate"):
+        client.attend(ids, 1, q, "gate", {"budget": 8})
+    assert GateMissing.grpc_code == "FAILED_PRECONDITION"
+    client.attend(ids, 1, q, "quest", {"top_pages": 2})  # other methods unaffected
+
+
+def test_gate_parameters_are_checked():
+    client, ids, q, _ = _client_with([9], 2, 3, gate=_gate(2, 3))
+    for bad in ({}, {"budget": 0}, {"budget": 2.5}, {"threshold": 1.5}, {"top_pages": 3}):
+        with pytest.raises(InvalidParameter):
+            client.attend(ids, 1, q, "gate", bad)
+
+
+def test_save_load_round_trip(tmp_path):
+    gate = _gate(2, 3)
+    path = save_gate(gate, tmp_path / "g.safetensors", model="tiny")
+    back = load_gate(path, {"num_layers": L, "num_kv_heads": 2, "group": 3, "head_dim": D, "page_size": P})
+    assert back.shape == gate.shape
+    for name in ("q_weight", "q_bias", "k_weight"):
+        assert torch.equal(getattr(back, name), getattr(gate, name).detach())
+
+
+def test_a_gate_for_another_model_shape_is_rejected(tmp_path):
+    path = save_gate(_gate(2, 3), tmp_path / "g.safetensors")
+    with pytest.raises(GateFileInvalid, match="num_layers=2 \\(need 30\\)"):
+        load_gate(path, {"num_layers": 30})
+    client = InProcessClient(KVCacheConfig(L, 3, D, page_size=P, dtype=torch.float32, device_pages=16))
+    with pytest.raises(GateFileInvalid, match="num_kv_heads"):
+        attach_gate(client.store, path)
+    client = InProcessClient(KVCacheConfig(L, 2, D, page_size=8, dtype=torch.float32, device_pages=16))
+    with pytest.raises(GateFileInvalid, match="page_size"):
+        attach_gate(client.store, path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_corrupt_or_truncated_gate_file_is_an_error(tmp_path, damage):
+    path = save_gate(_gate(2, 3), tmp_path / "g.safetensors")
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) - 100]
+    else:
+        data[-7] ^= 0x40  # a byte of the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(GateFileInvalid):
+        load_gate(path)
+
+
+def test_a_missing_gate_file_names_the_training_command(tmp_path):
+    with pytest.raises(GateMissing, match="kvcache train-gate"):
+        load_gate(tmp_path / "none.safetensors")
