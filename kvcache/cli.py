@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.pattern_search import add_arguments as add_search_arguments
 
     add_search_arguments(search)
+    train_gate = sub.add_parser("train-gate", help="distil a learned page gate (SeerAttention) from the model's attention")
+    from engine.train_gate import add_arguments as add_train_gate_arguments
+
+    add_train_gate_arguments(train_gate)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     decode = bench_sub.add_parser("decode", help="decode attention time, bytes and bandwidth per method vs SDPA")
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.pattern_search import main as search_main
 
         return search_main(args)
+    elif args.command == "train-gate":
+        from engine.train_gate import main as train_gate_main
+
+        return train_gate_main(args)
     elif args.command == "bench" and args.bench == "rpc":
         from bench.rpc import main as bench_rpc
 

@@ -1,0 +1,250 @@
+"""`kvcache train-gate`: distil a page gate (ALGORITHMS.md §3, kvcache/methods/gate.py) from a model's
+own attention on real text; the model stays frozen.
+
+1. Capture. The model runs over windows of the text with exact causal attention; a hook at every
+   layer takes the post-RoPE q and k (what the store holds), makes the page summaries of k
+   ([min, max, mean] of every page of P positions, as the store keeps them) and, for a fixed
+   sample of query positions t, the ground truth: the model's attention mass per page
+       gt[h, t, i] = mean over the G query heads of group h of sum_{j in page i} softmax_j(q.k_j / sqrt(d))
+   (row-softmaxed attention SUMMED over each page, not max-pooled: at decode a group reads whole
+   pages for all G heads, and the attention a choice of pages misses is exactly the mass of the
+   pages left out; the sum is that mass, the share of the output the choice keeps. A max-pool
+   (the paper's prefill target) ranks a page with one sharp key above a page of many moderate
+   ones holding more mass, and needs renormalising to a distribution anyway.)
+2. Fit. Decode reads the first page and the query's own (last, partial) page regardless, so the
+   loss is over the pages strictly between them: both the ground truth and the gate's softmax are
+   restricted to pages 1 .. page(t)-1 and renormalised there; loss KL(gt || gate), averaged over
+   rows, summed over layers (the layers' gates are independent). Adam on all layers at once.
+3. Held out. Windows of the text the gate never trains on give the held-out KL, logged with the
+   training loss; the eval harness (engine/eval_cli.py) scores the text's first tokens, so the
+   training windows are taken from its second half and held-out windows from after them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.model import Llama
+from engine.prefill import causal_attention
+from kvcache.methods.gate import GATE_DIM, GateShape, PageGate, gate_rope
+
+
+
+@dataclass
+class Capture:
+    """What the gate learns from, for every layer of one window: q [L, Tq, Hkv, G*d] at positions [Tq],
+    pooled keys [L, n, Hkv, 3d] ([max, min, mean] of each page), ground truth [L, Hkv, Tq, n]."""
+
+    q: torch.Tensor
+    positions: torch.Tensor
+    pooled: torch.Tensor
+    gt: torch.Tensor
+
+
+def query_positions(T: int, page_size: int, queries: int, seed: int) -> torch.Tensor:
+    """`queries` positions in [3P, T), sorted, drawn without replacement (all of them if fewer)."""
+    lo = 3 * page_size  # at least two whole pages lie between page 0 and the query's page
+    pool = torch.arange(lo, T)
+    if queries >= len(pool):
+        return pool
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:queries]
+    return pool[pick].sort().values
+
+
+@torch.inference_mode()
+def capture(model: Llama, ids: list[int], page_size: int, queries: int, seed: int = 0) -> Capture:
+    """Run the frozen model over `ids` (a multiple of page_size long) and keep what training needs."""
+    c = model.config
+    T = len(ids)
+    assert T % page_size == 0, "windows are whole pages"
+    n, G, Hkv, d = T // page_size, c.num_heads // c.num_kv_heads, c.num_kv_heads, c.head_dim
+    pos = query_positions(T, page_size, queries, seed)
+    qs, pooled, gts = [], [], []
+    causal = torch.arange(T)[None, :] <= pos[:, None]  # [Tq, T]
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q0, k0 = q[0].float(), k[0].float()  # [T, Hq, d], [T, Hkv, d]
+        pages = k0.view(n, page_size, Hkv, d)
+        pooled.append(torch.cat((pages.amax(1), pages.amin(1), pages.mean(1)), dim=-1))  # [n, Hkv, 3d]
+        qsel = q0[pos]  # [Tq, Hq, d]
+        qs.append(qsel.reshape(len(pos), Hkv, G * d))
+        kk = k0.repeat_interleave(G, dim=1)  # [T, Hq, d]
+        logits = torch.einsum("thd,shd->hts", qsel, kk) / math.sqrt(d)  # [Hq, Tq, T]
+        probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        mass = probs.view(c.num_heads, len(pos), n, page_size).sum(-1)  # [Hq, Tq, n]
+        gts.append(mass.view(Hkv, G, len(pos), n).mean(1))
+        return causal_attention(q[0], k[0], v[0])[None]
+
+    model(torch.tensor([ids]), torch.arange(T)[None], attend, last_only=True)
+    return Capture(torch.stack(qs), pos, torch.stack(pooled), torch.stack(gts))
+
+
+def page_mask(positions: torch.Tensor, n: int, page_size: int) -> torch.Tensor:
+    """[Tq, n]: the pages strictly between page 0 and each query's own page."""
+    own = positions // page_size
+    i = torch.arange(n)
+    return (i[None, :] >= 1) & (i[None, :] < own[:, None])
+
+
+def gate_log_probs(gate: PageGate, cap: Capture, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate log-probabilities [L, Hkv, R, n] over the masked pages of query rows `rows`, and the mask [R, n]."""
+    s = gate.shape
+    L, n = cap.pooled.shape[0], cap.pooled.shape[1]
+    positions = cap.positions[rows]
+    qg = torch.einsum("lrhi,lhio->lrho", cap.q[:, rows], gate.q_weight) + gate.q_bias[:, None]  # [L, R, Hkv, dg]
+    qg = gate_rope(qg, (positions // s.page_size)[None, :, None], s.rope_base)
+    kg = torch.einsum("lnhi,lhio->lnho", cap.pooled, gate.k_weight)  # [L, n, Hkv, dg]
+    kg = gate_rope(kg, torch.arange(n)[None, :, None], s.rope_base)
+    logits = torch.einsum("lrho,lnho->lhrn", qg, kg) / math.sqrt(s.gate_dim)
+    mask = page_mask(positions, n, s.page_size)
+    return torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1), mask
+
+
+def kl_loss(gate: PageGate, cap: Capture, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over layers, kv heads and rows of KL(gt || gate) on the pages between the first and the query's own."""
+    rows = torch.arange(len(cap.positions)) if rows is None else rows
+    logq, mask = gate_log_probs(gate, cap, rows)
+    gt = cap.gt[:, :, rows] * mask
+    gt = gt / gt.sum(-1, keepdim=True).clamp_min(1e-12)
+    logq = logq.masked_fill(~mask, 0.0)
+    kl = (gt * (torch.log(gt.clamp_min(1e-12)) - logq)).sum(-1)  # [L, Hkv, R]
+    return kl.mean()
+
+
+def train(gate: PageGate, train_caps: list[Capture], held_caps: list[Capture], steps: int, lr: float = 2e-3,
+          batch: int = 256, eval_every: int = 10, seed: int = 0, log=print) -> dict:
+    """Adam on KL(gt || gate); returns the loss curve {step, train, held_out} (held-out every `eval_every`)."""
+    opt = torch.optim.Adam(gate.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    gen = torch.Generator().manual_seed(seed)
+    curve: dict = {"step": [], "train": [], "held_out_step": [], "held_out": []}
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return sum(float(kl_loss(gate, c)) for c in held_caps) / max(1, len(held_caps))
+
+    curve["held_out_step"].append(0)
+    curve["held_out"].append(held_out())
+    log(f"step 0: held-out KL {curve['held_out'][-1]:.4f}")
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        cap = train_caps[(step - 1) % len(train_caps)]
+        rows = torch.randperm(len(cap.positions), generator=gen)[:batch]
+        loss = kl_loss(gate, cap, rows)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        curve["step"].append(step)
+        curve["train"].append(float(loss.detach()))
+        if step % eval_every == 0 or step == steps:
+            curve["held_out_step"].append(step)
+            curve["held_out"].append(held_out())
+            log(f"step {step}: train KL {curve["train"][-1]:.4f}  held-out KL {curve['held_out'][-1]:.4f}  "
+                f"({time.perf_counter() - t0:.0f} s)")
+    return curve
+
+
+def windows(ids: list[int], context: int, count: int, start: int) -> list[list[int]]:
+    """`count` consecutive windows of `context` tokens from ids[start:]."""
+    out = [ids[start + i * context : start + (i + 1) * context] for i in range(count)]
+    if any(len(w) < context for w in out):
+        raise ValueError(f"the text has {len(ids)} tokens; {count} windows of {context} from {start} do not fit")
+    return out
+
+
+def gate_for(config, page_size: int, gate_dim: int = GATE_DIM, seed: int = 0) -> PageGate:
+    """A fresh gate shaped for a model config (engine.config.ModelConfig)."""
+    return PageGate(GateShape(config.num_layers, config.num_kv_heads, config.num_heads // config.num_kv_heads,
+                              config.head_dim, page_size, gate_dim, rope_base=10000.0), seed=seed)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `kvcache train-gate`."""
+    p.add_argument("--model", help="a .gguf file or a Hugging Face checkpoint directory (default: SmolLM2-135M)")
+    p.add_argument("--name", default="smollm2-135m", help="gate name: writes engine/gates/NAME.safetensors")
+    p.add_argument("--context", type=int, default=2048, help="tokens per window (a multiple of --page-size)")
+    p.add_argument("--windows", type=int, default=3, help="training windows (from the text's second half)")
+    p.add_argument("--held-out", type=int, default=1, help="held-out windows (after the training ones)")
+    p.add_argument("--queries", type=int, default=512, help="query positions sampled per window")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=256, help="query rows per step (all layers)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--gate-dim", type=int, default=GATE_DIM)
+    p.add_argument("--json", default="bench/results/train_gate_smollm2.json")
+    p.add_argument("--plot", default="bench/results/train_gate_smollm2.png", help="PNG of the loss curve ('' none)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Capture, train, save the gate, write the curve."""
+    import platform
+    import sys
+
+    from engine.eval_data import long_text
+    from engine.load import load_model
+    from kvcache.gate_store import save_gate
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    ids = tok.encode(long_text())
+    start = len(ids) // 2
+    texts = windows(ids, args.context, args.windows + args.held_out, start)
+    print(f"text: {len(ids)} tokens; {args.windows} training + {args.held_out} held-out windows of {args.context} "
+          f"from token {start}", flush=True)
+    caps = []
+    for i, w in enumerate(texts):
+        caps.append(capture(model, w, args.page_size, args.queries, seed=i))
+        print(f"captured window {i} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    train_caps, held_caps = caps[: args.windows], caps[args.windows :]
+    gate = gate_for(model.config, args.page_size, args.gate_dim)
+    t1 = time.perf_counter()
+    curve = train(gate, train_caps, held_caps, args.steps, args.lr, args.batch)
+    t2 = time.perf_counter()
+    path = save_gate(gate, args.name, model=args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)",
+                     extra={"context": args.context, "steps": args.steps, "held_out_kl": curve["held_out"][-1]})
+    report = {"command": " ".join(sys.argv), "python": platform.python_version(), "torch": torch.__version__,
+              "model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)", "gate": str(path),
+              "ground_truth": "attention mass per page (row-softmaxed attention summed over the page), "
+                              "mean over the group's query heads; pages between the first and the query's own",
+              "context": args.context, "windows": args.windows, "held_out_windows": args.held_out,
+              "queries_per_window": args.queries, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+              "capture_seconds": round(t1 - t0, 1), "train_seconds": round(t2 - t1, 1), **curve}
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"held-out KL {curve['held_out'][0]:.4f} -> {curve['held_out'][-1]:.4f}; wrote {path} and {args.json}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def plot(report: dict, path: str) -> None:
+    """Training and held-out KL against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(report["step"], report["train"], lw=0.8, alpha=0.7, label="train (batch)")
+    ax.plot(report["held_out_step"], report["held_out"], marker="o", ms=3, label="held-out windows")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL(attention mass per page || gate)")
+    ax.set_title(f"page gate distillation, {report['context']} tokens per window")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(main(parser.parse_args()))
