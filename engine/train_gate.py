@@ -147,7 +147,7 @@ def train(gate: PageGate, train_caps: list[Capture], held_caps: list[Capture], s
         if step % eval_every == 0 or step == steps:
             curve["held_out_step"].append(step)
             curve["held_out"].append(held_out())
-            log(f"step {step}: train KL {curve["train"][-1]:.4f}  held-out KL {curve['held_out'][-1]:.4f}  "
+            log(f"step {step}: train KL {curve['train'][-1]:.4f}  held-out KL {curve['held_out'][-1]:.4f}  "
                 f"({time.perf_counter() - t0:.0f} s)")
     return curve
 
