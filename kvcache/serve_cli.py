@@ -28,7 +28,7 @@ STORE_FLAGS = {  # flag dest -> KVCacheConfig field
     "eviction": "eviction",
 }
 SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
-                "grace_seconds", "torch_threads")
+                "grace_seconds", "torch_threads", "gate")
 STORE_DEFAULTS = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "page_size": 16, "dtype": "float32",
                   "device": "cpu", "device_pages": 4096}
 
@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-seconds", type=float, help="on SIGTERM, time in-flight calls get to finish (30)")
     p.add_argument("--torch-threads", type=int,
                    help="intra-op threads of the CPU attention (default: torch's); 1 when engine and server share a few cores")
+    p.add_argument("--gate", help="page-gate weights for method 'gate': a .safetensors path or a name under "
+                   "engine/gates/ (`kvcache train-gate` makes them); without one, 'gate' gets FAILED_PRECONDITION")
     p.add_argument("--layers", type=int, help="model layers (default 30)")
     p.add_argument("--kv-heads", type=int, help="kv heads (default 3)")
     p.add_argument("--head-dim", type=int, help="head dim (default 64)")
@@ -128,5 +130,11 @@ def main(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(options.torch_threads)
-    run_server(config, options)
+    from kvcache.errors import GateFileInvalid, GateMissing
+
+    try:
+        run_server(config, options)
+    except (GateMissing, GateFileInvalid) as exc:
+        print(f"kvcache serve: {exc}", file=sys.stderr)
+        return 2
     return 0

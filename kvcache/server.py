@@ -53,6 +53,7 @@ class ServerOptions:
     metrics_port: int | None = None
     grace_seconds: float = 30.0
     torch_threads: int | None = None  # intra-op threads of each RPC thread's torch ops
+    gate: str | None = None  # page-gate weights (a path or a name under engine/gates/) for method "gate"
 
 
 @dataclass
@@ -356,6 +357,10 @@ class Server:
         self.options = options
         self.draining = threading.Event()
         self.servicer = KVCacheServicer(InProcessClient(config), self.draining, max_streams=max(1, options.workers // 2))
+        if options.gate:
+            from kvcache.gate_store import attach_gate
+
+            attach_gate(self.servicer.client.store, options.gate)  # GateMissing / GateFileInvalid: no server
         limit = options.max_message_mb * 2**20
         interceptors = [_BearerToken(options.token)] if options.token else []
         # torch.set_num_threads is per thread for OpenMP: set it in every RPC thread, not only main.

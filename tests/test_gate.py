@@ -205,3 +205,40 @@ def test_a_corrupt_or_truncated_gate_file_is_an_error(tmp_path, damage):
 def test_a_missing_gate_file_names_the_training_command(tmp_path):
     with pytest.raises(GateMissing, match="kvcache train-gate"):
         load_gate(tmp_path / "none.safetensors")
+
+
+def test_gate_over_the_attend_rpc(tmp_path):
+    """A server started with --gate answers method gate as the in-process client does (budget and threshold
+    travel as parameters); one without a gate answers FAILED_PRECONDITION naming the training command; a
+    gate file for another shape stops the server before it serves."""
+    from kvcache.remote import RemoteClient
+    from tests.service_support import start_servers, stop_servers
+
+    gate = _gate(2, 3)
+    path = save_gate(gate, tmp_path / "g.safetensors")
+    servers = start_servers({"gate": (("--gate", str(path)), {}), "plain": ((), {})})
+    try:
+        local, ids, q, _ = _client_with([23, 9], 2, 3, gate=gate)
+        k, v = _client_kv(local, ids[0], 23)
+        for name in ("gate", "plain"):
+            with RemoteClient(servers[name].target) as remote:
+                rid = remote.create().seq_id
+                remote.append(rid, *(torch.stack([t] * L) for t in (k, v)))  # layer 1 = layer 0 here
+                if name == "plain":
+                    with pytest.raises(GateMissing, match="kvcache train-gate"):
+                        remote.attend([rid], 1, q[:1], "gate", {"budget": 8})
+                    remote.attend([rid], 1, q[:1], "quest", {"top_pages": 2})  # the sequence is unaffected
+                    continue
+                for params in ({"budget": 8}, {"threshold": 0.2}, {"budget": 12, "threshold": 0.05}):
+                    got = remote.attend([rid], 1, q[:1], "gate", params)
+                    want = local.attend(ids[:1], 1, q[:1], "gate", params)
+                    torch.testing.assert_close(got.out, want.out)
+                    assert got.bytes_read == want.bytes_read
+    finally:
+        stop_servers(list(servers.values()))
+    wrong = save_gate(PageGate(GateShape(3, 2, 3, D, P, gate_dim=8)), tmp_path / "wrong.safetensors")
+    from kvcache.server import Server, ServerOptions
+    from tests.service_support import store_config
+
+    with pytest.raises(GateFileInvalid, match="num_layers=3 \\(need 2\\)"):
+        Server(store_config(), ServerOptions(port=0, gate=str(wrong)))
