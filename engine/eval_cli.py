@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparq", default="16:8,8:16,4:32,2:64",
                    help="SparQ settings r:f with k = S/f (local window k/4): default 1/4 .. 1/32 of dense bytes")
     p.add_argument("--quest", default="4,8", help="Quest settings f with top_pages = pages/f")
+    p.add_argument("--gate", help="learned page gate (a name under engine/gates/ or a path; `kvcache train-gate` makes "
+                   "one): adds method gate to the grid (with --server, start the server with the same --gate)")
+    p.add_argument("--gate-bytes", default="4,8", help="gate settings f: a token budget that reads 1/f of dense bytes")
+    p.add_argument("--gate-pages", default="4,8", help="gate settings f: budget = pages/f (as many pages as quest f)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--server", help="host:port of a `kvcache serve` to decode through (default: in-process)")
     p.add_argument("--json", default="bench/results/eval_smollm2.json")
@@ -37,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_prefill_arguments(p)
 
 
-def method_grid(context: int, page_size: int, sparq: str, quest: str) -> list[tuple[str, AttentionSpec]]:
-    """(label, spec) of dense and every SparQ and Quest setting at a context of `context` positions."""
+def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes: str = "", gate_pages: str = "",
+                itemsize: int = 4) -> list[tuple[str, AttentionSpec]]:
+    """(label, spec) of dense and every SparQ, Quest and gate setting at a context of `context` positions."""
     grid = [("dense", AttentionSpec("dense", {}))]
     for item in filter(None, sparq.split(",")):
         r, f = (int(x) for x in item.split(":"))
@@ -48,7 +53,22 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str) -> list[tu
         f = int(item)
         pages = max(1, -(-context // page_size) // f)
         grid.append((f"quest pages/{f}", AttentionSpec("quest", {"top_pages": pages})))
+    for item in filter(None, gate_bytes.split(",")):
+        f = int(item)
+        grid.append((f"gate bytes/{f}", AttentionSpec("gate", {"budget": gate_budget_for_bytes(context, page_size, f,
+                                                                                                itemsize)})))
+    for item in filter(None, gate_pages.split(",")):
+        f = int(item)
+        pages = max(1, -(-context // page_size) // f)
+        grid.append((f"gate pages/{f}", AttentionSpec("gate", {"budget": pages * page_size})))
     return grid
+
+
+def gate_budget_for_bytes(context: int, page_size: int, f: int, itemsize: int) -> int:
+    """A gate token budget whose reads (three float32 summary rows per page, then 2*d*itemsize per chosen row)
+    come to 1/f of dense's 2*d*itemsize per position: budget = S * (1/f - 3*4 / (2*P*itemsize)), at least 2 pages."""
+    share = 1 / f - 3 * 4 / (2 * page_size * itemsize)
+    return max(2 * page_size, int(context * share) // page_size * page_size)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -78,9 +98,17 @@ def main(args: argparse.Namespace) -> int:
         attention = prefills[1][1]
         report["prefill"] = {"method": args.prefill, "patterns": attention.patterns.model,
                              "pattern_counts": attention.patterns.counts(), "served": args.minference_served}
+    if args.gate:
+        from kvcache.gate_store import attach_gate
+
+        for client in clients.values():
+            if hasattr(client, "store"):  # in-process; a server holds its own (kvcache serve --gate)
+                attach_gate(client.store, args.gate)
+        report["gate"] = args.gate
+    gate_grid = (args.gate_bytes, args.gate_pages) if args.gate else ("", "")
     text_ids = tok.encode(long_text())
     for C in contexts:
-        grid = method_grid(C, args.page_size, args.sparq, args.quest)
+        grid = method_grid(C, args.page_size, args.sparq, args.quest, *gate_grid)
         labels, specs = [g[0] for g in grid], [g[1] for g in grid]
         M = args.eval_tokens
         base = None  # dense prefill, dense decode: (perplexity, forced argmax, free-running tokens)
@@ -116,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     depths = [float(x) for x in args.depths.split(",")]
     for n in lengths:
-        grid = method_grid(n, args.page_size, args.sparq, args.quest)
+        grid = method_grid(n, args.page_size, args.sparq, args.quest, *gate_grid)
         labels, specs = [g[0] for g in grid], [g[1] for g in grid]
         for depth in sorted(depths, reverse=True):
             for trial in range(args.trials):
@@ -181,7 +209,7 @@ def plot(report: dict, path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for C in sorted({r["context"] for r in report["perplexity"]}):
         rows = [r for r in report["perplexity"] if r["context"] == C and r["attention"] != "dense"]
-        for attention, marker in (("sparq", "o"), ("quest", "s")):
+        for attention, marker in (("sparq", "o"), ("quest", "s"), ("gate", "^")):
             pts = sorted((r["bytes_vs_dense"], 100 * r["vs_dense"]) for r in rows if r["attention"] == attention)
             if pts:
                 left.plot(*zip(*pts), marker=marker, label=f"{attention} C={C}")
