@@ -8,7 +8,7 @@ import torch
 
 from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
 from kvcache.methods.gate import LayerGate, check_gate_params, gate_choose
-from kvcache.methods.traffic import gate_bytes
+from kvcache.methods.traffic import gate_budget_pages, gate_bytes
 from kvcache.table import PageTableCSR
 
 
@@ -37,5 +37,8 @@ def gate_decode(
         q, k_seq, v_seq, csr, t_max * csr.page_size, MODE_PAGES, item_list=chosen_all, list_len=list_len,
         scale=scale, block_n=block_n,
     )
-    counts = [count.tolist() for _, count in picks]
+    if threshold is None:  # the count follows from the budget: no device sync
+        counts = [[gate_budget_pages(S, csr.page_size, budget)] * Hkv for S in csr.host_lens]
+    else:
+        counts = [count.tolist() for _, count in picks]
     return out, lse, gate_bytes(csr.host_lens, csr.page_size, counts, q.shape[2], k_seq.element_size())
