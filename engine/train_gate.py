@@ -46,6 +46,7 @@ class Capture:
     positions: torch.Tensor
     pooled: torch.Tensor
     gt: torch.Tensor
+    window: int = 0  # tokens of the window
 
 
 def query_positions(T: int, page_size: int, queries: int, seed: int) -> torch.Tensor:
@@ -83,7 +84,7 @@ def capture(model: Llama, ids: list[int], page_size: int, queries: int, seed: in
         return causal_attention(q[0], k[0], v[0])[None]
 
     model(torch.tensor([ids]), torch.arange(T)[None], attend, last_only=True)
-    return Capture(torch.stack(qs), pos, torch.stack(pooled), torch.stack(gts))
+    return Capture(torch.stack(qs), pos, torch.stack(pooled), torch.stack(gts), T)
 
 
 def page_mask(positions: torch.Tensor, n: int, page_size: int) -> torch.Tensor:
@@ -116,6 +117,56 @@ def kl_loss(gate: PageGate, cap: Capture, rows: torch.Tensor | None = None) -> t
     logq = logq.masked_fill(~mask, 0.0)
     kl = (gt * (torch.log(gt.clamp_min(1e-12)) - logq)).sum(-1)  # [L, Hkv, R]
     return kl.mean()
+
+
+def mass_recall(scores: torch.Tensor, cap: Capture, fraction: float) -> float:
+    """Share of the attention mass on the pages between the first and the query's own that the best
+    `fraction` of them by `scores` [L, Hkv, Tq, n] hold (at least one page), averaged over rows."""
+    n = cap.pooled.shape[1]
+    mask = page_mask(cap.positions, n, _page_size(cap))
+    gt = cap.gt * mask
+    gt = gt / gt.sum(-1, keepdim=True).clamp_min(1e-12)
+    take = (mask.sum(-1).float() * fraction).ceil().clamp_min(1).long()  # [Tq]
+    order = scores.masked_fill(~mask, float("-inf")).argsort(-1, descending=True)
+    ranked = gt.gather(-1, order)  # mass of the pages, best first
+    keep = torch.arange(n)[None, :] < take[:, None]  # [Tq, n]
+    return float((ranked * keep).sum(-1).mean())
+
+
+def _page_size(cap: Capture) -> int:
+    # A window is n whole pages.
+    return cap.window // cap.gt.shape[-1]
+
+
+def gate_scores(gate: PageGate, cap: Capture) -> torch.Tensor:
+    """The gate's log-probabilities [L, Hkv, Tq, n] of every captured query (masked pages -inf)."""
+    with torch.no_grad():
+        return gate_log_probs(gate, cap, torch.arange(len(cap.positions)))[0]
+
+
+def quest_scores(cap: Capture, head_dim: int) -> torch.Tensor:
+    """Quest's group scores [L, Hkv, Tq, n] (kvcache.methods.quest: each head's bound softmaxed over the
+    pages, summed over the group) of every captured query; mass_recall ranks only the pages between."""
+    L, Tq, Hkv, Gd = cap.q.shape
+    d = head_dim
+    q = cap.q.view(L, Tq, Hkv, Gd // d, d)
+    kmax, kmin = cap.pooled[..., :d], cap.pooled[..., d : 2 * d]  # [L, n, Hkv, d]
+    bound = (torch.einsum("lthgd,lnhd->lhgtn", q.clamp_min(0), kmax)
+             + torch.einsum("lthgd,lnhd->lhgtn", q.clamp_max(0), kmin))
+    # Softmaxed over the pages up to the query's own (whole here; partial at decode), as decode does.
+    seen = torch.arange(cap.pooled.shape[1])[None, :] <= (cap.positions // _page_size(cap))[:, None]
+    return torch.softmax((bound / math.sqrt(d)).masked_fill(~seen, float("-inf")), -1).sum(2)
+
+
+def recall_report(gate: PageGate, caps: list[Capture], head_dim: int, fractions=(1 / 4, 1 / 8, 1 / 16)) -> list[dict]:
+    """Attention-mass recall of the gate's and Quest's choices at each fraction of the pages, over `caps`."""
+    rows = []
+    for f in fractions:
+        g = sum(mass_recall(gate_scores(gate, c), c, f) for c in caps) / len(caps)
+        qu = sum(mass_recall(quest_scores(c, head_dim), c, f) for c in caps) / len(caps)
+        best = sum(mass_recall(c.gt, c, f) for c in caps) / len(caps)
+        rows.append({"fraction_of_pages": f, "gate": g, "quest": qu, "oracle": best})
+    return rows
 
 
 def train(gate: PageGate, train_caps: list[Capture], held_caps: list[Capture], steps: int, lr: float = 2e-3,
@@ -208,6 +259,10 @@ def main(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     curve = train(gate, train_caps, held_caps, args.steps, args.lr, args.batch)
     t2 = time.perf_counter()
+    recall = recall_report(gate, held_caps, model.config.head_dim)
+    for r in recall:
+        print(f"held-out attention mass kept by the best {r['fraction_of_pages']:.4g} of the pages between the "
+              f"first and last: gate {r['gate']:.3f}  quest {r['quest']:.3f}  oracle {r['oracle']:.3f}")
     path = save_gate(gate, args.name, model=args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)",
                      extra={"context": args.context, "steps": args.steps, "held_out_kl": curve["held_out"][-1]})
     report = {"command": " ".join(sys.argv), "python": platform.python_version(), "torch": torch.__version__,
@@ -216,7 +271,8 @@ def main(args: argparse.Namespace) -> int:
                               "mean over the group's query heads; pages between the first and the query's own",
               "context": args.context, "windows": args.windows, "held_out_windows": args.held_out,
               "queries_per_window": args.queries, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-              "capture_seconds": round(t1 - t0, 1), "train_seconds": round(t2 - t1, 1), **curve}
+              "capture_seconds": round(t1 - t0, 1), "train_seconds": round(t2 - t1, 1),
+              "held_out_mass_recall": recall, **curve}
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
     print(f"held-out KL {curve['held_out'][0]:.4f} -> {curve['held_out'][-1]:.4f}; wrote {path} and {args.json}")

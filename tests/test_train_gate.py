@@ -9,7 +9,8 @@ import torch
 
 from engine.config import ModelConfig
 from engine.model import random_model
-from engine.train_gate import capture, gate_for, kl_loss, train
+from engine.train_gate import (capture, gate_for, gate_scores, kl_loss, mass_recall, quest_scores, recall_report,
+                                train)
 from kvcache.methods.gate import gate_page_scores
 from kvcache.gate_store import load_gate, save_gate
 
@@ -60,3 +61,17 @@ def test_a_few_steps_lower_the_held_out_kl_and_the_trained_gate_loads_and_scores
     summary = torch.randn(7, 2, 3, 16)
     torch.testing.assert_close(gate_page_scores(back.layer(1), q, summary),
                                gate_page_scores(gate.layer(1), q, summary).detach())
+
+
+def test_mass_recall_is_one_with_every_page_and_best_for_the_ground_truth_order():
+    torch.set_num_threads(1)
+    model = random_model(CONFIG, seed=3)
+    cap = capture(model, _ids(96, 4), P, queries=40, seed=4)
+    gate = gate_for(CONFIG, P, gate_dim=16)
+    assert abs(mass_recall(quest_scores(cap, CONFIG.head_dim), cap, 1.0) - 1) < 1e-5
+    for f in (0.5, 0.25):
+        best = mass_recall(cap.gt, cap, f)
+        assert best >= mass_recall(quest_scores(cap, CONFIG.head_dim), cap, f) - 1e-6
+        assert best >= mass_recall(gate_scores(gate, cap), cap, f) - 1e-6
+    rows = recall_report(gate, [cap], CONFIG.head_dim, fractions=(0.5,))
+    assert set(rows[0]) == {"fraction_of_pages", "gate", "quest", "oracle"}
