@@ -343,10 +343,12 @@ def star_generate(
     model_entry: Mapping | None = None,
     token_file: str | None = None,
     on_token: Callable[[int], None] | None = None,
+    threads_per_rank: int | None = None,
 ) -> StarResult:
     """Star Attention over a ShardedClient: phase 1 encodes `context_ids` in anchored blocks onto the shards
-    (launcher "torchrun": one rank per shard; "local": in this process), phase 2 prefills `query_ids` and
-    decodes up to `max_new_tokens` tokens with `spec`. The sequence is freed at the end."""
+    (launcher "torchrun": one rank per shard, `threads_per_rank` torch threads each, default cores / shards;
+    "local": in this process), phase 2 prefills `query_ids` and decodes up to `max_new_tokens` tokens with
+    `spec`. The sequence is freed at the end."""
     context_ids, query_ids = [int(t) for t in context_ids], [int(t) for t in query_ids]
     limit = model.config.max_position_embeddings
     if len(context_ids) + len(query_ids) + max_new_tokens > limit:
@@ -366,7 +368,8 @@ def star_generate(
                 if model_entry is None:
                     tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kvcache-star-model-"))
                     model_entry = save_model(model, pathlib.Path(tmp, "model.pt"))
-                phase1 = encode_context_torchrun(model_entry, client, seq, context_ids, plan, chunk_size, token_file)
+                phase1 = encode_context_torchrun(model_entry, client, seq, context_ids, plan, chunk_size, token_file,
+                                                 threads_per_rank=threads_per_rank)
         else:
             raise ValueError(f"launcher {launcher!r} unknown; expected 'torchrun' or 'local'")
         if client.shard_lengths(seq) != plan.shard_lengths():

@@ -2,7 +2,7 @@
 
 A passkey prompt of about 1.5K tokens (a 5-digit key hidden in filler text, then the question)
 is split into the context and the query (the question). Phase 1 encodes the context in one anchored block
-per server with torchrun ranks (one per server); phase 2 prefills the question and decodes the answer
+per server with torchrun ranks (one per server, one torch thread each); phase 2 prefills the question and decodes the answer
 through a ShardedClient, whose attention fans out to every server and merges by lse. For each N it
 prints the answer, whether it holds the key, and the times; the servers are stopped at the end.
 N = 1 is ordinary causal prefill (one block) and single-server decoding: the baseline.
@@ -63,11 +63,16 @@ def loopback_servers(n: int, layers: int, kv_heads: int, head_dim: int, pages: i
 
 def main() -> int:
     """Run the demo; returns the exit code."""
+    import torch
+
     from engine.eval_data import PASSKEY_QUESTION, passkey_prompt
     from engine.load import load_model
     from engine.star import save_model, star_generate
     from kvcache.sharded import ShardedClient
 
+    # One torch thread here and in every rank: this process and the servers share a few cores, and OpenMP
+    # workers spinning at barriers on busy cores slow small ops by an order of magnitude.
+    torch.set_num_threads(1)
     print("loading SmolLM2-135M-Instruct from its GGUF file ...", flush=True)
     model, tok = load_model()
     c = model.config
@@ -86,7 +91,7 @@ def main() -> int:
             with ShardedClient(targets[:n]) as client:
                 print(f"--- N = {n}: ", end="", flush=True)
                 result = star_generate(model, client, context, query, max_new_tokens=NEW_TOKENS,
-                                       stop_ids=tok.stop_ids, model_entry=entry)
+                                       stop_ids=tok.stop_ids, model_entry=entry, threads_per_rank=1)
             answer = tok.decode([t for t in result.tokens if t not in tok.stop_ids])
             print(f"{answer.strip()!r}", flush=True)
             print(f"    blocks of {result.plan.block_size} (anchor {result.plan.anchor_size}), shard lengths "

@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench.prefill import add_arguments as add_prefill_arguments
 
     add_prefill_arguments(prefill)
+    star = bench_sub.add_parser("star", help="Star Attention: decode-step time against the number of KV servers; "
+                                             "--accuracy: perplexity and agreement against dense")
+    from bench.star import add_arguments as add_star_arguments
+
+    add_star_arguments(star)
     offload = bench_sub.add_parser("offload", help="decode steps over K/V offloaded to pinned host memory")
     offload.add_argument("--context", default="131072,524288", help="comma-separated contexts")
     offload.add_argument("--device-tokens", type=int, default=8192, help="positions whose K/V stay on the device")
@@ -96,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.prefill import main as bench_prefill
 
         return bench_prefill(args)
+    elif args.command == "bench" and args.bench == "star":
+        from bench.star import main as bench_star
+
+        return bench_star(args)
     elif args.command == "bench" and args.bench == "offload":
         from bench.offload import main as bench_offload
 

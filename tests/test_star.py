@@ -20,6 +20,7 @@ from engine.star import (
     encode_context_torchrun,
     prefill_query,
     save_model,
+    split_prompt,
     star_generate,
 )
 from kvcache import InProcessClient
@@ -227,3 +228,25 @@ def test_a_failing_rank_reports_its_error_through_the_gather(tmp_path, monkeypat
     assert star_worker.main([str(tmp_path / "plan.json")]) == 1
     (report,) = json.loads((tmp_path / "result.json").read_text())
     assert report["rank"] == 0 and "1 ranks for 2 shards" in report["error"]
+
+
+class CharTokenizer:
+    """One id per character; the chat template wraps the user's message in [ and ]>."""
+
+    def prompt_ids(self, prompt, chat=False):
+        text = f"[{prompt[0]['content']}]>" if chat else prompt
+        return [ord(ch) for ch in text]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_question_and_what_follows_it_are_the_query(chat):
+    context, query = split_prompt(CharTokenizer(), "some context", "why?", chat)
+    text = "".join(map(chr, context + query))
+    assert "".join(map(chr, context)) == ("[" if chat else "") + "some context"
+    assert "".join(map(chr, query)) == "\n\nwhy?" + ("]>" if chat else "")
+    assert text.endswith("why?]>" if chat else "why?")
+
+
+def test_without_a_question_the_last_tokens_are_the_query():
+    context, query = split_prompt(CharTokenizer(), "abcdefghij", None, False, query_tokens=3)
+    assert (context, query) == ([ord(c) for c in "abcdefg"], [ord(c) for c in "hij"])
