@@ -64,6 +64,9 @@ def method_grid(context: int, methods: list[str], page_size: int) -> list[tuple[
     if "quest" in methods:
         for div in (16, 8):
             rows.append(("quest", {"top_pages": max(1, context // div // page_size)}))
+    if "gate" in methods:  # SeerAttention's decode budget (2-4K tokens, §3) and S/16
+        for budget in dict.fromkeys((4096, context // 16)):
+            rows.append(("gate", {"budget": min(budget, context)}))
     return rows
 
 
@@ -90,6 +93,12 @@ def run(
                 continue
             shape = Shape(batch, context, page_size=page_size)
             store, seqs = build_store(shape, device)
+            if "gate" in methods:  # random weights: the gate's cost does not depend on what it learned
+                from kvcache.gate_store import attach_gate
+                from kvcache.methods.gate import GateShape, PageGate
+
+                attach_gate(store, PageGate(GateShape(1, shape.num_kv_heads, shape.num_q_heads // shape.num_kv_heads,
+                                                      shape.head_dim, shape.page_size)))
             q = torch.randn((batch, shape.num_q_heads, shape.head_dim), device=device).to(shape.dtype)
             sdpa, sdpa_bytes = _sdpa_call(store, seqs, q, shape)
             sdpa_us = timer.median_us(sdpa)
@@ -118,6 +127,10 @@ def planned_call(store: KVStore, seqs: list[str], q: torch.Tensor, method: str, 
     tensors = [getattr(view, name) for name in m.reads]
     if m.uses_value_mean:
         tensors.append(store.value_mean(seqs, 0))
+    if m.needs_gate:
+        from kvcache.gate_store import gate_of
+
+        tensors.append(gate_of(store).layer(0))
     fn = m.triton if q.device.type == "cuda" else m.reference
     return lambda: fn(q, *tensors, csr, **params)
 
