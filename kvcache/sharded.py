@@ -39,7 +39,7 @@ reasons. First, each shard picks its top-k_i on its own approximate scores, so t
 picks is not the global top-k. Second, a SparQ part's lse is that of its exact stage-2 scores over
 the rows it chose: a shard whose chosen rows cover less of its true attention mass is weighted too
 low, and each part's mean-value reallocation (1 - alpha_h) * vbar_h uses only its own mean value.
-Quest parts are exact attention over the chosen pages, so only the page choice is approximate.
+Quest (and gate) parts are exact attention over the chosen pages, so only the page choice is approximate.
 
 Failures. A shard error is raised as the same kvcache.errors class, with a message that names the
 shard ("shard 1 (127.0.0.1:50052): ..."); the exception's `shard` attribute is its index. A shard
@@ -584,7 +584,10 @@ def shard_budget(method: str, params: dict, held: list[int], totals: list[int], 
     SparQ: k_i = round(k * share) >= 1, the local window only on the last shard (k_i is raised to
     hold it); dense when k_i covers the shard's shortest row. Quest: top_pages_i = ceil(top_pages *
     page share) >= 1; dense when that covers every page of the shard's longest row. Other methods
-    (dense, or one the shard will refuse) pass through unchanged.
+    (dense, or one the shard will refuse) pass through unchanged. The learned gate (§3): its token budget
+    is split like SparQ's k, and its threshold is kept. Each shard's gate scores the shard's own pages at
+    the shard's own page positions (its RoPE sees shard page i at position i), which adds to the
+    approximation.
     """
     share = sum(held) / max(sum(totals), 1)
     shortest, longest = min(held), max(held)
@@ -605,6 +608,11 @@ def shard_budget(method: str, params: dict, held: list[int], totals: list[int], 
         if top >= math.ceil(longest / page_size):
             return "dense", dense_params
         return "quest", {**params, "top_pages": top}
+    if method == "gate" and isinstance(params.get("budget"), int):
+        budget = max(page_size, round(params["budget"] * share))
+        if params.get("threshold") is None and budget >= longest:
+            return "dense", dense_params
+        return "gate", {**params, "budget": budget}
     return method, params
 
 

@@ -206,6 +206,9 @@ def test_sparse_budgets_are_split_by_each_shards_share():
     assert shard_budget("sparq", {"r": 4, "k": 40}, [8], [16], False, 4) == ("dense", {})
     assert shard_budget("quest", {"top_pages": 8}, [64], [256], False, 4) == ("quest", {"top_pages": 2})
     assert shard_budget("quest", {"top_pages": 8}, [16], [32], True, 4) == ("dense", {})
+    assert shard_budget("gate", {"budget": 64, "threshold": 0.9}, [100], [400], False, 4) == \
+        ("gate", {"budget": 16, "threshold": 0.9})
+    assert shard_budget("gate", {"budget": 64}, [20], [40], False, 4) == ("dense", {})
     assert shard_budget("dense", {}, [5], [9], True, 4) == ("dense", {})
 
 
