@@ -785,6 +785,17 @@ def test_sixteen_streaming_clients_do_not_starve_unary_calls(server):
 DEADLINE = 0.5
 
 
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Block until the process is in the stopped state ('T' in /proc/PID/stat)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not stop within {timeout} s of SIGSTOP")
+
+
 @pytest.mark.parametrize("call", ["describe", "append", "unary attend", "attend on the stream"])
 def test_call_to_a_frozen_server_fails_unavailable_at_its_deadline(server, call):
     """RemoteClient puts a deadline on every call: a server that stops answering (SIGSTOP) costs a
@@ -814,6 +825,7 @@ def test_call_to_a_frozen_server_fails_unavailable_at_its_deadline(server, call)
         thread = threading.Thread(target=run, daemon=True)
         server.process.send_signal(signal.SIGSTOP)
         try:
+            _wait_stopped(server.process.pid)  # the signal is asynchronous: a call could still slip through
             thread.start()
             thread.join(timeout=DEADLINE + 2)
             hung = thread.is_alive()
