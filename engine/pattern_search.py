@@ -12,6 +12,12 @@ Candidates over the density budget are out; of the rest the head takes the one o
 or among those within `tolerance` of it the sparsest. The choice is saved as a small JSON
 (engine/patterns/<model>.json) that the engine loads by name.
 
+`--kinds vertical_slash` searches among vertical-slash sizes only. On SmolLM2-135M the full search
+gives most heads A-shape or block-sparse (on the calibration text they keep nearly as much mass
+for less), and that loses passkey retrieval at 4K; vertical-slash everywhere keeps it
+(engine/patterns/smollm2-135m-vs.json). Measured: bench/results/eval_minference_smollm2.json and
+eval_minference_vs_smollm2.json.
+
 Sizes: the authors' candidates (A-shape (100, 800), vertical-slash (30, 800), (100, 750), (500, 700),
 (3500, 100), block-sparse top-8) are sizes for a prompt of REFERENCE_LENGTH tokens; at another
 search length every size (and top-k) is scaled by length / REFERENCE_LENGTH, so a candidate keeps
@@ -30,7 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvcache.methods.minference_index import BLOCK_SIZE, MIN_COLUMNS, MIN_DIAGONALS
-from kvcache.minference_serving import HeadPattern, build_index, paged
+from kvcache.minference_serving import PATTERNS, HeadPattern, build_index, paged
 
 # The authors' search candidates (ALGORITHMS.md §2) and the prompt length their sizes are taken to be for.
 AUTHOR_CANDIDATES = (
@@ -145,14 +151,18 @@ def search_patterns(
     tolerance: float = DEFAULT_TOLERANCE,
     block_size: int = BLOCK_SIZE,
     score_from: int | None = None,
+    reference_length: int = REFERENCE_LENGTH,
     progress: Callable[[int, int], None] | None = None,
 ):
-    """Each layer's per-head patterns for `model`, searched on one calibration prompt (token ids) -> PatternConfig."""
+    """Each layer's per-head patterns for `model`, searched on one calibration prompt (token ids) -> PatternConfig.
+
+    candidates: default the authors', scaled to the prompt's length by length / reference_length.
+    """
     from engine.patterns import PatternConfig
 
     c = model.config
     T = len(token_ids)
-    candidates = scaled_candidates(T) if candidates is None else list(candidates)
+    candidates = scaled_candidates(T, reference=reference_length) if candidates is None else list(candidates)
     t0 = time.perf_counter()
     captured = capture_qk(model, token_ids)
     capture_seconds = time.perf_counter() - t0
@@ -168,7 +178,7 @@ def search_patterns(
         "length": T, "block_size": block_size, "budget": budget, "tolerance": tolerance,
         "score": f"dense softmax mass kept, mean over queries {T // 2 if score_from is None else score_from}..{T - 1}",
         "density": "computed (query, key) pairs / causal pairs of the search prompt",
-        "reference_length": REFERENCE_LENGTH,
+        "reference_length": reference_length,
         "candidates": [p.label for p in candidates],
         "capture_seconds": round(capture_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -188,6 +198,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_BUDGET})")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"recalls this close are equal and the sparser wins (default {DEFAULT_TOLERANCE})")
+    p.add_argument("--kinds", default=",".join(k for k in PATTERNS if k != "causal"),
+                   help="comma-separated pattern kinds to search among (default a_shape,vertical_slash,block_sparse)")
+    p.add_argument("--reference-length", type=int, default=REFERENCE_LENGTH,
+                   help=f"the prompt length the authors' candidate sizes are for: they are scaled by "
+                        f"length / this (default {REFERENCE_LENGTH})")
     p.add_argument("--block-size", type=int, default=BLOCK_SIZE, help=f"index block size (default {BLOCK_SIZE})")
     p.add_argument("--out", help="where to write the JSON (default engine/patterns/<name>.json)")
 
@@ -220,14 +235,20 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or str(PATTERNS_DIR / f"{name}.json")
     model, tok = load_model(args.model)
     ids = calibration_ids(tok, args.length)
+    kinds = set(filter(None, args.kinds.split(",")))
+    unknown = kinds - set(PATTERNS)
+    if unknown or not kinds:
+        raise SystemExit(f"kvcache search-patterns: --kinds {args.kinds!r}; expected some of {sorted(PATTERNS)}")
+    candidates = [p for p in scaled_candidates(len(ids), reference=args.reference_length) if p.pattern in kinds]
     print(f"searching {model.config.num_layers} layers x {model.config.num_heads} heads on {len(ids)} tokens; "
-          f"candidates {[p.label for p in scaled_candidates(len(ids))]}", file=sys.stderr, flush=True)
+          f"candidates {[p.label for p in candidates]}", file=sys.stderr, flush=True)
 
     def progress(done: int, total: int) -> None:
         print(f"\rlayer {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
-    config = search_patterns(model, ids, name=name, budget=args.budget, tolerance=args.tolerance,
-                             block_size=args.block_size, progress=progress)
+    config = search_patterns(model, ids, name=name, candidates=candidates, budget=args.budget,
+                             tolerance=args.tolerance, block_size=args.block_size,
+                             reference_length=args.reference_length, progress=progress)
     config.search["text"] = "pydoc_data.topics (engine.eval_data.long_text), second half"
     config.save(out)
     flat = [(p.label, s) for row, srow in zip(config.layers, config.scores) for p, s in zip(row, srow)]

@@ -133,6 +133,10 @@ def test_the_command_writes_the_json(tmp_path, monkeypatch):
     assert main(["search-patterns", "--length", "128", "--block-size", "16", "--out", str(out)]) == 0
     written = saved.load(out)
     assert written.model == "smollm2-135m" and written.num_heads == 2 and written.search["length"] == 128
+    assert main(["search-patterns", "--length", "128", "--block-size", "16", "--kinds", "vertical_slash",
+                 "--name", "letters-vs", "--out", str(out)]) == 0
+    written = saved.load(out)
+    assert written.model == "letters-vs" and {p.pattern for row in written.layers for p in row} == {"vertical_slash"}
 
 
 def test_a_missing_config_names_the_saved_ones():

@@ -4,7 +4,9 @@
                                          "layers": [[{"pattern": "vertical_slash", "n_vertical": 50,
                                                       "n_slash": 375, "recall": 0.97, "density": 0.31}, ...], ...]}
 
-`load("smollm2-135m")` finds a saved config by name; `load(path)` reads any file.
+`load("smollm2-135m")` finds a saved config by name; `load(path)` reads any file. Saved:
+smollm2-135m (the full search: A-shape, vertical-slash, block-sparse) and smollm2-135m-vs
+(`--kinds vertical_slash`: the one that keeps passkey retrieval at 4K).
 """
 
 from __future__ import annotations
