@@ -399,7 +399,9 @@ class KVStore:
         num_shared = int(shared_mask.sum())
         if num_new + num_shared == 0:  # the common decode step: the last page has room and is private
             if self.tiers is not None:  # a layer behind the others may write to pages that went down
-                self.tiers.bring_up(existing.tolist(), self.pinned_pages() | set(existing.tolist()))
+                pages = existing.tolist()
+                if any(int(self.tiers.tier[p]) != DEVICE for p in pages):  # rare: keeps the decode step cheap
+                    self.tiers.bring_up(pages, self.pinned_pages() | set(pages))
             return
         idx = torch.nonzero(shared_mask).flatten() + first_page
         if self.tiers is not None:

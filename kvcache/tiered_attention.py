@@ -89,13 +89,16 @@ def _torch(store, seq_ids, csr: PageTableCSR, layer: int, method: str, q, params
                 alpha = torch.ones_like(alpha)
             heads = torch.arange(Hkv, device=i2.device)[:, None].expand_as(i2)
             P = csr.page_size
-            tiers.note_chosen(pages[i2 // P])
-            kr, vr = read_rows(store, layer, pages[i2 // P].cpu(), heads.cpu(), (i2 % P).cpu(), moves)
+            row_pages = pages[i2 // P]
+            if tiers.tracks_choices:
+                tiers.note_chosen(row_pages)
+            kr, vr = read_rows(store, layer, row_pages.cpu(), heads.cpu(), (i2 % P).cpu(), moves)
             y, s = attend_rows(qg, kr.view(Hkv, -1, d), vr.view(Hkv, -1, d), scale)
             y = reallocate_mean(y, alpha, store.value_mean([seq_ids[b]], layer)[0])
         elif method == "quest":
             chosen = select_pages(quest_page_scores(qg, view.k_summary[pages], scale), params["top_pages"])
-            tiers.note_chosen(pages[chosen])
+            if tiers.tracks_choices:
+                tiers.note_chosen(pages[chosen])
             y, s = _pages_one(store, layer, qg, pages, chosen, S, scale, moves)
         else:
             raise ValueError(f"no tiered path for method {method!r}")
