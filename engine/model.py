@@ -145,20 +145,22 @@ class Llama(nn.Module):
         return F.linear(self.model.norm(x), self.output_weight).float()
 
 
-def random_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Llama:
+def random_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> Llama:
     """A Llama with random weights for tests: linear weights N(0, 1/fan_in), embeddings N(0, 1), norms near 1.
 
     Scaled so activations stay of order one and attention is far from uniform: a wrong rotation or
-    head mapping changes the logits visibly.
+    head mapping changes the logits visibly. Drawn on `device` (the same seed gives other values there).
     """
-    gen = torch.Generator().manual_seed(seed)
-    model = Llama(config)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device(device):
+        model = Llama(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=device))
             elif p.dim() == 2 and "embed" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) / p.shape[1] ** 0.5)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen))
+                p.copy_(torch.randn(p.shape, generator=gen, device=device))
     return model.to(dtype).eval()

@@ -58,8 +58,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 class PromptKV:
     """Post-RoPE K/V of one prompt for every layer, preallocated [L, S, Hkv, d] and filled chunk by chunk."""
 
-    def __init__(self, num_layers: int, length: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        self.k = torch.empty((num_layers, length, num_kv_heads, head_dim), dtype=dtype)
+    def __init__(self, num_layers: int, length: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.k = torch.empty((num_layers, length, num_kv_heads, head_dim), dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -114,11 +114,12 @@ def encode_after(model: Llama, prefix_k: torch.Tensor | None, prefix_v: torch.Te
     c = model.config
     A = 0 if prefix_k is None else prefix_k.shape[1]
     T = len(ids)
-    kv = PromptKV(c.num_layers, A + T, c.num_kv_heads, c.head_dim, model.dtype)
+    device = model.output_weight.device
+    kv = PromptKV(c.num_layers, A + T, c.num_kv_heads, c.head_dim, model.dtype, device)
     if A:
         kv.k[:, :A], kv.v[:, :A] = prefix_k, prefix_v
-    tokens = torch.tensor([int(t) for t in ids], dtype=torch.long)
-    pos = torch.tensor([int(p) for p in positions], dtype=torch.long)
+    tokens = torch.tensor([int(t) for t in ids], dtype=torch.long, device=device)
+    pos = torch.tensor([int(p) for p in positions], dtype=torch.long, device=device)
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
 

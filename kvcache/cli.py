@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench.star import add_arguments as add_star_arguments
 
     add_star_arguments(star)
+    star_phase1 = bench_sub.add_parser("star-phase1", help="Star Attention phase 1 (N ranks) against one rank's "
+                                                           "full causal prefill; under torchrun, one rank per device")
+    from bench.star_phase1 import add_arguments as add_star_phase1_arguments
+
+    add_star_phase1_arguments(star_phase1)
     offload = bench_sub.add_parser("offload", help="decode steps over K/V offloaded to pinned host memory")
     offload.add_argument("--context", default="131072,524288", help="comma-separated contexts")
     offload.add_argument("--device-tokens", type=int, default=8192, help="positions whose K/V stay on the device")
@@ -105,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.star import main as bench_star
 
         return bench_star(args)
+    elif args.command == "bench" and args.bench == "star-phase1":
+        from bench.star_phase1 import main as bench_star_phase1
+
+        return bench_star_phase1(args)
     elif args.command == "bench" and args.bench == "offload":
         from bench.offload import main as bench_offload
 
