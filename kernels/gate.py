@@ -1,15 +1,63 @@
-"""Learned page gate (ALGORITHMS.md §3) on the Triton path: the gate's page scores and choice in torch
-(kvcache.methods.gate: a [G*d x dg] and a [3d x dg] product per group, tiny next to the pages), then
-exact attention over the chosen pages with kernels.paged_decode MODE_PAGES, as Quest does."""
+"""Learned page gate (ALGORITHMS.md §3, SeerAttention-R decode) on the Triton path: gate query, scores against
+the cached gate keys, radix top-k of the pages, then exact attention over them with kernels.paged_decode
+MODE_PAGES (the page-list attention Quest uses).
+
+With a token budget the step has no host sync and no per-sequence Python loop, so it can be
+captured in a CUDA graph: every count is on the device, the host plans from csr.host_lens only.
+With a threshold the number of pages is data-dependent: the scores come from the same kernels and
+the choice from the reference's gate_select, per sequence (that path syncs).
+"""
 
 from __future__ import annotations
 
 import torch
+import triton
 
+from kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages
 from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
-from kvcache.methods.gate import LayerGate, check_gate_params, gate_choose
+from kvcache.methods.gate import LayerGate, check_gate_params, gate_keys, gate_select, pooled_keys
 from kvcache.methods.traffic import gate_budget_pages, gate_bytes
 from kvcache.table import PageTableCSR
+
+
+def keys_for(layer_gate: LayerGate, k_summary: torch.Tensor, csr: PageTableCSR) -> torch.Tensor:
+    """The gate keys [N, Hkv, dg] scoring reads: the store's cache, or (a gate given without one) the keys of
+    the csr's pages computed now from their summaries by the reference's gate_keys."""
+    if layer_gate.keys is not None:
+        return layer_gate.keys
+    N, Hkv = k_summary.shape[:2]
+    keys = torch.zeros((N, Hkv, layer_gate.shape.gate_dim), dtype=torch.float32, device=k_summary.device)
+    pages = csr.indices.long()
+    counts = (csr.indptr[1:] - csr.indptr[:-1]).long()
+    indexes = torch.arange(len(pages), device=pages.device) - torch.repeat_interleave(csr.indptr[:-1].long(), counts)
+    keys[pages] = gate_keys(layer_gate, pooled_keys(k_summary[pages]), indexes)
+    return keys
+
+
+def gate_choose_triton(
+    q: torch.Tensor, k_summary: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR, budget: int | None,
+    threshold: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's chosen page indexes [B*Hkv, t] int32 and their count [B*Hkv] int32 (§3 selection)."""
+    Hkv = k_summary.shape[1]
+    P = csr.page_size
+    max_pages = max(1, triton.cdiv(csr.max_len, P))
+    budget_pages = max_pages if budget is None else triton.cdiv(budget, P)
+    qg = gate_queries_triton(q, layer_gate, csr)
+    logits, sel, counts, ws = gate_scores_triton(qg, keys_for(layer_gate, k_summary, csr), csr, budget_pages)
+    if threshold is None:
+        t = min(max_pages, max(2, budget_pages))
+        return select_pages(sel, counts, ws, t), counts["list_len"]
+    picks = []
+    for b, S in enumerate(csr.host_lens):  # threshold: the count per group is data-dependent
+        n = -(-S // P)
+        scores = torch.softmax(logits[b * Hkv : (b + 1) * Hkv, :n], dim=-1)
+        picks.append(gate_select(scores, P, budget, threshold))
+    t_max = max(chosen.shape[1] for chosen, _ in picks)
+    chosen_all = torch.zeros((len(picks) * Hkv, t_max), dtype=torch.int32, device=q.device)
+    for b, (chosen, _) in enumerate(picks):
+        chosen_all[b * Hkv : (b + 1) * Hkv, : chosen.shape[1]] = chosen.to(torch.int32)
+    return chosen_all, torch.cat([count for _, count in picks]).to(torch.int32)
 
 
 def gate_decode(
@@ -24,21 +72,20 @@ def gate_decode(
     scale: float | None = None,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Attention of q [B, Hq, d] over the pages the gate picks per group: out, lse, bytes read."""
+    """Attention of q [B, Hq, d] over the pages the gate picks per group: out, lse, bytes read (traffic.gate_bytes)."""
     check_gate_params(budget, threshold)
-    picks = gate_choose(q, k_summary, layer_gate, csr, budget, threshold)
-    t_max = max(chosen.shape[1] for chosen, _ in picks)
     Hkv = k_seq.shape[1]
-    chosen_all = torch.zeros((len(picks) * Hkv, t_max), dtype=torch.int32, device=q.device)
-    for b, (chosen, _) in enumerate(picks):
-        chosen_all[b * Hkv : (b + 1) * Hkv, : chosen.shape[1]] = chosen.to(torch.int32)
-    list_len = torch.cat([count for _, count in picks]).to(torch.int32)
+    P = csr.page_size
+    chosen, list_len = gate_choose_triton(q, k_summary, layer_gate, csr, budget, threshold)
     out, lse = attend_partial_and_merge(
-        q, k_seq, v_seq, csr, t_max * csr.page_size, MODE_PAGES, item_list=chosen_all, list_len=list_len,
+        q, k_seq, v_seq, csr, chosen.shape[1] * P, MODE_PAGES, item_list=chosen, list_len=list_len,
         scale=scale, block_n=block_n,
     )
     if threshold is None:  # the count follows from the budget: no device sync
-        counts = [[gate_budget_pages(S, csr.page_size, budget)] * Hkv for S in csr.host_lens]
+        counts = [[gate_budget_pages(S, P, budget)] * Hkv for S in csr.host_lens]
     else:
-        counts = [count.tolist() for _, count in picks]
-    return out, lse, gate_bytes(csr.host_lens, csr.page_size, counts, q.shape[2], k_seq.element_size())
+        counts = list_len.view(-1, Hkv).tolist()
+    itemsize = k_seq.element_size()
+    nbytes = gate_bytes(csr.host_lens, P, counts, q.shape[2], itemsize, layer_gate.shape.gate_dim,
+                        layer_gate.key_itemsize(itemsize))
+    return out, lse, nbytes

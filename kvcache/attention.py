@@ -67,9 +67,12 @@ def _check_gate(config: KVCacheConfig, lens: Sequence[int], p: dict) -> None:
 
 
 def _gate_traffic(c: KVCacheConfig, csr: PageTableCSR, p: dict) -> int:
-    # With a threshold the count is data-dependent: this is the budget's bound; the paths return exact bytes.
+    # With a threshold the count is data-dependent: this is the budget's bound, for a gate of the default
+    # dimension keeping its keys in the KV dtype; the paths return exact bytes.
+    from kvcache.methods.gate import GATE_DIM
+
     pages = [[gate_budget_pages(S, c.page_size, p.get("budget"))] * c.num_kv_heads for S in csr.host_lens]
-    return gate_bytes(csr.host_lens, c.page_size, pages, c.head_dim, c.itemsize)
+    return gate_bytes(csr.host_lens, c.page_size, pages, c.head_dim, c.itemsize, GATE_DIM, c.itemsize)
 
 
 def _no_check(config: KVCacheConfig, lens: Sequence[int], p: dict) -> None:
@@ -188,9 +191,9 @@ def run_validated(
     if m.uses_value_mean:
         tensors.append(store.value_mean(seq_ids, layer))
     if m.needs_gate:
-        from kvcache.gate_store import gate_of
+        from kvcache.gate_store import layer_gate_of
 
-        tensors.append(gate_of(store).layer(layer))
+        tensors.append(layer_gate_of(store, layer))
     if backend == "torch" or (backend == "auto" and (q.device.type != "cuda" or unsupported)):
         return m.reference(q, *tensors, csr, **params)
     result = m.triton(q, *tensors, csr, **params)

@@ -18,7 +18,7 @@ import zlib
 import torch
 
 from kvcache.errors import GateFileInvalid, GateMissing
-from kvcache.methods.gate import GateShape, PageGate
+from kvcache.methods.gate import GateShape, LayerGate, PageGate, gate_keys, pooled_keys
 
 FORMAT = "kvcache-page-gate/1"
 GATES_DIR = pathlib.Path(__file__).resolve().parent.parent / "engine" / "gates"
@@ -100,13 +100,54 @@ def check_gate_shape(shape: GateShape, expect: dict, where: str) -> None:
         raise GateFileInvalid(f"gate {where} was trained for another shape: {detail}")
 
 
-# ---- the gate a store holds ---------------------------------------------------------------------
+# ---- the gate a store holds, and its gate keys ------------------------------------------------
 
-_GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store -> (PageGate, GateKeyCache)
 
 
-def attach_gate(store, gate: PageGate | str | os.PathLike) -> PageGate:
-    """Give `store` a page gate (an object, a path or a name), checked against the store's shape; returns it."""
+class GateKeyCache:
+    """The gate key kg = RoPE(W_k [max, min, mean](page), page index) of every layer, page id and kv head (§3).
+
+    A page's gate key depends only on its key summary and its index in its sequence, and a page
+    id sits at the same index in every sequence holding it (forks and the prefix cache share
+    leading pages in place; a freed id is rewritten from its first row before it is read again),
+    so decode scoring reads these dg values per page instead of recomputing a [3d x dg] product
+    and RoPE over every page each step. The store calls `update` after summaries change: a
+    decode step recomputes only its last page. Values equal kvcache.methods.gate.gate_keys on the
+    same summaries (the reference), rounded to `dtype`.
+    """
+
+    def __init__(self, gate: PageGate, summary: torch.Tensor, dtype: torch.dtype) -> None:
+        L, N, H = summary.shape[:3]
+        self.gate = gate
+        self.summary = summary  # the pool's k_summary [L, N, Hkv, 3, d] (a reference: no store cycle)
+        self.keys = torch.zeros((L, N, H, gate.shape.gate_dim), dtype=dtype, device=summary.device)
+
+    def update(self, layers: list[int], page_ids: torch.Tensor, indexes: torch.Tensor) -> None:
+        """Recompute the keys of pages page_ids [n] (at page indexes [n] of their sequences) in `layers`."""
+        if len(page_ids) == 0:
+            return
+        dev = self.summary.device
+        page_ids, indexes = page_ids.to(dev, torch.long), indexes.to(dev)
+        with torch.no_grad():  # a gate being trained must not pull the store into its autograd graph
+            self._update(layers, page_ids, indexes)
+
+    def _update(self, layers: list[int], page_ids: torch.Tensor, indexes: torch.Tensor) -> None:
+        for layer in layers:  # a decode step passes one layer; a prefill a few pages per layer
+            pooled = pooled_keys(self.summary[layer, page_ids])
+            self.keys[layer, page_ids] = gate_keys(self.gate.layer(layer), pooled, indexes).to(self.keys.dtype)
+
+    def layer(self, layer: int) -> torch.Tensor:
+        """Gate keys of `layer` by page id [N, Hkv, dg]."""
+        return self.keys[layer]
+
+
+def attach_gate(store, gate: PageGate | str | os.PathLike, key_dtype: torch.dtype | None = None) -> PageGate:
+    """Give `store` a page gate (an object, a path or a name), checked against the store's shape; returns it.
+
+    Its gate keys are computed for the pages the store's sequences hold and kept up to date on
+    append, in `key_dtype` (default: the KV dtype; bench/decode.py times float32 beside it).
+    """
     c = store.config
     expect = {"num_layers": c.num_layers, "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
               "page_size": c.page_size}
@@ -114,18 +155,45 @@ def attach_gate(store, gate: PageGate | str | os.PathLike) -> PageGate:
         gate = load_gate(gate, expect)
     check_gate_shape(gate.shape, expect, "given")
     gate = gate.to(c.device)
-    _GATES[store] = gate
+    with store.lock:
+        cache = GateKeyCache(gate, store.pool.k_summary, key_dtype or c.dtype)
+        old = _GATES.get(store)
+        if old is not None:
+            store.summary_listeners.remove(old[1].update)
+        seq_ids = store.sequence_ids()
+        for layer in range(c.num_layers):
+            if seq_ids:
+                csr = store.page_table(seq_ids, layer)
+                counts = (csr.indptr[1:] - csr.indptr[:-1]).long()
+                starts = torch.repeat_interleave(csr.indptr[:-1].long(), counts)
+                indexes = torch.arange(len(csr.indices), device=starts.device) - starts
+                cache.update([layer], csr.indices, indexes)
+        store.summary_listeners.append(cache.update)
+        _GATES[store] = (gate, cache)
     return gate
 
 
 def gate_of(store, num_q_heads: int | None = None) -> PageGate:
     """The store's gate; GateMissing (FAILED_PRECONDITION) if it has none, GateFileInvalid for another group size."""
-    gate = _GATES.get(store)
-    if gate is None:
+    held = _GATES.get(store)
+    if held is None:
         raise GateMissing(f"method 'gate' needs a trained page gate and this store holds none: train one with "
                           f"`{TRAIN_COMMAND}`, then start the server with `kvcache serve --gate smollm2-135m` "
                           "(in-process: kvcache.gate_store.attach_gate(store, name))")
+    gate = held[0]
     if num_q_heads is not None and gate.shape.group * gate.shape.num_kv_heads != num_q_heads:
         raise GateFileInvalid(f"the store's gate is for {gate.shape.group * gate.shape.num_kv_heads} query heads; "
                               f"q has {num_q_heads}")
     return gate
+
+
+def layer_gate_of(store, layer: int) -> LayerGate:
+    """The store's gate for `layer` with its cached gate keys (what the attention methods take)."""
+    gate = gate_of(store)
+    return gate.layer(layer).with_keys(_GATES[store][1].layer(layer))
+
+
+def gate_key_cache(store) -> GateKeyCache:
+    """The gate key cache of the store's gate (GateMissing if it has none)."""
+    gate_of(store)
+    return _GATES[store][1]

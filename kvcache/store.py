@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +64,9 @@ class KVStore:
         self._seqs: dict[str, SequenceState] = {}
         # One lock for the page bookkeeping; the service adds per-sequence ordering on top.
         self._lock = threading.RLock()
+        # Called as fn(layers, page_ids, page_indexes) after those pages' key summaries change, with
+        # the pages' positions in their sequences (kvcache.gate_store keeps gate keys from them).
+        self.summary_listeners: list[Callable[[list[int], torch.Tensor, torch.Tensor], None]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -364,6 +367,7 @@ class KVStore:
         pool.k_dim[layer, page, :, :, slot] = k
         pool.fold_row(layer, page, slot, k)
         seq.value_sum[layer] += v.float()
+        self._summaries_changed([layer], seq.pages[position // P : position // P + 1], position // P)
 
     def _append_rows(self, seq: SequenceState, layers: list[int], start: int, end: int, k: torch.Tensor,
                      v: torch.Tensor) -> None:
@@ -379,6 +383,7 @@ class KVStore:
         touched = seq.pages[first_page:end_page].to(dev, torch.long)
         fills = (end - torch.arange(first_page, end_page) * P).clamp(max=P).to(dev)
         self.pool.refresh_summaries(layers_t, touched, self.kv_slots(touched), fills.expand(len(layers), -1))
+        self._summaries_changed(layers, seq.pages[first_page:end_page], first_page)
         if self.tiers is not None:
             self.tiers.policy.touch(seq.pages[first_page:end_page].tolist())
         seq.value_sum[layers_t] += v.float().sum(dim=1)
@@ -465,6 +470,15 @@ class KVStore:
         else:
             values = torch.stack([self.tiers.page_kv(p)[:, 1] for p in pages], dim=1).float()
         seq.value_sum += values.sum(dim=(1, 3)).to(seq.value_sum.device)
+        self._summaries_changed(list(range(self.config.num_layers)), seq.live_pages, 0)
+
+    def _summaries_changed(self, layers: list[int], page_ids: torch.Tensor, first_index: int) -> None:
+        """Tell the listeners that pages page_ids (CPU int32, at page indexes first_index..) changed summaries."""
+        if not self.summary_listeners:
+            return
+        indexes = torch.arange(first_index, first_index + len(page_ids))
+        for listener in self.summary_listeners:
+            listener(layers, page_ids.long(), indexes)
 
 
 def _as_token_list(token_ids: Sequence[int]) -> list[int]:

@@ -20,7 +20,7 @@ the pages between them, and a threshold applies to the scores renormalised over 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -70,15 +70,30 @@ class PageGate(nn.Module):
 
 @dataclass(frozen=True)
 class LayerGate:
-    """One layer's gate: q_weight [Hkv, G*d, dg], q_bias [Hkv, dg], k_weight [Hkv, 3d, dg]."""
+    """One layer's gate: q_weight [Hkv, G*d, dg], q_bias [Hkv, dg], k_weight [Hkv, 3d, dg].
+
+    `keys`, when the store keeps them (kvcache.gate_store.GateKeyCache), is that layer's gate key
+    of every page id [N, Hkv, dg] (the KV dtype or float32): the fast path scores against it; the
+    reference below recomputes the keys from the summaries and ignores it.
+    """
 
     shape: GateShape
     q_weight: torch.Tensor
     q_bias: torch.Tensor
     k_weight: torch.Tensor
+    keys: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> LayerGate:
-        return LayerGate(self.shape, self.q_weight.to(device), self.q_bias.to(device), self.k_weight.to(device))
+        keys = None if self.keys is None else self.keys.to(device)
+        return LayerGate(self.shape, self.q_weight.to(device), self.q_bias.to(device), self.k_weight.to(device), keys)
+
+    def with_keys(self, keys: torch.Tensor | None) -> LayerGate:
+        """The same weights with the store's cached gate keys [N, Hkv, dg] of this layer."""
+        return replace(self, keys=keys)
+
+    def key_itemsize(self, kv_itemsize: int) -> int:
+        """Bytes per element of the gate keys scoring reads: the cache's dtype, else the KV dtype (the default)."""
+        return kv_itemsize if self.keys is None else self.keys.element_size()
 
 
 def gate_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -105,10 +120,12 @@ def gate_queries(g: LayerGate, q: torch.Tensor, q_page: torch.Tensor) -> torch.T
     return gate_rope(qg, q_page[..., None], g.shape.rope_base)
 
 
-def gate_keys(g: LayerGate, pooled: torch.Tensor) -> torch.Tensor:
-    """Gate keys of pooled [n, Hkv, 3d] (page i at position i) -> [n, Hkv, dg]."""
+def gate_keys(g: LayerGate, pooled: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Gate keys of pooled [n, Hkv, 3d] at page indexes `positions` [n] (default 0..n-1) -> [n, Hkv, dg] float32."""
     kg = torch.einsum("nhi,hio->nho", pooled.float(), g.k_weight.float())
-    return gate_rope(kg, torch.arange(pooled.shape[0], device=pooled.device)[:, None], g.shape.rope_base)
+    if positions is None:
+        positions = torch.arange(pooled.shape[0], device=pooled.device)
+    return gate_rope(kg, positions.to(pooled.device)[:, None], g.shape.rope_base)
 
 
 def gate_logits(g: LayerGate, q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
@@ -189,8 +206,8 @@ def gate(
     threshold: float | None = None,
     scale: float | None = None,
 ) -> AttentionResult:
-    """Exact attention of q [B, Hq, d] over the pages the gate picks (first and last always); bytes read:
-    the [max, min, mean] summaries of every page and the filled rows of the chosen pages."""
+    """Exact attention of q [B, Hq, d] over the pages the gate picks (first and last always); bytes read as
+    the served step reads them (traffic.gate_bytes): every page's cached gate key, the chosen pages' rows."""
     check_gate_params(budget, threshold)
     B, Hq, d = q.shape
     Hkv = k_seq.shape[1]
@@ -212,4 +229,7 @@ def gate(
         y, s = attend_rows(qg, k_rows, v_rows, scale, mask=(positions < S) & slot_ok)
         out[b], lse[b] = y.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
         counts.append(count.tolist())
-    return AttentionResult(out, lse, gate_bytes(csr.host_lens, P, counts, d, k_seq.element_size()))
+    itemsize = k_seq.element_size()
+    nbytes = gate_bytes(csr.host_lens, P, counts, d, itemsize, layer_gate.shape.gate_dim,
+                        layer_gate.key_itemsize(itemsize))
+    return AttentionResult(out, lse, nbytes)

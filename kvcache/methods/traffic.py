@@ -33,7 +33,11 @@ def quest_bytes(lens: Sequence[int], page_size: int, top_pages: int, num_kv_head
     return total
 
 
-GATE_SUMMARY_ROWS_READ = 3  # the learned gate reads max, min and mean of every page
+# The learned gate (ALGORITHMS.md §3) scores a page by its cached gate key kg = RoPE(W_k [max, min, mean], page),
+# dg values in the key cache's dtype (kvcache.gate_store.GateKeyCache), not by its 3d float32 summaries: the
+# summaries are read once, when a page's keys are appended. The gate's query weights ([G*d x dg] per kv head,
+# float32) are model parameters like the model's own projections and are not counted as cache traffic;
+# bench/decode.py counts them in its gate.score row.
 
 
 def gate_budget_pages(S: int, page_size: int, budget: int | None) -> int:
@@ -42,14 +46,29 @@ def gate_budget_pages(S: int, page_size: int, budget: int | None) -> int:
     return n if budget is None or n <= 2 else min(n, max(2, -(-budget // page_size)))
 
 
-def gate_bytes(lens: Sequence[int], page_size: int, pages_read: Sequence[Sequence[int]], d: int, itemsize: int) -> int:
-    """Learned gate (§3), per kv head: [max, min, mean] summaries (float32) of every page, then the filled rows
-    of the pages it chose; pages_read[b][h] counts them for kv head h of sequence b (the last page among them)."""
+def gate_key_bytes(num_pages: int, gate_dim: int, key_itemsize: int) -> int:
+    """Bytes gate scoring reads per kv head of a sequence of `num_pages` pages: one cached gate key per page."""
+    return num_pages * gate_dim * key_itemsize
+
+
+def gate_bytes(lens: Sequence[int], page_size: int, pages_read: Sequence[Sequence[int]], d: int, itemsize: int,
+               gate_dim: int, key_itemsize: int) -> int:
+    """Learned gate (§3), per kv head: the cached gate key (gate_dim values of key_itemsize bytes) of every page,
+    then the filled K/V rows of the pages it chose; pages_read[b][h] counts them for kv head h of sequence b
+    (the last page among them)."""
     total = 0
     for S, per_head in zip(lens, pages_read):
         n = -(-S // page_size)
         last_rows = S - (n - 1) * page_size
         for t in per_head:
             rows = S if t >= n else (t - 1) * page_size + last_rows
-            total += n * GATE_SUMMARY_ROWS_READ * d * SUMMARY_DTYPE.itemsize + 2 * rows * d * itemsize
+            total += gate_key_bytes(n, gate_dim, key_itemsize) + 2 * rows * d * itemsize
     return total
+
+
+def gate_budget_for_share(context: int, page_size: int, share: float, d: int, itemsize: int, gate_dim: int,
+                          key_itemsize: int) -> int:
+    """A token budget whose gate reads (gate_bytes) come to `share` of dense's 2*d*itemsize bytes per position,
+    rounded down to whole pages, at least 2 pages: budget = S * (share - dg*key_itemsize / (2*P*d*itemsize))."""
+    scoring = gate_dim * key_itemsize / (2 * page_size * d * itemsize)
+    return max(2 * page_size, int(context * (share - scoring)) // page_size * page_size)

@@ -1,0 +1,192 @@
+"""The learned gate's decode scoring in Triton (ALGORITHMS.md §3, SeerAttention-R): the gate query of each
+GQA group, its logits against the cached gate keys of the sequence's pages, and the radix top-k's first
+histogram, with no host sync.
+
+  gate_queries_triton  qg = RoPE(W_q [q_1 .. q_G] + b_q, n_pages - 1)   a [G*d x dg] GEMV per (sequence, group)
+  gate_scores_triton   logit(page) = qg . kg(page) / sqrt(dg) over the page table, kg from GateKeyCache
+
+The scoring pass also writes a selection key per page for kernels.topk's radix select, which
+ranks non-negative float32 by their bits: key = 1 + logit (logit >= 0) or 1 / (1 - logit)
+(logit < 0), strictly increasing in the logit, so the top keys are the top softmax scores; page 0
+(the attention sink) gets +inf so it is always taken, and the last page is the select's forced
+tail (n_valid = n_pages - 1). The level-0 histogram of the keys over [0, n_pages - 1) and the
+select's per-row state (pages to read, need) are written here too, saving launches.
+Torch references: kvcache.methods.gate.gate_queries / gate_logits / gate_select.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.paged_decode import plan_splits
+from kernels.topk import LEVELS, _select_level_kernel, digit_histogram, topk_workspace
+from kernels.tuning import Launch
+from kvcache.methods.gate import LayerGate
+from kvcache.table import PageTableCSR
+
+# Programs ~ 4 waves of 132 SMs (H100/H200): scoring reads dg values per page and is bandwidth-bound.
+SCORE_LAUNCH = Launch(block_n=64, num_warps=4, programs=528)  # block_n: pages per loop step
+QUERY_BLOCK_K = 32  # rows of W_q per loop step of the query GEMV
+QUERY_BLOCK_O = 16  # output pairs (i, i + dg/2) per query program: dg/32 programs share a group's W_q
+SELECT_LAUNCH = Launch(block_n=1024, num_warps=4, programs=256)  # radix levels over the page keys
+
+
+@triton.jit
+def _gate_query_kernel(
+    q_ptr, w_ptr, bias_ptr, inv_freq_ptr, indptr_ptr, qg_ptr,
+    s_qb, s_wh, s_wi, s_bh,
+    HKV: tl.constexpr, GD: tl.constexpr, DG: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_o = offs_o < HALF
+    acc_lo = tl.zeros([BLOCK_O], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_O], dtype=tl.float32)
+    for k0 in range(0, GD, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < GD
+        # The group's G query heads are adjacent in q [B, Hq, d]: its flat [G*d] starts at h*G*d.
+        x = tl.load(q_ptr + b * s_qb + h * GD + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        w = w_ptr + h * s_wh + offs_k[:, None] * s_wi + offs_o[None, :]
+        m = mask_k[:, None] & mask_o[None, :]
+        acc_lo += tl.sum(x[:, None] * tl.load(w, mask=m, other=0.0), axis=0)
+        acc_hi += tl.sum(x[:, None] * tl.load(w + HALF, mask=m, other=0.0), axis=0)
+    acc_lo += tl.load(bias_ptr + h * s_bh + offs_o, mask=mask_o, other=0.0)
+    acc_hi += tl.load(bias_ptr + h * s_bh + HALF + offs_o, mask=mask_o, other=0.0)
+    # RoPE at the index of the query's page, the sequence's last (half-split layout, as gate_rope).
+    pos = (tl.load(indptr_ptr + b + 1) - tl.load(indptr_ptr + b) - 1).to(tl.float32)
+    angle = pos * tl.load(inv_freq_ptr + offs_o, mask=mask_o, other=0.0)
+    c = tl.cos(angle)
+    s = tl.sin(angle)
+    tl.store(qg_ptr + pid_bh * DG + offs_o, acc_lo * c - acc_hi * s, mask=mask_o)
+    tl.store(qg_ptr + pid_bh * DG + HALF + offs_o, acc_hi * c + acc_lo * s, mask=mask_o)
+
+
+@triton.jit
+def _gate_score_kernel(
+    qg_ptr, keys_ptr, indptr_ptr, indices_ptr,
+    logits_ptr, sel_ptr, hist_ptr, list_len_ptr, n_valid_ptr, n_total_ptr, state_ptr,
+    pages_per_split, budget_pages, sm_scale,
+    s_kn, s_kh, s_row,
+    HKV: tl.constexpr, DG: tl.constexpr, BLOCK_DG: tl.constexpr, BLOCK_PG: tl.constexpr,
+    SHIFT: tl.constexpr, NBINS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    page_start = tl.load(indptr_ptr + b)
+    num_pages = tl.load(indptr_ptr + b + 1) - page_start
+    offs_dg = tl.arange(0, BLOCK_DG)
+    mask_dg = offs_dg < DG
+    qg = tl.load(qg_ptr + pid_bh * DG + offs_dg, mask=mask_dg, other=0.0)
+    row = pid_bh.to(tl.int64) * s_row
+    start = split * pages_per_split
+    end = tl.minimum(start + pages_per_split, num_pages)
+    hist = tl.zeros([NBINS], dtype=tl.int32)
+    for it in range(start, end, BLOCK_PG):
+        offs_p = it + tl.arange(0, BLOCK_PG)
+        mask_p = offs_p < end
+        page = tl.load(indices_ptr + page_start + offs_p, mask=mask_p, other=0).to(tl.int64)
+        kg = tl.load(keys_ptr + (page * s_kn + h * s_kh)[:, None] + offs_dg[None, :],
+                     mask=mask_p[:, None] & mask_dg[None, :], other=0.0).to(tl.float32)
+        logit = tl.sum(kg * qg[None, :], axis=1) * sm_scale
+        tl.store(logits_ptr + row + offs_p, logit, mask=mask_p)
+        key = tl.where(logit >= 0, 1.0 + logit, 1.0 / (1.0 - logit))
+        key = tl.where(offs_p == 0, float("inf"), key)
+        tl.store(sel_ptr + row + offs_p, key, mask=mask_p)
+        hist += digit_histogram(key, mask_p & (offs_p < num_pages - 1), SHIFT, NBINS)
+    tl.atomic_add(hist_ptr + pid_bh * NBINS + tl.arange(0, NBINS), hist)
+    if split == 0:
+        # Pages read: all of a short sequence, else the budget's (at least the first and last).
+        take = tl.minimum(num_pages, tl.maximum(budget_pages, 2))
+        tl.store(list_len_ptr + pid_bh, take)
+        tl.store(n_valid_ptr + pid_bh, num_pages - 1)
+        tl.store(n_total_ptr + pid_bh, num_pages)
+        tl.store(state_ptr + pid_bh * 2 + 1, take - 1)  # the select's need: the last page is forced
+
+
+def rope_inv_freq(gate_dim: int, base: float, device: torch.device) -> torch.Tensor:
+    """RoPE frequencies [dg/2] float32, computed as kvcache.methods.gate.gate_rope does (same angles)."""
+    return base ** (-torch.arange(0, gate_dim, 2, dtype=torch.float32, device=device) / gate_dim)
+
+
+def gate_queries_triton(q: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR) -> torch.Tensor:
+    """Gate queries [B*Hkv, dg] float32 of q [B, Hq, d], each at its sequence's last page (§3, SeerAttention-R)."""
+    B, Hq, D = q.shape
+    w, bias = layer_gate.q_weight, layer_gate.q_bias  # [Hkv, G*d, dg], [Hkv, dg] float32
+    Hkv, GD, DG = w.shape
+    if q.stride(2) != 1 or q.stride(1) != D or w.stride(2) != 1 or bias.stride(1) != 1 or DG % 2:
+        raise ValueError("gate query: q and the weights must be contiguous in their last dims, dg even")
+    half = DG // 2
+    qg = torch.empty((B * Hkv, DG), dtype=torch.float32, device=q.device)
+    inv_freq = rope_inv_freq(DG, layer_gate.shape.rope_base, q.device)
+    _gate_query_kernel[(B * Hkv, triton.cdiv(half, QUERY_BLOCK_O))](
+        q, w, bias, inv_freq, csr.indptr, qg,
+        q.stride(0), w.stride(0), w.stride(1), bias.stride(0),
+        HKV=Hkv, GD=GD, DG=DG, HALF=half, BLOCK_K=QUERY_BLOCK_K, BLOCK_O=QUERY_BLOCK_O,
+    )
+    return qg
+
+
+@torch.no_grad()
+def gate_scores_triton(
+    qg: torch.Tensor, keys: torch.Tensor, csr: PageTableCSR, budget_pages: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Logits [B*Hkv, max_pages] float32 of gate queries qg [B*Hkv, dg] against keys [N, Hkv, dg] of the
+    sequences' pages, with the select's inputs: (logits, keys for the select, per-row counts, workspace).
+
+    counts holds list_len (pages to read, first and last included), n_valid and n_total (int32 [B*Hkv]);
+    entries of a row past its sequence's pages are not written."""
+    BH, DG = qg.shape
+    Hkv = keys.shape[1]
+    dev = qg.device
+    max_pages = max(1, triton.cdiv(csr.max_len, csr.page_size))
+    logits = torch.empty((BH, max_pages), dtype=torch.float32, device=dev)
+    sel = torch.empty_like(logits)
+    counts = {name: torch.empty(BH, dtype=torch.int32, device=dev) for name in ("list_len", "n_valid", "n_total")}
+    ws = topk_workspace(BH, dev)
+    splits, per_split = plan_splits(max_pages, BH, SCORE_LAUNCH.block_n, SCORE_LAUNCH.programs)
+    shift, bits = LEVELS[0]
+    _gate_score_kernel[(BH, splits)](
+        qg, keys, csr.indptr, csr.indices,
+        logits, sel, ws["hist0"], counts["list_len"], counts["n_valid"], counts["n_total"], ws["state0"],
+        per_split, budget_pages, 1.0 / math.sqrt(DG),
+        keys.stride(0), keys.stride(1), logits.stride(0),
+        HKV=Hkv, DG=DG, BLOCK_DG=triton.next_power_of_2(DG), BLOCK_PG=SCORE_LAUNCH.block_n,
+        SHIFT=shift, NBINS=1 << bits, num_warps=SCORE_LAUNCH.num_warps,
+    )
+    return logits, sel, counts, ws
+
+
+def select_pages(sel: torch.Tensor, counts: dict[str, torch.Tensor], ws: dict[str, torch.Tensor],
+                 k_max: int) -> torch.Tensor:
+    """Page indexes [B*Hkv, k_max] int32 (unordered, row r filled up to list_len[r]) of the radix select over the
+    keys gate_scores_triton wrote: page 0, the last page, and the best between (kernels.topk's level kernels,
+    with the level-0 histogram and state already filled by the scoring pass)."""
+    R, width = sel.shape
+    out = torch.empty((R, k_max), dtype=torch.int32, device=sel.device)
+    block = SELECT_LAUNCH.block_n
+    blocks = triton.cdiv(width, block)
+    splits = max(1, min(blocks, triton.cdiv(SELECT_LAUNCH.programs, R)))
+    items = triton.cdiv(blocks, splits) * block
+    grid = (R, triton.cdiv(width, items))
+    for level, (shift, bits) in enumerate(LEVELS):
+        last = level == len(LEVELS) - 1
+        next_shift, next_bits = (0, 1) if last else LEVELS[level + 1]
+        _select_level_kernel[grid](
+            sel, counts["n_valid"], counts["n_total"],
+            ws[f"hist{level}"], ws[f"hist{min(level + 1, len(LEVELS) - 1)}"], ws[f"state{level}"],
+            ws[f"state{level + 1}"], ws["counters"], out,
+            items, sel.stride(0), out.stride(0),
+            BLOCK=block, SHIFT=shift, NBITS=bits, NEXT_SHIFT=next_shift, NEXT_NBINS=1 << next_bits,
+            FIRST=level == 0, LAST=last, num_warps=SELECT_LAUNCH.num_warps,
+        )
+    return out
