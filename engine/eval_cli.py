@@ -4,18 +4,24 @@ with the attention bytes per token each one read; JSON and a plot under bench/re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import re
 import sys
 import time
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
 
 import torch
 
 from engine.cli import add_prefill_arguments
 from engine.decode import AttentionSpec
 from engine.eval_data import long_text, passkey_prompt
-from engine.evaluation import greedy_methods, perplexity, teacher_force
+from engine.evaluation import Encoder, greedy_methods, perplexity, teacher_force
+from engine.prefill import PrefillAttention, causal_attention
+from engine.star_eval import StarEncoder, parse_settings, shard_clients
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +42,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-pages", default="4,8", help="gate settings f: budget = pages/f (as many pages as quest f)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--server", help="host:port of a `kvcache serve` to decode through (default: in-process)")
+    p.add_argument("--star", action="store_true", help="also Star Attention (ALGORITHMS.md §4): the context encoded in "
+                   "anchored blocks over --shards shards, the query and every later token by lse-merged attention over "
+                   "them (dense decoding), against dense prefill")
+    p.add_argument("--shards", default="4", help="--star: comma-separated shard counts (default 4)")
+    p.add_argument("--star-blocks", default="auto",
+                   help="--star: block sizes in tokens, or auto = one block per shard (default auto)")
+    p.add_argument("--star-anchors", default="1,1/4",
+                   help="--star: anchor sizes as fractions of the block, e.g. 1,1/4,1/16,0 (default 1,1/4)")
+    p.add_argument("--star-query-tokens", type=int, default=1,
+                   help="--star: last tokens of a text prompt that phase 2 encodes as the query (passkey prompts: "
+                   "the question) (default 1)")
+    p.add_argument("--star-servers", help="--star: host:port,... of `kvcache serve` processes to hold the shards "
+                   "(the first N for N shards; default: in-process stores)")
     p.add_argument("--json", default="bench/results/eval_smollm2.json")
     p.add_argument("--plot", default="bench/results/eval_smollm2.png", help="PNG of accuracy against bytes ('' for none)")
     add_prefill_arguments(p)
@@ -71,99 +90,161 @@ def gate_budget_for_bytes(context: int, page_size: int, f: int, itemsize: int) -
     return max(2 * page_size, int(context * share) // page_size * page_size)
 
 
+@dataclass
+class Encoding:
+    """One way the harness puts a prompt into a store: a prefill attention (dense causal, or MInference), or
+    Star Attention's two phases (`star`), whose rows decode densely over the shards."""
+
+    name: str  # "dense", the --prefill method, or a Star setting's label
+    client: Any
+    attention: PrefillAttention = causal_attention
+    star: StarEncoder | None = None
+
+    @property
+    def kind(self) -> str:
+        """The rows' "prefill" field."""
+        return "star" if self.star is not None else self.name
+
+    def grid(self, grid: list[tuple[str, AttentionSpec]]) -> list[tuple[str, AttentionSpec]]:
+        """The decode methods this encoding runs: all, or only dense for Star (its phase 2 is dense attention)."""
+        return grid if self.star is None else [g for g in grid if g[1].method == "dense"]
+
+    def label(self, method_label: str) -> str:
+        """A row's method name: the decode method's label, prefixed by a non-dense prefill; a Star setting's label."""
+        if self.star is not None:
+            return self.name
+        return method_label if self.name == "dense" else f"{self.name}+{method_label}"
+
+    def encoder(self, query_tokens: int | None = None) -> Encoder | None:
+        """The harness's Encoder (None: prefill by `attention`), with `query_tokens` as the Star query if given."""
+        if self.star is None or query_tokens is None:
+            return self.star
+        return dataclasses.replace(self.star, query_tokens=query_tokens)
+
+    def fields(self, prompt_len: int, query_tokens: int | None = None) -> dict:
+        """Extra JSON fields of a row (Star's plan) for a `prompt_len`-token prompt."""
+        encoder = self.encoder(query_tokens)
+        return {} if encoder is None else encoder.row(prompt_len)
+
+
+def encodings(args: argparse.Namespace, model, positions: int) -> list[Encoding]:
+    """Dense prefill first (every row's baseline), then --prefill's method, then each --star setting."""
+    from engine.cli import _client, prefill_attention
+
+    def store():
+        return _client(argparse.Namespace(server=args.server, token_file=None, page_size=args.page_size,
+                                          kv_dtype="float32"), model.config, 4 * positions)
+
+    out = [Encoding("dense", store())]
+    if args.prefill != "dense":
+        out.append(Encoding(args.prefill, store(), prefill_attention(args, model.config)))
+    if getattr(args, "star", False):
+        settings = parse_settings(args.shards, args.star_blocks, args.star_anchors)
+        # A shard holds at most the whole context, plus the query, the scored or decoded tokens and a page
+        # per fork of the query prefill's readers (copy-on-write of a shared last page).
+        room = positions + 2 * (args.eval_tokens + args.agree_tokens) + 64 * args.page_size
+        clients = shard_clients([s.shards for s in settings], model.config, room, args.page_size, args.star_servers)
+        out += [Encoding(s.label, clients[s.shards], star=StarEncoder(s, args.star_query_tokens)) for s in settings]
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     """Run every part of the harness, print tables, write the JSON and the plot.
 
     With --prefill minference every measurement runs twice, after a dense prefill and after a
     MInference prefill, each in a store of its own (so neither reuses the other's cached prefix);
-    both are compared with dense prefill and dense decoding.
+    both are compared with dense prefill and dense decoding. With --star each Star Attention setting
+    (ALGORITHMS.md §4) encodes the same prompts over its shards and decodes them densely through
+    phase 2, compared with the same dense baseline.
     """
-    from engine.cli import _client, prefill_attention
     from engine.load import load_model
-    from engine.prefill import causal_attention
 
     model, tok = load_model(args.model)
-    contexts = sorted((int(c) for c in args.contexts.split(",")), reverse=True)  # longest first: prefix reuse
-    lengths = sorted((int(n) for n in args.passkey_lengths.split(",")), reverse=True)
-    prefills = [("dense", causal_attention)]
-    if args.prefill != "dense":
-        prefills.append((args.prefill, prefill_attention(args, model.config)))
-    clients = {name: _client(argparse.Namespace(server=args.server, token_file=None, page_size=args.page_size,
-                                                kv_dtype="float32"), model.config, max(contexts + lengths) * 4)
-               for name, _ in prefills}
+    contexts = sorted((int(c) for c in args.contexts.split(",") if c.strip()), reverse=True)  # longest first
+    lengths = sorted((int(n) for n in args.passkey_lengths.split(",") if n.strip()), reverse=True)
+    encs = encodings(args, model, max(contexts + lengths, default=1))
     report: dict = {"model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)", "torch": torch.__version__,
                     "python": platform.python_version(), "command": " ".join(sys.argv), "perplexity": [],
                     "agreement": [], "passkey": []}
     if args.prefill != "dense":
-        attention = prefills[1][1]
+        attention = encs[1].attention
         report["prefill"] = {"method": args.prefill, "patterns": attention.patterns.model,
                              "pattern_counts": attention.patterns.counts(), "served": args.minference_served}
+    if getattr(args, "star", False):
+        report["star"] = {"shards": args.shards, "blocks": args.star_blocks, "anchors": args.star_anchors,
+                          "query_tokens": args.star_query_tokens, "servers": args.star_servers,
+                          "settings": [e.name for e in encs if e.star is not None]}
     if args.gate:
         from kvcache.gate_store import attach_gate
 
-        for client in clients.values():
-            if hasattr(client, "store"):  # in-process; a server holds its own (kvcache serve --gate)
-                attach_gate(client.store, args.gate)
+        for enc in encs:
+            if hasattr(enc.client, "store"):  # in-process; a server holds its own (kvcache serve --gate)
+                attach_gate(enc.client.store, args.gate)
         report["gate"] = args.gate
     gate_grid = (args.gate_bytes, args.gate_pages) if args.gate else ("", "")
     text_ids = tok.encode(long_text())
     for C in contexts:
-        grid = method_grid(C, args.page_size, args.sparq, args.quest, *gate_grid)
-        labels, specs = [g[0] for g in grid], [g[1] for g in grid]
+        full = method_grid(C, args.page_size, args.sparq, args.quest, *gate_grid)
         M = args.eval_tokens
-        base = None  # dense prefill, dense decode: (perplexity, forced argmax, free-running tokens)
-        for prefill_name, attention in prefills:
+        base = None  # dense prefill, dense decode: (perplexity, forced argmax, free-running tokens, bytes)
+        for enc in encs:
+            grid = enc.grid(full)
+            labels, specs = [g[0] for g in grid], [g[1] for g in grid]
             t0 = time.perf_counter()
-            client = clients[prefill_name]
-            before = _pairs(attention)
-            run = teacher_force(model, client, text_ids[: C - M], text_ids[C - M : C], specs, attention)
-            density = _density(attention, before)
+            before = _pairs(enc.attention)
+            run = teacher_force(model, enc.client, text_ids[: C - M], text_ids[C - M : C], specs, enc.attention,
+                                enc.encoder())
+            density = _density(enc.attention, before)
             ppl = perplexity(run.nll)
-            free = greedy_methods(model, client, text_ids[: C - args.agree_tokens], specs, args.agree_tokens,
-                                  attention)
+            prompt = text_ids[: C - args.agree_tokens]
+            free = greedy_methods(model, enc.client, prompt, specs, args.agree_tokens, enc.attention, enc.encoder())
             if base is None:
-                base = (ppl[0], run.argmax[0], free[0])
+                base = (ppl[0], run.argmax[0], free[0], run.bytes_per_token[0])
             agree = (run.argmax == base[1]).float().mean(dim=1).tolist()
             for i, label in enumerate(labels):
-                name = _label(prefill_name, label)
+                name = enc.label(label)
                 same = next((j for j, (a, b) in enumerate(zip(free[i], base[2])) if a != b), len(base[2]))
-                row = {"context": C, "method": name, "prefill": prefill_name, **_spec(specs[i]),
+                equal = sum(a == b for a, b in zip(free[i], base[2])) / len(base[2])
+                row = {"context": C, "method": name, "prefill": enc.kind, **_spec(specs[i]), **enc.fields(C - M),
                        "perplexity": ppl[i], "vs_dense": ppl[i] / base[0] - 1,
                        "bytes_per_token": run.bytes_per_token[i],
-                       "bytes_vs_dense": run.bytes_per_token[i] / run.bytes_per_token[0],
-                       "top1_agreement_forced": agree[i]}
+                       "bytes_vs_dense": run.bytes_per_token[i] / base[3], "top1_agreement_forced": agree[i]}
                 if density is not None:
                     row["prefill_density"] = density
                 report["perplexity"].append(row)
-                report["agreement"].append({"context": C, "method": name, "prefill": prefill_name,
-                                            "greedy_tokens_equal_to_dense_until": same, "of": len(base[2])})
+                report["agreement"].append({"context": C, "method": name, "prefill": enc.kind,
+                                            **enc.fields(len(prompt)), "greedy_tokens_equal_to_dense_until": same,
+                                            "greedy_tokens_equal_share": equal, "of": len(base[2])})
                 print(f"ppl C={C:>5} {name:<24} {ppl[i]:8.3f} ({ppl[i] / base[0] - 1:+.2%}) bytes/token "
-                      f"{run.bytes_per_token[i]:>12,.0f} ({run.bytes_per_token[i] / run.bytes_per_token[0]:.3f}x) "
-                      f"top-1 agree {agree[i]:.3f}  free-run same for {same}/{len(base[2])}"
+                      f"{run.bytes_per_token[i]:>12,.0f} ({row['bytes_vs_dense']:.3f}x) "
+                      f"top-1 agree {agree[i]:.3f}  free-run same for {same}/{len(base[2])} ({equal:.0%} equal)"
                       + ("" if density is None else f"  prefill density {density:.3f}"), flush=True)
             print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     depths = [float(x) for x in args.depths.split(",")]
     for n in lengths:
-        grid = method_grid(n, args.page_size, args.sparq, args.quest, *gate_grid)
-        labels, specs = [g[0] for g in grid], [g[1] for g in grid]
+        full = method_grid(n, args.page_size, args.sparq, args.quest, *gate_grid)
         for depth in sorted(depths, reverse=True):
             for trial in range(args.trials):
                 prompt = passkey_prompt(tok, n, depth, seed=hash((n, depth, trial)) % 2**31)
-                for prefill_name, attention in prefills:
-                    before = _pairs(attention)
-                    outs = greedy_methods(model, clients[prefill_name], prompt.ids, specs, 8, attention)
-                    density = _density(attention, before)
+                for enc in encs:
+                    grid = enc.grid(full)
+                    labels, specs = [g[0] for g in grid], [g[1] for g in grid]
+                    before = _pairs(enc.attention)
+                    # Star's query is the question: the context (filler and key) is what phase 1 encodes.
+                    outs = greedy_methods(model, enc.client, prompt.ids, specs, 8, enc.attention,
+                                          enc.encoder(prompt.question_tokens))
+                    density = _density(enc.attention, before)
                     for label, out in zip(labels, outs):
                         answer = tok.decode(out)
                         found = re.findall(r"\d{5}", answer)
-                        row = {"length": prompt.length, "depth": depth, "method": _label(prefill_name, label),
-                               "prefill": prefill_name, "key": prompt.key, "answer": answer,
-                               "correct": bool(found) and found[0] == prompt.key}
+                        row = {"length": prompt.length, "depth": depth, "method": enc.label(label),
+                               "prefill": enc.kind, **enc.fields(prompt.length, prompt.question_tokens),
+                               "key": prompt.key, "answer": answer, "correct": bool(found) and found[0] == prompt.key}
                         if density is not None:
                             row["prefill_density"] = density
                         report["passkey"].append(row)
-                    print(f"passkey n={prompt.length} depth={depth} key={prompt.key} prefill={prefill_name}: " +
-                          ", ".join(f"{lb}={'ok' if r['correct'] else 'no'}"
+                    print(f"passkey n={prompt.length} depth={depth} key={prompt.key} prefill={enc.name}: " +
+                          ", ".join(f"{enc.label(lb)}={'ok' if r['correct'] else 'no'}"
                                     for lb, r in zip(labels, report["passkey"][-len(labels):])), flush=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
@@ -172,11 +253,6 @@ def main(args: argparse.Namespace) -> int:
         plot(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-def _label(prefill_name: str, label: str) -> str:
-    """A method's label, prefixed by its prefill unless that is dense."""
-    return label if prefill_name == "dense" else f"{prefill_name}+{label}"
 
 
 def _pairs(attention) -> tuple[int, int] | None:
@@ -200,24 +276,43 @@ def _spec(spec: AttentionSpec) -> dict:
 
 
 def plot(report: dict, path: str) -> None:
-    """Perplexity change and passkey accuracy against attention bytes per token (relative to dense)."""
+    """Perplexity change against attention bytes per token (relative to dense) of the decode methods, against the
+    anchor's share of the block for Star Attention rows, and passkey accuracy; a panel only where there are rows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for C in sorted({r["context"] for r in report["perplexity"]}):
-        rows = [r for r in report["perplexity"] if r["context"] == C and r["attention"] != "dense"]
-        for attention, marker in (("sparq", "o"), ("quest", "s"), ("gate", "^")):
-            pts = sorted((r["bytes_vs_dense"], 100 * r["vs_dense"]) for r in rows if r["attention"] == attention)
-            if pts:
-                left.plot(*zip(*pts), marker=marker, label=f"{attention} C={C}")
-    left.set_xscale("log", base=2)
-    left.set_xlabel("attention bytes per token / dense")
-    left.set_ylabel("perplexity change vs dense (%)")
-    left.axhline(0, color="gray", lw=0.5)
-    left.legend(fontsize=7)
+    sparse = [r for r in report["perplexity"] if r["attention"] != "dense"]
+    star = [r for r in report["perplexity"] if r["prefill"] == "star"]
+    panels = 1 + bool(sparse) + bool(star)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    axes = list(axes[0])
+    if sparse:
+        left = axes.pop(0)
+        for C in sorted({r["context"] for r in sparse}):
+            rows = [r for r in sparse if r["context"] == C]
+            for attention, marker in (("sparq", "o"), ("quest", "s"), ("gate", "^")):
+                pts = sorted((r["bytes_vs_dense"], 100 * r["vs_dense"]) for r in rows if r["attention"] == attention)
+                if pts:
+                    left.plot(*zip(*pts), marker=marker, label=f"{attention} C={C}")
+        left.set_xscale("log", base=2)
+        left.set_xlabel("attention bytes per token / dense")
+        left.set_ylabel("perplexity change vs dense (%)")
+        left.axhline(0, color="gray", lw=0.5)
+        left.legend(fontsize=7)
+    if star:
+        middle = axes.pop(0)
+        groups = dict.fromkeys((r["context"], r["shards"], r["method"].rsplit(" a=", 1)[0]) for r in star)
+        for C, shards, name in groups:
+            rows = [r for r in star if (r["context"], r["shards"], r["method"].rsplit(" a=", 1)[0]) == (C, shards, name)]
+            pts = sorted((float(Fraction(r["anchor_fraction"])), 100 * r["vs_dense"]) for r in rows)
+            middle.plot(*zip(*pts), marker="o", label=f"{name} C={C}")
+        middle.set_xlabel("Star Attention anchor / block (ALGORITHMS.md §4)")
+        middle.set_ylabel("perplexity change vs dense prefill (%)")
+        middle.axhline(0, color="gray", lw=0.5)
+        middle.legend(fontsize=7)
+    right = axes.pop(0)
     methods = list(dict.fromkeys(r["method"] for r in report["passkey"]))
     acc = [sum(r["correct"] for r in report["passkey"] if r["method"] == m) /
            max(1, sum(1 for r in report["passkey"] if r["method"] == m)) for m in methods]

@@ -32,6 +32,7 @@ class PasskeyPrompt:
     key: str
     depth: float
     length: int  # tokens
+    question_tokens: int  # the question's tokens at the end of `ids` (Star Attention's query, ALGORITHMS.md §4)
 
 
 def passkey_prompt(tok: Tokenizer, length: int, depth: float, seed: int) -> PasskeyPrompt:
@@ -49,4 +50,4 @@ def passkey_prompt(tok: Tokenizer, length: int, depth: float, seed: int) -> Pass
     n_fill = max(1, (length - len(intro) - len(key_line) - len(question)) // len(filler))
     before = round(n_fill * depth)
     ids = intro + filler * before + key_line + filler * (n_fill - before) + question
-    return PasskeyPrompt(ids, key, depth, len(ids))
+    return PasskeyPrompt(ids, key, depth, len(ids), len(question))

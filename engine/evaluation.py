@@ -3,13 +3,14 @@
 Every method decodes from the same densely prefilled prefix (sparse methods act at decode time);
 the methods run side by side as rows of one batched forward pass, each row's attention going to
 its own sequence in the store with its own method, so their inputs are identical up to the first
-token where they differ.
+token where they differ. An `Encoder` replaces the prefill when the prompt is encoded otherwise
+(Star Attention's two phases, engine/star_eval.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,9 @@ from engine.decode import AttentionSpec
 from engine.model import Llama
 from engine.prefill import PrefillAttention, causal_attention, prefill
 from kvcache.client import KVCacheClient
+
+# (model, client, prompt) -> (a new sequence holding the prompt's K/V, float32 logits [vocab] after the prompt)
+Encoder = Callable[[Llama, KVCacheClient, Sequence[int]], tuple[str, torch.Tensor]]
 
 
 @dataclass
@@ -30,12 +34,17 @@ class ForcedRun:
 
 
 def prefill_copies(model: Llama, client: KVCacheClient, prompt: Sequence[int], n: int,
-                   chunk_size: int = 512, attention: PrefillAttention = causal_attention) -> tuple[list[str], torch.Tensor]:
-    """n sequences holding `prompt`: one prefill (by `attention`), then forks (shared pages); and the logits after
-    the prompt."""
-    first = client.create(token_ids=prompt)
-    logits = prefill(model, client, first.seq_id, prompt, first.cached_tokens, chunk_size, attention)
-    return [first.seq_id] + [client.fork(first.seq_id).seq_id for _ in range(n - 1)], logits
+                   chunk_size: int = 512, attention: PrefillAttention = causal_attention,
+                   encode: Encoder | None = None) -> tuple[list[str], torch.Tensor]:
+    """n sequences holding `prompt`: one prefill (by `attention`, or `encode` if given), then forks (shared pages);
+    and the logits after the prompt."""
+    if encode is None:
+        first = client.create(token_ids=prompt)
+        seq = first.seq_id
+        logits = prefill(model, client, seq, prompt, first.cached_tokens, chunk_size, attention)
+    else:
+        seq, logits = encode(model, client, prompt)
+    return [seq] + [client.fork(seq).seq_id for _ in range(n - 1)], logits
 
 
 def step_methods(model: Llama, client: KVCacheClient, seq_ids: Sequence[str], specs: Sequence[AttentionSpec],
@@ -60,9 +69,10 @@ def step_methods(model: Llama, client: KVCacheClient, seq_ids: Sequence[str], sp
 
 
 def teacher_force(model: Llama, client: KVCacheClient, prefix: Sequence[int], continuation: Sequence[int],
-                  specs: Sequence[AttentionSpec], prefill_attention: PrefillAttention = causal_attention) -> ForcedRun:
+                  specs: Sequence[AttentionSpec], prefill_attention: PrefillAttention = causal_attention,
+                  encode: Encoder | None = None) -> ForcedRun:
     """Feed continuation[:-1] after `prefix` to every method; score each method's prediction of continuation[1:]."""
-    seq_ids, _ = prefill_copies(model, client, prefix, len(specs), attention=prefill_attention)
+    seq_ids, _ = prefill_copies(model, client, prefix, len(specs), attention=prefill_attention, encode=encode)
     try:
         nll, argmax = [], []
         total = [0] * len(specs)
@@ -81,9 +91,10 @@ def teacher_force(model: Llama, client: KVCacheClient, prefix: Sequence[int], co
 
 
 def greedy_methods(model: Llama, client: KVCacheClient, prompt: Sequence[int], specs: Sequence[AttentionSpec],
-                   max_new_tokens: int, prefill_attention: PrefillAttention = causal_attention) -> list[list[int]]:
+                   max_new_tokens: int, prefill_attention: PrefillAttention = causal_attention,
+                   encode: Encoder | None = None) -> list[list[int]]:
     """Greedy continuation of `prompt` by each method (free running, not forced)."""
-    seq_ids, logits = prefill_copies(model, client, prompt, len(specs), attention=prefill_attention)
+    seq_ids, logits = prefill_copies(model, client, prompt, len(specs), attention=prefill_attention, encode=encode)
     first = int(logits.argmax())
     outs = [[first] for _ in specs]
     try:

@@ -1,0 +1,191 @@
+"""Star Attention in the accuracy harness (`kvcache eval --star`, ALGORITHMS.md §4, issue 10 item 5): the
+harness's perplexity and greedy paths with the prompt encoded by phase 1 and the rest through phase 2."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+
+import pytest
+import torch
+from service_support import STORE, start_servers, stop_servers, store_config
+
+from engine.config import ModelConfig
+from engine.decode import DENSE
+from engine.evaluation import greedy_methods, teacher_force
+from engine.model import random_model
+from engine.star_eval import StarEncoder, StarSetting, parse_settings
+from kvcache import InProcessClient
+from kvcache.sharded import ShardedClient
+
+CONFIG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=STORE["num_layers"],
+                     num_heads=4, num_kv_heads=STORE["num_kv_heads"], head_dim=STORE["head_dim"], rope_theta=1000.0,
+                     max_position_embeddings=1024)
+TEXT = [int(t) for t in torch.randint(0, 101, (61,), generator=torch.Generator().manual_seed(1))]
+PREFIX, CONTINUATION = TEXT[:45], TEXT[45:]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(CONFIG, seed=7)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def shards(n: int) -> ShardedClient:
+    return ShardedClient([InProcessClient(store_config()) for _ in range(n)])
+
+
+def star(n: int, anchor: str, block: int | None = None, query_tokens: int = 1) -> StarEncoder:
+    return StarEncoder(StarSetting(n, block, Fraction(anchor)), query_tokens=query_tokens, chunk_size=8)
+
+
+def kv_of(client, seq: str, n: int) -> torch.Tensor:
+    """K and V of positions 0..n-1, [2, L, n, Hkv, d], read back in position order."""
+    rows = torch.arange(n).expand(CONFIG.num_kv_heads, n)
+    per_layer = [client.fetch(seq, layer, "rows", rows).tensors for layer in range(CONFIG.num_layers)]
+    return torch.stack([torch.stack([t[i] for t in per_layer]) for i in range(2)]).transpose(2, 3)
+
+
+def dense_kv(model, prompt: list[int]) -> torch.Tensor:
+    from engine.prefill import prefill
+
+    client = InProcessClient(store_config())
+    seq = client.create().seq_id
+    prefill(model, client, seq, prompt)
+    return kv_of(client, seq, len(prompt))
+
+
+# ---- settings --------------------------------------------------------------------------------
+
+
+def test_settings_are_the_product_of_shards_blocks_and_anchors():
+    got = parse_settings("4,2", "auto,512", "1,1/4,0")
+    assert len(got) == 12 and got[0] == StarSetting(4, None, Fraction(1))
+    assert [s.label for s in got[:3]] == ["star N=4 b=C/4 a=b", "star N=4 b=C/4 a=b/4", "star N=4 b=C/4 a=0"]
+    assert got[-1].label == "star N=2 b=512 a=0"
+    plan = StarSetting(4, None, Fraction(1, 4)).plan(4031)  # b = ceil(4031 / 4), anchor floor(b / 4)
+    assert (plan.block_size, plan.anchor_size, plan.shard_lengths()) == (1008, 252, [1008, 1008, 1008, 1007])
+    assert StarSetting(2, 10, Fraction(3, 4)).label == "star N=2 b=10 a=3b/4"
+    for bad in (("0", "auto", "1"), ("2", "auto", "5/4"), ("2", "-3", "1"), ("2", "", "1")):
+        with pytest.raises(ValueError):
+            parse_settings(*bad)
+
+
+def test_the_query_is_the_prompts_last_tokens_and_never_all_of_it():
+    assert star(2, "1", query_tokens=1).split(45) == 44
+    assert star(2, "1", query_tokens=7).split(45) == 38
+    assert star(2, "1", query_tokens=99).split(45) == 1
+    with pytest.raises(ValueError, match="context and a query"):
+        star(2, "1").split(1)
+
+
+# ---- the harness with Star's encoding --------------------------------------------------------
+
+
+def test_one_shard_scores_and_generates_as_dense_prefill(model):
+    """N=1: phase 1 is one causal block, phase 2 attends to one shard, so every figure is dense's."""
+    want = teacher_force(model, InProcessClient(store_config()), PREFIX, CONTINUATION, [DENSE])
+    want_free = greedy_methods(model, InProcessClient(store_config()), PREFIX, [DENSE], 10)
+    with shards(1) as client:
+        got = teacher_force(model, client, PREFIX, CONTINUATION, [DENSE], encode=star(1, "1/4", query_tokens=5))
+        got_free = greedy_methods(model, client, PREFIX, [DENSE], 10, encode=star(1, "0"))
+    torch.testing.assert_close(got.nll, want.nll, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax, want.argmax)
+    assert got_free == want_free
+    assert got.bytes_per_token == want.bytes_per_token  # one shard reads what one store reads
+
+
+def test_two_shards_with_the_anchor_a_whole_block_hold_the_dense_kv(model):
+    """2 shards, anchor = block 1 = everything before block 2: block 2 sees its whole past, as in causal prefill."""
+    prompt = PREFIX
+    want = dense_kv(model, prompt)
+    want_run = teacher_force(model, InProcessClient(store_config()), PREFIX, CONTINUATION, [DENSE])
+    with shards(2) as client:
+        encoder = star(2, "1")
+        seq, _ = encoder(model, client, prompt)
+        assert client.shard_lengths(seq) == [22, 23]  # context 44 = blocks of 22; the query token on the last
+        torch.testing.assert_close(kv_of(client, seq, len(prompt)), want, rtol=1e-5, atol=1e-5)
+        client.free(seq)
+        run = teacher_force(model, client, PREFIX, CONTINUATION, [DENSE], encode=encoder)
+    torch.testing.assert_close(run.nll, want_run.nll, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "anchor"), [(2, "1/4"), (2, "0"), (3, "1")])
+def test_an_anchor_short_of_the_whole_past_changes_the_kv_and_the_scores(model, n, anchor):
+    """The comparison above can fail: blocks that do not see all their past differ from causal prefill."""
+    want = dense_kv(model, PREFIX)
+    want_run = teacher_force(model, InProcessClient(store_config()), PREFIX, CONTINUATION, [DENSE])
+    with shards(n) as client:
+        seq, _ = star(n, anchor)(model, client, PREFIX)
+        got = kv_of(client, seq, len(PREFIX))
+        client.free(seq)
+        run = teacher_force(model, client, PREFIX, CONTINUATION, [DENSE], encode=star(n, anchor))
+    block = -(-(len(PREFIX) - 1) // n)
+    torch.testing.assert_close(got[:, :, :block], want[:, :, :block], rtol=1e-5, atol=1e-5)  # block 1: alone
+    assert float((got[:, :, block:] - want[:, :, block:]).abs().max()) > 1e-3
+    assert float((run.nll - want_run.nll).abs().max()) > 1e-4
+
+
+def test_the_shards_can_be_kvcache_serve_processes(model):
+    """--star-servers: the same anchored blocks on two servers score as on two in-process stores."""
+    procs = start_servers({name: ((), {}) for name in ("s0", "s1")})
+    try:
+        with ShardedClient([procs["s0"].target, procs["s1"].target]) as remote:
+            got = teacher_force(model, remote, PREFIX, CONTINUATION, [DENSE], encode=star(2, "1/4", block=10))
+    finally:
+        stop_servers(list(procs.values()))
+    with shards(2) as local:
+        want = teacher_force(model, local, PREFIX, CONTINUATION, [DENSE], encode=star(2, "1/4", block=10))
+    torch.testing.assert_close(got.nll, want.nll, rtol=1e-5, atol=1e-5)
+
+
+# ---- `kvcache eval --star` -------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """Token = byte mod the vocabulary; decodes to digits, so a passkey answer is some 5-digit string."""
+
+    def encode(self, text: str) -> list[int]:
+        return [b % CONFIG.vocab_size for b in text.encode()]
+
+    def decode(self, ids) -> str:
+        return "".join(str(t % 10) for t in ids)
+
+
+def test_eval_star_writes_rows_for_every_setting(model, tmp_path, monkeypatch):
+    from engine import load
+    from kvcache.cli import main
+
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--star", "--shards", "1,2", "--star-anchors", "1,0", "--contexts", "96", "--eval-tokens",
+                 "12", "--agree-tokens", "6", "--passkey-lengths", "400", "--depths", "0.5", "--sparq", "",
+                 "--quest", "2", "--json", str(out), "--plot", str(tmp_path / "eval.png")]) == 0
+    report = json.loads(out.read_text())
+    methods = ["dense", "quest pages/2", "star N=1 b=C/1 a=b", "star N=1 b=C/1 a=0", "star N=2 b=C/2 a=b",
+               "star N=2 b=C/2 a=0"]
+    assert [r["method"] for r in report["perplexity"]] == methods
+    assert [r["method"] for r in report["agreement"]] == methods
+    assert [r["method"] for r in report["passkey"]] == methods
+    rows = {r["method"]: r for r in report["perplexity"]}
+    two = rows["star N=2 b=C/2 a=0"]
+    assert (two["prefill"], two["attention"], two["shards"], two["block_size"], two["anchor_size"],
+            two["anchor_fraction"], two["star_context_tokens"], two["star_query_tokens"]) == \
+        ("star", "dense", 2, 42, 0, "0", 83, 1)
+    assert rows["star N=2 b=C/2 a=b"]["anchor_size"] == 42
+    for one in ("star N=1 b=C/1 a=b", "star N=1 b=C/1 a=0"):  # one shard is dense prefill
+        assert abs(rows[one]["vs_dense"]) < 1e-5 and rows[one]["top1_agreement_forced"] == 1.0
+        assert rows[one]["bytes_vs_dense"] == 1.0
+    assert two["bytes_vs_dense"] == pytest.approx(1.0, abs=0.02)  # Star reads every position, as dense does
+    assert abs(two["vs_dense"]) > 1e-4  # anchor 0 over 2 shards is not dense
+    key = report["passkey"][-1]
+    assert key["star_query_tokens"] == len(ByteTokenizer().encode("\nWhat is the pass key? The pass key is"))
+    assert report["star"]["settings"] == methods[2:]
+    assert (tmp_path / "eval.png").stat().st_size > 0
