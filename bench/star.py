@@ -11,11 +11,16 @@ through a plain RemoteClient. The second is the 1-shard sequence, also read thro
 which shows what the sharding layer itself costs. All rows are filled first and then measured in
 turn, one step each per round, so load from other processes on a shared machine hits every row
 alike; medians are reported.
+
+`--accuracy` runs the accuracy harness's Star Attention path instead (`kvcache eval --star`,
+engine/star_eval.py): perplexity and greedy agreement against dense prefill on SmolLM2-135M.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
 import time
 
@@ -31,8 +36,11 @@ def add_arguments(p) -> None:
     p.add_argument("--baseline-threads", type=int,
                    help="torch threads of an extra single server holding the whole context (default: the CPU count)")
     p.add_argument("--accuracy", action="store_true",
-                   help="instead: perplexity and agreement of Star Attention against dense on SmolLM2-135M")
+                   help="instead: perplexity and greedy agreement of Star Attention against dense on SmolLM2-135M, "
+                   "every --shards x --anchors setting (`kvcache eval --star` without passkey)")
     p.add_argument("--contexts", default="4096,8000", help="--accuracy: context lengths (default 4096,8000)")
+    p.add_argument("--anchors", default="1,1/4,1/16,0",
+                   help="--accuracy: anchors as fractions of the block (default 1,1/4,1/16,0)")
     p.add_argument("--eval-tokens", type=int, default=128, help="--accuracy: teacher-forced tokens (default 128)")
     p.add_argument("--json", help="write the report here")
 
@@ -133,13 +141,15 @@ def _steps(client, seq_ids: list[str], q, new, steps: int) -> tuple[list[float],
 
 def main(args) -> int:
     """Entry of `kvcache bench star`."""
-    if args.accuracy:
-        counts = [int(n) for n in args.shards.split(",")]
-        report = accuracy(tuple(int(n) for n in args.contexts.split(",")), counts[0], eval_tokens=args.eval_tokens,
-                          extra_shards=tuple(counts[1:]))
-    else:
-        report = run(args.context, tuple(int(n) for n in args.shards.split(",")), args.steps, args.server_threads,
-                     args.baseline_threads)
+    if args.accuracy:  # the eval harness measures it (engine/star_eval.py), JSON included
+        import torch
+
+        from engine.eval_cli import main as eval_main
+
+        torch.set_num_threads(1)  # other processes on the cores: spinning OpenMP workers slow small ops
+        return eval_main(accuracy_arguments(args))
+    report = run(args.context, tuple(int(n) for n in args.shards.split(",")), args.steps, args.server_threads,
+                 args.baseline_threads)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
@@ -150,86 +160,14 @@ def main(args) -> int:
 # ---- accuracy against dense on the real model --------------------------------------------------
 
 
-def accuracy(contexts: tuple[int, ...] = (4096, 8000), shards: int = 4, anchors: tuple[str, ...] = ("1", "1/4", "1/16",
-             "0"), eval_tokens: int = 128, agree_tokens: int = 32, extra_shards: tuple[int, ...] = (8,)) -> dict:
-    """Star Attention against dense prefill on SmolLM2-135M, as `kvcache eval` measures methods. The text is
-    the long text of the eval harness. For a context C, the first C - eval_tokens tokens are encoded (dense:
-    causal prefill; Star: anchored blocks, one per shard, anchor = the given fraction of a block), then the
-    last eval_tokens are teacher-forced through phase 2, scoring each next token. From there: perplexity,
-    top-1 agreement with dense, and free-running greedy agreement over agree_tokens tokens decoded after the
-    first of them. Shards are in-process stores (phase 2's merge over gRPC equals them, see the tests)."""
-    import math
+def accuracy_arguments(args) -> argparse.Namespace:
+    """The `kvcache eval --star` flags that `bench star --accuracy` stands for: perplexity and greedy agreement (no
+    passkey, no sparse decode methods) of every --shards x --anchors setting, one block per shard."""
+    from engine.eval_cli import add_arguments as add_eval_arguments
 
-    import torch
-
-    from bench.timing import run_header
-    from engine.decode import decode_step
-    from engine.eval_data import long_text
-    from engine.load import load_model
-    from engine.prefill import prefill
-    from engine.star import StarPlan, encode_context_local
-    from kvcache import InProcessClient, KVCacheConfig
-    from kvcache.sharded import ShardedClient
-
-    # One intra-op thread: with other processes on the cores, OpenMP workers spinning at barriers slow every
-    # small op of a decode step by an order of magnitude.
-    torch.set_num_threads(1)
-    model, tok = load_model()
-    c = model.config
-    text_ids = tok.encode(long_text())
-    report = {**run_header(torch.device("cpu")), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
-              "eval_tokens": eval_tokens, "agree_tokens": agree_tokens, "rows": []}
-
-    def store(positions: int) -> InProcessClient:
-        return InProcessClient(KVCacheConfig(c.num_layers, c.num_kv_heads, c.head_dim, page_size=16, dtype="float32",
-                                             device_pages=2 * (positions // 16) + 16))
-
-    def score(client, seq: str, prefix: int, cont: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(nll [M-1], argmax [M-1]) of the forced continuation on a fork, and greedy tokens on `seq`."""
-        forced = client.fork(seq).seq_id
-        nll, top = [], []
-        for i in range(len(cont) - 1):
-            logits = decode_step(model, client, [forced], [cont[i]], [prefix + i]).logits[0]
-            nll.append(-torch.log_softmax(logits, -1)[cont[i + 1]])
-            top.append(int(logits.argmax()))
-        client.free(forced)
-        greedy, token = [], cont[0]
-        for i in range(agree_tokens):
-            token = int(decode_step(model, client, [seq], [token], [prefix + i]).logits[0].argmax())
-            greedy.append(token)
-        return torch.stack(nll), torch.tensor(top), greedy
-
-    for C in contexts:
-        prefix, cont = text_ids[: C - eval_tokens], text_ids[C - eval_tokens : C]
-        t0 = time.perf_counter()
-        dense = store(C + agree_tokens)
-        seq = dense.create().seq_id
-        prefill(model, dense, seq, prefix, chunk_size=512)
-        base_nll, base_top, base_greedy = score(dense, seq, len(prefix), cont)
-        base_ppl = math.exp(float(base_nll.mean()))
-        print(f"context {C}: dense ppl {base_ppl:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        report["rows"].append({"context": C, "method": "dense", "perplexity": base_ppl})
-        del dense
-        configs = [(shards, a) for a in anchors] + [(n, "1") for n in extra_shards]
-        for n, fraction in configs:
-            t0 = time.perf_counter()
-            b = -(-len(prefix) // n)
-            num, _, den = fraction.partition("/")
-            a = b * int(num) // int(den or 1)
-            plan = StarPlan.make(len(prefix), n, b, a)
-            with ShardedClient([store(C // n + 2 * eval_tokens + agree_tokens) for _ in range(n)]) as client:
-                seq = client.create().seq_id
-                encode_context_local(model, client, seq, prefix, plan, chunk_size=512)
-                nll, top, greedy = score(client, seq, len(prefix), cont)
-            ppl = math.exp(float(nll.mean()))
-            same = next((i for i, (x, y) in enumerate(zip(greedy, base_greedy)) if x != y), len(greedy))
-            row = {"context": C, "method": "star", "shards": n, "block_size": b, "anchor_size": a,
-                   "anchor_fraction": fraction, "perplexity": ppl, "perplexity_vs_dense": ppl / base_ppl - 1,
-                   "top1_agreement_forced": float((top == base_top).float().mean()),
-                   "greedy_agreement": sum(x == y for x, y in zip(greedy, base_greedy)) / len(greedy),
-                   "greedy_same_prefix": same, "seconds": time.perf_counter() - t0}
-            report["rows"].append(row)
-            print(f"context {C}, {n} shards, b={b}, anchor={a}: ppl {ppl:.3f} ({100 * row['perplexity_vs_dense']:+.2f}%"
-                  f"), top-1 forced {100 * row['top1_agreement_forced']:.1f}%, greedy {100 * row['greedy_agreement']:.0f}%"
-                  f" (same for {same} tokens) [{row['seconds']:.0f} s]", flush=True)
-    return report
+    parser = argparse.ArgumentParser(prog="kvcache eval")
+    add_eval_arguments(parser)
+    return parser.parse_args([
+        "--star", "--shards", args.shards, "--star-anchors", args.anchors, "--contexts", args.contexts,
+        "--eval-tokens", str(args.eval_tokens), "--passkey-lengths", "", "--sparq", "", "--quest", "",
+        "--json", args.json or os.devnull, "--plot", ""])

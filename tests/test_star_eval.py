@@ -189,3 +189,17 @@ def test_eval_star_writes_rows_for_every_setting(model, tmp_path, monkeypatch):
     assert key["star_query_tokens"] == len(ByteTokenizer().encode("\nWhat is the pass key? The pass key is"))
     assert report["star"]["settings"] == methods[2:]
     assert (tmp_path / "eval.png").stat().st_size > 0
+
+
+def test_bench_star_accuracy_is_the_harness_without_passkey(model, tmp_path, monkeypatch):
+    from engine import load
+    from kvcache.cli import main
+
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "star", "--accuracy", "--shards", "2", "--anchors", "1/2,0", "--contexts", "64",
+                 "--eval-tokens", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["method"] for r in report["perplexity"]] == ["dense", "star N=2 b=C/2 a=b/2", "star N=2 b=C/2 a=0"]
+    assert [r["anchor_size"] for r in report["perplexity"][1:]] == [14, 0]  # b = ceil(55 / 2) = 28
+    assert report["passkey"] == []
