@@ -118,6 +118,8 @@ def run(
                                            eager_us))
             if "sparq" in methods and device.type == "cuda":
                 report["rows"].extend(_sparq_stage_rows(store, seqs, q, shape, timer, copy_bw, sdpa_us))
+            if "gate" in methods and device.type == "cuda":
+                report["rows"].extend(_gate_stage_rows(store, seqs, q, shape, timer, copy_bw, sdpa_us))
             del store
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -134,9 +136,9 @@ def planned_call(store: KVStore, seqs: list[str], q: torch.Tensor, method: str, 
     if m.uses_value_mean:
         tensors.append(store.value_mean(seqs, 0))
     if m.needs_gate:
-        from kvcache.gate_store import gate_of
+        from kvcache.gate_store import layer_gate_of
 
-        tensors.append(gate_of(store).layer(0))
+        tensors.append(layer_gate_of(store, 0))
     fn = m.triton if q.device.type == "cuda" else m.reference
     return lambda: fn(q, *tensors, csr, **params)
 
@@ -199,6 +201,49 @@ def _sparq_stage_rows(store, seqs, q, shape: Shape, timer: Timer, copy_bw: float
         rows.append(_row(shape.batch, S, "sparq.stage2", params, us2, stage2_bytes, copy_bw, sdpa_us))
         rows.append(_row(shape.batch, S, "topk.radix", {"k": k}, us_radix, 0, copy_bw, us_torch))
         rows.append(_row(shape.batch, S, "topk.torch", {"k": k}, us_torch, 0, copy_bw, us_torch))
+    return rows
+
+
+def _gate_stage_rows(store, seqs, q, shape: Shape, timer: Timer, copy_bw: float, sdpa_us: float,
+                     budget: int = 4096) -> list[dict]:
+    """The gate step's parts timed alone (§3): scoring (query GEMV + scores against the cached gate keys, in
+    the KV dtype and in float32), scoring + page selection, and the attention over the chosen pages."""
+    from kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages
+    from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
+    from kvcache.gate_store import layer_gate_of
+    from kvcache.methods.traffic import gate_budget_pages, gate_bytes, gate_key_bytes
+
+    csr = store.page_table(seqs, 0)
+    view = store.layer_view(0)
+    lg = layer_gate_of(store, 0)
+    P, Hkv, d, dg = shape.page_size, shape.num_kv_heads, shape.head_dim, lg.shape.gate_dim
+    budget = min(budget, shape.context)
+    n = -(-shape.context // P)
+    budget_pages = -(-budget // P)
+    t = min(n, max(2, budget_pages))
+    weights = (lg.q_weight.numel() + lg.q_bias.numel()) * lg.q_weight.element_size()  # read once per step
+    rows = [_row(shape.batch, shape.context, "gate.query", {"budget": budget},
+                 timer.median_us(lambda: gate_queries_triton(q, lg, csr)), weights, copy_bw, sdpa_us)]
+    for keys in (lg.keys, lg.keys.float()):
+        def score(keys=keys):
+            return gate_scores_triton(gate_queries_triton(q, lg, csr), keys, csr, budget_pages)
+        nbytes = weights + shape.batch * Hkv * gate_key_bytes(n, dg, keys.element_size())
+        rows.append(_row(shape.batch, shape.context, "gate.score", {"budget": budget, "keys": str(keys.dtype)[6:]},
+                         timer.median_us(score), nbytes, copy_bw, sdpa_us))
+
+    def choose():
+        _, sel, counts, ws = gate_scores_triton(gate_queries_triton(q, lg, csr), lg.keys, csr, budget_pages)
+        return select_pages(sel, counts, ws, t)
+    rows.append(_row(shape.batch, shape.context, "gate.choose", {"budget": budget}, timer.median_us(choose),
+                     weights + shape.batch * Hkv * gate_key_bytes(n, dg, lg.keys.element_size()), copy_bw, sdpa_us))
+    chosen = choose()
+    list_len = torch.full((shape.batch * Hkv,), t, dtype=torch.int32, device=q.device)
+    attend_us = timer.median_us(lambda: attend_partial_and_merge(
+        q, view.k_seq, view.v_seq, csr, t * P, MODE_PAGES, item_list=chosen, list_len=list_len))
+    pages = [[gate_budget_pages(S, P, budget)] * Hkv for S in csr.host_lens]
+    kv_bytes = gate_bytes(csr.host_lens, P, pages, d, view.k_seq.element_size(), dg, 0)  # rows only
+    rows.append(_row(shape.batch, shape.context, "gate.attend", {"budget": budget}, attend_us, kv_bytes, copy_bw,
+                     sdpa_us))
     return rows
 
 

@@ -30,8 +30,9 @@ from kvcache.table import PageTableCSR
 
 # Programs ~ 4 waves of 132 SMs (H100/H200): scoring reads dg values per page and is bandwidth-bound.
 SCORE_LAUNCH = Launch(block_n=64, num_warps=4, programs=528)  # block_n: pages per loop step
-QUERY_BLOCK_K = 32  # rows of W_q per loop step of the query GEMV
-QUERY_BLOCK_O = 16  # output pairs (i, i + dg/2) per query program: dg/32 programs share a group's W_q
+# The query GEMV is latency-bound (a few hundred KB of W_q per group): few loop steps, dg/16 programs per group.
+QUERY_BLOCK_K = 256  # rows of W_q per loop step
+QUERY_BLOCK_O = 8  # output pairs (i, i + dg/2) per program
 SELECT_LAUNCH = Launch(block_n=1024, num_warps=4, programs=256)  # radix levels over the page keys
 
 
@@ -113,9 +114,16 @@ def _gate_score_kernel(
         tl.store(state_ptr + pid_bh * 2 + 1, take - 1)  # the select's need: the last page is forced
 
 
+_INV_FREQ: dict[tuple[int, float, torch.device], torch.Tensor] = {}
+
+
 def rope_inv_freq(gate_dim: int, base: float, device: torch.device) -> torch.Tensor:
-    """RoPE frequencies [dg/2] float32, computed as kvcache.methods.gate.gate_rope does (same angles)."""
-    return base ** (-torch.arange(0, gate_dim, 2, dtype=torch.float32, device=device) / gate_dim)
+    """RoPE frequencies [dg/2] float32, computed as kvcache.methods.gate.gate_rope does (same angles); made once
+    per (dg, base, device), so a decode step launches nothing for them."""
+    key = (gate_dim, float(base), torch.device(device))
+    if key not in _INV_FREQ:
+        _INV_FREQ[key] = base ** (-torch.arange(0, gate_dim, 2, dtype=torch.float32, device=device) / gate_dim)
+    return _INV_FREQ[key]
 
 
 def gate_queries_triton(q: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR) -> torch.Tensor:

@@ -1,0 +1,135 @@
+"""The store's gate-key cache (kvcache.gate_store.GateKeyCache, ALGORITHMS.md §3): after any sequence of
+appends, decode steps, forks, prefix sharing and frees, every live page's cached gate key equals the
+reference's gate_keys recomputed from the page's summary at its index in its sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcache import KVCacheConfig, KVStore
+from kvcache.gate_store import attach_gate, gate_key_cache, layer_gate_of
+from kvcache.methods.gate import GateShape, PageGate, gate_keys, gate_logits, pooled_keys
+
+L, HKV, D, P = 2, 2, 16, 4
+
+
+def _gate(seed: int = 1, gate_dim: int = 32) -> PageGate:
+    return PageGate(GateShape(L, HKV, 3, D, P, gate_dim=gate_dim, rope_base=100.0), seed=seed)
+
+
+def _store(dtype=torch.float32) -> KVStore:
+    return KVStore(KVCacheConfig(L, HKV, D, page_size=P, dtype=dtype, device_pages=64))
+
+
+def _kv(gen, T, dtype=torch.float32, layers=True):
+    shape = (L, T, HKV, D) if layers else (T, HKV, D)
+    return torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+
+
+def _assert_cache_matches_reference(store: KVStore, gate: PageGate, exact: bool = True) -> int:
+    """Compare every live sequence's pages at every layer; returns how many (layer, page) keys were checked."""
+    cache = gate_key_cache(store)
+    checked = 0
+    for layer in range(L):
+        for sid in store.sequence_ids():
+            pages = store.page_table([sid], layer).pages_of(0)
+            if len(pages) == 0:
+                continue
+            want = gate_keys(gate.layer(layer), pooled_keys(store.layer_view(layer).k_summary[pages]))
+            got = cache.keys[layer, pages]
+            if exact:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            else:  # a cache in the KV dtype holds the reference's keys rounded to it
+                torch.testing.assert_close(got, want.to(got.dtype), rtol=0, atol=0)
+            checked += len(pages)
+    return checked
+
+
+def test_keys_follow_appends_decode_steps_and_page_boundaries():
+    gen = torch.Generator().manual_seed(0)
+    store, gate = _store(), _gate()
+    attach_gate(store, gate)
+    a = store.create().seq_id
+    store.append(a, *_kv(gen, 6))  # a page and a half, all layers
+    assert _assert_cache_matches_reference(store, gate) == 2 * 2
+    for step in range(7):  # decode steps, one layer at a time, across two page boundaries
+        for layer in range(L):
+            k, v = _kv(gen, 1, layers=False)
+            store.append(a, k, v, layer=layer)
+            _assert_cache_matches_reference(store, gate)
+    store.append(a, *_kv(gen, 9))  # a chunk ending mid-page
+    assert _assert_cache_matches_reference(store, gate) == 2 * 6
+
+
+def test_keys_follow_forks_prefix_sharing_and_freed_pages_reused_at_other_indexes():
+    gen = torch.Generator().manual_seed(1)
+    store, gate = _store(), _gate()
+    attach_gate(store, gate)
+    tokens = list(range(13))
+    a = store.create(token_ids=tokens).seq_id
+    store.append(a, *_kv(gen, 13), token_ids=tokens)
+    child = store.fork(a).seq_id  # shares 4 pages; the partial last page is copied on write
+    k, v = _kv(gen, 1, layers=False)
+    for layer in range(L):
+        store.append(child, k, v, layer=layer)
+    store.append(a, *_kv(gen, 5))
+    _assert_cache_matches_reference(store, gate)
+    # A new sequence with the same first 12 tokens reuses 3 cached pages at the same indexes.
+    b = store.create(token_ids=tokens[:12] + [99, 98]).seq_id
+    assert store.describe(b).cached_tokens == 12
+    store.append(b, *_kv(gen, 2), start=12)
+    _assert_cache_matches_reference(store, gate)
+    # Freed pages come back under new sequences at other page indexes with other keys.
+    store.free(a)
+    store.free(child)
+    c = store.create().seq_id
+    store.append(c, *_kv(gen, 3))
+    d = store.create().seq_id
+    store.append(d, *_kv(gen, 23))
+    assert _assert_cache_matches_reference(store, gate) == 2 * (4 + 1 + 6)
+
+
+def test_a_gate_attached_after_the_data_computes_the_keys_of_every_held_page_and_replaces_the_old_one():
+    gen = torch.Generator().manual_seed(2)
+    store = _store()
+    ids = [store.create().seq_id for _ in range(3)]
+    for sid, S in zip(ids, (9, 16, 1)):
+        store.append(sid, *_kv(gen, S))
+    attach_gate(store, _gate(seed=5))
+    gate = _gate(seed=7)
+    attach_gate(store, gate)
+    assert len(store.summary_listeners) == 1  # the first gate's cache no longer listens
+    assert _assert_cache_matches_reference(store, gate) == 2 * (3 + 4 + 1)
+    store.append(ids[2], *_kv(gen, 4))
+    _assert_cache_matches_reference(store, gate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_cache_in_the_kv_dtype_holds_the_reference_keys_rounded(dtype):
+    gen = torch.Generator().manual_seed(3)
+    store, gate = _store(dtype), _gate()
+    attach_gate(store, gate)
+    assert gate_key_cache(store).keys.dtype == dtype
+    sid = store.create().seq_id
+    store.append(sid, *_kv(gen, 10, dtype))
+    for layer in range(L):
+        store.append(sid, *_kv(gen, 1, dtype, layers=False), layer=layer)
+    assert _assert_cache_matches_reference(store, gate, exact=False) == 2 * 3
+
+
+def test_scores_from_the_cached_keys_equal_the_reference_scores():
+    gen = torch.Generator().manual_seed(4)
+    store, gate = _store(), _gate()
+    attach_gate(store, gate, key_dtype=torch.float32)
+    sid = store.create().seq_id
+    store.append(sid, *_kv(gen, 29))
+    q = torch.randn((HKV, 3, D), generator=gen)
+    lg = layer_gate_of(store, 1)
+    pages = store.page_table([sid], 1).pages_of(0)
+    want = gate_logits(lg, q, store.layer_view(1).k_summary[pages])
+    from kvcache.methods.gate import gate_queries
+
+    qg = gate_queries(lg, q, torch.tensor(len(pages) - 1))
+    got = torch.einsum("hd,nhd->hn", qg, lg.keys[pages]) / lg.shape.gate_dim ** 0.5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
