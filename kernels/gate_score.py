@@ -29,11 +29,14 @@ from kvcache.methods.gate import LayerGate
 from kvcache.table import PageTableCSR
 
 # Programs ~ 4 waves of 132 SMs (H100/H200): scoring reads dg values per page and is bandwidth-bound.
-SCORE_LAUNCH = Launch(block_n=64, num_warps=4, programs=528)  # block_n: pages per loop step
+SCORE_LAUNCH = Launch(block_n=64, num_warps=4, programs=1056)  # ~one loop step per program  # block_n: pages per loop step
 # The query GEMV is latency-bound (a few hundred KB of W_q per group): few loop steps, dg/16 programs per group.
-QUERY_BLOCK_K = 256  # rows of W_q per loop step
-QUERY_BLOCK_O = 8  # output pairs (i, i + dg/2) per program
+QUERY_MAX_BLOCK_K = 1024  # rows of W_q per loop step: one step up to G*d = 1024
+QUERY_BLOCK_O = 4  # output pairs (i, i + dg/2) per program: dg/8 programs per group
 SELECT_LAUNCH = Launch(block_n=1024, num_warps=4, programs=256)  # radix levels over the page keys
+# Up to this many pages per row (256K positions at page 16) one program per row selects in registers, one
+# launch instead of a zeroed workspace and four radix levels; longer rows use kernels.topk's levels.
+SELECT_ROW_MAX = 16384
 
 
 @triton.jit
@@ -77,7 +80,7 @@ def _gate_score_kernel(
     pages_per_split, budget_pages, sm_scale,
     s_kn, s_kh, s_row,
     HKV: tl.constexpr, DG: tl.constexpr, BLOCK_DG: tl.constexpr, BLOCK_PG: tl.constexpr,
-    SHIFT: tl.constexpr, NBINS: tl.constexpr,
+    SHIFT: tl.constexpr, NBINS: tl.constexpr, WITH_HIST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -103,15 +106,56 @@ def _gate_score_kernel(
         key = tl.where(logit >= 0, 1.0 + logit, 1.0 / (1.0 - logit))
         key = tl.where(offs_p == 0, float("inf"), key)
         tl.store(sel_ptr + row + offs_p, key, mask=mask_p)
-        hist += digit_histogram(key, mask_p & (offs_p < num_pages - 1), SHIFT, NBINS)
-    tl.atomic_add(hist_ptr + pid_bh * NBINS + tl.arange(0, NBINS), hist)
+        if WITH_HIST:
+            hist += digit_histogram(key, mask_p & (offs_p < num_pages - 1), SHIFT, NBINS)
+    if WITH_HIST:
+        tl.atomic_add(hist_ptr + pid_bh * NBINS + tl.arange(0, NBINS), hist)
     if split == 0:
         # Pages read: all of a short sequence, else the budget's (at least the first and last).
         take = tl.minimum(num_pages, tl.maximum(budget_pages, 2))
         tl.store(list_len_ptr + pid_bh, take)
         tl.store(n_valid_ptr + pid_bh, num_pages - 1)
         tl.store(n_total_ptr + pid_bh, num_pages)
-        tl.store(state_ptr + pid_bh * 2 + 1, take - 1)  # the select's need: the last page is forced
+        if WITH_HIST:
+            tl.store(state_ptr + pid_bh * 2 + 1, take - 1)  # the select's need: the last page is forced
+
+
+@triton.jit
+def _radix_level(x, cand, taken, need, SHIFT: tl.constexpr, NBINS: tl.constexpr):
+    """One radix digit of the in-register select: take the candidates above the boundary bin, keep those in it."""
+    hist = digit_histogram(x, cand, SHIFT, NBINS)
+    bins = tl.arange(0, NBINS)
+    at_or_above = tl.cumsum(hist, axis=0, reverse=True)
+    boundary = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+    above = tl.sum(tl.where(bins > boundary, hist, 0), axis=0)
+    digit = ((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> SHIFT) & (NBINS - 1)
+    taken = taken | (cand & (digit > boundary))
+    cand = cand & (digit == boundary)
+    return cand, taken, need - above
+
+
+@triton.jit
+def _select_row_kernel(
+    sel_ptr, n_valid_ptr, list_len_ptr, out_ptr, s_row, s_out,
+    BLOCK: tl.constexpr, S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr,
+    S2: tl.constexpr, B2: tl.constexpr, S3: tl.constexpr, B3: tl.constexpr,
+):
+    # One program per row holds all its page keys: kernels.topk's four radix digits without a launch each.
+    row = tl.program_id(0).to(tl.int64)
+    n_valid = tl.load(n_valid_ptr + row)
+    need = tl.load(list_len_ptr + row) - 1  # the last page (position n_valid) is forced
+    offs = tl.arange(0, BLOCK)
+    cand = offs < n_valid
+    x = tl.load(sel_ptr + row * s_row + offs, mask=cand, other=0.0)
+    taken = offs == n_valid
+    cand, taken, need = _radix_level(x, cand, taken, need, S0, 1 << B0)
+    cand, taken, need = _radix_level(x, cand, taken, need, S1, 1 << B1)
+    cand, taken, need = _radix_level(x, cand, taken, need, S2, 1 << B2)
+    cand, taken, need = _radix_level(x, cand, taken, need, S3, 1 << B3)
+    tie_rank = tl.cumsum(cand.to(tl.int32), axis=0)  # exact ties: the first ones
+    taken = taken | (cand & (tie_rank <= need))
+    slot = tl.cumsum(taken.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + row * s_out + slot, offs, mask=taken)
 
 
 _INV_FREQ: dict[tuple[int, float, torch.device], torch.Tensor] = {}
@@ -139,7 +183,8 @@ def gate_queries_triton(q: torch.Tensor, layer_gate: LayerGate, csr: PageTableCS
     _gate_query_kernel[(B * Hkv, triton.cdiv(half, QUERY_BLOCK_O))](
         q, w, bias, inv_freq, csr.indptr, qg,
         q.stride(0), w.stride(0), w.stride(1), bias.stride(0),
-        HKV=Hkv, GD=GD, DG=DG, HALF=half, BLOCK_K=QUERY_BLOCK_K, BLOCK_O=QUERY_BLOCK_O,
+        HKV=Hkv, GD=GD, DG=DG, HALF=half, BLOCK_K=min(QUERY_MAX_BLOCK_K, triton.next_power_of_2(GD)),
+        BLOCK_O=QUERY_BLOCK_O, num_warps=8,
     )
     return qg
 
@@ -150,6 +195,7 @@ def gate_scores_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Logits [B*Hkv, max_pages] float32 of gate queries qg [B*Hkv, dg] against keys [N, Hkv, dg] of the
     sequences' pages, with the select's inputs: (logits, keys for the select, per-row counts, workspace).
+    The workspace (kernels.topk's, level-0 histogram filled) is empty when select_pages selects in registers.
 
     counts holds list_len (pages to read, first and last included), n_valid and n_total (int32 [B*Hkv]);
     entries of a row past its sequence's pages are not written."""
@@ -160,16 +206,18 @@ def gate_scores_triton(
     logits = torch.empty((BH, max_pages), dtype=torch.float32, device=dev)
     sel = torch.empty_like(logits)
     counts = {name: torch.empty(BH, dtype=torch.int32, device=dev) for name in ("list_len", "n_valid", "n_total")}
-    ws = topk_workspace(BH, dev)
+    in_registers = max_pages <= SELECT_ROW_MAX
+    ws = {} if in_registers else topk_workspace(BH, dev)
+    hist0, state0 = (logits, logits) if in_registers else (ws["hist0"], ws["state0"])
     splits, per_split = plan_splits(max_pages, BH, SCORE_LAUNCH.block_n, SCORE_LAUNCH.programs)
     shift, bits = LEVELS[0]
     _gate_score_kernel[(BH, splits)](
         qg, keys, csr.indptr, csr.indices,
-        logits, sel, ws["hist0"], counts["list_len"], counts["n_valid"], counts["n_total"], ws["state0"],
+        logits, sel, hist0, counts["list_len"], counts["n_valid"], counts["n_total"], state0,
         per_split, budget_pages, 1.0 / math.sqrt(DG),
         keys.stride(0), keys.stride(1), logits.stride(0),
         HKV=Hkv, DG=DG, BLOCK_DG=triton.next_power_of_2(DG), BLOCK_PG=SCORE_LAUNCH.block_n,
-        SHIFT=shift, NBINS=1 << bits, num_warps=SCORE_LAUNCH.num_warps,
+        SHIFT=shift, NBINS=1 << bits, WITH_HIST=not in_registers, num_warps=SCORE_LAUNCH.num_warps,
     )
     return logits, sel, counts, ws
 
@@ -181,6 +229,13 @@ def select_pages(sel: torch.Tensor, counts: dict[str, torch.Tensor], ws: dict[st
     with the level-0 histogram and state already filled by the scoring pass)."""
     R, width = sel.shape
     out = torch.empty((R, k_max), dtype=torch.int32, device=sel.device)
+    if not ws:  # rows of at most SELECT_ROW_MAX pages: one program per row
+        (s0, b0), (s1, b1), (s2, b2), (s3, b3) = LEVELS
+        block = triton.next_power_of_2(width)
+        _select_row_kernel[(R,)](sel, counts["n_valid"], counts["list_len"], out, sel.stride(0), out.stride(0),
+                                 BLOCK=block, S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3,
+                                 num_warps=max(4, min(16, block // 512)))
+        return out
     block = SELECT_LAUNCH.block_n
     blocks = triton.cdiv(width, block)
     splits = max(1, min(blocks, triton.cdiv(SELECT_LAUNCH.programs, R)))

@@ -60,9 +60,12 @@ def test_gate_queries_and_logits_match_the_reference(G, d, lengths):
         assert (sel[rows, 1:n].gather(1, order).diff(dim=-1) >= 0).all()
 
 
+@pytest.mark.parametrize("select", ["in_registers", "radix_levels"])
 @pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("budget", [1, PAGE, PAGE + 1, 3 * PAGE, 5 * PAGE - 1, 10_000])
-def test_the_chosen_pages_are_the_references(G, budget):
+def test_the_chosen_pages_are_the_references(G, budget, select, monkeypatch):
+    if select == "radix_levels":  # rows longer than SELECT_ROW_MAX pages go through kernels.topk's levels
+        monkeypatch.setattr("kernels.gate_score.SELECT_ROW_MAX", 4)
     lengths = [1, 9, 77, 130]
     store, ids, q = _setup(lengths, G, 64, seed=budget)
     csr = store.page_table(ids, 0)
@@ -121,13 +124,19 @@ def test_select_pages_takes_page_zero_the_last_page_and_the_top_keys_between():
     out = select_pages(sel, counts, ws, k_max=4)
     assert sorted(out[0].tolist()) == [0, 1, 3, 5]
     assert sorted(out[1, :3].tolist()) == [0, 1, 2]
+    in_registers = select_pages(sel, counts, {}, k_max=4)
+    assert in_registers[0].tolist() == [0, 1, 3, 5]  # one program per row emits them in page order
+    assert in_registers[1, :3].tolist() == [0, 1, 2]
+    counts["list_len"] = torch.tensor([1, 2], dtype=torch.int32)  # the last page alone; page 0 and the last
+    in_registers = select_pages(sel, counts, {}, k_max=4)
+    assert in_registers[0, :1].tolist() == [5] and in_registers[1, :2].tolist() == [0, 2]
 
 
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="bf16 needs compiled kernels on a GPU")
 @pytest.mark.parametrize("G", [1, 4, 8])
 @pytest.mark.parametrize("d", [64, 128])
 def test_the_gate_step_on_cuda_bfloat16_matches_the_reference(G, d):
-    lengths = [77, 9, 1030]
+    lengths = [77, 9, 400]  # 64 of the store's 128 pages, beside the fillers
     store, ids, q = _setup(lengths, G, d, dtype=torch.bfloat16, seed=G + d, device="cuda", gate_dim=128)
     csr = store.page_table(ids, 0)
     lg = layer_gate_of(store, 0)
