@@ -197,7 +197,7 @@ def parallel(args: argparse.Namespace) -> dict | None:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl", device_id=device) if cuda else dist.init_process_group("gloo")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     try:
         rows = [parallel_row(args, shape, device, dtype) for shape in args.shapes.split(",")]

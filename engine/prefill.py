@@ -49,10 +49,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     # Query head h reads kv head h // G (Hugging Face's repeat_kv order, and the store's).
     k = k.repeat_interleave(G, dim=1)
     v = v.repeat_interleave(G, dim=1)
-    visible = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - T, S, device=q.device)[:, None]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=visible, scale=1.0 / math.sqrt(d))
-    return out.transpose(0, 1)
+    # SDPA's fused CUDA kernels take only 4-D inputs and no materialised mask: 3-D inputs with a
+    # boolean [T, S] mask ran a 32K prefill on the math path. Imported here because the module
+    # pulls in torch._dynamo (a second of start-up).
+    from torch.nn.attention.bias import causal_lower_right
+
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=causal_lower_right(T, S), scale=1.0 / math.sqrt(d))
+    return out[0].transpose(0, 1)
 
 
 class PromptKV:
