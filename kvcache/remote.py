@@ -13,6 +13,10 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from kvcache.wire.transport import prefer_low_latency_core
+
+prefer_low_latency_core()  # grpc core reads its settings once, at its import just below
+
 import grpc
 import torch
 
@@ -59,47 +63,72 @@ def _from_rpc_error(exc: grpc.RpcError) -> errors.KVCacheError:
 
 
 class _AttendStream:
-    """One AttendStream call: requests go in through a queue; a reader thread hands responses back,
-    so each call can wait with a deadline."""
-
-    _CLOSED = object()
+    """One AttendStream call. The caller hands its request to grpc's sending thread and reads the
+    reply itself: a reader thread of our own would add a thread wake-up to every round trip, which
+    on a loaded machine costs more than the wire. A _Watchdog enforces the deadline instead."""
 
     def __init__(self, stub: pb_grpc.KVCacheStub, metadata) -> None:
-        self._requests: queue.Queue = queue.Queue()
-        self._responses: queue.Queue = queue.Queue()
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call = stub.AttendStream(self._iterate(), metadata=metadata)
-        threading.Thread(target=self._read, daemon=True, name="kvcache-attend-stream").start()
+        self.due: float | None = None  # time.monotonic() by which the awaited reply must come
+        self.expired = False  # the watchdog cancelled the call: it is dead even if a reply slipped in
+        self._due_lock = threading.Lock()  # so a late check of one call's deadline cannot cancel the next call
 
     def _iterate(self) -> Iterator[pb.AttendRequest]:
         while (request := self._requests.get()) is not None:
             yield request
 
-    def _read(self) -> None:
-        try:
-            for response in self._call:
-                self._responses.put(response)
-        except grpc.RpcError as exc:
-            self._responses.put(exc)
-        self._responses.put(self._CLOSED)
-
     def call(self, request: pb.AttendRequest, timeout: float | None) -> pb.AttendResponse:
         """Send one request and wait for its response; raises grpc.RpcError, Unavailable on a deadline."""
+        self.due = None if timeout is None else time.monotonic() + timeout
         self._requests.put(request)
         try:
-            reply = self._responses.get(timeout=timeout)
-        except queue.Empty:
-            self.close()
-            raise errors.Unavailable(f"no attend reply within {timeout} s [DEADLINE_EXCEEDED]") from None
-        if isinstance(reply, grpc.RpcError):
-            raise reply
-        if reply is self._CLOSED:
-            raise errors.Unavailable("attend stream closed by the server [UNAVAILABLE]")
-        return reply
+            return next(self._call)
+        except StopIteration:
+            raise errors.Unavailable("attend stream closed by the server [UNAVAILABLE]") from None
+        except grpc.RpcError:
+            if self.expired:
+                raise errors.Unavailable(f"no attend reply within {timeout} s [DEADLINE_EXCEEDED]") from None
+            raise
+        finally:
+            with self._due_lock:
+                self.due = None
+
+    def expire_if_overdue(self, now: float) -> None:
+        """Cancel the call if the reply being waited for is past its deadline."""
+        due = self.due
+        if due is None or now <= due:
+            return
+        with self._due_lock:
+            if self.due is not due:  # that reply came in the meantime
+                return
+            self.expired = True
+        self.close()
 
     def close(self) -> None:
-        """End the stream."""
+        """End the stream (and grpc's thread that sends its requests)."""
         self._requests.put(None)
         self._call.cancel()
+
+
+class _Watchdog:
+    """A daemon thread that cancels streams whose awaited reply is overdue, checked every `period` s."""
+
+    def __init__(self, streams: list[_AttendStream], period: float) -> None:
+        self._streams = streams
+        self._period = period
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="kvcache-attend-deadlines").start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            now = time.monotonic()
+            for stream in list(self._streams):
+                stream.expire_if_overdue(now)
+
+    def stop(self) -> None:
+        """End the thread."""
+        self._stop.set()
 
 
 class RemoteClient:
@@ -134,7 +163,9 @@ class RemoteClient:
         self.retries = retries
         self.use_stream = use_stream
         self._local = threading.local()
-        self._streams: list[_AttendStream] = []
+        self._streams: list[_AttendStream] = []  # every open stream, for the watchdog and close()
+        self._streams_lock = threading.Lock()
+        self._watchdog: _Watchdog | None = None
         self._config: KVCacheConfig | None = None
 
     # ---- protocol --------------------------------------------------------------------------
@@ -198,11 +229,9 @@ class RemoteClient:
     ) -> AttentionResult:
         """Attention of q [B, Hq, d] at `layer`; new_k/new_v [B, Hkv, d], if given, are appended first."""
         request = pb.AttendRequest(seq_ids=list(seq_ids), layer=layer, q=_wire(q, "q"), method=method,
-                                   params=params_to_wire(dict(params or {})), backend=backend)
-        if new_k is not None:
-            request.new_k.CopyFrom(_wire(new_k, "new_k"))
-        if new_v is not None:
-            request.new_v.CopyFrom(_wire(new_v, "new_v"))
+                                   params=params_to_wire(params) if params else None, backend=backend,
+                                   new_k=None if new_k is None else _wire(new_k, "new_k"),
+                                   new_v=None if new_v is None else _wire(new_v, "new_v"))
         if self.use_stream:
             reply = self._attend_on_stream(request)
         else:
@@ -275,7 +304,11 @@ class RemoteClient:
 
     def close(self) -> None:
         """Close the streams and the channel."""
-        for stream in self._streams:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        with self._streams_lock:
+            streams, self._streams[:] = list(self._streams), []
+        for stream in streams:
             stream.close()
         self._channel.close()
 
@@ -304,25 +337,44 @@ class RemoteClient:
         if getattr(self._local, "unary", False):
             return self._call("Attend", request, idempotent=not request.HasField("new_k"))
         stream = getattr(self._local, "stream", None)
-        if stream is None:
-            stream = self._local.stream = _AttendStream(self._stub, self._metadata)
-            self._streams.append(stream)
+        if stream is None or stream.expired:
+            stream = self._open_stream()
         try:
             reply = stream.call(request, self.timeout)
         except grpc.RpcError as exc:
-            self._local.stream = None  # the stream is dead; the next call opens a new one
+            self._drop_stream(stream)  # the stream is dead; the next call opens a new one
             class_name = dict(exc.trailing_metadata() or ()).get(ERROR_CLASS_KEY)
             if class_name == "TooManyStreams":  # the server has no thread to spare for another stream
                 self._local.unary = True
                 return self._call("Attend", request, idempotent=not request.HasField("new_k"))
             raise _from_rpc_error(exc) from None
         except errors.Unavailable:
-            self._local.stream = None
+            self._drop_stream(stream)
             raise
         if reply.error_code:
             raise _error(_CODE_BY_VALUE.get(reply.error_code, grpc.StatusCode.UNKNOWN), reply.error_message,
                          reply.error_class)
         return reply
+
+    def _open_stream(self) -> _AttendStream:
+        old = getattr(self._local, "stream", None)
+        if old is not None:
+            self._drop_stream(old)
+        stream = self._local.stream = _AttendStream(self._stub, self._metadata)
+        with self._streams_lock:
+            self._streams.append(stream)
+            if self._watchdog is None and self.timeout is not None:
+                # Deadlines are checked this often: late by at most a twentieth of the timeout.
+                self._watchdog = _Watchdog(self._streams, min(0.1, max(0.005, self.timeout / 20)))
+        return stream
+
+    def _drop_stream(self, stream: _AttendStream) -> None:
+        stream.close()
+        with self._streams_lock:
+            if stream in self._streams:
+                self._streams.remove(stream)
+        if getattr(self._local, "stream", None) is stream:
+            self._local.stream = None
 
 
 def _ids(token_ids: Sequence[int] | torch.Tensor | None) -> list[int]:

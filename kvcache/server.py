@@ -19,6 +19,10 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
+from kvcache.wire.transport import prefer_low_latency_core
+
+prefer_low_latency_core()  # grpc core reads its settings once, at its import just below
+
 import grpc
 import torch
 

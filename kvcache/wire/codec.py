@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from kvcache.errors import DTypeMismatch, ShapeMismatch
@@ -18,28 +16,42 @@ DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+# numpy has no bfloat16: its bytes leave through a same-width integer view.
+_NUMPY_VIEW = {torch.bfloat16: torch.int16}
 
 
 def to_wire(t: torch.Tensor) -> pb.Tensor:
     """A Tensor message holding t's values (copied to the CPU, contiguous)."""
-    if t.dtype not in _NAMES:
+    name = _NAMES.get(t.dtype)
+    if name is None:
         raise DTypeMismatch(f"dtype {t.dtype} cannot travel; supported: {sorted(DTYPES)}")
-    t = t.detach().to("cpu").contiguous()
-    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return pb.Tensor(dtype=_NAMES[t.dtype], shape=list(t.shape), data=data)
+    # Each torch call costs a microsecond or two, and a decode step encodes ~150 small tensors per
+    # side: skip the conversions a CPU, contiguous, grad-free tensor does not need.
+    if not t.is_cpu or t.requires_grad or not t.is_contiguous():
+        t = t.detach().to("cpu").contiguous()
+    if not t.numel():
+        return pb.Tensor(dtype=name, shape=t.shape, data=b"")
+    view = _NUMPY_VIEW.get(t.dtype)
+    data = (t.view(view) if view is not None else t).numpy().tobytes()
+    return pb.Tensor(dtype=name, shape=t.shape, data=data)
 
 
 def from_wire(msg: pb.Tensor, name: str = "tensor") -> torch.Tensor:
     """The tensor a message holds; ShapeMismatch / DTypeMismatch name what is malformed."""
-    if msg.dtype not in DTYPES:
+    dtype = DTYPES.get(msg.dtype)
+    if dtype is None:
         raise DTypeMismatch(f"{name}: dtype {msg.dtype!r} unknown; supported: {sorted(DTYPES)}")
     shape = tuple(msg.shape)
-    if any(s < 0 for s in shape):
-        raise ShapeMismatch(f"{name}: negative dimension in shape {shape}")
-    dtype = DTYPES[msg.dtype]
-    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if len(msg.data) != expected:
-        raise ShapeMismatch(f"{name}: {len(msg.data)} bytes for shape {shape} of {msg.dtype} ({expected} expected)")
+    count = 1
+    for s in shape:
+        if s < 0:
+            raise ShapeMismatch(f"{name}: negative dimension in shape {shape}")
+        count *= s
+    expected = count * dtype.itemsize
+    data = msg.data
+    if len(data) != expected:
+        raise ShapeMismatch(f"{name}: {len(data)} bytes for shape {shape} of {msg.dtype} ({expected} expected)")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
+    # bytearray: frombuffer over immutable bytes would give a read-only tensor (and a warning).
+    return torch.frombuffer(bytearray(data), dtype=dtype).view(shape)
