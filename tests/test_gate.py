@@ -217,7 +217,7 @@ def test_gate_over_the_attend_rpc(tmp_path):
     travel as parameters); one without a gate answers FAILED_PRECONDITION naming the training command; a
     gate file for another shape stops the server before it serves."""
     from kvcache.remote import RemoteClient
-    from tests.service_support import start_servers, stop_servers
+    from service_support import start_servers, stop_servers
 
     gate = _gate(2, 3)
     path = save_gate(gate, tmp_path / "g.safetensors")
@@ -243,7 +243,7 @@ def test_gate_over_the_attend_rpc(tmp_path):
         stop_servers(list(servers.values()))
     wrong = save_gate(PageGate(GateShape(3, 2, 3, D, P, gate_dim=8)), tmp_path / "wrong.safetensors")
     from kvcache.server import Server, ServerOptions
-    from tests.service_support import store_config
+    from service_support import store_config
 
     with pytest.raises(GateFileInvalid, match="num_layers=3 \\(need 2\\)"):
         Server(store_config(), ServerOptions(port=0, gate=str(wrong)))
