@@ -9,6 +9,7 @@ writes JSON.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -90,6 +91,8 @@ def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int =
     report = {"shape": SHAPE, "context": context, "dtype": "float16", "steps": steps, "machine": platform.machine(),
               "device": torch.cuda.get_device_name() if config.device.type == "cuda" else "cpu",
               "torch": torch.__version__, "grpcio": grpc.__version__, "python": platform.python_version(),
+              # grpc core settings of this process and of the server it starts (kvcache/wire/transport.py)
+              "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS"),
               "command": " ".join(sys.argv), "rows": []}
     proc, port = start_server(config)
     try:
@@ -99,15 +102,24 @@ def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int =
         print(f"{'client':<12} {'batch':>5} {'layer call ms':>14} {'step ms':>9} {'steps/s':>8} {'tokens/s':>9}")
         for batch in batches:
             # The unary client shares the stream client's sequences (same server); unary at batch 1 only.
-            for owner, runners in ((local, {"in-process": local}),
-                                   (stream, {"grpc-stream": stream, **({"grpc-unary": unary} if batch == 1 else {})})):
-                seqs = fill(owner, batch, context, config)
-                for name, client in runners.items():
-                    decode_steps(client, seqs, config, 1)  # warm-up
-                    layer_t, step_t = decode_steps(client, seqs, config, steps)
-                    report["rows"].append(_row(name, batch, layer_t, step_t))
-                for seq in seqs:
-                    owner.free(seq)
+            local_seqs = fill(local, batch, context, config)
+            remote_seqs = fill(stream, batch, context, config)
+            runners = {"in-process": (local, local_seqs), "grpc-stream": (stream, remote_seqs),
+                       **({"grpc-unary": (unary, remote_seqs)} if batch == 1 else {})}
+            timings = {name: ([], []) for name in runners}
+            # Steps alternate between the clients, so load from other processes falls on all alike.
+            for step in range(steps + 1):  # step 0 warms up
+                for name, (client, seqs) in runners.items():
+                    layer_t, step_t = decode_steps(client, seqs, config, 1)
+                    if step:
+                        timings[name][0].extend(layer_t)
+                        timings[name][1].extend(step_t)
+            for name, (layer_t, step_t) in timings.items():
+                report["rows"].append(_row(name, batch, layer_t, step_t))
+            for seq in local_seqs:
+                local.free(seq)
+            for seq in remote_seqs:
+                stream.free(seq)
         stream.close()
         unary.close()
         report["rows"].append(_concurrent(port, config, context, steps, threads))
