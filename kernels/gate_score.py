@@ -34,9 +34,11 @@ SCORE_LAUNCH = Launch(block_n=64, num_warps=4, programs=1056)  # ~one loop step 
 QUERY_MAX_BLOCK_K = 1024  # rows of W_q per loop step: one step up to G*d = 1024
 QUERY_BLOCK_O = 4  # output pairs (i, i + dg/2) per program: dg/8 programs per group
 SELECT_LAUNCH = Launch(block_n=1024, num_warps=4, programs=256)  # radix levels over the page keys
-# Up to this many pages per row (256K positions at page 16) one program per row selects in registers, one
-# launch instead of a zeroed workspace and four radix levels; longer rows use kernels.topk's levels.
-SELECT_ROW_MAX = 16384
+# Up to this many pages per row (32K positions at page 16) one program per row selects in registers, one
+# launch instead of a zeroed workspace and four radix levels; longer rows use kernels.topk's levels, which
+# spread a row over many programs. On an H200 at 128K (8192 pages, 8 rows) one program per row took the
+# whole step to 71 us, the radix levels to 61 us (bench/results/decode_gate_h200*.json).
+SELECT_ROW_MAX = 2048
 
 
 @triton.jit
