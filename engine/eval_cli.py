@@ -22,6 +22,9 @@ from engine.eval_data import long_text, passkey_prompt
 from engine.evaluation import Encoder, greedy_methods, perplexity, teacher_force
 from engine.prefill import PrefillAttention, causal_attention
 from engine.star_eval import StarEncoder, parse_settings, shard_clients
+from kvcache.gate_store import load_gate
+from kvcache.methods.gate import GATE_DIM
+from kvcache.methods.traffic import gate_budget_for_share
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,8 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes: str = "", gate_pages: str = "",
-                itemsize: int = 4) -> list[tuple[str, AttentionSpec]]:
-    """(label, spec) of dense and every SparQ, Quest and gate setting at a context of `context` positions."""
+                itemsize: int = 4, head_dim: int = 64, gate_dim: int = GATE_DIM) -> list[tuple[str, AttentionSpec]]:
+    """(label, spec) of dense and every SparQ, Quest and gate setting at a context of `context` positions
+    (a store of `itemsize`-byte K/V of `head_dim`; gate keys of `gate_dim` in the same dtype)."""
     grid = [("dense", AttentionSpec("dense", {}))]
     for item in filter(None, sparq.split(",")):
         r, f = (int(x) for x in item.split(":"))
@@ -74,20 +78,13 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
         grid.append((f"quest pages/{f}", AttentionSpec("quest", {"top_pages": pages})))
     for item in filter(None, gate_bytes.split(",")):
         f = int(item)
-        grid.append((f"gate bytes/{f}", AttentionSpec("gate", {"budget": gate_budget_for_bytes(context, page_size, f,
-                                                                                                itemsize)})))
+        budget = gate_budget_for_share(context, page_size, 1 / f, head_dim, itemsize, gate_dim, itemsize)
+        grid.append((f"gate bytes/{f}", AttentionSpec("gate", {"budget": budget})))
     for item in filter(None, gate_pages.split(",")):
         f = int(item)
         pages = max(1, -(-context // page_size) // f)
         grid.append((f"gate pages/{f}", AttentionSpec("gate", {"budget": pages * page_size})))
     return grid
-
-
-def gate_budget_for_bytes(context: int, page_size: int, f: int, itemsize: int) -> int:
-    """A gate token budget whose reads (three float32 summary rows per page, then 2*d*itemsize per chosen row)
-    come to 1/f of dense's 2*d*itemsize per position: budget = S * (1/f - 3*4 / (2*P*itemsize)), at least 2 pages."""
-    share = 1 / f - 3 * 4 / (2 * page_size * itemsize)
-    return max(2 * page_size, int(context * share) // page_size * page_size)
 
 
 @dataclass
@@ -182,9 +179,11 @@ def main(args: argparse.Namespace) -> int:
                 attach_gate(enc.client.store, args.gate)
         report["gate"] = args.gate
     gate_grid = (args.gate_bytes, args.gate_pages) if args.gate else ("", "")
+    grid_cost = {"head_dim": model.config.head_dim, "gate_dim": load_gate(args.gate).shape.gate_dim if args.gate
+                 else GATE_DIM}
     text_ids = tok.encode(long_text())
     for C in contexts:
-        full = method_grid(C, args.page_size, args.sparq, args.quest, *gate_grid)
+        full = method_grid(C, args.page_size, args.sparq, args.quest, *gate_grid, **grid_cost)
         M = args.eval_tokens
         base = None  # dense prefill, dense decode: (perplexity, forced argmax, free-running tokens, bytes)
         for enc in encs:
@@ -222,7 +221,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     depths = [float(x) for x in args.depths.split(",")]
     for n in lengths:
-        full = method_grid(n, args.page_size, args.sparq, args.quest, *gate_grid)
+        full = method_grid(n, args.page_size, args.sparq, args.quest, *gate_grid, **grid_cost)
         for depth in sorted(depths, reverse=True):
             for trial in range(args.trials):
                 prompt = passkey_prompt(tok, n, depth, seed=hash((n, depth, trial)) % 2**31)
