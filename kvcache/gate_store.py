@@ -128,14 +128,18 @@ class GateKeyCache:
         if len(page_ids) == 0:
             return
         dev = self.summary.device
-        page_ids, indexes = page_ids.to(dev, torch.long), indexes.to(dev)
+        if len(page_ids) == 1:
+            # A decode step: a slice and an arange made on the device, because copying a CPU index
+            # tensor to the GPU would wait for the stream on every append of every layer.
+            pid, index = int(page_ids[0]), int(indexes[0])
+            ids: slice | torch.Tensor = slice(pid, pid + 1)
+            positions = torch.arange(index, index + 1, device=dev)
+        else:
+            ids, positions = page_ids.to(dev, torch.long), indexes.to(dev)
         with torch.no_grad():  # a gate being trained must not pull the store into its autograd graph
-            self._update(layers, page_ids, indexes)
-
-    def _update(self, layers: list[int], page_ids: torch.Tensor, indexes: torch.Tensor) -> None:
-        for layer in layers:  # a decode step passes one layer; a prefill a few pages per layer
-            pooled = pooled_keys(self.summary[layer, page_ids])
-            self.keys[layer, page_ids] = gate_keys(self.gate.layer(layer), pooled, indexes).to(self.keys.dtype)
+            for layer in layers:  # a decode step passes one layer; a prefill a few pages per layer
+                pooled = pooled_keys(self.summary[layer, ids])
+                self.keys[layer, ids] = gate_keys(self.gate.layer(layer), pooled, positions).to(self.keys.dtype)
 
     def layer(self, layer: int) -> torch.Tensor:
         """Gate keys of `layer` by page id [N, Hkv, dg]."""

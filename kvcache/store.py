@@ -428,6 +428,8 @@ class KVStore:
             src_d, dst_d = src.to(dev, torch.long), dst.to(dev, torch.long)
             self.pool.copy_pages(src_d, dst_d, self.kv_slots(src_d), self.kv_slots(dst_d))
             seq.pages[idx] = dst
+            # The copies carry every layer's summaries, also of layers this append does not write.
+            self._summaries_changed(list(range(self.config.num_layers)), dst, idx)
             self._release(src)
         if num_new:
             seq.push_pages(fresh[len(fresh) - num_new :])
@@ -472,11 +474,12 @@ class KVStore:
         seq.value_sum += values.sum(dim=(1, 3)).to(seq.value_sum.device)
         self._summaries_changed(list(range(self.config.num_layers)), seq.live_pages, 0)
 
-    def _summaries_changed(self, layers: list[int], page_ids: torch.Tensor, first_index: int) -> None:
-        """Tell the listeners that pages page_ids (CPU int32, at page indexes first_index..) changed summaries."""
+    def _summaries_changed(self, layers: list[int], page_ids: torch.Tensor, at: int | torch.Tensor) -> None:
+        """Tell the listeners that pages page_ids (CPU int32) changed summaries; they sit at page indexes
+        `at` (a CPU tensor), or at..at+n-1 (an int)."""
         if not self.summary_listeners:
             return
-        indexes = torch.arange(first_index, first_index + len(page_ids))
+        indexes = torch.arange(at, at + len(page_ids)) if isinstance(at, int) else at.long()
         for listener in self.summary_listeners:
             listener(layers, page_ids.long(), indexes)
 

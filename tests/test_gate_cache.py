@@ -133,3 +133,17 @@ def test_scores_from_the_cached_keys_equal_the_reference_scores():
     qg = gate_queries(lg, q, torch.tensor(len(pages) - 1))
     got = torch.einsum("hd,nhd->hn", qg, lg.keys[pages]) / lg.shape.gate_dim ** 0.5
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_copy_on_write_by_one_layer_refreshes_the_copied_page_in_every_layer():
+    # A fork's first decode append (one layer) copies the shared partial page in every layer; the
+    # layers not yet appended read the copy's summaries, so their keys must follow at once.
+    gen = torch.Generator().manual_seed(5)
+    store, gate = _store(), _gate()
+    attach_gate(store, gate)
+    a = store.create().seq_id
+    store.append(a, *_kv(gen, 13))
+    child = store.fork(a).seq_id
+    k, v = _kv(gen, 1, layers=False)
+    store.append(child, k, v, layer=0)
+    assert _assert_cache_matches_reference(store, gate) == 2 * (4 + 4)
