@@ -27,12 +27,14 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 
 import torch
 
 from engine.config import ModelConfig
 from engine.model import Llama, random_model
 from engine.star import StarPlan, encode_after, encode_blocks
+from engine.star_eval import StarSetting
 
 # Attention shapes of real models (the weights are random: phase-1 time does not depend on them).
 SHAPES = {
@@ -58,11 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="model and store dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default=None, help="serial mode: device (default cuda if present)")
     p.add_argument("--json", help="write the report here")
-
-
-def _fraction(text: str) -> float:
-    num, _, den = text.partition("/")
-    return float(num) / float(den or 1)
 
 
 def _sync(device: torch.device) -> None:
@@ -127,8 +124,8 @@ def _ids(config: ModelConfig, n: int) -> list[int]:
 
 
 def _plan(context: int, ranks: int, anchor: str) -> StarPlan:
-    b = -(-context // ranks)
-    return StarPlan.make(context, ranks, b, round(_fraction(anchor) * b))
+    # One block per rank, the anchor a fraction of it: the rule `kvcache eval --star` uses.
+    return StarSetting(ranks, None, Fraction(anchor)).plan(context)
 
 
 def serial_rows(args: argparse.Namespace, shape: str, device: torch.device, dtype: torch.dtype) -> list[dict]:

@@ -8,7 +8,7 @@ import json
 import torch
 
 from bench.star_phase1 import SHAPES, _plan, add_arguments, full_prefill, main, rank_work
-from engine.model import random_model
+from engine.model import Llama, random_model
 from engine.star import encode_after
 
 
@@ -35,9 +35,12 @@ def test_the_ranks_together_write_every_position_once():
 
 
 def test_encode_after_runs_where_the_model_lives():
-    model = random_model(SHAPES["tiny"], device="cpu")
-    k, _ = encode_after(model, None, None, [3, 4, 5], range(3), 2)
-    assert k.device == model.output_weight.device and k.shape == (2, 3, 2, 8)
+    # The meta device stands in for a GPU: any tensor made on the CPU would meet the model's weights
+    # on another device and fail.
+    with torch.device("meta"):
+        model = Llama(SHAPES["tiny"])
+    k, v = encode_after(model, None, None, [3, 4, 5], range(3), 2)
+    assert k.device.type == "meta" and v.device.type == "meta" and k.shape == (2, 3, 2, 8)
 
 
 def test_serial_report_has_a_baseline_and_a_row_per_rank_count(tmp_path):
@@ -49,7 +52,7 @@ def test_serial_report_has_a_baseline_and_a_row_per_rank_count(tmp_path):
     for row in rows[1:]:
         assert row["mode"] == "serial" and len(row["rank_seconds"]) == row["ranks"]
         assert row["max_rank_seconds"] == max(row["rank_seconds"])
-        assert row["anchor"] == round(row["block"] / 3)
+        assert row["anchor"] == row["block"] // 3
     assert report["command"] and report["device"]
 
 
@@ -62,9 +65,16 @@ def test_parallel_mode_under_torchrun_times_both_ranks_and_the_baseline(tmp_path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "bench.star_phase1", "--shapes", "tiny", "--context", "70", "--chunk", "32", "--repeats", "1",
            "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # One retry: a 2-rank gloo launch on a loaded 2-core machine was once seen to abort in setup; a
+    # broken benchmark fails both attempts.
+    failures = []
+    for _ in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        if proc.returncode == 0:
+            break
+        failures.append(proc.stderr[-2000:])
+    assert proc.returncode == 0, "\n----\n".join(failures)
     (row,) = json.loads(out.read_text())["rows"]
     assert row["mode"] == "parallel" and row["ranks"] == 2 and len(row["rank_seconds"]) == 2
     assert row["block"] == 35 and row["anchor"] == 35 and row["full_prefill_seconds"] > 0
