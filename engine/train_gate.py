@@ -52,7 +52,12 @@ class Capture:
 
     def target(self, kind: str) -> torch.Tensor:
         """The ground truth training fits: "mass" (summed over the page) or "max" (§3's block max)."""
-        return self.gt if kind == "mass" else self.gt_max
+        if kind == "mass":
+            return self.gt
+        if kind == "max" and self.gt_max is not None:
+            return self.gt_max
+        raise ValueError(f"no {kind!r} ground truth in this capture (have: mass" + (", max)" if self.gt_max is not None
+                                                                                  else ")"))
 
 
 def query_positions(T: int, page_size: int, queries: int, seed: int) -> torch.Tensor:

@@ -29,8 +29,8 @@ from kvcache.methods.gate import LayerGate
 from kvcache.table import PageTableCSR
 
 # Programs ~ 4 waves of 132 SMs (H100/H200): scoring reads dg values per page and is bandwidth-bound.
-SCORE_LAUNCH = Launch(block_n=64, num_warps=4, programs=1056)  # ~one loop step per program  # block_n: pages per loop step
-# The query GEMV is latency-bound (a few hundred KB of W_q per group): few loop steps, dg/16 programs per group.
+SCORE_LAUNCH = Launch(block_n=64, num_warps=4, programs=1056)  # block_n pages per loop step, ~one step per program
+# The query GEMV is latency-bound (a few hundred KB of W_q per group): few loop steps, dg/8 programs per group.
 QUERY_MAX_BLOCK_K = 1024  # rows of W_q per loop step: one step up to G*d = 1024
 QUERY_BLOCK_O = 4  # output pairs (i, i + dg/2) per program: dg/8 programs per group
 SELECT_LAUNCH = Launch(block_n=1024, num_warps=4, programs=256)  # radix levels over the page keys
