@@ -118,7 +118,7 @@ def page_mask(positions: torch.Tensor, n: int, page_size: int) -> torch.Tensor:
 def gate_log_probs(gate: PageGate, cap: Capture, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate log-probabilities [L, Hkv, R, n] over the masked pages of query rows `rows`, and the mask [R, n]."""
     s = gate.shape
-    L, n = cap.pooled.shape[0], cap.pooled.shape[1]
+    n = cap.pooled.shape[1]
     positions = cap.positions[rows]
     qg = torch.einsum("lrhi,lhio->lrho", cap.q[:, rows], gate.q_weight) + gate.q_bias[:, None]  # [L, R, Hkv, dg]
     qg = gate_rope(qg, (positions // s.page_size)[None, :, None], s.rope_base)
