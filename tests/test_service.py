@@ -15,6 +15,7 @@ import re
 import secrets
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -1031,3 +1032,11 @@ def test_sigterm_taken_by_another_thread_still_drains_and_exits_0(servers):
     server = servers["to stop from a worker thread"]  # its SIGTERM came 0.5 s after it started listening
     assert _exit_code(server, 3) == 0
     assert [e.get("event") for e in server.events()][-2:] == ["draining", "stopped"]
+
+
+def test_serve_puts_every_thread_on_one_malloc_arena():
+    """`kvcache serve` asks glibc for one malloc arena (per-thread arenas made long-context attention
+    on some RPC threads pay page faults for its temporaries); run where it cannot touch this process."""
+    code = "from kvcache.serve_cli import one_malloc_arena; print(one_malloc_arena())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "True", out.stderr
