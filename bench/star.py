@@ -105,8 +105,8 @@ def run(context: int = 32768, shard_counts: tuple[int, ...] = (1, 2, 4), steps: 
                          client.shard_lengths(seq)))
         times: dict[str, tuple[list[float], list[float]]] = {label: ([], []) for label, *_ in rows}
         for step in range(steps + 1):  # the first round warms up every row
-            # The order rotates each round: a row measured at the same place every round ran
-            # 1.4-1.6x slower than the same server read in the place before it.
+            # The order rotates each round, so no row always follows the same one: slow drifts of
+            # a shared machine then fall on every row alike.
             for label, _, client, ids, _ in rows[step % len(rows):] + rows[: step % len(rows)]:
                 layer_t, step_t = _steps(client, ids, q, new, 1)
                 if step:
