@@ -147,3 +147,23 @@ def test_a_copy_on_write_by_one_layer_refreshes_the_copied_page_in_every_layer()
     k, v = _kv(gen, 1, layers=False)
     store.append(child, k, v, layer=0)
     assert _assert_cache_matches_reference(store, gate) == 2 * (4 + 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with a GPU")
+def test_cuda_decode_appends_with_a_gate_attached_never_wait_for_the_gpu():
+    store = KVStore(KVCacheConfig(L, HKV, D, page_size=P, dtype=torch.bfloat16, device="cuda", device_pages=64))
+    attach_gate(store, _gate())
+    a = store.create().seq_id
+    k = torch.randn(L, 13, HKV, D, device="cuda", dtype=torch.bfloat16)
+    store.append(a, k, k)
+    row = torch.randn(1, HKV, D, device="cuda", dtype=torch.bfloat16)
+    for layer in range(L):  # warm-up, and the step that starts a page
+        store.append(a, row, row, layer=layer)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):  # within a page and across the boundary at 16
+            for layer in range(L):
+                store.append(a, row, row, layer=layer)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
