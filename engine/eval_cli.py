@@ -171,16 +171,18 @@ def main(args: argparse.Namespace) -> int:
         report["star"] = {"shards": args.shards, "blocks": args.star_blocks, "anchors": args.star_anchors,
                           "query_tokens": args.star_query_tokens, "servers": args.star_servers,
                           "settings": [e.name for e in encs if e.star is not None]}
+    gate_dim = GATE_DIM
     if args.gate:
         from kvcache.gate_store import attach_gate
 
+        gate = load_gate(args.gate)  # read once; each store checks it against its own shape
+        gate_dim = gate.shape.gate_dim
         for enc in encs:
             if hasattr(enc.client, "store"):  # in-process; a server holds its own (kvcache serve --gate)
-                attach_gate(enc.client.store, args.gate)
+                attach_gate(enc.client.store, gate)
         report["gate"] = args.gate
     gate_grid = (args.gate_bytes, args.gate_pages) if args.gate else ("", "")
-    grid_cost = {"head_dim": model.config.head_dim, "gate_dim": load_gate(args.gate).shape.gate_dim if args.gate
-                 else GATE_DIM}
+    grid_cost = {"head_dim": model.config.head_dim, "gate_dim": gate_dim}
     text_ids = tok.encode(long_text())
     for C in contexts:
         full = method_grid(C, args.page_size, args.sparq, args.quest, *gate_grid, **grid_cost)

@@ -28,9 +28,7 @@ def keys_for(layer_gate: LayerGate, k_summary: torch.Tensor, csr: PageTableCSR) 
     N, Hkv = k_summary.shape[:2]
     keys = torch.zeros((N, Hkv, layer_gate.shape.gate_dim), dtype=torch.float32, device=k_summary.device)
     pages = csr.indices.long()
-    counts = (csr.indptr[1:] - csr.indptr[:-1]).long()
-    indexes = torch.arange(len(pages), device=pages.device) - torch.repeat_interleave(csr.indptr[:-1].long(), counts)
-    keys[pages] = gate_keys(layer_gate, pooled_keys(k_summary[pages]), indexes)
+    keys[pages] = gate_keys(layer_gate, pooled_keys(k_summary[pages]), csr.page_indexes())
     return keys
 
 

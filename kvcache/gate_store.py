@@ -168,10 +168,7 @@ def attach_gate(store, gate: PageGate | str | os.PathLike, key_dtype: torch.dtyp
         for layer in range(c.num_layers):
             if seq_ids:
                 csr = store.page_table(seq_ids, layer)
-                counts = (csr.indptr[1:] - csr.indptr[:-1]).long()
-                starts = torch.repeat_interleave(csr.indptr[:-1].long(), counts)
-                indexes = torch.arange(len(csr.indices), device=starts.device) - starts
-                cache.update([layer], csr.indices, indexes)
+                cache.update([layer], csr.indices, csr.page_indexes())
         store.summary_listeners.append(cache.update)
         _GATES[store] = (gate, cache)
     return gate

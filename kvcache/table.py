@@ -40,6 +40,12 @@ class PageTableCSR:
         num_pages = (self.indptr[1:] - self.indptr[:-1]).long()
         return torch.where(num_pages > 0, (num_pages - 1) * self.page_size + self.last_page_len.long(), 0)
 
+    def page_indexes(self) -> torch.Tensor:
+        """[len(indices)] int64: the index of each entry of `indices` within its own sequence (0, 1, ... per row)."""
+        counts = (self.indptr[1:] - self.indptr[:-1]).long()
+        starts = torch.repeat_interleave(self.indptr[:-1].long(), counts)
+        return torch.arange(len(self.indices), device=starts.device) - starts
+
     def pages_of(self, b: int) -> torch.Tensor:
         """Page ids of sequence b [n_pages] (int64, for indexing)."""
         return self.indices[self.indptr[b] : self.indptr[b + 1]].long()

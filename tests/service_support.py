@@ -25,6 +25,9 @@ import threading
 import time
 from collections.abc import Iterator
 
+import pytest
+import torch
+
 from kvcache.config import KVCacheConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -223,3 +226,20 @@ def serving(*flags: str, **kwargs) -> Iterator[ServerProcess]:
             server.stop()
         finally:
             server.kill()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Torch ops of a test on one thread (servers and ranks run beside it on two cores); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def in_process_shards(n: int):
+    """A ShardedClient over n in-process stores of the service tests' small store."""
+    from kvcache import InProcessClient
+    from kvcache.sharded import ShardedClient
+
+    return ShardedClient([InProcessClient(store_config()) for _ in range(n)])

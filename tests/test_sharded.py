@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 from service_support import STORE, start_servers, stop_servers, store_config
+from service_support import one_torch_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
 
 from engine.config import ModelConfig
 from engine.generate import generate
@@ -26,14 +27,6 @@ def servers():
     procs = start_servers({name: ((), {}) for name in ("s0", "s1", "s2", "s3", "victim")})
     yield procs
     stop_servers(list(procs.values()))
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def local_shards(n: int, **overrides) -> list[InProcessClient]:

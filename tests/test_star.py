@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from service_support import STORE, start_servers, stop_servers, store_config
+from service_support import STORE, in_process_shards, start_servers, stop_servers, store_config
+from service_support import one_torch_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
 
 from engine.config import ModelConfig
 from engine.generate import generate
@@ -36,18 +37,6 @@ QUERY = [5, 61, 17, 88, 2, 40, 33]
 @pytest.fixture(scope="module")
 def model():
     return random_model(CONFIG, seed=5)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def shards(n: int) -> ShardedClient:
-    return ShardedClient([InProcessClient(store_config()) for _ in range(n)])
 
 
 # ---- the transcription of §4 -----------------------------------------------------------------
@@ -119,7 +108,7 @@ def test_anchored_block_encoding_equals_the_transcription_of_section_4(model, bl
     assert [start for start, _, _ in got] == [s for s, _ in plan.blocks()]
     torch.testing.assert_close(torch.cat([k for _, k, _ in got], dim=1), want_k, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([v for _, _, v in got], dim=1), want_v, rtol=1e-5, atol=1e-5)
-    with shards(3) as client:  # the same K/V land on the shards, each its contiguous run of blocks
+    with in_process_shards(3) as client:  # the same K/V land on the shards, each its contiguous run of blocks
         seq = client.create().seq_id
         encode_context_local(model, client, seq, CONTEXT, plan, chunk_size=chunk)
         assert client.shard_lengths(seq) == plan.shard_lengths()
@@ -144,7 +133,7 @@ def test_the_query_prefill_over_stored_context_equals_causal_prefill(model):
     whole = InProcessClient(store_config())
     seq = whole.create().seq_id
     want = prefill(model, whole, seq, CONTEXT + QUERY)
-    with shards(3) as client:
+    with in_process_shards(3) as client:
         sharded = client.create().seq_id
         encode_context_local(model, client, sharded, CONTEXT, StarPlan.make(len(CONTEXT), 3, len(CONTEXT)))
         got = prefill_query(model, client, sharded, QUERY, len(CONTEXT), chunk_size=3, append_options={"shard": -1})
@@ -164,7 +153,7 @@ def stored_one(client: InProcessClient, seq: str, n: int) -> torch.Tensor:
 
 def test_star_with_one_block_generates_as_ordinary_decoding(model):
     want = generate(model, InProcessClient(store_config()), [CONTEXT + QUERY], max_new_tokens=8)
-    with shards(1) as client:
+    with in_process_shards(1) as client:
         got = star_generate(model, client, CONTEXT, QUERY, max_new_tokens=8, launcher="local")
     assert got.tokens == want.tokens[0]
     assert got.decode_tokens == 7 and got.plan.blocks() == [(0, len(CONTEXT))]
@@ -172,7 +161,7 @@ def test_star_with_one_block_generates_as_ordinary_decoding(model):
 
 def test_phase_2_over_four_shards_decodes_as_over_one(model):
     """The same anchored blocks, held by 1 or 4 shards: phase 2 merges exactly, so the tokens agree."""
-    with shards(1) as one, shards(4) as four:
+    with in_process_shards(1) as one, in_process_shards(4) as four:
         a = star_generate(model, one, CONTEXT, QUERY, block_size=9, anchor_size=5, max_new_tokens=10, launcher="local")
         b = star_generate(model, four, CONTEXT, QUERY, block_size=9, anchor_size=5, max_new_tokens=10,
                           launcher="local")
@@ -204,7 +193,7 @@ def test_torchrun_ranks_write_the_anchored_blocks_to_their_own_servers(model, se
         # Phase 2 over the servers gives the logits of phase 2 over in-process shards holding the same blocks.
         got = prefill_query(model, client, seq, QUERY, len(CONTEXT), append_options={"shard": -1})
         client.free(seq)
-    with shards(2) as local:
+    with in_process_shards(2) as local:
         ref = local.create().seq_id
         encode_context_local(model, local, ref, CONTEXT, plan)
         want = prefill_query(model, local, ref, QUERY, len(CONTEXT), append_options={"shard": -1})

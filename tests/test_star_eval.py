@@ -8,7 +8,8 @@ from fractions import Fraction
 
 import pytest
 import torch
-from service_support import STORE, start_servers, stop_servers, store_config
+from service_support import STORE, in_process_shards, start_servers, stop_servers, store_config
+from service_support import one_torch_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
 
 from engine.config import ModelConfig
 from engine.decode import DENSE
@@ -28,18 +29,6 @@ PREFIX, CONTINUATION = TEXT[:45], TEXT[45:]
 @pytest.fixture(scope="module")
 def model():
     return random_model(CONFIG, seed=7)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def shards(n: int) -> ShardedClient:
-    return ShardedClient([InProcessClient(store_config()) for _ in range(n)])
 
 
 def star(n: int, anchor: str, block: int | None = None, query_tokens: int = 1) -> StarEncoder:
@@ -93,7 +82,7 @@ def test_one_shard_scores_and_generates_as_dense_prefill(model):
     """N=1: phase 1 is one causal block, phase 2 attends to one shard, so every figure is dense's."""
     want = teacher_force(model, InProcessClient(store_config()), PREFIX, CONTINUATION, [DENSE])
     want_free = greedy_methods(model, InProcessClient(store_config()), PREFIX, [DENSE], 10)
-    with shards(1) as client:
+    with in_process_shards(1) as client:
         got = teacher_force(model, client, PREFIX, CONTINUATION, [DENSE], encode=star(1, "1/4", query_tokens=5))
         got_free = greedy_methods(model, client, PREFIX, [DENSE], 10, encode=star(1, "0"))
     torch.testing.assert_close(got.nll, want.nll, rtol=1e-5, atol=1e-5)
@@ -107,7 +96,7 @@ def test_two_shards_with_the_anchor_a_whole_block_hold_the_dense_kv(model):
     prompt = PREFIX
     want = dense_kv(model, prompt)
     want_run = teacher_force(model, InProcessClient(store_config()), PREFIX, CONTINUATION, [DENSE])
-    with shards(2) as client:
+    with in_process_shards(2) as client:
         encoder = star(2, "1")
         seq, _ = encoder(model, client, prompt)
         assert client.shard_lengths(seq) == [22, 23]  # context 44 = blocks of 22; the query token on the last
@@ -122,7 +111,7 @@ def test_an_anchor_short_of_the_whole_past_changes_the_kv_and_the_scores(model, 
     """The comparison above can fail: blocks that do not see all their past differ from causal prefill."""
     want = dense_kv(model, PREFIX)
     want_run = teacher_force(model, InProcessClient(store_config()), PREFIX, CONTINUATION, [DENSE])
-    with shards(n) as client:
+    with in_process_shards(n) as client:
         seq, _ = star(n, anchor)(model, client, PREFIX)
         got = kv_of(client, seq, len(PREFIX))
         client.free(seq)
@@ -141,7 +130,7 @@ def test_the_shards_can_be_kvcache_serve_processes(model):
             got = teacher_force(model, remote, PREFIX, CONTINUATION, [DENSE], encode=star(2, "1/4", block=10))
     finally:
         stop_servers(list(procs.values()))
-    with shards(2) as local:
+    with in_process_shards(2) as local:
         want = teacher_force(model, local, PREFIX, CONTINUATION, [DENSE], encode=star(2, "1/4", block=10))
     torch.testing.assert_close(got.nll, want.nll, rtol=1e-5, atol=1e-5)
 
