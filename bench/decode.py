@@ -220,7 +220,7 @@ def _gate_stage_rows(store, seqs, q, shape: Shape, timer: Timer, copy_bw: float,
     budget = min(budget, shape.context)
     n = -(-shape.context // P)
     budget_pages = -(-budget // P)
-    t = min(n, max(2, budget_pages))
+    t = gate_budget_pages(shape.context, P, budget)
     weights = (lg.q_weight.numel() + lg.q_bias.numel()) * lg.q_weight.element_size()  # read once per step
     rows = [_row(shape.batch, shape.context, "gate.query", {"budget": budget},
                  timer.median_us(lambda: gate_queries_triton(q, lg, csr)), weights, copy_bw, sdpa_us)]

@@ -44,8 +44,7 @@ def gate_choose_triton(
     qg = gate_queries_triton(q, layer_gate, csr)
     logits, sel, counts, ws = gate_scores_triton(qg, keys_for(layer_gate, k_summary, csr), csr, budget_pages)
     if threshold is None:
-        t = min(max_pages, max(2, budget_pages))
-        return select_pages(sel, counts, ws, t), counts["list_len"]
+        return select_pages(sel, counts, ws, gate_budget_pages(csr.max_len, P, budget)), counts["list_len"]
     picks = []
     for b, S in enumerate(csr.host_lens):  # threshold: the count per group is data-dependent
         n = -(-S // P)
