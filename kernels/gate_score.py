@@ -10,7 +10,7 @@ ranks non-negative float32 by their bits: key = 1 + logit (logit >= 0) or 1 / (1
 (logit < 0), strictly increasing in the logit, so the top keys are the top softmax scores; page 0
 (the attention sink) gets +inf so it is always taken, and the last page is the select's forced
 tail (n_valid = n_pages - 1). The level-0 histogram of the keys over [0, n_pages - 1) and the
-select's per-row state (pages to read, need) are written here too, saving launches.
+select's per-row counts (pages to read, n_valid, n_total) are written here too, saving launches.
 Torch references: kvcache.methods.gate.gate_queries / gate_logits / gate_select.
 """
 
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.paged_decode import plan_splits
-from kernels.topk import LEVELS, _select_level_kernel, digit_histogram, topk_workspace
+from kernels.topk import LEVELS, _boundary, digit_histogram, radix_topk, topk_workspace
 from kernels.tuning import Launch
 from kvcache.methods.gate import LayerGate
 from kvcache.table import PageTableCSR
@@ -78,7 +78,7 @@ def _gate_query_kernel(
 @triton.jit
 def _gate_score_kernel(
     qg_ptr, keys_ptr, indptr_ptr, indices_ptr,
-    logits_ptr, sel_ptr, hist_ptr, list_len_ptr, n_valid_ptr, n_total_ptr, state_ptr,
+    logits_ptr, sel_ptr, hist_ptr, list_len_ptr, n_valid_ptr, n_total_ptr,
     pages_per_split, budget_pages, sm_scale,
     s_kn, s_kh, s_row,
     HKV: tl.constexpr, DG: tl.constexpr, BLOCK_DG: tl.constexpr, BLOCK_PG: tl.constexpr,
@@ -118,22 +118,16 @@ def _gate_score_kernel(
         tl.store(list_len_ptr + pid_bh, take)
         tl.store(n_valid_ptr + pid_bh, num_pages - 1)
         tl.store(n_total_ptr + pid_bh, num_pages)
-        if WITH_HIST:
-            tl.store(state_ptr + pid_bh * 2 + 1, take - 1)  # the select's need: the last page is forced
 
 
 @triton.jit
 def _radix_level(x, cand, taken, need, SHIFT: tl.constexpr, NBINS: tl.constexpr):
     """One radix digit of the in-register select: take the candidates above the boundary bin, keep those in it."""
-    hist = digit_histogram(x, cand, SHIFT, NBINS)
-    bins = tl.arange(0, NBINS)
-    at_or_above = tl.cumsum(hist, axis=0, reverse=True)
-    boundary = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
-    above = tl.sum(tl.where(bins > boundary, hist, 0), axis=0)
+    boundary, need = _boundary(digit_histogram(x, cand, SHIFT, NBINS), need, NBINS)
     digit = ((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> SHIFT) & (NBINS - 1)
     taken = taken | (cand & (digit > boundary))
     cand = cand & (digit == boundary)
-    return cand, taken, need - above
+    return cand, taken, need
 
 
 @triton.jit
@@ -210,12 +204,12 @@ def gate_scores_triton(
     counts = {name: torch.empty(BH, dtype=torch.int32, device=dev) for name in ("list_len", "n_valid", "n_total")}
     in_registers = max_pages <= SELECT_ROW_MAX
     ws = {} if in_registers else topk_workspace(BH, dev)
-    hist0, state0 = (logits, logits) if in_registers else (ws["hist0"], ws["state0"])
+    hist0 = logits if in_registers else ws["hist0"]
     splits, per_split = plan_splits(max_pages, BH, SCORE_LAUNCH.block_n, SCORE_LAUNCH.programs)
     shift, bits = LEVELS[0]
     _gate_score_kernel[(BH, splits)](
         qg, keys, csr.indptr, csr.indices,
-        logits, sel, hist0, counts["list_len"], counts["n_valid"], counts["n_total"], state0,
+        logits, sel, hist0, counts["list_len"], counts["n_valid"], counts["n_total"],
         per_split, budget_pages, 1.0 / math.sqrt(DG),
         keys.stride(0), keys.stride(1), logits.stride(0),
         HKV=Hkv, DG=DG, BLOCK_DG=triton.next_power_of_2(DG), BLOCK_PG=SCORE_LAUNCH.block_n,
@@ -228,30 +222,15 @@ def select_pages(sel: torch.Tensor, counts: dict[str, torch.Tensor], ws: dict[st
                  k_max: int) -> torch.Tensor:
     """Page indexes [B*Hkv, k_max] int32 (unordered, row r filled up to list_len[r]) of the radix select over the
     keys gate_scores_triton wrote: page 0, the last page, and the best between (kernels.topk's level kernels,
-    with the level-0 histogram and state already filled by the scoring pass)."""
+    with the level-0 histogram already filled by the scoring pass)."""
     R, width = sel.shape
-    out = torch.empty((R, k_max), dtype=torch.int32, device=sel.device)
     if not ws:  # rows of at most SELECT_ROW_MAX pages: one program per row
+        out = torch.empty((R, k_max), dtype=torch.int32, device=sel.device)
         (s0, b0), (s1, b1), (s2, b2), (s3, b3) = LEVELS
         block = triton.next_power_of_2(width)
         _select_row_kernel[(R,)](sel, counts["n_valid"], counts["list_len"], out, sel.stride(0), out.stride(0),
                                  BLOCK=block, S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3,
                                  num_warps=max(4, min(16, block // 512)))
         return out
-    block = SELECT_LAUNCH.block_n
-    blocks = triton.cdiv(width, block)
-    splits = max(1, min(blocks, triton.cdiv(SELECT_LAUNCH.programs, R)))
-    items = triton.cdiv(blocks, splits) * block
-    grid = (R, triton.cdiv(width, items))
-    for level, (shift, bits) in enumerate(LEVELS):
-        last = level == len(LEVELS) - 1
-        next_shift, next_bits = (0, 1) if last else LEVELS[level + 1]
-        _select_level_kernel[grid](
-            sel, counts["n_valid"], counts["n_total"],
-            ws[f"hist{level}"], ws[f"hist{min(level + 1, len(LEVELS) - 1)}"], ws[f"state{level}"],
-            ws[f"state{level + 1}"], ws["counters"], out,
-            items, sel.stride(0), out.stride(0),
-            BLOCK=block, SHIFT=shift, NBITS=bits, NEXT_SHIFT=next_shift, NEXT_NBINS=1 << next_bits,
-            FIRST=level == 0, LAST=last, num_warps=SELECT_LAUNCH.num_warps,
-        )
-    return out
+    return radix_topk(sel, counts["list_len"], counts["n_valid"], counts["n_total"], width, ws, hist0_done=True,
+                      k_max=k_max, launch=SELECT_LAUNCH)

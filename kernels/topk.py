@@ -1,16 +1,20 @@
-"""Top-k selection without sorting: a four-level radix select on the bits of non-negative float32 scores.
+"""Top-k selection without sorting: a radix select on the bits of non-negative float32 scores.
 
 For scores >= 0 the float32 bit pattern orders like the value, so the k largest are found digit
 by digit, 8 bits at a time: bits 30..23 (the exponent), 22..15, 14..7, 6..0 (256 bins or fewer:
-tl.histogram's cost grows with the bin count). Each level reads the
-histogram of the candidates left by the level above, finds the bin holding the k-th largest,
-emits every candidate in a higher bin, and histograms the boundary bin's candidates on the
-next digit. Exact ties at the last level are taken in arrival order (any choice among equal
-scores is a correct top-k). Positions in [n_valid, n_total) of a row are always taken (SparQ's
-local window, ALGORITHMS.md §1 step 4); the rest of the budget goes to the top of [0, n_valid).
+tl.histogram's cost grows with the bin count). Each digit's histogram of the candidates left by
+the digits above gives the bin holding the k-th largest: candidates in higher bins are taken,
+those in that bin go on to the next digit. Exact ties at the last digit are taken in arrival
+order (any choice among equal scores is a correct top-k). Positions in [n_valid, n_total) of a
+row are always taken (SparQ's local window, ALGORITHMS.md §1 step 4); the rest of the budget
+goes to the top of [0, n_valid).
 
-Output positions are unordered. One launch per level, each split over (row, chunk) programs;
-counters and histograms live in one zeroed int32 workspace.
+Three launches, each split over (row, chunk) programs, since on a GPU each launch costs more than
+the L2-resident pass it makes (4 MB for 8 rows of 128K): the level-0 histogram (skipped when the
+caller's scoring pass fills it), digit 0, and digit 1, which also gathers the candidates left
+(a handful of positions: they agree with the k-th largest on the top 16 bits) into a list. The
+last program of a row to finish digit 1 (a ticket counter) runs digits 2 and 3 over that list.
+Output positions are unordered. Counters and histograms live in one zeroed int32 workspace.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tuning import TUNING
+from kernels.tuning import TUNING, Launch
 
 # (shift, bits) of the radix digits of a non-negative float32, most significant first.
 LEVELS = ((23, 8), (15, 8), (7, 8), (0, 7))
-_HIST_SIZES = tuple(1 << bits for _, bits in LEVELS)
+_WORKSPACE = {"hist0": 1 << LEVELS[0][1], "hist1": 1 << LEVELS[1][1], "hist2": 1 << LEVELS[2][1], "counters": 4}
+# counters of a row: [0] positions emitted, [1] candidates gathered by digit 1, [2] programs done with digit 1.
+FINISH_BLOCK = 1024  # candidates per loop step of the row's last program
 
 
 @triton.jit
@@ -34,6 +40,38 @@ def digit_histogram(x, keep, SHIFT: tl.constexpr, NBINS: tl.constexpr):
     # Dropped lanes were counted in bin 0; take them back out (histogram masks are not in every Triton).
     dropped = tl.sum((keep == 0).to(tl.int32), axis=0)
     return hist - tl.where(tl.arange(0, NBINS) == 0, dropped, 0)
+
+
+@triton.jit
+def _digit(x, SHIFT: tl.constexpr, NBITS: tl.constexpr):
+    return ((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> SHIFT) & ((1 << NBITS) - 1)
+
+
+@triton.jit
+def _boundary(hist, need, NBINS: tl.constexpr):
+    """(the bin holding the need-th largest candidate, the need left inside it) of a histogram."""
+    bins = tl.arange(0, NBINS)
+    at_or_above = tl.cumsum(hist, axis=0, reverse=True)
+    boundary = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+    return boundary, need - tl.sum(tl.where(bins > boundary, hist, 0), axis=0)
+
+
+@triton.jit
+def _append(out_row_ptr, counter_ptr, values, keep):
+    """Write values where keep at the next free slots of a row (slots taken with one atomic)."""
+    n = tl.sum(keep.to(tl.int32), axis=0)
+    if n > 0:
+        first = tl.atomic_add(counter_ptr, n)
+        slot = first + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(out_row_ptr + slot, values, mask=keep)
+
+
+@triton.jit
+def _need0(k_ptr, k, row, n_valid, n_total, K_PER_ROW: tl.constexpr):
+    """Positions to choose from [0, n_valid): the budget less the forced tail."""
+    if K_PER_ROW:
+        k = tl.load(k_ptr + row)
+    return k - (n_total - n_valid)
 
 
 @triton.jit
@@ -54,69 +92,102 @@ def _histogram_kernel(
 
 
 @triton.jit
-def _select_level_kernel(
-    values_ptr, n_valid_ptr, n_total_ptr,
-    hist_ptr, next_hist_ptr, state_in_ptr, state_out_ptr, counters_ptr, out_ptr,
-    items_per_split, s_row, s_out,
-    BLOCK: tl.constexpr, SHIFT: tl.constexpr, NBITS: tl.constexpr,
-    NEXT_SHIFT: tl.constexpr, NEXT_NBINS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+def _digit0_kernel(
+    values_ptr, n_valid_ptr, n_total_ptr, k_ptr, hist0_ptr, hist1_ptr, counters_ptr, out_ptr,
+    k, items_per_split, s_row, s_out,
+    BLOCK: tl.constexpr, K_PER_ROW: tl.constexpr,
+    S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr,
 ):
-    NBINS: tl.constexpr = 1 << NBITS
-    row = tl.program_id(0).to(tl.int64)  # row * s_row can pass 2^31
-    split = tl.program_id(1)
+    """Take the tail and every value above digit 0's boundary bin; histogram digit 1 of those in it."""
+    row = tl.program_id(0).to(tl.int64)
     n_valid = tl.load(n_valid_ptr + row)
     n_total = tl.load(n_total_ptr + row)
-    prefix = tl.load(state_in_ptr + row * 2)
-    need = tl.load(state_in_ptr + row * 2 + 1)
-
-    # The bin holding the need-th largest candidate, and how many candidates lie above it.
-    bins = tl.arange(0, NBINS)
-    hist = tl.load(hist_ptr + row * NBINS + bins)
-    at_or_above = tl.cumsum(hist, axis=0, reverse=True)
-    boundary = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
-    above = tl.sum(tl.where(bins > boundary, hist, 0), axis=0)
-    need_next = need - above
-    if split == 0:
-        tl.store(state_out_ptr + row * 2, (prefix << NBITS) | boundary)
-        tl.store(state_out_ptr + row * 2 + 1, need_next)
-
-    start = split * items_per_split
-    end = tl.minimum(start + items_per_split, n_total if FIRST else n_valid)
-    next_hist = tl.zeros([NEXT_NBINS], dtype=tl.int32)
+    need = _need0(k_ptr, k, row, n_valid, n_total, K_PER_ROW)
+    b0, _ = _boundary(tl.load(hist0_ptr + row * (1 << B0) + tl.arange(0, 1 << B0)), need, 1 << B0)
+    start = tl.program_id(1) * items_per_split
+    end = tl.minimum(start + items_per_split, n_total)
+    hist1 = tl.zeros([1 << B1], dtype=tl.int32)
     for it in range(start, end, BLOCK):
         offs = it + tl.arange(0, BLOCK)
         valid = offs < tl.minimum(end, n_valid)
         x = tl.load(values_ptr + row * s_row + offs, mask=valid, other=0.0)
-        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # -0.0 ranks as 0
-        match = valid & ((bits >> (SHIFT + NBITS)) == prefix)  # candidates left by the levels above
-        digit = (bits >> SHIFT) & (NBINS - 1)
-        take = match & (digit > boundary)
-        cand = match & (digit == boundary)
-        if FIRST:
-            take = take | ((offs >= n_valid) & (offs < end))
-        if LAST:
-            n_cand = tl.sum(cand.to(tl.int32), axis=0)
-            first_tie = tl.atomic_add(counters_ptr + row * 2 + 1, n_cand)
-            tie_rank = first_tie + tl.cumsum(cand.to(tl.int32), axis=0) - 1
-            take = take | (cand & (tie_rank < need_next))
-        else:
-            next_hist += digit_histogram(x, cand, NEXT_SHIFT, NEXT_NBINS)
-        n_take = tl.sum(take.to(tl.int32), axis=0)
-        first = tl.atomic_add(counters_ptr + row * 2, n_take)
-        slot = first + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(out_ptr + row * s_out + slot, offs, mask=take)
-    if not LAST:
-        tl.atomic_add(next_hist_ptr + row * NEXT_NBINS + tl.arange(0, NEXT_NBINS), next_hist)
+        d0 = _digit(x, S0, B0)
+        take = (valid & (d0 > b0)) | ((offs >= n_valid) & (offs < end))
+        hist1 += digit_histogram(x, valid & (d0 == b0), S1, 1 << B1)
+        _append(out_ptr + row * s_out, counters_ptr + row * 4 + 0, offs, take)
+    tl.atomic_add(hist1_ptr + row * (1 << B1) + tl.arange(0, 1 << B1), hist1)
+
+
+@triton.jit
+def _digit1_kernel(
+    values_ptr, n_valid_ptr, n_total_ptr, k_ptr, hist0_ptr, hist1_ptr, hist2_ptr, counters_ptr, out_ptr,
+    cand_ptr,
+    k, items_per_split, s_row, s_out, s_cand,
+    BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr, K_PER_ROW: tl.constexpr,
+    S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr,
+    S2: tl.constexpr, B2: tl.constexpr, S3: tl.constexpr, B3: tl.constexpr,
+):
+    """Take the values above digit 1's boundary bin, gather those in it; the row's last program
+    then runs digits 2 and 3 over the gathered list."""
+    row = tl.program_id(0).to(tl.int64)
+    n_valid = tl.load(n_valid_ptr + row)
+    n_total = tl.load(n_total_ptr + row)
+    need = _need0(k_ptr, k, row, n_valid, n_total, K_PER_ROW)
+    b0, need = _boundary(tl.load(hist0_ptr + row * (1 << B0) + tl.arange(0, 1 << B0)), need, 1 << B0)
+    b1, need = _boundary(tl.load(hist1_ptr + row * (1 << B1) + tl.arange(0, 1 << B1)), need, 1 << B1)
+    counters = counters_ptr + row * 4
+    out_row = out_ptr + row * s_out
+    cand_row = cand_ptr + row * s_cand
+    start = tl.program_id(1) * items_per_split
+    end = tl.minimum(start + items_per_split, n_valid)
+    hist2 = tl.zeros([1 << B2], dtype=tl.int32)
+    for it in range(start, end, BLOCK):
+        offs = it + tl.arange(0, BLOCK)
+        valid = offs < end
+        x = tl.load(values_ptr + row * s_row + offs, mask=valid, other=0.0)
+        match = valid & (_digit(x, S0, B0) == b0)
+        d1 = _digit(x, S1, B1)
+        cand = match & (d1 == b1)
+        hist2 += digit_histogram(x, cand, S2, 1 << B2)
+        _append(out_row, counters + 0, offs, match & (d1 > b1))
+        _append(cand_row, counters + 1, offs, cand)
+    tl.atomic_add(hist2_ptr + row * (1 << B2) + tl.arange(0, 1 << B2), hist2)
+    # Every thread's stores are done before the ticket (its atomic is acq_rel): the last program of
+    # the row then sees all the gathered candidates and the whole digit-2 histogram.
+    tl.debug_barrier()
+    if tl.atomic_add(counters + 2, 1) == tl.num_programs(1) - 1:
+        n_cand = tl.atomic_add(counters + 1, 0)
+        b2, need = _boundary(tl.load(hist2_ptr + row * (1 << B2) + tl.arange(0, 1 << B2), volatile=True), need,
+                             1 << B2)
+        hist3 = tl.zeros([1 << B3], dtype=tl.int32)
+        for c0 in range(0, n_cand, FINISH_BLOCK):
+            offs_c = c0 + tl.arange(0, FINISH_BLOCK)
+            live = offs_c < n_cand
+            pos = tl.load(cand_row + offs_c, mask=live, other=0, volatile=True)
+            x = tl.load(values_ptr + row * s_row + pos, mask=live, other=0.0)
+            d2 = _digit(x, S2, B2)
+            hist3 += digit_histogram(x, live & (d2 == b2), S3, 1 << B3)
+            _append(out_row, counters + 0, pos, live & (d2 > b2))
+        b3, need = _boundary(hist3, need, 1 << B3)
+        ties_before = 0
+        for c0 in range(0, n_cand, FINISH_BLOCK):
+            offs_c = c0 + tl.arange(0, FINISH_BLOCK)
+            live = offs_c < n_cand
+            pos = tl.load(cand_row + offs_c, mask=live, other=0, volatile=True)
+            x = tl.load(values_ptr + row * s_row + pos, mask=live, other=0.0)
+            same = live & (_digit(x, S2, B2) == b2)
+            d3 = _digit(x, S3, B3)
+            tie = same & (d3 == b3)
+            tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), axis=0) - 1  # exact ties: the first ones
+            ties_before += tl.sum(tie.to(tl.int32), axis=0)
+            _append(out_row, counters + 0, pos, (same & (d3 > b3)) | (tie & (tie_rank < need)))
 
 
 def topk_workspace(rows: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Zeroed int32 buffers for one selection: histograms per level, level states, counters."""
-    sizes = {f"hist{i}": n for i, n in enumerate(_HIST_SIZES)}
-    sizes.update({f"state{i}": 2 for i in range(len(LEVELS) + 1)})
-    sizes["counters"] = 2
-    flat = torch.zeros(rows * sum(sizes.values()), dtype=torch.int32, device=device)  # one memset
+    """Zeroed int32 buffers for one selection: the histograms of digits 0-2 and the counters of each row."""
+    flat = torch.zeros(rows * sum(_WORKSPACE.values()), dtype=torch.int32, device=device)  # one memset
     views, offset = {}, 0
-    for name, size in sizes.items():
+    for name, size in _WORKSPACE.items():
         views[name] = flat[offset : offset + rows * size].view(rows, size)
         offset += rows * size
     return views
@@ -132,6 +203,7 @@ def radix_topk(
     block: int | None = None,
     hist0_done: bool = False,
     k_max: int | None = None,
+    launch: Launch | None = None,
 ) -> torch.Tensor:
     """Positions [R, k] (int32, unordered) of the k largest values [R, S] float32 >= 0 in each row.
 
@@ -139,35 +211,36 @@ def radix_topk(
     are the largest of values[r, :n_valid[r]]. Needs k <= n_total. `k` may be a per-row int
     tensor [R] (then the output has k_max columns, row r filled up to k[r]). Exact ties at the last
     digit are taken in arrival order, which may differ between runs. With hist0_done the caller
-    has already filled workspace['hist0'] (SparQ fuses it into its scoring pass).
+    has already filled workspace['hist0'] (SparQ fuses it into its scoring pass). `launch` overrides
+    TUNING['topk'].
     """
     R = values.shape[0]
     n_total = n_valid if n_total is None else n_total
     max_total = values.shape[1] if max_total is None else max_total
     ws = topk_workspace(R, values.device) if workspace is None else workspace
-    width = k if isinstance(k, int) else k_max
-    out = torch.empty((R, width), dtype=torch.int32, device=values.device)
-    ws["state0"][:, 1] = k - (n_total - n_valid)
-    launch = TUNING["topk"]
+    per_row = not isinstance(k, int)
+    out = torch.empty((R, k_max if per_row else k), dtype=torch.int32, device=values.device)
+    candidates = torch.empty((R, max(max_total, 1)), dtype=torch.int32, device=values.device)
+    launch = TUNING["topk"] if launch is None else launch
     block = launch.block_n if block is None else block
     blocks = triton.cdiv(max(max_total, 1), block)
     splits = max(1, min(blocks, triton.cdiv(launch.programs, R)))
     items = triton.cdiv(blocks, splits) * block
-    splits = triton.cdiv(max(max_total, 1), items)
-    grid = (R, splits)
+    grid = (R, triton.cdiv(max(max_total, 1), items))
+    k_ptr, k_int = (k, 0) if per_row else (n_valid, k)
+    (s0, b0), (s1, b1), (s2, b2), (s3, b3) = LEVELS
     if not hist0_done:
-        shift, bits = LEVELS[0]
         _histogram_kernel[grid](values, n_valid, ws["hist0"], items, values.stride(0),
-                                BLOCK=block, SHIFT=shift, NBINS=1 << bits, num_warps=launch.num_warps)
-    for level, (shift, bits) in enumerate(LEVELS):
-        last = level == len(LEVELS) - 1
-        next_shift, next_bits = (0, 1) if last else LEVELS[level + 1]
-        _select_level_kernel[grid](
-            values, n_valid, n_total,
-            ws[f"hist{level}"], ws[f"hist{min(level + 1, len(LEVELS) - 1)}"], ws[f"state{level}"], ws[f"state{level + 1}"],
-            ws["counters"], out,
-            items, values.stride(0), out.stride(0),
-            BLOCK=block, SHIFT=shift, NBITS=bits, NEXT_SHIFT=next_shift, NEXT_NBINS=1 << next_bits,
-            FIRST=level == 0, LAST=last, num_warps=launch.num_warps,
-        )
+                                BLOCK=block, SHIFT=s0, NBINS=1 << b0, num_warps=launch.num_warps)
+    _digit0_kernel[grid](
+        values, n_valid, n_total, k_ptr, ws["hist0"], ws["hist1"], ws["counters"], out,
+        k_int, items, values.stride(0), out.stride(0),
+        BLOCK=block, K_PER_ROW=per_row, S0=s0, B0=b0, S1=s1, B1=b1, num_warps=launch.num_warps,
+    )
+    _digit1_kernel[grid](
+        values, n_valid, n_total, k_ptr, ws["hist0"], ws["hist1"], ws["hist2"], ws["counters"], out, candidates,
+        k_int, items, values.stride(0), out.stride(0), candidates.stride(0),
+        BLOCK=block, FINISH_BLOCK=FINISH_BLOCK, K_PER_ROW=per_row,
+        S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3, num_warps=launch.num_warps,
+    )
     return out

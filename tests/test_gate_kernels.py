@@ -117,7 +117,6 @@ def test_select_pages_takes_page_zero_the_last_page_and_the_top_keys_between():
     ws = topk_workspace(2, sel.device)
     counts = {"n_valid": torch.tensor([5, 2], dtype=torch.int32), "n_total": torch.tensor([6, 3], dtype=torch.int32),
               "list_len": torch.tensor([4, 3], dtype=torch.int32)}
-    ws["state0"][:, 1] = counts["list_len"] - 1
     shift, bits = LEVELS[0]
     _histogram_kernel[(2, 1)](sel, counts["n_valid"], ws["hist0"], 8, sel.stride(0), BLOCK=8, SHIFT=shift,
                               NBINS=1 << bits)

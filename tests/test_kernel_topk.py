@@ -142,3 +142,15 @@ def test_negative_zero_ranks_as_zero():
     values[0, :5] = 1.0
     positions = run_topk(values, 10, [40])
     assert_is_topk(values, positions, 10, [40])
+
+
+def test_many_tied_candidates_are_finished_over_several_loop_steps():
+    # 3000 equal values leave 3000 candidates after the first two digits: the row's last program
+    # walks them in steps of kernels.topk.FINISH_BLOCK (1024), ranking exact ties in arrival order.
+    from kernels.topk import FINISH_BLOCK
+
+    n = 3 * FINISH_BLOCK - 72
+    values = torch.full((2, n), 0.5)
+    values[1, ::7] = 0.5 + 2.0**-20  # row 1: a few above, tied with each other on the top 16 bits
+    positions = run_topk(values, 1500, [n, n], block=512)
+    assert_is_topk(values, positions, 1500, [n, n])
