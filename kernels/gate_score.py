@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.paged_decode import plan_splits
-from kernels.topk import LEVELS, _boundary, digit_histogram, radix_topk, topk_workspace
+from kernels.topk import LEVELS, digit_histogram, radix_level, radix_topk, topk_workspace
 from kernels.tuning import Launch
 from kvcache.methods.gate import LayerGate
 from kvcache.table import PageTableCSR
@@ -121,16 +121,6 @@ def _gate_score_kernel(
 
 
 @triton.jit
-def _radix_level(x, cand, taken, need, SHIFT: tl.constexpr, NBINS: tl.constexpr):
-    """One radix digit of the in-register select: take the candidates above the boundary bin, keep those in it."""
-    boundary, need = _boundary(digit_histogram(x, cand, SHIFT, NBINS), need, NBINS)
-    digit = ((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> SHIFT) & (NBINS - 1)
-    taken = taken | (cand & (digit > boundary))
-    cand = cand & (digit == boundary)
-    return cand, taken, need
-
-
-@triton.jit
 def _select_row_kernel(
     sel_ptr, n_valid_ptr, list_len_ptr, out_ptr, s_row, s_out,
     BLOCK: tl.constexpr, S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr,
@@ -144,10 +134,10 @@ def _select_row_kernel(
     cand = offs < n_valid
     x = tl.load(sel_ptr + row * s_row + offs, mask=cand, other=0.0)
     taken = offs == n_valid
-    cand, taken, need = _radix_level(x, cand, taken, need, S0, 1 << B0)
-    cand, taken, need = _radix_level(x, cand, taken, need, S1, 1 << B1)
-    cand, taken, need = _radix_level(x, cand, taken, need, S2, 1 << B2)
-    cand, taken, need = _radix_level(x, cand, taken, need, S3, 1 << B3)
+    cand, taken, need = radix_level(x, cand, taken, need, S0, 1 << B0)
+    cand, taken, need = radix_level(x, cand, taken, need, S1, 1 << B1)
+    cand, taken, need = radix_level(x, cand, taken, need, S2, 1 << B2)
+    cand, taken, need = radix_level(x, cand, taken, need, S3, 1 << B3)
     tie_rank = tl.cumsum(cand.to(tl.int32), axis=0)  # exact ties: the first ones
     taken = taken | (cand & (tie_rank <= need))
     slot = tl.cumsum(taken.to(tl.int32), axis=0) - 1

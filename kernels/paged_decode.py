@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.softmax_stats import merged_softmax_stats
-from kernels.tuning import TUNING
+from kernels.tuning import TUNING, Launch
 from kvcache.table import PageTableCSR
 
 MODE_DENSE, MODE_ROWS, MODE_PAGES = 0, 1, 2
@@ -211,13 +211,14 @@ def attend_partial(
     scale: float | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
+    launch: Launch | None = None,
 ) -> Partials:
     """Run the partial kernel over (B*Hkv, splits): per-split out, lse (and alpha) for merge_partials.
 
     k_seq and v_seq [N, Hkv, P, d] must have the same strides; they may be views of a pinned host
     tensor (the GPU reads those rows over PCIe) as long as csr.indices address that pool.
     alpha_inputs = (sel [B*Hkv, d] int8, tau [B*Hkv, G], stat_m, stat_l [B*Hkv, S1, G], S1) turns on
-    SparQ's alpha.
+    SparQ's alpha. `launch` overrides TUNING['decode'].
     """
     B, Hq, D = q.shape
     _, Hkv, P, _ = k_seq.shape
@@ -226,7 +227,7 @@ def attend_partial(
     if k_seq.stride() != v_seq.stride():
         raise ValueError(f"k and v pools differ in strides: {k_seq.stride()} vs {v_seq.stride()}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    launch = TUNING["decode"]
+    launch = TUNING["decode"] if launch is None else launch
     block_n = launch.block_n if block_n is None else block_n
     if num_splits is None:
         num_splits, items = plan_splits(max_items, BH, block_n, launch.programs)
@@ -303,10 +304,11 @@ def attend_partial_and_merge(
     scale: float | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
+    launch: Launch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """attend_partial then merge_partials: out [B, Hq, d] (q dtype), lse [B, Hq] f32."""
     parts = attend_partial(q, k_seq, v_seq, csr, max_items, mode, item_list, list_len, alpha_inputs, scale,
-                           block_n, num_splits)
+                           block_n, num_splits, launch)
     return merge_partials(q, parts, k_seq.shape[1], value_mean)
 
 

@@ -1,12 +1,12 @@
 """SparQ decode attention in Triton (ALGORITHMS.md §1): stage 1 on dim-major keys, radix top-k, stage 2 on rows.
 
-  query     per (sequence, kv head): i1 (the r largest of sum_g |q_g|) and tau_g, once.
-  stage 1   per (sequence, kv head, split): read only rows i1 of each k_dim page (r runs of P),
-            write the approximate logits
-            x_g = q_g[i1] . K[:, i1] / tau_g and the split's softmax max / sum per query head.
+  stage 1   per (sequence, kv head, split): i1 (the r largest of sum_g |q_g|) and tau_g, then
+            only rows i1 of each k_dim page (r runs of P) are read and the approximate logits
+            x_g = q_g[i1] . K[:, i1] / tau_g written, with the split's softmax max / sum per query head.
   scores    f = mean_g softmax(x_g) over the positions outside the local window (the group mean
-            ranks like the sum of §1, step 4), with the first radix histogram fused in.
-  top-k     kernels.topk.radix_topk: the window plus the k - l largest f, no sort.
+            ranks like the sum of §1, step 4).
+  top-k     kernels.topk.pick_topk: the window plus the k - l largest f, no sort, one launch (the scoring
+            pass fills its histogram of quarter-binades below the bound sum_g 1 / (G l_g) of f).
   stage 2   kernels.paged_decode MODE_ROWS with alpha: exact softmax over the k rows, alpha_g
             = sum of shat_g over them, y = alpha * (s . V) + (1 - alpha) * vbar.
 """
@@ -22,26 +22,22 @@ import triton.language as tl
 
 from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
 from kernels.softmax_stats import merged_softmax_stats
-from kernels.topk import LEVELS, digit_histogram, radix_topk, topk_workspace
+from kernels.topk import REF_SHIFT, key_histogram, pick_topk, relative_key, topk_workspace
 from kernels.tuning import TUNING
 from kvcache.table import PageTableCSR
 
 
 @triton.jit
-def _query_kernel(
-    q_ptr, i1_ptr, sel_ptr, tau_ptr, r, scale,
-    s_qb, s_qh,
-    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
+def _group_query(
+    q_ptr, sel_ptr, tau_ptr, pid_bh, b, h, r, scale, s_qb, s_qh, offs_g, mask_g,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, WRITE: tl.constexpr,
 ):
-    """§1 steps 1-2 once per (sequence, kv head): i1 from sum_g |q_g| (GQA), and tau_g."""
-    pid_bh = tl.program_id(0).to(tl.int64)
-    b = pid_bh // HKV
-    h = pid_bh % HKV
-    offs_g = tl.arange(0, BLOCK_G)
+    """§1 steps 1-2 for one GQA group: q [BLOCK_G, D] float32, i1 [BLOCK_R] (the r largest of
+    sum_g |q_g|, then zeros) and tau_g [BLOCK_G]; with WRITE also stores the chosen mask and tau."""
     offs_d = tl.arange(0, D)
-    mask_g = offs_g < G
-    q_rows = q_ptr + b * s_qb + (h * G + offs_g) * s_qh
-    q_abs = tl.abs(tl.load(q_rows[:, None] + offs_d[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32))
+    q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :], mask=mask_g[:, None],
+                other=0.0).to(tl.float32)
+    q_abs = tl.abs(q)
     group = tl.sum(q_abs, axis=0)
     # One sort of d keys instead of r rounds of argmax: the float's bits order like the value
     # (it is >= 0), and the low 16 bits make every key distinct, lower index first on ties.
@@ -50,25 +46,30 @@ def _query_kernel(
     threshold = tl.sum(tl.where(offs_d == r - 1, ranked, 0), axis=0)
     chosen = key >= threshold
     slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-    tl.store(i1_ptr + pid_bh * BLOCK_R + slot, offs_d, mask=chosen)
-    tl.store(sel_ptr + pid_bh * D + offs_d, chosen.to(tl.int8))
+    offs_r = tl.arange(0, BLOCK_R)
+    i1 = tl.sum(tl.where((slot[None, :] == offs_r[:, None]) & chosen[None, :], offs_d[None, :], 0), axis=1)
     covered = tl.sum(tl.where(chosen[None, :], q_abs, 0.0), axis=1)
     total = tl.sum(q_abs, axis=1)
     # As the reference: tau = sqrt(ratio) / scale, ratio 1 for a head with no mass on i1.
     ratio = tl.where((covered > 0) & (total > 0), covered / tl.where(total > 0, total, 1.0), 1.0)
-    tl.store(tau_ptr + pid_bh * G + offs_g, tl.sqrt(ratio) / scale, mask=mask_g)
+    tau = tl.sqrt(ratio) / scale
+    if WRITE:
+        tl.store(sel_ptr + pid_bh * D + offs_d, chosen.to(tl.int8))
+        tl.store(tau_ptr + pid_bh * G + offs_g, tau, mask=mask_g)
+    return q, i1, tau
 
 
 @triton.jit
 def _stage1_kernel(
     q_ptr, kdim_ptr, indptr_ptr, indices_ptr, last_len_ptr,
-    i1_ptr, tau_ptr, logits_ptr, stat_m_ptr, stat_l_ptr,
-    r, items_per_split,
+    sel_ptr, tau_ptr, logits_ptr, stat_m_ptr, stat_l_ptr,
+    scale, items_per_split,
     s_qb, s_qh, s_kn, s_kh, s_kd, s_lrow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
+    R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
-    """§1 step 3 on one slice of positions: approximate logits from the r chosen key rows of k_dim."""
+    """§1 steps 1-3 on one slice of positions: approximate logits from the r chosen key rows of k_dim."""
     pid_bh = tl.program_id(0).to(tl.int64)  # logits offsets can pass 2^31
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -79,11 +80,13 @@ def _stage1_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     offs_r = tl.arange(0, BLOCK_R)
     mask_g = offs_g < G
-    q_rows = q_ptr + b * s_qb + (h * G + offs_g) * s_qh
-    i1 = tl.load(i1_ptr + pid_bh * BLOCK_R + offs_r, mask=offs_r < r, other=0)
-    tau = tl.load(tau_ptr + pid_bh * G + offs_g, mask=mask_g, other=1.0)
-    mask_r = offs_r < r
-    q_sel = tl.load(q_rows[:, None] + i1[None, :], mask=mask_g[:, None] & mask_r[None, :], other=0.0)
+    mask_r = offs_r < R
+    # Every program finds i1 and tau itself (a sort of d values): cheaper than a launch of its own.
+    q, i1, tau = _group_query(q_ptr, sel_ptr, tau_ptr, pid_bh, b, h, R, scale, s_qb, s_qh, offs_g, mask_g,
+                              G, D, BLOCK_R, split == 0)
+    offs_d = tl.arange(0, D)
+    q_sel = tl.sum(tl.where(offs_d[None, None, :] == i1[None, :, None], q[:, None, :], 0.0), axis=2)  # [G, R]
+    q_sel = tl.where(mask_r[None, :], q_sel, 0.0)
     col = h * s_kh + i1.to(tl.int64) * s_kd  # [BLOCK_R]
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -103,12 +106,13 @@ def _stage1_kernel(
             mask=mask_r[:, None, None] & page_ok[None, :, None], other=0.0,
         )
         k_cols = tl.reshape(k3, [BLOCK_R, BLOCK_N])
+        if USE_DOT:
+            x = tl.dot(q_sel.to(k_cols.dtype), k_cols, input_precision=DOT_PRECISION)
+        else:  # small groups: FMAs on G rows beat a tensor-core tile padded to 16 rows
+            x = tl.sum(q_sel[:, :, None] * k_cols.to(tl.float32)[None, :, :], axis=1)
+        x = x / tau[:, None]
         offs_n = it + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        if USE_DOT:
-            x = tl.dot(q_sel, k_cols, input_precision=DOT_PRECISION) / tau[:, None]
-        else:  # small groups: FMAs on G rows beat a tensor-core tile padded to 16 rows
-            x = tl.sum(q_sel.to(tl.float32)[:, :, None] * k_cols.to(tl.float32)[None, :, :], axis=1) / tau[:, None]
         x = tl.where(mask_n[None, :], x, float("-inf"))
         tl.store(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_lrow + offs_n[None, :], x,
                  mask=mask_g[:, None] & mask_n[None, :])
@@ -124,10 +128,10 @@ def _stage1_kernel(
 @triton.jit
 def _scores_kernel(
     logits_ptr, stat_m_ptr, stat_l_ptr, indptr_ptr, last_len_ptr,
-    f_ptr, n_valid_ptr, n_total_ptr, hist_ptr,
+    f_ptr, n_valid_ptr, n_total_ptr, hist_ptr, ref_ptr,
     local_window, items_per_split, num_stat_splits, s_lrow, s_frow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_STAT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_STAT: tl.constexpr, REF_SHIFT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -143,8 +147,12 @@ def _scores_kernel(
     glob_m, glob_l = merged_softmax_stats(stat_m_ptr, stat_l_ptr, pid_bh, num_stat_splits, offs_g, mask_g,
                                           G, BLOCK_STAT)
     inv_l = tl.where(mask_g & (glob_l > 0), 1.0 / glob_l, 0.0) / G
+    # f <= sum_g inv_l_g (each exp term <= 1): the select's digits count quarter-binades below it.
+    ref = (tl.sum(inv_l, axis=0).to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> REF_SHIFT
+    if split == 0:
+        tl.store(ref_ptr + pid_bh, ref)
 
-    hist = tl.zeros([NBINS], dtype=tl.int32)
+    hist = tl.zeros([256], dtype=tl.int32)
     start = split * items_per_split
     end = tl.minimum(start + items_per_split, n_valid)
     for it in range(start, end, BLOCK_N):
@@ -154,15 +162,14 @@ def _scores_kernel(
                     mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
         f = tl.sum(tl.exp(x - glob_m[:, None]) * inv_l[:, None], axis=0)  # group mean of shat_g
         tl.store(f_ptr + pid_bh * s_frow + offs_n, f, mask=mask_n)
-        hist += digit_histogram(f, mask_n, SHIFT, NBINS)
-    tl.atomic_add(hist_ptr + pid_bh * NBINS + tl.arange(0, NBINS), hist)
+        hist += key_histogram(relative_key(f, ref, REF_SHIFT), mask_n, 256)
+    tl.atomic_add(hist_ptr + pid_bh * 256 + tl.arange(0, 256), hist)
 
 
 @dataclass
 class Stage1Result:
     """What stage 1 leaves for the selection and stage 2 (all on the device)."""
 
-    i1: torch.Tensor  # [B*Hkv, BLOCK_R] int32: the r chosen key components (then padding)
     logits: torch.Tensor  # [B*Hkv, G, S_pad] float32 approximate logits x_g
     stat_m: torch.Tensor  # [B*Hkv, splits, G] per-split softmax max of x_g
     stat_l: torch.Tensor  # [B*Hkv, splits, G] per-split softmax sum
@@ -192,7 +199,6 @@ def sparq_stage1(
     row_len = triton.cdiv(csr.max_len, 16) * 16
     block_r = max(16, triton.next_power_of_2(r))
     res = Stage1Result(
-        i1=torch.empty((BH, block_r), dtype=torch.int32, device=dev),
         logits=torch.empty((BH, G, row_len), dtype=torch.float32, device=dev),
         stat_m=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
         stat_l=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
@@ -202,16 +208,12 @@ def sparq_stage1(
     )
     use_dot = G >= 16  # measured on an H200: FMAs on G rows beat a 16-row tensor-core tile for G <= 8
     block_g = max(16, triton.next_power_of_2(G)) if use_dot else triton.next_power_of_2(G)
-    _query_kernel[(BH,)](
-        q, res.i1, res.sel, res.tau, r, 1.0 / math.sqrt(D) if scale is None else scale, q.stride(0), q.stride(1),
-        HKV=Hkv, G=G, BLOCK_G=block_g, D=D, BLOCK_R=block_r,
-    )
     _stage1_kernel[(BH, num_splits)](
         q, k_dim, csr.indptr, csr.indices, csr.last_page_len,
-        res.i1, res.tau, res.logits, res.stat_m, res.stat_l,
-        r, items,
+        res.sel, res.tau, res.logits, res.stat_m, res.stat_l,
+        1.0 / math.sqrt(D) if scale is None else scale, items,
         q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), res.logits.stride(1),
-        HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, BLOCK_R=block_r, BLOCK_N=block_n,
+        HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, R=r, BLOCK_R=block_r, BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype), USE_DOT=use_dot, num_warps=launch.num_warps,
     )
     return res
@@ -230,16 +232,14 @@ def sparq_select(
     n_valid = torch.empty(BH, dtype=torch.int32, device=dev)
     n_total = torch.empty(BH, dtype=torch.int32, device=dev)
     ws = topk_workspace(BH, dev)
-    shift, bits = LEVELS[0]
     _scores_kernel[(BH, s1.num_splits)](
         s1.logits, s1.stat_m, s1.stat_l, csr.indptr, csr.last_page_len,
-        scores, n_valid, n_total, ws["hist0"],
+        scores, n_valid, n_total, ws["hist0"], ws["ref"],
         local_window, s1.items_per_split, s1.num_splits, s1.logits.stride(1), scores.stride(0),
         HKV=num_kv_heads, G=G, BLOCK_G=triton.next_power_of_2(G), P=csr.page_size, BLOCK_N=block_n,
-        BLOCK_STAT=triton.next_power_of_2(s1.num_splits), SHIFT=shift, NBINS=1 << bits,
-        num_warps=launch.num_warps,
+        BLOCK_STAT=triton.next_power_of_2(s1.num_splits), REF_SHIFT=REF_SHIFT, num_warps=launch.num_warps,
     )
-    return radix_topk(scores, k, n_valid, n_total, csr.max_len, ws, block=topk_block, hist0_done=True)
+    return pick_topk(scores, k, n_valid, n_total, csr.max_len, ws, block=topk_block)
 
 
 def sparq_stage2(
@@ -254,7 +254,7 @@ def sparq_stage2(
     vbar = value_mean.float().reshape(BH, -1) if reallocate else None
     return attend_partial_and_merge(
         q, k_seq, v_seq, csr, k, MODE_ROWS, item_list=positions, list_len=list_len,
-        alpha_inputs=alpha_inputs, value_mean=vbar, scale=scale, block_n=block_n,
+        alpha_inputs=alpha_inputs, value_mean=vbar, scale=scale, block_n=block_n, launch=TUNING["rows"],
     )
 
 

@@ -20,6 +20,7 @@ class Launch:
 
 TUNING: dict[str, Launch] = {
     "decode": Launch(block_n=128, num_warps=4, programs=264),  # paged_decode partial kernel (all modes)
+    "rows": Launch(block_n=128, num_warps=4, programs=264),  # paged_decode over SparQ's chosen rows (stage 2)
     "stage1": Launch(block_n=256, num_warps=4, programs=528),  # SparQ stage 1 and its scoring pass
     "topk": Launch(block_n=2048, num_warps=4, programs=1056),  # radix select levels
     "quest": Launch(block_n=64, num_warps=4, programs=1056),  # page bounds (block_n pages per step)

@@ -154,3 +154,50 @@ def test_many_tied_candidates_are_finished_over_several_loop_steps():
     values[1, ::7] = 0.5 + 2.0**-20  # row 1: a few above, tied with each other on the top 16 bits
     positions = run_topk(values, 1500, [n, n], block=512)
     assert_is_topk(values, positions, 1500, [n, n])
+
+
+def run_pick(values, k, n_valid, n_total=None, ref_bound=None, finish_block=4096):
+    """kernels.topk.pick_topk with the workspace a scoring pass would fill: each row's bound (its max
+    unless given) and the histogram of relative keys over [0, n_valid), both computed here in torch."""
+    from kernels.topk import REF_SHIFT, pick_topk, topk_workspace
+
+    rows, width = values.shape
+    n_total = n_valid if n_total is None else n_total
+    ws = topk_workspace(rows, values.device)
+    for row, nv in enumerate(n_valid):
+        bound = values[row, :nv].max() if ref_bound is None else torch.tensor(ref_bound)
+        ref = int(bound.view(torch.int32).item() & 0x7FFFFFFF) >> REF_SHIFT
+        keys = ((values[row, :nv].view(torch.int32) & 0x7FFFFFFF) >> REF_SHIFT) - (ref - 255)
+        ws["ref"][row, 0] = ref
+        ws["hist0"][row] = torch.bincount(keys.clamp(0, 255).long(), minlength=256).int()
+    with poisoned_allocations():
+        positions = pick_topk(values, k, torch.tensor(n_valid, dtype=torch.int32),
+                              torch.tensor(n_total, dtype=torch.int32), width, ws, block=BLOCK,
+                              finish_block=finish_block)
+    return positions.long()
+
+
+# finish_block 8 sends every row with more than 8 candidates down the per-digit path over memory.
+@pytest.mark.parametrize("finish_block", [4096, 8], ids=["in-registers", "over-memory"])
+def test_pick_topk_takes_the_top_of_values_over_many_binades(finish_block):
+    values = distinct_values(3, 100, seed=7)
+    n_valid, n_total = [90, 100, 41], [100, 100, 50]
+    positions = run_pick(values, 17, n_valid, n_total, finish_block=finish_block)
+    assert_is_topk(values, positions, 17, n_valid, n_total)
+
+
+@pytest.mark.parametrize("finish_block", [4096, 8], ids=["in-registers", "over-memory"])
+@pytest.mark.parametrize("pattern", ["three_values", "all_equal", "differ_in_low_bits"])
+def test_pick_topk_with_heavy_ties(pattern, finish_block):
+    values = _tied(pattern, torch.Generator().manual_seed(8))
+    n_valid = [100, 71, 40]
+    positions = run_pick(values, 30, n_valid, finish_block=finish_block)
+    assert_is_topk(values, positions, 30, n_valid)
+
+
+@pytest.mark.parametrize("finish_block", [4096, 8], ids=["in-registers", "over-memory"])
+def test_pick_topk_stays_exact_when_the_bound_is_far_too_low(finish_block):
+    # A bound below every value clamps them all into the top bin: all are candidates, still exact.
+    values = distinct_values(2, 100, seed=9)
+    positions = run_pick(values, 25, [100, 64], ref_bound=1e-30, finish_block=finish_block)
+    assert_is_topk(values, positions, 25, [100, 64])
