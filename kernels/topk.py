@@ -140,7 +140,7 @@ def _digit0_kernel(
         x = tl.load(values_ptr + row * s_row + offs, mask=valid, other=0.0)
         d0 = _digit(x, S0, B0)
         take = (valid & (d0 > b0)) | ((offs >= n_valid) & (offs < end))
-        hist1 += digit_histogram(x, valid & (d0 == b0), S1, 1 << B1)
+        hist1 += digit_histogram(x, valid & (d0 == b0), 15, 256)
         _append(out_ptr + row * s_out, counters_ptr + row * 4 + 0, offs, take)
     tl.atomic_add(hist1_ptr + row * (1 << B1) + tl.arange(0, 1 << B1), hist1)
 
@@ -175,7 +175,7 @@ def _digit1_kernel(
         match = valid & (_digit(x, S0, B0) == b0)
         d1 = _digit(x, S1, B1)
         cand = match & (d1 == b1)
-        hist2 += digit_histogram(x, cand, S2, 1 << B2)
+        hist2 += digit_histogram(x, cand, 7, 256)
         _append(out_row, counters + 0, offs, match & (d1 > b1))
         _append(cand_row, counters + 1, offs, cand)
     tl.atomic_add(hist2_ptr + row * (1 << B2) + tl.arange(0, 1 << B2), hist2)
@@ -193,7 +193,7 @@ def _digit1_kernel(
             pos = tl.load(cand_row + offs_c, mask=live, other=0, volatile=True)
             x = tl.load(values_ptr + row * s_row + pos, mask=live, other=0.0)
             d2 = _digit(x, S2, B2)
-            hist3 += digit_histogram(x, live & (d2 == b2), S3, 1 << B3)
+            hist3 += digit_histogram(x, live & (d2 == b2), 0, 128)
             _append(out_row, counters + 0, pos, live & (d2 > b2))
         b3, need = _boundary(hist3, need, 1 << B3)
         ties_before = 0
@@ -234,31 +234,30 @@ def _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask, 
 def _finish_candidates(pos_ptr, val_ptr, n_cand, need, out_row, counter_ptr, BLOCK: tl.constexpr):
     """Take the `need` largest of a candidate list (positions, values) by all four digits: in registers
     when it fits in BLOCK, else one pass per digit over memory (a rare, slow path: a row's boundary
-    quarter-binade holding more than BLOCK values)."""
-    (S0, B0), (S1, B1), (S2, B2), (S3, B3) = (23, 8), (15, 8), (7, 8), (0, 7)  # = LEVELS
+    quarter-binade holding more than BLOCK values). The digits are LEVELS."""
     if n_cand <= BLOCK:
         offs = tl.arange(0, BLOCK)
         cand = offs < n_cand
         x = tl.load(val_ptr + offs, mask=cand, other=0.0, volatile=True)
         pos = tl.load(pos_ptr + offs, mask=cand, other=0, volatile=True)
         taken = offs < 0
-        cand, taken, need = radix_level(x, cand, taken, need, S0, 1 << B0)
-        cand, taken, need = radix_level(x, cand, taken, need, S1, 1 << B1)
-        cand, taken, need = radix_level(x, cand, taken, need, S2, 1 << B2)
-        cand, taken, need = radix_level(x, cand, taken, need, S3, 1 << B3)
+        cand, taken, need = radix_level(x, cand, taken, need, 23, 256)
+        cand, taken, need = radix_level(x, cand, taken, need, 15, 256)
+        cand, taken, need = radix_level(x, cand, taken, need, 7, 256)
+        cand, taken, need = radix_level(x, cand, taken, need, 0, 128)
         tie_rank = tl.cumsum(cand.to(tl.int32), axis=0)  # exact ties: the first ones
         _append(out_row, counter_ptr, pos, taken | (cand & (tie_rank <= need)))
     else:
         prefix_mask = n_cand * 0
         prefix = n_cand * 0
         prefix_mask, prefix, need = _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask,
-                                                   prefix, need, S0, B0, BLOCK)
+                                                   prefix, need, 23, 8, BLOCK)
         prefix_mask, prefix, need = _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask,
-                                                   prefix, need, S1, B1, BLOCK)
+                                                   prefix, need, 15, 8, BLOCK)
         prefix_mask, prefix, need = _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask,
-                                                   prefix, need, S2, B2, BLOCK)
+                                                   prefix, need, 7, 8, BLOCK)
         prefix_mask, prefix, need = _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask,
-                                                   prefix, need, S3, B3, BLOCK)
+                                                   prefix, need, 0, 7, BLOCK)
         ties_before = n_cand * 0
         for c0 in range(0, n_cand, BLOCK):
             offs = c0 + tl.arange(0, BLOCK)
