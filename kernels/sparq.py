@@ -4,9 +4,8 @@
             only rows i1 of each k_dim page (r runs of P) are read and the approximate logits
             x_g = q_g[i1] . K[:, i1] / tau_g written, with the split's softmax max / sum per query head.
   scores    f = mean_g softmax(x_g) over the positions outside the local window (the group mean
-            ranks like the sum of §1, step 4).
-  top-k     kernels.topk.pick_topk: the window plus the k - l largest f, no sort, one launch (the scoring
-            pass fills its histogram of quarter-binades below the bound sum_g 1 / (G l_g) of f).
+            ranks like the sum of §1, step 4), with the first radix histogram fused in.
+  top-k     kernels.topk.radix_topk: the window plus the k - l largest f, no sort.
   stage 2   kernels.paged_decode MODE_ROWS with alpha: exact softmax over the k rows, alpha_g
             = sum of shat_g over them, y = alpha * (s . V) + (1 - alpha) * vbar.
 """
@@ -22,7 +21,7 @@ import triton.language as tl
 
 from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
 from kernels.softmax_stats import merged_softmax_stats
-from kernels.topk import REF_SHIFT, key_histogram, pick_topk, relative_key, topk_workspace
+from kernels.topk import LEVELS, digit_histogram, radix_topk, topk_workspace
 from kernels.tuning import TUNING
 from kvcache.table import PageTableCSR
 
@@ -82,11 +81,10 @@ def _stage1_kernel(
     mask_g = offs_g < G
     mask_r = offs_r < R
     # Every program finds i1 and tau itself (a sort of d values): cheaper than a launch of its own.
-    q, i1, tau = _group_query(q_ptr, sel_ptr, tau_ptr, pid_bh, b, h, R, scale, s_qb, s_qh, offs_g, mask_g,
+    _, i1, tau = _group_query(q_ptr, sel_ptr, tau_ptr, pid_bh, b, h, R, scale, s_qb, s_qh, offs_g, mask_g,
                               G, D, BLOCK_R, split == 0)
-    offs_d = tl.arange(0, D)
-    q_sel = tl.sum(tl.where(offs_d[None, None, :] == i1[None, :, None], q[:, None, :], 0.0), axis=2)  # [G, R]
-    q_sel = tl.where(mask_r[None, :], q_sel, 0.0)
+    q_sel = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + i1[None, :],  # [G, R], from L1
+                    mask=mask_g[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
     col = h * s_kh + i1.to(tl.int64) * s_kd  # [BLOCK_R]
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -128,10 +126,10 @@ def _stage1_kernel(
 @triton.jit
 def _scores_kernel(
     logits_ptr, stat_m_ptr, stat_l_ptr, indptr_ptr, last_len_ptr,
-    f_ptr, n_valid_ptr, n_total_ptr, hist_ptr, ref_ptr,
+    f_ptr, n_valid_ptr, n_total_ptr, hist_ptr,
     local_window, items_per_split, num_stat_splits, s_lrow, s_frow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_STAT: tl.constexpr, REF_SHIFT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_STAT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -147,12 +145,8 @@ def _scores_kernel(
     glob_m, glob_l = merged_softmax_stats(stat_m_ptr, stat_l_ptr, pid_bh, num_stat_splits, offs_g, mask_g,
                                           G, BLOCK_STAT)
     inv_l = tl.where(mask_g & (glob_l > 0), 1.0 / glob_l, 0.0) / G
-    # f <= sum_g inv_l_g (each exp term <= 1): the select's digits count quarter-binades below it.
-    ref = (tl.sum(inv_l, axis=0).to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> REF_SHIFT
-    if split == 0:
-        tl.store(ref_ptr + pid_bh, ref)
 
-    hist = tl.zeros([256], dtype=tl.int32)
+    hist = tl.zeros([NBINS], dtype=tl.int32)
     start = split * items_per_split
     end = tl.minimum(start + items_per_split, n_valid)
     for it in range(start, end, BLOCK_N):
@@ -162,8 +156,8 @@ def _scores_kernel(
                     mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
         f = tl.sum(tl.exp(x - glob_m[:, None]) * inv_l[:, None], axis=0)  # group mean of shat_g
         tl.store(f_ptr + pid_bh * s_frow + offs_n, f, mask=mask_n)
-        hist += key_histogram(relative_key(f, ref, REF_SHIFT), mask_n, 256)
-    tl.atomic_add(hist_ptr + pid_bh * 256 + tl.arange(0, 256), hist)
+        hist += digit_histogram(f, mask_n, SHIFT, NBINS)
+    tl.atomic_add(hist_ptr + pid_bh * NBINS + tl.arange(0, NBINS), hist)
 
 
 @dataclass
@@ -232,14 +226,16 @@ def sparq_select(
     n_valid = torch.empty(BH, dtype=torch.int32, device=dev)
     n_total = torch.empty(BH, dtype=torch.int32, device=dev)
     ws = topk_workspace(BH, dev)
+    shift, bits = LEVELS[0]
     _scores_kernel[(BH, s1.num_splits)](
         s1.logits, s1.stat_m, s1.stat_l, csr.indptr, csr.last_page_len,
-        scores, n_valid, n_total, ws["hist0"], ws["ref"],
+        scores, n_valid, n_total, ws["hist0"],
         local_window, s1.items_per_split, s1.num_splits, s1.logits.stride(1), scores.stride(0),
         HKV=num_kv_heads, G=G, BLOCK_G=triton.next_power_of_2(G), P=csr.page_size, BLOCK_N=block_n,
-        BLOCK_STAT=triton.next_power_of_2(s1.num_splits), REF_SHIFT=REF_SHIFT, num_warps=launch.num_warps,
+        BLOCK_STAT=triton.next_power_of_2(s1.num_splits), SHIFT=shift, NBINS=1 << bits,
+        num_warps=launch.num_warps,
     )
-    return pick_topk(scores, k, n_valid, n_total, csr.max_len, ws, block=topk_block)
+    return radix_topk(scores, k, n_valid, n_total, csr.max_len, ws, block=topk_block, hist0_done=True)
 
 
 def sparq_stage2(

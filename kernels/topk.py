@@ -27,13 +27,9 @@ from kernels.tuning import TUNING, Launch
 
 # (shift, bits) of the radix digits of a non-negative float32, most significant first.
 LEVELS = ((23, 8), (15, 8), (7, 8), (0, 7))
-_WORKSPACE = {"hist0": 1 << LEVELS[0][1], "hist1": 1 << LEVELS[1][1], "hist2": 1 << LEVELS[2][1], "counters": 4,
-              "ref": 1}
+_WORKSPACE = {"hist0": 1 << LEVELS[0][1], "hist1": 1 << LEVELS[1][1], "hist2": 1 << LEVELS[2][1], "counters": 4}
 # counters of a row: [0] positions emitted, [1] candidates gathered by digit 1, [2] programs done with digit 1.
 FINISH_BLOCK = 1024  # candidates per loop step of the row's last program
-# pick_topk's digit: quarter-binades (the exponent and 2 mantissa bits) below a per-row upper bound, 256 of them.
-REF_SHIFT = 21
-PICK_FINISH_BLOCK = 4096  # up to this many candidates the row's last program selects them in registers
 
 
 @triton.jit
@@ -61,26 +57,13 @@ def radix_level(x, cand, taken, need, SHIFT: tl.constexpr, NBINS: tl.constexpr):
 
 
 @triton.jit
-def relative_key(x, ref, REF_SHIFT: tl.constexpr):
-    """Digit of x (float32 >= 0) against ref = bits(upper bound of the row) >> REF_SHIFT: 255 in the bound's
-    quarter-binade, one less per quarter-binade below, clamped to [0, 255] (non-decreasing in x)."""
-    key = ((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> REF_SHIFT) - (ref - 255)
-    return tl.minimum(tl.maximum(key, 0), 255)
-
-
-@triton.jit
-def key_histogram(key, keep, NBINS: tl.constexpr):
-    """Histogram of integer keys in [0, NBINS) over the lanes where keep."""
-    hist = tl.histogram(tl.where(keep, key, 0), NBINS)
-    dropped = tl.sum((keep == 0).to(tl.int32), axis=0)
-    return hist - tl.where(tl.arange(0, NBINS) == 0, dropped, 0)
-
-
-@triton.jit
 def digit_histogram(x, keep, SHIFT: tl.constexpr, NBINS: tl.constexpr):
     """Histogram of digit (bits >> SHIFT) & (NBINS - 1) of x (float32 >= 0) over the lanes where keep."""
-    # Dropped lanes are counted in bin 0 and taken back out (histogram masks are not in every Triton).
-    return key_histogram(((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> SHIFT) & (NBINS - 1), keep, NBINS)
+    digit = ((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> SHIFT) & (NBINS - 1)  # -0.0 counts as 0
+    hist = tl.histogram(tl.where(keep, digit, 0), NBINS)
+    # Dropped lanes were counted in bin 0; take them back out (histogram masks are not in every Triton).
+    dropped = tl.sum((keep == 0).to(tl.int32), axis=0)
+    return hist - tl.where(tl.arange(0, NBINS) == 0, dropped, 0)
 
 
 @triton.jit
@@ -210,104 +193,6 @@ def _digit1_kernel(
             _append(out_row, counters + 0, pos, (same & (d3 > b3)) | (tie & (tie_rank < need)))
 
 
-@triton.jit
-def _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask, prefix, need,
-                   SHIFT: tl.constexpr, NBITS: tl.constexpr, BLOCK: tl.constexpr):
-    """One digit over a candidate list in memory: histogram of those matching the prefix, then take those above."""
-    hist = tl.zeros([1 << NBITS], dtype=tl.int32)
-    for c0 in range(0, n_cand, BLOCK):
-        offs = c0 + tl.arange(0, BLOCK)
-        x = tl.load(val_ptr + offs, mask=offs < n_cand, other=0.0, volatile=True)
-        match = (offs < n_cand) & (((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) & prefix_mask) == prefix)
-        hist += digit_histogram(x, match, SHIFT, 1 << NBITS)
-    boundary, need = _boundary(hist, need, 1 << NBITS)
-    for c0 in range(0, n_cand, BLOCK):
-        offs = c0 + tl.arange(0, BLOCK)
-        x = tl.load(val_ptr + offs, mask=offs < n_cand, other=0.0, volatile=True)
-        match = (offs < n_cand) & (((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) & prefix_mask) == prefix)
-        pos = tl.load(pos_ptr + offs, mask=match, other=0, volatile=True)
-        _append(out_row, counter_ptr, pos, match & (_digit(x, SHIFT, NBITS) > boundary))
-    return prefix_mask | (((1 << NBITS) - 1) << SHIFT), prefix | (boundary << SHIFT), need
-
-
-@triton.jit
-def _finish_candidates(pos_ptr, val_ptr, n_cand, need, out_row, counter_ptr, BLOCK: tl.constexpr):
-    """Take the `need` largest of a candidate list (positions, values) by all four digits: in registers
-    when it fits in BLOCK, else one pass per digit over memory (a rare, slow path: a row's boundary
-    quarter-binade holding more than BLOCK values). The digits are LEVELS."""
-    if n_cand <= BLOCK:
-        offs = tl.arange(0, BLOCK)
-        cand = offs < n_cand
-        x = tl.load(val_ptr + offs, mask=cand, other=0.0, volatile=True)
-        pos = tl.load(pos_ptr + offs, mask=cand, other=0, volatile=True)
-        taken = offs < 0
-        cand, taken, need = radix_level(x, cand, taken, need, 23, 256)
-        cand, taken, need = radix_level(x, cand, taken, need, 15, 256)
-        cand, taken, need = radix_level(x, cand, taken, need, 7, 256)
-        cand, taken, need = radix_level(x, cand, taken, need, 0, 128)
-        tie_rank = tl.cumsum(cand.to(tl.int32), axis=0)  # exact ties: the first ones
-        _append(out_row, counter_ptr, pos, taken | (cand & (tie_rank <= need)))
-    else:
-        prefix_mask = n_cand * 0
-        prefix = n_cand * 0
-        prefix_mask, prefix, need = _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask,
-                                                   prefix, need, 23, 8, BLOCK)
-        prefix_mask, prefix, need = _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask,
-                                                   prefix, need, 15, 8, BLOCK)
-        prefix_mask, prefix, need = _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask,
-                                                   prefix, need, 7, 8, BLOCK)
-        prefix_mask, prefix, need = _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask,
-                                                   prefix, need, 0, 7, BLOCK)
-        ties_before = n_cand * 0
-        for c0 in range(0, n_cand, BLOCK):
-            offs = c0 + tl.arange(0, BLOCK)
-            x = tl.load(val_ptr + offs, mask=offs < n_cand, other=0.0, volatile=True)
-            tie = (offs < n_cand) & ((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) == prefix)
-            pos = tl.load(pos_ptr + offs, mask=tie, other=0, volatile=True)
-            tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), axis=0) - 1
-            ties_before += tl.sum(tie.to(tl.int32), axis=0)
-            _append(out_row, counter_ptr, pos, tie & (tie_rank < need))
-
-
-@triton.jit
-def _pick_kernel(
-    values_ptr, n_valid_ptr, n_total_ptr, k_ptr, ref_ptr, hist0_ptr, counters_ptr, out_ptr, cand_pos_ptr, cand_val_ptr,
-    k, items_per_split, s_row, s_out, s_cand,
-    BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr, K_PER_ROW: tl.constexpr, REF_SHIFT: tl.constexpr,
-):
-    """Take the tail and every value above the boundary quarter-binade, gather those in it; the row's
-    last program (a ticket counter) then selects among the gathered ones."""
-    row = tl.program_id(0).to(tl.int64)
-    n_valid = tl.load(n_valid_ptr + row)
-    n_total = tl.load(n_total_ptr + row)
-    need = _need0(k_ptr, k, row, n_valid, n_total, K_PER_ROW)
-    ref = tl.load(ref_ptr + row)
-    b0, need = _boundary(tl.load(hist0_ptr + row * 256 + tl.arange(0, 256)), need, 256)
-    counters = counters_ptr + row * 4
-    out_row = out_ptr + row * s_out
-    start = tl.program_id(1) * items_per_split
-    end = tl.minimum(start + items_per_split, n_total)
-    for it in range(start, end, BLOCK):
-        offs = it + tl.arange(0, BLOCK)
-        valid = offs < tl.minimum(end, n_valid)
-        x = tl.load(values_ptr + row * s_row + offs, mask=valid, other=0.0)
-        key = relative_key(x, ref, REF_SHIFT)
-        _append(out_row, counters + 0, offs, (valid & (key > b0)) | ((offs >= n_valid) & (offs < end)))
-        cand = valid & (key == b0)
-        n = tl.sum(cand.to(tl.int32), axis=0)
-        if n > 0:
-            slot = tl.atomic_add(counters + 1, n) + tl.cumsum(cand.to(tl.int32), axis=0) - 1
-            tl.store(cand_pos_ptr + row * s_cand + slot, offs, mask=cand)
-            tl.store(cand_val_ptr + row * s_cand + slot, x, mask=cand)
-    # Every thread's stores are done before the ticket (its atomic is acq_rel): the last program of
-    # the row then sees all the gathered candidates.
-    tl.debug_barrier()
-    if tl.atomic_add(counters + 2, 1) == tl.num_programs(1) - 1:
-        n_cand = tl.atomic_add(counters + 1, 0)
-        _finish_candidates(cand_pos_ptr + row * s_cand, cand_val_ptr + row * s_cand, n_cand, need, out_row,
-                           counters + 0, FINISH_BLOCK)
-
-
 def topk_workspace(rows: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Zeroed int32 buffers for one selection: the histograms of digits 0-2 and the counters of each row."""
     flat = torch.zeros(rows * sum(_WORKSPACE.values()), dtype=torch.int32, device=device)  # one memset
@@ -370,39 +255,3 @@ def radix_topk(
     )
     return out
 
-
-def pick_topk(
-    values: torch.Tensor,
-    k: int,
-    n_valid: torch.Tensor,
-    n_total: torch.Tensor,
-    max_total: int,
-    workspace: dict[str, torch.Tensor],
-    block: int | None = None,
-    finish_block: int = PICK_FINISH_BLOCK,
-) -> torch.Tensor:
-    """radix_topk's result [R, k] (int32, unordered) in one launch, for values with a known upper bound.
-
-    The caller's pass over the values has filled workspace['ref'] (bits of each row's upper bound >>
-    REF_SHIFT, see relative_key) and workspace['hist0'] (the histogram of relative_key over
-    [0, n_valid)). Values above the k-th largest's quarter-binade are taken at once; the few in it are
-    gathered and selected exactly by the row's last program.
-    """
-    R = values.shape[0]
-    out = torch.empty((R, k), dtype=torch.int32, device=values.device)
-    width = max(max_total, 1)
-    cand_pos = torch.empty((R, width), dtype=torch.int32, device=values.device)
-    cand_val = torch.empty((R, width), dtype=torch.float32, device=values.device)
-    launch = TUNING["topk"]
-    block = launch.block_n if block is None else block
-    blocks = triton.cdiv(width, block)
-    splits = max(1, min(blocks, triton.cdiv(launch.programs, R)))
-    items = triton.cdiv(blocks, splits) * block
-    _pick_kernel[(R, triton.cdiv(width, items))](
-        values, n_valid, n_total, n_valid, workspace["ref"], workspace["hist0"], workspace["counters"], out,
-        cand_pos, cand_val,
-        k, items, values.stride(0), out.stride(0), cand_pos.stride(0),
-        BLOCK=block, FINISH_BLOCK=finish_block, K_PER_ROW=False, REF_SHIFT=REF_SHIFT,
-        num_warps=launch.num_warps,
-    )
-    return out
