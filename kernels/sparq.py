@@ -187,7 +187,7 @@ def sparq_stage1(
     G = Hq // Hkv
     BH = B * Hkv
     dev = q.device
-    launch = TUNING["stage1"]
+    launch = TUNING["stage1" if r <= 16 else "stage1_wide"]
     block_n = launch.block_n if block_n is None else block_n
     num_splits, items = plan_splits(csr.max_len, BH, block_n, launch.programs)
     row_len = triton.cdiv(csr.max_len, 16) * 16
@@ -220,7 +220,7 @@ def sparq_select(
     """§1 step 4: positions [B*Hkv, k] (int32, unordered): the local window and the k - l best group-mean shat."""
     BH, G, row_len = s1.logits.shape
     dev = s1.logits.device
-    launch = TUNING["stage1"]
+    launch = TUNING["scores"]
     block_n = launch.block_n if block_n is None else block_n
     scores = torch.empty((BH, row_len), dtype=torch.float32, device=dev)
     n_valid = torch.empty(BH, dtype=torch.int32, device=dev)

@@ -27,7 +27,7 @@ from kernels.tuning import TUNING, Launch
 
 # (shift, bits) of the radix digits of a non-negative float32, most significant first.
 LEVELS = ((23, 8), (15, 8), (7, 8), (0, 7))
-_WORKSPACE = {"hist0": 1 << LEVELS[0][1], "hist1": 1 << LEVELS[1][1], "hist2": 1 << LEVELS[2][1], "counters": 4}
+_WORKSPACE = {"hist0": 1 << LEVELS[0][1], "hist1": 1 << LEVELS[1][1], "counters": 4}
 # counters of a row: [0] positions emitted, [1] candidates gathered by digit 1, [2] programs done with digit 1.
 FINISH_BLOCK = 1024  # candidates per loop step of the row's last program
 
@@ -123,15 +123,14 @@ def _digit0_kernel(
         x = tl.load(values_ptr + row * s_row + offs, mask=valid, other=0.0)
         d0 = _digit(x, S0, B0)
         take = (valid & (d0 > b0)) | ((offs >= n_valid) & (offs < end))
-        hist1 += digit_histogram(x, valid & (d0 == b0), 15, 256)
+        hist1 += digit_histogram(x, valid & (d0 == b0), S1, 1 << B1)
         _append(out_ptr + row * s_out, counters_ptr + row * 4 + 0, offs, take)
     tl.atomic_add(hist1_ptr + row * (1 << B1) + tl.arange(0, 1 << B1), hist1)
 
 
 @triton.jit
 def _digit1_kernel(
-    values_ptr, n_valid_ptr, n_total_ptr, k_ptr, hist0_ptr, hist1_ptr, hist2_ptr, counters_ptr, out_ptr,
-    cand_ptr,
+    values_ptr, n_valid_ptr, n_total_ptr, k_ptr, hist0_ptr, hist1_ptr, counters_ptr, out_ptr, cand_ptr,
     k, items_per_split, s_row, s_out, s_cand,
     BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr, K_PER_ROW: tl.constexpr,
     S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr,
@@ -150,25 +149,28 @@ def _digit1_kernel(
     cand_row = cand_ptr + row * s_cand
     start = tl.program_id(1) * items_per_split
     end = tl.minimum(start + items_per_split, n_valid)
-    hist2 = tl.zeros([1 << B2], dtype=tl.int32)
     for it in range(start, end, BLOCK):
         offs = it + tl.arange(0, BLOCK)
         valid = offs < end
         x = tl.load(values_ptr + row * s_row + offs, mask=valid, other=0.0)
         match = valid & (_digit(x, S0, B0) == b0)
         d1 = _digit(x, S1, B1)
-        cand = match & (d1 == b1)
-        hist2 += digit_histogram(x, cand, 7, 256)
         _append(out_row, counters + 0, offs, match & (d1 > b1))
-        _append(cand_row, counters + 1, offs, cand)
-    tl.atomic_add(hist2_ptr + row * (1 << B2) + tl.arange(0, 1 << B2), hist2)
+        _append(cand_row, counters + 1, offs, match & (d1 == b1))
     # Every thread's stores are done before the ticket (its atomic is acq_rel): the last program of
-    # the row then sees all the gathered candidates and the whole digit-2 histogram.
+    # the row then sees all the gathered candidates. They are few (they share the k-th largest's top
+    # 16 bits), so their digit-2 histogram is made here rather than by every program.
     tl.debug_barrier()
     if tl.atomic_add(counters + 2, 1) == tl.num_programs(1) - 1:
         n_cand = tl.atomic_add(counters + 1, 0)
-        b2, need = _boundary(tl.load(hist2_ptr + row * (1 << B2) + tl.arange(0, 1 << B2), volatile=True), need,
-                             1 << B2)
+        hist2 = tl.zeros([1 << B2], dtype=tl.int32)
+        for c0 in range(0, n_cand, FINISH_BLOCK):
+            offs_c = c0 + tl.arange(0, FINISH_BLOCK)
+            live = offs_c < n_cand
+            pos = tl.load(cand_row + offs_c, mask=live, other=0, volatile=True)
+            x = tl.load(values_ptr + row * s_row + pos, mask=live, other=0.0)
+            hist2 += digit_histogram(x, live, S2, 1 << B2)
+        b2, need = _boundary(hist2, need, 1 << B2)
         hist3 = tl.zeros([1 << B3], dtype=tl.int32)
         for c0 in range(0, n_cand, FINISH_BLOCK):
             offs_c = c0 + tl.arange(0, FINISH_BLOCK)
@@ -176,7 +178,7 @@ def _digit1_kernel(
             pos = tl.load(cand_row + offs_c, mask=live, other=0, volatile=True)
             x = tl.load(values_ptr + row * s_row + pos, mask=live, other=0.0)
             d2 = _digit(x, S2, B2)
-            hist3 += digit_histogram(x, live & (d2 == b2), 0, 128)
+            hist3 += digit_histogram(x, live & (d2 == b2), S3, 1 << B3)
             _append(out_row, counters + 0, pos, live & (d2 > b2))
         b3, need = _boundary(hist3, need, 1 << B3)
         ties_before = 0
@@ -194,7 +196,7 @@ def _digit1_kernel(
 
 
 def topk_workspace(rows: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Zeroed int32 buffers for one selection: the histograms of digits 0-2 and the counters of each row."""
+    """Zeroed int32 buffers for one selection: the histograms of digits 0 and 1 and the counters of each row."""
     flat = torch.zeros(rows * sum(_WORKSPACE.values()), dtype=torch.int32, device=device)  # one memset
     views, offset = {}, 0
     for name, size in _WORKSPACE.items():
@@ -248,7 +250,7 @@ def radix_topk(
         BLOCK=block, K_PER_ROW=per_row, S0=s0, B0=b0, S1=s1, B1=b1, num_warps=launch.num_warps,
     )
     _digit1_kernel[grid](
-        values, n_valid, n_total, k_ptr, ws["hist0"], ws["hist1"], ws["hist2"], ws["counters"], out, candidates,
+        values, n_valid, n_total, k_ptr, ws["hist0"], ws["hist1"], ws["counters"], out, candidates,
         k_int, items, values.stride(0), out.stride(0), candidates.stride(0),
         BLOCK=block, FINISH_BLOCK=FINISH_BLOCK, K_PER_ROW=per_row,
         S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3, num_warps=launch.num_warps,
