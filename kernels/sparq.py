@@ -193,6 +193,8 @@ def sparq_stage1(
     row_len = triton.cdiv(csr.max_len, 16) * 16
     block_r = max(16, triton.next_power_of_2(r))
     res = Stage1Result(
+        # float32: fp16 logits were tried (half the traffic) and made the selection slower on an H200, as
+        # rounding ties many scores on the radix's top 16 bits and the tied candidates are finished serially.
         logits=torch.empty((BH, G, row_len), dtype=torch.float32, device=dev),
         stat_m=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
         stat_l=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
