@@ -48,13 +48,13 @@ def _attend_partial_kernel(
     list_ptr, list_len_ptr,
     sel_ptr, tau_ptr, stat_m_ptr, stat_l_ptr,
     out_ptr, lse_ptr, alpha_ptr,
-    sm_scale, items_per_split, num_stat_splits,
+    sm_scale, items_per_split, num_stat_splits, list_items,
     s_qb, s_qh,
     s_kn, s_kh, s_kp,
     s_list,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, MODE: tl.constexpr, WITH_ALPHA: tl.constexpr, BLOCK_STAT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_LIST_LEN: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -65,6 +65,8 @@ def _attend_partial_kernel(
     page_start, _, seq_len = sequence_extent(indptr_ptr, last_len_ptr, b, P)
     if MODE == 0:
         num_items = seq_len
+    elif not HAS_LIST_LEN:  # every list is full: list_items entries (SparQ's k)
+        num_items = list_items
     elif MODE == 1:
         num_items = tl.load(list_len_ptr + pid_bh)
     else:
@@ -218,7 +220,8 @@ def attend_partial(
     k_seq and v_seq [N, Hkv, P, d] must have the same strides; they may be views of a pinned host
     tensor (the GPU reads those rows over PCIe) as long as csr.indices address that pool.
     alpha_inputs = (sel [B*Hkv, d] int8, tau [B*Hkv, G], stat_m, stat_l [B*Hkv, S1, G], S1) turns on
-    SparQ's alpha. `launch` overrides TUNING['decode'].
+    SparQ's alpha. Without list_len every list holds max_items items (no per-row count to read).
+    `launch` overrides TUNING['decode'].
     """
     B, Hq, D = q.shape
     _, Hkv, P, _ = k_seq.shape
@@ -244,6 +247,7 @@ def attend_partial(
         sel, tau, stat_m, stat_l, stat_splits = part_lse, part_lse, part_lse, part_lse, 1
     dummy = csr.indptr
     item_list = dummy if item_list is None else item_list
+    has_list_len = list_len is not None
     list_len = dummy if list_len is None else list_len
     block_g = max(16, triton.next_power_of_2(G))
     _attend_partial_kernel[(BH, num_splits)](
@@ -252,13 +256,13 @@ def attend_partial(
         item_list, list_len,
         sel, tau, stat_m, stat_l,
         part_out, part_lse, part_alpha,
-        scale, items, stat_splits,
+        scale, items, stat_splits, max_items,
         q.stride(0), q.stride(1),
         k_seq.stride(0), k_seq.stride(1), k_seq.stride(2),
         item_list.stride(0) if item_list.dim() == 2 else 0,
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, BLOCK_N=block_n, MODE=mode, WITH_ALPHA=with_alpha,
         BLOCK_STAT=triton.next_power_of_2(stat_splits), DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=launch.num_warps,
+        HAS_LIST_LEN=has_list_len, num_warps=launch.num_warps,
     )
     return Partials(part_out, part_lse, part_alpha if with_alpha else None)
 

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
 from kernels.softmax_stats import merged_softmax_stats
-from kernels.topk import LEVELS, digit_histogram, radix_topk, topk_workspace
+from kernels.topk import LEVELS, digit_histogram, radix_topk, topk_workspace, zero_workspace_row
 from kernels.tuning import TUNING
 from kvcache.table import PageTableCSR
 
@@ -61,7 +61,7 @@ def _group_query(
 @triton.jit
 def _stage1_kernel(
     q_ptr, kdim_ptr, indptr_ptr, indices_ptr, last_len_ptr,
-    sel_ptr, tau_ptr, logits_ptr, stat_m_ptr, stat_l_ptr,
+    sel_ptr, tau_ptr, logits_ptr, stat_m_ptr, stat_l_ptr, hist0_ptr, hist1_ptr, counters_ptr,
     scale, items_per_split,
     s_qb, s_qh, s_kn, s_kh, s_kd, s_lrow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
@@ -83,6 +83,8 @@ def _stage1_kernel(
     # Every program finds i1 and tau itself (a sort of d values): cheaper than a launch of its own.
     _, i1, tau = _group_query(q_ptr, sel_ptr, tau_ptr, pid_bh, b, h, R, scale, s_qb, s_qh, offs_g, mask_g,
                               G, D, BLOCK_R, split == 0)
+    if split == 0:  # the selection's workspace, zeroed here rather than by a memset of its own
+        zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, pid_bh)
     q_sel = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + i1[None, :],  # [G, R], from L1
                     mask=mask_g[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
     col = h * s_kh + i1.to(tl.int64) * s_kd  # [BLOCK_R]
@@ -170,6 +172,7 @@ class Stage1Result:
     sel: torch.Tensor  # [B*Hkv, d] int8: 1 on the r chosen components
     tau: torch.Tensor  # [B*Hkv, G] float32 temperatures
     items_per_split: int
+    workspace: dict[str, torch.Tensor] | None  # kernels.topk's, zeroed by stage 1; taken by the first selection
 
     @property
     def num_splits(self) -> int:
@@ -201,12 +204,14 @@ def sparq_stage1(
         sel=torch.empty((BH, D), dtype=torch.int8, device=dev),
         tau=torch.empty((BH, G), dtype=torch.float32, device=dev),
         items_per_split=items,
+        workspace=topk_workspace(BH, dev, zeroed=False),
     )
     use_dot = G >= 16  # measured on an H200: FMAs on G rows beat a 16-row tensor-core tile for G <= 8
     block_g = max(16, triton.next_power_of_2(G)) if use_dot else triton.next_power_of_2(G)
     _stage1_kernel[(BH, num_splits)](
         q, k_dim, csr.indptr, csr.indices, csr.last_page_len,
         res.sel, res.tau, res.logits, res.stat_m, res.stat_l,
+        res.workspace["hist0"], res.workspace["hist1"], res.workspace["counters"],
         1.0 / math.sqrt(D) if scale is None else scale, items,
         q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), res.logits.stride(1),
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, R=r, BLOCK_R=block_r, BLOCK_N=block_n,
@@ -227,7 +232,8 @@ def sparq_select(
     scores = torch.empty((BH, row_len), dtype=torch.float32, device=dev)
     n_valid = torch.empty(BH, dtype=torch.int32, device=dev)
     n_total = torch.empty(BH, dtype=torch.int32, device=dev)
-    ws = topk_workspace(BH, dev)
+    # The selection fills its workspace: only the first one after stage 1 finds it zeroed.
+    ws, s1.workspace = (s1.workspace if s1.workspace is not None else topk_workspace(BH, dev)), None
     shift, bits = LEVELS[0]
     _scores_kernel[(BH, s1.num_splits)](
         s1.logits, s1.stat_m, s1.stat_l, csr.indptr, csr.last_page_len,
@@ -247,11 +253,10 @@ def sparq_stage2(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """§1 steps 5-7: exact attention over the chosen rows, alpha, mean-value reallocation: out, lse."""
     BH, k = positions.shape
-    list_len = torch.full((BH,), k, dtype=torch.int32, device=q.device)
     alpha_inputs = (s1.sel, s1.tau, s1.stat_m, s1.stat_l, s1.num_splits) if reallocate else None
     vbar = value_mean.float().reshape(BH, -1) if reallocate else None
     return attend_partial_and_merge(
-        q, k_seq, v_seq, csr, k, MODE_ROWS, item_list=positions, list_len=list_len,
+        q, k_seq, v_seq, csr, k, MODE_ROWS, item_list=positions,
         alpha_inputs=alpha_inputs, value_mean=vbar, scale=scale, block_n=block_n, launch=TUNING["rows"],
     )
 

@@ -77,6 +77,14 @@ def _append(out_row_ptr, counter_ptr, values, keep):
 
 
 @triton.jit
+def zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, row):
+    """Zero one row of a topk_workspace(zeroed=False) from inside a kernel that runs before the select."""
+    tl.store(hist0_ptr + row * 256 + tl.arange(0, 256), tl.zeros([256], dtype=tl.int32))
+    tl.store(hist1_ptr + row * 256 + tl.arange(0, 256), tl.zeros([256], dtype=tl.int32))
+    tl.store(counters_ptr + row * 4 + tl.arange(0, 4), tl.zeros([4], dtype=tl.int32))
+
+
+@triton.jit
 def _need0(k_ptr, k, row, n_valid, n_total, K_PER_ROW: tl.constexpr):
     """Positions to choose from [0, n_valid): the budget less the forced tail."""
     if K_PER_ROW:
@@ -195,9 +203,11 @@ def _digit1_kernel(
             _append(out_row, counters + 0, pos, (same & (d3 > b3)) | (tie & (tie_rank < need)))
 
 
-def topk_workspace(rows: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Zeroed int32 buffers for one selection: the histograms of digits 0 and 1 and the counters of each row."""
-    flat = torch.zeros(rows * sum(_WORKSPACE.values()), dtype=torch.int32, device=device)  # one memset
+def topk_workspace(rows: int, device: torch.device, zeroed: bool = True) -> dict[str, torch.Tensor]:
+    """int32 buffers for one selection: the histograms of digits 0 and 1 and the counters of each row,
+    zeroed (one memset) unless the caller's first kernel zeroes them (see zero_workspace_row)."""
+    alloc = torch.zeros if zeroed else torch.empty
+    flat = alloc(rows * sum(_WORKSPACE.values()), dtype=torch.int32, device=device)
     views, offset = {}, 0
     for name, size in _WORKSPACE.items():
         views[name] = flat[offset : offset + rows * size].view(rows, size)

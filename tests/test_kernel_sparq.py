@@ -90,3 +90,17 @@ def test_bfloat16_matches_the_reference_on_the_gpu(G):
     out, lse, ref, _ = run_both(G=G, d=128, dtype=torch.bfloat16, page_size=16, device="cuda",
                                 r=16, k=K, local_window=2)
     assert_matches(out, lse, ref, torch.bfloat16)
+
+
+def test_selecting_twice_from_one_stage_1_gives_the_same_positions():
+    # Stage 1 zeroes the selection's workspace; a second selection on the same stage-1 result must
+    # not reuse the filled one (the benchmark times the selection alone this way).
+    from kernels.sparq import sparq_select, sparq_stage1
+
+    store, ids = scattered_store(LENGTHS, d=64, page_size=8, dtype=torch.float32, device="cpu")
+    q = torch.randn((len(ids), HKV * 4, 64), generator=torch.Generator().manual_seed(3))
+    csr = store.page_table(ids, 0)
+    s1 = sparq_stage1(q, store.layer_view(0).k_dim, csr, 8, block_n=32)
+    first = sparq_select(s1, csr, HKV, K, 2, block_n=32, topk_block=64)
+    second = sparq_select(s1, csr, HKV, K, 2, block_n=32, topk_block=64)
+    assert [sorted(r) for r in first.tolist()] == [sorted(r) for r in second.tolist()]
