@@ -3,9 +3,9 @@
   stage 1   per (sequence, kv head, split): i1 (the r largest of sum_g |q_g|) and tau_g, then
             only rows i1 of each k_dim page (r runs of P) are read and the approximate logits
             x_g = q_g[i1] . K[:, i1] / tau_g written, with the split's softmax max / sum per query head.
-  top-k     kernels.sparq_select: the window plus the k - l largest f = mean_g softmax(x_g) (the
-            group mean ranks like the sum of §1, step 4), from the logits: a sampled bracket,
-            one pass, an exact finish; no sort of S values.
+  scores    f = mean_g softmax(x_g) over the positions outside the local window (the group mean
+            ranks like the sum of §1, step 4), with the first radix histogram fused in.
+  top-k     kernels.topk.radix_topk: the window plus the k - l largest f, no sort.
   stage 2   kernels.paged_decode MODE_ROWS with alpha: exact softmax over the k rows, alpha_g
             = sum of shat_g over them, y = alpha * (s . V) + (1 - alpha) * vbar.
 """
@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
-from kernels.sparq_select import sparq_topk
+from kernels.softmax_stats import merged_softmax_stats
+from kernels.topk import LEVELS, digit_histogram, radix_topk, topk_workspace, zero_workspace_row
 from kernels.tuning import TUNING
 from kvcache.table import PageTableCSR
 
@@ -60,7 +61,7 @@ def _group_query(
 @triton.jit
 def _stage1_kernel(
     q_ptr, kdim_ptr, indptr_ptr, indices_ptr, last_len_ptr,
-    sel_ptr, tau_ptr, logits_ptr, stat_m_ptr, stat_l_ptr, counters_ptr,
+    sel_ptr, tau_ptr, logits_ptr, stat_m_ptr, stat_l_ptr, hist0_ptr, hist1_ptr, counters_ptr,
     scale, items_per_split,
     s_qb, s_qh, s_kn, s_kh, s_kd, s_lrow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
@@ -82,8 +83,8 @@ def _stage1_kernel(
     # Every program finds i1 and tau itself (a sort of d values): cheaper than a launch of its own.
     _, i1, tau = _group_query(q_ptr, sel_ptr, tau_ptr, pid_bh, b, h, R, scale, s_qb, s_qh, offs_g, mask_g,
                               G, D, BLOCK_R, split == 0)
-    if split == 0:  # the selection's counters, zeroed here rather than by a memset of their own
-        tl.store(counters_ptr + pid_bh * 4 + tl.arange(0, 4), tl.zeros([4], dtype=tl.int32))
+    if split == 0:  # the selection's workspace, zeroed here rather than by a memset of its own
+        zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, pid_bh)
     q_sel = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + i1[None, :],  # [G, R], from L1
                     mask=mask_g[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
     col = h * s_kh + i1.to(tl.int64) * s_kd  # [BLOCK_R]
@@ -124,6 +125,43 @@ def _stage1_kernel(
     tl.store(stat_l_ptr + stat, l_i, mask=mask_g)
 
 
+@triton.jit
+def _scores_kernel(
+    logits_ptr, stat_m_ptr, stat_l_ptr, indptr_ptr, last_len_ptr,
+    f_ptr, n_valid_ptr, n_total_ptr, hist_ptr,
+    local_window, items_per_split, num_stat_splits, s_lrow, s_frow,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_STAT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    _, _, seq_len = sequence_extent(indptr_ptr, last_len_ptr, b, P)
+    n_valid = seq_len - local_window
+    if split == 0:
+        tl.store(n_valid_ptr + pid_bh, n_valid)
+        tl.store(n_total_ptr + pid_bh, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < G
+    glob_m, glob_l = merged_softmax_stats(stat_m_ptr, stat_l_ptr, pid_bh, num_stat_splits, offs_g, mask_g,
+                                          G, BLOCK_STAT)
+    inv_l = tl.where(mask_g & (glob_l > 0), 1.0 / glob_l, 0.0) / G
+
+    hist = tl.zeros([NBINS], dtype=tl.int32)
+    start = split * items_per_split
+    end = tl.minimum(start + items_per_split, n_valid)
+    for it in range(start, end, BLOCK_N):
+        offs_n = it + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        x = tl.load(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_lrow + offs_n[None, :],
+                    mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
+        f = tl.sum(tl.exp(x - glob_m[:, None]) * inv_l[:, None], axis=0)  # group mean of shat_g
+        tl.store(f_ptr + pid_bh * s_frow + offs_n, f, mask=mask_n)
+        hist += digit_histogram(f, mask_n, SHIFT, NBINS)
+    tl.atomic_add(hist_ptr + pid_bh * NBINS + tl.arange(0, NBINS), hist)
+
+
 @dataclass
 class Stage1Result:
     """What stage 1 leaves for the selection and stage 2 (all on the device)."""
@@ -134,7 +172,7 @@ class Stage1Result:
     sel: torch.Tensor  # [B*Hkv, d] int8: 1 on the r chosen components
     tau: torch.Tensor  # [B*Hkv, G] float32 temperatures
     items_per_split: int
-    counters: torch.Tensor | None  # [B*Hkv, 4] int32 of the selection, zeroed by stage 1; taken by the first one
+    workspace: dict[str, torch.Tensor] | None  # kernels.topk's, zeroed by stage 1; taken by the first selection
 
     @property
     def num_splits(self) -> int:
@@ -166,14 +204,14 @@ def sparq_stage1(
         sel=torch.empty((BH, D), dtype=torch.int8, device=dev),
         tau=torch.empty((BH, G), dtype=torch.float32, device=dev),
         items_per_split=items,
-        counters=torch.empty((BH, 4), dtype=torch.int32, device=dev),
+        workspace=topk_workspace(BH, dev, zeroed=False),
     )
     use_dot = G >= 16  # measured on an H200: FMAs on G rows beat a 16-row tensor-core tile for G <= 8
     block_g = max(16, triton.next_power_of_2(G)) if use_dot else triton.next_power_of_2(G)
     _stage1_kernel[(BH, num_splits)](
         q, k_dim, csr.indptr, csr.indices, csr.last_page_len,
         res.sel, res.tau, res.logits, res.stat_m, res.stat_l,
-        res.counters,
+        res.workspace["hist0"], res.workspace["hist1"], res.workspace["counters"],
         1.0 / math.sqrt(D) if scale is None else scale, items,
         q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), res.logits.stride(1),
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, R=r, BLOCK_R=block_r, BLOCK_N=block_n,
@@ -184,14 +222,28 @@ def sparq_stage1(
 
 def sparq_select(
     s1: Stage1Result, csr: PageTableCSR, num_kv_heads: int, k: int, local_window: int,
-    block_n: int | None = None,
+    block_n: int | None = None, topk_block: int | None = None,
 ) -> torch.Tensor:
     """§1 step 4: positions [B*Hkv, k] (int32, unordered): the local window and the k - l best group-mean shat."""
-    # The selection counts in its counters: only the first one after stage 1 finds them zeroed.
-    counters, s1.counters = s1.counters, None
-    if counters is None:
-        counters = torch.zeros((s1.logits.shape[0], 4), dtype=torch.int32, device=s1.logits.device)
-    return sparq_topk(s1.logits, s1.stat_m, s1.stat_l, csr, num_kv_heads, k, local_window, counters, block_n)
+    BH, G, row_len = s1.logits.shape
+    dev = s1.logits.device
+    launch = TUNING["scores"]
+    block_n = launch.block_n if block_n is None else block_n
+    scores = torch.empty((BH, row_len), dtype=torch.float32, device=dev)
+    n_valid = torch.empty(BH, dtype=torch.int32, device=dev)
+    n_total = torch.empty(BH, dtype=torch.int32, device=dev)
+    # The selection fills its workspace: only the first one after stage 1 finds it zeroed.
+    ws, s1.workspace = (s1.workspace if s1.workspace is not None else topk_workspace(BH, dev)), None
+    shift, bits = LEVELS[0]
+    _scores_kernel[(BH, s1.num_splits)](
+        s1.logits, s1.stat_m, s1.stat_l, csr.indptr, csr.last_page_len,
+        scores, n_valid, n_total, ws["hist0"],
+        local_window, s1.items_per_split, s1.num_splits, s1.logits.stride(1), scores.stride(0),
+        HKV=num_kv_heads, G=G, BLOCK_G=triton.next_power_of_2(G), P=csr.page_size, BLOCK_N=block_n,
+        BLOCK_STAT=triton.next_power_of_2(s1.num_splits), SHIFT=shift, NBINS=1 << bits,
+        num_warps=launch.num_warps,
+    )
+    return radix_topk(scores, k, n_valid, n_total, csr.max_len, ws, block=topk_block, hist0_done=True)
 
 
 def sparq_stage2(
@@ -222,11 +274,12 @@ def sparq_decode(
     reallocate: bool = True,
     scale: float | None = None,
     block_n: int | None = None,
+    topk_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparQ attention of q [B, Hq, d] (§1): out [B, Hq, d] in q's dtype, lse [B, Hq] of the stage-2 scores.
 
     Parameters as kvcache.methods.sparq, which checks them; value_mean [B, Hkv, d] float32.
     """
     s1 = sparq_stage1(q, k_dim, csr, r, block_n, scale)
-    positions = sparq_select(s1, csr, k_seq.shape[1], k, local_window, block_n)
+    positions = sparq_select(s1, csr, k_seq.shape[1], k, local_window, block_n, topk_block)
     return sparq_stage2(q, k_seq, v_seq, value_mean, csr, s1, positions, reallocate, scale, block_n)

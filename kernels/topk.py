@@ -77,62 +77,11 @@ def _append(out_row_ptr, counter_ptr, values, keep):
 
 
 @triton.jit
-def _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask, prefix, need,
-                   SHIFT: tl.constexpr, NBITS: tl.constexpr, BLOCK: tl.constexpr):
-    """One digit over a candidate list in memory: histogram of those matching the prefix, then take those above."""
-    hist = tl.zeros([1 << NBITS], dtype=tl.int32)
-    for c0 in range(0, n_cand, BLOCK):
-        offs = c0 + tl.arange(0, BLOCK)
-        x = tl.load(val_ptr + offs, mask=offs < n_cand, other=0.0, volatile=True)
-        match = (offs < n_cand) & (((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) & prefix_mask) == prefix)
-        hist += digit_histogram(x, match, SHIFT, 1 << NBITS)
-    boundary, need = _boundary(hist, need, 1 << NBITS)
-    for c0 in range(0, n_cand, BLOCK):
-        offs = c0 + tl.arange(0, BLOCK)
-        x = tl.load(val_ptr + offs, mask=offs < n_cand, other=0.0, volatile=True)
-        match = (offs < n_cand) & (((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) & prefix_mask) == prefix)
-        pos = tl.load(pos_ptr + offs, mask=match, other=0, volatile=True)
-        _append(out_row, counter_ptr, pos, match & (_digit(x, SHIFT, NBITS) > boundary))
-    return prefix_mask | (((1 << NBITS) - 1) << SHIFT), prefix | (boundary << SHIFT), need
-
-
-@triton.jit
-def finish_candidates(pos_ptr, val_ptr, n_cand, need, out_row, counter_ptr, BLOCK: tl.constexpr):
-    """Append to a row the positions of the `need` largest of a candidate list (positions, values >= 0 in
-    memory) by all four digits (LEVELS): in registers when the list fits in BLOCK, else one pass per
-    digit over memory. Run by one program; exact ties are taken in list order."""
-    if n_cand <= BLOCK:
-        offs = tl.arange(0, BLOCK)
-        cand = offs < n_cand
-        x = tl.load(val_ptr + offs, mask=cand, other=0.0, volatile=True)
-        pos = tl.load(pos_ptr + offs, mask=cand, other=0, volatile=True)
-        taken = offs < 0
-        cand, taken, need = radix_level(x, cand, taken, need, 23, 256)
-        cand, taken, need = radix_level(x, cand, taken, need, 15, 256)
-        cand, taken, need = radix_level(x, cand, taken, need, 7, 256)
-        cand, taken, need = radix_level(x, cand, taken, need, 0, 128)
-        tie_rank = tl.cumsum(cand.to(tl.int32), axis=0)  # exact ties: the first ones
-        _append(out_row, counter_ptr, pos, taken | (cand & (tie_rank <= need)))
-    else:
-        prefix_mask = n_cand * 0
-        prefix = n_cand * 0
-        prefix_mask, prefix, need = _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask,
-                                                   prefix, need, 23, 8, BLOCK)
-        prefix_mask, prefix, need = _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask,
-                                                   prefix, need, 15, 8, BLOCK)
-        prefix_mask, prefix, need = _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask,
-                                                   prefix, need, 7, 8, BLOCK)
-        prefix_mask, prefix, need = _chunked_level(pos_ptr, val_ptr, n_cand, out_row, counter_ptr, prefix_mask,
-                                                   prefix, need, 0, 7, BLOCK)
-        ties_before = n_cand * 0
-        for c0 in range(0, n_cand, BLOCK):
-            offs = c0 + tl.arange(0, BLOCK)
-            x = tl.load(val_ptr + offs, mask=offs < n_cand, other=0.0, volatile=True)
-            tie = (offs < n_cand) & ((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) == prefix)
-            pos = tl.load(pos_ptr + offs, mask=tie, other=0, volatile=True)
-            tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), axis=0) - 1
-            ties_before += tl.sum(tie.to(tl.int32), axis=0)
-            _append(out_row, counter_ptr, pos, tie & (tie_rank < need))
+def zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, row):
+    """Zero one row of a topk_workspace(zeroed=False) from inside a kernel that runs before the select."""
+    tl.store(hist0_ptr + row * 256 + tl.arange(0, 256), tl.zeros([256], dtype=tl.int32))
+    tl.store(hist1_ptr + row * 256 + tl.arange(0, 256), tl.zeros([256], dtype=tl.int32))
+    tl.store(counters_ptr + row * 4 + tl.arange(0, 4), tl.zeros([4], dtype=tl.int32))
 
 
 @triton.jit
@@ -254,9 +203,11 @@ def _digit1_kernel(
             _append(out_row, counters + 0, pos, (same & (d3 > b3)) | (tie & (tie_rank < need)))
 
 
-def topk_workspace(rows: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Zeroed int32 buffers for one selection: the histograms of digits 0 and 1 and the counters of each row."""
-    flat = torch.zeros(rows * sum(_WORKSPACE.values()), dtype=torch.int32, device=device)  # one memset
+def topk_workspace(rows: int, device: torch.device, zeroed: bool = True) -> dict[str, torch.Tensor]:
+    """int32 buffers for one selection: the histograms of digits 0 and 1 and the counters of each row,
+    zeroed (one memset) unless the caller's first kernel zeroes them (see zero_workspace_row)."""
+    alloc = torch.zeros if zeroed else torch.empty
+    flat = alloc(rows * sum(_WORKSPACE.values()), dtype=torch.int32, device=device)
     views, offset = {}, 0
     for name, size in _WORKSPACE.items():
         views[name] = flat[offset : offset + rows * size].view(rows, size)

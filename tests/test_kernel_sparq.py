@@ -19,7 +19,7 @@ from kvcache.methods import dense, sparq
 
 LENGTHS = (37, 11, 61)  # mixed and odd: every last page is partly filled
 K = 6  # positions read in stage 2, <= every length
-BLOCKS = {"block_n": 32}
+BLOCKS = {"block_n": 32, "topk_block": 64}
 
 
 def run_both(lengths=LENGTHS, *, G=4, d=64, dtype=torch.float32, page_size=8, device="cpu", **params):
@@ -101,6 +101,6 @@ def test_selecting_twice_from_one_stage_1_gives_the_same_positions():
     q = torch.randn((len(ids), HKV * 4, 64), generator=torch.Generator().manual_seed(3))
     csr = store.page_table(ids, 0)
     s1 = sparq_stage1(q, store.layer_view(0).k_dim, csr, 8, block_n=32)
-    first = sparq_select(s1, csr, HKV, K, 2, block_n=32)
-    second = sparq_select(s1, csr, HKV, K, 2, block_n=32)
+    first = sparq_select(s1, csr, HKV, K, 2, block_n=32, topk_block=64)
+    second = sparq_select(s1, csr, HKV, K, 2, block_n=32, topk_block=64)
     assert [sorted(r) for r in first.tolist()] == [sorted(r) for r in second.tolist()]

@@ -14,7 +14,7 @@ from kernels.sparq import sparq_decode
 from kvcache import InProcessClient, InvalidParameter, KVCacheConfig
 from kvcache.methods import dense, sparq
 
-BLOCKS = {"block_n": 32}
+BLOCKS = {"block_n": 32, "topk_block": 64}
 
 
 def run_both(store, ids, q, **params):
