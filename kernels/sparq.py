@@ -66,7 +66,7 @@ def _stage1_kernel(
     s_qb, s_qh, s_kn, s_kh, s_kd, s_lrow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, WS_B0: tl.constexpr, WS_B1: tl.constexpr,
 ):
     """§1 steps 1-3 on one slice of positions: approximate logits from the r chosen key rows of k_dim."""
     pid_bh = tl.program_id(0).to(tl.int64)  # logits offsets can pass 2^31
@@ -84,7 +84,7 @@ def _stage1_kernel(
     _, i1, tau = _group_query(q_ptr, sel_ptr, tau_ptr, pid_bh, b, h, R, scale, s_qb, s_qh, offs_g, mask_g,
                               G, D, BLOCK_R, split == 0)
     if split == 0:  # the selection's workspace, zeroed here rather than by a memset of its own
-        zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, pid_bh)
+        zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, pid_bh, WS_B0, WS_B1)
     q_sel = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + i1[None, :],  # [G, R], from L1
                     mask=mask_g[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
     col = h * s_kh + i1.to(tl.int64) * s_kd  # [BLOCK_R]
@@ -215,7 +215,8 @@ def sparq_stage1(
         1.0 / math.sqrt(D) if scale is None else scale, items,
         q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), res.logits.stride(1),
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, R=r, BLOCK_R=block_r, BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(q.dtype), USE_DOT=use_dot, num_warps=launch.num_warps,
+        DOT_PRECISION=dot_precision(q.dtype), USE_DOT=use_dot, WS_B0=LEVELS[0][1], WS_B1=LEVELS[1][1],
+        num_warps=launch.num_warps,
     )
     return res
 

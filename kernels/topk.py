@@ -77,10 +77,11 @@ def _append(out_row_ptr, counter_ptr, values, keep):
 
 
 @triton.jit
-def zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, row):
-    """Zero one row of a topk_workspace(zeroed=False) from inside a kernel that runs before the select."""
-    tl.store(hist0_ptr + row * 256 + tl.arange(0, 256), tl.zeros([256], dtype=tl.int32))
-    tl.store(hist1_ptr + row * 256 + tl.arange(0, 256), tl.zeros([256], dtype=tl.int32))
+def zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, row, B0: tl.constexpr, B1: tl.constexpr):
+    """Zero one row of a topk_workspace(zeroed=False) from inside a kernel that runs before the select
+    (B0, B1: the bits of LEVELS' first two digits)."""
+    tl.store(hist0_ptr + row * (1 << B0) + tl.arange(0, 1 << B0), tl.zeros([1 << B0], dtype=tl.int32))
+    tl.store(hist1_ptr + row * (1 << B1) + tl.arange(0, 1 << B1), tl.zeros([1 << B1], dtype=tl.int32))
     tl.store(counters_ptr + row * 4 + tl.arange(0, 4), tl.zeros([4], dtype=tl.int32))
 
 
@@ -266,4 +267,3 @@ def radix_topk(
         S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3, num_warps=launch.num_warps,
     )
     return out
-
