@@ -4,7 +4,9 @@ attention over the chosen pages with kernels.paged_decode MODE_PAGES.
 bound_g(page) = sum_j max(q_j * max_j, q_j * min_j) = relu(q) . max + min(q, 0) . min: two dots
 per block of pages, reading 2d float32 summary values per page instead of its 2*P*d K/V values.
 The group's page scores and the choice follow kvcache.methods.quest (softmaxed bounds summed
-over the group; the last page always read).
+over the group, here averaged: the same order; the last page always read): the bounds kernel
+keeps each head's softmax stats per split, kernels.group_scores turns them into page scores with
+the radix select's first histogram, and kernels.topk picks the pages.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import triton
 import triton.language as tl
 
 from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge, dot_precision, plan_splits
-from kernels.topk import radix_topk
+from kernels.group_scores import group_scores
+from kernels.topk import radix_topk, topk_workspace
 from kernels.tuning import TUNING
 from kvcache.pages import SUMMARY_MAX, SUMMARY_MIN
 from kvcache.table import PageTableCSR
@@ -24,8 +27,8 @@ from kvcache.table import PageTableCSR
 
 @triton.jit
 def _page_bounds_kernel(
-    q_ptr, summary_ptr, indptr_ptr, indices_ptr, bounds_ptr,
-    pages_per_split,
+    q_ptr, summary_ptr, indptr_ptr, indices_ptr, logits_ptr, stat_m_ptr, stat_l_ptr,
+    pages_per_split, sm_scale,
     s_qb, s_qh, s_sn, s_sh, s_sk, s_brow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
     BLOCK_PG: tl.constexpr, ROW_MIN: tl.constexpr, ROW_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -45,6 +48,8 @@ def _page_bounds_kernel(
     q_neg = tl.minimum(q, 0.0)
     start = split * pages_per_split
     end = tl.minimum(start + pages_per_split, num_pages)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     for it in range(start, end, BLOCK_PG):
         offs_p = it + tl.arange(0, BLOCK_PG)
         mask_p = offs_p < end
@@ -55,8 +60,16 @@ def _page_bounds_kernel(
         # tf32 is exact here for bf16/fp16 stores: their q and min/max values fit tf32's mantissa.
         bound = tl.dot(q_pos, tl.trans(kmax), input_precision=DOT_PRECISION)
         bound += tl.dot(q_neg, tl.trans(kmin), input_precision=DOT_PRECISION)
-        tl.store(bounds_ptr + (pid_bh * G + offs_g)[:, None] * s_brow + offs_p[None, :], bound,
+        x = tl.where(mask_p[None, :], bound * sm_scale, float("-inf"))
+        tl.store(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_brow + offs_p[None, :], x,
                  mask=mask_g[:, None] & mask_p[None, :])
+        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+        m_i = m_new
+    stat = (pid_bh * tl.num_programs(1) + split) * G + offs_g
+    tl.store(stat_m_ptr + stat, m_i, mask=mask_g)
+    tl.store(stat_l_ptr + stat, l_i, mask=mask_g)
 
 
 def quest_select(
@@ -73,23 +86,24 @@ def quest_select(
     max_pages = triton.cdiv(csr.max_len, P)
     launch = TUNING["quest"]
     splits, per_split = plan_splits(max_pages, BH, launch.block_n, launch.programs)
-    bounds = torch.empty((BH, G, max_pages), dtype=torch.float32, device=dev)
+    logits = torch.empty((BH, G, max_pages), dtype=torch.float32, device=dev)
+    stat_m = torch.empty((BH, splits, G), dtype=torch.float32, device=dev)
+    stat_l = torch.empty((BH, splits, G), dtype=torch.float32, device=dev)
     _page_bounds_kernel[(BH, splits)](
-        q, k_summary, csr.indptr, csr.indices, bounds,
-        per_split,
-        q.stride(0), q.stride(1), k_summary.stride(0), k_summary.stride(1), k_summary.stride(2), bounds.stride(1),
+        q, k_summary, csr.indptr, csr.indices, logits, stat_m, stat_l,
+        per_split, scale,
+        q.stride(0), q.stride(1), k_summary.stride(0), k_summary.stride(1), k_summary.stride(2), logits.stride(1),
         HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK_PG=launch.block_n,
         ROW_MIN=SUMMARY_MIN, ROW_MAX=SUMMARY_MAX, DOT_PRECISION=dot_precision(q.dtype), num_warps=launch.num_warps,
     )
-    # Group scores over [0, n_pages) of each sequence, as the reference computes them; the last
-    # page is the forced tail of the selection, like SparQ's local window.
-    num_pages = (csr.indptr[1:] - csr.indptr[:-1]).repeat_interleave(Hkv)  # [BH] int32
-    valid = torch.arange(max_pages, device=dev)[None, :] < num_pages[:, None]
-    logits = torch.where(valid[:, None, :], bounds * scale, float("-inf"))
-    scores = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=1).contiguous()
+    # Page scores over [0, n_pages) of each sequence as the reference ranks them; the last page is
+    # the forced tail of the selection, like SparQ's local window.
     t = min(top_pages, max_pages)
-    list_len = torch.clamp(num_pages, max=t)
-    chosen = radix_topk(scores, list_len, num_pages - 1, num_pages, max_pages, k_max=t)
+    ws = topk_workspace(BH, dev)
+    scores, counts = group_scores(logits, stat_m, stat_l, per_split, csr, Hkv, 1, ws["hist0"], pages=True, k_cap=t)
+    list_len = counts["k"]
+    chosen = radix_topk(scores, list_len, counts["n_valid"], counts["n_total"], max_pages, ws, hist0_done=True,
+                        k_max=t)
     return chosen, list_len
 
 

@@ -3,8 +3,8 @@
   stage 1   per (sequence, kv head, split): i1 (the r largest of sum_g |q_g|) and tau_g, then
             only rows i1 of each k_dim page (r runs of P) are read and the approximate logits
             x_g = q_g[i1] . K[:, i1] / tau_g written, with the split's softmax max / sum per query head.
-  scores    f = mean_g softmax(x_g) over the positions outside the local window (the group mean
-            ranks like the sum of §1, step 4), with the first radix histogram fused in.
+  scores    kernels.group_scores: f = mean_g softmax(x_g) over the positions outside the local
+            window (the group mean ranks like the sum of §1, step 4), with the first radix histogram.
   top-k     kernels.topk.radix_topk: the window plus the k - l largest f, no sort.
   stage 2   kernels.paged_decode MODE_ROWS with alpha: exact softmax over the k rows, alpha_g
             = sum of shat_g over them, y = alpha * (s . V) + (1 - alpha) * vbar.
@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.group_scores import group_scores
 from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
-from kernels.softmax_stats import merged_softmax_stats
-from kernels.topk import LEVELS, digit_histogram, radix_topk, topk_workspace, zero_workspace_row
+from kernels.topk import LEVELS, radix_topk, topk_workspace, zero_workspace_row
 from kernels.tuning import TUNING
 from kvcache.table import PageTableCSR
 
@@ -125,43 +125,6 @@ def _stage1_kernel(
     tl.store(stat_l_ptr + stat, l_i, mask=mask_g)
 
 
-@triton.jit
-def _scores_kernel(
-    logits_ptr, stat_m_ptr, stat_l_ptr, indptr_ptr, last_len_ptr,
-    f_ptr, n_valid_ptr, n_total_ptr, hist_ptr,
-    local_window, items_per_split, num_stat_splits, s_lrow, s_frow,
-    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_STAT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
-):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    b = pid_bh // HKV
-    _, _, seq_len = sequence_extent(indptr_ptr, last_len_ptr, b, P)
-    n_valid = seq_len - local_window
-    if split == 0:
-        tl.store(n_valid_ptr + pid_bh, n_valid)
-        tl.store(n_total_ptr + pid_bh, seq_len)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    mask_g = offs_g < G
-    glob_m, glob_l = merged_softmax_stats(stat_m_ptr, stat_l_ptr, pid_bh, num_stat_splits, offs_g, mask_g,
-                                          G, BLOCK_STAT)
-    inv_l = tl.where(mask_g & (glob_l > 0), 1.0 / glob_l, 0.0) / G
-
-    hist = tl.zeros([NBINS], dtype=tl.int32)
-    start = split * items_per_split
-    end = tl.minimum(start + items_per_split, n_valid)
-    for it in range(start, end, BLOCK_N):
-        offs_n = it + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        x = tl.load(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_lrow + offs_n[None, :],
-                    mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
-        f = tl.sum(tl.exp(x - glob_m[:, None]) * inv_l[:, None], axis=0)  # group mean of shat_g
-        tl.store(f_ptr + pid_bh * s_frow + offs_n, f, mask=mask_n)
-        hist += digit_histogram(f, mask_n, SHIFT, NBINS)
-    tl.atomic_add(hist_ptr + pid_bh * NBINS + tl.arange(0, NBINS), hist)
-
-
 @dataclass
 class Stage1Result:
     """What stage 1 leaves for the selection and stage 2 (all on the device)."""
@@ -226,25 +189,13 @@ def sparq_select(
     block_n: int | None = None, topk_block: int | None = None,
 ) -> torch.Tensor:
     """§1 step 4: positions [B*Hkv, k] (int32, unordered): the local window and the k - l best group-mean shat."""
-    BH, G, row_len = s1.logits.shape
-    dev = s1.logits.device
-    launch = TUNING["scores"]
-    block_n = launch.block_n if block_n is None else block_n
-    scores = torch.empty((BH, row_len), dtype=torch.float32, device=dev)
-    n_valid = torch.empty(BH, dtype=torch.int32, device=dev)
-    n_total = torch.empty(BH, dtype=torch.int32, device=dev)
+    BH = s1.logits.shape[0]
     # The selection fills its workspace: only the first one after stage 1 finds it zeroed.
-    ws, s1.workspace = (s1.workspace if s1.workspace is not None else topk_workspace(BH, dev)), None
-    shift, bits = LEVELS[0]
-    _scores_kernel[(BH, s1.num_splits)](
-        s1.logits, s1.stat_m, s1.stat_l, csr.indptr, csr.last_page_len,
-        scores, n_valid, n_total, ws["hist0"],
-        local_window, s1.items_per_split, s1.num_splits, s1.logits.stride(1), scores.stride(0),
-        HKV=num_kv_heads, G=G, BLOCK_G=triton.next_power_of_2(G), P=csr.page_size, BLOCK_N=block_n,
-        BLOCK_STAT=triton.next_power_of_2(s1.num_splits), SHIFT=shift, NBINS=1 << bits,
-        num_warps=launch.num_warps,
-    )
-    return radix_topk(scores, k, n_valid, n_total, csr.max_len, ws, block=topk_block, hist0_done=True)
+    ws, s1.workspace = (s1.workspace if s1.workspace is not None else topk_workspace(BH, s1.logits.device)), None
+    scores, counts = group_scores(s1.logits, s1.stat_m, s1.stat_l, s1.items_per_split, csr, num_kv_heads,
+                                  local_window, ws["hist0"], block_n=block_n)
+    return radix_topk(scores, k, counts["n_valid"], counts["n_total"], csr.max_len, ws, block=topk_block,
+                      hist0_done=True)
 
 
 def sparq_stage2(

@@ -1,0 +1,95 @@
+"""A GQA group's selection scores from per-head logits: f = mean_g softmax(x_g), with the radix select's first histogram.
+
+Both SparQ (approximate logits per position, ALGORITHMS.md §1 step 4) and Quest (bound logits per
+page, §3) rank a row's items by the group mean of each head's softmax. The kernel that wrote the
+logits also wrote per-split softmax stats (max, sum of exp) per head, so one pass over the logits
+gives f = sum_g exp(x_g - m_g) / (G l_g), writes it, and fills kernels.topk's level-0 histogram
+over the items outside the row's forced tail (SparQ's local window, Quest's last page): one
+launch where torch takes a softmax, a sum and a histogram of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.paged_decode import sequence_extent
+from kernels.softmax_stats import merged_softmax_stats
+from kernels.topk import LEVELS, digit_histogram
+from kernels.tuning import TUNING
+from kvcache.table import PageTableCSR
+
+
+@triton.jit
+def _group_scores_kernel(
+    logits_ptr, stat_m_ptr, stat_l_ptr, indptr_ptr, last_len_ptr,
+    f_ptr, n_valid_ptr, n_total_ptr, k_ptr, hist_ptr,
+    tail, k_cap, items_per_split, num_stat_splits, s_lrow, s_frow,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr, PAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_STAT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    if PAGES:
+        n_total = tl.load(indptr_ptr + b + 1) - tl.load(indptr_ptr + b)
+    else:
+        _, _, n_total = sequence_extent(indptr_ptr, last_len_ptr, b, P)
+    n_valid = tl.maximum(n_total - tail, 0)
+    if split == 0:
+        tl.store(n_valid_ptr + pid_bh, n_valid)
+        tl.store(n_total_ptr + pid_bh, n_total)
+        if PAGES:  # items to read: all of a short row, else the cap
+            tl.store(k_ptr + pid_bh, tl.minimum(n_total, k_cap))
+
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < G
+    glob_m, glob_l = merged_softmax_stats(stat_m_ptr, stat_l_ptr, pid_bh, num_stat_splits, offs_g, mask_g,
+                                          G, BLOCK_STAT)
+    inv_l = tl.where(mask_g & (glob_l > 0), 1.0 / glob_l, 0.0) / G
+
+    hist = tl.zeros([NBINS], dtype=tl.int32)
+    start = split * items_per_split
+    end = tl.minimum(start + items_per_split, n_valid)
+    for it in range(start, end, BLOCK_N):
+        offs_n = it + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        x = tl.load(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_lrow + offs_n[None, :],
+                    mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
+        f = tl.sum(tl.exp(x - glob_m[:, None]) * inv_l[:, None], axis=0)
+        tl.store(f_ptr + pid_bh * s_frow + offs_n, f, mask=mask_n)
+        hist += digit_histogram(f, mask_n, SHIFT, NBINS)
+    tl.atomic_add(hist_ptr + pid_bh * NBINS + tl.arange(0, NBINS), hist)
+
+
+def group_scores(
+    logits: torch.Tensor, stat_m: torch.Tensor, stat_l: torch.Tensor, items_per_split: int, csr: PageTableCSR,
+    num_kv_heads: int, tail: int, hist0: torch.Tensor, pages: bool = False, k_cap: int = 0,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scores f [B*Hkv, S_pad] float32 and per-row int32 counts {n_valid, n_total (, k)} of each row's items.
+
+    logits [B*Hkv, G, S_pad] and stat_m / stat_l [B*Hkv, splits, G] come from a kernel that split each
+    row into splits of items_per_split items. Items are positions, or pages when `pages` (then 'k' =
+    min(pages, k_cap) is written too). The last `tail` items of a row are left out of the histogram
+    (hist0 [B*Hkv, 256] int32, zeroed: kernels.topk's level 0, filled by atomics).
+    """
+    BH, G, row_len = logits.shape
+    dev = logits.device
+    launch = TUNING["scores"]
+    block_n = launch.block_n if block_n is None else block_n
+    num_splits = stat_m.shape[1]
+    f = torch.empty((BH, row_len), dtype=torch.float32, device=dev)
+    names = ("n_valid", "n_total", "k") if pages else ("n_valid", "n_total")
+    counts = {name: torch.empty(BH, dtype=torch.int32, device=dev) for name in names}
+    shift, bits = LEVELS[0]
+    _group_scores_kernel[(BH, num_splits)](
+        logits, stat_m, stat_l, csr.indptr, csr.last_page_len,
+        f, counts["n_valid"], counts["n_total"], counts.get("k", counts["n_valid"]), hist0,
+        tail, k_cap, items_per_split, num_splits, logits.stride(1), f.stride(0),
+        HKV=num_kv_heads, G=G, BLOCK_G=triton.next_power_of_2(G), P=csr.page_size, PAGES=pages,
+        BLOCK_N=block_n, BLOCK_STAT=triton.next_power_of_2(num_splits), SHIFT=shift, NBINS=1 << bits,
+        num_warps=launch.num_warps,
+    )
+    return f, counts
