@@ -29,7 +29,7 @@ from kernels.tuning import TUNING, Launch
 LEVELS = ((23, 8), (15, 8), (7, 8), (0, 7))
 _WORKSPACE = {"hist0": 1 << LEVELS[0][1], "hist1": 1 << LEVELS[1][1], "counters": 4}
 # counters of a row: [0] positions emitted, [1] candidates gathered by digit 1, [2] programs done with digit 1.
-FINISH_BLOCK = 1024  # candidates per loop step of the row's last program
+FINISH_BLOCK = 1024  # candidates the row's last program selects in registers (more: loop steps of this size)
 
 
 @triton.jit
@@ -139,14 +139,15 @@ def _digit0_kernel(
 
 @triton.jit
 def _digit1_kernel(
-    values_ptr, n_valid_ptr, n_total_ptr, k_ptr, hist0_ptr, hist1_ptr, counters_ptr, out_ptr, cand_ptr,
+    values_ptr, n_valid_ptr, n_total_ptr, k_ptr, hist0_ptr, hist1_ptr, counters_ptr, out_ptr,
+    cand_pos_ptr, cand_val_ptr,
     k, items_per_split, s_row, s_out, s_cand,
     BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr, K_PER_ROW: tl.constexpr,
     S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr,
     S2: tl.constexpr, B2: tl.constexpr, S3: tl.constexpr, B3: tl.constexpr,
 ):
-    """Take the values above digit 1's boundary bin, gather those in it; the row's last program
-    then runs digits 2 and 3 over the gathered list."""
+    """Take the values above digit 1's boundary bin, gather those in it (position and value); the
+    row's last program then runs digits 2 and 3 over the gathered list."""
     row = tl.program_id(0).to(tl.int64)
     n_valid = tl.load(n_valid_ptr + row)
     n_total = tl.load(n_total_ptr + row)
@@ -155,7 +156,8 @@ def _digit1_kernel(
     b1, need = _boundary(tl.load(hist1_ptr + row * (1 << B1) + tl.arange(0, 1 << B1)), need, 1 << B1)
     counters = counters_ptr + row * 4
     out_row = out_ptr + row * s_out
-    cand_row = cand_ptr + row * s_cand
+    cand_pos = cand_pos_ptr + row * s_cand
+    cand_val = cand_val_ptr + row * s_cand
     start = tl.program_id(1) * items_per_split
     end = tl.minimum(start + items_per_split, n_valid)
     for it in range(start, end, BLOCK):
@@ -165,43 +167,58 @@ def _digit1_kernel(
         match = valid & (_digit(x, S0, B0) == b0)
         d1 = _digit(x, S1, B1)
         _append(out_row, counters + 0, offs, match & (d1 > b1))
-        _append(cand_row, counters + 1, offs, match & (d1 == b1))
+        cand = match & (d1 == b1)
+        n = tl.sum(cand.to(tl.int32), axis=0)
+        if n > 0:
+            slot = tl.atomic_add(counters + 1, n) + tl.cumsum(cand.to(tl.int32), axis=0) - 1
+            tl.store(cand_pos + slot, offs, mask=cand)
+            tl.store(cand_val + slot, x, mask=cand)
     # Every thread's stores are done before the ticket (its atomic is acq_rel): the last program of
     # the row then sees all the gathered candidates. They are few (they share the k-th largest's top
     # 16 bits), so their digit-2 histogram is made here rather than by every program.
     tl.debug_barrier()
     if tl.atomic_add(counters + 2, 1) == tl.num_programs(1) - 1:
         n_cand = tl.atomic_add(counters + 1, 0)
-        hist2 = tl.zeros([1 << B2], dtype=tl.int32)
-        for c0 in range(0, n_cand, FINISH_BLOCK):
-            offs_c = c0 + tl.arange(0, FINISH_BLOCK)
-            live = offs_c < n_cand
-            pos = tl.load(cand_row + offs_c, mask=live, other=0, volatile=True)
-            x = tl.load(values_ptr + row * s_row + pos, mask=live, other=0.0)
-            hist2 += digit_histogram(x, live, S2, 1 << B2)
-        b2, need = _boundary(hist2, need, 1 << B2)
-        hist3 = tl.zeros([1 << B3], dtype=tl.int32)
-        for c0 in range(0, n_cand, FINISH_BLOCK):
-            offs_c = c0 + tl.arange(0, FINISH_BLOCK)
-            live = offs_c < n_cand
-            pos = tl.load(cand_row + offs_c, mask=live, other=0, volatile=True)
-            x = tl.load(values_ptr + row * s_row + pos, mask=live, other=0.0)
-            d2 = _digit(x, S2, B2)
-            hist3 += digit_histogram(x, live & (d2 == b2), S3, 1 << B3)
-            _append(out_row, counters + 0, pos, live & (d2 > b2))
-        b3, need = _boundary(hist3, need, 1 << B3)
-        ties_before = 0
-        for c0 in range(0, n_cand, FINISH_BLOCK):
-            offs_c = c0 + tl.arange(0, FINISH_BLOCK)
-            live = offs_c < n_cand
-            pos = tl.load(cand_row + offs_c, mask=live, other=0, volatile=True)
-            x = tl.load(values_ptr + row * s_row + pos, mask=live, other=0.0)
-            same = live & (_digit(x, S2, B2) == b2)
-            d3 = _digit(x, S3, B3)
-            tie = same & (d3 == b3)
-            tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), axis=0) - 1  # exact ties: the first ones
-            ties_before += tl.sum(tie.to(tl.int32), axis=0)
-            _append(out_row, counters + 0, pos, (same & (d3 > b3)) | (tie & (tie_rank < need)))
+        if n_cand <= FINISH_BLOCK:  # the usual case: one load, both digits in registers
+            offs_c = tl.arange(0, FINISH_BLOCK)
+            cand = offs_c < n_cand
+            pos = tl.load(cand_pos + offs_c, mask=cand, other=0, volatile=True)
+            x = tl.load(cand_val + offs_c, mask=cand, other=0.0, volatile=True)
+            taken = offs_c < 0
+            cand, taken, need = radix_level(x, cand, taken, need, S2, 1 << B2)
+            cand, taken, need = radix_level(x, cand, taken, need, S3, 1 << B3)
+            tie_rank = tl.cumsum(cand.to(tl.int32), axis=0)  # exact ties: the first ones
+            _append(out_row, counters + 0, pos, taken | (cand & (tie_rank <= need)))
+        else:  # many values tied on the top 16 bits: digit by digit over memory
+            hist2 = tl.zeros([1 << B2], dtype=tl.int32)
+            for c0 in range(0, n_cand, FINISH_BLOCK):
+                offs_c = c0 + tl.arange(0, FINISH_BLOCK)
+                live = offs_c < n_cand
+                hist2 += digit_histogram(tl.load(cand_val + offs_c, mask=live, other=0.0, volatile=True), live,
+                                         S2, 1 << B2)
+            b2, need = _boundary(hist2, need, 1 << B2)
+            hist3 = tl.zeros([1 << B3], dtype=tl.int32)
+            for c0 in range(0, n_cand, FINISH_BLOCK):
+                offs_c = c0 + tl.arange(0, FINISH_BLOCK)
+                live = offs_c < n_cand
+                pos = tl.load(cand_pos + offs_c, mask=live, other=0, volatile=True)
+                x = tl.load(cand_val + offs_c, mask=live, other=0.0, volatile=True)
+                d2 = _digit(x, S2, B2)
+                hist3 += digit_histogram(x, live & (d2 == b2), S3, 1 << B3)
+                _append(out_row, counters + 0, pos, live & (d2 > b2))
+            b3, need = _boundary(hist3, need, 1 << B3)
+            ties_before = 0
+            for c0 in range(0, n_cand, FINISH_BLOCK):
+                offs_c = c0 + tl.arange(0, FINISH_BLOCK)
+                live = offs_c < n_cand
+                pos = tl.load(cand_pos + offs_c, mask=live, other=0, volatile=True)
+                x = tl.load(cand_val + offs_c, mask=live, other=0.0, volatile=True)
+                same = live & (_digit(x, S2, B2) == b2)
+                d3 = _digit(x, S3, B3)
+                tie = same & (d3 == b3)
+                tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), axis=0) - 1  # exact ties: the first ones
+                ties_before += tl.sum(tie.to(tl.int32), axis=0)
+                _append(out_row, counters + 0, pos, (same & (d3 > b3)) | (tie & (tie_rank < need)))
 
 
 def topk_workspace(rows: int, device: torch.device, zeroed: bool = True) -> dict[str, torch.Tensor]:
@@ -243,7 +260,8 @@ def radix_topk(
     ws = topk_workspace(R, values.device) if workspace is None else workspace
     per_row = not isinstance(k, int)
     out = torch.empty((R, k_max if per_row else k), dtype=torch.int32, device=values.device)
-    candidates = torch.empty((R, max(max_total, 1)), dtype=torch.int32, device=values.device)
+    cand_pos = torch.empty((R, max(max_total, 1)), dtype=torch.int32, device=values.device)
+    cand_val = torch.empty((R, max(max_total, 1)), dtype=torch.float32, device=values.device)
     launch = TUNING["topk"] if launch is None else launch
     block = launch.block_n if block is None else block
     blocks = triton.cdiv(max(max_total, 1), block)
@@ -261,8 +279,8 @@ def radix_topk(
         BLOCK=block, K_PER_ROW=per_row, S0=s0, B0=b0, S1=s1, B1=b1, num_warps=launch.num_warps,
     )
     _digit1_kernel[grid](
-        values, n_valid, n_total, k_ptr, ws["hist0"], ws["hist1"], ws["counters"], out, candidates,
-        k_int, items, values.stride(0), out.stride(0), candidates.stride(0),
+        values, n_valid, n_total, k_ptr, ws["hist0"], ws["hist1"], ws["counters"], out, cand_pos, cand_val,
+        k_int, items, values.stride(0), out.stride(0), cand_pos.stride(0),
         BLOCK=block, FINISH_BLOCK=FINISH_BLOCK, K_PER_ROW=per_row,
         S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3, num_warps=launch.num_warps,
     )
