@@ -47,15 +47,18 @@ def main() -> int:
     saved = dict(TUNING)
     for bn, nw, pr in itertools.product((256, 512, 1024, 2048), (1, 2, 4), (264, 528, 1056)):
         TUNING["topk"] = Launch(bn, nw, pr)
-        row("select.topk", {"bn": bn, "nw": nw, "pr": pr}, timer.median_us(lambda: ks.sparq_select(s1, csr, 8, k, k // 4)))
+        us = timer.median_us(lambda: ks.sparq_select(s1, csr, 8, k, k // 4))
+        row("select.topk", {"bn": bn, "nw": nw, "pr": pr}, us)
     TUNING.update(saved)
     for bn in (128, 256, 512, 1024):
-        row("select.scores", {"bn": bn}, timer.median_us(lambda: ks.sparq_select(s1, csr, 8, k, k // 4, block_n=bn)))
+        us = timer.median_us(lambda bn=bn: ks.sparq_select(s1, csr, 8, k, k // 4, block_n=bn))
+        row("select.scores", {"bn": bn}, us)
     for r in (16, 32):
         name = "stage1" if r <= 16 else "stage1_wide"
         for bn, nw, pr in itertools.product((128, 256, 512), (2, 4), (264, 528)):
             TUNING[name] = Launch(bn, nw, pr)
-            row(name, {"r": r, "bn": bn, "nw": nw, "pr": pr}, timer.median_us(lambda: ks.sparq_stage1(q, view.k_dim, csr, r)))
+            us = timer.median_us(lambda r=r: ks.sparq_stage1(q, view.k_dim, csr, r))
+            row(name, {"r": r, "bn": bn, "nw": nw, "pr": pr}, us)
         TUNING.update(saved)
     for r, div in ((16, 16), (32, 8)):
         params = {"r": r, "k": S // div, "local_window": S // div // 4}

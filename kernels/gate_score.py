@@ -33,9 +33,9 @@ SCORE_LAUNCH = Launch(block_n=64, num_warps=4, programs=1056)  # block_n pages p
 # The query GEMV is latency-bound (a few hundred KB of W_q per group): few loop steps, dg/8 programs per group.
 QUERY_MAX_BLOCK_K = 1024  # rows of W_q per loop step: one step up to G*d = 1024
 QUERY_BLOCK_O = 4  # output pairs (i, i + dg/2) per program: dg/8 programs per group
-SELECT_LAUNCH = Launch(block_n=1024, num_warps=4, programs=256)  # radix levels over the page keys
+SELECT_LAUNCH = Launch(block_n=1024, num_warps=4, programs=256)  # kernels.topk's radix digits over the page keys
 # Up to this many pages per row (32K positions at page 16) one program per row selects in registers, one
-# launch instead of a zeroed workspace and four radix levels; longer rows use kernels.topk's levels, which
+# launch instead of a zeroed workspace and the radix launches; longer rows use kernels.topk's radix_topk, which
 # spread a row over many programs. On an H200 at 128K (8192 pages, 8 rows) one program per row took the
 # whole step to 71 us, the radix levels to 61 us (bench/results/decode_gate_h200*.json).
 SELECT_ROW_MAX = 2048
@@ -211,7 +211,7 @@ def gate_scores_triton(
 def select_pages(sel: torch.Tensor, counts: dict[str, torch.Tensor], ws: dict[str, torch.Tensor],
                  k_max: int) -> torch.Tensor:
     """Page indexes [B*Hkv, k_max] int32 (unordered, row r filled up to list_len[r]) of the radix select over the
-    keys gate_scores_triton wrote: page 0, the last page, and the best between (kernels.topk's level kernels,
+    keys gate_scores_triton wrote: page 0, the last page, and the best between (kernels.topk.radix_topk,
     with the level-0 histogram already filled by the scoring pass)."""
     R, width = sel.shape
     if not ws:  # rows of at most SELECT_ROW_MAX pages: one program per row

@@ -1,4 +1,4 @@
-"""A GQA group's selection scores from per-head logits: f = mean_g softmax(x_g), with the radix select's first histogram.
+"""A GQA group's selection scores from per-head logits: f = mean_g softmax(x_g), and the top-k's first histogram.
 
 Both SparQ (approximate logits per position, ALGORITHMS.md §1 step 4) and Quest (bound logits per
 page, §3) rank a row's items by the group mean of each head's softmax. The kernel that wrote the

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge, dot_precision, plan_splits
 from kernels.group_scores import group_scores
+from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge, dot_precision, plan_splits
 from kernels.topk import radix_topk, topk_workspace
 from kernels.tuning import TUNING
 from kvcache.pages import SUMMARY_MAX, SUMMARY_MIN
