@@ -47,7 +47,8 @@ def _group_scores_kernel(
     mask_g = offs_g < G
     glob_m, glob_l = merged_softmax_stats(stat_m_ptr, stat_l_ptr, pid_bh, num_stat_splits, offs_g, mask_g,
                                           G, BLOCK_STAT)
-    inv_l = tl.where(mask_g & (glob_l > 0), 1.0 / glob_l, 0.0) / G
+    has = mask_g & (glob_l > 0)  # padded heads and empty rows weigh 0
+    inv_l = tl.where(has, 1.0 / tl.where(has, glob_l, 1.0), 0.0) / G
 
     hist = tl.zeros([NBINS], dtype=tl.int32)
     start = split * items_per_split
