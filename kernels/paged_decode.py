@@ -9,7 +9,9 @@ by lse (ALGORITHMS.md §4) in a second kernel. The positions come from one of th
   MODE_PAGES  a list of logical pages per (sequence, kv head) (Quest / gate page selection, §3).
 
 With WITH_ALPHA the program also sums SparQ's approximate scores shat over its rows (§1 step 5),
-recomputed from the rows it reads with the stage-1 components, temperature and softmax stats.
+from stage 1's logits at those positions and its softmax stats: G floats per row, where
+recomputing them from the K rows took a second dot per tile (stage 2 at 128K x 8 on an H200:
+167 us with the recompute, 92 us with no alpha at all).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _attend_partial_kernel(
     q_ptr, k_ptr, v_ptr,
     indptr_ptr, indices_ptr, last_len_ptr,
     list_ptr, list_len_ptr,
-    sel_ptr, tau_ptr, stat_m_ptr, stat_l_ptr,
+    logits_ptr, stat_m_ptr, stat_l_ptr, s_lrow,
     out_ptr, lse_ptr, alpha_ptr,
     sm_scale, items_per_split, num_stat_splits, list_items,
     s_qb, s_qh,
@@ -84,9 +86,6 @@ def _attend_partial_kernel(
         glob_m, glob_l = merged_softmax_stats(stat_m_ptr, stat_l_ptr, pid_bh, num_stat_splits, offs_g, mask_g,
                                               G, BLOCK_STAT)
         glob_l = tl.where(glob_l > 0, glob_l, 1.0)
-        tau = tl.load(tau_ptr + pid_bh * G + offs_g, mask=mask_g, other=1.0)
-        chosen = tl.load(sel_ptr + pid_bh * D + offs_d) != 0
-        q_sel = tl.where(chosen[None, :], q, 0.0)
         alpha_acc = tl.zeros([BLOCK_G], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -119,9 +118,9 @@ def _attend_partial_kernel(
         m_i = m_new
 
         if WITH_ALPHA:
-            approx = tl.dot(q_sel, tl.trans(k), input_precision=DOT_PRECISION) / tau[:, None]
-            shat = tl.exp(approx - glob_m[:, None]) / glob_l[:, None]
-            alpha_acc += tl.sum(tl.where(mask_n[None, :], shat, 0.0), axis=1)
+            approx = tl.load(logits_ptr + (pid_bh.to(tl.int64) * G + offs_g)[:, None] * s_lrow + pos[None, :],
+                             mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
+            alpha_acc += tl.sum(tl.exp(approx - glob_m[:, None]) / glob_l[:, None], axis=1)
 
     has_rows = l_i > 0
     out = acc / tl.where(has_rows, l_i, 1.0)[:, None]
@@ -219,8 +218,8 @@ def attend_partial(
 
     k_seq and v_seq [N, Hkv, P, d] must have the same strides; they may be views of a pinned host
     tensor (the GPU reads those rows over PCIe) as long as csr.indices address that pool.
-    alpha_inputs = (sel [B*Hkv, d] int8, tau [B*Hkv, G], stat_m, stat_l [B*Hkv, S1, G], S1) turns on
-    SparQ's alpha. Without list_len every list holds max_items items (no per-row count to read).
+    alpha_inputs = (logits [B*Hkv, G, S_pad], stat_m, stat_l [B*Hkv, S1, G], S1) from SparQ's stage 1 turns
+    on its alpha (items are then positions). Without list_len every list holds max_items items (no per-row count to read).
     `launch` overrides TUNING['decode'].
     """
     B, Hq, D = q.shape
@@ -242,9 +241,9 @@ def attend_partial(
     with_alpha = alpha_inputs is not None
     part_alpha = torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev) if with_alpha else part_lse
     if with_alpha:
-        sel, tau, stat_m, stat_l, stat_splits = alpha_inputs
+        logits, stat_m, stat_l, stat_splits = alpha_inputs
     else:
-        sel, tau, stat_m, stat_l, stat_splits = part_lse, part_lse, part_lse, part_lse, 1
+        logits, stat_m, stat_l, stat_splits = part_lse[:, :, None], part_lse, part_lse, 1
     dummy = csr.indptr
     item_list = dummy if item_list is None else item_list
     has_list_len = list_len is not None
@@ -254,7 +253,7 @@ def attend_partial(
         q, k_seq, v_seq,
         csr.indptr, csr.indices, csr.last_page_len,
         item_list, list_len,
-        sel, tau, stat_m, stat_l,
+        logits, stat_m, stat_l, logits.stride(1),
         part_out, part_lse, part_alpha,
         scale, items, stat_splits, max_items,
         q.stride(0), q.stride(1),

@@ -7,7 +7,7 @@
             window (the group mean ranks like the sum of §1, step 4), with the first radix histogram.
   top-k     kernels.topk.radix_topk: the window plus the k - l largest f, no sort.
   stage 2   kernels.paged_decode MODE_ROWS with alpha: exact softmax over the k rows, alpha_g
-            = sum of shat_g over them, y = alpha * (s . V) + (1 - alpha) * vbar.
+            = sum of shat_g over them (from stage 1's logits), y = alpha * (s . V) + (1 - alpha) * vbar.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from kvcache.table import PageTableCSR
 
 @triton.jit
 def _group_query(
-    q_ptr, sel_ptr, tau_ptr, pid_bh, b, h, r, scale, s_qb, s_qh, offs_g, mask_g,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, WRITE: tl.constexpr,
+    q_ptr, b, h, r, scale, s_qb, s_qh, offs_g, mask_g,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """§1 steps 1-2 for one GQA group: q [BLOCK_G, D] float32, i1 [BLOCK_R] (the r largest of
-    sum_g |q_g|, then zeros) and tau_g [BLOCK_G]; with WRITE also stores the chosen mask and tau."""
+    """§1 steps 1-2 for one GQA group: i1 [BLOCK_R] (the r largest of sum_g |q_g|, then zeros) and
+    tau_g [BLOCK_G]."""
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :], mask=mask_g[:, None],
                 other=0.0).to(tl.float32)
@@ -51,17 +51,13 @@ def _group_query(
     total = tl.sum(q_abs, axis=1)
     # As the reference: tau = sqrt(ratio) / scale, ratio 1 for a head with no mass on i1.
     ratio = tl.where((covered > 0) & (total > 0), covered / tl.where(total > 0, total, 1.0), 1.0)
-    tau = tl.sqrt(ratio) / scale
-    if WRITE:
-        tl.store(sel_ptr + pid_bh * D + offs_d, chosen.to(tl.int8))
-        tl.store(tau_ptr + pid_bh * G + offs_g, tau, mask=mask_g)
-    return q, i1, tau
+    return i1, tl.sqrt(ratio) / scale
 
 
 @triton.jit
 def _stage1_kernel(
     q_ptr, kdim_ptr, indptr_ptr, indices_ptr, last_len_ptr,
-    sel_ptr, tau_ptr, logits_ptr, stat_m_ptr, stat_l_ptr, hist0_ptr, hist1_ptr, counters_ptr,
+    logits_ptr, stat_m_ptr, stat_l_ptr, hist0_ptr, hist1_ptr, counters_ptr,
     scale, items_per_split,
     s_qb, s_qh, s_kn, s_kh, s_kd, s_lrow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
@@ -81,8 +77,7 @@ def _stage1_kernel(
     mask_g = offs_g < G
     mask_r = offs_r < R
     # Every program finds i1 and tau itself (a sort of d values): cheaper than a launch of its own.
-    _, i1, tau = _group_query(q_ptr, sel_ptr, tau_ptr, pid_bh, b, h, R, scale, s_qb, s_qh, offs_g, mask_g,
-                              G, D, BLOCK_R, split == 0)
+    i1, tau = _group_query(q_ptr, b, h, R, scale, s_qb, s_qh, offs_g, mask_g, G, D, BLOCK_R)
     if split == 0:  # the selection's workspace, zeroed here rather than by a memset of its own
         zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, pid_bh, WS_B0, WS_B1)
     q_sel = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + i1[None, :],  # [G, R], from L1
@@ -132,8 +127,6 @@ class Stage1Result:
     logits: torch.Tensor  # [B*Hkv, G, S_pad] float32 approximate logits x_g
     stat_m: torch.Tensor  # [B*Hkv, splits, G] per-split softmax max of x_g
     stat_l: torch.Tensor  # [B*Hkv, splits, G] per-split softmax sum
-    sel: torch.Tensor  # [B*Hkv, d] int8: 1 on the r chosen components
-    tau: torch.Tensor  # [B*Hkv, G] float32 temperatures
     items_per_split: int
     workspace: dict[str, torch.Tensor] | None  # kernels.topk's, zeroed by stage 1; taken by the first selection
 
@@ -164,8 +157,6 @@ def sparq_stage1(
         logits=torch.empty((BH, G, row_len), dtype=torch.float32, device=dev),
         stat_m=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
         stat_l=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
-        sel=torch.empty((BH, D), dtype=torch.int8, device=dev),
-        tau=torch.empty((BH, G), dtype=torch.float32, device=dev),
         items_per_split=items,
         workspace=topk_workspace(BH, dev, zeroed=False),
     )
@@ -173,7 +164,7 @@ def sparq_stage1(
     block_g = max(16, triton.next_power_of_2(G)) if use_dot else triton.next_power_of_2(G)
     _stage1_kernel[(BH, num_splits)](
         q, k_dim, csr.indptr, csr.indices, csr.last_page_len,
-        res.sel, res.tau, res.logits, res.stat_m, res.stat_l,
+        res.logits, res.stat_m, res.stat_l,
         res.workspace["hist0"], res.workspace["hist1"], res.workspace["counters"],
         1.0 / math.sqrt(D) if scale is None else scale, items,
         q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), res.logits.stride(1),
@@ -205,7 +196,7 @@ def sparq_stage2(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """§1 steps 5-7: exact attention over the chosen rows, alpha, mean-value reallocation: out, lse."""
     BH, k = positions.shape
-    alpha_inputs = (s1.sel, s1.tau, s1.stat_m, s1.stat_l, s1.num_splits) if reallocate else None
+    alpha_inputs = (s1.logits, s1.stat_m, s1.stat_l, s1.num_splits) if reallocate else None
     vbar = value_mean.float().reshape(BH, -1) if reallocate else None
     return attend_partial_and_merge(
         q, k_seq, v_seq, csr, k, MODE_ROWS, item_list=positions,

@@ -276,7 +276,7 @@ def _triton(store, seq_ids, csr: PageTableCSR, layer: int, method: str, q, param
         list_len = torch.full((BH,), items.shape[1], dtype=torch.int32, device=q.device)
         mode, page_index, item_bytes = MODE_ROWS, items // P, 1
         if params.get("reallocate", True):
-            alpha_inputs = (s1.sel, s1.tau, s1.stat_m, s1.stat_l, s1.num_splits)
+            alpha_inputs = (s1.logits, s1.stat_m, s1.stat_l, s1.num_splits)
             vbar = store.value_mean(seq_ids, layer).float().reshape(BH, -1)
     else:
         if method == "quest":
