@@ -13,8 +13,10 @@ Three launches, each split over (row, chunk) programs, since on a GPU each launc
 the L2-resident pass it makes (4 MB for 8 rows of 128K): the level-0 histogram (skipped when the
 caller's scoring pass fills it), digit 0, and digit 1, which also gathers the candidates left
 (a handful of positions: they agree with the k-th largest on the top 16 bits) into a list. The
-last program of a row to finish digit 1 (a ticket counter) runs digits 2 and 3 over that list.
-Output positions are unordered. Counters and histograms live in one zeroed int32 workspace.
+last program of a row to finish digit 1 (a ticket counter) runs digits 2 and 3 over that list,
+in registers when it holds at most FINISH_BLOCK. Output positions are unordered. Counters and
+histograms live in one int32 workspace, zeroed by a memset or by the caller's first kernel
+(zero_workspace_row).
 """
 
 from __future__ import annotations
