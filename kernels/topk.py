@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.paged_decode import plan_splits
 from kernels.tuning import TUNING, Launch
 
 # (shift, bits) of the radix digits of a non-negative float32, most significant first.
@@ -266,10 +267,8 @@ def radix_topk(
     cand_val = torch.empty((R, max(max_total, 1)), dtype=torch.float32, device=values.device)
     launch = TUNING["topk"] if launch is None else launch
     block = launch.block_n if block is None else block
-    blocks = triton.cdiv(max(max_total, 1), block)
-    splits = max(1, min(blocks, triton.cdiv(launch.programs, R)))
-    items = triton.cdiv(blocks, splits) * block
-    grid = (R, triton.cdiv(max(max_total, 1), items))
+    splits, items = plan_splits(max_total, R, block, launch.programs)
+    grid = (R, splits)
     k_ptr, k_int = (k, 0) if per_row else (n_valid, k)
     (s0, b0), (s1, b1), (s2, b2), (s3, b3) = LEVELS
     if not hist0_done:
