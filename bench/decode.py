@@ -188,6 +188,7 @@ def _sparq_stage_rows(store, seqs, q, shape: Shape, timer: Timer, copy_bw: float
         stage1_bytes = shape.batch * Hkv * S * r * item
         stage2_bytes = sparq_bytes(csr.host_lens, Hkv, d, 0, k, item)
         us1 = timer.median_us(lambda: sparq_stage1(q, view.k_dim, csr, r))
+        # Timed alone, each selection zeroes a workspace of its own (a memset the step leaves to stage 1).
         us_sel = timer.median_us(lambda: sparq_select(s1, csr, Hkv, k, k // 4))
         us2 = timer.median_us(lambda: sparq_stage2(q, view.k_seq, view.v_seq, vbar, csr, s1, positions))
         # torch.topk over the same scores is the selection baseline.

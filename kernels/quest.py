@@ -19,6 +19,7 @@ import triton.language as tl
 
 from kernels.group_scores import group_scores
 from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge, dot_precision, plan_splits
+from kernels.softmax_stats import running_softmax_stats
 from kernels.topk import radix_topk, topk_workspace
 from kernels.tuning import TUNING
 from kvcache.pages import SUMMARY_MAX, SUMMARY_MIN
@@ -63,10 +64,7 @@ def _page_bounds_kernel(
         x = tl.where(mask_p[None, :], bound * sm_scale, float("-inf"))
         tl.store(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_brow + offs_p[None, :], x,
                  mask=mask_g[:, None] & mask_p[None, :])
-        m_new = tl.maximum(m_i, tl.max(x, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
-        m_i = m_new
+        m_i, l_i = running_softmax_stats(m_i, l_i, x)
     stat = (pid_bh * tl.num_programs(1) + split) * G + offs_g
     tl.store(stat_m_ptr + stat, m_i, mask=mask_g)
     tl.store(stat_l_ptr + stat, l_i, mask=mask_g)

@@ -1,4 +1,4 @@
-"""Merging per-split softmax statistics (max, sum of exp) into the global ones, inside a kernel."""
+"""Per-split softmax statistics (max, sum of exp) inside a kernel: kept over a split, then merged over the splits."""
 
 import triton
 import triton.language as tl
@@ -18,3 +18,12 @@ def merged_softmax_stats(stat_m_ptr, stat_l_ptr, row, num_splits, offs_g, mask_g
     glob_m = tl.max(part_m, axis=0)
     glob_m = tl.where(glob_m == float("-inf"), 0.0, glob_m)
     return glob_m, tl.sum(part_l * tl.exp(part_m - glob_m[None, :]), axis=0)
+
+
+@triton.jit
+def running_softmax_stats(m_i, l_i, x):
+    """(max, sum of exp(x - max)) per row of [rows, n] logits x folded into the running (m_i, l_i); -inf-only
+    rows keep max -inf and sum 0."""
+    m_new = tl.maximum(m_i, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from kernels.group_scores import group_scores
 from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
+from kernels.softmax_stats import running_softmax_stats
 from kernels.topk import LEVELS, radix_topk, topk_workspace, zero_workspace_row
 from kernels.tuning import TUNING
 from kvcache.table import PageTableCSR
@@ -111,10 +112,7 @@ def _stage1_kernel(
         x = tl.where(mask_n[None, :], x, float("-inf"))
         tl.store(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_lrow + offs_n[None, :], x,
                  mask=mask_g[:, None] & mask_n[None, :])
-        m_new = tl.maximum(m_i, tl.max(x, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
-        m_i = m_new
+        m_i, l_i = running_softmax_stats(m_i, l_i, x)
     stat = (pid_bh * num_splits + split) * G + offs_g
     tl.store(stat_m_ptr + stat, m_i, mask=mask_g)
     tl.store(stat_l_ptr + stat, l_i, mask=mask_g)
