@@ -96,13 +96,21 @@ class ServerProcess:
                 self.port = int(event["port"])
                 return
 
+    def _caught_up(self) -> None:
+        # Once the process has exited, its last lines may still sit in the pipe: under load (a log
+        # line per call) the reader thread lags, and a check of the final events raced it.
+        if self.process.poll() is not None:
+            self._reader.join(timeout=30)
+
     def output(self) -> str:
-        """Everything the server wrote so far (stdout and stderr)."""
+        """Everything the server wrote so far (stdout and stderr); all of it once the process has exited."""
+        self._caught_up()
         with self._lock:
             return "\n".join(self._lines)
 
     def events(self) -> list[dict]:
-        """The JSON log lines written so far, parsed."""
+        """The JSON log lines written so far, parsed; all of them once the process has exited."""
+        self._caught_up()
         with self._lock:
             lines = list(self._lines)
         return [e for e in map(_json, lines) if e]
