@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages
+from kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages, select_workspace
 from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
 from kvcache.methods.gate import LayerGate, check_gate_params, gate_keys, gate_select, pooled_keys
 from kvcache.methods.traffic import gate_budget_pages, gate_bytes
@@ -41,8 +41,9 @@ def gate_choose_triton(
     P = csr.page_size
     max_pages = max(1, triton.cdiv(csr.max_len, P))
     budget_pages = max_pages if budget is None else triton.cdiv(budget, P)
-    qg = gate_queries_triton(q, layer_gate, csr)
-    logits, sel, counts, ws = gate_scores_triton(qg, keys_for(layer_gate, k_summary, csr), csr, budget_pages)
+    ws = select_workspace(q.shape[0] * Hkv, csr, q.device) if threshold is None else None
+    qg = gate_queries_triton(q, layer_gate, csr, ws)
+    logits, sel, counts, ws = gate_scores_triton(qg, keys_for(layer_gate, k_summary, csr), csr, budget_pages, ws)
     if threshold is None:
         return select_pages(sel, counts, ws, gate_budget_pages(csr.max_len, P, budget)), counts["list_len"]
     picks = []

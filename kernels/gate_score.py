@@ -23,17 +23,19 @@ import triton
 import triton.language as tl
 
 from kernels.paged_decode import plan_splits
-from kernels.topk import LEVELS, digit_histogram, radix_level, radix_topk, topk_workspace
+from kernels.topk import LEVELS, digit_histogram, radix_level, radix_topk, topk_workspace, zero_workspace_row
 from kernels.tuning import Launch
 from kvcache.methods.gate import LayerGate
 from kvcache.table import PageTableCSR
 
-# Programs ~ 4 waves of 132 SMs (H100/H200): scoring reads dg values per page and is bandwidth-bound.
-SCORE_LAUNCH = Launch(block_n=64, num_warps=4, programs=1056)  # block_n pages per loop step, ~one step per program
+# Programs ~ 8 waves of 132 SMs (H100/H200): scoring reads dg values per page and is bandwidth-bound. 32 pages
+# a step beat 64 and 128 (128K x 1 on an H100: 18.5 against 22.2 us, bench/results/gate_sweep_h100.json).
+SCORE_LAUNCH = Launch(block_n=32, num_warps=4, programs=1056)  # block_n pages per loop step, ~one step per program
 # The query GEMV is latency-bound (a few hundred KB of W_q per group): few loop steps, dg/8 programs per group.
 QUERY_MAX_BLOCK_K = 1024  # rows of W_q per loop step: one step up to G*d = 1024
 QUERY_BLOCK_O = 4  # output pairs (i, i + dg/2) per program: dg/8 programs per group
-SELECT_LAUNCH = Launch(block_n=1024, num_warps=4, programs=256)  # kernels.topk's radix digits over the page keys
+# kernels.topk's radix digits over the page keys; 8 warps took 1-3 us off the selection of 8192 pages.
+SELECT_LAUNCH = Launch(block_n=512, num_warps=8, programs=128)
 # Up to this many pages per row (32K positions at page 16) one program per row selects in registers, one
 # launch instead of a zeroed workspace and the radix launches; longer rows use kernels.topk's radix_topk, which
 # spread a row over many programs. On an H200 at 128K (8192 pages, 8 rows) one program per row took the
@@ -43,12 +45,16 @@ SELECT_ROW_MAX = 2048
 
 @triton.jit
 def _gate_query_kernel(
-    q_ptr, w_ptr, bias_ptr, inv_freq_ptr, indptr_ptr, qg_ptr,
+    q_ptr, w_ptr, bias_ptr, inv_freq_ptr, indptr_ptr, qg_ptr, hist0_ptr, hist1_ptr, counters_ptr,
     s_qb, s_wh, s_wi, s_bh,
     HKV: tl.constexpr, GD: tl.constexpr, DG: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, ZERO_WS: tl.constexpr, WS_B0: tl.constexpr, WS_B1: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
+    if ZERO_WS:
+        # The select's workspace row, zeroed here before the scoring kernel adds its histogram: no memset.
+        if tl.program_id(1) == 0:
+            zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, pid_bh, WS_B0, WS_B1)
     b = pid_bh // HKV
     h = pid_bh % HKV
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -156,8 +162,10 @@ def rope_inv_freq(gate_dim: int, base: float, device: torch.device) -> torch.Ten
     return _INV_FREQ[key]
 
 
-def gate_queries_triton(q: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR) -> torch.Tensor:
-    """Gate queries [B*Hkv, dg] float32 of q [B, Hq, d], each at its sequence's last page (§3, SeerAttention-R)."""
+def gate_queries_triton(q: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR,
+                        workspace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Gate queries [B*Hkv, dg] float32 of q [B, Hq, d], each at its sequence's last page (§3, SeerAttention-R).
+    A `workspace` (kernels.topk's, one row per gate query, made with zeroed=False) is zeroed on the way."""
     B, Hq, D = q.shape
     w, bias = layer_gate.q_weight, layer_gate.q_bias  # [Hkv, G*d, dg], [Hkv, dg] float32
     Hkv, GD, DG = w.shape
@@ -166,22 +174,25 @@ def gate_queries_triton(q: torch.Tensor, layer_gate: LayerGate, csr: PageTableCS
     half = DG // 2
     qg = torch.empty((B * Hkv, DG), dtype=torch.float32, device=q.device)
     inv_freq = rope_inv_freq(DG, layer_gate.shape.rope_base, q.device)
+    ws = workspace or {"hist0": qg, "hist1": qg, "counters": qg}
     _gate_query_kernel[(B * Hkv, triton.cdiv(half, QUERY_BLOCK_O))](
-        q, w, bias, inv_freq, csr.indptr, qg,
+        q, w, bias, inv_freq, csr.indptr, qg, ws["hist0"], ws["hist1"], ws["counters"],
         q.stride(0), w.stride(0), w.stride(1), bias.stride(0),
         HKV=Hkv, GD=GD, DG=DG, HALF=half, BLOCK_K=min(QUERY_MAX_BLOCK_K, triton.next_power_of_2(GD)),
-        BLOCK_O=QUERY_BLOCK_O, num_warps=8,
+        BLOCK_O=QUERY_BLOCK_O, ZERO_WS=bool(workspace), WS_B0=LEVELS[0][1], WS_B1=LEVELS[1][1], num_warps=8,
     )
     return qg
 
 
 @torch.no_grad()
 def gate_scores_triton(
-    qg: torch.Tensor, keys: torch.Tensor, csr: PageTableCSR, budget_pages: int
+    qg: torch.Tensor, keys: torch.Tensor, csr: PageTableCSR, budget_pages: int,
+    workspace: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Logits [B*Hkv, max_pages] float32 of gate queries qg [B*Hkv, dg] against keys [N, Hkv, dg] of the
     sequences' pages, with the select's inputs: (logits, keys for the select, per-row counts, workspace).
-    The workspace (kernels.topk's, level-0 histogram filled) is empty when select_pages selects in registers.
+    The workspace (kernels.topk's, level-0 histogram filled) is empty when select_pages selects in registers;
+    pass one that gate_queries_triton zeroed (select_workspace), else a zeroed one is made here.
 
     counts holds list_len (pages to read, first and last included), n_valid and n_total (int32 [B*Hkv]);
     entries of a row past its sequence's pages are not written."""
@@ -193,7 +204,7 @@ def gate_scores_triton(
     sel = torch.empty_like(logits)
     counts = {name: torch.empty(BH, dtype=torch.int32, device=dev) for name in ("list_len", "n_valid", "n_total")}
     in_registers = max_pages <= SELECT_ROW_MAX
-    ws = {} if in_registers else topk_workspace(BH, dev)
+    ws = {} if in_registers else (workspace or topk_workspace(BH, dev))
     hist0 = logits if in_registers else ws["hist0"]
     splits, per_split = plan_splits(max_pages, BH, SCORE_LAUNCH.block_n, SCORE_LAUNCH.programs)
     shift, bits = LEVELS[0]
@@ -206,6 +217,14 @@ def gate_scores_triton(
         SHIFT=shift, NBINS=1 << bits, WITH_HIST=not in_registers, num_warps=SCORE_LAUNCH.num_warps,
     )
     return logits, sel, counts, ws
+
+
+def select_workspace(rows: int, csr: PageTableCSR, device: torch.device) -> dict[str, torch.Tensor]:
+    """The radix select's workspace for `rows` gate queries over csr's sequences, unzeroed (gate_queries_triton
+    zeroes it), or {} when the rows are short enough to select in registers."""
+    if max(1, triton.cdiv(csr.max_len, csr.page_size)) <= SELECT_ROW_MAX:
+        return {}
+    return topk_workspace(rows, device, zeroed=False)
 
 
 def select_pages(sel: torch.Tensor, counts: dict[str, torch.Tensor], ws: dict[str, torch.Tensor],
