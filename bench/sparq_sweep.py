@@ -9,70 +9,40 @@ The committed table came from bench/results/sparq_sweep_h200.json.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-
-from bench.decode import Shape, _sdpa_call, build_store, planned_call
-from bench.timing import Timer, run_header
+from bench.decode import planned_call
+from bench.sweep import Sweep
 from kernels import sparq as ks
 from kernels.tuning import TUNING, Launch
 
 
 def main() -> int:
     """Run the sweep and write its JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", required=True)
-    parser.add_argument("--context", type=int, default=131072)
-    args = parser.parse_args()
-    dev = torch.device("cuda")
-    timer = Timer(dev, iters=30)
-    report = {**run_header(dev), "rows": []}
-
-    def row(name: str, params: dict, us: float) -> None:
-        report["rows"].append({"name": name, "params": params, "time_us": us})
-        print(name, params, round(us, 1), flush=True)
-
-    S = args.context
-    shape = Shape(1, S)
-    store, seqs = build_store(shape, dev)
-    q = torch.randn((1, shape.num_q_heads, shape.head_dim), device=dev).to(shape.dtype)
+    sw = Sweep(__doc__.splitlines()[0])
+    S, q, store, seqs = sw.context, sw.q, sw.store, sw.seqs
     csr, view = store.page_table(seqs, 0), store.layer_view(0)
-    row("sdpa", {}, timer.median_us(_sdpa_call(store, seqs, q, shape)[0]))
     k = S // 16
     s1 = ks.sparq_stage1(q, view.k_dim, csr, 16)
     saved = dict(TUNING)
     for bn, nw, pr in itertools.product((256, 512, 1024, 2048), (1, 2, 4), (264, 528, 1056)):
         TUNING["topk"] = Launch(bn, nw, pr)
-        us = timer.median_us(lambda: ks.sparq_select(s1, csr, 8, k, k // 4))
-        row("select.topk", {"bn": bn, "nw": nw, "pr": pr}, us)
+        sw.time("select.topk", {"bn": bn, "nw": nw, "pr": pr}, lambda: ks.sparq_select(s1, csr, 8, k, k // 4))
     TUNING.update(saved)
     for bn in (128, 256, 512, 1024):
-        us = timer.median_us(lambda bn=bn: ks.sparq_select(s1, csr, 8, k, k // 4, block_n=bn))
-        row("select.scores", {"bn": bn}, us)
+        sw.time("select.scores", {"bn": bn}, lambda bn=bn: ks.sparq_select(s1, csr, 8, k, k // 4, block_n=bn))
     for r in (16, 32):
         name = "stage1" if r <= 16 else "stage1_wide"
         for bn, nw, pr in itertools.product((128, 256, 512), (2, 4), (264, 528)):
             TUNING[name] = Launch(bn, nw, pr)
-            us = timer.median_us(lambda r=r: ks.sparq_stage1(q, view.k_dim, csr, r))
-            row(name, {"r": r, "bn": bn, "nw": nw, "pr": pr}, us)
+            sw.time(name, {"r": r, "bn": bn, "nw": nw, "pr": pr}, lambda r=r: ks.sparq_stage1(q, view.k_dim, csr, r))
         TUNING.update(saved)
     for r, div in ((16, 16), (32, 8)):
         params = {"r": r, "k": S // div, "local_window": S // div // 4}
         call = planned_call(store, seqs, q, "sparq", params)
-        row("sparq", params, timer.median_us(call))
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                call()
-            torch.cuda.synchronize()
-        report["rows"].append({"name": "sparq.kernels_us", "params": params, "kernels_us": {
-            e.key: e.device_time_total / 10 for e in prof.key_averages() if e.device_time_total > 0}})
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=1)
-    return 0
+        sw.time("sparq", params, call)
+        sw.profile_kernels("sparq.kernels_us", params, call)
+    return sw.write()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from engine.prefill import PrefillAttention, causal_attention
 from engine.star_eval import StarEncoder, parse_settings, shard_clients
 from kvcache.gate_store import load_gate
 from kvcache.methods.gate import GATE_DIM
-from kvcache.methods.traffic import gate_budget_for_share
+from kvcache.methods.traffic import gate_budget_for_share, quest_pages_for_share
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparq", default="16:8,8:16,4:32,2:64",
                    help="SparQ settings r:f with k = S/f (local window k/4): default 1/4 .. 1/32 of dense bytes")
     p.add_argument("--quest", default="4,8", help="Quest settings f with top_pages = pages/f")
+    p.add_argument("--quest-bytes", default="", help="Quest settings f: top_pages that read 1/f of dense bytes "
+                                                       "(summaries included), to compare with gate bytes/f")
     p.add_argument("--gate", help="learned page gate (a name under engine/gates/ or a path; `kvcache train-gate` makes "
                    "one): adds method gate to the grid (with --server, start the server with the same --gate)")
     p.add_argument("--gate-bytes", default="4,8", help="gate settings f: a token budget that reads 1/f of dense bytes")
@@ -64,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes: str = "", gate_pages: str = "",
-                itemsize: int = 4, head_dim: int = 64, gate_dim: int = GATE_DIM) -> list[tuple[str, AttentionSpec]]:
+                itemsize: int = 4, head_dim: int = 64, gate_dim: int = GATE_DIM,
+                quest_bytes: str = "") -> list[tuple[str, AttentionSpec]]:
     """(label, spec) of dense and every SparQ, Quest and gate setting at a context of `context` positions
     (a store of `itemsize`-byte K/V of `head_dim`; gate keys of `gate_dim` in the same dtype)."""
     grid = [("dense", AttentionSpec("dense", {}))]
@@ -76,6 +79,10 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
         f = int(item)
         pages = max(1, -(-context // page_size) // f)
         grid.append((f"quest pages/{f}", AttentionSpec("quest", {"top_pages": pages})))
+    for item in filter(None, quest_bytes.split(",")):
+        f = int(item)
+        pages = quest_pages_for_share(context, page_size, 1 / f, head_dim, itemsize)
+        grid.append((f"quest bytes/{f}", AttentionSpec("quest", {"top_pages": pages})))
     for item in filter(None, gate_bytes.split(",")):
         f = int(item)
         budget = gate_budget_for_share(context, page_size, 1 / f, head_dim, itemsize, gate_dim, itemsize)
@@ -182,7 +189,7 @@ def main(args: argparse.Namespace) -> int:
                 attach_gate(enc.client.store, gate)
         report["gate"] = args.gate
     gate_grid = (args.gate_bytes, args.gate_pages) if args.gate else ("", "")
-    grid_cost = {"head_dim": model.config.head_dim, "gate_dim": gate_dim}
+    grid_cost = {"head_dim": model.config.head_dim, "gate_dim": gate_dim, "quest_bytes": args.quest_bytes}
     text_ids = tok.encode(long_text())
     for C in contexts:
         full = method_grid(C, args.page_size, args.sparq, args.quest, *gate_grid, **grid_cost)

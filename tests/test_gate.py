@@ -275,3 +275,16 @@ def test_the_eval_grid_gate_budget_reads_the_asked_share_of_dense_bytes():
         spec = grid[f"gate bytes/{f}"]
         got = client.attend(ids, 1, q[:1], spec.method, spec.params).bytes_read
         assert abs(got / dense - 1 / f) < 0.02, (f, got / dense)
+
+
+def test_the_eval_grid_quest_bytes_rows_read_the_asked_share_of_dense_bytes():
+    from engine.eval_cli import method_grid
+
+    hkv, G, S, P16 = 2, 3, 2048, 16
+    client, ids, q, _ = _client_with([S], hkv, G, page_size=P16)
+    dense = client.attend(ids, 1, q[:1], "dense").bytes_read
+    grid = dict(method_grid(S, P16, "", "", itemsize=4, head_dim=D, quest_bytes="4,8"))
+    for f in (4, 8):
+        spec = grid[f"quest bytes/{f}"]
+        got = client.attend(ids, 1, q[:1], spec.method, spec.params).bytes_read
+        assert abs(got / dense - 1 / f) < 0.02, (f, got / dense)

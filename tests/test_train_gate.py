@@ -103,3 +103,14 @@ def test_mass_recall_is_one_with_every_page_and_best_for_the_ground_truth_order(
         assert best >= mass_recall(gate_scores(gate, cap), cap, f) - 1e-6
     rows = recall_report(gate, [cap], CONFIG.head_dim, fractions=(0.5,))
     assert set(rows[0]) == {"fraction_of_pages", "gate", "quest", "oracle"}
+
+
+def test_training_windows_start_after_the_tokens_the_eval_scores_and_must_fit():
+    from engine.train_gate import EVAL_TOKENS, windows
+
+    ids = list(range(EVAL_TOKENS + 3 * 100))
+    got = windows(ids, 100, 3, EVAL_TOKENS)
+    assert [w[0] for w in got] == [EVAL_TOKENS, EVAL_TOKENS + 100, EVAL_TOKENS + 200]
+    assert all(len(w) == 100 for w in got)
+    with pytest.raises(ValueError, match="do not fit"):
+        windows(ids, 100, 4, EVAL_TOKENS)

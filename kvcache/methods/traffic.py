@@ -33,6 +33,14 @@ def quest_bytes(lens: Sequence[int], page_size: int, top_pages: int, num_kv_head
     return total
 
 
+def quest_pages_for_share(context: int, page_size: int, share: float, d: int, itemsize: int) -> int:
+    """Pages a Quest choice may read so that quest_bytes comes to `share` of dense's 2*d*itemsize bytes per
+    position, at least 2: pages = S/P * (share - 2*d*4 / (2*P*d*itemsize)), the float32 min/max of every page
+    read first."""
+    scoring = SUMMARY_ROWS_READ * d * SUMMARY_DTYPE.itemsize / (2 * page_size * d * itemsize)
+    return max(2, int(context * (share - scoring)) // page_size)
+
+
 # The learned gate (ALGORITHMS.md §3) scores a page by its cached gate key kg = RoPE(W_k [max, min, mean], page),
 # dg values in the key cache's dtype (kvcache.gate_store.GateKeyCache), not by its 3d float32 summaries: the
 # summaries are read once, when a page's keys are appended. The gate's query weights ([G*d x dg] per kv head,
