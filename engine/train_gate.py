@@ -14,7 +14,7 @@ own attention on real text; the model stays frozen.
    was better at a quarter of the pages, mass at an eighth. More text mattered more: going from 3
    to 8 windows halved the perplexity gap of either, and 12 windows of 4K instead of 8 of 2K (the
    gate's RoPE then sees the page distances of a 4K eval) took the 4K gap at an eighth of the bytes
-   from +49% to +19% (64 scored tokens). The defaults (24 windows of 4K) take about 10 minutes here.
+   from +49% to +19% (64 scored tokens). The defaults (24 windows of 4K) take about 8 minutes here.
 2. Fit. Decode reads the first page and the query's own (last, partial) page regardless, so the
    loss is over the pages strictly between them: both the ground truth and the gate's softmax are
    restricted to pages 1 .. page(t)-1 and renormalised there; loss KL(gt || gate), averaged over
