@@ -203,7 +203,7 @@ def gate_scores_triton(
     logits = torch.empty((BH, max_pages), dtype=torch.float32, device=dev)
     sel = torch.empty_like(logits)
     counts = {name: torch.empty(BH, dtype=torch.int32, device=dev) for name in ("list_len", "n_valid", "n_total")}
-    in_registers = max_pages <= SELECT_ROW_MAX
+    in_registers = _selects_in_registers(csr)
     ws = {} if in_registers else (workspace or topk_workspace(BH, dev))
     hist0 = logits if in_registers else ws["hist0"]
     splits, per_split = plan_splits(max_pages, BH, SCORE_LAUNCH.block_n, SCORE_LAUNCH.programs)
@@ -219,10 +219,15 @@ def gate_scores_triton(
     return logits, sel, counts, ws
 
 
+def _selects_in_registers(csr: PageTableCSR) -> bool:
+    # One program per row (_select_row_kernel) for rows of at most SELECT_ROW_MAX pages, else radix_topk.
+    return max(1, triton.cdiv(csr.max_len, csr.page_size)) <= SELECT_ROW_MAX
+
+
 def select_workspace(rows: int, csr: PageTableCSR, device: torch.device) -> dict[str, torch.Tensor]:
     """The radix select's workspace for `rows` gate queries over csr's sequences, unzeroed (gate_queries_triton
     zeroes it), or {} when the rows are short enough to select in registers."""
-    if max(1, triton.cdiv(csr.max_len, csr.page_size)) <= SELECT_ROW_MAX:
+    if _selects_in_registers(csr):
         return {}
     return topk_workspace(rows, device, zeroed=False)
 
