@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -111,7 +112,15 @@ _POSITIONAL = {"q", "k_seq", "k_dim", "v_seq", "k_summary", "value_mean", "layer
 
 def method_parameters(method: str) -> list[str]:
     """Names of the keyword parameters `method` accepts."""
-    return [n for n in inspect.signature(_lookup(method).reference).parameters if n not in _POSITIONAL]
+    return list(_parameters(_lookup(method).reference)[0])
+
+
+@functools.cache
+def _parameters(reference: Callable) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    # (accepted, required) keywords of a reference; cached: inspect.signature costs tens of us per decode call.
+    params = inspect.signature(reference).parameters
+    accepted = tuple(n for n in params if n not in _POSITIONAL)
+    return accepted, tuple(n for n in accepted if params[n].default is inspect.Parameter.empty)
 
 
 def validate(
@@ -130,12 +139,11 @@ def validate(
     if backend not in BACKENDS:
         raise InvalidParameter(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     params = dict(params or {})
-    accepted = method_parameters(method)
+    accepted, required = _parameters(m.reference)
     unknown = set(params) - set(accepted)
     if unknown:
-        raise InvalidParameter(f"{method}: unknown parameters {sorted(unknown)}; accepted: {accepted}")
-    signature = inspect.signature(m.reference).parameters
-    missing = [n for n in accepted if signature[n].default is inspect.Parameter.empty and n not in params]
+        raise InvalidParameter(f"{method}: unknown parameters {sorted(unknown)}; accepted: {list(accepted)}")
+    missing = [n for n in required if n not in params]
     if missing:
         raise InvalidParameter(f"{method}: missing required parameters {missing}")
     check_common_params(params.get("scale"), params.get("reallocate", True))

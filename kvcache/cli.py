@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     rpc.add_argument("--threads", type=int, default=4, help="concurrent engine connections in the last row")
     rpc.add_argument("--device", default="cpu", help="where both stores live: cpu (default) or cuda")
     rpc.add_argument("--json", help="write the report here")
+    layer_call = bench_sub.add_parser("layer-call", help="a decode layer call's append and whole wall time, "
+                                                         "in-process (Triton append against torch)")
+    layer_call.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
+    layer_call.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    layer_call.add_argument("--iters", type=int, default=300, help="timed calls per row")
+    layer_call.add_argument("--json", help="write the report here")
     prefill = bench_sub.add_parser("prefill", help="MInference sparse prefill vs SDPA, one layer")
     from bench.prefill import add_arguments as add_prefill_arguments
 
@@ -102,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.rpc import main as bench_rpc
 
         return bench_rpc(args)
+    elif args.command == "bench" and args.bench == "layer-call":
+        from bench.layer_call import main as bench_layer_call
+
+        return bench_layer_call(args)
     elif args.command == "bench" and args.bench == "prefill":
         from bench.prefill import main as bench_prefill
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
+from kvcache.host_copy import to_device_async
 
 # Rows of k_summary along its third axis.
 SUMMARY_MIN, SUMMARY_MAX, SUMMARY_MEAN = 0, 1, 2
@@ -72,19 +73,27 @@ class PagePool:
         kmean = torch.where(filled, keys, 0.0).sum(dim=3) / count
         self.k_summary[layers[:, None], page_ids[None, :]] = torch.stack((kmin, kmax, kmean), dim=3)
 
-    def fold_row(self, layer: int, page_id: int, slot: int, k: torch.Tensor) -> None:
-        """Write one key/value row's effect on the summaries of (layer, page) that held `slot` rows: k [Hkv, d].
+    def append_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: list[tuple[int, int, int]]) -> None:
+        """One new row per sequence at `layer` (a decode step): k, v [B, Hkv, d] to rows[b] = (page id, device
+        slot of its K/V, row in the page) in both key layouts, folded into the pages' summaries.
 
-        The decode step's append: min, max and a running mean updated in place, instead of
-        re-reducing the page."""
+        A page's first row (row 0) sets min = max = mean; a later one at row s updates min, max and the
+        running mean (mean * s + k) / (s + 1) instead of re-reducing the page. Reference of kernels.append_rows."""
+        dev = k.device
+        page_ids, kv_slots, slots = to_device_async(torch.tensor(rows, dtype=torch.long).T.contiguous(), dev)
+        self.k_seq[layer, kv_slots, :, slots] = k
+        self.v_seq[layer, kv_slots, :, slots] = v
+        self.k_dim[layer, page_ids, :, :, slots] = k
         kf = k.float()
-        summary = self.k_summary[layer, page_id]  # [Hkv, 3, d], a view
-        if slot == 0:
-            summary.copy_(kf[:, None, :].expand(-1, 3, -1))
-            return
-        torch.minimum(summary[:, SUMMARY_MIN], kf, out=summary[:, SUMMARY_MIN])
-        torch.maximum(summary[:, SUMMARY_MAX], kf, out=summary[:, SUMMARY_MAX])
-        summary[:, SUMMARY_MEAN].mul_(slot / (slot + 1)).add_(kf, alpha=1 / (slot + 1))
+        summary = self.k_summary[layer, page_ids]  # [B, Hkv, 3, d], a copy
+        torch.minimum(summary[:, :, SUMMARY_MIN], kf, out=summary[:, :, SUMMARY_MIN])
+        torch.maximum(summary[:, :, SUMMARY_MAX], kf, out=summary[:, :, SUMMARY_MAX])
+        w = to_device_async(torch.tensor([(s / (s + 1), 1 / (s + 1)) for _, _, s in rows], dtype=kf.dtype), dev)
+        summary[:, :, SUMMARY_MEAN].mul_(w[:, 0, None, None]).add_(kf * w[:, 1, None, None])
+        first = [b for b, (_, _, s) in enumerate(rows) if s == 0]
+        if first:  # a page's first row: whatever the page held before is gone
+            summary[first] = kf[first, :, None, :].expand(-1, -1, 3, -1)
+        self.k_summary[layer, page_ids] = summary
 
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor, src_kv: torch.Tensor, dst_kv: torch.Tensor) -> None:
         """Copy pages src[n] -> dst[n] (device slots src_kv -> dst_kv) in every layer and layout (copy-on-write)."""

@@ -19,6 +19,7 @@ from kvcache.errors import (
     ShapeMismatch,
     StoreFull,
 )
+from kvcache.host_copy import to_device_async
 from kvcache.pages import PagePool
 from kvcache.placement import TierManager
 from kvcache.table import PageTableCSR, SequenceState, build_csr
@@ -56,7 +57,11 @@ class KVStore:
     def __init__(self, config: KVCacheConfig) -> None:
         self.config = config
         self.pool = PagePool(config)
+        # Decode rows are written by kernels.append_rows on CUDA (it takes d as one power-of-two block);
+        # `kvcache bench layer-call` turns it off to time the torch path in the same run.
+        self.triton_append = config.head_dim & (config.head_dim - 1) == 0
         self.allocator = PageAllocator(config.total_pages)
+        self._refcounts = self.allocator.refcount.numpy()  # a view: the allocator updates its tensor in place
         # Lower tiers, when configured: k_seq/v_seq of cold pages leave the device (kvcache.placement).
         self.tiers = TierManager(config, self.pool) if config.tiered else None
         if self.tiers is not None:
@@ -134,7 +139,7 @@ class KVStore:
             P = self.config.page_size
             if num_new == 1 and len(layers) == 1:
                 self._prepare_pages(seq, start // P, self.config.pages_for(end))
-                self._append_row(seq, layers[0], start, k[0, 0], v[0, 0])
+                self._write_decode_rows(layers[0], [seq], k[0], v[0])
             else:
                 need = self._pages_needed(seq, num_new, layer)
                 if need > self.allocator.num_free:
@@ -158,14 +163,23 @@ class KVStore:
             seqs = [self._get(s) for s in seq_ids]
             if len(set(seq_ids)) != len(seq_ids):
                 raise InvalidParameter("a sequence appears twice in one append")
-            for b, seq in enumerate(seqs):
-                self._check_kv(k[b : b + 1], v[b : b + 1], layer)
-            need = sum(self._pages_needed(seq, 1, layer) for seq in seqs)
+            k, v = self._check_kv(k, v, layer)  # [1, B, Hkv, d]: the batch checked as T positions
+            if k.shape[1] != len(seqs):
+                raise ShapeMismatch(f"k holds {k.shape[1]} rows for {len(seqs)} sequences")
+            ready = [self._row_ready(seq, seq.lengths[layer]) for seq in seqs]
+            need = sum(self._pages_needed(seq, 1, layer) for seq, ok in zip(seqs, ready) if not ok)
             if need > self.allocator.num_free:
                 raise StoreFull(f"appending to {len(seqs)} sequences needs {need} free pages; "
                                 f"{self.allocator.num_free} are free")
-            for b, seq_id in enumerate(seq_ids):
-                self.append(seq_id, k[b : b + 1], v[b : b + 1], layer=layer)
+            P = self.config.page_size
+            for seq, ok in zip(seqs, ready):
+                if not ok:
+                    start = seq.lengths[layer]
+                    self._prepare_pages(seq, start // P, self.config.pages_for(start + 1))
+            self._write_decode_rows(layer, seqs, k[0], v[0])
+            for seq in seqs:
+                seq.lengths[layer] += 1
+                self._register_full_pages(seq)
 
     def lengths(self, seq_ids: Sequence[str], layer: int) -> list[int]:
         """Cached positions of each sequence at `layer`."""
@@ -193,8 +207,8 @@ class KVStore:
             self._check_layers(layer)
             seqs = [self._get(s) for s in seq_ids]
             sums = torch.stack([s.value_sum[layer] for s in seqs])
-            counts = torch.tensor([max(s.lengths[layer], 1) for s in seqs], dtype=sums.dtype, device=sums.device)
-            return sums / counts[:, None, None]
+            counts = torch.tensor([max(s.lengths[layer], 1) for s in seqs], dtype=sums.dtype)
+            return sums / to_device_async(counts, sums.device)[:, None, None]
 
     def pool_usage(self) -> dict[str, int]:
         """Page counts: total, free (incl. evictable cached), cached, sequences; per tier when tiered."""
@@ -356,18 +370,29 @@ class KVStore:
             raise InvalidParameter(f"sequence {seq.seq_id}: token ids at {start}.. differ from those given before")
         return ids[overlap:]
 
-    def _append_row(self, seq: SequenceState, layer: int, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """One position of one layer (a decode step): plain indexing and in-place summary updates."""
+    def _write_decode_rows(self, layer: int, seqs: list[SequenceState], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [B, Hkv, d] (on the device) at the next position of each of `seqs` at `layer`, whose
+        pages are ready: both key layouts, the page summaries and the value sums, in a few launches for
+        the whole batch (kernels.append_rows on CUDA)."""
         P = self.config.page_size
-        page, slot = int(seq.pages[position // P]), position % P
-        kv_slot = page if self.tiers is None else int(self.tiers.slot[page])
-        pool = self.pool
-        pool.k_seq[layer, kv_slot, :, slot] = k
-        pool.v_seq[layer, kv_slot, :, slot] = v
-        pool.k_dim[layer, page, :, :, slot] = k
-        pool.fold_row(layer, page, slot, k)
-        seq.value_sum[layer] += v.float()
-        self._summaries_changed([layer], seq.pages[position // P : position // P + 1], position // P)
+        rows = []
+        for seq in seqs:
+            position = seq.lengths[layer]
+            page = int(seq.pages[position // P])
+            rows.append((page, page if self.tiers is None else int(self.tiers.slot[page]), position % P))
+        if self.config.device.type == "cuda" and self.triton_append:
+            from kernels.append_rows import append_rows_triton
+
+            p = self.pool
+            table = to_device_async(torch.tensor(rows, dtype=torch.int32).T.contiguous(), self.config.device)
+            append_rows_triton(p.k_seq[layer], p.v_seq[layer], p.k_dim[layer], p.k_summary[layer], k, v, table)
+        else:
+            self.pool.append_rows(layer, k, v, rows)
+        torch._foreach_add_([seq.value_sum[layer] for seq in seqs], list(v.float().unbind(0)))
+        if self.summary_listeners:
+            for seq in seqs:
+                index = seq.lengths[layer] // P
+                self._summaries_changed([layer], seq.pages[index : index + 1], index)
 
     def _append_rows(self, seq: SequenceState, layers: list[int], start: int, end: int, k: torch.Tensor,
                      v: torch.Tensor) -> None:
@@ -387,6 +412,15 @@ class KVStore:
         if self.tiers is not None:
             self.tiers.policy.touch(seq.pages[first_page:end_page].tolist())
         seq.value_sum[layers_t] += v.float().sum(dim=1)
+
+    def _row_ready(self, seq: SequenceState, position: int) -> bool:
+        """Whether `position` falls in a page the sequence holds alone, on the device: the usual decode step,
+        which then takes no page. Read through numpy views: a torch scalar read costs microseconds."""
+        index = position // self.config.page_size
+        if index >= seq.num_pages:
+            return False
+        page = seq.pages.numpy()[index]
+        return self._refcounts[page] <= 1 and (self.tiers is None or int(self.tiers.tier[page]) == DEVICE)
 
     def _pages_needed(self, seq: SequenceState, num_new_positions: int, layer: int | None) -> int:
         """Pages an append of `num_new_positions` would take from the free list (new + copy-on-write)."""

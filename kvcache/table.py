@@ -8,6 +8,7 @@ import torch
 
 from kvcache.allocator import ROOT_HASH
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
+from kvcache.host_copy import to_device_async
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,19 @@ class SequenceState:
 def build_csr(seqs: list[SequenceState], layer: int, device: torch.device) -> PageTableCSR:
     """CSR page table of `seqs` for `layer`: only the pages that layer has written into."""
     P = seqs[0].config.page_size if seqs else 1
+    B = len(seqs)
     lens = [s.lengths[layer] for s in seqs]
     counts = [-(-n // P) for n in lens]
-    indptr = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    indptr[1:] = torch.tensor(counts, dtype=torch.int32).cumsum(0)
-    parts = [s.pages[:c] for s, c in zip(seqs, counts)]
-    indices = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
-    last = torch.tensor([n - (c - 1) * P if c else 0 for n, c in zip(lens, counts)], dtype=torch.int32)
-    return PageTableCSR(indptr.to(device), indices.to(device), last.to(device), P, tuple(lens))
+    # One host buffer and one copy for the three arrays (each starting 16-byte aligned, as Triton
+    # prefers its pointers): a decode step makes a page table per layer.
+    at_last = -(-(B + 1) // 4) * 4
+    at_indices = at_last + -(-B // 4) * 4
+    flat = torch.empty(at_indices + sum(counts), dtype=torch.int32)
+    flat[0] = 0
+    if B:
+        torch.cumsum(torch.tensor(counts, dtype=torch.int32), 0, out=flat[1 : B + 1])
+        flat[at_last : at_last + B] = torch.tensor([n - (c - 1) * P if c else 0 for n, c in zip(lens, counts)],
+                                                   dtype=torch.int32)
+        torch.cat([s.pages[:c] for s, c in zip(seqs, counts)], out=flat[at_indices:])
+    flat = to_device_async(flat, device)
+    return PageTableCSR(flat[: B + 1], flat[at_indices:], flat[at_last : at_last + B], P, tuple(lens))
