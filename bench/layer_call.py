@@ -1,7 +1,7 @@
 """What a decode step's layer call costs besides attention: the append of the new token, and the whole call.
 
 Two parts, in one run:
-  append   kernels.append_rows against its torch reference (PagePool.append_rows) for B sequences:
+  append   kernels.append_rows against the torch path (PagePool.append_rows and the value sums) for B sequences:
            GPU time by CUDA events (graph replays, median), and wall time per call from Python.
   call     InProcessClient.attend with the new token's k, v (what an engine calls once per layer),
            wall time per call: each call waited for (synced, median) and back to back (pipelined, mean,
@@ -12,6 +12,7 @@ Two parts, in one run:
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -52,12 +53,20 @@ def bench_append(device: torch.device, batches: tuple[int, ...], iters: int) -> 
             v = torch.randn_like(k)
             where = [(2 * b + 1, 2 * b + 1, 5) for b in range(B)]  # (page, device slot, row): a page's sixth row
             table = torch.tensor(where, dtype=torch.int32).T.contiguous().to(device)
-            paths = {"torch": lambda: pool.append_rows(1, k, v, where)}
+            sums = torch.zeros((B, 2, hkv, d), device=device)  # value sums [L, Hkv, d] per sequence
+
+            def torch_path(pool=pool, k=k, v=v, where=where, sums=sums):  # what the store runs without Triton
+                pool.append_rows(1, k, v, where)
+                torch._foreach_add_([s[1] for s in sums], list(v.float().unbind(0)))
+
+            paths = {"torch": torch_path}
             if cuda:
                 from kernels.append_rows import append_rows_triton
 
-                paths["triton"] = lambda: append_rows_triton(pool.k_seq[1], pool.v_seq[1], pool.k_dim[1],
-                                                             pool.k_summary[1], k, v, table)
+                table = torch.tensor([list(c) for c in zip(*where)] + [[s[1].data_ptr() for s in sums]],
+                                     dtype=torch.int64).to(device)
+                paths["triton"] = functools.partial(append_rows_triton, pool.k_seq[1], pool.v_seq[1], pool.k_dim[1],
+                                                    pool.k_summary[1], k, v, table)
             for path, fn in paths.items():
                 row = {"part": "append", "shape": name, "batch": B, "path": path,
                        "gpu_us": timer.median_us(fn) if cuda else None,
@@ -68,9 +77,7 @@ def bench_append(device: torch.device, batches: tuple[int, ...], iters: int) -> 
 
 
 def bench_call(device: torch.device, batches: tuple[int, ...], iters: int) -> list[dict]:
-    """Rows: one InProcessClient.attend with the new token's k, v, dense, per shape and batch."""
-    from bench.rpc import fill
-
+    """Rows: one InProcessClient.attend with the new token's k, v, dense, per shape, batch and append path."""
     rows = []
     cuda = device.type == "cuda"
     for name, layers, hq, hkv, d, context, max_batch in SHAPES:
@@ -80,45 +87,55 @@ def bench_call(device: torch.device, batches: tuple[int, ...], iters: int) -> li
             config = KVCacheConfig(num_layers=layers, num_kv_heads=hkv, head_dim=d, page_size=16,
                                    dtype="bfloat16" if cuda else "float32", device=device,
                                    device_pages=B * (context // 16 + (iters + 40 * layers) // (16 * layers) + 8) + 64)
-            client = InProcessClient(config)
-            seqs = fill(client, B, context, config, chunk=4096)
-            q = torch.randn((B, hq, d), device=device).to(config.dtype)
-            k = torch.randn((B, hkv, d), device=device).to(config.dtype)
-            v = torch.randn_like(k)
-            step = iter(range(10**9))
+            for row in _time_calls(config, hq, B, context, iters):
+                rows.append({"part": "call", "shape": name, "batch": B, "context": context, **row})
+                print(f"call    {name:<13} B={B:<3} ctx={context:<6} append {row['append']:<6} "
+                      f"synced {row['synced_us']:8.1f} us  pipelined {row['pipelined_us']:8.1f} us  "
+                      f"GPU kernels {row['gpu_kernels_us'] or 0:6.1f} us")
+    return rows
 
-            def call():
-                client.attend(seqs, next(step) % layers, q, "dense", new_k=k, new_v=v)
 
-            # The store's append path: kernels.append_rows (CUDA) or the torch reference, the baseline.
-            for append in ("triton", "torch") if cuda else ("torch",):
-                client.store.triton_append = append == "triton"
-                # Past a page of new positions in every layer: Triton compiles a kernel again when an int
-                # argument (a length) first meets another divisibility by 16, which is not what is timed.
-                for _ in range((config.page_size + 1) * layers):
+def _time_calls(config: KVCacheConfig, hq: int, B: int, context: int, iters: int) -> list[dict]:
+    """Layer calls on B sequences of `context` positions, with each append path the device has."""
+    from bench.rpc import fill
+
+    cuda = config.device.type == "cuda"
+    layers, hkv, d = config.num_layers, config.num_kv_heads, config.head_dim
+    client = InProcessClient(config)
+    seqs = fill(client, B, context, config, chunk=4096)
+    q = torch.randn((B, hq, d), device=config.device).to(config.dtype)
+    k = torch.randn((B, hkv, d), device=config.device).to(config.dtype)
+    v = torch.randn_like(k)
+    step = iter(range(10**9))
+
+    def call():
+        client.attend(seqs, next(step) % layers, q, "dense", new_k=k, new_v=v)
+
+    rows = []
+    # The store's append path: kernels.append_rows (CUDA) or the torch reference, the baseline.
+    for append in ("triton", "torch") if cuda else ("torch",):
+        client.store.triton_append = append == "triton"
+        # Past a page of new positions in every layer: Triton compiles a kernel again when an int
+        # argument (a length) first meets another divisibility by 16, which is not what is timed.
+        for _ in range((config.page_size + 1) * layers):
+            call()
+        synced = _wall_us(call, iters, sync=cuda)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            call()
+        if cuda:
+            torch.cuda.synchronize()
+        pipelined = (time.perf_counter() - t0) / iters * 1e6
+        gpu = None
+        if cuda:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(layers):
                     call()
-                synced = _wall_us(call, iters, sync=cuda)
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    call()
-                if cuda:
-                    torch.cuda.synchronize()
-                pipelined = (time.perf_counter() - t0) / iters * 1e6
-                gpu = None
-                if cuda:
-                    from torch.profiler import ProfilerActivity, profile
-
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        for _ in range(layers):
-                            call()
-                        torch.cuda.synchronize()
-                    gpu = sum(e.self_device_time_total for e in prof.key_averages()) / layers
-                row = {"part": "call", "shape": name, "batch": B, "context": context, "append": append,
-                       "synced_us": synced, "pipelined_us": pipelined, "gpu_kernels_us": gpu}
-                rows.append(row)
-                print(f"call    {name:<13} B={B:<3} ctx={context:<6} append {append:<6} synced {synced:8.1f} us  "
-                      f"pipelined {pipelined:8.1f} us  GPU kernels {gpu or 0:6.1f} us")
-            del client
+                torch.cuda.synchronize()
+            gpu = sum(e.self_device_time_total for e in prof.key_averages()) / layers
+        rows.append({"append": append, "synced_us": synced, "pipelined_us": pipelined, "gpu_kernels_us": gpu})
     return rows
 
 

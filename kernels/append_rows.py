@@ -1,12 +1,13 @@
 """The decode step's append in Triton: one new K/V row per sequence written to every layout of one layer.
 
 A decode step appends one position to each of B sequences at one layer. In torch that is about ten
-small launches per sequence (k_seq, v_seq, k_dim and three summary updates each), which on a GPU
-cost far more than the bytes they move. One program per (sequence, kv head) here writes the row
-to k_seq and v_seq (at the page's device slot), to k_dim (a strided column of the page), and folds
-it into the page's float32 key summary: a page's first row sets min = max = mean = k, a later row
-at slot s updates min, max and the running mean (mean * s + k) / (s + 1).
-Torch reference: kvcache.pages.PagePool.append_rows.
+small launches per sequence (k_seq, v_seq, k_dim, three summary updates, the value sum), which on a
+GPU cost far more than the bytes they move. One program per (sequence, kv head) here writes the row
+to k_seq and v_seq (at the page's device slot), to k_dim (a strided column of the page), folds it
+into the page's float32 key summary (a page's first row sets min = max = mean = k, a later row at
+slot s updates min, max and the running mean (mean * s + k) / (s + 1)), and adds v to the
+sequence's float32 value sum, which it finds by address (each sequence keeps its own tensor).
+Torch reference: kvcache.pages.PagePool.append_rows, and value_sum += v.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ def _append_rows_kernel(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    # rows [3, B] int32: page id, device slot of the page's K/V, row within the page
-    page = tl.load(rows_ptr + b).to(tl.int64)
-    kv_slot = tl.load(rows_ptr + B + b).to(tl.int64)
+    # rows [4, B] int64: page id, device slot of the page's K/V, row within the page, value sum address
+    page = tl.load(rows_ptr + b)
+    kv_slot = tl.load(rows_ptr + B + b)
     slot = tl.load(rows_ptr + 2 * B + b)
+    value_sum = tl.load(rows_ptr + 3 * B + b).to(tl.pointer_type(tl.float32)) + h * D + tl.arange(0, D)
     offs_d = tl.arange(0, D)
     k = tl.load(k_ptr + b * s_kb + h * s_kh + offs_d)
     v = tl.load(v_ptr + b * s_vb + h * s_vh + offs_d)
@@ -48,18 +50,20 @@ def _append_rows_kernel(
     tl.store(summary, tl.where(first, kf, tl.minimum(old_min, kf)))
     tl.store(summary + s_sum_r, tl.where(first, kf, tl.maximum(old_max, kf)))
     tl.store(summary + 2 * s_sum_r, tl.where(first, kf, old_mean * (s / (s + 1.0)) + kf * (1.0 / (s + 1.0))))
+    tl.store(value_sum, tl.load(value_sum) + v.to(tl.float32))
 
 
 def append_rows_triton(
     k_seq: torch.Tensor, v_seq: torch.Tensor, k_dim: torch.Tensor, k_summary: torch.Tensor,
     k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
 ) -> None:
-    """Write k, v [B, Hkv, d] of one layer's pool views (k_seq/v_seq [Nkv, Hkv, P, d], k_dim [N, Hkv, d, P],
-    k_summary [N, Hkv, 3, d] float32) at rows [3, B] int32 = (page id, device slot, row in page) on k's device."""
+    """Write k, v [B, Hkv, d] into one layer's pool views (k_seq/v_seq [Nkv, Hkv, P, d], k_dim [N, Hkv, d, P],
+    k_summary [N, Hkv, 3, d] float32) at rows [4, B] int64 on k's device = (page id, device slot, row in
+    page, address of the sequence's float32 value sum [Hkv, d] of this layer, contiguous), adding v to it."""
     B, Hkv, D = k.shape
     if k.stride(2) != 1 or v.stride(2) != 1 or k_seq.stride(3) != 1 or k_dim.stride(3) != 1 \
-            or k_summary.stride(3) != 1 or D & (D - 1):
-        raise ValueError("append_rows_triton: rows contiguous in d, d a power of two")
+            or k_summary.stride(3) != 1 or D & (D - 1) or rows.dtype != torch.int64 or rows.shape != (4, B):
+        raise ValueError("append_rows_triton: rows [4, B] int64, tensors contiguous in d, d a power of two")
     _append_rows_kernel[(B, Hkv)](
         k, v, rows, k_seq, v_seq, k_dim, k_summary,
         B,

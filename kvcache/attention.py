@@ -12,10 +12,11 @@ import torch
 
 from kvcache.config import KVCacheConfig
 from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, ShapeMismatch
+from kvcache.host_copy import on_device
 from kvcache.methods import AttentionResult, dense, quest, sparq
+from kvcache.methods.gate import gate
 from kvcache.methods.quest import check_quest_params
 from kvcache.methods.sparq import check_common_params, check_sparq_params
-from kvcache.methods.gate import gate
 from kvcache.methods.traffic import dense_bytes, gate_budget_pages, gate_bytes, quest_bytes, sparq_bytes
 from kvcache.store import KVStore
 from kvcache.table import PageTableCSR
@@ -237,7 +238,10 @@ def check_query(store: KVStore, seq_ids: Sequence[str], q: torch.Tensor) -> torc
         raise DTypeMismatch(f"q has dtype {q.dtype}; the store holds {c.dtype}")
     if len(set(seq_ids)) != len(seq_ids):
         raise InvalidParameter("a sequence appears twice in one attend call")
-    return q.to(c.device).contiguous()
+    # Each torch call costs microseconds of host time in a decode step's layer call: only when needed.
+    if not on_device(q, c.device):
+        q = q.to(c.device)
+    return q if q.is_contiguous() else q.contiguous()
 
 
 def _name_of(m: Method) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.allocator import PageAllocator, chain_hash
-from kvcache.config import KVCacheConfig
+from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import (
     DTypeMismatch,
     InvalidParameter,
@@ -19,7 +19,7 @@ from kvcache.errors import (
     ShapeMismatch,
     StoreFull,
 )
-from kvcache.host_copy import to_device_async
+from kvcache.host_copy import ints_to_device, on_device, to_device_async
 from kvcache.pages import PagePool
 from kvcache.placement import TierManager
 from kvcache.table import PageTableCSR, SequenceState, build_csr
@@ -57,6 +57,8 @@ class KVStore:
     def __init__(self, config: KVCacheConfig) -> None:
         self.config = config
         self.pool = PagePool(config)
+        p = self.pool  # made once: four tensor views per layer call otherwise
+        self._views = [LayerView(p.k_seq[i], p.k_dim[i], p.v_seq[i], p.k_summary[i]) for i in range(config.num_layers)]
         # Decode rows are written by kernels.append_rows on CUDA (it takes d as one power-of-two block);
         # `kvcache bench layer-call` turns it off to time the torch path in the same run.
         self.triton_append = config.head_dim & (config.head_dim - 1) == 0
@@ -163,9 +165,12 @@ class KVStore:
             seqs = [self._get(s) for s in seq_ids]
             if len(set(seq_ids)) != len(seq_ids):
                 raise InvalidParameter("a sequence appears twice in one append")
-            k, v = self._check_kv(k, v, layer)  # [1, B, Hkv, d]: the batch checked as T positions
-            if k.shape[1] != len(seqs):
-                raise ShapeMismatch(f"k holds {k.shape[1]} rows for {len(seqs)} sequences")
+            self._validate_kv(k, v, layer)  # [B, Hkv, d]: the batch checked as T positions
+            if k.shape[0] != len(seqs):
+                raise ShapeMismatch(f"k holds {k.shape[0]} rows for {len(seqs)} sequences")
+            dev = self.config.device
+            if not (on_device(k, dev) and on_device(v, dev)):
+                k, v = k.to(dev), v.to(dev)
             ready = [self._row_ready(seq, seq.lengths[layer]) for seq in seqs]
             need = sum(self._pages_needed(seq, 1, layer) for seq, ok in zip(seqs, ready) if not ok)
             if need > self.allocator.num_free:
@@ -176,7 +181,7 @@ class KVStore:
                 if not ok:
                     start = seq.lengths[layer]
                     self._prepare_pages(seq, start // P, self.config.pages_for(start + 1))
-            self._write_decode_rows(layer, seqs, k[0], v[0])
+            self._write_decode_rows(layer, seqs, k, v)
             for seq in seqs:
                 seq.lengths[layer] += 1
                 self._register_full_pages(seq)
@@ -192,8 +197,7 @@ class KVStore:
     def layer_view(self, layer: int) -> LayerView:
         """Pool tensors of `layer`."""
         self._check_layers(layer)
-        p = self.pool
-        return LayerView(p.k_seq[layer], p.k_dim[layer], p.v_seq[layer], p.k_summary[layer])
+        return self._views[layer]
 
     def page_table(self, seq_ids: Sequence[str], layer: int) -> PageTableCSR:
         """CSR page table of `seq_ids` for `layer` on the store's device."""
@@ -322,6 +326,14 @@ class KVStore:
         return [layer]
 
     def _check_kv(self, k: torch.Tensor, v: torch.Tensor, layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v as [L or 1, T, Hkv, d] on the store's device, after _validate_kv."""
+        self._validate_kv(k, v, layer)
+        if layer is not None:
+            k, v = k.unsqueeze(0), v.unsqueeze(0)
+        return k.to(self.config.device), v.to(self.config.device)
+
+    def _validate_kv(self, k: torch.Tensor, v: torch.Tensor, layer: int | None) -> None:
+        """ShapeMismatch / DTypeMismatch unless k, v are [L, T, Hkv, d] (layer None) or [T, Hkv, d] in the store's dtype."""
         c = self.config
         if layer is None:
             expect, names = (c.num_layers, None, c.num_kv_heads, c.head_dim), "[L, T, Hkv, d]"
@@ -339,9 +351,6 @@ class KVStore:
             raise ShapeMismatch(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
         if k.shape[-3] == 0:
             raise ShapeMismatch("k and v hold no positions (T = 0)")
-        if layer is not None:
-            k, v = k.unsqueeze(0), v.unsqueeze(0)
-        return k.to(c.device), v.to(c.device)
 
     def _check_start(self, seq: SequenceState, layers: list[int], start: int | None) -> int:
         current = {seq.lengths[layer] for layer in layers}
@@ -383,12 +392,14 @@ class KVStore:
         if self.config.device.type == "cuda" and self.triton_append:
             from kernels.append_rows import append_rows_triton
 
-            p = self.pool
-            table = to_device_async(torch.tensor(rows, dtype=torch.int32).T.contiguous(), self.config.device)
-            append_rows_triton(p.k_seq[layer], p.v_seq[layer], p.k_dim[layer], p.k_summary[layer], k, v, table)
+            view = self._views[layer]
+            layer_bytes = layer * self.config.num_kv_heads * self.config.head_dim * SUMMARY_DTYPE.itemsize
+            sums = [seq.value_sum.data_ptr() + layer_bytes for seq in seqs]  # value_sum [L, Hkv, d], contiguous
+            table = ints_to_device([x for column in zip(*rows) for x in column] + sums, self.config.device)
+            append_rows_triton(view.k_seq, view.v_seq, view.k_dim, view.k_summary, k, v, table.view(4, -1))
         else:
             self.pool.append_rows(layer, k, v, rows)
-        torch._foreach_add_([seq.value_sum[layer] for seq in seqs], list(v.float().unbind(0)))
+            torch._foreach_add_([seq.value_sum[layer] for seq in seqs], list(v.float().unbind(0)))
         if self.summary_listeners:
             for seq in seqs:
                 index = seq.lengths[layer] // P

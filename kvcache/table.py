@@ -8,7 +8,7 @@ import torch
 
 from kvcache.allocator import ROOT_HASH
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
-from kvcache.host_copy import to_device_async
+from kvcache.host_copy import host_buffer, to_device_async
 
 
 @dataclass(frozen=True)
@@ -111,12 +111,15 @@ def build_csr(seqs: list[SequenceState], layer: int, device: torch.device) -> Pa
     # prefers its pointers): a decode step makes a page table per layer.
     at_last = -(-(B + 1) // 4) * 4
     at_indices = at_last + -(-B // 4) * 4
-    flat = torch.empty(at_indices + sum(counts), dtype=torch.int32)
-    flat[0] = 0
-    if B:
-        torch.cumsum(torch.tensor(counts, dtype=torch.int32), 0, out=flat[1 : B + 1])
-        flat[at_last : at_last + B] = torch.tensor([n - (c - 1) * P if c else 0 for n, c in zip(lens, counts)],
-                                                   dtype=torch.int32)
+    header = [0] * at_indices
+    for b, (n, c) in enumerate(zip(lens, counts)):
+        header[b + 1] = header[b] + c  # indptr
+        header[at_last + b] = n - (c - 1) * P if c else 0  # last_page_len
+    flat = host_buffer(at_indices + sum(counts), torch.int32, device)
+    flat[:at_indices] = torch.tensor(header, dtype=torch.int32)
+    if B == 1:
+        flat[at_indices:] = seqs[0].pages[: counts[0]]
+    elif B:
         torch.cat([s.pages[:c] for s, c in zip(seqs, counts)], out=flat[at_indices:])
     flat = to_device_async(flat, device)
     return PageTableCSR(flat[: B + 1], flat[at_indices:], flat[at_last : at_last + B], P, tuple(lens))

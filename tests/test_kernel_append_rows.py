@@ -1,4 +1,5 @@
-"""kernels.append_rows against its torch reference (PagePool.append_rows), and the store's decode append.
+"""kernels.append_rows against its torch reference (PagePool.append_rows and value_sum += v), and the store's
+decode append.
 
 Random pools are written by both, a step at a time, with rows that start pages (row 0), fill their
 last row, and sit at device slots other than their page ids (as in a tiered store); every pool
@@ -38,17 +39,25 @@ def test_matches_reference(B, Hkv, d, P, dtype):
     pages = torch.randperm(12, generator=gen)[:B].tolist()
     kv_slots = torch.randperm(12, generator=gen)[:B].tolist()  # not the page ids: a tiered store's slots
     layer = 1
+    start_sums = [torch.randn((2, Hkv, d), generator=gen).to(DEVICE) for _ in range(B)]  # [L, Hkv, d] per sequence
+    out_sums = [t.clone() for t in start_sums]
+    ref_sums = torch.stack([t[layer] for t in start_sums])
     for slot in [0, 1, P - 1] if P > 1 else [0]:  # a page's first row, the next, its last
         rows = [(p, s, slot if b % 2 == 0 else min(slot + 1, P - 1)) for b, (p, s) in enumerate(zip(pages, kv_slots))]
         k = torch.randn((B, Hkv, d), generator=gen).to(dtype).to(DEVICE)
         v = torch.randn((B, Hkv, d), generator=gen).to(dtype).to(DEVICE)
         ref.append_rows(layer, k, v, rows)
-        table = torch.tensor(rows, dtype=torch.int32).T.contiguous().to(DEVICE)
+        ref_sums += v.float()
+        # row 3: each sequence's value sum of this layer, by address ([L, Hkv, d] float32, contiguous)
+        table = torch.tensor([list(c) for c in zip(*rows)] + [[s[layer].data_ptr() for s in out_sums]],
+                             dtype=torch.int64).to(DEVICE)
         append_rows_triton(out.k_seq[layer], out.v_seq[layer], out.k_dim[layer], out.k_summary[layer], k, v, table)
     rtol, atol = TOL[torch.float32]
     for name in ("k_seq", "v_seq", "k_dim"):
         torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=0, atol=0, msg=name)
     torch.testing.assert_close(out.k_summary, ref.k_summary, rtol=rtol, atol=atol)
+    torch.testing.assert_close(torch.stack([s[layer] for s in out_sums]), ref_sums, rtol=rtol, atol=atol)
+    assert all((s[0] == s0[0]).all() for s, s0 in zip(out_sums, start_sums))  # the other layer untouched
 
 
 def test_reference_summaries_equal_a_full_reduction():
@@ -67,13 +76,13 @@ def test_reference_summaries_equal_a_full_reduction():
 def test_decode_append_equals_prefill_append():
     """append_tokens (one row per sequence, the batched decode path) leaves the store as a prefill of the same rows."""
     config = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=16, page_size=4, dtype=torch.float32,
-                           device_pages=64)
-    decoded, prefilled = KVStore(config), KVStore(config)
+                           device=DEVICE, device_pages=64)
+    decoded, prefilled = KVStore(config), KVStore(config)  # on a GPU, decoded appends by kernels.append_rows
     gen = torch.Generator().manual_seed(5)
     lengths = (3, 8, 1)
     ids_d = [decoded.create().seq_id for _ in lengths]
     ids_p = [prefilled.create().seq_id for _ in lengths]
-    rows = {n: torch.randn((2, n + 6, 2, 16), generator=gen) for n in lengths}  # [k/v, T, Hkv, d]
+    rows = {n: torch.randn((2, n + 6, 2, 16), generator=gen).to(DEVICE) for n in lengths}  # [k/v, T, Hkv, d]
     for sd, sp, n in zip(ids_d, ids_p, lengths):
         for store, sid in ((decoded, sd), (prefilled, sp)):
             store.append(sid, rows[n][0, :n].expand(2, -1, -1, -1).contiguous(),
