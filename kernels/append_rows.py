@@ -31,8 +31,8 @@ def _append_rows_kernel(
     page = tl.load(rows_ptr + b)
     kv_slot = tl.load(rows_ptr + B + b)
     slot = tl.load(rows_ptr + 2 * B + b)
-    value_sum = tl.load(rows_ptr + 3 * B + b).to(tl.pointer_type(tl.float32)) + h * D + tl.arange(0, D)
     offs_d = tl.arange(0, D)
+    value_sum = tl.load(rows_ptr + 3 * B + b).to(tl.pointer_type(tl.float32)) + h * D + offs_d
     k = tl.load(k_ptr + b * s_kb + h * s_kh + offs_d)
     v = tl.load(v_ptr + b * s_vb + h * s_vh + offs_d)
     seq_row = kv_slot * s_seq_n + h * s_seq_h + slot * s_seq_p + offs_d
