@@ -210,6 +210,8 @@ class KVStore:
         with self._lock:
             self._check_layers(layer)
             seqs = [self._get(s) for s in seq_ids]
+            if len(seqs) == 1:  # a decode step of one sequence: one division, no count tensor to send
+                return (seqs[0].value_sum[layer] / max(seqs[0].lengths[layer], 1)).unsqueeze(0)
             sums = torch.stack([s.value_sum[layer] for s in seqs])
             counts = torch.tensor([max(s.lengths[layer], 1) for s in seqs], dtype=sums.dtype)
             return sums / to_device_async(counts, sums.device)[:, None, None]
