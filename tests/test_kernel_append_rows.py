@@ -104,3 +104,36 @@ def test_decode_append_equals_prefill_append():
                 torch.testing.assert_close(getattr(decoded.pool, name)[layer, pd], getattr(prefilled.pool, name)[layer, pp])
             torch.testing.assert_close(decoded.pool.k_summary[layer, pd], prefilled.pool.k_summary[layer, pp])
         torch.testing.assert_close(decoded.value_mean([sd], 0), prefilled.value_mean([sp], 0))
+
+
+def test_append_tokens_rejects_bad_batches_and_changes_nothing():
+    """A wrong batch size, dtype or a full store raises before any row is written, for every sequence."""
+    from kvcache.errors import DTypeMismatch, ShapeMismatch, StoreFull
+
+    config = KVCacheConfig(num_layers=1, num_kv_heads=2, head_dim=16, page_size=4, dtype=torch.float32,
+                           device=DEVICE, device_pages=3)
+    store = KVStore(config)
+    a, b = store.create().seq_id, store.create().seq_id
+    store.append(a, torch.randn((1, 3, 2, 16)).to(DEVICE), torch.randn((1, 3, 2, 16)).to(DEVICE))  # room for 1
+    store.append(b, torch.randn((1, 8, 2, 16)).to(DEVICE), torch.randn((1, 8, 2, 16)).to(DEVICE))  # full pages
+    before = [t.clone() for t in (store.pool.k_seq, store.pool.v_seq, store.pool.k_dim, store.pool.k_summary)]
+    row = torch.randn((2, 2, 16)).to(DEVICE)
+    cases = [
+        (ShapeMismatch, torch.randn((3, 2, 16)).to(DEVICE)),  # three rows for two sequences
+        (DTypeMismatch, row.half()),
+        (StoreFull, row),  # b needs a new page; none is free
+    ]
+    for error, k in cases:
+        with pytest.raises(error):
+            store.append_tokens([a, b], k, k, 0)
+        assert store.lengths([a, b], 0) == [3, 8]
+        after = (store.pool.k_seq, store.pool.v_seq, store.pool.k_dim, store.pool.k_summary)
+        assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+def test_the_kernel_rejects_a_malformed_row_table():
+    pool = random_pool(1, 16, 8, torch.float32, seed=0)
+    k = torch.zeros((1, 1, 16), device=DEVICE)
+    with pytest.raises(ValueError, match="rows"):
+        append_rows_triton(pool.k_seq[0], pool.v_seq[0], pool.k_dim[0], pool.k_summary[0], k, k,
+                           torch.zeros((3, 1), dtype=torch.int32, device=DEVICE))
