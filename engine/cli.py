@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", choices=DTYPES, default="float32",
                    help="dtype of the in-process store (default float32, as `kvcache serve`'s)")
     p.add_argument("--page-size", type=int, default=16, help="positions per page of the in-process store (default 16)")
+    p.add_argument("--device", default="cpu", help="where the model and the in-process store run: cpu (default) or cuda")
     p.add_argument("--json", help="also write the answer and the figures here")
     add_prefill_arguments(p)
 
@@ -141,6 +142,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = args.prompt
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
+    model = model.to(args.device)
     load_seconds = time.perf_counter() - t0
     prompt_len = len(tokenizer.prompt_ids(prompt, args.chat))
     client = _client(args, model.config, prompt_len + args.max_new_tokens)
@@ -215,5 +217,6 @@ def _client(args: argparse.Namespace, config, positions: int):
                                    f"{(c.num_layers, c.num_kv_heads, c.head_dim)}; the model needs {want}")
         return client
     store = KVCacheConfig(config.num_layers, config.num_kv_heads, config.head_dim, page_size=args.page_size,
-                          dtype=args.kv_dtype, device="cpu", device_pages=-(-positions // args.page_size) + 1)
+                          dtype=args.kv_dtype, device=getattr(args, "device", "cpu"),
+                          device_pages=-(-positions // args.page_size) + 1)
     return InProcessClient(store)

@@ -62,9 +62,9 @@ def decode_step(
         result = client.attend(seq_ids, layer, q[:, 0].to(store_dtype), method=method, params=params,
                                new_k=k[:, 0].to(store_dtype), new_v=v[:, 0].to(store_dtype))
         bytes_read += result.bytes_read
-        return result.out[:, None].to(q.dtype)
+        return result.out[:, None].to(q.device, q.dtype)
 
-    ids = torch.tensor([[int(t)] for t in token_ids], dtype=torch.long)
-    pos = torch.tensor([[int(p)] for p in positions], dtype=torch.long)
+    ids = torch.tensor([[int(t)] for t in token_ids], dtype=torch.long, device=model.device)
+    pos = torch.tensor([[int(p)] for p in positions], dtype=torch.long, device=model.device)
     logits = model(ids, pos, attend)
     return StepResult(logits[:, 0], bytes_read)

@@ -131,6 +131,11 @@ class Llama(nn.Module):
         """Dtype of the weights (and of the hidden states)."""
         return self.model.embed_tokens.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights: token ids and positions are made there."""
+        return self.model.embed_tokens.weight.device
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn,
                 last_only: bool = False) -> torch.Tensor:

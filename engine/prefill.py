@@ -97,13 +97,14 @@ def prefill(
         raise ValueError(f"cached_tokens={cached_tokens} must be in [0, {n}): at least one token is computed")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be positive")
-    kv = PromptKV(c.num_layers, n, c.num_kv_heads, c.head_dim, model.dtype)
+    kv = PromptKV(c.num_layers, n, c.num_kv_heads, c.head_dim, model.dtype, model.device)
     if cached_tokens:
         rows = torch.arange(cached_tokens).expand(c.num_kv_heads, cached_tokens)
         for layer in range(c.num_layers):
             keys, values = client.fetch(seq_id, layer, "rows", rows).tensors  # [Hkv, S, d]
-            kv.write(layer, 0, keys.transpose(0, 1).to(model.dtype), values.transpose(0, 1).to(model.dtype))
-    ids = torch.tensor(token_ids, dtype=torch.long)
+            kv.write(layer, 0, keys.transpose(0, 1).to(model.device, model.dtype),
+                     values.transpose(0, 1).to(model.device, model.dtype))
+    ids = torch.tensor(token_ids, dtype=torch.long, device=model.device)
     chunk_aware = getattr(attention, "chunk_aware", False)
     appends_kv = chunk_aware and getattr(attention, "appends_kv", False)
     logits = None
@@ -117,7 +118,8 @@ def prefill(
                 return attention(q[0], kv.k[layer, :end], kv.v[layer, :end], chunk)[None]
             return attention(q[0], kv.k[layer, :end], kv.v[layer, :end])[None]
 
-        logits = model(ids[None, start:end], torch.arange(start, end)[None], attend, last_only=True)
+        logits = model(ids[None, start:end], torch.arange(start, end, device=model.device)[None], attend,
+                       last_only=True)
         if not appends_kv:
             client.append(seq_id, kv.k[:, start:end].to(store_dtype), kv.v[:, start:end].to(store_dtype),
                           token_ids=token_ids[start:end])

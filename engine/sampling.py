@@ -29,7 +29,8 @@ class Sampler:
         """Next token ids [B] from logits [B, vocab]."""
         if self.temperature == 0:
             return logits.argmax(dim=-1)
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        # On the generator's device (the CPU): the same seed draws the same tokens wherever the model runs.
+        probs = torch.softmax(logits.to(gen.device).float() / self.temperature, dim=-1)
         if self.top_p < 1:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.

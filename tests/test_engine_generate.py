@@ -213,3 +213,18 @@ def test_generation_over_grpc_equals_in_process(model):
     first_run = sum(-(-len(p) // 8) for p in PROMPTS)
     second_run = sum(-(-(len(p) - (len(p) - 1) // 4 * 4) // 8) for p in PROMPTS)
     assert rpcs["Append"]["calls"] == first_run + second_run
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs the model and the store on a GPU")
+@pytest.mark.parametrize("method", ["dense", "sparq"])
+def test_the_model_and_store_on_cuda_generate_what_the_cpu_does(model, method):
+    """Prefill, a cached-prefix reuse, batched decode and seeded sampling with everything on the GPU (fp32)."""
+    spec = AttentionSpec("sparq", {"r": 8, "k": 12, "local_window": 4}) if method == "sparq" else AttentionSpec()
+    sampler = Sampler(temperature=0.8, top_p=0.9, seed=3)
+    on_gpu = random_model(CONFIG, seed=11).to("cuda")
+    cpu = generate(model, client(), PROMPTS, max_new_tokens=8, spec=spec, sampler=sampler)
+    gpu_client = client(device="cuda")
+    generate(on_gpu, gpu_client, [PROMPTS[2]], max_new_tokens=2, spec=spec)  # leaves PROMPTS[2]'s pages cached
+    gpu = generate(on_gpu, gpu_client, PROMPTS, max_new_tokens=8, spec=spec, sampler=sampler)
+    assert gpu.reused_tokens > 0
+    assert gpu.tokens == cpu.tokens
