@@ -20,7 +20,7 @@ import triton.language as tl
 from kernels.group_scores import group_scores
 from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge, dot_precision, plan_splits
 from kernels.softmax_stats import running_softmax_stats
-from kernels.topk import radix_topk, topk_workspace
+from kernels.topk import LEVELS, radix_topk, topk_workspace, zero_workspace_row
 from kernels.tuning import TUNING
 from kvcache.pages import SUMMARY_MAX, SUMMARY_MIN
 from kvcache.table import PageTableCSR
@@ -29,13 +29,17 @@ from kvcache.table import PageTableCSR
 @triton.jit
 def _page_bounds_kernel(
     q_ptr, summary_ptr, indptr_ptr, indices_ptr, logits_ptr, stat_m_ptr, stat_l_ptr,
+    hist0_ptr, hist1_ptr, counters_ptr,
     pages_per_split, sm_scale,
     s_qb, s_qh, s_sn, s_sh, s_sk, s_brow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
     BLOCK_PG: tl.constexpr, ROW_MIN: tl.constexpr, ROW_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WS_B0: tl.constexpr, WS_B1: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
+    if split == 0:  # the selection's workspace, zeroed here rather than by a memset of its own
+        zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, pid_bh, WS_B0, WS_B1)
     b = pid_bh // HKV
     h = pid_bh % HKV
     page_start = tl.load(indptr_ptr + b)
@@ -87,17 +91,18 @@ def quest_select(
     logits = torch.empty((BH, G, max_pages), dtype=torch.float32, device=dev)
     stat_m = torch.empty((BH, splits, G), dtype=torch.float32, device=dev)
     stat_l = torch.empty((BH, splits, G), dtype=torch.float32, device=dev)
+    ws = topk_workspace(BH, dev, zeroed=False)
     _page_bounds_kernel[(BH, splits)](
-        q, k_summary, csr.indptr, csr.indices, logits, stat_m, stat_l,
+        q, k_summary, csr.indptr, csr.indices, logits, stat_m, stat_l, ws["hist0"], ws["hist1"], ws["counters"],
         per_split, scale,
         q.stride(0), q.stride(1), k_summary.stride(0), k_summary.stride(1), k_summary.stride(2), logits.stride(1),
         HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK_PG=launch.block_n,
-        ROW_MIN=SUMMARY_MIN, ROW_MAX=SUMMARY_MAX, DOT_PRECISION=dot_precision(q.dtype), num_warps=launch.num_warps,
+        ROW_MIN=SUMMARY_MIN, ROW_MAX=SUMMARY_MAX, DOT_PRECISION=dot_precision(q.dtype),
+        WS_B0=LEVELS[0][1], WS_B1=LEVELS[1][1], num_warps=launch.num_warps,
     )
     # Page scores over [0, n_pages) of each sequence as the reference ranks them; the last page is
     # the forced tail of the selection, like SparQ's local window.
     t = min(top_pages, max_pages)
-    ws = topk_workspace(BH, dev)
     scores, counts = group_scores(logits, stat_m, stat_l, per_split, csr, Hkv, 1, ws["hist0"], pages=True, k_cap=t)
     list_len = counts["k"]
     chosen = radix_topk(scores, list_len, counts["n_valid"], counts["n_total"], max_pages, ws, hist0_done=True,
