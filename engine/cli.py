@@ -9,6 +9,8 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:  # the parser is built for every kvcache command: torch and the model load only when generating
+    import torch
+
     from engine.decode import AttentionSpec
 
 METHODS = ("dense", "sparq", "quest")
@@ -141,8 +143,9 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         prompt = args.prompt
     t0 = time.perf_counter()
+    device = model_device(args.device)
     model, tokenizer = load_model(args.model)
-    model = model.to(args.device)
+    model = model.to(device)
     load_seconds = time.perf_counter() - t0
     prompt_len = len(tokenizer.prompt_ids(prompt, args.chat))
     client = _client(args, model.config, prompt_len + args.max_new_tokens)
@@ -189,6 +192,21 @@ def _generate(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
     return 0
+
+
+def model_device(name: str) -> torch.device:
+    """The device --device names; ValueError (a one-line message from `kvcache generate`) if it is unknown here."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return device
 
 
 def _client(args: argparse.Namespace, config, positions: int):

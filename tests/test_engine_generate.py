@@ -228,3 +228,16 @@ def test_the_model_and_store_on_cuda_generate_what_the_cpu_does(model, method):
     gpu = generate(on_gpu, gpu_client, PROMPTS, max_new_tokens=8, spec=spec, sampler=sampler)
     assert gpu.reused_tokens > 0
     assert gpu.tokens == cpu.tokens
+
+
+def test_generate_names_a_device_it_cannot_use():
+    from engine.cli import model_device
+
+    assert model_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a device name"):
+        model_device("gpu0")
+    with pytest.raises(ValueError, match="only cpu and cuda"):
+        model_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            model_device("cuda")
