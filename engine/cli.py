@@ -101,8 +101,9 @@ def attention_spec(args: argparse.Namespace) -> AttentionSpec:
 class PrefillBar:
     """A one-line progress bar on stderr for prefills of more than one chunk."""
 
-    def __init__(self, chunk_size: int, out: TextIO = sys.stderr, width: int = 30) -> None:
-        self.chunk_size, self.out, self.width = chunk_size, out, width
+    def __init__(self, chunk_size: int, out: TextIO | None = None, width: int = 30) -> None:
+        # sys.stderr looked up now, not when this module was imported: it may have been replaced since.
+        self.chunk_size, self.out, self.width = chunk_size, out or sys.stderr, width
         self.t0 = time.perf_counter()
 
     def __call__(self, done: int, total: int) -> None:
