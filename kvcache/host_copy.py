@@ -25,9 +25,7 @@ def host_buffer(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 def ints_to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """values as an int64 tensor on `device`, made straight in pinned memory for CUDA (one host op)."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=torch.int64)
-    return torch.tensor(values, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+    return to_device_async(torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda"), device)
 
 
 def on_device(t: torch.Tensor, device: torch.device) -> bool:

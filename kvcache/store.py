@@ -19,7 +19,7 @@ from kvcache.errors import (
     ShapeMismatch,
     StoreFull,
 )
-from kvcache.host_copy import ints_to_device, on_device, to_device_async
+from kvcache.host_copy import ints_to_device, on_device
 from kvcache.pages import PagePool
 from kvcache.placement import TierManager
 from kvcache.table import PageTableCSR, SequenceState, build_csr
@@ -171,16 +171,14 @@ class KVStore:
             dev = self.config.device
             if not (on_device(k, dev) and on_device(v, dev)):
                 k, v = k.to(dev), v.to(dev)
-            ready = [self._row_ready(seq, seq.lengths[layer]) for seq in seqs]
-            need = sum(self._pages_needed(seq, 1, layer) for seq, ok in zip(seqs, ready) if not ok)
+            need = sum(self._pages_needed(seq, 1, layer) for seq in seqs)
             if need > self.allocator.num_free:
                 raise StoreFull(f"appending to {len(seqs)} sequences needs {need} free pages; "
                                 f"{self.allocator.num_free} are free")
             P = self.config.page_size
-            for seq, ok in zip(seqs, ready):
-                if not ok:
-                    start = seq.lengths[layer]
-                    self._prepare_pages(seq, start // P, self.config.pages_for(start + 1))
+            for seq in seqs:
+                start = seq.lengths[layer]
+                self._prepare_pages(seq, start // P, self.config.pages_for(start + 1))
             self._write_decode_rows(layer, seqs, k, v)
             for seq in seqs:
                 seq.lengths[layer] += 1
@@ -210,11 +208,9 @@ class KVStore:
         with self._lock:
             self._check_layers(layer)
             seqs = [self._get(s) for s in seq_ids]
-            if len(seqs) == 1:  # a decode step of one sequence: one division, no count tensor to send
-                return (seqs[0].value_sum[layer] / max(seqs[0].lengths[layer], 1)).unsqueeze(0)
-            sums = torch.stack([s.value_sum[layer] for s in seqs])
-            counts = torch.tensor([max(s.lengths[layer], 1) for s in seqs], dtype=sums.dtype)
-            return sums / to_device_async(counts, sums.device)[:, None, None]
+            # Divided by host-side counts in one launch: a count tensor would have to be sent to the device.
+            means = torch._foreach_div([s.value_sum[layer] for s in seqs], [float(max(s.lengths[layer], 1)) for s in seqs])
+            return torch.stack(means)
 
     def pool_usage(self) -> dict[str, int]:
         """Page counts: total, free (incl. evictable cached), cached, sequences; per tier when tiered."""
@@ -389,7 +385,7 @@ class KVStore:
         rows = []
         for seq in seqs:
             position = seq.lengths[layer]
-            page = int(seq.pages[position // P])
+            page = int(seq.pages.numpy()[position // P])
             rows.append((page, page if self.tiers is None else int(self.tiers.slot[page]), position % P))
         if self.config.device.type == "cuda" and self.triton_append:
             from kernels.append_rows import append_rows_triton
@@ -426,10 +422,9 @@ class KVStore:
             self.tiers.policy.touch(seq.pages[first_page:end_page].tolist())
         seq.value_sum[layers_t] += v.float().sum(dim=1)
 
-    def _row_ready(self, seq: SequenceState, position: int) -> bool:
-        """Whether `position` falls in a page the sequence holds alone, on the device: the usual decode step,
-        which then takes no page. Read through numpy views: a torch scalar read costs microseconds."""
-        index = position // self.config.page_size
+    def _page_ready(self, seq: SequenceState, index: int) -> bool:
+        """Whether the sequence's page `index` exists, is its alone and is on the device: the usual decode step,
+        which then needs no page. Read through numpy views: a torch scalar read costs microseconds."""
         if index >= seq.num_pages:
             return False
         page = seq.pages.numpy()[index]
@@ -439,12 +434,16 @@ class KVStore:
         """Pages an append of `num_new_positions` would take from the free list (new + copy-on-write)."""
         start = seq.lengths[0 if layer is None else layer]
         first_page, end_page = start // self.config.page_size, self.config.pages_for(start + num_new_positions)
+        if end_page - first_page == 1 and self._page_ready(seq, first_page):
+            return 0
         existing = seq.live_pages[first_page:end_page]
         shared = int((self.allocator.refcount[existing.long()] > 1).sum())
         return shared + max(0, end_page - seq.num_pages)
 
     def _prepare_pages(self, seq: SequenceState, first_page: int, end_page: int) -> None:
         """Give the sequence private pages [first_page, end_page): copy shared ones, allocate new ones."""
+        if end_page - first_page == 1 and self._page_ready(seq, first_page):
+            return
         existing = seq.live_pages[first_page:end_page]
         shared_mask = self.allocator.refcount[existing.long()] > 1
         num_new = max(0, end_page - seq.num_pages)

@@ -117,9 +117,7 @@ def build_csr(seqs: list[SequenceState], layer: int, device: torch.device) -> Pa
         header[at_last + b] = n - (c - 1) * P if c else 0  # last_page_len
     flat = host_buffer(at_indices + sum(counts), torch.int32, device)
     flat[:at_indices] = torch.tensor(header, dtype=torch.int32)
-    if B == 1:
-        flat[at_indices:] = seqs[0].pages[: counts[0]]
-    elif B:
+    if B:
         torch.cat([s.pages[:c] for s, c in zip(seqs, counts)], out=flat[at_indices:])
     flat = to_device_async(flat, device)
     return PageTableCSR(flat[: B + 1], flat[at_indices:], flat[at_last : at_last + B], P, tuple(lens))
