@@ -14,6 +14,7 @@ from kvcache.config import KVCacheConfig
 from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, ShapeMismatch
 from kvcache.host_copy import on_device
 from kvcache.methods import AttentionResult, dense, quest, sparq
+from kvcache.methods.dense_cpu import dense_cpu
 from kvcache.methods.gate import gate
 from kvcache.methods.quest import check_quest_params
 from kvcache.methods.sparq import check_common_params, check_sparq_params
@@ -34,6 +35,7 @@ class Method:
     traffic: Callable[[KVCacheConfig, PageTableCSR, dict], int]
     triton: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     needs_gate: bool = False  # takes the store's page gate (kvcache.gate_store) for the layer after `reads`
+    cpu: Callable[..., AttentionResult] | None = None  # a faster CPU path than the reference, if any
 
 
 def _triton_dense(*args, **kw):
@@ -89,7 +91,7 @@ METHODS: dict[str, Method] = {
     "dense": Method(
         dense, ("k_seq", "v_seq"), False, _no_check,
         lambda c, csr, p: dense_bytes(csr.host_lens, c.num_kv_heads, c.head_dim, c.itemsize),
-        _triton_dense,
+        _triton_dense, cpu=dense_cpu,
     ),
     "sparq": Method(
         sparq, ("k_seq", "k_dim", "v_seq"), True, _check_sparq,
@@ -172,8 +174,9 @@ def attend(
 ) -> AttentionResult:
     """Decode attention of q [B, Hq, d] for sequences `seq_ids` at `layer` by `method` with `params`.
 
-    backend "auto" runs the Triton kernels when the store is on CUDA and the torch reference
-    elsewhere; "torch" or "triton" forces one (tests run "triton" on the CPU interpreter).
+    backend "auto" runs the Triton kernels when the store is on CUDA, a method's CPU path (Method.cpu) on
+    the CPU, and the torch reference otherwise; "torch" or "triton" forces one (tests run "triton" on the
+    CPU interpreter).
     """
     m, q, params = validate(store, seq_ids, layer, q, method, params, backend)
     return run_validated(store, seq_ids, layer, m, q, params, backend)
@@ -203,6 +206,8 @@ def run_validated(
         from kvcache.gate_store import layer_gate_of
 
         tensors.append(layer_gate_of(store, layer))
+    if backend == "auto" and q.device.type == "cpu" and m.cpu is not None:
+        return m.cpu(q, *tensors, csr, **params)
     if backend == "torch" or (backend == "auto" and (q.device.type != "cuda" or unsupported)):
         return m.reference(q, *tensors, csr, **params)
     result = m.triton(q, *tensors, csr, **params)

@@ -1,7 +1,8 @@
 """attend(..., backend=...): the Triton kernels and the torch references are interchangeable.
 
 backend "triton" runs the kernels (here on the CPU Triton interpreter), "torch" the references in
-kvcache.methods, "auto" the kernels on CUDA and the references elsewhere. Both backends must give
+kvcache.methods, "auto" the kernels on CUDA, a method's CPU path on the CPU (dense has one) and the
+references elsewhere. Both backends must give
 the same outputs, count the same bytes (the formulas of ALGORITHMS.md) and reject the same bad
 parameters with InvalidParameter.
 """
@@ -105,15 +106,23 @@ def _refuse(*args, **kwargs):
 
 
 @pytest.mark.parametrize("method", list(PARAMS))
-def test_auto_on_a_cpu_store_runs_the_torch_reference(batch, monkeypatch, method):
+def test_auto_on_a_cpu_store_runs_the_cpu_path_or_the_torch_reference(batch, monkeypatch, method):
     store, ids, q = batch
     monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], triton=_refuse))
     with pytest.raises(KernelCalled):  # the patch is where attend looks for the kernel
         attend(store, ids, 0, q, method, PARAMS[method], backend="triton")
     auto = attend(store, ids, 0, q, method, PARAMS[method], backend="auto")
     reference = attend(store, ids, 0, q, method, PARAMS[method], backend="torch")
-    torch.testing.assert_close(auto.out, reference.out, rtol=0, atol=0)
-    torch.testing.assert_close(auto.lse, reference.lse, rtol=0, atol=0)
+    if METHODS[method].cpu is None:
+        torch.testing.assert_close(auto.out, reference.out, rtol=0, atol=0)
+        torch.testing.assert_close(auto.lse, reference.lse, rtol=0, atol=0)
+    else:  # its own path (one float16 rounding apart), never the reference's
+        torch.testing.assert_close(auto.out, reference.out, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(auto.lse, reference.lse, rtol=LSE_TOL, atol=LSE_TOL)
+        monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], cpu=_refuse))
+        with pytest.raises(KernelCalled):
+            attend(store, ids, 0, q, method, PARAMS[method], backend="auto")
+        attend(store, ids, 0, q, method, PARAMS[method], backend="torch")  # "torch" still means the reference
     assert auto.bytes_read == reference.bytes_read
 
 

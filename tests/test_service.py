@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from service_support import (
     REPO_ROOT,
     STORE,
+    serving,
     start_servers,
     stop_servers,
     store_config,
@@ -1040,3 +1041,34 @@ def test_serve_puts_every_thread_on_one_malloc_arena():
     code = "from kvcache.serve_cli import one_malloc_arena; print(one_malloc_arena())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "True", out.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("inputs_on", ["cpu", "cuda"])
+def test_a_cuda_server_attends_as_the_in_process_cuda_store_does(inputs_on):
+    # A GPU store behind the wire: q, k, v come in as bytes (from CPU or GPU tensors) and out, lse leave
+    # from device memory; the answers must be the in-process GPU store's, bit for bit.
+    from kvcache.client import InProcessClient
+
+    flags = ("--layers", "2", "--kv-heads", "2", "--head-dim", "64", "--page-size", "16", "--pages", "64",
+             "--dtype", "float16", "--device", "cuda")
+    config = store_config(num_layers=2, num_kv_heads=2, head_dim=64, page_size=16, device_pages=64,
+                          dtype="float16", device="cuda")
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(2, 37, 2, 64, generator=gen).half() for _ in range(2))
+    with serving(*flags, store_flags=()) as server, RemoteClient(server.target) as remote:
+        local = InProcessClient(config)
+        seqs = []
+        for client in (remote, local):
+            seq = client.create().seq_id
+            client.append(seq, k, v)
+            seqs.append(seq)
+        for step in range(3):
+            q = torch.randn(1, 8, 64, generator=gen).half().to(inputs_on)
+            nk, nv = (torch.randn(1, 2, 64, generator=gen).half().to(inputs_on) for _ in range(2))
+            for layer in range(2):
+                got = remote.attend([seqs[0]], layer, q, "dense", new_k=nk, new_v=nv)
+                want = local.attend([seqs[1]], layer, q, "dense", new_k=nk, new_v=nv)
+                assert got.out.is_cpu and torch.equal(got.out, want.out.cpu()), (step, layer)
+                assert torch.equal(got.lse, want.lse.cpu()), (step, layer)
+        assert remote.describe(seqs[0]).length == 37 + 3

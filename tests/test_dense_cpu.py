@@ -1,0 +1,47 @@
+"""The CPU path of dense attention (kvcache.methods.dense_cpu) against the plain torch reference."""
+
+import pytest
+import torch
+from kernel_support import HKV, assert_matches, poisoned_allocations, scattered_store
+
+from kvcache.methods import dense
+from kvcache.methods.dense_cpu import dense_cpu, sequence_rows
+
+CASES = [  # (lengths, head_dim, page size, G): odd lengths, partly filled and exactly full last pages
+    ((37, 11, 61), 64, 8, 4),
+    ((1,), 64, 8, 1),
+    ((16, 17, 15), 32, 16, 8),
+    ((100, 3), 128, 4, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("lengths", "d", "page_size", "G"), CASES)
+def test_dense_cpu_equals_the_reference(lengths, d, page_size, G, dtype):
+    store, ids = scattered_store(lengths, d=d, page_size=page_size, dtype=dtype, seed=len(lengths) + d)
+    q = torch.randn((len(ids), HKV * G, d), generator=torch.Generator().manual_seed(d)).to(dtype)
+    view, csr = store.layer_view(0), store.page_table(ids, 0)
+    reference = dense(q, view.k_seq, view.v_seq, csr)
+    with poisoned_allocations():
+        got = dense_cpu(q, view.k_seq, view.v_seq, csr)
+    assert_matches(got.out, got.lse, reference, dtype)
+    assert got.bytes_read == reference.bytes_read
+
+
+def test_a_scale_is_applied_as_the_reference_applies_it():
+    store, ids = scattered_store((29, 8), d=64, page_size=8, dtype=torch.float32, seed=3)
+    q = torch.randn((2, HKV * 3, 64), generator=torch.Generator().manual_seed(4))
+    view, csr = store.layer_view(0), store.page_table(ids, 0)
+    reference = dense(q, view.k_seq, view.v_seq, csr, scale=0.3)
+    got = dense_cpu(q, view.k_seq, view.v_seq, csr, scale=0.3)
+    assert_matches(got.out, got.lse, reference, torch.float32)
+
+
+def test_sequence_rows_are_the_appended_rows_in_order():
+    store, ids = scattered_store((21, 40), d=16, page_size=8, dtype=torch.float32, seed=5)
+    csr = store.page_table(ids, 0)
+    for b in range(len(ids)):
+        rows = sequence_rows(store.layer_view(0).k_seq, csr, b)
+        pages = csr.pages_of(b)
+        want = torch.cat([store.layer_view(0).k_seq[p] for p in pages.tolist()], dim=1)[:, : csr.host_lens[b]]
+        assert rows.shape == (HKV, csr.host_lens[b], 16) and torch.equal(rows, want)
