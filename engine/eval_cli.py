@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import re
 import sys
@@ -32,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a .gguf file or a Hugging Face checkpoint directory (default: SmolLM2-135M)")
     p.add_argument("--contexts", default="1024,2048,4096,8192", help="perplexity contexts in tokens")
     p.add_argument("--eval-tokens", type=int, default=64, help="tokens scored at the end of each context")
+    p.add_argument("--windows", type=int, default=1,
+                   help="text windows per context, starting --window-stride tokens apart; with more than one, "
+                        "perplexity_mean pools them (one window is one stretch of text, not an average)")
+    p.add_argument("--window-stride", type=int, default=0, help="tokens between window starts (default: the context)")
     p.add_argument("--agree-tokens", type=int, default=32, help="free-running greedy tokens compared with dense")
     p.add_argument("--passkey-lengths", default="1024,2048,4096,8000", help="passkey prompt lengths in tokens")
     p.add_argument("--depths", default="0.1,0.5,0.9", help="relative depths of the key in the filler")
@@ -191,7 +196,14 @@ def main(args: argparse.Namespace) -> int:
     gate_grid = (args.gate_bytes, args.gate_pages) if args.gate else ("", "")
     grid_cost = {"head_dim": model.config.head_dim, "gate_dim": gate_dim, "quest_bytes": args.quest_bytes}
     text_ids = tok.encode(long_text())
-    for C in contexts:
+    if args.windows < 1 or args.window_stride < 0:
+        raise SystemExit("--windows must be at least 1 and --window-stride not negative")
+    windows = [(C, j * (args.window_stride or C)) for C in contexts for j in range(args.windows)]
+    for C, start in windows:  # all checked before the first is scored
+        if start + C > len(text_ids):
+            raise SystemExit(f"a window of {C} tokens at {start} passes the end of the text ({len(text_ids)} tokens)")
+    for C, start in windows:
+        window = text_ids[start : start + C]
         full = method_grid(C, args.page_size, args.sparq, args.quest, *gate_grid, **grid_cost)
         M = args.eval_tokens
         base = None  # dense prefill, dense decode: (perplexity, forced argmax, free-running tokens, bytes)
@@ -200,11 +212,11 @@ def main(args: argparse.Namespace) -> int:
             labels, specs = [g[0] for g in grid], [g[1] for g in grid]
             t0 = time.perf_counter()
             before = _pairs(enc.attention)
-            run = teacher_force(model, enc.client, text_ids[: C - M], text_ids[C - M : C], specs, enc.attention,
+            run = teacher_force(model, enc.client, window[: C - M], window[C - M :], specs, enc.attention,
                                 enc.encoder())
             density = _density(enc.attention, before)
             ppl = perplexity(run.nll)
-            prompt = text_ids[: C - args.agree_tokens]
+            prompt = window[: C - args.agree_tokens]
             free = greedy_methods(model, enc.client, prompt, specs, args.agree_tokens, enc.attention, enc.encoder())
             if base is None:
                 base = (ppl[0], run.argmax[0], free[0], run.bytes_per_token[0])
@@ -213,21 +225,29 @@ def main(args: argparse.Namespace) -> int:
                 name = enc.label(label)
                 same = next((j for j, (a, b) in enumerate(zip(free[i], base[2])) if a != b), len(base[2]))
                 equal = sum(a == b for a, b in zip(free[i], base[2])) / len(base[2])
-                row = {"context": C, "method": name, "prefill": enc.kind, **_spec(specs[i]), **enc.fields(C - M),
+                row = {"context": C, "window_start": start, "method": name, "prefill": enc.kind, **_spec(specs[i]),
+                       **enc.fields(C - M),
                        "perplexity": ppl[i], "vs_dense": ppl[i] / base[0] - 1,
                        "bytes_per_token": run.bytes_per_token[i],
                        "bytes_vs_dense": run.bytes_per_token[i] / base[3], "top1_agreement_forced": agree[i]}
                 if density is not None:
                     row["prefill_density"] = density
                 report["perplexity"].append(row)
-                report["agreement"].append({"context": C, "method": name, "prefill": enc.kind,
+                report["agreement"].append({"context": C, "window_start": start, "method": name, "prefill": enc.kind,
                                             **enc.fields(len(prompt)), "greedy_tokens_equal_to_dense_until": same,
                                             "greedy_tokens_equal_share": equal, "of": len(base[2])})
-                print(f"ppl C={C:>5} {name:<24} {ppl[i]:8.3f} ({ppl[i] / base[0] - 1:+.2%}) bytes/token "
+                print(f"ppl C={C:>5}{f' @{start}' if args.windows > 1 else ''} {name:<24} {ppl[i]:8.3f} ({ppl[i] / base[0] - 1:+.2%}) bytes/token "
                       f"{run.bytes_per_token[i]:>12,.0f} ({row['bytes_vs_dense']:.3f}x) "
                       f"top-1 agree {agree[i]:.3f}  free-run same for {same}/{len(base[2])} ({equal:.0%} equal)"
                       + ("" if density is None else f"  prefill density {density:.3f}"), flush=True)
             print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.windows > 1:
+        report["perplexity_mean"] = pooled_windows(report["perplexity"], report["agreement"])
+        for r in report["perplexity_mean"]:
+            print(f"mean of {r['windows']} windows C={r['context']:>5} {r['method']:<24} {r['perplexity']:8.3f} "
+                  f"({r['vs_dense']:+.2%}) top-1 agree {r['top1_agreement_forced']:.3f}  free-run "
+                  f"{r['greedy_tokens_equal_share']:.0%} equal (worst window {r['worst_window_vs_dense']:+.2%})",
+                  flush=True)
     depths = [float(x) for x in args.depths.split(",")]
     for n in lengths:
         full = method_grid(n, args.page_size, args.sparq, args.quest, *gate_grid, **grid_cost)
@@ -263,6 +283,29 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def pooled_windows(perplexity: list[dict], agreement: list[dict]) -> list[dict]:
+    """Per (context, method), the windows pooled: perplexity over all their scored tokens (windows score equally
+    many, so the geometric mean), its change against pooled dense, mean agreement, and the worst window."""
+    pooled = []
+    for key in dict.fromkeys((r["context"], r["method"]) for r in perplexity):
+        rows = [r for r in perplexity if (r["context"], r["method"]) == key]
+        dense = [r for r in perplexity if r["context"] == key[0] and r["method"] == "dense"]
+        free = [r["greedy_tokens_equal_share"] for r in agreement if (r["context"], r["method"]) == key]
+        ppl = math.exp(sum(math.log(r["perplexity"]) for r in rows) / len(rows))
+        base = math.exp(sum(math.log(r["perplexity"]) for r in dense) / len(dense))
+        per_window = {"window_start", "perplexity", "vs_dense", "bytes_per_token", "top1_agreement_forced",
+                      "prefill_density"}
+        pooled.append({
+            **{k: v for k, v in rows[0].items() if k not in per_window}, "windows": len(rows),
+            "window_starts": [r["window_start"] for r in rows], "perplexity": ppl, "vs_dense": ppl / base - 1,
+            "top1_agreement_forced": sum(r["top1_agreement_forced"] for r in rows) / len(rows),
+            "greedy_tokens_equal_share": sum(free) / len(free),
+            "worst_window_vs_dense": max(r["vs_dense"] for r in rows),
+            "bytes_vs_dense": sum(r["bytes_vs_dense"] for r in rows) / len(rows),
+        })
+    return pooled
+
+
 def _pairs(attention) -> tuple[int, int] | None:
     """(pairs, causal pairs) a counting prefill attention has computed so far; None for dense."""
     if not hasattr(attention, "pairs"):
@@ -291,8 +334,9 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sparse = [r for r in report["perplexity"] if r["attention"] != "dense"]
-    star = [r for r in report["perplexity"] if r["prefill"] == "star"]
+    scored = report.get("perplexity_mean", report["perplexity"])  # several windows: one point per setting
+    sparse = [r for r in scored if r["attention"] != "dense"]
+    star = [r for r in scored if r["prefill"] == "star"]
     panels = 1 + bool(sparse) + bool(star)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     axes = list(axes[0])

@@ -192,3 +192,41 @@ def test_bench_star_accuracy_is_the_harness_without_passkey(model, tmp_path, mon
     assert [r["method"] for r in report["perplexity"]] == ["dense", "star N=2 b=C/2 a=b/2", "star N=2 b=C/2 a=0"]
     assert [r["anchor_size"] for r in report["perplexity"][1:]] == [14, 0]  # b = ceil(55 / 2) = 28
     assert report["passkey"] == []
+
+
+def test_eval_over_several_windows_scores_each_and_pools_them(model, tmp_path, monkeypatch):
+    import math
+
+    from engine import load
+    from kvcache.cli import main
+
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--star", "--shards", "2", "--star-anchors", "0", "--contexts", "64", "--eval-tokens", "8",
+                 "--agree-tokens", "4", "--windows", "3", "--window-stride", "500", "--passkey-lengths", "",
+                 "--sparq", "", "--quest", "", "--json", str(out), "--plot", str(tmp_path / "eval.png")]) == 0
+    report = json.loads(out.read_text())
+    rows = report["perplexity"]
+    assert [(r["window_start"], r["method"]) for r in rows] == [
+        (s, m) for s in (0, 500, 1000) for m in ("dense", "star N=2 b=C/2 a=0")]
+    assert len({r["perplexity"] for r in rows if r["method"] == "dense"}) == 3  # three stretches of text
+    assert [r["window_start"] for r in report["agreement"]] == [0, 0, 500, 500, 1000, 1000]
+    dense, star = report["perplexity_mean"]
+    assert (dense["method"], star["method"], star["windows"], star["window_starts"]) == \
+        ("dense", "star N=2 b=C/2 a=0", 3, [0, 500, 1000])
+    logs = {m: [math.log(r["perplexity"]) for r in rows if r["method"] == m] for m in (dense["method"], star["method"])}
+    assert dense["vs_dense"] == 0 and star["perplexity"] == pytest.approx(math.exp(sum(logs[star["method"]]) / 3))
+    assert star["vs_dense"] == pytest.approx(math.exp((sum(logs[star["method"]]) - sum(logs["dense"])) / 3) - 1)
+    assert star["worst_window_vs_dense"] == max(r["vs_dense"] for r in rows if r["method"] == star["method"])
+    assert star["shards"] == 2 and "window_start" not in star
+    assert (tmp_path / "eval.png").stat().st_size > 0
+
+
+def test_a_window_past_the_end_of_the_text_is_refused(model, tmp_path, monkeypatch):
+    from engine import load
+    from kvcache.cli import main
+
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    with pytest.raises(SystemExit, match="passes the end of the text"):
+        main(["eval", "--contexts", "64", "--windows", "2", "--window-stride", "10000000", "--passkey-lengths", "",
+              "--sparq", "", "--quest", "", "--json", str(tmp_path / "e.json"), "--plot", ""])
