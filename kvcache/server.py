@@ -26,6 +26,8 @@ prefer_low_latency_core()  # grpc core reads its settings once, at its import ju
 import grpc
 import torch
 
+from kvcache.attend_batcher import AttendBatcher
+from kvcache.attention import METHODS
 from kvcache.client import InProcessClient
 from kvcache.config import KVCacheConfig
 from kvcache.errors import InvalidParameter, KVCacheError, ShapeMismatch
@@ -147,6 +149,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         self.max_streams = max_streams
         self._streams = 0
         self._streams_lock = threading.Lock()
+        self.batcher = AttendBatcher(self._attend_batch)  # attend streams' concurrent requests, merged
 
     @_handler("Create")
     def Create(self, request, context):
@@ -214,27 +217,104 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     def _serve_stream(self, request_iterator) -> Iterator[pb.AttendResponse]:
         for request in request_iterator:
             t0 = time.perf_counter()
-            failed = False
             if self.draining.is_set():
                 yield pb.AttendResponse(error_code=grpc.StatusCode.UNAVAILABLE.value[0],
                                         error_message="server is shutting down", error_class="Unavailable")
                 self.metrics.add("AttendStream", calls=1, errors=1, seconds=time.perf_counter() - t0)
                 continue
-            try:
-                with self.locks.hold(request.seq_ids):
-                    response = self._attend(request)
-            except KVCacheError as exc:
-                failed = True
-                response = pb.AttendResponse(error_code=getattr(grpc.StatusCode, exc.grpc_code).value[0],
-                                             error_message=str(exc), error_class=type(exc).__name__)
-            except Exception as exc:
-                failed = True
-                log.exception("internal error in AttendStream")
-                response = pb.AttendResponse(error_code=grpc.StatusCode.INTERNAL.value[0],
-                                             error_message=f"internal error ({type(exc).__name__})",
-                                             error_class="RemoteError")
-            self.metrics.add("AttendStream", calls=1, errors=int(failed), seconds=time.perf_counter() - t0)
+            response = self.batcher.submit(request)
+            self.metrics.add("AttendStream", calls=1, errors=int(response.error_code != 0),
+                             seconds=time.perf_counter() - t0)
             yield response
+
+    def _answer(self, request) -> pb.AttendResponse:
+        """One stream request served alone: its answer, or its error as a response (the stream goes on)."""
+        try:
+            with self.locks.hold(request.seq_ids):
+                return self._attend(request)
+        except KVCacheError as exc:
+            return _error_response(exc)
+        except Exception as exc:
+            log.exception("internal error in AttendStream")
+            return _error_response(exc)
+
+    def _attend_batch(self, requests: list) -> list[pb.AttendResponse]:
+        """Answers to stream requests that arrived together (AttendBatcher): those that can share one store call
+        are merged into it (_merge_key), the rest served alone."""
+        if len(requests) == 1:
+            return [self._answer(requests[0])]
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(self._merge_key(request, i), []).append(i)
+        responses: list[pb.AttendResponse | None] = [None] * len(requests)
+        for members in groups.values():
+            # Requests naming a sequence another member names cannot share a call: they go alone.
+            merged = self._attend_merged([requests[i] for i in members]) if len(members) > 1 else None
+            for j, i in enumerate(members):
+                responses[i] = merged[j] if merged is not None else self._answer(requests[i])
+        return responses
+
+    def _merge_key(self, request, i: int) -> tuple:
+        """Requests with equal keys may share one store call; a request that may not gets a key of its own."""
+        method = request.method or "dense"
+        seq_ids = list(request.seq_ids)
+        # Merged calls split bytes_read by the method's formula of each request's lengths: only methods whose bytes
+        # follow from lengths (the gate's depend on its file), and no tier moves to split.
+        if (method not in _MERGEABLE or self.client.config.tiered or not request.HasField("q") or not seq_ids
+                or len(set(seq_ids)) != len(seq_ids)):
+            return ("alone", i)
+        params = tuple(sorted((k, v.SerializeToString()) for k, v in request.params.items()))
+        # torch.cat would promote mixed dtypes silently: every tensor's dtype and row shape is part of the key.
+        tensors = tuple((t.dtype, tuple(t.shape[1:])) if request.HasField(name) else None
+                        for name, t in (("q", request.q), ("new_k", request.new_k), ("new_v", request.new_v)))
+        return (request.layer, method, request.backend or "auto", params, tensors)
+
+    def _attend_merged(self, requests: list) -> list[pb.AttendResponse] | None:
+        """One store call for requests of one merge key: their answers, or None if they must go alone (a sequence
+        named twice, or one of them rejected: then nothing was written and each gets its own answer)."""
+        ids = [s for r in requests for s in r.seq_ids]
+        if len(set(ids)) != len(ids):
+            return None
+        first = requests[0]
+        try:
+            q = torch.cat([from_wire(r.q, "q") for r in requests])
+            kv = {name: torch.cat([from_wire(getattr(r, name), name) for r in requests])
+                  for name in ("new_k", "new_v") if first.HasField(name)}
+            params = params_from_wire(first.params)
+        except (KVCacheError, RuntimeError):  # malformed or mismatched tensors: each request's own error
+            return None
+        store, layer = self.client.store, first.layer
+        with self.locks.hold(ids):
+            try:
+                before = store.lengths(ids, layer)
+            except KVCacheError:  # an unknown sequence or layer: each request's own answer
+                return None
+            try:
+                result = self.client.attend(ids, layer, q, first.method or "dense", params,
+                                            backend=first.backend or "auto", **kv)
+                lens = store.lengths(ids, layer)
+            except KVCacheError as exc:
+                try:
+                    unchanged = store.lengths(ids, layer) == before
+                except KVCacheError:
+                    unchanged = False
+                if unchanged:
+                    return None
+                return [_error_response(exc)] * len(requests)
+            except Exception as exc:
+                log.exception("internal error in a merged attend")
+                return [_error_response(exc)] * len(requests)
+        out, lse = result.out.cpu(), result.lse.cpu()  # one copy each, then row slices
+        method = METHODS[first.method or "dense"]
+        config = self.client.config
+        responses, row = [], 0
+        for r in requests:
+            n = len(r.seq_ids)
+            nbytes = method.traffic(config, _Lengths(lens[row:row + n], config.page_size), params)
+            responses.append(pb.AttendResponse(out=to_wire(out[row:row + n]), lse=to_wire(lse[row:row + n]),
+                                               bytes_read=nbytes))
+            row += n
+        return responses
 
     @_handler("Fetch", lambda r: [r.seq_id])
     def Fetch(self, request, context):
@@ -308,6 +388,27 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         )
         return pb.AttendResponse(out=to_wire(result.out), lse=to_wire(result.lse), bytes_read=result.bytes_read,
                                  bytes_moved=result.bytes_moved)
+
+
+# Methods whose bytes read are a formula of the sequences' lengths (kvcache.attention.METHODS[...].traffic).
+_MERGEABLE = frozenset({"dense", "sparq", "quest"})
+
+
+@dataclass(frozen=True)
+class _Lengths:
+    """What a method's traffic formula reads of a page table: the lengths, and the page size."""
+
+    host_lens: list[int]
+    page_size: int
+
+
+def _error_response(exc: Exception) -> pb.AttendResponse:
+    """An attend stream's answer to a failed request: kvcache errors by their status code, anything else INTERNAL."""
+    if isinstance(exc, KVCacheError):
+        return pb.AttendResponse(error_code=getattr(grpc.StatusCode, exc.grpc_code).value[0],
+                                 error_message=str(exc), error_class=type(exc).__name__)
+    return pb.AttendResponse(error_code=grpc.StatusCode.INTERNAL.value[0],
+                             error_message=f"internal error ({type(exc).__name__})", error_class="RemoteError")
 
 
 def _sparse_chunk(request) -> tuple:
