@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     rpc.add_argument("--context", type=int, default=4096, help="cached positions per sequence (default 4096)")
     rpc.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
     rpc.add_argument("--steps", type=int, default=5, help="timed decode steps per row (median reported)")
-    rpc.add_argument("--threads", type=int, default=4, help="concurrent engine connections in the last row")
+    rpc.add_argument("--engines", type=int, default=4,
+                     help="concurrent engine processes, each its own connection, in the last row")
     rpc.add_argument("--device", default="cpu", help="where both stores live: cpu (default) or cuda")
     rpc.add_argument("--json", help="write the report here")
     layer_call = bench_sub.add_parser("layer-call", help="a decode layer call's append and whole wall time, "

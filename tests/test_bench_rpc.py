@@ -1,0 +1,20 @@
+"""`kvcache bench rpc` runs end to end on the CPU at a small size and reports every row it names."""
+
+import json
+
+from kvcache.cli import main
+
+
+def test_bench_rpc_reports_both_clients_and_concurrent_engine_processes(tmp_path):
+    out = tmp_path / "rpc.json"
+    assert main(["bench", "rpc", "--context", "40", "--batch", "1,2", "--steps", "1", "--engines", "2",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["client"], r["batch"]) for r in rows] == [
+        ("in-process", 1), ("grpc-stream", 1), ("grpc-unary", 1), ("in-process", 2), ("grpc-stream", 2),
+        ("grpc-stream x2 engine processes", 1)]
+    for r in rows:
+        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0
+    assert all(r["added_ms_per_layer_call"] == r["layer_call_ms"] - rows[0 if r["batch"] == 1 else 3]["layer_call_ms"]
+               for r in rows if r["client"].startswith("grpc-") and "engine" not in r["client"])
+    assert rows[-1]["engines"] == 2 and rows[-1]["wall_tokens_per_s"] > 0
