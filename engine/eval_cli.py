@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "one): adds method gate to the grid (with --server, start the server with the same --gate)")
     p.add_argument("--gate-bytes", default="4,8", help="gate settings f: a token budget that reads 1/f of dense bytes")
     p.add_argument("--gate-pages", default="4,8", help="gate settings f: budget = pages/f (as many pages as quest f)")
+    p.add_argument("--oracle-bytes", default="",
+                   help="oracle settings f: the pages with the most true attention mass (kvcache.methods.oracle), "
+                        "as many as gate bytes/f reads: the bound on any page selector at that budget")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--server", help="host:port of a `kvcache serve` to decode through (default: in-process)")
     p.add_argument("--star", action="store_true", help="also Star Attention (ALGORITHMS.md §4): the context encoded in "
@@ -72,8 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes: str = "", gate_pages: str = "",
                 itemsize: int = 4, head_dim: int = 64, gate_dim: int = GATE_DIM,
-                quest_bytes: str = "") -> list[tuple[str, AttentionSpec]]:
-    """(label, spec) of dense and every SparQ, Quest and gate setting at a context of `context` positions
+                quest_bytes: str = "", oracle_bytes: str = "") -> list[tuple[str, AttentionSpec]]:
+    """(label, spec) of dense and every SparQ, Quest, gate and oracle setting at a context of `context` positions
     (a store of `itemsize`-byte K/V of `head_dim`; gate keys of `gate_dim` in the same dtype)."""
     grid = [("dense", AttentionSpec("dense", {}))]
     for item in filter(None, sparq.split(",")):
@@ -96,6 +99,10 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
         f = int(item)
         pages = max(1, -(-context // page_size) // f)
         grid.append((f"gate pages/{f}", AttentionSpec("gate", {"budget": pages * page_size})))
+    for item in filter(None, oracle_bytes.split(",")):
+        f = int(item)  # the pages gate bytes/f reads, chosen by true attention mass
+        budget = gate_budget_for_share(context, page_size, 1 / f, head_dim, itemsize, gate_dim, itemsize)
+        grid.append((f"oracle bytes/{f}", AttentionSpec("oracle", {"budget": budget})))
     return grid
 
 
@@ -194,7 +201,8 @@ def main(args: argparse.Namespace) -> int:
                 attach_gate(enc.client.store, gate)
         report["gate"] = args.gate
     gate_grid = (args.gate_bytes, args.gate_pages) if args.gate else ("", "")
-    grid_cost = {"head_dim": model.config.head_dim, "gate_dim": gate_dim, "quest_bytes": args.quest_bytes}
+    grid_cost = {"head_dim": model.config.head_dim, "gate_dim": gate_dim, "quest_bytes": args.quest_bytes,
+                 "oracle_bytes": args.oracle_bytes}
     text_ids = tok.encode(long_text())
     if args.windows < 1 or args.window_stride < 0:
         raise SystemExit("--windows must be at least 1 and --window-stride not negative")
@@ -344,7 +352,7 @@ def plot(report: dict, path: str) -> None:
         left = axes.pop(0)
         for C in sorted({r["context"] for r in sparse}):
             rows = [r for r in sparse if r["context"] == C]
-            for attention, marker in (("sparq", "o"), ("quest", "s"), ("gate", "^")):
+            for attention, marker in (("sparq", "o"), ("quest", "s"), ("gate", "^"), ("oracle", "*")):
                 pts = sorted((r["bytes_vs_dense"], 100 * r["vs_dense"]) for r in rows if r["attention"] == attention)
                 if pts:
                     left.plot(*zip(*pts), marker=marker, label=f"{attention} C={C}")

@@ -16,6 +16,7 @@ from kvcache.host_copy import on_device
 from kvcache.methods import AttentionResult, dense, quest, sparq
 from kvcache.methods.dense_cpu import dense_cpu
 from kvcache.methods.gate import gate
+from kvcache.methods.oracle import check_oracle_params, oracle
 from kvcache.methods.quest import check_quest_params
 from kvcache.methods.sparq import check_common_params, check_sparq_params
 from kvcache.methods.traffic import dense_bytes, gate_budget_pages, gate_bytes, quest_bytes, sparq_bytes
@@ -79,6 +80,22 @@ def _gate_traffic(c: KVCacheConfig, csr: PageTableCSR, p: dict) -> int:
     return gate_bytes(csr.host_lens, c.page_size, pages, c.head_dim, c.itemsize, GATE_DIM, c.itemsize)
 
 
+def _check_oracle(config: KVCacheConfig, lens: Sequence[int], p: dict) -> None:
+    check_oracle_params(p["budget"])
+    if config.tiered:
+        raise InvalidParameter("oracle: not available on tiered stores")
+
+
+def _oracle_traffic(c: KVCacheConfig, csr: PageTableCSR, p: dict) -> int:
+    pages = [[gate_budget_pages(S, c.page_size, p["budget"])] * c.num_kv_heads for S in csr.host_lens]
+    return gate_bytes(csr.host_lens, c.page_size, pages, c.head_dim, c.itemsize, 0, 0)
+
+
+def _oracle_on_device(*args, **kw):
+    result = oracle(*args, **kw)
+    return result.out, result.lse, result.bytes_read
+
+
 def _no_check(config: KVCacheConfig, lens: Sequence[int], p: dict) -> None:
     pass
 
@@ -106,6 +123,9 @@ METHODS: dict[str, Method] = {
     "gate": Method(
         gate, ("k_seq", "v_seq", "k_summary"), False, _check_gate, _gate_traffic, _triton_gate, needs_gate=True,
     ),
+    # Evaluation only (kvcache.methods.oracle): the choice reads every position. The torch reference runs on
+    # any device; its bytes are the chosen pages' rows.
+    "oracle": Method(oracle, ("k_seq", "v_seq"), False, _check_oracle, _oracle_traffic, _oracle_on_device),
 }
 
 BACKENDS = ("auto", "torch", "triton")

@@ -230,3 +230,23 @@ def test_a_window_past_the_end_of_the_text_is_refused(model, tmp_path, monkeypat
     with pytest.raises(SystemExit, match="passes the end of the text"):
         main(["eval", "--contexts", "64", "--windows", "2", "--window-stride", "10000000", "--passkey-lengths", "",
               "--sparq", "", "--quest", "", "--json", str(tmp_path / "e.json"), "--plot", ""])
+
+
+def test_eval_scores_the_oracle_page_choice(model, tmp_path, monkeypatch):
+    from engine import load
+    from kvcache.cli import main
+
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--contexts", "128", "--eval-tokens", "8", "--agree-tokens", "4", "--passkey-lengths", "",
+                 "--sparq", "", "--quest", "", "--oracle-bytes", "2", "--page-size", "8", "--json", str(out),
+                 "--plot", str(tmp_path / "eval.png")]) == 0
+    from kvcache.methods.gate import GATE_DIM
+    from kvcache.methods.traffic import gate_budget_for_share
+
+    rows = {r["method"]: r for r in json.loads(out.read_text())["perplexity"]}
+    oracle = rows["oracle bytes/2"]
+    # As many pages as gate bytes/2 would read (its gate keys priced in), chosen by true attention mass.
+    budget = gate_budget_for_share(128, 8, 1 / 2, CONFIG.head_dim, 4, GATE_DIM, 4)
+    assert oracle["attention"] == "oracle" and oracle["params"] == {"budget": budget}
+    assert 0 < oracle["bytes_vs_dense"] < 1 and oracle["vs_dense"] != 0

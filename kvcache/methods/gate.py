@@ -195,6 +195,25 @@ def gate_choose(q: torch.Tensor, k_summary: torch.Tensor, layer_gate: LayerGate,
     return picks
 
 
+def attend_chosen_pages(
+    q: torch.Tensor, k_seq: torch.Tensor, v_seq: torch.Tensor, csr: PageTableCSR, b: int, chosen: torch.Tensor,
+    count: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of sequence b's query q [Hq, d] over the pages gate_select chose per kv head (chosen [Hkv, t],
+    the first count[h] of row h): out [Hq, d] in q's dtype, lse [Hq]."""
+    Hq, d = q.shape
+    Hkv, P, S = k_seq.shape[1], csr.page_size, csr.host_lens[b]
+    page_ids = csr.pages_of(b)[chosen]  # [Hkv, t]
+    heads = torch.arange(Hkv, device=q.device)[:, None]
+    k_rows = k_seq[page_ids, heads].flatten(1, 2)  # [Hkv, t*P, d]
+    v_rows = v_seq[page_ids, heads].flatten(1, 2)
+    positions = (chosen[..., None] * P + torch.arange(P, device=q.device)).flatten(1)  # [Hkv, t*P]
+    # Padding slots (past count) repeat the last page: masked out with the rows past S.
+    slot_ok = (torch.arange(chosen.shape[1], device=q.device)[None, :] < count[:, None]).repeat_interleave(P, 1)
+    y, s = attend_rows(q.view(Hkv, Hq // Hkv, d), k_rows, v_rows, scale, mask=(positions < S) & slot_ok)
+    return y.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
+
+
 def gate(
     q: torch.Tensor,
     k_seq: torch.Tensor,
@@ -210,24 +229,13 @@ def gate(
     the served step reads them (traffic.gate_bytes): every page's cached gate key, the chosen pages' rows."""
     check_gate_params(budget, threshold)
     B, Hq, d = q.shape
-    Hkv = k_seq.shape[1]
     P = csr.page_size
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
     counts = []
     for b, (chosen, count) in enumerate(gate_choose(q, k_summary, layer_gate, csr, budget, threshold)):
-        S = csr.host_lens[b]
-        qg = q[b].view(Hkv, Hq // Hkv, d)
-        page_ids = csr.pages_of(b)[chosen]  # [Hkv, t]
-        heads = torch.arange(Hkv, device=q.device)[:, None]
-        k_rows = k_seq[page_ids, heads].flatten(1, 2)  # [Hkv, t*P, d]
-        v_rows = v_seq[page_ids, heads].flatten(1, 2)
-        positions = (chosen[..., None] * P + torch.arange(P, device=q.device)).flatten(1)  # [Hkv, t*P]
-        # Padding slots (past count) repeat the last page: masked out with the rows past S.
-        slot_ok = (torch.arange(chosen.shape[1], device=q.device)[None, :] < count[:, None]).repeat_interleave(P, 1)
-        y, s = attend_rows(qg, k_rows, v_rows, scale, mask=(positions < S) & slot_ok)
-        out[b], lse[b] = y.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
+        out[b], lse[b] = attend_chosen_pages(q[b], k_seq, v_seq, csr, b, chosen, count, scale)
         counts.append(count.tolist())
     itemsize = k_seq.element_size()
     nbytes = gate_bytes(csr.host_lens, P, counts, d, itemsize, layer_gate.shape.gate_dim,
