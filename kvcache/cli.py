@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     layer_call.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     layer_call.add_argument("--iters", type=int, default=300, help="timed calls per row")
     layer_call.add_argument("--json", help="write the report here")
+    dense_cpu = bench_sub.add_parser("dense-cpu", help="dense decode on a CPU store: the CPU path vs the reference")
+    from bench.dense_cpu import add_arguments as add_dense_cpu_arguments
+
+    add_dense_cpu_arguments(dense_cpu)
     prefill = bench_sub.add_parser("prefill", help="MInference sparse prefill vs SDPA, one layer")
     from bench.prefill import add_arguments as add_prefill_arguments
 
@@ -109,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.rpc import main as bench_rpc
 
         return bench_rpc(args)
+    elif args.command == "bench" and args.bench == "dense-cpu":
+        from bench.dense_cpu import main as bench_dense_cpu
+
+        return bench_dense_cpu(args)
     elif args.command == "bench" and args.bench == "layer-call":
         from bench.layer_call import main as bench_layer_call
 

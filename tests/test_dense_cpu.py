@@ -45,3 +45,16 @@ def test_sequence_rows_are_the_appended_rows_in_order():
         pages = csr.pages_of(b)
         want = torch.cat([store.layer_view(0).k_seq[p] for p in pages.tolist()], dim=1)[:, : csr.host_lens[b]]
         assert rows.shape == (HKV, csr.host_lens[b], 16) and torch.equal(rows, want)
+
+
+def test_bench_dense_cpu_reports_both_paths(tmp_path):
+    import json
+
+    from kvcache.cli import main
+
+    out = tmp_path / "dense_cpu.json"
+    assert main(["bench", "dense-cpu", "--context", "40", "--iters", "1", "--dtypes", "float32",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["context"]) for r in rows] == [("SmolLM2-135M", 40), ("Llama-3-8B", 40)]
+    assert all(r["cpu_path_ms"] > 0 and r["speedup"] == r["reference_ms"] / r["cpu_path_ms"] for r in rows)
