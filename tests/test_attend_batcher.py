@@ -190,8 +190,11 @@ def test_a_sequence_named_by_two_requests_of_a_batch_is_attended_twice_in_order(
     assert servicer.client.store.lengths(s, 0) == [6, 9]
 
 
-def test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone():
-    server = Server(CONFIG, ServerOptions(port=0, workers=8, grace_seconds=0))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone(device):
+    config = store_config(device=device)
+    server = Server(config, ServerOptions(port=0, workers=8, grace_seconds=0))
     servicer = server.servicer
     inner = servicer.client.attend
 
@@ -201,7 +204,7 @@ def test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone():
 
     servicer.client.attend = slow_attend
     server.start()
-    plain = InProcessClient(CONFIG)
+    plain = InProcessClient(config)
     try:
         clients = [RemoteClient(f"127.0.0.1:{server.port}") for _ in range(4)]
         seqs, twins, gen = [], [], torch.Generator().manual_seed(0)
@@ -232,8 +235,9 @@ def test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone():
         for i in range(len(clients)):
             for step, (q, k, v) in enumerate(inputs[i]):
                 want = plain.attend([twins[i]], step % 2, q, new_k=k, new_v=v)
-                torch.testing.assert_close(results[i][step].out, want.out, rtol=1e-6, atol=1e-6)
-                torch.testing.assert_close(results[i][step].lse, want.lse, rtol=1e-6, atol=1e-6)
+                # On CUDA a merged batch may split the positions differently: float32 sums in another order.
+                torch.testing.assert_close(results[i][step].out, want.out.cpu(), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(results[i][step].lse, want.lse.cpu(), rtol=1e-5, atol=1e-5)
                 assert results[i][step].bytes_read == want.bytes_read
         for client in clients:
             client.close()

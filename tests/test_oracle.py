@@ -75,3 +75,13 @@ def test_attend_runs_the_oracle_by_name_with_its_bytes():
     store, ids, q = _store((40, 9))
     result = attend(store, ids, 0, q, "oracle", {"budget": 2 * P})
     assert result.bytes_read == 2 * D * 4 * HKV * ((P + 40 - 4 * P) + 9)  # 40: pages 0 and 4 (8 rows); 9: all
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_oracle_runs_the_reference_on_the_device():
+    store, ids, q = _store((40, 9))
+    gpu, gpu_ids = scattered_store((40, 9), d=D, page_size=P, device="cuda")
+    want = attend(store, ids, 0, q, "oracle", {"budget": 2 * P})
+    got = attend(gpu, gpu_ids, 0, q.cuda(), "oracle", {"budget": 2 * P})
+    torch.testing.assert_close(got.out.cpu(), want.out, rtol=1e-4, atol=1e-4)
+    assert got.bytes_read == want.bytes_read
