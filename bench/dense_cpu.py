@@ -32,14 +32,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the report here")
 
 
-def _median_ms(fn, iters: int) -> float:
-    fn()  # warm
-    times = []
+def _medians_ms(fns: list, iters: int) -> list[float]:
+    """Median milliseconds of each function, called in turn each round: both see the same machine state (on a
+    shared VM, memory reclaim and neighbours shift timings by 2x between minutes)."""
+    for fn in fns:
+        fn()  # warm
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def run(contexts: list[int], dtypes: list[str], iters: int) -> list[dict]:
@@ -59,8 +63,8 @@ def run(contexts: list[int], dtypes: list[str], iters: int) -> list[dict]:
                     store.append(seq, k, v, layer=0)
                 q = torch.randn((1, hq, d), generator=gen).to(config.dtype)
                 view, csr = store.layer_view(0), store.page_table([seq], 0)
-                cpu = _median_ms(lambda: dense_cpu(q, view.k_seq, view.v_seq, csr), iters)
-                ref = _median_ms(lambda: dense(q, view.k_seq, view.v_seq, csr), iters)
+                cpu, ref = _medians_ms([lambda: dense_cpu(q, view.k_seq, view.v_seq, csr),
+                                        lambda: dense(q, view.k_seq, view.v_seq, csr)], iters)
                 row = {"shape": name, "context": S, "dtype": dtype, "cpu_path_ms": cpu, "reference_ms": ref,
                        "speedup": ref / cpu, "bytes": 2 * S * hkv * d * config.itemsize}
                 print(f"{name:<13} {S:>7} {dtype:<8} cpu path {cpu:8.2f} ms  reference {ref:8.2f} ms  "
