@@ -39,6 +39,14 @@ class AttendBatcher:
         self._busy = False
         self.batches = 0  # batches run, and the requests in them: their ratio is the mean batch size
         self.requests = 0
+        self.merged_calls = 0  # store calls that served several requests (counted by run_batch's owner)
+        self.merged_requests = 0
+
+    def counts(self) -> dict[str, int]:
+        """requests, batches, merged_calls, merged_requests since start."""
+        with self._cond:
+            return {"requests": self.requests, "batches": self.batches, "merged_calls": self.merged_calls,
+                    "merged_requests": self.merged_requests}
 
     def submit(self, request: Any) -> Any:
         """The response to `request`, from a batch this caller leads or another caller's; the batch's exception

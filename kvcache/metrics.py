@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def prometheus_text(stats: dict) -> str:
-    """Prometheus exposition of a stats dict {pool, methods, rpcs} (see KVCacheClient.stats)."""
+    """Prometheus exposition of a stats dict {pool, methods, rpcs, batching} (see KVCacheClient.stats)."""
     lines = ["# TYPE kvcache_pool_pages gauge"]
     for key, value in sorted(stats.get("pool", {}).items()):
         lines.append(f'kvcache_pool_pages{{kind="{key}"}} {value}')
@@ -24,6 +24,9 @@ def prometheus_text(stats: dict) -> str:
         lines.append(f'kvcache_rpc_calls_total{{rpc="{rpc}"}} {t["calls"]}')
         lines.append(f'kvcache_rpc_errors_total{{rpc="{rpc}"}} {t["errors"]}')
         lines.append(f'kvcache_rpc_seconds_total{{rpc="{rpc}"}} {t["seconds"]}')
+    lines.append("# TYPE kvcache_attend_batching_total counter")
+    for key, value in sorted(stats.get("batching", {}).items()):
+        lines.append(f'kvcache_attend_batching_total{{kind="{key}"}} {value}')
     return "\n".join(lines) + "\n"
 
 

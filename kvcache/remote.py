@@ -248,7 +248,7 @@ class RemoteClient:
         return FetchResult(tuple(from_wire(t) for t in reply.tensors), reply.bytes_read)
 
     def stats(self) -> dict[str, Any]:
-        """Pool usage, per-method and per-RPC calls, bytes read and seconds."""
+        """Pool usage, per-method and per-RPC calls, bytes read and seconds, attend-stream batching."""
         s = self._call("Stats", pb.StatsRequest())
         return {
             "pool": dict(s.pool),
@@ -256,6 +256,7 @@ class RemoteClient:
                         for m, t in s.methods.items()},
             "rpcs": {r: {"calls": t.calls, "errors": t.errors, "seconds": t.seconds} for r, t in s.rpcs.items()},
             "bytes_moved": dict(s.bytes_moved),
+            "batching": dict(s.batching),  # the server's attend streams (AttendBatcher)
         }
 
     def prefetch(self, seq_id: str, pages: Sequence[int] | None = None) -> SequenceInfo:

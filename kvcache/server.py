@@ -304,6 +304,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             except Exception as exc:
                 log.exception("internal error in a merged attend")
                 return [_error_response(exc)] * len(requests)
+        self.batcher.merged_calls += 1  # only the batch's leader runs here
+        self.batcher.merged_requests += len(requests)
         out, lse = result.out.cpu(), result.lse.cpu()  # one copy each, then row slices
         method = METHODS[first.method or "dense"]
         config = self.client.config
@@ -349,6 +351,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             rpcs={r: pb.RpcStats(calls=int(t["calls"]), errors=int(t["errors"]), seconds=t["seconds"])
                   for r, t in s["rpcs"].items()},
             bytes_moved=s["bytes_moved"],
+            batching=s["batching"],
         )
 
     @_handler("Health")
@@ -360,8 +363,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         return config_to_wire(self.client.config)
 
     def stats(self) -> dict:
-        """Pool usage, per-method and per-RPC totals."""
-        return {**self.client.stats(), "rpcs": self.metrics.snapshot()}
+        """Pool usage, per-method and per-RPC totals, and how attend-stream requests were batched."""
+        return {**self.client.stats(), "rpcs": self.metrics.snapshot(), "batching": self.batcher.counts()}
 
     # ---- helpers -------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from service_support import store_config
 
 from kvcache.attend_batcher import AttendBatcher
 from kvcache.client import InProcessClient
+from kvcache.metrics import prometheus_text
 from kvcache.remote import RemoteClient
 from kvcache.server import KVCacheServicer, Server, ServerOptions
 from kvcache.wire import kvcache_pb2 as pb
@@ -143,6 +144,7 @@ def test_a_batch_of_compatible_requests_is_one_store_call_with_each_answer_its_o
             _request([s[0]], 1, "sparq", {"r": 4, "k": 3}, seed=5)]  # s0 again, another method: alone, after
     responses = servicer._attend_batch([r for r, _ in made])
     assert calls == [[s[0], s[1], s[2], s[3]], [s[4]], [s[0]]]
+    assert (servicer.batcher.merged_calls, servicer.batcher.merged_requests) == (1, 3)
     twins = [[p[0]], [p[1], p[2]], [p[3]], [p[4]], [p[0]]]
     for (request, tensors), response, seqs in zip(made, responses, twins):
         method = request.method
@@ -232,6 +234,12 @@ def test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone(de
             t.join(60)
         assert servicer.batcher.requests == len(clients) * steps
         assert servicer.batcher.batches < servicer.batcher.requests  # some requests shared a batch
+        batching = clients[0].stats()["batching"]  # over the wire, and in the Prometheus text
+        assert batching == servicer.batcher.counts()
+        assert batching["requests"] == len(clients) * steps
+        assert batching["merged_requests"] >= 2 * batching["merged_calls"]
+        assert f'kvcache_attend_batching_total{{kind="requests"}} {len(clients) * steps}' in prometheus_text(
+            servicer.stats())
         for i in range(len(clients)):
             for step, (q, k, v) in enumerate(inputs[i]):
                 want = plain.attend([twins[i]], step % 2, q, new_k=k, new_v=v)
