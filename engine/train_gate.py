@@ -22,7 +22,8 @@ own attention on real text; the model stays frozen.
 3. Held out. Windows of the text the gate never trains on give the held-out KL, logged with the
    training loss; the eval harness (engine/eval_cli.py) scores the text's first tokens (as many as its
    context, at most the model's 8192), so the training windows start after them (`--skip`) and the
-   held-out windows follow the training ones.
+   held-out windows follow the training ones. (`kvcache eval --windows` scores later windows too: those
+   lie in this training text, so a gate's rows there are not held out.)
 """
 
 from __future__ import annotations
