@@ -23,17 +23,18 @@ import torch
 from kvcache.client import InProcessClient
 from kvcache.config import KVCacheConfig
 from kvcache.remote import RemoteClient
+from kvcache.serve_cli import parse_cpus, pin_process
 
 SHAPE = {"num_layers": 30, "num_q_heads": 9, "num_kv_heads": 3, "head_dim": 64}
 
 
-def start_server(config: KVCacheConfig) -> tuple[subprocess.Popen, int]:
-    """A `kvcache serve` subprocess with `config` on a free loopback port."""
+def start_server(config: KVCacheConfig, cpus: str | None = None) -> tuple[subprocess.Popen, int]:
+    """A `kvcache serve` subprocess with `config` on a free loopback port (on `cpus`, if given)."""
     cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--port", "0", "--layers", str(config.num_layers),
            "--kv-heads", str(config.num_kv_heads), "--head-dim", str(config.head_dim),
            "--page-size", str(config.page_size), "--dtype", str(config.dtype).removeprefix("torch."),
            "--pages", str(config.device_pages), "--workers", "8", "--torch-threads", "1",
-           "--device", str(config.device)]
+           "--device", str(config.device), *(("--cpus", cpus) if cpus else ())]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         event = json.loads(line)
@@ -76,12 +77,16 @@ def decode_steps(client, seqs: list[str], config: KVCacheConfig, steps: int) -> 
 
 
 def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int = 5, engines: int = 4,
-        device: str = "cpu") -> dict:
+        device: str = "cpu", server_cpus: str | None = None, engine_cpus: str | None = None) -> dict:
     """Both clients at each batch size, plus `engines` concurrent remote engine processes; returns the report.
+    With server_cpus / engine_cpus the server and this process (its engine processes inherit it) run on
+    those CPUs.
 
     Engine and server share this machine's cores, so both run torch with one intra-op thread:
     otherwise each process's spinning OpenMP workers steal the other's cores and the comparison
     measures contention, not the wire."""
+    if engine_cpus:
+        pin_process(parse_cpus(engine_cpus))
     torch.set_num_threads(1)
     pages = (max(batches) + engines) * (-(-(context + 64 * steps) // 16)) + 64
     config = KVCacheConfig(num_layers=SHAPE["num_layers"], num_kv_heads=SHAPE["num_kv_heads"],
@@ -94,8 +99,9 @@ def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int =
               "torch": torch.__version__, "grpcio": grpc.__version__, "python": platform.python_version(),
               # grpc core settings of this process and of the server it starts (kvcache/wire/transport.py)
               "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS"),
+              "server_cpus": server_cpus, "engine_cpus": engine_cpus,
               "command": " ".join(sys.argv), "rows": []}
-    proc, port = start_server(config)
+    proc, port = start_server(config, server_cpus)
     try:
         local = InProcessClient(config)
         stream = RemoteClient(f"127.0.0.1:{port}")
@@ -186,7 +192,8 @@ def _concurrent(port: int, config: KVCacheConfig, context: int, steps: int, engi
 
 def main(args) -> int:
     """Entry of `kvcache bench rpc`."""
-    report = run(args.context, tuple(int(b) for b in args.batch.split(",")), args.steps, args.engines, args.device)
+    report = run(args.context, tuple(int(b) for b in args.batch.split(",")), args.steps, args.engines, args.device,
+                 args.server_cpus, args.engine_cpus)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

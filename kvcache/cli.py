@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     rpc.add_argument("--engines", type=int, default=4,
                      help="concurrent engine processes, each its own connection, in the last row")
     rpc.add_argument("--device", default="cpu", help="where both stores live: cpu (default) or cuda")
+    rpc.add_argument("--server-cpus", help="run the server on these CPUs (kvcache serve --cpus), e.g. 1 or 8-15")
+    rpc.add_argument("--engine-cpus", help="run this process and its engine processes on these CPUs, e.g. 0 or 0-7")
     rpc.add_argument("--json", help="write the report here")
     layer_call = bench_sub.add_parser("layer-call", help="a decode layer call's append and whole wall time, "
                                                          "in-process (Triton append against torch)")

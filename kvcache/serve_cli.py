@@ -28,7 +28,7 @@ STORE_FLAGS = {  # flag dest -> KVCacheConfig field
     "eviction": "eviction",
 }
 SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
-                "grace_seconds", "torch_threads", "gate")
+                "grace_seconds", "torch_threads", "gate", "cpus")
 STORE_DEFAULTS = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "page_size": 16, "dtype": "float32",
                   "device": "cpu", "device_pages": 4096}
 
@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-seconds", type=float, help="on SIGTERM, time in-flight calls get to finish (30)")
     p.add_argument("--torch-threads", type=int,
                    help="intra-op threads of the CPU attention (default: torch's); 1 when engine and server share a few cores")
+    p.add_argument("--cpus",
+                   help="CPUs the server runs on, e.g. 2-3 or 4,6 (default: all); keep them apart from the engine's")
     p.add_argument("--gate", help="page-gate weights for method 'gate': a .safetensors path or a name under "
                    "engine/gates/ (`kvcache train-gate` makes them); without one, 'gate' gets FAILED_PRECONDITION")
     p.add_argument("--layers", type=int, help="model layers (default 30)")
@@ -61,6 +63,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-path", help="directory of the disk tier's file (default: the temp dir)")
     p.add_argument("--pinned-tail-pages", type=int, help="last pages of each sequence kept on the device (2)")
     p.add_argument("--eviction", choices=["lru", "sparse"], help="which device pages go down first (default lru)")
+
+
+def parse_cpus(text: str) -> list[int]:
+    """CPU ids from a list like "0,2-3" (Linux cpuset syntax), sorted, each once; InvalidParameter if malformed."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, dash, last = part.strip().partition("-")
+            lo = int(first)
+            hi = int(last) if dash else lo
+            if lo < 0 or hi < lo:
+                raise ValueError
+            cpus.update(range(lo, hi + 1))
+    except ValueError:
+        raise InvalidParameter(f"--cpus {text!r}: expected CPU ids such as 0,2-3") from None
+    return sorted(cpus)
+
+
+def pin_process(cpus: list[int]) -> None:
+    """Run this process's threads, and every thread it starts later, on `cpus` only.
+
+    Why: on the 2-core VM a streamed layer call added 0.79-0.95 ms over in-process with the engine and
+    the server free to migrate, and 0.51-0.60 ms with each on a core of its own (bench/results/rpc_cpus_vm.json):
+    a thread woken on the core the other process just used starts with cold caches. Call it before
+    the server starts its threads; on Linux a thread inherits the affinity of the one that starts it."""
+    import os
+
+    if not hasattr(os, "sched_setaffinity"):
+        raise InvalidParameter("--cpus: this platform cannot pin a process to CPUs")
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (OSError, ValueError) as exc:
+        raise InvalidParameter(f"--cpus {cpus}: {exc}") from None
 
 
 def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
@@ -82,6 +117,8 @@ def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
     for dest in SERVER_FLAGS:
         if getattr(args, dest) is not None:
             server[dest] = getattr(args, dest)
+    if isinstance(server.get("cpus"), str):  # a flag, or TOML's "2-3" (TOML may also give [2, 3])
+        server["cpus"] = parse_cpus(server["cpus"])
     token_file = server.pop("token_file", None)
     if token_file:
         with open(token_file) as f:
@@ -146,6 +183,12 @@ def main(args: argparse.Namespace) -> int:
     from kvcache.server import run_server
 
     one_malloc_arena()
+    if options.cpus:
+        try:
+            pin_process(options.cpus)
+        except InvalidParameter as exc:
+            print(f"kvcache serve: {exc}", file=sys.stderr)
+            return 2
     if options.torch_threads:
         import torch
 

@@ -59,6 +59,7 @@ class ServerOptions:
     metrics_port: int | None = None
     grace_seconds: float = 30.0
     torch_threads: int | None = None  # intra-op threads of each RPC thread's torch ops
+    cpus: list[int] | None = None  # CPU ids the process runs on (serve_cli.pin_process); None: all
     gate: str | None = None  # page-gate weights (a path or a name under engine/gates/) for method "gate"
 
 

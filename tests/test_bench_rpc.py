@@ -1,6 +1,9 @@
 """`kvcache bench rpc` runs end to end on the CPU at a small size and reports every row it names."""
 
 import json
+import os
+
+import pytest
 
 from kvcache.cli import main
 
@@ -18,3 +21,18 @@ def test_bench_rpc_reports_both_clients_and_concurrent_engine_processes(tmp_path
     assert all(r["added_ms_per_layer_call"] == r["layer_call_ms"] - rows[0 if r["batch"] == 1 else 3]["layer_call_ms"]
                for r in rows if r["client"].startswith("grpc-") and "engine" not in r["client"])
     assert rows[-1]["engines"] == 2 and rows[-1]["wall_tokens_per_s"] > 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_bench_rpc_pins_server_and_engines_where_asked(tmp_path):
+    out = tmp_path / "rpc.json"
+    mine = os.sched_getaffinity(0)
+    try:
+        assert main(["bench", "rpc", "--context", "20", "--batch", "1", "--steps", "1", "--engines", "1",
+                     "--server-cpus", "0", "--engine-cpus", "0", "--json", str(out)]) == 0
+        assert os.sched_getaffinity(0) == {0}  # the bench process (and the engines it spawns) on --engine-cpus
+    finally:
+        os.sched_setaffinity(0, mine)
+    report = json.loads(out.read_text())
+    assert (report["server_cpus"], report["engine_cpus"]) == ("0", "0")
+    assert [r["client"] for r in report["rows"]][:2] == ["in-process", "grpc-stream"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
+import pathlib
 import re
 import secrets
 import signal
@@ -36,7 +38,7 @@ from service_support import (
 
 from kvcache import errors
 from kvcache.remote import RemoteClient
-from kvcache.serve_cli import add_arguments, resolve
+from kvcache.serve_cli import add_arguments, parse_cpus, resolve
 from kvcache.server import Server, ServerOptions
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
@@ -95,7 +97,7 @@ def servers(tmp_path_factory, certificate):
     config.write_text(
         "[store]\nnum_layers = 3\nnum_kv_heads = 1\nhead_dim = 8\npage_size = 8\ndtype = \"float16\"\n"
         "device_pages = 64\n\n"
-        f"[server]\ntoken_file = \"{directory / 'token'}\"\nworkers = 4\ngrace_seconds = 2.0\n"
+        f"[server]\ntoken_file = \"{directory / 'token'}\"\nworkers = 4\ngrace_seconds = 2.0\ncpus = \"0\"\n"
     )
     started = start_servers({
         "main": (("--max-message-mb", "1", "--metrics-port", "0", "--pages", str(LOAD_PAGES)), {}),
@@ -647,6 +649,45 @@ def test_toml_server_table_sets_the_server(toml_server):
     with RemoteClient(toml_server.target, timeout=10) as client:
         with pytest.raises(errors.Unauthenticated):
             client.health()
+
+
+def _allowed_cpus(pid: int) -> set[str]:
+    """Cpus_allowed_list of every thread of a process (Linux)."""
+    lists = set()
+    for status in pathlib.Path(f"/proc/{pid}/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                lists.add(line.split(":", 1)[1].strip())
+    return lists
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_toml_cpus_pin_every_server_thread(toml_server):
+    # cpus = "0" in the [server] table: the server and every thread it started (grpc's, the RPC pool's) run on CPU 0.
+    with RemoteClient(toml_server.target, token=TOKEN, timeout=10) as client:
+        client.health()  # an RPC thread exists now
+    assert _allowed_cpus(toml_server.process.pid) == {"0"}
+
+
+@pytest.mark.parametrize(("text", "cpus"), [("0", [0]), ("3,1", [1, 3]), ("0-2,5", [0, 1, 2, 5]), ("2-3,3", [2, 3])])
+def test_cpus_flag_takes_cpuset_lists(text, cpus):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert resolve(parser.parse_args(["--cpus", text]))[1].cpus == cpus
+
+
+@pytest.mark.parametrize("text", ["", "a", "3-1", "-1", "1,,2", "0-"])
+def test_malformed_cpus_are_rejected(text):
+    with pytest.raises(errors.InvalidParameter, match="--cpus"):
+        parse_cpus(text)
+
+
+def test_serve_refuses_cpus_it_cannot_have():
+    # No machine has CPU 100000: the server says so and exits 2 instead of serving unpinned.
+    proc = subprocess.run([sys.executable, "-m", "kvcache.cli", "serve", "--port", "0", "--cpus", "100000"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--cpus" in proc.stderr
 
 
 def test_unknown_toml_table_is_rejected_by_name(tmp_path):
