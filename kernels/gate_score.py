@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 
 from kernels.paged_decode import plan_splits
-from kernels.topk import LEVELS, digit_histogram, radix_level, radix_topk, topk_workspace, zero_workspace_row
+from kernels.topk import (
+    LEVELS, add_histogram, digit_histogram, radix_level, radix_topk, topk_workspace, zero_workspace_row,
+)
 from kernels.tuning import Launch
 from kvcache.methods.gate import LayerGate
 from kvcache.table import PageTableCSR
@@ -117,7 +119,7 @@ def _gate_score_kernel(
         if WITH_HIST:
             hist += digit_histogram(key, mask_p & (offs_p < num_pages - 1), SHIFT, NBINS)
     if WITH_HIST:
-        tl.atomic_add(hist_ptr + pid_bh * NBINS + tl.arange(0, NBINS), hist)
+        add_histogram(hist_ptr + pid_bh * NBINS, hist, NBINS)
     if split == 0:
         # Pages read: all of a short sequence, else the budget's (at least the first and last).
         take = tl.minimum(num_pages, tl.maximum(budget_pages, 2))

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from kernels.paged_decode import sequence_extent
 from kernels.softmax_stats import merged_softmax_stats
-from kernels.topk import LEVELS, digit_histogram
+from kernels.topk import LEVELS, add_histogram, digit_histogram
 from kernels.tuning import TUNING
 from kvcache.table import PageTableCSR
 
@@ -61,7 +61,7 @@ def _group_scores_kernel(
         f = tl.sum(tl.exp(x - glob_m[:, None]) * inv_l[:, None], axis=0)
         tl.store(f_ptr + pid_bh * s_frow + offs_n, f, mask=mask_n)
         hist += digit_histogram(f, mask_n, SHIFT, NBINS)
-    tl.atomic_add(hist_ptr + pid_bh * NBINS + tl.arange(0, NBINS), hist)
+    add_histogram(hist_ptr + pid_bh * NBINS, hist, NBINS)
 
 
 def group_scores(
