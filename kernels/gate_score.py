@@ -24,7 +24,13 @@ import triton.language as tl
 
 from kernels.paged_decode import plan_splits
 from kernels.topk import (
-    LEVELS, add_histogram, digit_histogram, radix_level, radix_topk, topk_workspace, zero_workspace_row,
+    LEVELS,
+    add_histogram,
+    digit_histogram,
+    radix_level,
+    radix_topk,
+    topk_workspace,
+    zero_workspace_row,
 )
 from kernels.tuning import Launch
 from kvcache.methods.gate import LayerGate
@@ -168,7 +174,7 @@ def gate_queries_triton(q: torch.Tensor, layer_gate: LayerGate, csr: PageTableCS
                         workspace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Gate queries [B*Hkv, dg] float32 of q [B, Hq, d], each at its sequence's last page (§3, SeerAttention-R).
     A `workspace` (kernels.topk's, one row per gate query, made with zeroed=False) is zeroed on the way."""
-    B, Hq, D = q.shape
+    B, _, D = q.shape
     w, bias = layer_gate.q_weight, layer_gate.q_bias  # [Hkv, G*d, dg], [Hkv, dg] float32
     Hkv, GD, DG = w.shape
     if q.stride(2) != 1 or q.stride(1) != D or w.stride(2) != 1 or bias.stride(1) != 1 or DG % 2:
