@@ -94,7 +94,7 @@ def pin_process(cpus: list[int]) -> None:
         raise InvalidParameter("--cpus: this platform cannot pin a process to CPUs")
     try:
         os.sched_setaffinity(0, cpus)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: a TOML list holding other than ints
         raise InvalidParameter(f"--cpus {cpus}: {exc}") from None
 
 
