@@ -15,6 +15,7 @@ import triton
 
 from kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages, select_workspace
 from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
+from kernels.pdl import pdl_for_rows
 from kvcache.methods.gate import LayerGate, check_gate_params, gate_keys, gate_select, pooled_keys
 from kvcache.methods.traffic import gate_budget_pages, gate_bytes
 from kvcache.table import PageTableCSR
@@ -34,18 +35,22 @@ def keys_for(layer_gate: LayerGate, k_summary: torch.Tensor, csr: PageTableCSR) 
 
 def gate_choose_triton(
     q: torch.Tensor, k_summary: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR, budget: int | None,
-    threshold: float | None = None,
+    threshold: float | None = None, pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's chosen page indexes [B*Hkv, t] int32 and their count [B*Hkv] int32 (§3 selection)."""
+    """Each group's chosen page indexes [B*Hkv, t] int32 and their count [B*Hkv] int32 (§3 selection). With
+    `pdl` (kernels.pdl; a budget only) its kernels launch as one dependent chain."""
     Hkv = k_summary.shape[1]
     P = csr.page_size
     max_pages = max(1, triton.cdiv(csr.max_len, P))
     budget_pages = max_pages if budget is None else triton.cdiv(budget, P)
     ws = select_workspace(q.shape[0] * Hkv, csr, q.device) if threshold is None else None
-    qg = gate_queries_triton(q, layer_gate, csr, ws)
-    logits, sel, counts, ws = gate_scores_triton(qg, keys_for(layer_gate, k_summary, csr), csr, budget_pages, ws)
+    keys = keys_for(layer_gate, k_summary, csr)  # before the chain: the scoring kernel may read them early
+    pdl = pdl and threshold is None
+    qg = gate_queries_triton(q, layer_gate, csr, ws, pdl=pdl)
+    logits, sel, counts, ws = gate_scores_triton(qg, keys, csr, budget_pages, ws, pdl=pdl)
     if threshold is None:
-        return select_pages(sel, counts, ws, gate_budget_pages(csr.max_len, P, budget)), counts["list_len"]
+        chosen = select_pages(sel, counts, ws, gate_budget_pages(csr.max_len, P, budget), pdl=pdl)
+        return chosen, counts["list_len"]
     picks = []
     for b, S in enumerate(csr.host_lens):  # threshold: the count per group is data-dependent
         n = -(-S // P)
@@ -74,10 +79,11 @@ def gate_decode(
     check_gate_params(budget, threshold)
     Hkv = k_seq.shape[1]
     P = csr.page_size
-    chosen, list_len = gate_choose_triton(q, k_summary, layer_gate, csr, budget, threshold)
+    pdl = threshold is None and pdl_for_rows(q.device, q.shape[0] * Hkv)
+    chosen, list_len = gate_choose_triton(q, k_summary, layer_gate, csr, budget, threshold, pdl)
     out, lse = attend_partial_and_merge(
         q, k_seq, v_seq, csr, chosen.shape[1] * P, MODE_PAGES, item_list=chosen, list_len=list_len,
-        scale=scale, block_n=block_n,
+        scale=scale, block_n=block_n, pdl=pdl,  # the select's kernel made the lists
     )
     if threshold is None:  # the count follows from the budget: no device sync
         counts = [[gate_budget_pages(S, P, budget)] * Hkv for S in csr.host_lens]

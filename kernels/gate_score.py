@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.paged_decode import plan_splits
+from kernels.pdl import pdl_launch, pdl_trigger, pdl_wait
 from kernels.topk import (
     LEVELS,
     add_histogram,
@@ -57,7 +58,9 @@ def _gate_query_kernel(
     s_qb, s_wh, s_wi, s_bh,
     HKV: tl.constexpr, GD: tl.constexpr, DG: tl.constexpr, HALF: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, ZERO_WS: tl.constexpr, WS_B0: tl.constexpr, WS_B1: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)  # the scoring kernel may start now and load its gate keys while this one runs
     pid_bh = tl.program_id(0)
     if ZERO_WS:
         # The select's workspace row, zeroed here before the scoring kernel adds its histogram: no memset.
@@ -90,14 +93,43 @@ def _gate_query_kernel(
 
 
 @triton.jit
+def _page_keys(keys_ptr, indices_ptr, page_start, it, end, h, s_kn, s_kh, offs_dg, mask_dg, BLOCK_PG: tl.constexpr):
+    """Gate keys [BLOCK_PG, BLOCK_DG] float32 of a sequence's pages it .. it + BLOCK_PG (zeros past end)."""
+    offs_p = it + tl.arange(0, BLOCK_PG)
+    mask_p = offs_p < end
+    page = tl.load(indices_ptr + page_start + offs_p, mask=mask_p, other=0).to(tl.int64)
+    return tl.load(keys_ptr + (page * s_kn + h * s_kh)[:, None] + offs_dg[None, :],
+                   mask=mask_p[:, None] & mask_dg[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _score_step(kg, qg, it, end, num_pages, row, logits_ptr, sel_ptr, sm_scale,
+                BLOCK_PG: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr, WITH_HIST: tl.constexpr):
+    """Logits and select keys of pages it .. it + BLOCK_PG from their gate keys kg: stored, and their level-0
+    histogram returned (zeros without WITH_HIST)."""
+    offs_p = it + tl.arange(0, BLOCK_PG)
+    mask_p = offs_p < end
+    logit = tl.sum(kg * qg[None, :], axis=1) * sm_scale
+    tl.store(logits_ptr + row + offs_p, logit, mask=mask_p)
+    key = tl.where(logit >= 0, 1.0 + logit, 1.0 / (1.0 - logit))
+    key = tl.where(offs_p == 0, float("inf"), key)
+    tl.store(sel_ptr + row + offs_p, key, mask=mask_p)
+    hist = tl.zeros([NBINS], dtype=tl.int32)
+    if WITH_HIST:
+        hist = digit_histogram(key, mask_p & (offs_p < num_pages - 1), SHIFT, NBINS)
+    return hist
+
+
+@triton.jit
 def _gate_score_kernel(
     qg_ptr, keys_ptr, indptr_ptr, indices_ptr,
     logits_ptr, sel_ptr, hist_ptr, list_len_ptr, n_valid_ptr, n_total_ptr,
     pages_per_split, budget_pages, sm_scale,
     s_kn, s_kh, s_row,
     HKV: tl.constexpr, DG: tl.constexpr, BLOCK_DG: tl.constexpr, BLOCK_PG: tl.constexpr,
-    SHIFT: tl.constexpr, NBINS: tl.constexpr, WITH_HIST: tl.constexpr,
+    SHIFT: tl.constexpr, NBINS: tl.constexpr, WITH_HIST: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
@@ -106,24 +138,21 @@ def _gate_score_kernel(
     num_pages = tl.load(indptr_ptr + b + 1) - page_start
     offs_dg = tl.arange(0, BLOCK_DG)
     mask_dg = offs_dg < DG
-    qg = tl.load(qg_ptr + pid_bh * DG + offs_dg, mask=mask_dg, other=0.0)
     row = pid_bh.to(tl.int64) * s_row
     start = split * pages_per_split
     end = tl.minimum(start + pages_per_split, num_pages)
-    hist = tl.zeros([NBINS], dtype=tl.int32)
-    for it in range(start, end, BLOCK_PG):
-        offs_p = it + tl.arange(0, BLOCK_PG)
-        mask_p = offs_p < end
-        page = tl.load(indices_ptr + page_start + offs_p, mask=mask_p, other=0).to(tl.int64)
-        kg = tl.load(keys_ptr + (page * s_kn + h * s_kh)[:, None] + offs_dg[None, :],
-                     mask=mask_p[:, None] & mask_dg[None, :], other=0.0).to(tl.float32)
-        logit = tl.sum(kg * qg[None, :], axis=1) * sm_scale
-        tl.store(logits_ptr + row + offs_p, logit, mask=mask_p)
-        key = tl.where(logit >= 0, 1.0 + logit, 1.0 / (1.0 - logit))
-        key = tl.where(offs_p == 0, float("inf"), key)
-        tl.store(sel_ptr + row + offs_p, key, mask=mask_p)
-        if WITH_HIST:
-            hist += digit_histogram(key, mask_p & (offs_p < num_pages - 1), SHIFT, NBINS)
+    # The first step's gate keys come from the store (in place before the step began): with PDL they load
+    # while the query kernel still runs; the gate query is that kernel's, read after the wait. The first
+    # step is peeled off the loop, whose body then has no branch.
+    kg = _page_keys(keys_ptr, indices_ptr, page_start, start, end, h, s_kn, s_kh, offs_dg, mask_dg, BLOCK_PG)
+    pdl_wait(PDL)
+    qg = tl.load(qg_ptr + pid_bh * DG + offs_dg, mask=mask_dg, other=0.0)
+    hist = _score_step(kg, qg, start, end, num_pages, row, logits_ptr, sel_ptr, sm_scale,
+                       BLOCK_PG, SHIFT, NBINS, WITH_HIST)
+    for it in range(start + BLOCK_PG, end, BLOCK_PG):
+        kg = _page_keys(keys_ptr, indices_ptr, page_start, it, end, h, s_kn, s_kh, offs_dg, mask_dg, BLOCK_PG)
+        hist += _score_step(kg, qg, it, end, num_pages, row, logits_ptr, sel_ptr, sm_scale,
+                            BLOCK_PG, SHIFT, NBINS, WITH_HIST)
     if WITH_HIST:
         add_histogram(hist_ptr + pid_bh * NBINS, hist, NBINS)
     if split == 0:
@@ -138,9 +167,11 @@ def _gate_score_kernel(
 def _select_row_kernel(
     sel_ptr, n_valid_ptr, list_len_ptr, out_ptr, s_row, s_out,
     BLOCK: tl.constexpr, S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr,
-    S2: tl.constexpr, B2: tl.constexpr, S3: tl.constexpr, B3: tl.constexpr,
+    S2: tl.constexpr, B2: tl.constexpr, S3: tl.constexpr, B3: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per row holds all its page keys: kernels.topk's four radix digits without a launch each.
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     n_valid = tl.load(n_valid_ptr + row)
     need = tl.load(list_len_ptr + row) - 1  # the last page (position n_valid) is forced
@@ -171,9 +202,10 @@ def rope_inv_freq(gate_dim: int, base: float, device: torch.device) -> torch.Ten
 
 
 def gate_queries_triton(q: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR,
-                        workspace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                        workspace: dict[str, torch.Tensor] | None = None, pdl: bool = False) -> torch.Tensor:
     """Gate queries [B*Hkv, dg] float32 of q [B, Hq, d], each at its sequence's last page (§3, SeerAttention-R).
-    A `workspace` (kernels.topk's, one row per gate query, made with zeroed=False) is zeroed on the way."""
+    A `workspace` (kernels.topk's, one row per gate query, made with zeroed=False) is zeroed on the way. With
+    `pdl` (kernels.pdl) the next kernel may launch while this one runs (it is the first of the chain)."""
     B, _, D = q.shape
     w, bias = layer_gate.q_weight, layer_gate.q_bias  # [Hkv, G*d, dg], [Hkv, dg] float32
     Hkv, GD, DG = w.shape
@@ -187,7 +219,8 @@ def gate_queries_triton(q: torch.Tensor, layer_gate: LayerGate, csr: PageTableCS
         q, w, bias, inv_freq, csr.indptr, qg, ws["hist0"], ws["hist1"], ws["counters"],
         q.stride(0), w.stride(0), w.stride(1), bias.stride(0),
         HKV=Hkv, GD=GD, DG=DG, HALF=half, BLOCK_K=min(QUERY_MAX_BLOCK_K, triton.next_power_of_2(GD)),
-        BLOCK_O=QUERY_BLOCK_O, ZERO_WS=bool(workspace), WS_B0=LEVELS[0][1], WS_B1=LEVELS[1][1], num_warps=8,
+        BLOCK_O=QUERY_BLOCK_O, ZERO_WS=bool(workspace), WS_B0=LEVELS[0][1], WS_B1=LEVELS[1][1],
+        PDL=pdl, num_warps=8,
     )
     return qg
 
@@ -195,7 +228,7 @@ def gate_queries_triton(q: torch.Tensor, layer_gate: LayerGate, csr: PageTableCS
 @torch.no_grad()
 def gate_scores_triton(
     qg: torch.Tensor, keys: torch.Tensor, csr: PageTableCSR, budget_pages: int,
-    workspace: dict[str, torch.Tensor] | None = None,
+    workspace: dict[str, torch.Tensor] | None = None, pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Logits [B*Hkv, max_pages] float32 of gate queries qg [B*Hkv, dg] against keys [N, Hkv, dg] of the
     sequences' pages, with the select's inputs: (logits, keys for the select, per-row counts, workspace).
@@ -203,7 +236,8 @@ def gate_scores_triton(
     pass one that gate_queries_triton zeroed (select_workspace), else a zeroed one is made here.
 
     counts holds list_len (pages to read, first and last included), n_valid and n_total (int32 [B*Hkv]);
-    entries of a row past its sequence's pages are not written."""
+    entries of a row past its sequence's pages are not written. With `pdl` (kernels.pdl) it launches as following
+    gate_queries_triton's kernel."""
     BH, DG = qg.shape
     Hkv = keys.shape[1]
     dev = qg.device
@@ -222,7 +256,8 @@ def gate_scores_triton(
         per_split, budget_pages, 1.0 / math.sqrt(DG),
         keys.stride(0), keys.stride(1), logits.stride(0),
         HKV=Hkv, DG=DG, BLOCK_DG=triton.next_power_of_2(DG), BLOCK_PG=SCORE_LAUNCH.block_n,
-        SHIFT=shift, NBINS=1 << bits, WITH_HIST=not in_registers, num_warps=SCORE_LAUNCH.num_warps,
+        SHIFT=shift, NBINS=1 << bits, WITH_HIST=not in_registers, PDL=pdl, num_warps=SCORE_LAUNCH.num_warps,
+        **pdl_launch(pdl),
     )
     return logits, sel, counts, ws
 
@@ -241,10 +276,11 @@ def select_workspace(rows: int, csr: PageTableCSR, device: torch.device) -> dict
 
 
 def select_pages(sel: torch.Tensor, counts: dict[str, torch.Tensor], ws: dict[str, torch.Tensor],
-                 k_max: int) -> torch.Tensor:
+                 k_max: int, pdl: bool = False) -> torch.Tensor:
     """Page indexes [B*Hkv, k_max] int32 (unordered, row r filled up to list_len[r]) of the radix select over the
     keys gate_scores_triton wrote: page 0, the last page, and the best between (kernels.topk.radix_topk,
-    with the level-0 histogram already filled by the scoring pass)."""
+    with the level-0 histogram already filled by the scoring pass). With `pdl` (kernels.pdl) it launches as
+    following the scoring kernel."""
     R, width = sel.shape
     if not ws:  # rows of at most SELECT_ROW_MAX pages: one program per row
         out = torch.empty((R, k_max), dtype=torch.int32, device=sel.device)
@@ -252,7 +288,7 @@ def select_pages(sel: torch.Tensor, counts: dict[str, torch.Tensor], ws: dict[st
         block = triton.next_power_of_2(width)
         _select_row_kernel[(R,)](sel, counts["n_valid"], counts["list_len"], out, sel.stride(0), out.stride(0),
                                  BLOCK=block, S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3,
-                                 num_warps=max(4, min(16, block // 512)))
+                                 PDL=pdl, num_warps=max(4, min(16, block // 512)), **pdl_launch(pdl))
         return out
     return radix_topk(sel, counts["list_len"], counts["n_valid"], counts["n_total"], width, ws, hist0_done=True,
-                      k_max=k_max, launch=SELECT_LAUNCH)
+                      k_max=k_max, launch=SELECT_LAUNCH, pdl=pdl)

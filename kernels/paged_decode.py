@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch, pdl_trigger, pdl_wait
 from kernels.softmax_stats import merged_softmax_stats
 from kernels.tuning import TUNING, Launch
 from kvcache.table import PageTableCSR
@@ -56,15 +57,22 @@ def _attend_partial_kernel(
     s_list,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, MODE: tl.constexpr, WITH_ALPHA: tl.constexpr, BLOCK_STAT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HAS_LIST_LEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_LIST_LEN: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     b = pid_bh // HKV
     h = pid_bh % HKV
 
+    # q and the page table were in place when the step began; the lists are the previous kernel's.
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    mask_g = offs_g < G
+    q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
     page_start, _, seq_len = sequence_extent(indptr_ptr, last_len_ptr, b, P)
+    pdl_wait(PDL)
     if MODE == 0:
         num_items = seq_len
     elif not HAS_LIST_LEN:  # every list is full: list_items entries (SparQ's k)
@@ -75,11 +83,6 @@ def _attend_partial_kernel(
         num_items = tl.load(list_len_ptr + pid_bh) * P
     start = pid_split * items_per_split
     end = tl.minimum(start + items_per_split, num_items)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, D)
-    mask_g = offs_g < G
-    q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
 
     if WITH_ALPHA:
         # Stage-1 softmax stats of each query head, merged over the stage-1 splits.
@@ -139,10 +142,12 @@ def _merge_kernel(
     num_splits,
     s_ob, s_oh,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, WITH_ALPHA: tl.constexpr,
+    BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, WITH_ALPHA: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per (sequence, query head): the lse merge of §4 over the splits, then SparQ's
     reallocation y = alpha * out + (1 - alpha) * vbar when WITH_ALPHA."""
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     pid = tl.program_id(0)  # b * HKV * G + h * G + g
     bh = pid // G
     g = pid % G
@@ -216,6 +221,7 @@ def attend_partial(
     block_n: int | None = None,
     num_splits: int | None = None,
     launch: Launch | None = None,
+    pdl: bool = False,
 ) -> Partials:
     """Run the partial kernel over (B*Hkv, splits): per-split out, lse (and alpha) for merge_partials.
 
@@ -223,7 +229,8 @@ def attend_partial(
     tensor (the GPU reads those rows over PCIe) as long as csr.indices address that pool.
     alpha_inputs = (logits [B*Hkv, G, S_pad], stat_m, stat_l [B*Hkv, S1, G], S1) from SparQ's stage 1 turns
     on its alpha (items are then positions). Without list_len every list holds max_items items (no per-row count to read).
-    `launch` overrides TUNING['decode'].
+    `launch` overrides TUNING['decode']. With `pdl` (kernels.pdl) it launches as following the kernel before it
+    (the one that made its lists).
     """
     B, Hq, D = q.shape
     _, Hkv, P, _ = k_seq.shape
@@ -264,17 +271,18 @@ def attend_partial(
         item_list.stride(0) if item_list.dim() == 2 else 0,
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, BLOCK_N=block_n, MODE=mode, WITH_ALPHA=with_alpha,
         BLOCK_STAT=triton.next_power_of_2(stat_splits), DOT_PRECISION=dot_precision(q.dtype),
-        HAS_LIST_LEN=has_list_len, num_warps=launch.num_warps,
+        HAS_LIST_LEN=has_list_len, PDL=pdl, num_warps=launch.num_warps, **pdl_launch(pdl),
     )
     return Partials(part_out, part_lse, part_alpha if with_alpha else None)
 
 
 def merge_partials(
-    q: torch.Tensor, parts: Partials, num_kv_heads: int, value_mean: torch.Tensor | None = None
+    q: torch.Tensor, parts: Partials, num_kv_heads: int, value_mean: torch.Tensor | None = None, pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge per-split partials by lse (§4): out [B, Hq, d] (q dtype), lse [B, Hq] f32.
 
-    With alpha partials, SparQ's mean-value reallocation uses value_mean [B*Hkv, d] f32.
+    With alpha partials, SparQ's mean-value reallocation uses value_mean [B*Hkv, d] f32. With `pdl`
+    (kernels.pdl) it is launched as following the partial kernel.
     """
     B, Hq, D = q.shape
     G = Hq // num_kv_heads
@@ -291,7 +299,7 @@ def merge_partials(
         out.stride(0), out.stride(1),
         HKV=num_kv_heads, G=G, D=D,
         BLOCK_S=triton.next_power_of_2(num_splits), CHUNK_S=min(16, triton.next_power_of_2(num_splits)),
-        WITH_ALPHA=with_alpha,
+        WITH_ALPHA=with_alpha, PDL=pdl, **pdl_launch(pdl),
     )
     return out, lse
 
@@ -311,11 +319,13 @@ def attend_partial_and_merge(
     block_n: int | None = None,
     num_splits: int | None = None,
     launch: Launch | None = None,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """attend_partial then merge_partials: out [B, Hq, d] (q dtype), lse [B, Hq] f32."""
+    """attend_partial then merge_partials: out [B, Hq, d] (q dtype), lse [B, Hq] f32. With `pdl` (kernels.pdl)
+    both launch as following the kernel before them: the partial kernel the one that made its lists."""
     parts = attend_partial(q, k_seq, v_seq, csr, max_items, mode, item_list, list_len, alpha_inputs, scale,
-                           block_n, num_splits, launch)
-    return merge_partials(q, parts, k_seq.shape[1], value_mean)
+                           block_n, num_splits, launch, pdl=pdl)
+    return merge_partials(q, parts, k_seq.shape[1], value_mean, pdl=pdl)
 
 
 def paged_decode(

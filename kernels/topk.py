@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels.paged_decode import plan_splits
+from kernels.pdl import pdl_launch, pdl_trigger, pdl_wait
 from kernels.tuning import TUNING, Launch
 
 # (shift, bits) of the radix digits of a non-negative float32, most significant first.
@@ -110,8 +111,10 @@ def _need0(k_ptr, k, row, n_valid, n_total, K_PER_ROW: tl.constexpr):
 @triton.jit
 def _histogram_kernel(
     values_ptr, n_valid_ptr, hist_ptr, items_per_split, s_row,
-    BLOCK: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
+    BLOCK: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)  # row * s_row can pass 2^31
     start = tl.program_id(1) * items_per_split
     end = tl.minimum(start + items_per_split, tl.load(n_valid_ptr + row))
@@ -129,9 +132,11 @@ def _digit0_kernel(
     values_ptr, n_valid_ptr, n_total_ptr, k_ptr, hist0_ptr, hist1_ptr, counters_ptr, out_ptr,
     k, items_per_split, s_row, s_out,
     BLOCK: tl.constexpr, K_PER_ROW: tl.constexpr,
-    S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr,
+    S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr, PDL: tl.constexpr,
 ):
     """Take the tail and every value above digit 0's boundary bin; histogram digit 1 of those in it."""
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     n_valid = tl.load(n_valid_ptr + row)
     n_total = tl.load(n_total_ptr + row)
@@ -158,10 +163,12 @@ def _digit1_kernel(
     k, items_per_split, s_row, s_out, s_cand,
     BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr, K_PER_ROW: tl.constexpr,
     S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr,
-    S2: tl.constexpr, B2: tl.constexpr, S3: tl.constexpr, B3: tl.constexpr,
+    S2: tl.constexpr, B2: tl.constexpr, S3: tl.constexpr, B3: tl.constexpr, PDL: tl.constexpr,
 ):
     """Take the values above digit 1's boundary bin, gather those in it (position and value); the
     row's last program then runs digits 2 and 3 over the gathered list."""
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     n_valid = tl.load(n_valid_ptr + row)
     n_total = tl.load(n_total_ptr + row)
@@ -258,6 +265,7 @@ def radix_topk(
     hist0_done: bool = False,
     k_max: int | None = None,
     launch: Launch | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Positions [R, k] (int32, unordered) of the k largest values [R, S] float32 >= 0 in each row.
 
@@ -266,7 +274,7 @@ def radix_topk(
     tensor [R] (then the output has k_max columns, row r filled up to k[r]). Exact ties at the last
     digit are taken in arrival order, which may differ between runs. With hist0_done the caller
     has already filled workspace['hist0'] (SparQ fuses it into its scoring pass). `launch` overrides
-    TUNING['topk'].
+    TUNING['topk']. With `pdl` (kernels.pdl) each launch follows the kernel before it, the first the caller's.
     """
     R = values.shape[0]
     n_total = n_valid if n_total is None else n_total
@@ -284,16 +292,19 @@ def radix_topk(
     (s0, b0), (s1, b1), (s2, b2), (s3, b3) = LEVELS
     if not hist0_done:
         _histogram_kernel[grid](values, n_valid, ws["hist0"], items, values.stride(0),
-                                BLOCK=block, SHIFT=s0, NBINS=1 << b0, num_warps=launch.num_warps)
+                                BLOCK=block, SHIFT=s0, NBINS=1 << b0, PDL=pdl, num_warps=launch.num_warps,
+                                **pdl_launch(pdl))
     _digit0_kernel[grid](
         values, n_valid, n_total, k_ptr, ws["hist0"], ws["hist1"], ws["counters"], out,
         k_int, items, values.stride(0), out.stride(0),
-        BLOCK=block, K_PER_ROW=per_row, S0=s0, B0=b0, S1=s1, B1=b1, num_warps=launch.num_warps,
+        BLOCK=block, K_PER_ROW=per_row, S0=s0, B0=b0, S1=s1, B1=b1, PDL=pdl, num_warps=launch.num_warps,
+        **pdl_launch(pdl),
     )
     _digit1_kernel[grid](
         values, n_valid, n_total, k_ptr, ws["hist0"], ws["hist1"], ws["counters"], out, cand_pos, cand_val,
         k_int, items, values.stride(0), out.stride(0), cand_pos.stride(0),
         BLOCK=block, FINISH_BLOCK=FINISH_BLOCK, K_PER_ROW=per_row,
-        S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3, num_warps=launch.num_warps,
+        S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3, PDL=pdl, num_warps=launch.num_warps,
+        **pdl_launch(pdl),
     )
     return out

@@ -119,7 +119,7 @@ def test_select_pages_takes_page_zero_the_last_page_and_the_top_keys_between():
               "list_len": torch.tensor([4, 3], dtype=torch.int32)}
     shift, bits = LEVELS[0]
     _histogram_kernel[(2, 1)](sel, counts["n_valid"], ws["hist0"], 8, sel.stride(0), BLOCK=8, SHIFT=shift,
-                              NBINS=1 << bits)
+                              NBINS=1 << bits, PDL=False)
     out = select_pages(sel, counts, ws, k_max=4)
     assert sorted(out[0].tolist()) == [0, 1, 3, 5]
     assert sorted(out[1, :3].tolist()) == [0, 1, 2]
