@@ -82,18 +82,24 @@ def parse_cpus(text: str) -> list[int]:
 
 
 def pin_process(cpus: list[int]) -> None:
-    """Run this process's threads, and every thread it starts later, on `cpus` only.
+    """Run this process's threads (those running now: importing grpc and torch starts some), and every thread
+    they start later, on `cpus` only.
 
     Why: on the 2-core VM a streamed layer call added 0.79-0.95 ms over in-process with the engine and
     the server free to migrate, and 0.51-0.60 ms with each on a core of its own (bench/results/rpc_cpus_vm.json):
-    a thread woken on the core the other process just used starts with cold caches. Call it before
-    the server starts its threads; on Linux a thread inherits the affinity of the one that starts it."""
+    a thread woken on the core the other process just used starts with cold caches. On Linux affinity is
+    per thread, and a new thread inherits its creator's."""
     import os
 
     if not hasattr(os, "sched_setaffinity"):
         raise InvalidParameter("--cpus: this platform cannot pin a process to CPUs")
     try:
-        os.sched_setaffinity(0, cpus)
+        os.sched_setaffinity(0, cpus)  # this thread first: a bad set fails here, before any other moved
+        for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ():
+            try:
+                os.sched_setaffinity(int(task), cpus)
+            except ProcessLookupError:  # the thread ended meanwhile
+                pass
     except (OSError, ValueError, TypeError) as exc:  # TypeError: a TOML list holding other than ints
         raise InvalidParameter(f"--cpus {cpus}: {exc}") from None
 

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from kvcache.cli import main
+from kvcache.serve_cli import pin_process
 
 
 def test_bench_rpc_reports_both_clients_and_concurrent_engine_processes(tmp_path):
@@ -33,7 +34,7 @@ def test_bench_rpc_pins_server_and_engines_where_asked(tmp_path):
                      "--server-cpus", cpu, "--engine-cpus", cpu, "--json", str(out)]) == 0
         assert os.sched_getaffinity(0) == {int(cpu)}  # the bench process (and the engines it spawns) on --engine-cpus
     finally:
-        os.sched_setaffinity(0, mine)
+        pin_process(sorted(mine))  # every thread of this process, as the bench pinned them all
     report = json.loads(out.read_text())
     assert (report["server_cpus"], report["engine_cpus"]) == (cpu, cpu)
     assert [r["client"] for r in report["rows"]][:2] == ["in-process", "grpc-stream"]
