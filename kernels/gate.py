@@ -38,14 +38,13 @@ def gate_choose_triton(
     threshold: float | None = None, pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group's chosen page indexes [B*Hkv, t] int32 and their count [B*Hkv] int32 (§3 selection). With
-    `pdl` (kernels.pdl; a budget only) its kernels launch as one dependent chain."""
+    `pdl` (kernels.pdl) its kernels launch as one dependent chain."""
     Hkv = k_summary.shape[1]
     P = csr.page_size
     max_pages = max(1, triton.cdiv(csr.max_len, P))
     budget_pages = max_pages if budget is None else triton.cdiv(budget, P)
     ws = select_workspace(q.shape[0] * Hkv, csr, q.device) if threshold is None else None
     keys = keys_for(layer_gate, k_summary, csr)  # before the chain: the scoring kernel may read them early
-    pdl = pdl and threshold is None
     qg = gate_queries_triton(q, layer_gate, csr, ws, pdl=pdl)
     logits, sel, counts, ws = gate_scores_triton(qg, keys, csr, budget_pages, ws, pdl=pdl)
     if threshold is None:

@@ -170,13 +170,19 @@ def gate_select(scores: torch.Tensor, page_size: int, budget: int | None = None,
     return chosen, count + 2
 
 
+def check_budget(method: str, budget: object) -> None:
+    """Raise InvalidParameter, naming `method`, unless budget (tokens) is a positive int."""
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise InvalidParameter(f"{method}: budget={budget!r} must be a positive int (tokens)")
+
+
 def check_gate_params(budget: int | None, threshold: float | None) -> None:
     """Raise InvalidParameter unless budget (tokens) is a positive int or None, threshold in [0, 1] or None,
     and at least one is given."""
     if budget is None and threshold is None:
         raise InvalidParameter("gate: give a token budget, a threshold, or both")
-    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
-        raise InvalidParameter(f"gate: budget={budget!r} must be a positive int (tokens)")
+    if budget is not None:
+        check_budget("gate", budget)
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not 0.0 <= threshold <= 1.0):
         raise InvalidParameter(f"gate: threshold={threshold!r} must be a number in [0, 1]")

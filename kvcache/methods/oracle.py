@@ -14,8 +14,7 @@ import math
 
 import torch
 
-from kvcache.errors import InvalidParameter
-from kvcache.methods.gate import attend_chosen_pages, gate_select
+from kvcache.methods.gate import attend_chosen_pages, check_budget, gate_select
 from kvcache.methods.gather import gather_sequence
 from kvcache.methods.result import AttentionResult
 from kvcache.methods.traffic import gate_bytes
@@ -24,8 +23,7 @@ from kvcache.table import PageTableCSR
 
 def check_oracle_params(budget: int) -> None:
     """Raise InvalidParameter unless budget (tokens) is a positive int."""
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise InvalidParameter(f"oracle: budget={budget!r} must be a positive int (tokens)")
+    check_budget("oracle", budget)
 
 
 def page_attention_mass(q: torch.Tensor, k: torch.Tensor, page_size: int, scale: float) -> torch.Tensor:
