@@ -28,7 +28,7 @@ from kernels.topk import (
     LEVELS,
     add_histogram,
     digit_histogram,
-    radix_level,
+    bisect_select,
     radix_topk,
     topk_workspace,
     zero_workspace_row,
@@ -45,11 +45,14 @@ QUERY_MAX_BLOCK_K = 1024  # rows of W_q per loop step: one step up to G*d = 1024
 QUERY_BLOCK_O = 4  # output pairs (i, i + dg/2) per program: dg/8 programs per group
 # kernels.topk's radix digits over the page keys; 8 warps took 1-3 us off the selection of 8192 pages.
 SELECT_LAUNCH = Launch(block_n=512, num_warps=8, programs=128)
-# Up to this many pages per row (32K positions at page 16) one program per row selects in registers, one
-# launch instead of a zeroed workspace and the radix launches; longer rows use kernels.topk's radix_topk, which
-# spread a row over many programs. On an H200 at 128K (8192 pages, 8 rows) one program per row took the
-# whole step to 71 us, the radix levels to 61 us (bench/results/decode_gate_h200*.json).
+# One program per row selects in registers (bisection, one launch) up to SELECT_ROW_MAX pages a row (32K positions
+# at page 16), and up to SELECT_ROW_MAX_MANY when there are at least SELECT_MANY_ROWS rows to spread over the SMs;
+# longer rows use kernels.topk's radix_topk, which spreads a row over many programs. Gate steps on an H200
+# (budget 4096; bench/results/gate_select_ab_h200.json): 2048 pages x 8 rows 46.2 -> 33.7 us in registers;
+# 8192 pages x 64 rows 174.2 -> 143.2 us, x 16 rows 68.2 -> 64.0 us, but x 8 rows 46.8 -> 48.3 us.
 SELECT_ROW_MAX = 2048
+SELECT_ROW_MAX_MANY = 8192
+SELECT_MANY_ROWS = 16
 
 
 @triton.jit
@@ -165,11 +168,10 @@ def _gate_score_kernel(
 
 @triton.jit
 def _select_row_kernel(
-    sel_ptr, n_valid_ptr, list_len_ptr, out_ptr, s_row, s_out,
-    BLOCK: tl.constexpr, S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr,
-    S2: tl.constexpr, B2: tl.constexpr, S3: tl.constexpr, B3: tl.constexpr, PDL: tl.constexpr,
+    sel_ptr, n_valid_ptr, list_len_ptr, out_ptr, s_row, s_out, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    # One program per row holds all its page keys: kernels.topk's four radix digits without a launch each.
+    # One program per row holds all its page keys and selects by bisection (kernels.topk.bisect_select): one
+    # launch, where kernels.topk's radix levels take two and a histogram in the scoring pass.
     pdl_trigger(PDL)
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -178,13 +180,9 @@ def _select_row_kernel(
     offs = tl.arange(0, BLOCK)
     cand = offs < n_valid
     x = tl.load(sel_ptr + row * s_row + offs, mask=cand, other=0.0)
-    taken = offs == n_valid
-    cand, taken, need = radix_level(x, cand, taken, need, S0, 1 << B0)
-    cand, taken, need = radix_level(x, cand, taken, need, S1, 1 << B1)
-    cand, taken, need = radix_level(x, cand, taken, need, S2, 1 << B2)
-    cand, taken, need = radix_level(x, cand, taken, need, S3, 1 << B3)
-    tie_rank = tl.cumsum(cand.to(tl.int32), axis=0)  # exact ties: the first ones
-    taken = taken | (cand & (tie_rank <= need))
+    taken, ties, need = bisect_select(x, cand, need)
+    tie_rank = tl.cumsum(ties.to(tl.int32), axis=0)  # exact ties: the first ones
+    taken = taken | (offs == n_valid) | (ties & (tie_rank <= need))
     slot = tl.cumsum(taken.to(tl.int32), axis=0) - 1
     tl.store(out_ptr + row * s_out + slot, offs, mask=taken)
 
@@ -245,7 +243,7 @@ def gate_scores_triton(
     logits = torch.empty((BH, max_pages), dtype=torch.float32, device=dev)
     sel = torch.empty_like(logits)
     counts = {name: torch.empty(BH, dtype=torch.int32, device=dev) for name in ("list_len", "n_valid", "n_total")}
-    in_registers = _selects_in_registers(csr)
+    in_registers = _selects_in_registers(csr, BH)
     ws = {} if in_registers else (workspace or topk_workspace(BH, dev))
     hist0 = logits if in_registers else ws["hist0"]
     splits, per_split = plan_splits(max_pages, BH, SCORE_LAUNCH.block_n, SCORE_LAUNCH.programs)
@@ -262,15 +260,16 @@ def gate_scores_triton(
     return logits, sel, counts, ws
 
 
-def _selects_in_registers(csr: PageTableCSR) -> bool:
-    # One program per row (_select_row_kernel) for rows of at most SELECT_ROW_MAX pages, else radix_topk.
-    return max(1, triton.cdiv(csr.max_len, csr.page_size)) <= SELECT_ROW_MAX
+def _selects_in_registers(csr: PageTableCSR, rows: int) -> bool:
+    # One program per row (_select_row_kernel) for short rows, or many rows not too long; else radix_topk.
+    pages = max(1, triton.cdiv(csr.max_len, csr.page_size))
+    return pages <= SELECT_ROW_MAX or (rows >= SELECT_MANY_ROWS and pages <= SELECT_ROW_MAX_MANY)
 
 
 def select_workspace(rows: int, csr: PageTableCSR, device: torch.device) -> dict[str, torch.Tensor]:
     """The radix select's workspace for `rows` gate queries over csr's sequences, unzeroed (gate_queries_triton
     zeroes it), or {} when the rows are short enough to select in registers."""
-    if _selects_in_registers(csr):
+    if _selects_in_registers(csr, rows):
         return {}
     return topk_workspace(rows, device, zeroed=False)
 
@@ -282,13 +281,11 @@ def select_pages(sel: torch.Tensor, counts: dict[str, torch.Tensor], ws: dict[st
     with the level-0 histogram already filled by the scoring pass). With `pdl` (kernels.pdl) it launches as
     following the scoring kernel."""
     R, width = sel.shape
-    if not ws:  # rows of at most SELECT_ROW_MAX pages: one program per row
+    if not ws:  # short rows, or many rows (_selects_in_registers): one program per row
         out = torch.empty((R, k_max), dtype=torch.int32, device=sel.device)
-        (s0, b0), (s1, b1), (s2, b2), (s3, b3) = LEVELS
         block = triton.next_power_of_2(width)
         _select_row_kernel[(R,)](sel, counts["n_valid"], counts["list_len"], out, sel.stride(0), out.stride(0),
-                                 BLOCK=block, S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3,
-                                 PDL=pdl, num_warps=max(4, min(16, block // 512)), **pdl_launch(pdl))
+                                 BLOCK=block, PDL=pdl, num_warps=max(4, min(16, block // 512)), **pdl_launch(pdl))
         return out
     return radix_topk(sel, counts["list_len"], counts["n_valid"], counts["n_total"], width, ws, hist0_done=True,
                       k_max=k_max, launch=SELECT_LAUNCH, pdl=pdl)

@@ -60,12 +60,16 @@ def test_gate_queries_and_logits_match_the_reference(G, d, lengths):
         assert (sel[rows, 1:n].gather(1, order).diff(dim=-1) >= 0).all()
 
 
-@pytest.mark.parametrize("select", ["in_registers", "radix_levels"])
+@pytest.mark.parametrize("select", ["in_registers", "in_registers_many_rows", "radix_levels"])
 @pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("budget", [1, PAGE, PAGE + 1, 3 * PAGE, 5 * PAGE - 1, 10_000])
 def test_the_chosen_pages_are_the_references(G, budget, select, monkeypatch):
-    if select == "radix_levels":  # rows longer than SELECT_ROW_MAX pages go through kernels.topk's levels
+    if select == "radix_levels":  # rows longer than the in-register limits go through kernels.topk's levels
         monkeypatch.setattr("kernels.gate_score.SELECT_ROW_MAX", 4)
+        monkeypatch.setattr("kernels.gate_score.SELECT_ROW_MAX_MANY", 4)
+    if select == "in_registers_many_rows":  # rows past SELECT_ROW_MAX, but enough of them to select in registers
+        monkeypatch.setattr("kernels.gate_score.SELECT_ROW_MAX", 4)
+        monkeypatch.setattr("kernels.gate_score.SELECT_MANY_ROWS", 2)
     lengths = [1, 9, 77, 130]
     store, ids, q = _setup(lengths, G, 64, seed=budget)
     csr = store.page_table(ids, 0)
@@ -129,6 +133,25 @@ def test_select_pages_takes_page_zero_the_last_page_and_the_top_keys_between():
     counts["list_len"] = torch.tensor([1, 2], dtype=torch.int32)  # the last page alone; page 0 and the last
     in_registers = select_pages(sel, counts, {}, k_max=4)
     assert in_registers[0, :1].tolist() == [5] and in_registers[1, :2].tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_select_in_registers_takes_the_top_keys_and_the_first_ties(seed):
+    # Keys from a handful of values, so most of the choice falls on exact ties (the bisection's last bin).
+    gen = torch.Generator().manual_seed(seed)
+    width, rows = 37, 6
+    sel = torch.tensor([0.0, 0.5, 1.0, 2.0, 1e-30, 3e38])[torch.randint(0, 6, (rows, width), generator=gen)]
+    sel[:, 0] = float("inf")
+    n_valid = torch.tensor([36, 36, 20, 5, 1, 0], dtype=torch.int32)
+    list_len = torch.tensor([12, 37, 7, 6, 1, 1], dtype=torch.int32)  # all, some, none but the last page
+    counts = {"n_valid": n_valid, "n_total": n_valid + 1, "list_len": list_len}
+    out = select_pages(sel, counts, {}, k_max=width)
+    for r in range(rows):
+        n, need = int(n_valid[r]), int(list_len[r]) - 1
+        keys = sel[r, :n].tolist()
+        # The reference: the largest keys, exact ties in page order, then the last page.
+        want = sorted(sorted(range(n), key=lambda i: (-keys[i], i))[:need]) + [n]
+        assert out[r, : list_len[r]].tolist() == want
 
 
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="bf16 needs compiled kernels on a GPU")
