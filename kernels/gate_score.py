@@ -1,16 +1,17 @@
 """The learned gate's decode scoring in Triton (ALGORITHMS.md §3, SeerAttention-R): the gate query of each
-GQA group, its logits against the cached gate keys of the sequence's pages, and the radix top-k's first
-histogram, with no host sync.
+GQA group, its logits against the cached gate keys of the sequence's pages, and the page select's inputs, with
+no host sync.
 
   gate_queries_triton  qg = RoPE(W_q [q_1 .. q_G] + b_q, n_pages - 1)   a [G*d x dg] GEMV per (sequence, group)
   gate_scores_triton   logit(page) = qg . kg(page) / sqrt(dg) over the page table, kg from GateKeyCache
 
-The scoring pass also writes a selection key per page for kernels.topk's radix select, which
-ranks non-negative float32 by their bits: key = 1 + logit (logit >= 0) or 1 / (1 - logit)
+The scoring pass also writes a selection key per page for kernels.topk's select, which ranks
+non-negative float32 by their bits: key = 1 + logit (logit >= 0) or 1 / (1 - logit)
 (logit < 0), strictly increasing in the logit, so the top keys are the top softmax scores; page 0
 (the attention sink) gets +inf so it is always taken, and the last page is the select's forced
-tail (n_valid = n_pages - 1). The level-0 histogram of the keys over [0, n_pages - 1) and the
-select's per-row counts (pages to read, n_valid, n_total) are written here too, saving launches.
+tail (n_valid = n_pages - 1). The select's per-row counts (pages to read, n_valid, n_total) are written
+here too, and, when rows are too long to select in registers, the radix levels' level-0 histogram of the keys
+over [0, n_pages - 1): saving launches.
 Torch references: kvcache.methods.gate.gate_queries / gate_logits / gate_select.
 """
 
@@ -28,8 +29,8 @@ from kernels.topk import (
     LEVELS,
     add_histogram,
     digit_histogram,
-    bisect_select,
-    radix_topk,
+    select_topk,
+    selects_in_registers,
     topk_workspace,
     zero_workspace_row,
 )
@@ -45,14 +46,6 @@ QUERY_MAX_BLOCK_K = 1024  # rows of W_q per loop step: one step up to G*d = 1024
 QUERY_BLOCK_O = 4  # output pairs (i, i + dg/2) per program: dg/8 programs per group
 # kernels.topk's radix digits over the page keys; 8 warps took 1-3 us off the selection of 8192 pages.
 SELECT_LAUNCH = Launch(block_n=512, num_warps=8, programs=128)
-# One program per row selects in registers (bisection, one launch) up to SELECT_ROW_MAX pages a row (32K positions
-# at page 16), and up to SELECT_ROW_MAX_MANY when there are at least SELECT_MANY_ROWS rows to spread over the SMs;
-# longer rows use kernels.topk's radix_topk, which spreads a row over many programs. Gate steps on an H200
-# (budget 4096; bench/results/gate_select_ab_h200.json): 2048 pages x 8 rows 46.2 -> 33.7 us in registers;
-# 8192 pages x 64 rows 174.2 -> 143.2 us, x 16 rows 68.2 -> 64.0 us, but x 8 rows 46.8 -> 48.3 us.
-SELECT_ROW_MAX = 2048
-SELECT_ROW_MAX_MANY = 8192
-SELECT_MANY_ROWS = 16
 
 
 @triton.jit
@@ -166,27 +159,6 @@ def _gate_score_kernel(
         tl.store(n_total_ptr + pid_bh, num_pages)
 
 
-@triton.jit
-def _select_row_kernel(
-    sel_ptr, n_valid_ptr, list_len_ptr, out_ptr, s_row, s_out, BLOCK: tl.constexpr, PDL: tl.constexpr,
-):
-    # One program per row holds all its page keys and selects by bisection (kernels.topk.bisect_select): one
-    # launch, where kernels.topk's radix levels take two and a histogram in the scoring pass.
-    pdl_trigger(PDL)
-    pdl_wait(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    n_valid = tl.load(n_valid_ptr + row)
-    need = tl.load(list_len_ptr + row) - 1  # the last page (position n_valid) is forced
-    offs = tl.arange(0, BLOCK)
-    cand = offs < n_valid
-    x = tl.load(sel_ptr + row * s_row + offs, mask=cand, other=0.0)
-    taken, ties, need = bisect_select(x, cand, need)
-    tie_rank = tl.cumsum(ties.to(tl.int32), axis=0)  # exact ties: the first ones
-    taken = taken | (offs == n_valid) | (ties & (tie_rank <= need))
-    slot = tl.cumsum(taken.to(tl.int32), axis=0) - 1
-    tl.store(out_ptr + row * s_out + slot, offs, mask=taken)
-
-
 _INV_FREQ: dict[tuple[int, float, torch.device], torch.Tensor] = {}
 
 
@@ -261,9 +233,7 @@ def gate_scores_triton(
 
 
 def _selects_in_registers(csr: PageTableCSR, rows: int) -> bool:
-    # One program per row (_select_row_kernel) for short rows, or many rows not too long; else radix_topk.
-    pages = max(1, triton.cdiv(csr.max_len, csr.page_size))
-    return pages <= SELECT_ROW_MAX or (rows >= SELECT_MANY_ROWS and pages <= SELECT_ROW_MAX_MANY)
+    return selects_in_registers(max(1, triton.cdiv(csr.max_len, csr.page_size)), rows)
 
 
 def select_workspace(rows: int, csr: PageTableCSR, device: torch.device) -> dict[str, torch.Tensor]:
@@ -276,16 +246,9 @@ def select_workspace(rows: int, csr: PageTableCSR, device: torch.device) -> dict
 
 def select_pages(sel: torch.Tensor, counts: dict[str, torch.Tensor], ws: dict[str, torch.Tensor],
                  k_max: int, pdl: bool = False) -> torch.Tensor:
-    """Page indexes [B*Hkv, k_max] int32 (unordered, row r filled up to list_len[r]) of the radix select over the
-    keys gate_scores_triton wrote: page 0, the last page, and the best between (kernels.topk.radix_topk,
-    with the level-0 histogram already filled by the scoring pass). With `pdl` (kernels.pdl) it launches as
-    following the scoring kernel."""
-    R, width = sel.shape
-    if not ws:  # short rows, or many rows (_selects_in_registers): one program per row
-        out = torch.empty((R, k_max), dtype=torch.int32, device=sel.device)
-        block = triton.next_power_of_2(width)
-        _select_row_kernel[(R,)](sel, counts["n_valid"], counts["list_len"], out, sel.stride(0), out.stride(0),
-                                 BLOCK=block, PDL=pdl, num_warps=max(4, min(16, block // 512)), **pdl_launch(pdl))
-        return out
-    return radix_topk(sel, counts["list_len"], counts["n_valid"], counts["n_total"], width, ws, hist0_done=True,
-                      k_max=k_max, launch=SELECT_LAUNCH, pdl=pdl)
+    """Page indexes [B*Hkv, k_max] int32 (unordered, row r filled up to list_len[r]) of the select over the keys
+    gate_scores_triton wrote: page 0, the last page, and the best between (kernels.topk.select_topk: one program
+    per row when the workspace is empty, else the radix levels, whose level-0 histogram the scoring pass filled).
+    With `pdl` (kernels.pdl) it launches as following the scoring kernel."""
+    return select_topk(sel, counts["list_len"], counts["n_valid"], counts["n_total"], sel.shape[1], ws,
+                       hist0_done=True, k_max=k_max, launch=SELECT_LAUNCH, pdl=pdl, in_registers=not ws)

@@ -28,6 +28,7 @@ def _group_scores_kernel(
     tail, k_cap, items_per_split, num_stat_splits, s_lrow, s_frow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr, PAGES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_STAT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
+    WITH_HIST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -60,21 +61,24 @@ def _group_scores_kernel(
                     mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
         f = tl.sum(tl.exp(x - glob_m[:, None]) * inv_l[:, None], axis=0)
         tl.store(f_ptr + pid_bh * s_frow + offs_n, f, mask=mask_n)
-        hist += digit_histogram(f, mask_n, SHIFT, NBINS)
-    add_histogram(hist_ptr + pid_bh * NBINS, hist, NBINS)
+        if WITH_HIST:
+            hist += digit_histogram(f, mask_n, SHIFT, NBINS)
+    if WITH_HIST:
+        add_histogram(hist_ptr + pid_bh * NBINS, hist, NBINS)
 
 
 def group_scores(
     logits: torch.Tensor, stat_m: torch.Tensor, stat_l: torch.Tensor, items_per_split: int, csr: PageTableCSR,
     num_kv_heads: int, tail: int, hist0: torch.Tensor, pages: bool = False, k_cap: int = 0,
-    block_n: int | None = None,
+    block_n: int | None = None, with_hist: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scores f [B*Hkv, S_pad] float32 and per-row int32 counts {n_valid, n_total (, k)} of each row's items.
 
     logits [B*Hkv, G, S_pad] and stat_m / stat_l [B*Hkv, splits, G] come from a kernel that split each
     row into splits of items_per_split items. Items are positions, or pages when `pages` (then 'k' =
     min(pages, k_cap) is written too). The last `tail` items of a row are left out of the histogram
-    (hist0 [B*Hkv, 256] int32, zeroed: kernels.topk's level 0, filled by atomics).
+    (hist0 [B*Hkv, 256] int32, zeroed: kernels.topk's level 0, filled by atomics); without `with_hist`, for a
+    select in registers, hist0 is not touched.
     """
     BH, G, row_len = logits.shape
     dev = logits.device
@@ -91,6 +95,6 @@ def group_scores(
         tail, k_cap, items_per_split, num_splits, logits.stride(1), f.stride(0),
         HKV=num_kv_heads, G=G, BLOCK_G=triton.next_power_of_2(G), P=csr.page_size, PAGES=pages,
         BLOCK_N=block_n, BLOCK_STAT=triton.next_power_of_2(num_splits), SHIFT=shift, NBINS=1 << bits,
-        num_warps=launch.num_warps,
+        WITH_HIST=with_hist, num_warps=launch.num_warps,
     )
     return f, counts

@@ -5,8 +5,9 @@ bound_g(page) = sum_j max(q_j * max_j, q_j * min_j) = relu(q) . max + min(q, 0) 
 per block of pages, reading 2d float32 summary values per page instead of its 2*P*d K/V values.
 The group's page scores and the choice follow kvcache.methods.quest (softmaxed bounds summed
 over the group, here averaged: the same order; the last page always read): the bounds kernel
-keeps each head's softmax stats per split, kernels.group_scores turns them into page scores with
-the radix select's first histogram, and kernels.topk picks the pages.
+keeps each head's softmax stats per split, kernels.group_scores turns them into page scores (with
+the radix select's first histogram when the rows are too long to select in registers), and
+kernels.topk.select_topk picks the pages.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import triton.language as tl
 from kernels.group_scores import group_scores
 from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge, dot_precision, plan_splits
 from kernels.softmax_stats import running_softmax_stats
-from kernels.topk import LEVELS, radix_topk, topk_workspace, zero_workspace_row
+from kernels.topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
 from kernels.tuning import TUNING
 from kvcache.pages import SUMMARY_MAX, SUMMARY_MIN
 from kvcache.table import PageTableCSR
@@ -103,10 +104,12 @@ def quest_select(
     # Page scores over [0, n_pages) of each sequence as the reference ranks them; the last page is
     # the forced tail of the selection, like SparQ's local window.
     t = min(top_pages, max_pages)
-    scores, counts = group_scores(logits, stat_m, stat_l, per_split, csr, Hkv, 1, ws["hist0"], pages=True, k_cap=t)
+    in_registers = selects_in_registers(max_pages, BH)
+    scores, counts = group_scores(logits, stat_m, stat_l, per_split, csr, Hkv, 1, ws["hist0"], pages=True, k_cap=t,
+                                  with_hist=not in_registers)
     list_len = counts["k"]
-    chosen = radix_topk(scores, list_len, counts["n_valid"], counts["n_total"], max_pages, ws, hist0_done=True,
-                        k_max=t)
+    chosen = select_topk(scores, list_len, counts["n_valid"], counts["n_total"], max_pages, ws, hist0_done=True,
+                         k_max=t, in_registers=in_registers)
     return chosen, list_len
 
 

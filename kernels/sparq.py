@@ -5,7 +5,7 @@
             x_g = q_g[i1] . K[:, i1] / tau_g written, with the split's softmax max / sum per query head.
   scores    kernels.group_scores: f = mean_g softmax(x_g) over the positions outside the local
             window (the group mean ranks like the sum of §1, step 4), with the first radix histogram.
-  top-k     kernels.topk.radix_topk: the window plus the k - l largest f, no sort.
+  top-k     kernels.topk.select_topk: the window plus the k - l largest f, no sort.
   stage 2   kernels.paged_decode MODE_ROWS with alpha: exact softmax over the k rows, alpha_g
             = sum of shat_g over them (from stage 1's logits), y = alpha * (s . V) + (1 - alpha) * vbar.
 """
@@ -22,7 +22,7 @@ import triton.language as tl
 from kernels.group_scores import group_scores
 from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
 from kernels.softmax_stats import running_softmax_stats
-from kernels.topk import LEVELS, radix_topk, topk_workspace, zero_workspace_row
+from kernels.topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
 from kernels.tuning import TUNING
 from kvcache.table import PageTableCSR
 
@@ -181,10 +181,11 @@ def sparq_select(
     BH = s1.logits.shape[0]
     # The selection fills its workspace: only the first one after stage 1 finds it zeroed.
     ws, s1.workspace = (s1.workspace if s1.workspace is not None else topk_workspace(BH, s1.logits.device)), None
+    in_registers = selects_in_registers(csr.max_len, BH)
     scores, counts = group_scores(s1.logits, s1.stat_m, s1.stat_l, s1.items_per_split, csr, num_kv_heads,
-                                  local_window, ws["hist0"], block_n=block_n)
-    return radix_topk(scores, k, counts["n_valid"], counts["n_total"], csr.max_len, ws, block=topk_block,
-                      hist0_done=True)
+                                  local_window, ws["hist0"], block_n=block_n, with_hist=not in_registers)
+    return select_topk(scores, k, counts["n_valid"], counts["n_total"], csr.max_len, ws, block=topk_block,
+                       hist0_done=True, in_registers=in_registers)
 
 
 def sparq_stage2(

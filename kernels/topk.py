@@ -34,6 +34,14 @@ LEVELS = ((23, 8), (15, 8), (7, 8), (0, 7))
 _WORKSPACE = {"hist0": 1 << LEVELS[0][1], "hist1": 1 << LEVELS[1][1], "counters": 4}
 # counters of a row: [0] positions emitted, [1] candidates gathered by digit 1, [2] programs done with digit 1.
 FINISH_BLOCK = 1024  # candidates the row's last program selects in registers (more: loop steps of this size)
+# select_topk gives a row to one program, which selects in registers (bisect_select: one launch, no workspace),
+# when rows hold at most ROW_SELECT_MAX items, or at most ROW_SELECT_MAX_MANY and there are ROW_SELECT_MANY_ROWS
+# rows or more to spread over the SMs; else the radix levels spread each row over many programs. Gate steps on
+# an H200 (budget 4096, bench/results/gate_select_ab_h200.json): 2048 pages x 8 rows 46.2 -> 33.7 us in
+# registers; 8192 pages x 64 rows 174.2 -> 143.2 us, x 16 rows 68.2 -> 64.0 us, but x 8 rows 46.8 -> 48.3 us.
+ROW_SELECT_MAX = 2048
+ROW_SELECT_MAX_MANY = 8192
+ROW_SELECT_MANY_ROWS = 16
 
 
 @triton.jit
@@ -69,7 +77,7 @@ def bisect_select(x, cand, need):
     lanes equal to t (the ties) complete the choice. One block reduction per halving, where a radix
     digit costs a tl.histogram whose time grows with its bins: at 8192 lanes on an H200 this took
     20 us against 29 us for four 8-bit digits (16 warps)."""
-    bits = tl.where(cand, x.to(tl.int32, bitcast=True), -1)
+    bits = tl.where(cand, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)  # -0.0 ranks as 0
     lo = tl.zeros([], dtype=tl.int32)  # count(bits >= lo) >= need, while count(bits >= hi) < need
     hi = tl.full([], 0x7F800001, dtype=tl.int32)
     for _ in range(31):
@@ -263,6 +271,34 @@ def _digit1_kernel(
                 _append(out_row, counters + 0, pos, (same & (d3 > b3)) | (tie & (tie_rank < need)))
 
 
+@triton.jit
+def _row_select_kernel(
+    values_ptr, n_valid_ptr, n_total_ptr, k_ptr, out_ptr, k, s_row, s_out,
+    BLOCK: tl.constexpr, K_PER_ROW: tl.constexpr, PDL: tl.constexpr,
+):
+    """One program per row, all its values in registers: the tail, the top of [0, n_valid) by bisection, exact
+    ties in position order. Positions come out in increasing order."""
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    n_valid = tl.load(n_valid_ptr + row)
+    n_total = tl.load(n_total_ptr + row)
+    need = _need0(k_ptr, k, row, n_valid, n_total, K_PER_ROW)
+    offs = tl.arange(0, BLOCK)
+    cand = offs < n_valid
+    x = tl.load(values_ptr + row * s_row + offs, mask=cand, other=0.0)
+    taken, ties, need = bisect_select(x, cand, need)
+    tie_rank = tl.cumsum(ties.to(tl.int32), axis=0)
+    taken = taken | ((offs >= n_valid) & (offs < n_total)) | (ties & (tie_rank <= need))
+    slot = tl.cumsum(taken.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + row * s_out + slot, offs, mask=taken)
+
+
+def selects_in_registers(width: int, rows: int) -> bool:
+    """Whether select_topk gives each of `rows` rows of `width` items to one program (see ROW_SELECT_MAX)."""
+    return width <= ROW_SELECT_MAX or (rows >= ROW_SELECT_MANY_ROWS and width <= ROW_SELECT_MAX_MANY)
+
+
 def topk_workspace(rows: int, device: torch.device, zeroed: bool = True) -> dict[str, torch.Tensor]:
     """int32 buffers for one selection: the histograms of digits 0 and 1 and the counters of each row,
     zeroed (one memset) unless the caller's first kernel zeroes them (see zero_workspace_row)."""
@@ -328,4 +364,38 @@ def radix_topk(
         S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3, PDL=pdl, num_warps=launch.num_warps,
         **pdl_launch(pdl),
     )
+    return out
+
+
+def select_topk(
+    values: torch.Tensor,
+    k: int | torch.Tensor,
+    n_valid: torch.Tensor,
+    n_total: torch.Tensor | None = None,
+    max_total: int | None = None,
+    workspace: dict[str, torch.Tensor] | None = None,
+    block: int | None = None,
+    hist0_done: bool = False,
+    k_max: int | None = None,
+    launch: Launch | None = None,
+    pdl: bool = False,
+    in_registers: bool | None = None,
+) -> torch.Tensor:
+    """radix_topk's selection (same arguments and result), by one program per row in registers when
+    `in_registers` (default: selects_in_registers(max_total, rows)); a caller that knows it beforehand can skip
+    the level-0 histogram, which that path does not read."""
+    R = values.shape[0]
+    max_total = values.shape[1] if max_total is None else max_total
+    if in_registers is None:
+        in_registers = selects_in_registers(max_total, R)
+    if not in_registers:
+        return radix_topk(values, k, n_valid, n_total, max_total, workspace, block, hist0_done, k_max, launch, pdl)
+    n_total = n_valid if n_total is None else n_total
+    per_row = not isinstance(k, int)
+    out = torch.empty((R, k_max if per_row else k), dtype=torch.int32, device=values.device)
+    k_ptr, k_int = (k, 0) if per_row else (n_valid, k)
+    width = triton.next_power_of_2(max(max_total, 1))
+    _row_select_kernel[(R,)](values, n_valid, n_total, k_ptr, out, k_int, values.stride(0), out.stride(0),
+                             BLOCK=width, K_PER_ROW=per_row, PDL=pdl, num_warps=max(4, min(16, width // 512)),
+                             **pdl_launch(pdl))
     return out

@@ -65,11 +65,11 @@ def test_gate_queries_and_logits_match_the_reference(G, d, lengths):
 @pytest.mark.parametrize("budget", [1, PAGE, PAGE + 1, 3 * PAGE, 5 * PAGE - 1, 10_000])
 def test_the_chosen_pages_are_the_references(G, budget, select, monkeypatch):
     if select == "radix_levels":  # rows longer than the in-register limits go through kernels.topk's levels
-        monkeypatch.setattr("kernels.gate_score.SELECT_ROW_MAX", 4)
-        monkeypatch.setattr("kernels.gate_score.SELECT_ROW_MAX_MANY", 4)
-    if select == "in_registers_many_rows":  # rows past SELECT_ROW_MAX, but enough of them to select in registers
-        monkeypatch.setattr("kernels.gate_score.SELECT_ROW_MAX", 4)
-        monkeypatch.setattr("kernels.gate_score.SELECT_MANY_ROWS", 2)
+        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX", 4)
+        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX_MANY", 4)
+    if select == "in_registers_many_rows":  # rows past ROW_SELECT_MAX, but enough of them to select in registers
+        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX", 4)
+        monkeypatch.setattr("kernels.topk.ROW_SELECT_MANY_ROWS", 2)
     lengths = [1, 9, 77, 130]
     store, ids, q = _setup(lengths, G, 64, seed=budget)
     csr = store.page_table(ids, 0)

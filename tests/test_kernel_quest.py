@@ -33,6 +33,15 @@ def run_both(top_pages, lengths=LENGTHS, *, G=4, d=64, dtype=torch.float32, page
     return out, lse, ref, dense(q, view.k_seq, view.v_seq, csr)
 
 
+@pytest.fixture(params=["in_registers", "radix_levels"])
+def select_path(request, monkeypatch):
+    """The top-k by one program per row (what rows this short get) or, forced, by kernels.topk's radix levels."""
+    if request.param == "radix_levels":
+        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX", 0)
+        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX_MANY", 0)
+    return request.param
+
+
 # A cross-section of (G, d, dtype, page size), not the full product: the interpreter is slow.
 @pytest.mark.parametrize(
     "G, d, dtype, page_size",
@@ -43,7 +52,7 @@ def run_both(top_pages, lengths=LENGTHS, *, G=4, d=64, dtype=torch.float32, page
         pytest.param(8, 128, torch.float32, 16, id="G8-d128-f32-P16"),
     ],
 )
-def test_quest_decode_matches_the_reference_on_a_mixed_batch(G, d, dtype, page_size):
+def test_quest_decode_matches_the_reference_on_a_mixed_batch(G, d, dtype, page_size, select_path):
     # 3 of 5 or 10 pages (or of 3 and 5 with pages of 16); the 1-page sequence reads its only page.
     out, lse, ref, _ = run_both(3, G=G, d=d, dtype=dtype, page_size=page_size)
     assert_matches(out, lse, ref, dtype)

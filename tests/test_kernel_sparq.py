@@ -37,6 +37,15 @@ def run_both(lengths=LENGTHS, *, G=4, d=64, dtype=torch.float32, page_size=8, de
     return out, lse, sparq(*args, **params), (q, view, csr)
 
 
+@pytest.fixture(params=["in_registers", "radix_levels"])
+def select_path(request, monkeypatch):
+    """The top-k by one program per row (what rows this short get) or, forced, by kernels.topk's radix levels."""
+    if request.param == "radix_levels":
+        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX", 0)
+        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX_MANY", 0)
+    return request.param
+
+
 # A cross-section of (G, d, dtype, page size), not the full product: the interpreter is slow.
 @pytest.mark.parametrize(
     "G, d, dtype, page_size",
@@ -48,7 +57,7 @@ def run_both(lengths=LENGTHS, *, G=4, d=64, dtype=torch.float32, page_size=8, de
         pytest.param(16, 64, torch.float32, 8, id="G16-d64-f32-P8"),
     ],
 )
-def test_sparq_decode_matches_the_reference_on_a_mixed_batch(G, d, dtype, page_size):
+def test_sparq_decode_matches_the_reference_on_a_mixed_batch(G, d, dtype, page_size, select_path):
     out, lse, ref, _ = run_both(G=G, d=d, dtype=dtype, page_size=page_size, r=d // 8, k=K, local_window=2)
     assert_matches(out, lse, ref, dtype)
 

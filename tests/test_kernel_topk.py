@@ -1,4 +1,5 @@
-"""kernels.topk.radix_topk against torch.topk: the k largest of each row, tails always taken.
+"""kernels.topk.select_topk against torch.topk: the k largest of each row, tails always taken; every test runs
+twice, through the radix levels (kernels.topk.radix_topk) and through one program per row in registers.
 
 Positions come back unordered, so rows are compared as sets (distinct values) or by their sorted
 values (ties: any choice among equal values is a correct top-k). Every call runs with
@@ -7,6 +8,7 @@ Rows of 100 positions in blocks of 32 are split over several programs per row.
 """
 
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
 
@@ -14,16 +16,22 @@ import pytest
 import torch
 from kernel_support import poisoned_allocations
 
-from kernels.topk import radix_topk
+from kernels.topk import select_topk
 
 BLOCK = 32
+IN_REGISTERS = False  # set by the _path fixture
+
+
+@pytest.fixture(autouse=True, params=["radix_levels", "in_registers"])
+def _path(request, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "IN_REGISTERS", request.param == "in_registers")
 
 
 def run_topk(values, k, n_valid, n_total=None, block=BLOCK):
     n_valid_t = torch.tensor(n_valid, dtype=torch.int32)
     n_total_t = None if n_total is None else torch.tensor(n_total, dtype=torch.int32)
     with poisoned_allocations():
-        positions = radix_topk(values, k, n_valid_t, n_total_t, block=block)
+        positions = select_topk(values, k, n_valid_t, n_total_t, block=block, in_registers=IN_REGISTERS)
     assert positions.shape == (values.shape[0], k) and positions.dtype == torch.int32
     return positions.long()
 
@@ -130,7 +138,8 @@ def test_a_per_row_k_fills_each_row_up_to_its_own_k():
     n_valid = [100, 37, 60]
     k = torch.tensor([5, 1, 9], dtype=torch.int32)
     with poisoned_allocations():
-        positions = radix_topk(values, k, torch.tensor(n_valid, dtype=torch.int32), block=BLOCK, k_max=9).long()
+        positions = select_topk(values, k, torch.tensor(n_valid, dtype=torch.int32), block=BLOCK, k_max=9,
+                                in_registers=IN_REGISTERS).long()
     assert positions.shape == (3, 9)
     for row, (kr, nv) in enumerate(zip(k.tolist(), n_valid)):
         assert set(positions[row, :kr].tolist()) == set(torch.topk(values[row, :nv], kr).indices.tolist())
