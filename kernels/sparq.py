@@ -4,7 +4,8 @@
             only rows i1 of each k_dim page (r runs of P) are read and the approximate logits
             x_g = q_g[i1] . K[:, i1] / tau_g written, with the split's softmax max / sum per query head.
   scores    kernels.group_scores: f = mean_g softmax(x_g) over the positions outside the local
-            window (the group mean ranks like the sum of §1, step 4), with the first radix histogram.
+            window (the group mean ranks like the sum of §1, step 4), with the first radix histogram
+            when the rows are too long to select in registers.
   top-k     kernels.topk.select_topk: the window plus the k - l largest f, no sort.
   stage 2   kernels.paged_decode MODE_ROWS with alpha: exact softmax over the k rows, alpha_g
             = sum of shat_g over them (from stage 1's logits), y = alpha * (s . V) + (1 - alpha) * vbar.
