@@ -174,7 +174,7 @@ def _sdpa_call(store: KVStore, seqs: list[str], q: torch.Tensor, shape: Shape):
 def _sparq_stage_rows(store, seqs, q, shape: Shape, timer: Timer, copy_bw: float, sdpa_us: float) -> list[dict]:
     """Each SparQ kernel timed alone on the intermediates of a real run, with the bytes it must read."""
     from kernels.sparq import sparq_select, sparq_stage1, sparq_stage2
-    from kernels.topk import radix_topk
+    from kernels.topk import select_topk
 
     csr = store.page_table(seqs, 0)
     view = store.layer_view(0)
@@ -194,7 +194,7 @@ def _sparq_stage_rows(store, seqs, q, shape: Shape, timer: Timer, copy_bw: float
         # torch.topk over the same scores is the selection baseline.
         scores = torch.rand((shape.batch * Hkv, S), device=q.device)
         n = torch.full((shape.batch * Hkv,), S, dtype=torch.int32, device=q.device)
-        us_radix = timer.median_us(lambda: radix_topk(scores, k, n))
+        us_radix = timer.median_us(lambda: select_topk(scores, k, n, in_registers=False))
         us_torch = timer.median_us(lambda: torch.topk(scores, k, dim=-1))
         params = {"r": r, "k": k, "local_window": k // 4}
         rows.append(_row(shape.batch, S, "sparq.stage1", params, us1, stage1_bytes, copy_bw, sdpa_us))

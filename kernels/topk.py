@@ -136,6 +136,15 @@ def zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, row, B0: tl.constexpr
 
 
 @triton.jit
+def _row_counts(n_valid_ptr, n_total_ptr, k_ptr, k, K_PER_ROW: tl.constexpr):
+    """(row, n_valid, n_total, positions to choose from [0, n_valid)) of the program's row (program_id 0)."""
+    row = tl.program_id(0).to(tl.int64)
+    n_valid = tl.load(n_valid_ptr + row)
+    n_total = tl.load(n_total_ptr + row)
+    return row, n_valid, n_total, _need0(k_ptr, k, row, n_valid, n_total, K_PER_ROW)
+
+
+@triton.jit
 def _need0(k_ptr, k, row, n_valid, n_total, K_PER_ROW: tl.constexpr):
     """Positions to choose from [0, n_valid): the budget less the forced tail."""
     if K_PER_ROW:
@@ -172,10 +181,7 @@ def _digit0_kernel(
     """Take the tail and every value above digit 0's boundary bin; histogram digit 1 of those in it."""
     pdl_trigger(PDL)
     pdl_wait(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    n_valid = tl.load(n_valid_ptr + row)
-    n_total = tl.load(n_total_ptr + row)
-    need = _need0(k_ptr, k, row, n_valid, n_total, K_PER_ROW)
+    row, n_valid, n_total, need = _row_counts(n_valid_ptr, n_total_ptr, k_ptr, k, K_PER_ROW)
     b0, _ = _boundary(tl.load(hist0_ptr + row * (1 << B0) + tl.arange(0, 1 << B0)), need, 1 << B0)
     start = tl.program_id(1) * items_per_split
     end = tl.minimum(start + items_per_split, n_total)
@@ -204,10 +210,7 @@ def _digit1_kernel(
     row's last program then runs digits 2 and 3 over the gathered list."""
     pdl_trigger(PDL)
     pdl_wait(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    n_valid = tl.load(n_valid_ptr + row)
-    n_total = tl.load(n_total_ptr + row)
-    need = _need0(k_ptr, k, row, n_valid, n_total, K_PER_ROW)
+    row, n_valid, _, need = _row_counts(n_valid_ptr, n_total_ptr, k_ptr, k, K_PER_ROW)
     b0, need = _boundary(tl.load(hist0_ptr + row * (1 << B0) + tl.arange(0, 1 << B0)), need, 1 << B0)
     b1, need = _boundary(tl.load(hist1_ptr + row * (1 << B1) + tl.arange(0, 1 << B1)), need, 1 << B1)
     counters = counters_ptr + row * 4
@@ -286,10 +289,7 @@ def _row_select_kernel(
     ties in position order. Positions come out in increasing order."""
     pdl_trigger(PDL)
     pdl_wait(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    n_valid = tl.load(n_valid_ptr + row)
-    n_total = tl.load(n_total_ptr + row)
-    need = _need0(k_ptr, k, row, n_valid, n_total, K_PER_ROW)
+    row, n_valid, n_total, need = _row_counts(n_valid_ptr, n_total_ptr, k_ptr, k, K_PER_ROW)
     offs = tl.arange(0, BLOCK)
     cand = offs < n_valid
     x = tl.load(values_ptr + row * s_row + offs, mask=cand, other=0.0)
@@ -317,7 +317,7 @@ def topk_workspace(rows: int, device: torch.device, zeroed: bool = True) -> dict
     return views
 
 
-def radix_topk(
+def select_topk(
     values: torch.Tensor,
     k: int | torch.Tensor,
     n_valid: torch.Tensor,
@@ -329,29 +329,42 @@ def radix_topk(
     k_max: int | None = None,
     launch: Launch | None = None,
     pdl: bool = False,
+    in_registers: bool | None = None,
 ) -> torch.Tensor:
     """Positions [R, k] (int32, unordered) of the k largest values [R, S] float32 >= 0 in each row.
 
     Positions in [n_valid[r], n_total[r]) are always taken; the other k - (n_total - n_valid)
     are the largest of values[r, :n_valid[r]]. Needs k <= n_total. `k` may be a per-row int
-    tensor [R] (then the output has k_max columns, row r filled up to k[r]). Exact ties at the last
-    digit are taken in arrival order, which may differ between runs. With hist0_done the caller
-    has already filled workspace['hist0'] (SparQ fuses it into its scoring pass). `launch` overrides
-    TUNING['topk']. With `pdl` (kernels.pdl) each launch follows the kernel before it, the first the caller's.
+    tensor [R] (then the output has k_max columns, row r filled up to k[r]). Exact ties are taken in
+    position order in registers, in arrival order (which may differ between runs) by the radix levels.
+
+    `in_registers` picks one program per row (default: selects_in_registers(max_total, R)), else the radix
+    levels: with hist0_done the caller has already filled workspace['hist0'] (SparQ fuses it into its
+    scoring pass), and `block` / `launch` override TUNING['topk']. With `pdl` (kernels.pdl) each launch
+    follows the kernel before it, the first the caller's.
     """
     R = values.shape[0]
     n_total = n_valid if n_total is None else n_total
     max_total = values.shape[1] if max_total is None else max_total
-    ws = topk_workspace(R, values.device) if workspace is None else workspace
     per_row = not isinstance(k, int)
     out = torch.empty((R, k_max if per_row else k), dtype=torch.int32, device=values.device)
+    k_ptr, k_int = (k, 0) if per_row else (n_valid, k)
+    if in_registers is None:
+        in_registers = selects_in_registers(max_total, R)
+    if in_registers:
+        width = triton.next_power_of_2(max(max_total, 1))
+        # 8 warps at 8192 items: 19.6 us against 20.9 with 16 (a lone launch, 8 rows; H100 and H200 alike).
+        _row_select_kernel[(R,)](values, n_valid, n_total, k_ptr, out, k_int, values.stride(0), out.stride(0),
+                                 BLOCK=width, K_PER_ROW=per_row, PDL=pdl, num_warps=max(4, min(8, width // 512)),
+                                 **pdl_launch(pdl))
+        return out
+    ws = topk_workspace(R, values.device) if workspace is None else workspace
     cand_pos = torch.empty((R, max(max_total, 1)), dtype=torch.int32, device=values.device)
     cand_val = torch.empty((R, max(max_total, 1)), dtype=torch.float32, device=values.device)
     launch = TUNING["topk"] if launch is None else launch
     block = launch.block_n if block is None else block
     splits, items = plan_splits(max_total, R, block, launch.programs)
     grid = (R, splits)
-    k_ptr, k_int = (k, 0) if per_row else (n_valid, k)
     (s0, b0), (s1, b1), (s2, b2), (s3, b3) = LEVELS
     if not hist0_done:
         _histogram_kernel[grid](values, n_valid, ws["hist0"], items, values.stride(0),
@@ -370,39 +383,4 @@ def radix_topk(
         S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3, PDL=pdl, num_warps=launch.num_warps,
         **pdl_launch(pdl),
     )
-    return out
-
-
-def select_topk(
-    values: torch.Tensor,
-    k: int | torch.Tensor,
-    n_valid: torch.Tensor,
-    n_total: torch.Tensor | None = None,
-    max_total: int | None = None,
-    workspace: dict[str, torch.Tensor] | None = None,
-    block: int | None = None,
-    hist0_done: bool = False,
-    k_max: int | None = None,
-    launch: Launch | None = None,
-    pdl: bool = False,
-    in_registers: bool | None = None,
-) -> torch.Tensor:
-    """radix_topk's selection (same arguments and result), by one program per row in registers when
-    `in_registers` (default: selects_in_registers(max_total, rows)); a caller that knows it beforehand can skip
-    the level-0 histogram, which that path does not read."""
-    R = values.shape[0]
-    max_total = values.shape[1] if max_total is None else max_total
-    if in_registers is None:
-        in_registers = selects_in_registers(max_total, R)
-    if not in_registers:
-        return radix_topk(values, k, n_valid, n_total, max_total, workspace, block, hist0_done, k_max, launch, pdl)
-    n_total = n_valid if n_total is None else n_total
-    per_row = not isinstance(k, int)
-    out = torch.empty((R, k_max if per_row else k), dtype=torch.int32, device=values.device)
-    k_ptr, k_int = (k, 0) if per_row else (n_valid, k)
-    width = triton.next_power_of_2(max(max_total, 1))
-    # 8 warps at 8192 items: 19.6 us against 20.9 with 16 (a lone launch, 8 rows; H100 and H200 alike).
-    _row_select_kernel[(R,)](values, n_valid, n_total, k_ptr, out, k_int, values.stride(0), out.stride(0),
-                             BLOCK=width, K_PER_ROW=per_row, PDL=pdl, num_warps=max(4, min(8, width // 512)),
-                             **pdl_launch(pdl))
     return out

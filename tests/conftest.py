@@ -244,3 +244,12 @@ def snapshot():
 def assert_unchanged():
     """assert_unchanged(before, after): two snapshots are identical."""
     return _assert_snapshot_equal
+
+
+@pytest.fixture(params=["in_registers", "radix_levels"])
+def select_path(request, monkeypatch):
+    """The top-k by one program per row (what rows this short get) or, forced, by kernels.topk's radix levels."""
+    if request.param == "radix_levels":
+        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX", 0)
+        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX_MANY", 0)
+    return request.param

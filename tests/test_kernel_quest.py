@@ -33,15 +33,6 @@ def run_both(top_pages, lengths=LENGTHS, *, G=4, d=64, dtype=torch.float32, page
     return out, lse, ref, dense(q, view.k_seq, view.v_seq, csr)
 
 
-@pytest.fixture(params=["in_registers", "radix_levels"])
-def select_path(request, monkeypatch):
-    """The top-k by one program per row (what rows this short get) or, forced, by kernels.topk's radix levels."""
-    if request.param == "radix_levels":
-        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX", 0)
-        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX_MANY", 0)
-    return request.param
-
-
 # A cross-section of (G, d, dtype, page size), not the full product: the interpreter is slow.
 @pytest.mark.parametrize(
     "G, d, dtype, page_size",

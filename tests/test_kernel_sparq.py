@@ -37,15 +37,6 @@ def run_both(lengths=LENGTHS, *, G=4, d=64, dtype=torch.float32, page_size=8, de
     return out, lse, sparq(*args, **params), (q, view, csr)
 
 
-@pytest.fixture(params=["in_registers", "radix_levels"])
-def select_path(request, monkeypatch):
-    """The top-k by one program per row (what rows this short get) or, forced, by kernels.topk's radix levels."""
-    if request.param == "radix_levels":
-        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX", 0)
-        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX_MANY", 0)
-    return request.param
-
-
 # A cross-section of (G, d, dtype, page size), not the full product: the interpreter is slow.
 @pytest.mark.parametrize(
     "G, d, dtype, page_size",

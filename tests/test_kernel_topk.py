@@ -1,5 +1,5 @@
 """kernels.topk.select_topk against torch.topk: the k largest of each row, tails always taken; every test runs
-twice, through the radix levels (kernels.topk.radix_topk) and through one program per row in registers.
+twice, through the radix levels and through one program per row in registers.
 
 Positions come back unordered, so rows are compared as sets (distinct values) or by their sorted
 values (ties: any choice among equal values is a correct top-k). Every call runs with
