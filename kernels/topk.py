@@ -1,4 +1,5 @@
-"""Top-k selection without sorting: a radix select on the bits of non-negative float32 scores.
+"""Top-k selection without sorting, on the bits of non-negative float32 scores: a radix select over many
+programs for long rows, a bisection in one program's registers for short ones (select_topk picks).
 
 For scores >= 0 the float32 bit pattern orders like the value, so the k largest are found digit
 by digit, 8 bits at a time: bits 30..23 (the exponent), 22..15, 14..7, 6..0 (256 bins or fewer:
