@@ -55,12 +55,12 @@ def test_the_gate_step_as_a_dependent_chain_equals_it_launched_in_turn(monkeypat
     def step():
         return gate_decode(q, view.k_seq, view.v_seq, view.k_summary, lg, csr, budget=4096)[:2]
 
-    def pages(pdl):
+    def chosen_pages(pdl):
         chosen, count = gate_choose_triton(q, view.k_summary, lg, csr, 4096, pdl=pdl)
         return [sorted(row[:n].tolist()) for row, n in zip(chosen, count.tolist())]
 
     chained = step()
-    chained_pages = pages(True)
+    chained_pages = chosen_pages(True)
     graph = torch.cuda.CUDAGraph()
     step()  # compiled before capture
     with torch.cuda.graph(graph):
@@ -73,7 +73,7 @@ def test_the_gate_step_as_a_dependent_chain_equals_it_launched_in_turn(monkeypat
     monkeypatch.setattr(gate_kernels, "pdl_for_rows", lambda device, rows: False)
     in_turn = step()
     torch.cuda.synchronize()
-    assert chained_pages == pages(False)
+    assert chained_pages == chosen_pages(False)
     for got in [chained, *outs]:
         torch.testing.assert_close(got[0], in_turn[0], rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(got[1], in_turn[1], rtol=1e-4, atol=1e-4)
