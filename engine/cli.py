@@ -13,8 +13,8 @@ if TYPE_CHECKING:  # the parser is built for every kvcache command: torch and th
 
     from engine.decode import AttentionSpec
 
-METHODS = ("dense", "sparq", "quest")
-PREFILLS = ("dense", "minference")
+METHODS = ("dense", "sparq", "quest", "gate")
+PREFILLS = ("dense", "minference", "gate")
 SERVED = ("none", "index", "attention")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -44,6 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=256, help="sparq: positions attended to (default 256)")
     p.add_argument("--local-window", type=int, help="sparq: most recent positions always kept (default k/4)")
     p.add_argument("--top-pages", type=int, default=16, help="quest: pages attended to (default 16)")
+    p.add_argument("--budget", type=int, help="gate: tokens of the pages read per step, first and last included "
+                                              "(default 2048 unless --threshold is given)")
+    p.add_argument("--threshold", type=float, help="gate: least gate probability of a page read (renormalised over "
+                                                   "the pages between the first and last)")
+    p.add_argument("--gate", help="page gate for --method gate and --prefill gate: a name under engine/gates/ or a "
+                                  "path (default smollm2-135m; `kvcache train-gate` makes one). With --server, the "
+                                  "server's own gate (kvcache serve --gate) serves --method gate")
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
@@ -59,9 +66,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_prefill_arguments(p: argparse.ArgumentParser) -> None:
     """--prefill, --patterns, --minference-served (of generate and eval)."""
-    p.add_argument("--prefill", choices=PREFILLS, default="dense",
-                   help="prefill attention: dense (exact causal) or minference (per-head sparse patterns); "
-                        "decode attention stays --method")
+    p.add_argument("--prefill", "--prefill-method", dest="prefill", choices=PREFILLS, default="dense",
+                   help="prefill attention: dense (exact causal), minference (per-head sparse patterns) or gate "
+                        "(the key blocks the page gate picks per query block, --gate); decode stays --method")
+    p.add_argument("--prefill-budget", type=int,
+                   help="--prefill gate: tokens of key blocks each query block reads, the first block and its own "
+                        "included (default 2048 unless --prefill-threshold is given)")
+    p.add_argument("--prefill-threshold", type=float,
+                   help="--prefill gate: least gate probability of a key block read (renormalised over the blocks "
+                        "between the first and the query block's own)")
     p.add_argument("--patterns", help="minference: a pattern JSON file or the name of one in engine/patterns/ "
                                       "(default: smollm2-135m for the default model, else the model file's stem)")
     p.add_argument("--minference-served", choices=SERVED, default="none",
@@ -70,11 +83,20 @@ def add_prefill_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def prefill_attention(args: argparse.Namespace, config):
-    """The prefill attention the flags ask for: engine.prefill.causal_attention or an MInferencePrefill."""
+    """The prefill attention the flags ask for: engine.prefill.causal_attention, an MInferencePrefill or a
+    GatePrefill."""
     from engine.prefill import causal_attention
 
     if getattr(args, "prefill", "dense") == "dense":
         return causal_attention
+    if args.prefill == "gate":
+        from engine.gate_prefill import GatePrefill
+        from kvcache.gate_store import DEFAULT_GATE, load_gate
+
+        budget, threshold = gate_limits(args.prefill_budget, args.prefill_threshold)
+        attention = GatePrefill(load_gate(args.gate or DEFAULT_GATE), budget=budget, threshold=threshold)
+        attention.check_model(config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim)
+        return attention
     import pathlib
 
     from engine import patterns as saved
@@ -95,7 +117,16 @@ def attention_spec(args: argparse.Namespace) -> AttentionSpec:
         return AttentionSpec("sparq", {"r": args.r, "k": args.k, "local_window": window})
     if args.method == "quest":
         return AttentionSpec("quest", {"top_pages": args.top_pages})
+    if args.method == "gate":
+        budget, threshold = gate_limits(args.budget, args.threshold)
+        params = {"budget": budget, "threshold": threshold}
+        return AttentionSpec("gate", {k: v for k, v in params.items() if v is not None})
     return AttentionSpec("dense", {})
+
+
+def gate_limits(budget: int | None, threshold: float | None) -> tuple[int | None, float | None]:
+    """A gate's (token budget, threshold) from flags: the budget defaults to 2048 tokens when neither is given."""
+    return (2048 if budget is None and threshold is None else budget), threshold
 
 
 class PrefillBar:
@@ -151,6 +182,10 @@ def _generate(args: argparse.Namespace) -> int:
     prompt_len = len(tokenizer.prompt_ids(prompt, args.chat))
     client = _client(args, model.config, prompt_len + args.max_new_tokens)
     spec = attention_spec(args)
+    if spec.method == "gate" and hasattr(client, "store"):  # in-process; a server holds its own (serve --gate)
+        from kvcache.gate_store import DEFAULT_GATE, attach_gate
+
+        attach_gate(client.store, args.gate or DEFAULT_GATE)
     prefill_with = prefill_attention(args, model.config)
     try:
         result = generate_text(
@@ -182,9 +217,10 @@ def _generate(args: argparse.Namespace) -> int:
     density = getattr(prefill_with, "density", None)
     if density is not None:
         summary["prefill_density"] = round(density, 4)
+    if args.prefill == "minference":
         summary["minference_served"] = args.minference_served
     label = " ".join([spec.method, *(f"{k}={v}" for k, v in spec.params.items())])
-    how = "" if density is None else f" (minference, {density:.1%} of causal pairs)"
+    how = "" if density is None else f" ({args.prefill}, {density:.1%} of causal pairs)"
     print(f"[{label}] prompt {result.prompt_tokens} tokens, prefill{how} "
           f"{result.prefill_seconds:.2f} s; {result.decode_tokens} decoded tokens in {result.decode_seconds:.2f} s = "
           f"{result.tokens_per_second:.1f} tokens/s; attention {result.attention_bytes_per_token:,.0f} bytes/token",

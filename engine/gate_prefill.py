@@ -1,0 +1,70 @@
+"""SeerAttention's gate in the engine's prefill (ALGORITHMS.md §3): each query block reads the key blocks its gate picks.
+
+    attention = GatePrefill(kvcache.gate_store.load_gate("smollm2-135m"), budget=2048)
+    prefill(model, client, seq_id, ids, attention=attention)     # or generate(..., prefill_attention=attention)
+
+Per chunk and layer, the index comes from the chunk's queries and the prompt's keys so far
+(kvcache.methods.gate_prefill.gate_block_index, blocks of the gate's page size), and attention is
+exact on it: the torch reference on the CPU, the block-sparse Triton kernel on CUDA
+(kvcache.minference_serving.sparse_attention). Decoding is untouched.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.prefill import PrefillChunk
+from kvcache.methods.gate import PageGate, check_gate_params
+from kvcache.methods.gate_prefill import gate_block_index
+from kvcache.minference_serving import index_pairs, paged, sparse_attention
+
+
+class GatePrefill:
+    """A chunk-aware prefill attention (engine.prefill.PrefillChunk): q [T, Hq, d], k/v [S, Hkv, d] -> out [T, Hq, d].
+
+    Counts what it computed: `pairs` of (query, key) against `causal_pairs` of dense causal prefill.
+    """
+
+    chunk_aware = True
+    appends_kv = False
+
+    def __init__(self, gate: PageGate, *, budget: int | None = None, threshold: float | None = None,
+                 backend: str = "auto") -> None:
+        check_gate_params(budget, threshold)
+        self.gate = gate
+        self.budget = budget
+        self.threshold = threshold
+        self.backend = backend
+        self.pairs = self.causal_pairs = self.calls = 0
+        self.seconds = 0.0
+
+    @property
+    def density(self) -> float:
+        """Query-key pairs computed over those of dense causal prefill, over every call so far."""
+        return self.pairs / max(self.causal_pairs, 1)
+
+    def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        """Raise ValueError unless the gate was trained for this model shape."""
+        s = self.gate.shape
+        have = (s.num_layers, s.num_kv_heads * s.group, s.num_kv_heads, s.head_dim)
+        want = (num_layers, num_heads, num_kv_heads, head_dim)
+        if have != want:
+            raise ValueError(f"the gate is for (layers, q heads, kv heads, head dim) {have}; the model has {want}")
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+        t0 = time.perf_counter()
+        start = k.shape[0] - q.shape[0]
+        if self.gate.q_weight.device != q.device:
+            self.gate = self.gate.to(q.device)  # once: the model (and so q) may live on a GPU
+        layer_gate = self.gate.layer(chunk.layer)
+        k_seq, v_seq, csr = paged(k, v, self.gate.shape.page_size)
+        index = gate_block_index(q, k_seq, csr, start, layer_gate, budget=self.budget, threshold=self.threshold)
+        out, _ = sparse_attention(q, k_seq, v_seq, csr, index, backend=self.backend)
+        pairs = index_pairs(index)
+        self.pairs += pairs[0]
+        self.causal_pairs += pairs[1]
+        self.calls += 1
+        self.seconds += time.perf_counter() - t0
+        return out
