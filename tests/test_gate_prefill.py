@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from kernel_support import INTERPRETED, NO_BF16_ON_CPU
 from service_support import store_config
 from test_engine_minference import CONFIG, PROMPT, assert_same, run
 from test_engine_model import one_torch_thread  # noqa: F401 (an autouse fixture)
@@ -194,3 +195,22 @@ def test_generate_with_gate_prefill_and_gate_decode(tmp_path, capsys):
     assert 0 < gate["prefill_density"] < 1  # ~90 tokens: 6 pages, 4 read per query block at most
     assert gate["attention_bytes_per_token"] < answers["dense"]["attention_bytes_per_token"]
     assert "(gate, " in capsys.readouterr().err
+
+
+@pytest.mark.skipif(INTERPRETED, reason="bf16 needs compiled kernels: run with TRITON_INTERPRET=0 on a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_BF16_ON_CPU)
+@pytest.mark.parametrize("budget", [48, 2048])
+def test_bfloat16_gate_prefill_on_the_gpu(budget):
+    """The gate's index on CUDA and the compiled block-sparse kernel in bf16, against the torch reference."""
+    Hq, Hkv, d, P, start, T = 8, 2, 64, 16, 77, 190
+    gen = torch.Generator().manual_seed(6)
+    k, v = torch.randn((2, start + T, Hkv, d), generator=gen).cuda().to(torch.bfloat16)
+    q = torch.randn((T, Hq, d), generator=gen).cuda().to(torch.bfloat16)
+    k_seq, v_seq, csr = paged(k, v, P)
+    layer_gate = random_gate(1, Hkv, Hq // Hkv, d, P).layer(0).to("cuda")
+    index = gate_block_index(q, k_seq, csr, start, layer_gate, budget=budget)
+    index_blocks(index, Hq // Hkv)  # ascending, the diagonal last, shared by a group
+    out, lse = sparse_attention(q, k_seq, v_seq, csr, index, backend="triton")
+    want, want_lse = sparse_attention(q, k_seq, v_seq, csr, index, backend="torch")
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, want_lse, rtol=2e-2, atol=2e-2)
