@@ -18,6 +18,8 @@ from kvcache.config import KVCacheConfig
 from kvcache.methods.traffic import dense_bytes, sparq_bytes
 from kvcache.store import KVStore
 
+LLAMA3_ROPE_BASE = 500000.0  # the gate is pre-RoPE, as `kvcache train-gate` makes it: q rotated back in the step
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -98,7 +100,7 @@ def run(
                 from kvcache.methods.gate import GateShape, PageGate
 
                 attach_gate(store, PageGate(GateShape(1, shape.num_kv_heads, shape.num_q_heads // shape.num_kv_heads,
-                                                      shape.head_dim, shape.page_size)))
+                                                      shape.head_dim, shape.page_size, model_rope_base=LLAMA3_ROPE_BASE)))
             q = torch.randn((batch, shape.num_q_heads, shape.head_dim), device=device).to(shape.dtype)
             sdpa, sdpa_bytes = _sdpa_call(store, seqs, q, shape)
             sdpa_us = timer.median_us(sdpa)

@@ -90,13 +90,13 @@ def prefill_attention(args: argparse.Namespace, config):
     if getattr(args, "prefill", "dense") == "dense":
         return causal_attention
     if args.prefill == "gate":
-        from engine.gate_prefill import GatePrefill
+        from engine.gate_prefill import GatePrefill, check_gate_for_model
         from kvcache.gate_store import DEFAULT_GATE, load_gate
 
         budget, threshold = gate_limits(args.prefill_budget, args.prefill_threshold)
-        attention = GatePrefill(load_gate(args.gate or DEFAULT_GATE), budget=budget, threshold=threshold)
-        attention.check_model(config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim)
-        return attention
+        gate = load_gate(args.gate or DEFAULT_GATE)
+        check_gate_for_model(gate, config)
+        return GatePrefill(gate, budget=budget, threshold=threshold)
     import pathlib
 
     from engine import patterns as saved
@@ -183,9 +183,12 @@ def _generate(args: argparse.Namespace) -> int:
     client = _client(args, model.config, prompt_len + args.max_new_tokens)
     spec = attention_spec(args)
     if spec.method == "gate" and hasattr(client, "store"):  # in-process; a server holds its own (serve --gate)
-        from kvcache.gate_store import DEFAULT_GATE, attach_gate
+        from engine.gate_prefill import check_gate_for_model
+        from kvcache.gate_store import DEFAULT_GATE, attach_gate, load_gate
 
-        attach_gate(client.store, args.gate or DEFAULT_GATE)
+        gate = load_gate(args.gate or DEFAULT_GATE)
+        check_gate_for_model(gate, model.config)
+        attach_gate(client.store, gate)
     prefill_with = prefill_attention(args, model.config)
     try:
         result = generate_text(

@@ -192,9 +192,11 @@ def main(args: argparse.Namespace) -> int:
                           "settings": [e.name for e in encs if e.star is not None]}
     gate_dim = GATE_DIM
     if args.gate:
+        from engine.gate_prefill import check_gate_for_model
         from kvcache.gate_store import attach_gate
 
         gate = load_gate(args.gate)  # read once; each store checks it against its own shape
+        check_gate_for_model(gate, model.config)
         gate_dim = gate.shape.gate_dim
         for enc in encs:
             if hasattr(enc.client, "store"):  # in-process; a server holds its own (kvcache serve --gate)

@@ -16,9 +16,20 @@ import time
 import torch
 
 from engine.prefill import PrefillChunk
+from kvcache.gate_store import check_gate_shape
 from kvcache.methods.gate import PageGate, check_gate_params
 from kvcache.methods.gate_prefill import gate_block_index
 from kvcache.minference_serving import index_pairs, paged, sparse_attention
+
+
+def check_gate_for_model(gate: PageGate, config) -> None:
+    """Raise GateFileInvalid unless `gate` was trained for the model of `config` (engine.config.ModelConfig): its
+    layers, heads and head dim, and for a pre-RoPE gate the RoPE base it rotates q and keys back with."""
+    expect = {"num_layers": config.num_layers, "num_kv_heads": config.num_kv_heads,
+              "group": config.num_heads // config.num_kv_heads, "head_dim": config.head_dim}
+    if gate.shape.pre_rope:
+        expect["model_rope_base"] = config.rope_theta
+    check_gate_shape(gate.shape, expect, "for this model")
 
 
 class GatePrefill:
@@ -45,13 +56,6 @@ class GatePrefill:
         """Query-key pairs computed over those of dense causal prefill, over every call so far."""
         return self.pairs / max(self.causal_pairs, 1)
 
-    def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-        """Raise ValueError unless the gate was trained for this model shape."""
-        s = self.gate.shape
-        have = (s.num_layers, s.num_kv_heads * s.group, s.num_kv_heads, s.head_dim)
-        want = (num_layers, num_heads, num_kv_heads, head_dim)
-        if have != want:
-            raise ValueError(f"the gate is for (layers, q heads, kv heads, head dim) {have}; the model has {want}")
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
         t0 = time.perf_counter()

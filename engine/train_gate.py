@@ -2,7 +2,8 @@
 own attention on real text; the model stays frozen.
 
 1. Capture. The model runs over windows of the text with exact causal attention; a hook at every
-   layer takes the post-RoPE q and k (what the store holds), makes the page summaries of k
+   layer takes the post-RoPE q and k (what the store holds), rotates them back to position 0 for a
+   pre-RoPE gate (the default, `--inputs pre-rope`; kvcache.methods.gate), pools k per page
    ([min, max, mean] of every page of P positions, as the store keeps them) and, for a fixed
    sample of query positions t, two ground truths per page i:
        mass[h, t, i] = mean over the G query heads of group h of sum_{j in page i} softmax_j(q.k_j / sqrt(d))
@@ -38,7 +39,7 @@ import torch
 
 from engine.model import Llama
 from engine.prefill import causal_attention
-from kvcache.methods.gate import GATE_DIM, GateShape, PageGate, gate_rope
+from kvcache.methods.gate import GATE_DIM, GateShape, PageGate, gate_rope, unrotate
 
 EVAL_TOKENS = 8192  # the text's first tokens, which kvcache eval scores at contexts up to the model's 8192
 
@@ -55,6 +56,7 @@ class Capture:
     gt: torch.Tensor
     window: int = 0  # tokens of the window
     gt_max: torch.Tensor | None = None
+    rotated: tuple[torch.Tensor, torch.Tensor] | None = None  # (q, pooled) as stored, when q and pooled are not
 
     def target(self, kind: str) -> torch.Tensor:
         """The ground truth training fits: "mass" (summed over the page) or "max" (§3's block max)."""
@@ -77,22 +79,32 @@ def query_positions(T: int, page_size: int, queries: int, seed: int) -> torch.Te
 
 
 @torch.inference_mode()
-def capture(model: Llama, ids: list[int], page_size: int, queries: int, seed: int = 0) -> Capture:
-    """Run the frozen model over `ids` (a multiple of page_size long) and keep what training needs."""
+def capture(model: Llama, ids: list[int], page_size: int, queries: int, seed: int = 0,
+            model_rope_base: float = 0.0) -> Capture:
+    """Run the frozen model over `ids` (a multiple of page_size long) and keep what training needs: q and pooled keys
+    rotated back to position 0 when model_rope_base > 0 (a pre-RoPE gate), else as stored."""
     c = model.config
     T = len(ids)
     assert T % page_size == 0, "windows are whole pages"
     n, G, Hkv, d = T // page_size, c.num_heads // c.num_kv_heads, c.num_kv_heads, c.head_dim
     pos = query_positions(T, page_size, queries, seed)
-    qs, pooled, gts, gmax = [], [], [], []
+    qs, pooled, gts, gmax, rotated = [], [], [], [], ([], [])
     causal = torch.arange(T)[None, :] <= pos[:, None]  # [Tq, T]
+
+    def keep(q0: torch.Tensor, k0: torch.Tensor, into: tuple[list, list]) -> None:
+        pages = k0.view(n, page_size, Hkv, d)
+        into[1].append(torch.cat((pages.amax(1), pages.amin(1), pages.mean(1)), dim=-1))  # [n, Hkv, 3d]
+        into[0].append(q0[pos].reshape(len(pos), Hkv, G * d))
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q0, k0 = q[0].float(), k[0].float()  # [T, Hq, d], [T, Hkv, d]
-        pages = k0.view(n, page_size, Hkv, d)
-        pooled.append(torch.cat((pages.amax(1), pages.amin(1), pages.mean(1)), dim=-1))  # [n, Hkv, 3d]
+        if model_rope_base:
+            at = torch.arange(T)[:, None]
+            keep(unrotate(q0, at, model_rope_base), unrotate(k0, at, model_rope_base), (qs, pooled))
+            keep(q0, k0, rotated)  # Quest's bound is on the vectors as stored
+        else:
+            keep(q0, k0, (qs, pooled))
         qsel = q0[pos]  # [Tq, Hq, d]
-        qs.append(qsel.reshape(len(pos), Hkv, G * d))
         kk = k0.repeat_interleave(G, dim=1)  # [T, Hq, d]
         logits = torch.einsum("thd,shd->hts", qsel, kk) / math.sqrt(d)  # [Hq, Tq, T]
         probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
@@ -103,7 +115,8 @@ def capture(model: Llama, ids: list[int], page_size: int, queries: int, seed: in
         return causal_attention(q[0], k[0], v[0])[None]
 
     model(torch.tensor([ids]), torch.arange(T)[None], attend, last_only=True)
-    return Capture(torch.stack(qs), pos, torch.stack(pooled), torch.stack(gts), T, torch.stack(gmax))
+    as_stored = (torch.stack(rotated[0]), torch.stack(rotated[1])) if model_rope_base else None
+    return Capture(torch.stack(qs), pos, torch.stack(pooled), torch.stack(gts), T, torch.stack(gmax), as_stored)
 
 
 GROUND_TRUTHS = {
@@ -175,10 +188,11 @@ def gate_scores(gate: PageGate, cap: Capture) -> torch.Tensor:
 def quest_scores(cap: Capture, head_dim: int) -> torch.Tensor:
     """Quest's group scores [L, Hkv, Tq, n] (kvcache.methods.quest: each head's bound softmaxed over the
     pages, summed over the group) of every captured query; mass_recall ranks only the pages between."""
-    L, Tq, Hkv, Gd = cap.q.shape
+    q, pooled = cap.rotated or (cap.q, cap.pooled)
+    L, Tq, Hkv, Gd = q.shape
     d = head_dim
-    q = cap.q.view(L, Tq, Hkv, Gd // d, d)
-    kmax, kmin = cap.pooled[..., :d], cap.pooled[..., d : 2 * d]  # [L, n, Hkv, d]
+    q = q.view(L, Tq, Hkv, Gd // d, d)
+    kmax, kmin = pooled[..., :d], pooled[..., d : 2 * d]  # [L, n, Hkv, d]
     bound = (torch.einsum("lthgd,lnhd->lhgtn", q.clamp_min(0), kmax)
              + torch.einsum("lthgd,lnhd->lhgtn", q.clamp_max(0), kmin))
     # Softmaxed over the pages up to the query's own (whole here; partial at decode), as decode does.
@@ -239,10 +253,12 @@ def windows(ids: list[int], context: int, count: int, start: int) -> list[list[i
     return out
 
 
-def gate_for(config, page_size: int, gate_dim: int = GATE_DIM, seed: int = 0) -> PageGate:
-    """A fresh gate shaped for a model config (engine.config.ModelConfig)."""
+def gate_for(config, page_size: int, gate_dim: int = GATE_DIM, seed: int = 0, pre_rope: bool = True) -> PageGate:
+    """A fresh gate shaped for a model config (engine.config.ModelConfig): pre-RoPE (q and keys rotated back with
+    the model's RoPE base) unless pre_rope is False."""
     return PageGate(GateShape(config.num_layers, config.num_kv_heads, config.num_heads // config.num_kv_heads,
-                              config.head_dim, page_size, gate_dim, rope_base=10000.0), seed=seed)
+                              config.head_dim, page_size, gate_dim, rope_base=10000.0,
+                              model_rope_base=config.rope_theta if pre_rope else 0.0), seed=seed)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -263,6 +279,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=("mass", "max"), default="mass",
                    help="ground truth: mass = attention summed over the page (default), max = §3's page max of "
                         "the attention (ranks a page with one sharp key higher)")
+    p.add_argument("--inputs", choices=("pre-rope", "rotated"), default="pre-rope",
+                   help="pre-rope (default): q and keys rotated back to position 0 before the gate, as SeerAttention "
+                        "takes them; rotated: as the store holds them (the gates before this option)")
     p.add_argument("--json", default="bench/results/train_gate_smollm2.json")
     p.add_argument("--plot", default="bench/results/train_gate_smollm2.png", help="PNG of the loss curve ('' none)")
 
@@ -283,12 +302,13 @@ def main(args: argparse.Namespace) -> int:
     texts = windows(ids, args.context, args.windows + args.held_out, start)
     print(f"text: {len(ids)} tokens; {args.windows} training + {args.held_out} held-out windows of {args.context} "
           f"from token {start}", flush=True)
+    gate = gate_for(model.config, args.page_size, args.gate_dim, pre_rope=args.inputs == "pre-rope")
     caps = []
     for i, w in enumerate(texts):
-        caps.append(capture(model, w, args.page_size, args.queries, seed=i))
+        caps.append(capture(model, w, args.page_size, args.queries, seed=i,
+                            model_rope_base=gate.shape.model_rope_base))
         print(f"captured window {i} ({time.perf_counter() - t0:.0f} s)", flush=True)
     train_caps, held_caps = caps[: args.windows], caps[args.windows :]
-    gate = gate_for(model.config, args.page_size, args.gate_dim)
     t1 = time.perf_counter()
     curve = train(gate, train_caps, held_caps, args.steps, args.lr, args.batch, target=args.target)
     t2 = time.perf_counter()
@@ -297,10 +317,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"held-out attention mass kept by the best {r['fraction_of_pages']:.4g} of the pages between the "
               f"first and last: gate {r['gate']:.3f}  quest {r['quest']:.3f}  oracle {r['oracle']:.3f}")
     path = save_gate(gate, args.name, model=args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)",
-                     extra={"context": args.context, "steps": args.steps, "target": args.target, "held_out_kl": curve["held_out"][-1]})
+                     extra={"context": args.context, "steps": args.steps, "target": args.target, "inputs": args.inputs,
+                            "held_out_kl": curve["held_out"][-1]})
     report = {"command": " ".join(sys.argv), "python": platform.python_version(), "torch": torch.__version__,
               "model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)", "gate": str(path),
-              "ground_truth": GROUND_TRUTHS[args.target], "target": args.target,
+              "ground_truth": GROUND_TRUTHS[args.target], "target": args.target, "inputs": args.inputs,
               "context": args.context, "windows": args.windows, "held_out_windows": args.held_out,
               "queries_per_window": args.queries, "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "capture_seconds": round(t1 - t0, 1), "train_seconds": round(t2 - t1, 1),

@@ -16,26 +16,34 @@ import triton
 from kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages, select_workspace
 from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
 from kernels.pdl import pdl_for_rows
-from kvcache.methods.gate import LayerGate, check_gate_params, gate_keys, gate_select, pooled_keys
+from kvcache.methods.gate import LayerGate, check_gate_params, gate_keys, gate_pooled, gate_select, pooled_keys
+from kvcache.methods.gather import gather_sequence
 from kvcache.methods.traffic import gate_budget_pages, gate_bytes
 from kvcache.table import PageTableCSR
 
 
-def keys_for(layer_gate: LayerGate, k_summary: torch.Tensor, csr: PageTableCSR) -> torch.Tensor:
+def keys_for(layer_gate: LayerGate, k_summary: torch.Tensor, csr: PageTableCSR,
+             k_seq: torch.Tensor | None = None) -> torch.Tensor:
     """The gate keys [N, Hkv, dg] scoring reads: the store's cache, or (a gate given without one) the keys of
-    the csr's pages computed now from their summaries by the reference's gate_keys."""
+    the csr's pages computed now by the reference (gate_pooled: from their summaries, or for a pre-RoPE gate
+    from their rows in k_seq)."""
     if layer_gate.keys is not None:
         return layer_gate.keys
     N, Hkv = k_summary.shape[:2]
     keys = torch.zeros((N, Hkv, layer_gate.shape.gate_dim), dtype=torch.float32, device=k_summary.device)
-    pages = csr.indices.long()
-    keys[pages] = gate_keys(layer_gate, pooled_keys(k_summary[pages]), csr.page_indexes())
+    if not layer_gate.shape.pre_rope:
+        pages = csr.indices.long()
+        keys[pages] = gate_keys(layer_gate, pooled_keys(k_summary[pages]), csr.page_indexes())
+        return keys
+    for b in range(len(csr.host_lens)):
+        pages = csr.pages_of(b)
+        keys[pages] = gate_keys(layer_gate, gate_pooled(layer_gate, None, gather_sequence(k_seq, csr, b)))
     return keys
 
 
 def gate_choose_triton(
     q: torch.Tensor, k_summary: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR, budget: int | None,
-    threshold: float | None = None, pdl: bool = False,
+    threshold: float | None = None, pdl: bool = False, k_seq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group's chosen page indexes [B*Hkv, t] int32 and their count [B*Hkv] int32 (§3 selection). With
     `pdl` (kernels.pdl) its kernels launch as one dependent chain."""
@@ -44,7 +52,7 @@ def gate_choose_triton(
     max_pages = max(1, triton.cdiv(csr.max_len, P))
     budget_pages = max_pages if budget is None else triton.cdiv(budget, P)
     ws = select_workspace(q.shape[0] * Hkv, csr, q.device) if threshold is None else None
-    keys = keys_for(layer_gate, k_summary, csr)  # before the chain: the scoring kernel may read them early
+    keys = keys_for(layer_gate, k_summary, csr, k_seq)  # before the chain: the scoring kernel may read them early
     qg = gate_queries_triton(q, layer_gate, csr, ws, pdl=pdl)
     logits, sel, counts, ws = gate_scores_triton(qg, keys, csr, budget_pages, ws, pdl=pdl)
     if threshold is None:
@@ -79,7 +87,7 @@ def gate_decode(
     Hkv = k_seq.shape[1]
     P = csr.page_size
     pdl = threshold is None and pdl_for_rows(q.device, q.shape[0] * Hkv)
-    chosen, list_len = gate_choose_triton(q, k_summary, layer_gate, csr, budget, threshold, pdl)
+    chosen, list_len = gate_choose_triton(q, k_summary, layer_gate, csr, budget, threshold, pdl, k_seq)
     out, lse = attend_partial_and_merge(
         q, k_seq, v_seq, csr, chosen.shape[1] * P, MODE_PAGES, item_list=chosen, list_len=list_len,
         scale=scale, block_n=block_n, pdl=pdl,  # the select's kernel made the lists

@@ -2,7 +2,8 @@
 GQA group, its logits against the cached gate keys of the sequence's pages, and the page select's inputs, with
 no host sync.
 
-  gate_queries_triton  qg = RoPE(W_q [q_1 .. q_G] + b_q, n_pages - 1)   a [G*d x dg] GEMV per (sequence, group)
+  gate_queries_triton  qg = RoPE(W_q [q_1 .. q_G] + b_q, n_pages - 1)   a [G*d x dg] GEMV per (sequence, group);
+                       a pre-RoPE gate's q_i rotated back from the query's position first
   gate_scores_triton   logit(page) = qg . kg(page) / sqrt(dg) over the page table, kg from GateKeyCache
 
 The scoring pass also writes a selection key per page for kernels.topk's select, which ranks
@@ -49,12 +50,44 @@ SELECT_LAUNCH = Launch(block_n=512, num_warps=8, programs=128)
 
 
 @triton.jit
+def _unrotated_gemv(q_ptr, w_ptr, s_wi, inv_freq_ptr, last_len_ptr, b, n_pages, offs_o, mask_o,
+                    HALF: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
+    """(W_q^T q')[offs_o] and [HALF + offs_o] for a pre-RoPE gate: q' is the group's q [G*d] at q_ptr rotated back
+    from the sequence's last position (the model's RoPE undone, half-split pairs (i, i + d/2), as
+    kvcache.methods.gate.unrotate), held as the G heads' low and high halves [BG, d/2], so each angle's sin and cos
+    are computed once for the group."""
+    t = ((n_pages - 1) * P + tl.load(last_len_ptr + b) - 1).to(tl.float32)
+    offs_g = tl.arange(0, BG)
+    offs_i = tl.arange(0, D // 2)
+    mask_g = offs_g < G
+    row = offs_g[:, None] * D + offs_i[None, :]  # [BG, d/2]: row of W_q (and offset in q) of each low element
+    lo = tl.load(q_ptr + row, mask=mask_g[:, None], other=0.0).to(tl.float32)
+    hi = tl.load(q_ptr + row + D // 2, mask=mask_g[:, None], other=0.0).to(tl.float32)
+    a = t * tl.load(inv_freq_ptr + offs_i)
+    # Reduced to [0, 2 pi) first: past about 1e5 radians (positions past 100K) sin and cos take a slow path, which
+    # cost the step 4 us at 128K on an H200. The fp32 angle is that coarse (ulp 0.008) there anyway.
+    a -= 6.283185307179586 * tl.floor(a * 0.15915494309189535)
+    c = tl.cos(a)[None, :]
+    s = tl.sin(a)[None, :]
+    lo, hi = lo * c + hi * s, hi * c - lo * s
+    w = w_ptr + row[:, :, None] * s_wi + offs_o[None, None, :]  # [BG, d/2, BLOCK_O]
+    m = mask_g[:, None, None] & mask_o[None, None, :]
+    hi_rows = (D // 2) * s_wi
+    acc_lo = tl.sum(tl.sum(lo[:, :, None] * tl.load(w, mask=m, other=0.0)
+                           + hi[:, :, None] * tl.load(w + hi_rows, mask=m, other=0.0), axis=1), axis=0)
+    acc_hi = tl.sum(tl.sum(lo[:, :, None] * tl.load(w + HALF, mask=m, other=0.0)
+                           + hi[:, :, None] * tl.load(w + hi_rows + HALF, mask=m, other=0.0), axis=1), axis=0)
+    return acc_lo, acc_hi
+
+
+@triton.jit
 def _gate_query_kernel(
-    q_ptr, w_ptr, bias_ptr, inv_freq_ptr, indptr_ptr, qg_ptr, hist0_ptr, hist1_ptr, counters_ptr,
+    q_ptr, w_ptr, bias_ptr, inv_freq_ptr, indptr_ptr, last_len_ptr, model_inv_freq_ptr, qg_ptr,
+    hist0_ptr, hist1_ptr, counters_ptr,
     s_qb, s_wh, s_wi, s_bh,
     HKV: tl.constexpr, GD: tl.constexpr, DG: tl.constexpr, HALF: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, ZERO_WS: tl.constexpr, WS_B0: tl.constexpr, WS_B1: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, UNROTATE: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
 ):
     pdl_trigger(PDL)  # the scoring kernel may start now and load its gate keys while this one runs
     pid_bh = tl.program_id(0)
@@ -66,21 +99,26 @@ def _gate_query_kernel(
     h = pid_bh % HKV
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_o = offs_o < HALF
-    acc_lo = tl.zeros([BLOCK_O], dtype=tl.float32)
-    acc_hi = tl.zeros([BLOCK_O], dtype=tl.float32)
-    for k0 in range(0, GD, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < GD
-        # The group's G query heads are adjacent in q [B, Hq, d]: its flat [G*d] starts at h*G*d.
-        x = tl.load(q_ptr + b * s_qb + h * GD + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        w = w_ptr + h * s_wh + offs_k[:, None] * s_wi + offs_o[None, :]
-        m = mask_k[:, None] & mask_o[None, :]
-        acc_lo += tl.sum(x[:, None] * tl.load(w, mask=m, other=0.0), axis=0)
-        acc_hi += tl.sum(x[:, None] * tl.load(w + HALF, mask=m, other=0.0), axis=0)
+    n_pages = tl.load(indptr_ptr + b + 1) - tl.load(indptr_ptr + b)
+    if UNROTATE:
+        acc_lo, acc_hi = _unrotated_gemv(q_ptr + b * s_qb + h * GD, w_ptr + h * s_wh, s_wi, model_inv_freq_ptr,
+                                         last_len_ptr, b, n_pages, offs_o, mask_o, HALF, G, BG, D, P)
+    else:
+        acc_lo = tl.zeros([BLOCK_O], dtype=tl.float32)
+        acc_hi = tl.zeros([BLOCK_O], dtype=tl.float32)
+        for k0 in range(0, GD, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < GD
+            # The group's G query heads are adjacent in q [B, Hq, d]: its flat [G*d] starts at h*G*d.
+            x = tl.load(q_ptr + b * s_qb + h * GD + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            w = w_ptr + h * s_wh + offs_k[:, None] * s_wi + offs_o[None, :]
+            m = mask_k[:, None] & mask_o[None, :]
+            acc_lo += tl.sum(x[:, None] * tl.load(w, mask=m, other=0.0), axis=0)
+            acc_hi += tl.sum(x[:, None] * tl.load(w + HALF, mask=m, other=0.0), axis=0)
     acc_lo += tl.load(bias_ptr + h * s_bh + offs_o, mask=mask_o, other=0.0)
     acc_hi += tl.load(bias_ptr + h * s_bh + HALF + offs_o, mask=mask_o, other=0.0)
     # RoPE at the index of the query's page, the sequence's last (half-split layout, as gate_rope).
-    pos = (tl.load(indptr_ptr + b + 1) - tl.load(indptr_ptr + b) - 1).to(tl.float32)
+    pos = (n_pages - 1).to(tl.float32)
     angle = pos * tl.load(inv_freq_ptr + offs_o, mask=mask_o, other=0.0)
     c = tl.cos(angle)
     s = tl.sin(angle)
@@ -181,16 +219,22 @@ def gate_queries_triton(q: torch.Tensor, layer_gate: LayerGate, csr: PageTableCS
     Hkv, GD, DG = w.shape
     if q.stride(2) != 1 or q.stride(1) != D or w.stride(2) != 1 or bias.stride(1) != 1 or DG % 2:
         raise ValueError("gate query: q and the weights must be contiguous in their last dims, dg even")
+    if layer_gate.shape.pre_rope and (D & (D - 1) or D < 2):
+        raise ValueError(f"gate query: a pre-RoPE gate's kernel takes a power-of-two head dim, not {D}")
     half = DG // 2
     qg = torch.empty((B * Hkv, DG), dtype=torch.float32, device=q.device)
-    inv_freq = rope_inv_freq(DG, layer_gate.shape.rope_base, q.device)
+    shape = layer_gate.shape
+    inv_freq = rope_inv_freq(DG, shape.rope_base, q.device)
+    model_inv_freq = rope_inv_freq(D, shape.model_rope_base, q.device) if shape.pre_rope else inv_freq
     ws = workspace or {"hist0": qg, "hist1": qg, "counters": qg}
     _gate_query_kernel[(B * Hkv, triton.cdiv(half, QUERY_BLOCK_O))](
-        q, w, bias, inv_freq, csr.indptr, qg, ws["hist0"], ws["hist1"], ws["counters"],
+        q, w, bias, inv_freq, csr.indptr, csr.last_page_len, model_inv_freq, qg, ws["hist0"], ws["hist1"],
+        ws["counters"],
         q.stride(0), w.stride(0), w.stride(1), bias.stride(0),
         HKV=Hkv, GD=GD, DG=DG, HALF=half, BLOCK_K=min(QUERY_MAX_BLOCK_K, triton.next_power_of_2(GD)),
         BLOCK_O=QUERY_BLOCK_O, ZERO_WS=bool(workspace), WS_B0=LEVELS[0][1], WS_B1=LEVELS[1][1],
-        PDL=pdl, num_warps=8,
+        PDL=pdl, UNROTATE=shape.pre_rope, G=GD // D, BG=triton.next_power_of_2(GD // D), D=D, P=csr.page_size,
+        num_warps=8,
     )
     return qg
 

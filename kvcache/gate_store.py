@@ -14,11 +14,12 @@ import os
 import pathlib
 import weakref
 import zlib
+from collections.abc import Callable
 
 import torch
 
 from kvcache.errors import GateFileInvalid, GateMissing
-from kvcache.methods.gate import GateShape, LayerGate, PageGate, gate_keys, pooled_keys
+from kvcache.methods.gate import GateShape, LayerGate, PageGate, gate_keys, page_summaries, pooled_keys, unrotate
 
 FORMAT = "kvcache-page-gate/1"
 GATES_DIR = pathlib.Path(__file__).resolve().parent.parent / "engine" / "gates"
@@ -117,29 +118,46 @@ class GateKeyCache:
     same summaries (the reference), rounded to `dtype`.
     """
 
-    def __init__(self, gate: PageGate, summary: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, gate: PageGate, summary: torch.Tensor, dtype: torch.dtype,
+                 page_keys: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
         L, N, H = summary.shape[:3]
         self.gate = gate
         self.summary = summary  # the pool's k_summary [L, N, Hkv, 3, d] (a reference: no store cycle)
+        self.page_keys = page_keys  # the store's page_keys (a weak method): a pre-RoPE gate pools rows, not summaries
         self.keys = torch.zeros((L, N, H, gate.shape.gate_dim), dtype=dtype, device=summary.device)
 
-    def update(self, layers: list[int], page_ids: torch.Tensor, indexes: torch.Tensor) -> None:
-        """Recompute the keys of pages page_ids [n] (at page indexes [n] of their sequences) in `layers`."""
+    def update(self, layers: list[int], page_ids: torch.Tensor, indexes: torch.Tensor, fills: list[int]) -> None:
+        """Recompute the keys of pages page_ids [n] (at page indexes [n] of their sequences, holding their first
+        fills[i] rows) in `layers`."""
         if len(page_ids) == 0:
             return
         dev = self.summary.device
+        P = self.gate.shape.page_size
         if len(page_ids) == 1:
-            # A decode step: a slice and an arange made on the device, because copying a CPU index
+            # A decode step: a slice and aranges made on the device, because copying a CPU index
             # tensor to the GPU would wait for the stream on every append of every layer.
             pid, index = int(page_ids[0]), int(indexes[0])
             ids: slice | torch.Tensor = slice(pid, pid + 1)
             positions = torch.arange(index, index + 1, device=dev)
+            held = (torch.arange(P, device=dev) < fills[0])[None]
         else:
             ids, positions = page_ids.to(dev, torch.long), indexes.to(dev)
+            held = torch.arange(P, device=dev)[None, :] < torch.tensor(fills, device=dev)[:, None]
         with torch.no_grad():  # a gate being trained must not pull the store into its autograd graph
             for layer in layers:  # a decode step passes one layer; a prefill a few pages per layer
-                pooled = pooled_keys(self.summary[layer, ids])
+                if self.gate.shape.pre_rope:
+                    pooled = self._pooled_rows(layer, page_ids, positions, held)
+                else:
+                    pooled = pooled_keys(self.summary[layer, ids])
                 self.keys[layer, ids] = gate_keys(self.gate.layer(layer), pooled, positions).to(self.keys.dtype)
+
+    def _pooled_rows(self, layer: int, page_ids: torch.Tensor, indexes: torch.Tensor,
+                     held: torch.Tensor) -> torch.Tensor:
+        """[max, min, mean] [n, Hkv, 3d] of the pages' held rows rotated back to position 0 (a pre-RoPE gate)."""
+        P = self.gate.shape.page_size
+        rows = self.page_keys()(layer, page_ids)  # [n, Hkv, P, d]
+        at = (indexes[:, None] * P + torch.arange(P, device=rows.device))[:, None, :]  # [n, 1, P]
+        return pooled_keys(page_summaries(unrotate(rows, at, self.gate.shape.model_rope_base), held))
 
     def layer(self, layer: int) -> torch.Tensor:
         """Gate keys of `layer` by page id [N, Hkv, dg]."""
@@ -160,7 +178,7 @@ def attach_gate(store, gate: PageGate | str | os.PathLike, key_dtype: torch.dtyp
     check_gate_shape(gate.shape, expect, "given")
     gate = gate.to(c.device)
     with store.lock:
-        cache = GateKeyCache(gate, store.pool.k_summary, key_dtype or c.dtype)
+        cache = GateKeyCache(gate, store.pool.k_summary, key_dtype or c.dtype, weakref.WeakMethod(store.page_keys))
         old = _GATES.get(store)
         if old is not None:
             store.summary_listeners.remove(old[1].update)
@@ -168,7 +186,11 @@ def attach_gate(store, gate: PageGate | str | os.PathLike, key_dtype: torch.dtyp
         for layer in range(c.num_layers):
             if seq_ids:
                 csr = store.page_table(seq_ids, layer)
-                cache.update([layer], csr.indices, csr.page_indexes())
+                fills = torch.full((len(csr.indices),), c.page_size, dtype=torch.long)
+                ends, last = csr.indptr[1:].long().cpu(), csr.last_page_len.long().cpu()
+                some = ends > csr.indptr[:-1].long().cpu()  # sequences holding a page
+                fills[ends[some] - 1] = last[some]
+                cache.update([layer], csr.indices.cpu(), csr.page_indexes().cpu(), fills.tolist())
         store.summary_listeners.append(cache.update)
         _GATES[store] = (gate, cache)
     return gate

@@ -73,7 +73,7 @@ class KVStore:
         self._lock = threading.RLock()
         # Called as fn(layers, page_ids, page_indexes) after those pages' key summaries change, with
         # the pages' positions in their sequences (kvcache.gate_store keeps gate keys from them).
-        self.summary_listeners: list[Callable[[list[int], torch.Tensor, torch.Tensor], None]] = []
+        self.summary_listeners: list[Callable[[list[int], torch.Tensor, torch.Tensor, list[int]], None]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -400,8 +400,9 @@ class KVStore:
             torch._foreach_add_([seq.value_sum[layer] for seq in seqs], list(v.float().unbind(0)))
         if self.summary_listeners:
             for seq in seqs:
-                index = seq.lengths[layer] // P
-                self._summaries_changed([layer], seq.pages[index : index + 1], index)
+                position = seq.lengths[layer]  # of the row just written: the length moves on after this
+                index = position // P
+                self._summaries_changed([layer], seq.pages[index : index + 1], index, [position % P + 1])
 
     def _append_rows(self, seq: SequenceState, layers: list[int], start: int, end: int, k: torch.Tensor,
                      v: torch.Tensor) -> None:
@@ -415,9 +416,9 @@ class KVStore:
         self.pool.write(layers_t, page_ids, self.kv_slots(page_ids), slots, k, v)
         first_page, end_page = start // P, self.config.pages_for(end)
         touched = seq.pages[first_page:end_page].to(dev, torch.long)
-        fills = (end - torch.arange(first_page, end_page) * P).clamp(max=P).to(dev)
-        self.pool.refresh_summaries(layers_t, touched, self.kv_slots(touched), fills.expand(len(layers), -1))
-        self._summaries_changed(layers, seq.pages[first_page:end_page], first_page)
+        fills = (end - torch.arange(first_page, end_page) * P).clamp(max=P)
+        self.pool.refresh_summaries(layers_t, touched, self.kv_slots(touched), fills.to(dev).expand(len(layers), -1))
+        self._summaries_changed(layers, seq.pages[first_page:end_page], first_page, fills.tolist())
         if self.tiers is not None:
             self.tiers.policy.touch(seq.pages[first_page:end_page].tolist())
         seq.value_sum[layers_t] += v.float().sum(dim=1)
@@ -474,8 +475,12 @@ class KVStore:
             src_d, dst_d = src.to(dev, torch.long), dst.to(dev, torch.long)
             self.pool.copy_pages(src_d, dst_d, self.kv_slots(src_d), self.kv_slots(dst_d))
             seq.pages[idx] = dst
-            # The copies carry every layer's summaries, also of layers this append does not write.
-            self._summaries_changed(list(range(self.config.num_layers)), dst, idx)
+            # The copies carry every layer's summaries, also of layers this append does not write; layers appended
+            # one at a time may hold different lengths (a step part way through its layers).
+            for length in sorted(set(seq.lengths)):
+                layers = [layer for layer, n in enumerate(seq.lengths) if n == length]
+                held = (length - idx * self.config.page_size).clamp(1, self.config.page_size)
+                self._summaries_changed(layers, dst, idx, held.tolist())
             self._release(src)
         if num_new:
             seq.push_pages(fresh[len(fresh) - num_new :])
@@ -518,16 +523,34 @@ class KVStore:
         else:
             values = torch.stack([self.tiers.page_kv(p)[:, 1] for p in pages], dim=1).float()
         seq.value_sum += values.sum(dim=(1, 3)).to(seq.value_sum.device)
-        self._summaries_changed(list(range(self.config.num_layers)), seq.live_pages, 0)
+        self._summaries_changed(list(range(self.config.num_layers)), seq.live_pages, 0, [P] * len(pages))
 
-    def _summaries_changed(self, layers: list[int], page_ids: torch.Tensor, at: int | torch.Tensor) -> None:
+    def _summaries_changed(self, layers: list[int], page_ids: torch.Tensor, at: int | torch.Tensor,
+                           fills: list[int]) -> None:
         """Tell the listeners that pages page_ids (CPU int32) changed summaries; they sit at page indexes
-        `at` (a CPU tensor), or at..at+n-1 (an int)."""
+        `at` (a CPU tensor), or at..at+n-1 (an int), and hold their first fills[i] rows."""
         if not self.summary_listeners:
             return
         indexes = torch.arange(at, at + len(page_ids)) if isinstance(at, int) else at.long()
         for listener in self.summary_listeners:
-            listener(layers, page_ids.long(), indexes)
+            listener(layers, page_ids.long(), indexes, fills)
+
+    def page_keys(self, layer: int, page_ids: torch.Tensor) -> torch.Tensor:
+        """Keys of pages page_ids [n] at `layer` as stored, [n, Hkv, P, d] on the device, from whichever tier holds
+        each page (rows past a page's fill are whatever the slot held)."""
+        dev = self.config.device
+        if self.tiers is None:
+            if len(page_ids) == 1:  # a decode step: a slice, no index tensor copied to the device
+                page = int(page_ids[0])
+                return self.pool.k_seq[layer, page : page + 1]
+            return self.pool.k_seq[layer, page_ids.to(dev, torch.long)]
+        rows = []
+        for page in page_ids.tolist():
+            if int(self.tiers.tier[page]) == DEVICE:
+                rows.append(self.pool.k_seq[layer, int(self.tiers.slot[page])])
+            else:
+                rows.append(self.tiers.page_kv(page)[layer, 0].to(dev))
+        return torch.stack(rows)
 
 
 def _as_token_list(token_ids: Sequence[int]) -> list[int]:

@@ -49,6 +49,36 @@ def _transcribed_scores(q_w, q_b, k_w, q, keys, page_size, base):
     return scores
 
 
+def _model_unrotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """x [T, H, d] rotated by the engine's own RoPE (engine.model, float64 tables) at `positions` [T], rotated back."""
+    from engine.model import apply_rope, rope_tables
+
+    cos, sin = rope_tables(positions[None], x.shape[-1], base, torch.float64)
+    return apply_rope(x.double()[None], cos, -sin)[0].float()
+
+
+@pytest.mark.parametrize("hkv,G,S", [(2, 3, 17), (1, 2, 64), (3, 1, 30)])
+def test_a_pre_rope_gates_scores_match_the_transcription_on_keys_and_q_rotated_back(hkv, G, S):
+    """§3 as SeerAttention's AttnGate takes it: the model's q and keys before RoPE. The store holds them rotated;
+    a pre-RoPE gate rotates them back first, and scores as the transcription does on the unrotated vectors."""
+    base = 300.0
+    gate = PageGate(GateShape(L, hkv, G, D, P, gate_dim=32, rope_base=100.0, model_rope_base=base), seed=4)
+    client, ids, q, keys = _client_with([S], hkv, G)
+    csr = client.store.page_table(ids, 1)
+    pages = csr.pages_of(0)
+    got = gate_page_scores(gate.layer(1), q[0].view(hkv, G, D), client.store.layer_view(1).k_summary[pages], keys[0]
+                           .transpose(0, 1))
+    plain_q = _model_unrotate(q[0].view(1, hkv * G, D), torch.tensor([S - 1]), base)[0].view(hkv, G, D)
+    plain_k = _model_unrotate(keys[0], torch.arange(S), base)
+    want = _transcribed_scores(gate.q_weight[1].detach(), gate.q_bias[1].detach(), gate.k_weight[1].detach(),
+                               plain_q, plain_k, P, 100.0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # The same weights on the stored (rotated) vectors score otherwise: the rotation back is not a no-op.
+    rotated = _transcribed_scores(gate.q_weight[1].detach(), gate.q_bias[1].detach(), gate.k_weight[1].detach(),
+                                  q[0].view(hkv, G, D), keys[0], P, 100.0)
+    assert not torch.allclose(got, rotated, atol=1e-3)
+
+
 def _gate(hkv, G, d=D, page_size=P, gate_dim=32, seed=1):
     gate = PageGate(GateShape(L, hkv, G, d, page_size, gate_dim=gate_dim, rope_base=100.0), seed=seed)
     with torch.no_grad():

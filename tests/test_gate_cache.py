@@ -1,6 +1,7 @@
 """The store's gate-key cache (kvcache.gate_store.GateKeyCache, ALGORITHMS.md §3): after any sequence of
 appends, decode steps, forks, prefix sharing and frees, every live page's cached gate key equals the
-reference's gate_keys recomputed from the page's summary at its index in its sequence."""
+reference's gate_keys recomputed at its index in its sequence: from the page's summary, or for a pre-RoPE gate
+from the sequence's keys rotated back (every test runs with both kinds of gate)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,25 @@ import torch
 
 from kvcache import KVCacheConfig, KVStore
 from kvcache.gate_store import attach_gate, gate_key_cache, layer_gate_of
-from kvcache.methods.gate import GateShape, PageGate, gate_keys, gate_logits, pooled_keys
+from kvcache.methods.gate import GateShape, PageGate, gate_keys, gate_logits, gate_pooled
+from kvcache.methods.gather import gather_sequence
 
 L, HKV, D, P = 2, 2, 16, 4
+MODEL_ROPE_BASE = {"rotated": 0.0, "pre_rope": 500.0}
+_kind = "rotated"
+
+
+@pytest.fixture(autouse=True, params=list(MODEL_ROPE_BASE))
+def _gate_kind(request):
+    global _kind
+    _kind = request.param
+    yield
+    _kind = "rotated"
 
 
 def _gate(seed: int = 1, gate_dim: int = 32) -> PageGate:
-    return PageGate(GateShape(L, HKV, 3, D, P, gate_dim=gate_dim, rope_base=100.0), seed=seed)
+    shape = GateShape(L, HKV, 3, D, P, gate_dim=gate_dim, rope_base=100.0, model_rope_base=MODEL_ROPE_BASE[_kind])
+    return PageGate(shape, seed=seed)
 
 
 def _store(dtype=torch.float32) -> KVStore:
@@ -33,10 +46,13 @@ def _assert_cache_matches_reference(store: KVStore, gate: PageGate, exact: bool 
     checked = 0
     for layer in range(L):
         for sid in store.sequence_ids():
-            pages = store.page_table([sid], layer).pages_of(0)
+            csr = store.page_table([sid], layer)
+            pages = csr.pages_of(0)
             if len(pages) == 0:
                 continue
-            want = gate_keys(gate.layer(layer), pooled_keys(store.layer_view(layer).k_summary[pages]))
+            view = store.layer_view(layer)
+            keys = gather_sequence(view.k_seq, csr, 0)  # [Hkv, S, d]: what a pre-RoPE gate pools
+            want = gate_keys(gate.layer(layer), gate_pooled(gate.layer(layer), view.k_summary[pages], keys))
             got = cache.keys[layer, pages]
             if exact:
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -126,11 +142,13 @@ def test_scores_from_the_cached_keys_equal_the_reference_scores():
     store.append(sid, *_kv(gen, 29))
     q = torch.randn((HKV, 3, D), generator=gen)
     lg = layer_gate_of(store, 1)
-    pages = store.page_table([sid], 1).pages_of(0)
-    want = gate_logits(lg, q, store.layer_view(1).k_summary[pages])
+    csr = store.page_table([sid], 1)
+    pages = csr.pages_of(0)
+    keys = gather_sequence(store.layer_view(1).k_seq, csr, 0)
+    want = gate_logits(lg, q, store.layer_view(1).k_summary[pages], keys)
     from kvcache.methods.gate import gate_queries
 
-    qg = gate_queries(lg, q, torch.tensor(len(pages) - 1))
+    qg = gate_queries(lg, q, torch.tensor(len(pages) - 1), torch.tensor(28))  # the query at the last position
     got = torch.einsum("hd,nhd->hn", qg, lg.keys[pages]) / lg.shape.gate_dim ** 0.5
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -5,6 +5,7 @@ dense causal prefill; the block-sparse kernel runs on its index; the engine and 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,12 +13,13 @@ from kernel_support import INTERPRETED, NO_BF16_ON_CPU
 from service_support import store_config
 from test_engine_minference import CONFIG, PROMPT, assert_same, run
 from test_engine_model import one_torch_thread  # noqa: F401 (an autouse fixture)
+from test_gate import _model_unrotate
 
-from engine.gate_prefill import GatePrefill
+from engine.gate_prefill import GatePrefill, check_gate_for_model
 from engine.model import random_model
 from engine.prefill import causal_attention
 from kvcache import InProcessClient
-from kvcache.errors import InvalidParameter, ShapeMismatch
+from kvcache.errors import GateFileInvalid, InvalidParameter, ShapeMismatch
 from kvcache.methods.gate import GateShape, PageGate, gate_logits, gate_select
 from kvcache.methods.gate_prefill import gate_block_index, gate_block_logits
 from kvcache.methods.minference_index import causal_index
@@ -25,8 +27,9 @@ from kvcache.minference_serving import index_pairs, paged, sparse_attention
 from kvcache.pages import SUMMARY_MAX, SUMMARY_MEAN, SUMMARY_MIN
 
 
-def random_gate(num_layers: int, hkv: int, group: int, d: int, page: int, dg: int = 32, seed: int = 0) -> PageGate:
-    gate = PageGate(GateShape(num_layers, hkv, group, d, page, dg), seed=seed)
+def random_gate(num_layers: int, hkv: int, group: int, d: int, page: int, dg: int = 32, seed: int = 0,
+                model_rope_base: float = 0.0) -> PageGate:
+    gate = PageGate(GateShape(num_layers, hkv, group, d, page, dg, model_rope_base=model_rope_base), seed=seed)
     with torch.no_grad():
         gate.q_bias.normal_(generator=torch.Generator().manual_seed(seed + 1))
     return gate
@@ -39,6 +42,10 @@ def transcribed_blocks(q, k, start, layer_gate, budget, threshold) -> tuple[dict
     P = layer_gate.shape.page_size
     T, Hq, d = q.shape
     S, Hkv = start + T, k.shape[1]
+    if layer_gate.shape.pre_rope:  # q and k rotated back by the engine's own RoPE, then the gate on rotated vectors
+        base = layer_gate.shape.model_rope_base
+        q, k = _model_unrotate(q, torch.arange(start, S), base), _model_unrotate(k, torch.arange(S), base)
+        layer_gate = replace(layer_gate, shape=replace(layer_gate.shape, model_rope_base=0.0))
     out, logits = {}, []
     for M in range(start // P, (S - 1) // P + 1):
         lo, hi = max(M * P, start), min((M + 1) * P, S)
@@ -75,14 +82,15 @@ SHAPES = [(4, 2, 16, 16, 37, 113), (6, 2, 32, 16, 0, 50), (3, 3, 16, 32, 96, 70)
           (4, 1, 16, 16, 160, 33)]
 
 
+@pytest.mark.parametrize("model_rope_base", [0.0, 300.0], ids=["rotated", "pre_rope"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("limits", [(48, None), (80, None), (None, 0.05), (64, 0.02), (10**6, None)])
-def test_blocks_match_the_transcription(shape, limits):
+def test_blocks_match_the_transcription(shape, limits, model_rope_base):
     Hq, Hkv, d, P, start, T = shape
     gen = torch.Generator().manual_seed(sum(shape))
     k = torch.randn((start + T, Hkv, d), generator=gen)
     q = torch.randn((T, Hq, d), generator=gen)
-    layer_gate = random_gate(2, Hkv, Hq // Hkv, d, P, seed=T).layer(1)
+    layer_gate = random_gate(2, Hkv, Hq // Hkv, d, P, seed=T, model_rope_base=model_rope_base).layer(1)
     k_seq, _, csr = paged(k, k, P)
     index = gate_block_index(q, k_seq, csr, start, layer_gate, budget=limits[0], threshold=limits[1])
     assert index.block_size == P and index.start == start and index.num_queries == T
@@ -172,9 +180,13 @@ def test_engine_prefill_with_a_small_budget_computes_fewer_pairs(model):
 
 
 def test_a_gate_for_another_model_is_refused():
-    with pytest.raises(ValueError, match="the model has"):
-        GatePrefill(random_gate(2, 1, 4, 32, 16), budget=64).check_model(
-            CONFIG.num_layers, CONFIG.num_heads, CONFIG.num_kv_heads, CONFIG.head_dim)
+    with pytest.raises(GateFileInvalid, match="head_dim=32"):
+        check_gate_for_model(random_gate(CONFIG.num_layers, 1, 4, 32, 16), CONFIG)
+    fits = random_gate(CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.num_heads // CONFIG.num_kv_heads,
+                       CONFIG.head_dim, 16, model_rope_base=CONFIG.rope_theta)
+    check_gate_for_model(fits, CONFIG)
+    with pytest.raises(GateFileInvalid, match="model_rope_base"):  # rotates back with another model's RoPE
+        check_gate_for_model(fits, replace(CONFIG, rope_theta=CONFIG.rope_theta * 2))
 
 
 def test_generate_with_gate_prefill_and_gate_decode(tmp_path, capsys):

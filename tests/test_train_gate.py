@@ -12,7 +12,7 @@ from engine.config import ModelConfig
 from engine.model import random_model
 from engine.train_gate import capture, gate_for, gate_scores, kl_loss, mass_recall, quest_scores, recall_report, train
 from kvcache.gate_store import load_gate, save_gate
-from kvcache.methods.gate import gate_page_scores
+from kvcache.methods.gate import gate_logits, gate_page_scores
 
 CONFIG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=6, num_kv_heads=2,
                      head_dim=16)
@@ -72,9 +72,11 @@ def test_a_few_steps_lower_the_held_out_kl_and_the_trained_gate_loads_and_scores
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = random_model(CONFIG, seed=3)
-    train_caps = [capture(model, _ids(128, s), P, queries=96, seed=s) for s in (1, 2)]
-    held = [capture(model, _ids(128, 9), P, queries=96, seed=9)]
-    gate = gate_for(CONFIG, P, gate_dim=16)
+    gate = gate_for(CONFIG, P, gate_dim=16)  # pre-RoPE: captures rotate q and keys back with the model's base
+    base = gate.shape.model_rope_base
+    assert base == CONFIG.rope_theta
+    train_caps = [capture(model, _ids(128, s), P, queries=96, seed=s, model_rope_base=base) for s in (1, 2)]
+    held = [capture(model, _ids(128, 9), P, queries=96, seed=9, model_rope_base=base)]
     with torch.no_grad():
         before = float(kl_loss(gate, held[0], target=target))
     curve = train(gate, train_caps, held, steps=60, lr=1e-2, batch=64, eval_every=20, log=lambda *_: None,
@@ -85,10 +87,40 @@ def test_a_few_steps_lower_the_held_out_kl_and_the_trained_gate_loads_and_scores
     assert after < 0.8 * before, (before, after)
     path = save_gate(gate, tmp_path / "tiny.safetensors")
     back = load_gate(path, {"num_layers": 2, "num_kv_heads": 2, "group": 3, "head_dim": 16, "page_size": P})
-    q = torch.randn(2, 3, 16)
-    summary = torch.randn(7, 2, 3, 16)
-    torch.testing.assert_close(gate_page_scores(back.layer(1), q, summary),
-                               gate_page_scores(gate.layer(1), q, summary).detach())
+    assert back.shape == gate.shape
+    q, keys = torch.randn(2, 3, 16), torch.randn(2, 27, 16)
+    torch.testing.assert_close(gate_page_scores(back.layer(1), q, None, keys),
+                               gate_page_scores(gate.layer(1), q, None, keys).detach())
+
+
+def test_a_pre_rope_gate_scores_at_decode_as_it_was_trained():
+    """Training sees q and pooled keys rotated back at capture; decode rotates the store's (rotated) q and keys
+    back itself. For a captured query, the logits over the full pages before its own are the same both ways."""
+    torch.set_num_threads(1)
+    model = random_model(CONFIG, seed=3)
+    gate = gate_for(CONFIG, P, gate_dim=16, seed=2)
+    ids = _ids(64, 5)
+    cap = capture(model, ids, P, queries=12, seed=5, model_rope_base=gate.shape.model_rope_base)
+    assert cap.rotated is not None and not torch.allclose(cap.rotated[0], cap.q)
+    stored = {}
+
+    def keep(layer, q, k, v):
+        from engine.prefill import causal_attention
+
+        stored[layer] = (q[0], k[0])
+        return causal_attention(q[0], k[0], v[0])[None]
+
+    model(torch.tensor([ids]), torch.arange(64)[None], keep, last_only=True)
+    with torch.no_grad():
+        trained = gate_scores(gate, cap)  # log-probabilities over the pages between, [L, Hkv, Tq, n]
+    for layer in range(CONFIG.num_layers):
+        q, k = stored[layer]
+        for row, t in enumerate(cap.positions.tolist()):
+            own = t // P
+            served = gate_logits(gate.layer(layer), q[t].view(2, 3, 16), None, k[: t + 1].transpose(0, 1))
+            middle = slice(1, own)  # both softmaxes over these pages: compare log-probabilities
+            want = trained[layer, :, row, middle]
+            torch.testing.assert_close(torch.log_softmax(served[:, middle], -1), want, rtol=1e-4, atol=1e-4)
 
 
 def test_mass_recall_is_one_with_every_page_and_best_for_the_ground_truth_order():

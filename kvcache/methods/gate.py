@@ -6,11 +6,15 @@ Per layer and kv head (one GQA group of G query heads):
     key side    kg = RoPE(W_k [max, min, mean](page), page)      3*d -> dg  (the store's page summaries)
     scores      softmax_pages(qg . kg / sqrt(dg))
 RoPE: the store's keys (and the decode query) are already rotated by the model at their token
-positions, so the summaries are of rotated keys; min/max/mean over 16 rotated keys blur what
-position they carry. As in §3 the gate rotates its own dg-dimensional vectors again at block
-positions: a key vector at its page index, the query at the index of the page it sits in (the
-last page at decode), so the gate sees the distance in pages between query and page. Its base is
-`GateShape.rope_base` (saved with the weights).
+positions. A pre-RoPE gate (`GateShape.model_rope_base` > 0, what `kvcache train-gate` makes) first
+rotates q and every key back to position 0 with the model's RoPE, as SeerAttention's AttnGate takes
+the model's q and k before RoPE: the pooled [max, min, mean] is then of unrotated keys, and the
+gate's layers see nothing of where a page sits. A gate with model_rope_base 0 takes the store's
+rotated q and page summaries as they are; trained on 4K windows it meets rotations at 8K it never
+saw (README, "SeerAttention page gate"). Either way, as in §3, the gate rotates its own
+dg-dimensional vectors at block positions: a key vector at its page index, the query at the index
+of the page it sits in (the last page at decode), so the gate sees the distance in pages between
+query and page. Its base is `GateShape.rope_base`; both are saved with the weights.
 
 The first page (attention sink) and the last, partly filled page are always read; the gate ranks
 the pages between them, and a threshold applies to the scores renormalised over those pages
@@ -27,6 +31,7 @@ from torch import nn
 
 from kvcache.errors import InvalidParameter
 from kvcache.methods.dense import attend_rows
+from kvcache.methods.gather import gather_sequence
 from kvcache.methods.result import AttentionResult
 from kvcache.methods.traffic import gate_bytes
 from kvcache.pages import SUMMARY_MAX, SUMMARY_MEAN, SUMMARY_MIN
@@ -46,9 +51,15 @@ class GateShape:
     page_size: int
     gate_dim: int = GATE_DIM
     rope_base: float = 10000.0
+    model_rope_base: float = 0.0  # the model's RoPE base: q and keys are rotated back to position 0 first (0: not)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def pre_rope(self) -> bool:
+        """Whether the gate takes q and keys rotated back to position 0 (and so needs the keys, not the summaries)."""
+        return self.model_rope_base > 0
 
 
 class PageGate(nn.Module):
@@ -107,14 +118,60 @@ def gate_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Te
     return x * cos + rotated * sin
 
 
+def unrotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """x [..., d] as the model rotated it at `positions` (broadcast against x[..., 0]), rotated back to position 0."""
+    return gate_rope(x.float(), -positions, base)
+
+
+def page_summaries(rows: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """Min, max and mean of pages' rows [n, Hkv, P, d] over their first rows (held [n, P] bool, at least one)
+    -> [n, Hkv, 3, d] float32, laid out as the store's page summaries (kvcache.pages)."""
+    k = rows.float()
+    mask = held[:, None, :, None]
+    out = torch.empty((*k.shape[:2], 3, k.shape[3]), dtype=torch.float32, device=k.device)
+    out[:, :, SUMMARY_MAX] = k.masked_fill(~mask, float("-inf")).amax(2)
+    out[:, :, SUMMARY_MIN] = k.masked_fill(~mask, float("inf")).amin(2)
+    out[:, :, SUMMARY_MEAN] = k.masked_fill(~mask, 0.0).sum(2) / mask.sum(2).clamp_min(1)
+    return out
+
+
+def block_summaries(keys: torch.Tensor, block_size: int) -> torch.Tensor:
+    """page_summaries of keys [Hkv, S, d] over aligned blocks of block_size (the last one partial) -> [n, Hkv, 3, d]."""
+    Hkv, S, d = keys.shape
+    n = -(-S // block_size)
+    k = torch.nn.functional.pad(keys, (0, 0, 0, n * block_size - S)).view(Hkv, n, block_size, d).transpose(0, 1)
+    return page_summaries(k, (torch.arange(n * block_size, device=keys.device) < S).view(n, block_size))
+
+
 def pooled_keys(summary: torch.Tensor) -> torch.Tensor:
     """[max, min, mean] of each page's keys, concatenated: summary [n, Hkv, 3, d] -> [n, Hkv, 3d] float32."""
     s = summary.float()
     return torch.cat((s[:, :, SUMMARY_MAX], s[:, :, SUMMARY_MIN], s[:, :, SUMMARY_MEAN]), dim=-1)
 
 
-def gate_queries(g: LayerGate, q: torch.Tensor, q_page: torch.Tensor) -> torch.Tensor:
-    """Gate queries of q [..., Hkv, G, d] sitting in pages q_page [...] -> [..., Hkv, dg]."""
+def gate_pooled(g: LayerGate, summary: torch.Tensor | None, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """The key side's input [n, Hkv, 3d] of a sequence's pages: its page summaries [n, Hkv, 3, d] for a gate on rotated
+    vectors; for a pre-RoPE gate, its keys [Hkv, S, d] (positions 0..S-1) rotated back and pooled per page."""
+    if not g.shape.pre_rope:
+        return pooled_keys(summary if summary is not None else block_summaries(keys, g.shape.page_size))
+    if keys is None:
+        raise ValueError("a pre-RoPE gate pools the pages' keys rotated back, not the store's summaries of them")
+    back = unrotate(keys, torch.arange(keys.shape[1], device=keys.device), g.shape.model_rope_base)
+    return pooled_keys(block_summaries(back, g.shape.page_size))
+
+
+def gate_queries(g: LayerGate, q: torch.Tensor, q_page: torch.Tensor,
+                 q_position: torch.Tensor | None = None) -> torch.Tensor:
+    """Gate queries of q [..., Hkv, G, d] sitting in pages q_page [...] (at token positions q_position [...], which a
+    pre-RoPE gate rotates them back from) -> [..., Hkv, dg]."""
+    if g.shape.pre_rope:
+        q = unrotate(q, torch.as_tensor(q_position, device=q.device)[..., None, None], g.shape.model_rope_base)
+    return project_queries(g, q, q_page)
+
+
+def project_queries(g: LayerGate, q: torch.Tensor, q_page: torch.Tensor) -> torch.Tensor:
+    """Gate queries of q [..., Hkv, G, d] as the gate takes them (rotated back for a pre-RoPE gate), in pages
+    q_page [...] -> [..., Hkv, dg]: the group's heads through the query layer, at the page's index."""
     flat = q.float().flatten(-2)  # [..., Hkv, G*d]
     qg = torch.einsum("...hi,hio->...ho", flat, g.q_weight.float()) + g.q_bias.float()
     return gate_rope(qg, q_page[..., None], g.shape.rope_base)
@@ -128,17 +185,22 @@ def gate_keys(g: LayerGate, pooled: torch.Tensor, positions: torch.Tensor | None
     return gate_rope(kg, positions.to(pooled.device)[:, None], g.shape.rope_base)
 
 
-def gate_logits(g: LayerGate, q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
-    """Gate logits of a decode query q [Hkv, G, d] (in the last page) over summary [n, Hkv, 3, d] -> [Hkv, n]."""
-    n = summary.shape[0]
-    qg = gate_queries(g, q, torch.tensor(n - 1, device=q.device))  # [Hkv, dg]
-    kg = gate_keys(g, pooled_keys(summary))  # [n, Hkv, dg]
+def gate_logits(g: LayerGate, q: torch.Tensor, summary: torch.Tensor | None,
+                keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Gate logits of a decode query q [Hkv, G, d] (at the sequence's last position) over its pages -> [Hkv, n]: from
+    their summaries [n, Hkv, 3, d], or for a pre-RoPE gate from its keys [Hkv, S, d] (gate_pooled)."""
+    pooled = gate_pooled(g, summary, keys)  # [n, Hkv, 3d]
+    n = pooled.shape[0]
+    position = None if keys is None else torch.tensor(keys.shape[1] - 1, device=q.device)
+    qg = gate_queries(g, q, torch.tensor(n - 1, device=q.device), position)  # [Hkv, dg]
+    kg = gate_keys(g, pooled)  # [n, Hkv, dg]
     return torch.einsum("hd,nhd->hn", qg, kg) / math.sqrt(g.shape.gate_dim)
 
 
-def gate_page_scores(g: LayerGate, q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
-    """§3 block scores softmax(Qg Kg^T / sqrt(dg)) of q [Hkv, G, d] over the pages of summary -> [Hkv, n]."""
-    return torch.softmax(gate_logits(g, q, summary), dim=-1)
+def gate_page_scores(g: LayerGate, q: torch.Tensor, summary: torch.Tensor | None,
+                     keys: torch.Tensor | None = None) -> torch.Tensor:
+    """§3 block scores softmax(Qg Kg^T / sqrt(dg)) of q [Hkv, G, d] over its pages (as gate_logits) -> [Hkv, n]."""
+    return torch.softmax(gate_logits(g, q, summary, keys), dim=-1)
 
 
 def gate_select(scores: torch.Tensor, page_size: int, budget: int | None = None,
@@ -189,14 +251,17 @@ def check_gate_params(budget: int | None, threshold: float | None) -> None:
 
 
 def gate_choose(q: torch.Tensor, k_summary: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR,
-                budget: int | None, threshold: float | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(chosen [Hkv, t], count [Hkv]) of every sequence of q [B, Hq, d]."""
+                budget: int | None, threshold: float | None,
+                k_seq: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(chosen [Hkv, t], count [Hkv]) of every sequence of q [B, Hq, d] (a pre-RoPE gate reads the pages' keys,
+    k_seq [N, Hkv, P, d])."""
     B, Hq, d = q.shape
     Hkv = k_summary.shape[1]
     picks = []
     for b in range(B):
         qg = q[b].view(Hkv, Hq // Hkv, d)
-        scores = gate_page_scores(layer_gate, qg, k_summary[csr.pages_of(b)])
+        keys = gather_sequence(k_seq, csr, b) if layer_gate.shape.pre_rope else None
+        scores = gate_page_scores(layer_gate, qg, k_summary[csr.pages_of(b)], keys)
         picks.append(gate_select(scores, csr.page_size, budget, threshold))
     return picks
 
@@ -240,7 +305,7 @@ def gate(
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
     counts = []
-    for b, (chosen, count) in enumerate(gate_choose(q, k_summary, layer_gate, csr, budget, threshold)):
+    for b, (chosen, count) in enumerate(gate_choose(q, k_summary, layer_gate, csr, budget, threshold, k_seq)):
         out[b], lse[b] = attend_chosen_pages(q[b], k_seq, v_seq, csr, b, chosen, count, scale)
         counts.append(count.tolist())
     itemsize = k_seq.element_size()

@@ -10,7 +10,8 @@ kvcache.methods.minference_index. For query block M of the chunk:
     choice      blocks 0 (attention sink) and M (the diagonal) always; of the blocks between, the best by gate
                 score as at decode (kvcache.methods.gate.gate_select: token budget, probability threshold renormalised
                 over those blocks, or both), ties in block order.
-A group's G heads share the choice: they read the same K/V rows.
+A group's G heads share the choice: they read the same K/V rows. A pre-RoPE gate (kvcache.methods.gate) rotates
+each query and key back to position 0 before pooling.
 """
 
 from __future__ import annotations
@@ -19,25 +20,9 @@ import math
 
 import torch
 
-from kvcache.methods.gate import LayerGate, check_gate_params, gate_keys, gate_queries, pooled_keys
+from kvcache.methods.gate import LayerGate, check_gate_params, gate_keys, gate_pooled, project_queries, unrotate
 from kvcache.methods.minference_index import SparseIndex, _block_means, _check_chunk, _index, _query_blocks, chunk_keys
-from kvcache.pages import SUMMARY_MAX, SUMMARY_MEAN, SUMMARY_MIN
 from kvcache.table import PageTableCSR
-
-
-def block_summaries(keys: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Min, max and mean of keys [Hkv, S, d] over aligned blocks (the last one partial) -> [n, Hkv, 3, d] float32,
-    laid out as the store's page summaries (kvcache.pages)."""
-    Hkv, S, d = keys.shape
-    n = -(-S // block_size)
-    k = keys.float()
-    pad = n * block_size - S
-    out = torch.empty((n, Hkv, 3, d), dtype=torch.float32, device=keys.device)
-    for slot, fill, reduce in ((SUMMARY_MAX, float("-inf"), torch.amax), (SUMMARY_MIN, float("inf"), torch.amin)):
-        padded = torch.nn.functional.pad(k, (0, 0, 0, pad), value=fill).view(Hkv, n, block_size, d)
-        out[:, :, slot] = reduce(padded, dim=2).transpose(0, 1)
-    out[:, :, SUMMARY_MEAN] = _block_means(k, 0, n, block_size).transpose(0, 1)
-    return out
 
 
 def gate_block_logits(q: torch.Tensor, keys: torch.Tensor, start: int, layer_gate: LayerGate) -> torch.Tensor:
@@ -47,10 +32,12 @@ def gate_block_logits(q: torch.Tensor, keys: torch.Tensor, start: int, layer_gat
     Hkv = keys.shape[0]
     P = layer_gate.shape.page_size
     M = _query_blocks(start, T, P, q.device)
+    if layer_gate.shape.pre_rope:  # each query rotated back from its own position before the block's mean
+        q = unrotate(q, torch.arange(start, start + T, device=q.device)[:, None], layer_gate.shape.model_rope_base)
     q_bar = _block_means(q.permute(1, 0, 2), start - int(M[0]) * P, M.numel(), P)  # [Hq, nq, d]
     grouped = q_bar.view(Hkv, Hq // Hkv, M.numel(), d).permute(2, 0, 1, 3)  # [nq, Hkv, G, d]
-    qg = gate_queries(layer_gate, grouped, M)  # [nq, Hkv, dg]
-    kg = gate_keys(layer_gate, pooled_keys(block_summaries(keys, P)))  # [nkb, Hkv, dg]
+    qg = project_queries(layer_gate, grouped, M)  # [nq, Hkv, dg]
+    kg = gate_keys(layer_gate, gate_pooled(layer_gate, None, keys))  # [nkb, Hkv, dg]
     return torch.einsum("mhd,nhd->hmn", qg, kg) / math.sqrt(layer_gate.shape.gate_dim)
 
 
