@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from engine.prefill import PrefillChunk
+from engine.prefill import CountedPrefill, PrefillChunk
 from kvcache.gate_store import check_gate_shape
 from kvcache.methods.gate import PageGate, check_gate_params
 from kvcache.methods.gate_prefill import gate_block_index
@@ -32,30 +32,22 @@ def check_gate_for_model(gate: PageGate, config) -> None:
     check_gate_shape(gate.shape, expect, "for this model")
 
 
-class GatePrefill:
+class GatePrefill(CountedPrefill):
     """A chunk-aware prefill attention (engine.prefill.PrefillChunk): q [T, Hq, d], k/v [S, Hkv, d] -> out [T, Hq, d].
 
-    Counts what it computed: `pairs` of (query, key) against `causal_pairs` of dense causal prefill.
+    Counts what it computed (engine.prefill.CountedPrefill).
     """
 
-    chunk_aware = True
     appends_kv = False
 
     def __init__(self, gate: PageGate, *, budget: int | None = None, threshold: float | None = None,
                  backend: str = "auto") -> None:
+        super().__init__()
         check_gate_params(budget, threshold)
         self.gate = gate
         self.budget = budget
         self.threshold = threshold
         self.backend = backend
-        self.pairs = self.causal_pairs = self.calls = 0
-        self.seconds = 0.0
-
-    @property
-    def density(self) -> float:
-        """Query-key pairs computed over those of dense causal prefill, over every call so far."""
-        return self.pairs / max(self.causal_pairs, 1)
-
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -66,9 +58,5 @@ class GatePrefill:
         k_seq, v_seq, csr = paged(k, v, self.gate.shape.page_size)
         index = gate_block_index(q, k_seq, csr, start, layer_gate, budget=self.budget, threshold=self.threshold)
         out, _ = sparse_attention(q, k_seq, v_seq, csr, index, backend=self.backend)
-        pairs = index_pairs(index)
-        self.pairs += pairs[0]
-        self.causal_pairs += pairs[1]
-        self.calls += 1
-        self.seconds += time.perf_counter() - t0
+        self.count(index_pairs(index), t0)
         return out

@@ -23,23 +23,22 @@ from dataclasses import replace
 import torch
 
 from engine.patterns import PatternConfig
-from engine.prefill import PrefillChunk
+from engine.prefill import CountedPrefill, PrefillChunk
 from kvcache.methods.minference_index import BLOCK_SIZE
 from kvcache.minference_serving import build_index, index_pairs, paged, sparse_attention
 
 SERVED = ("none", "index", "attention")
 
 
-class MInferencePrefill:
+class MInferencePrefill(CountedPrefill):
     """A chunk-aware prefill attention (engine.prefill.PrefillChunk): q [T, Hq, d], k/v [S, Hkv, d] -> out [T, Hq, d].
 
-    Counts what it computed: `pairs` of (query, key) against `causal_pairs` of dense causal prefill.
+    Counts what it computed (engine.prefill.CountedPrefill).
     """
-
-    chunk_aware = True
 
     def __init__(self, patterns: PatternConfig, *, served: str = "none", backend: str = "auto",
                  block_size: int = BLOCK_SIZE) -> None:
+        super().__init__()
         if served not in SERVED:
             raise ValueError(f"served={served!r}; expected one of {SERVED}")
         self.patterns = patterns
@@ -47,13 +46,6 @@ class MInferencePrefill:
         self.backend = backend
         self.block_size = block_size
         self.appends_kv = served != "none"
-        self.pairs = self.causal_pairs = self.calls = 0
-        self.seconds = 0.0
-
-    @property
-    def density(self) -> float:
-        """Query-key pairs computed over those of dense causal prefill, over every call so far."""
-        return self.pairs / max(self.causal_pairs, 1)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -74,10 +66,7 @@ class MInferencePrefill:
                 r = client.sparse_prefill(chunk.seq_id, chunk.layer, q.to(dtype), start, heads, self.block_size,
                                           self.backend)
                 out, pairs = r.out.to(q.dtype), (r.pairs, r.causal_pairs)
-        self.pairs += pairs[0]
-        self.causal_pairs += pairs[1]
-        self.calls += 1
-        self.seconds += time.perf_counter() - t0
+        self.count(pairs, t0)
         return out
 
     def _local(self, q, k, v, start, heads, index=None) -> tuple[torch.Tensor, tuple[int, int]]:

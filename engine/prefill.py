@@ -10,6 +10,7 @@ that needs its layer and chunk says so (see PrefillChunk).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,29 @@ class PrefillChunk:
     seq_id: str
     client: KVCacheClient
     token_ids: Sequence[int]  # the chunk's tokens
+
+
+class CountedPrefill:
+    """Base of a chunk-aware sparse prefill attention: what it computed, `pairs` of (query, key) against
+    `causal_pairs` of dense causal prefill, over `calls` calls that took `seconds`."""
+
+    chunk_aware = True
+
+    def __init__(self) -> None:
+        self.pairs = self.causal_pairs = self.calls = 0
+        self.seconds = 0.0
+
+    @property
+    def density(self) -> float:
+        """Query-key pairs computed over those of dense causal prefill, over every call so far."""
+        return self.pairs / max(self.causal_pairs, 1)
+
+    def count(self, pairs: tuple[int, int], started: float) -> None:
+        """Add one call's (pairs computed, causal pairs), begun at time.perf_counter() `started`."""
+        self.pairs += pairs[0]
+        self.causal_pairs += pairs[1]
+        self.calls += 1
+        self.seconds += time.perf_counter() - started
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from kvcache import KVCacheConfig, KVStore
 from kvcache.gate_store import attach_gate, gate_key_cache, layer_gate_of
 from kvcache.methods.gate import GateShape, PageGate, gate_keys, gate_logits, gate_pooled
 from kvcache.methods.gather import gather_sequence
+from kvcache.tiers import DISK, HOST
 
 L, HKV, D, P = 2, 2, 16, 4
 MODEL_ROPE_BASE = {"rotated": 0.0, "pre_rope": 500.0}
@@ -185,3 +186,23 @@ def test_cuda_decode_appends_with_a_gate_attached_never_wait_for_the_gpu():
                 store.append(a, row, row, layer=layer)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_gate_attached_to_a_tiered_store_reads_the_rows_of_pages_off_the_device(tmp_path):
+    """Attaching pools every held page, wherever its K/V lives (pinned host, disk): the keys equal the reference's
+    on the sequence's keys as appended."""
+    gen = torch.Generator().manual_seed(6)
+    store = KVStore(KVCacheConfig(L, HKV, D, page_size=P, dtype=torch.float32, device_pages=4, host_pages=4,
+                                  disk_pages=8, disk_path=str(tmp_path), pinned_tail_pages=1))
+    sid = store.create().seq_id
+    k, v = _kv(gen, 37)  # 10 pages: most of them below the device tier
+    store.append(sid, k, v)
+    tiers = store.tiers.tier[store.page_table([sid], 0).pages_of(0)].tolist()
+    assert {HOST, DISK} <= set(tiers), tiers
+    gate = _gate(seed=3)
+    attach_gate(store, gate)
+    pages = store.page_table([sid], 0).pages_of(0)
+    for layer in range(L):
+        lg = gate.layer(layer)
+        want = gate_keys(lg, gate_pooled(lg, store.layer_view(layer).k_summary[pages], k[layer].transpose(0, 1)))
+        torch.testing.assert_close(gate_key_cache(store).keys[layer, pages], want, rtol=1e-5, atol=1e-5)

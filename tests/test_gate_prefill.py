@@ -101,13 +101,18 @@ def test_blocks_match_the_transcription(shape, limits, model_rope_base):
         torch.testing.assert_close(got[:, m, : want.shape[1]], want, rtol=1e-4, atol=1e-4)
 
 
-def test_a_budget_covering_every_block_is_dense_causal_prefill():
-    Hq, Hkv, d, P, start, T = 4, 2, 16, 16, 37, 113
-    gen = torch.Generator().manual_seed(3)
+def chunk(start: int, T: int, seed: int, Hq: int = 4, Hkv: int = 2, d: int = 16, P: int = 16):
+    """A chunk's q [T, Hq, d] at `start`, the keys and values so far [start + T, Hkv, d], and them as pages."""
+    gen = torch.Generator().manual_seed(seed)
     k, v = torch.randn((2, start + T, Hkv, d), generator=gen)
     q = torch.randn((T, Hq, d), generator=gen)
-    k_seq, v_seq, csr = paged(k, v, P)
-    index = gate_block_index(q, k_seq, csr, start, random_gate(1, Hkv, 2, d, P).layer(0), budget=start + T)
+    return q, k, v, *paged(k, v, P)
+
+
+def test_a_budget_covering_every_block_is_dense_causal_prefill():
+    start, T, P = 37, 113, 16
+    q, k, v, k_seq, v_seq, csr = chunk(start, T, seed=3)
+    index = gate_block_index(q, k_seq, csr, start, random_gate(1, 2, 2, 16, P).layer(0), budget=start + T)
     want = causal_index(q, start, block_size=P)
     assert torch.equal(index.block_index, want.block_index) and torch.equal(index.block_count, want.block_count)
     out, _ = sparse_attention(q, k_seq, v_seq, csr, index, backend="torch")
@@ -115,12 +120,9 @@ def test_a_budget_covering_every_block_is_dense_causal_prefill():
 
 
 def test_a_small_budget_reads_its_blocks_and_the_kernel_attends_to_exactly_them():
-    Hq, Hkv, d, P, start, T = 4, 2, 16, 16, 40, 120
-    gen = torch.Generator().manual_seed(4)
-    k, v = torch.randn((2, start + T, Hkv, d), generator=gen)
-    q = torch.randn((T, Hq, d), generator=gen)
-    k_seq, v_seq, csr = paged(k, v, P)
-    index = gate_block_index(q, k_seq, csr, start, random_gate(1, Hkv, 2, d, P).layer(0), budget=3 * P)
+    Hq, d, P, start, T = 4, 16, 16, 40, 120
+    q, k, v, k_seq, v_seq, csr = chunk(start, T, seed=4)
+    index = gate_block_index(q, k_seq, csr, start, random_gate(1, 2, 2, d, P).layer(0), budget=3 * P)
     M = torch.arange(index.num_query_blocks) + index.first_block
     assert torch.equal(index.block_count, torch.clamp(M + 1, max=3).expand(Hq, -1).to(torch.int32))
     pairs, causal = index_pairs(index)
