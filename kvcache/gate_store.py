@@ -109,13 +109,13 @@ _GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store -> (Pag
 class GateKeyCache:
     """The gate key kg = RoPE(W_k [max, min, mean](page), page index) of every layer, page id and kv head (§3).
 
-    A page's gate key depends only on its key summary and its index in its sequence, and a page
-    id sits at the same index in every sequence holding it (forks and the prefix cache share
-    leading pages in place; a freed id is rewritten from its first row before it is read again),
-    so decode scoring reads these dg values per page instead of recomputing a [3d x dg] product
-    and RoPE over every page each step. The store calls `update` after summaries change: a
-    decode step recomputes only its last page. Values equal kvcache.methods.gate.gate_keys on the
-    same summaries (the reference), rounded to `dtype`.
+    A page's gate key depends only on its keys (their summary, or for a pre-RoPE gate its rows rotated
+    back) and its index in its sequence, and a page id sits at the same index in every sequence
+    holding it (forks and the prefix cache share leading pages in place; a freed id is rewritten from
+    its first row before it is read again), so decode scoring reads these dg values per page instead
+    of recomputing a [3d x dg] product and RoPE over every page each step. The store calls `update`
+    after summaries change: a decode step recomputes only its last page. Values equal
+    kvcache.methods.gate.gate_keys of gate_pooled on the same keys (the reference), rounded to `dtype`.
     """
 
     def __init__(self, gate: PageGate, summary: torch.Tensor, dtype: torch.dtype,

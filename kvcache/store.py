@@ -71,8 +71,9 @@ class KVStore:
         self._seqs: dict[str, SequenceState] = {}
         # One lock for the page bookkeeping; the service adds per-sequence ordering on top.
         self._lock = threading.RLock()
-        # Called as fn(layers, page_ids, page_indexes) after those pages' key summaries change, with
-        # the pages' positions in their sequences (kvcache.gate_store keeps gate keys from them).
+        # Called as fn(layers, page_ids, page_indexes, fills) after those pages' key summaries change, with
+        # the pages' positions in their sequences and the rows each holds (kvcache.gate_store keeps gate
+        # keys from them).
         self.summary_listeners: list[Callable[[list[int], torch.Tensor, torch.Tensor, list[int]], None]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------

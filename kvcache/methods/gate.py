@@ -3,7 +3,8 @@ summaries, the choice of pages (token budget or probability threshold), exact at
 
 Per layer and kv head (one GQA group of G query heads):
     query side  qg = RoPE(W_q [q_1 .. q_G] + b_q, page(q))      G*d -> dg  (the group picks one set of pages)
-    key side    kg = RoPE(W_k [max, min, mean](page), page)      3*d -> dg  (the store's page summaries)
+    key side    kg = RoPE(W_k [max, min, mean](page), page)      3*d -> dg  (of the page's keys: the store's
+                                                                           summaries, or rotated back, below)
     scores      softmax_pages(qg . kg / sqrt(dg))
 RoPE: the store's keys (and the decode query) are already rotated by the model at their token
 positions. A pre-RoPE gate (`GateShape.model_rope_base` > 0, what `kvcache train-gate` makes) first
