@@ -359,6 +359,7 @@ def plot(report: dict, path: str) -> None:
                 if pts:
                     left.plot(*zip(*pts), marker=marker, label=f"{attention} C={C}")
         left.set_xscale("log", base=2)
+        left.set_yscale("symlog", linthresh=10)  # a few % near dense and thousands of % at 1/16 on one axis
         left.set_xlabel("attention bytes per token / dense")
         left.set_ylabel("perplexity change vs dense (%)")
         left.axhline(0, color="gray", lw=0.5)
