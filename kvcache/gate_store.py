@@ -132,24 +132,29 @@ class GateKeyCache:
         if len(page_ids) == 0:
             return
         dev = self.summary.device
-        P = self.gate.shape.page_size
         if len(page_ids) == 1:
-            # A decode step: a slice and aranges made on the device, because copying a CPU index
+            # A decode step: a slice and an arange made on the device, because copying a CPU index
             # tensor to the GPU would wait for the stream on every append of every layer.
             pid, index = int(page_ids[0]), int(indexes[0])
             ids: slice | torch.Tensor = slice(pid, pid + 1)
             positions = torch.arange(index, index + 1, device=dev)
-            held = (torch.arange(P, device=dev) < fills[0])[None]
         else:
             ids, positions = page_ids.to(dev, torch.long), indexes.to(dev)
-            held = torch.arange(P, device=dev)[None, :] < torch.tensor(fills, device=dev)[:, None]
+        held = self._held_rows(fills, dev) if self.gate.shape.pre_rope else None  # only a pre-RoPE gate reads rows
         with torch.no_grad():  # a gate being trained must not pull the store into its autograd graph
             for layer in layers:  # a decode step passes one layer; a prefill a few pages per layer
-                if self.gate.shape.pre_rope:
+                if held is not None:
                     pooled = self._pooled_rows(layer, page_ids, positions, held)
                 else:
                     pooled = pooled_keys(self.summary[layer, ids])
                 self.keys[layer, ids] = gate_keys(self.gate.layer(layer), pooled, positions).to(self.keys.dtype)
+
+    def _held_rows(self, fills: list[int], dev: torch.device) -> torch.Tensor:
+        """[n, P] bool: the rows each page holds; one page (a decode step) compares against an int, copying nothing."""
+        rows = torch.arange(self.gate.shape.page_size, device=dev)
+        if len(fills) == 1:
+            return (rows < fills[0])[None]
+        return rows[None, :] < torch.tensor(fills, device=dev)[:, None]
 
     def _pooled_rows(self, layer: int, page_ids: torch.Tensor, indexes: torch.Tensor,
                      held: torch.Tensor) -> torch.Tensor:

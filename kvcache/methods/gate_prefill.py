@@ -58,9 +58,8 @@ def select_blocks(logits: torch.Tensor, M: torch.Tensor, block_size: int, budget
         # The softmax over the blocks between, as decode renormalises the gate's scores over its middle pages.
         prob = torch.softmax(order.values, dim=-1).nan_to_num(0.0)  # a row with no middle block is all -inf
         take = torch.minimum(take, (prob >= threshold).sum(-1))
-    rank = torch.arange(nkb, device=dev)
     chosen = torch.zeros((H, nq, nkb), dtype=torch.bool, device=dev)
-    chosen.scatter_(-1, order.indices, rank[None, None, :] < take[..., None])
+    chosen.scatter_(-1, order.indices, ids[None, None, :] < take[..., None])  # ids double as ranks in the order
     chosen |= (ids[None, :] == 0) | (ids[None, :] == M[:, None])
     count = chosen.sum(-1)
     ascending = torch.where(chosen, ids, nkb).sort(dim=-1).values[..., : int(count.max())]
