@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "one): adds method gate to the grid (with --server, start the server with the same --gate)")
     p.add_argument("--gate-bytes", default="4,8", help="gate settings f: a token budget that reads 1/f of dense bytes")
     p.add_argument("--gate-pages", default="4,8", help="gate settings f: budget = pages/f (as many pages as quest f)")
+    p.add_argument("--gate-threshold", default="",
+                   help="gate settings by probability threshold, no budget: T (e.g. 0.01), or c/n for T = c over the "
+                        "pages between the first and the last at that context (the pages at least c times as likely "
+                        "as a uniform gate's); each step reads a data-dependent number of pages, counted")
     p.add_argument("--oracle-bytes", default="",
                    help="oracle settings f: the pages with the most true attention mass (kvcache.methods.oracle), "
                         "as many as gate bytes/f reads: the bound on any page selector at that budget")
@@ -73,9 +77,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_prefill_arguments(p)
 
 
+def gate_threshold_at(setting: str, context: int, page_size: int) -> float:
+    """The gate threshold (a probability) of an eval setting at `context` tokens: "T" as is, "c/n" as c over the
+    pages between the first and the last."""
+    text = setting.strip()
+    if text.endswith("/n"):
+        middle = max(1, -(-context // page_size) - 2)
+        threshold = float(text[:-2]) / middle
+    else:
+        threshold = float(text)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"gate threshold {setting!r} at {context} tokens is {threshold:.4g}, not in [0, 1]")
+    return threshold
+
+
 def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes: str = "", gate_pages: str = "",
                 itemsize: int = 4, head_dim: int = 64, gate_dim: int = GATE_DIM,
-                quest_bytes: str = "", oracle_bytes: str = "") -> list[tuple[str, AttentionSpec]]:
+                quest_bytes: str = "", oracle_bytes: str = "", gate_threshold: str = "") -> list[tuple[str, AttentionSpec]]:
     """(label, spec) of dense and every SparQ, Quest, gate and oracle setting at a context of `context` positions
     (a store of `itemsize`-byte K/V of `head_dim`; gate keys of `gate_dim` in the same dtype)."""
     grid = [("dense", AttentionSpec("dense", {}))]
@@ -99,6 +117,9 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
         f = int(item)
         pages = max(1, -(-context // page_size) // f)
         grid.append((f"gate pages/{f}", AttentionSpec("gate", {"budget": pages * page_size})))
+    for item in filter(None, gate_threshold.split(",")):
+        threshold = gate_threshold_at(item, context, page_size)
+        grid.append((f"gate thr={item.strip()}", AttentionSpec("gate", {"threshold": threshold})))
     for item in filter(None, oracle_bytes.split(",")):
         f = int(item)  # the pages gate bytes/f reads, chosen by true attention mass
         budget = gate_budget_for_share(context, page_size, 1 / f, head_dim, itemsize, gate_dim, itemsize)
@@ -204,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
         report["gate"] = args.gate
     gate_grid = (args.gate_bytes, args.gate_pages) if args.gate else ("", "")
     grid_cost = {"head_dim": model.config.head_dim, "gate_dim": gate_dim, "quest_bytes": args.quest_bytes,
-                 "oracle_bytes": args.oracle_bytes}
+                 "oracle_bytes": args.oracle_bytes, "gate_threshold": args.gate_threshold if args.gate else ""}
     text_ids = tok.encode(long_text())
     if args.windows < 1 or args.window_stride < 0:
         raise SystemExit("--windows must be at least 1 and --window-stride not negative")
@@ -287,8 +308,7 @@ def main(args: argparse.Namespace) -> int:
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {args.json}")
-    if args.plot:
-        plot(report, args.plot)
+    if args.plot and plot(report, args.plot):
         print(f"wrote {args.plot}")
     return 0
 
@@ -336,9 +356,16 @@ def _spec(spec: AttentionSpec) -> dict:
     return {"attention": spec.method, "params": dict(spec.params)}
 
 
-def plot(report: dict, path: str) -> None:
+def _series(row: dict) -> str:
+    """The plot's series of a perplexity row: its attention method, gate rows by threshold apart."""
+    thresholded = row["attention"] == "gate" and row.get("params", {}).get("threshold") is not None
+    return "gate thr" if thresholded else row["attention"]
+
+
+def plot(report: dict, path: str) -> bool:
     """Perplexity change against attention bytes per token (relative to dense) of the decode methods, against the
-    anchor's share of the block for Star Attention rows, and passkey accuracy; a panel only where there are rows."""
+    anchor's share of the block for Star Attention rows, and passkey accuracy; a panel only where there are rows
+    (False, and no file, with none)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,15 +374,19 @@ def plot(report: dict, path: str) -> None:
     scored = report.get("perplexity_mean", report["perplexity"])  # several windows: one point per setting
     sparse = [r for r in scored if r["attention"] != "dense"]
     star = [r for r in scored if r["prefill"] == "star"]
-    panels = 1 + bool(sparse) + bool(star)
+    passkeys = report.get("passkey", [])
+    panels = bool(sparse) + bool(star) + bool(passkeys)
+    if not panels:
+        return False
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     axes = list(axes[0])
     if sparse:
         left = axes.pop(0)
         for C in sorted({r["context"] for r in sparse}):
             rows = [r for r in sparse if r["context"] == C]
-            for attention, marker in (("sparq", "o"), ("quest", "s"), ("gate", "^"), ("oracle", "*")):
-                pts = sorted((r["bytes_vs_dense"], 100 * r["vs_dense"]) for r in rows if r["attention"] == attention)
+            for attention, marker in (("sparq", "o"), ("quest", "s"), ("gate", "^"), ("gate thr", "v"),
+                                      ("oracle", "*")):
+                pts = sorted((r["bytes_vs_dense"], 100 * r["vs_dense"]) for r in rows if _series(r) == attention)
                 if pts:
                     left.plot(*zip(*pts), marker=marker, label=f"{attention} C={C}")
         left.set_xscale("log", base=2)
@@ -375,12 +406,14 @@ def plot(report: dict, path: str) -> None:
         middle.set_ylabel("perplexity change vs dense prefill (%)")
         middle.axhline(0, color="gray", lw=0.5)
         middle.legend(fontsize=7)
-    right = axes.pop(0)
-    methods = list(dict.fromkeys(r["method"] for r in report["passkey"]))
-    acc = [sum(r["correct"] for r in report["passkey"] if r["method"] == m) /
-           max(1, sum(1 for r in report["passkey"] if r["method"] == m)) for m in methods]
-    right.barh(methods, acc)
-    right.set_xlabel("passkey accuracy (all lengths and depths)")
-    right.set_xlim(0, 1)
+    if passkeys:
+        right = axes.pop(0)
+        methods = list(dict.fromkeys(r["method"] for r in passkeys))
+        acc = [sum(r["correct"] for r in passkeys if r["method"] == m) /
+               max(1, sum(1 for r in passkeys if r["method"] == m)) for m in methods]
+        right.barh(methods, acc)
+        right.set_xlabel("passkey accuracy (all lengths and depths)")
+        right.set_xlim(0, 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return True

@@ -307,6 +307,33 @@ def test_the_eval_grid_gate_budget_reads_the_asked_share_of_dense_bytes():
         assert abs(got / dense - 1 / f) < 0.02, (f, got / dense)
 
 
+def test_the_eval_grid_gate_threshold_rows_are_relative_to_the_pages_between_or_absolute():
+    from engine.eval_cli import gate_threshold_at, method_grid
+    from kvcache.methods.gate import gate_page_scores, gate_select
+    from kvcache.methods.traffic import gate_bytes
+
+    hkv, G, S, P16 = 2, 3, 2048, 16
+    middle = S // P16 - 2
+    grid = dict(method_grid(S, P16, "", "", gate_threshold="2/n, 0.01", head_dim=D, gate_dim=32))
+    assert grid["gate thr=2/n"].params == {"threshold": pytest.approx(2 / middle)}
+    assert grid["gate thr=0.01"].params == {"threshold": 0.01}
+    assert gate_threshold_at("3/n", S + 1, P16) == pytest.approx(3 / (middle + 1))  # a partial page counts
+    for bad in ("200/n", "1.5", "-0.1", "x"):
+        with pytest.raises(ValueError):
+            gate_threshold_at(bad, S, P16)
+
+    # Served: the rows counted are the pages gate_select keeps at that threshold, renormalised over the middle.
+    gate = _gate(hkv, G, page_size=P16)
+    client, ids, q, keys = _client_with([S], hkv, G, page_size=P16, gate=gate)
+    spec = grid["gate thr=2/n"]
+    got = client.attend(ids, 1, q[:1], spec.method, spec.params)
+    summary = client.store.layer_view(1).k_summary[client.store.page_table(ids, 1).pages_of(0)]
+    _, count = gate_select(gate_page_scores(gate.layer(1), q[0].view(hkv, G, D), summary), P16,
+                           threshold=spec.params["threshold"])
+    assert 2 < count.max() < S // P16  # data-dependent: neither only the first and last nor every page
+    assert got.bytes_read == gate_bytes([S], P16, [count.tolist()], D, 4, 32, 4)
+
+
 def test_the_eval_grid_quest_bytes_rows_read_the_asked_share_of_dense_bytes():
     from engine.eval_cli import method_grid
 
