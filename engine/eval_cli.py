@@ -93,7 +93,8 @@ def gate_threshold_at(setting: str, context: int, page_size: int) -> float:
 
 def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes: str = "", gate_pages: str = "",
                 itemsize: int = 4, head_dim: int = 64, gate_dim: int = GATE_DIM,
-                quest_bytes: str = "", oracle_bytes: str = "", gate_threshold: str = "") -> list[tuple[str, AttentionSpec]]:
+                quest_bytes: str = "", oracle_bytes: str = "",
+                gate_threshold: str = "") -> list[tuple[str, AttentionSpec]]:
     """(label, spec) of dense and every SparQ, Quest, gate and oracle setting at a context of `context` positions
     (a store of `itemsize`-byte K/V of `head_dim`; gate keys of `gate_dim` in the same dtype)."""
     grid = [("dense", AttentionSpec("dense", {}))]
@@ -233,6 +234,11 @@ def main(args: argparse.Namespace) -> int:
     for C, start in windows:  # all checked before the first is scored
         if start + C > len(text_ids):
             raise SystemExit(f"a window of {C} tokens at {start} passes the end of the text ({len(text_ids)} tokens)")
+    for n in contexts + lengths:  # and every setting at every length (a c/n threshold depends on it)
+        try:
+            method_grid(n, args.page_size, args.sparq, args.quest, *gate_grid, **grid_cost)
+        except ValueError as exc:
+            raise SystemExit(f"kvcache eval: a setting does not apply at {n} tokens: {exc}") from None
     for C, start in windows:
         window = text_ids[start : start + C]
         full = method_grid(C, args.page_size, args.sparq, args.quest, *gate_grid, **grid_cost)

@@ -250,3 +250,29 @@ def test_eval_scores_the_oracle_page_choice(model, tmp_path, monkeypatch):
     budget = gate_budget_for_share(128, 8, 1 / 2, CONFIG.head_dim, 4, GATE_DIM, 4)
     assert oracle["attention"] == "oracle" and oracle["params"] == {"budget": budget}
     assert 0 < oracle["bytes_vs_dense"] < 1 and oracle["vs_dense"] != 0
+
+
+def test_eval_scores_gate_threshold_settings_and_refuses_one_that_does_not_apply(model, tmp_path, monkeypatch):
+    from engine import load
+    from kvcache.cli import main
+    from kvcache.gate_store import save_gate
+    from kvcache.methods.gate import GateShape, PageGate
+
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    G = CONFIG.num_heads // CONFIG.num_kv_heads
+    gate = save_gate(PageGate(GateShape(CONFIG.num_layers, CONFIG.num_kv_heads, G, CONFIG.head_dim, 8, gate_dim=16),
+                              seed=3), tmp_path / "tiny.safetensors")
+    out = tmp_path / "eval.json"
+    flags = ["eval", "--gate", str(gate), "--contexts", "128", "--eval-tokens", "8", "--agree-tokens", "4",
+             "--passkey-lengths", "", "--sparq", "", "--quest", "", "--gate-bytes", "", "--gate-pages", "",
+             "--page-size", "8", "--json", str(out), "--plot", str(tmp_path / "eval.png")]
+    assert main(flags + ["--gate-threshold", "2/n,0.05"]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["perplexity"]}
+    assert rows["gate thr=2/n"]["params"] == {"threshold": pytest.approx(2 / (128 // 8 - 2))}
+    assert rows["gate thr=0.05"]["params"] == {"threshold": 0.05}
+    assert all(0 < rows[m]["bytes_vs_dense"] < 1.2 for m in ("gate thr=2/n", "gate thr=0.05"))
+    assert (tmp_path / "eval.png").stat().st_size > 0
+    out.unlink()
+    with pytest.raises(SystemExit, match="does not apply at 128 tokens"):  # 20/14 > 1, refused before any scoring
+        main(flags + ["--gate-threshold", "2/n,20/n"])
+    assert not out.exists()
