@@ -5,7 +5,7 @@ MODE_PAGES (the page-list attention Quest uses).
 With a token budget the step has no host sync and no per-sequence Python loop, so it can be
 captured in a CUDA graph: every count is on the device, the host plans from csr.host_lens only.
 With a threshold the number of pages is data-dependent: the scores come from the same kernels and
-the choice from the reference's gate_select, per sequence (that path syncs).
+the choice from gate_select_rows (torch, every group at once); only the bytes counted need a sync.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import triton
 from kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages, select_workspace
 from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
 from kernels.pdl import pdl_for_rows
-from kvcache.methods.gate import LayerGate, check_gate_params, gate_keys, gate_pooled, gate_select, pooled_keys
+from kvcache.methods.gate import LayerGate, check_gate_params, gate_keys, gate_pooled, gate_select_rows, pooled_keys
 from kvcache.methods.gather import gather_sequence
 from kvcache.methods.traffic import gate_budget_pages, gate_bytes
 from kvcache.table import PageTableCSR
@@ -58,16 +58,10 @@ def gate_choose_triton(
     if threshold is None:
         chosen = select_pages(sel, counts, ws, gate_budget_pages(csr.max_len, P, budget), pdl=pdl)
         return chosen, counts["list_len"]
-    picks = []
-    for b, S in enumerate(csr.host_lens):  # threshold: the count per group is data-dependent
-        n = -(-S // P)
-        scores = torch.softmax(logits[b * Hkv : (b + 1) * Hkv, :n], dim=-1)
-        picks.append(gate_select(scores, P, budget, threshold))
-    t_max = max(chosen.shape[1] for chosen, _ in picks)
-    chosen_all = torch.zeros((len(picks) * Hkv, t_max), dtype=torch.int32, device=q.device)
-    for b, (chosen, _) in enumerate(picks):
-        chosen_all[b * Hkv : (b + 1) * Hkv, : chosen.shape[1]] = chosen.to(torch.int32)
-    return chosen_all, torch.cat([count for _, count in picks]).to(torch.int32)
+    # The count per group is data-dependent; all groups are chosen at once, still without a sync.
+    pages = (csr.indptr[1:] - csr.indptr[:-1]).repeat_interleave(Hkv)
+    chosen, count = gate_select_rows(logits, pages, P, budget, threshold)
+    return chosen.to(torch.int32), count.to(torch.int32)
 
 
 def gate_decode(

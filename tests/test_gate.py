@@ -293,6 +293,23 @@ def test_a_budget_for_a_share_of_dense_bytes_reads_that_share():
         assert abs(got / dense - 1 / f) < 0.02, (f, got / dense)
 
 
+@pytest.mark.parametrize("budget,threshold", [(None, 0.05), (None, 0.0), (5 * P, None), (7 * P + 1, 0.02),
+                                              (2 * P, 0.1), (None, 1.0)])
+def test_selecting_all_rows_at_once_matches_gate_select_row_by_row(budget, threshold):
+    from kvcache.methods.gate import gate_select_rows
+
+    gen = torch.Generator().manual_seed(5)
+    pages = torch.tensor([1, 2, 3, 9, 17, 40, 40, 6])  # one page, two, then some pages between, odd counts
+    logits = torch.randn((len(pages), 40), generator=gen) * 3
+    logits[3, 9:] = float("nan")  # past a row's pages the scoring kernel leaves garbage
+    chosen, count = gate_select_rows(logits, pages, P, budget, threshold)
+    for r, n in enumerate(pages.tolist()):
+        ref, ref_count = gate_select(torch.softmax(logits[r : r + 1, :n], dim=-1), P, budget, threshold)
+        assert int(count[r]) == int(ref_count[0]), r
+        assert chosen[r, : count[r]].tolist() == ref[0, : ref_count[0]].tolist(), r
+        assert (chosen[r, count[r] :] == n - 1).all()
+
+
 def test_the_eval_grid_gate_budget_reads_the_asked_share_of_dense_bytes():
     from engine.eval_cli import method_grid
 

@@ -233,6 +233,30 @@ def gate_select(scores: torch.Tensor, page_size: int, budget: int | None = None,
     return chosen, count + 2
 
 
+def gate_select_rows(logits: torch.Tensor, pages: torch.Tensor, page_size: int, budget: int | None = None,
+                     threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_select of many rows at once, without a host sync: row r holds the logits [R, M] of its first pages[r]
+    pages (the rest are ignored); -> (chosen [R, 2 + keep] int64, count [R]), row by row as gate_select gives them
+    (entries past count repeat the row's last page)."""
+    R, M = logits.shape
+    dev = logits.device
+    n = pages.to(dev, torch.long)
+    width = max(0, M - 2) if budget is None else min(max(0, M - 2), max(0, -(-budget // page_size) - 2))
+    # Softmax over the pages between the first and the last only: the scores renormalised over them. Columns
+    # past a row's pages get 0 and sort after its own (stable sort); a row without pages between is NaN, kept by
+    # neither budget nor threshold.
+    past = torch.arange(1, M, device=dev)[None, :] >= (n - 1)[:, None]
+    between = torch.softmax(logits[:, 1:].float().masked_fill(past, float("-inf")), dim=-1)
+    values, indices = torch.sort(between, dim=-1, descending=True, stable=True)
+    count = (n - 2).clamp(0, width)
+    if threshold is not None:
+        count = torch.minimum(count, (values >= threshold).sum(-1))  # sorted: the ones above come first
+    last = (n - 1).clamp_min(0)[:, None]
+    best = torch.where(torch.arange(width, device=dev)[None, :] < count[:, None], indices[:, :width] + 1, last)
+    chosen = torch.cat((torch.zeros_like(last), last, best), dim=-1)
+    return chosen, torch.where(n <= 2, n, count + 2)
+
+
 def check_budget(method: str, budget: object) -> None:
     """Raise InvalidParameter, naming `method`, unless budget (tokens) is a positive int."""
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
