@@ -59,8 +59,7 @@ def gate_choose_triton(
         chosen = select_pages(sel, counts, ws, gate_budget_pages(csr.max_len, P, budget), pdl=pdl)
         return chosen, counts["list_len"]
     # The count per group is data-dependent; all groups are chosen at once, still without a sync.
-    pages = (csr.indptr[1:] - csr.indptr[:-1]).repeat_interleave(Hkv)
-    chosen, count = gate_select_rows(logits, pages, P, budget, threshold)
+    chosen, count = gate_select_rows(logits, csr.page_counts().repeat_interleave(Hkv), P, budget, threshold)
     return chosen.to(torch.int32), count.to(torch.int32)
 
 

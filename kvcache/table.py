@@ -36,14 +36,18 @@ class PageTableCSR:
         """Number of sequences B."""
         return self.last_page_len.numel()
 
+    def page_counts(self) -> torch.Tensor:
+        """Pages of each sequence [B] (int64), on the page table's device."""
+        return (self.indptr[1:] - self.indptr[:-1]).long()
+
     def seq_lens(self) -> torch.Tensor:
         """Cached positions S of each sequence [B] (int64)."""
-        num_pages = (self.indptr[1:] - self.indptr[:-1]).long()
+        num_pages = self.page_counts()
         return torch.where(num_pages > 0, (num_pages - 1) * self.page_size + self.last_page_len.long(), 0)
 
     def page_indexes(self) -> torch.Tensor:
         """[len(indices)] int64: the index of each entry of `indices` within its own sequence (0, 1, ... per row)."""
-        counts = (self.indptr[1:] - self.indptr[:-1]).long()
+        counts = self.page_counts()
         starts = torch.repeat_interleave(self.indptr[:-1].long(), counts)
         return torch.arange(len(self.indices), device=starts.device) - starts
 

@@ -282,7 +282,7 @@ def _triton(store, seq_ids, csr: PageTableCSR, layer: int, method: str, q, param
         if method == "quest":
             items, list_len = quest_select(q, view.k_summary, csr, params["top_pages"], scale)
         else:  # dense: every page of every sequence
-            n_pages = (csr.indptr[1:] - csr.indptr[:-1]).repeat_interleave(Hkv)
+            n_pages = csr.page_counts().repeat_interleave(Hkv)
             max_pages = max(-(-S // P) for S in csr.host_lens)
             items = torch.arange(max_pages, dtype=torch.int32, device=q.device).expand(BH, -1).contiguous()
             list_len = n_pages.int()

@@ -238,7 +238,7 @@ def gate_select_rows(logits: torch.Tensor, pages: torch.Tensor, page_size: int, 
     """gate_select of many rows at once, without a host sync: row r holds the logits [R, M] of its first pages[r]
     pages (the rest are ignored); -> (chosen [R, 2 + keep] int64, count [R]), row by row as gate_select gives them
     (entries past count repeat the row's last page)."""
-    R, M = logits.shape
+    M = logits.shape[1]
     dev = logits.device
     n = pages.to(dev, torch.long)
     width = max(0, M - 2) if budget is None else min(max(0, M - 2), max(0, -(-budget // page_size) - 2))
