@@ -55,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     rpc.add_argument("--server-cpus", help="run the server on these CPUs (kvcache serve --cpus), e.g. 1 or 8-15")
     rpc.add_argument("--engine-cpus", help="run this process and its engine processes on these CPUs, e.g. 0 or 0-7")
     rpc.add_argument("--json", help="write the report here")
+    rpc_floor = bench_sub.add_parser("rpc-floor", help="the least gRPC can add per layer call: a bare attend-shaped "
+                                                       "round trip, and waiting for an in-process call's result")
+    rpc_floor.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the bare server and the "
+                                                          "store put tensors")
+    rpc_floor.add_argument("--context", type=int, default=4096, help="cached positions of the in-process store")
+    rpc_floor.add_argument("--calls", type=int, default=2000, help="timed round trips and layer calls of each kind")
+    rpc_floor.add_argument("--server-cpus", help="run the bare server on these CPUs, e.g. 8-15")
+    rpc_floor.add_argument("--engine-cpus", help="run this process on these CPUs, e.g. 0-7")
+    rpc_floor.add_argument("--json", help="write the report here")
     layer_call = bench_sub.add_parser("layer-call", help="a decode layer call's append and whole wall time, "
                                                          "in-process (Triton append against torch)")
     layer_call.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
@@ -115,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.rpc import main as bench_rpc
 
         return bench_rpc(args)
+    elif args.command == "bench" and args.bench == "rpc-floor":
+        from bench.rpc_floor import main as bench_rpc_floor
+
+        return bench_rpc_floor(args)
     elif args.command == "bench" and args.bench == "dense-cpu":
         from bench.dense_cpu import main as bench_dense_cpu
 

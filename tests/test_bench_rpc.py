@@ -38,3 +38,14 @@ def test_bench_rpc_pins_server_and_engines_where_asked(tmp_path):
     report = json.loads(out.read_text())
     assert (report["server_cpus"], report["engine_cpus"]) == (cpu, cpu)
     assert [r["client"] for r in report["rows"]][:2] == ["in-process", "grpc-stream"]
+
+
+def test_bench_rpc_floor_reports_the_wire_the_host_wait_and_their_sum(tmp_path):
+    out = tmp_path / "floor.json"
+    assert main(["bench", "rpc-floor", "--calls", "30", "--context", "40", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for row in ("wire", "in_process", "in_process_waited"):
+        assert 0 < report[row]["p10_us"] <= report[row]["median_us"] <= report[row]["p90_us"]
+    assert report["host_wait_us"] == report["in_process_waited"]["median_us"] - report["in_process"]["median_us"]
+    assert report["floor_added_us"] == report["wire"]["median_us"] + max(0.0, report["host_wait_us"])
+    assert report["goal_us"] == 200.0 and report["calls"] == 30 and report["context"] == 40
