@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oracle-bytes", default="",
                    help="oracle settings f: the pages with the most true attention mass (kvcache.methods.oracle), "
                         "as many as gate bytes/f reads: the bound on any page selector at that budget")
+    p.add_argument("--oracle-share", default="",
+                   help="oracle settings by the share of K/V rows read (budget = share x context, whole pages), with "
+                        "no scoring cost: the bound on any page selector reading that many rows, at any --page-size")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--server", help="host:port of a `kvcache serve` to decode through (default: in-process)")
     p.add_argument("--star", action="store_true", help="also Star Attention (ALGORITHMS.md §4): the context encoded in "
@@ -94,7 +97,7 @@ def gate_threshold_at(setting: str, context: int, page_size: int) -> float:
 def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes: str = "", gate_pages: str = "",
                 itemsize: int = 4, head_dim: int = 64, gate_dim: int = GATE_DIM,
                 quest_bytes: str = "", oracle_bytes: str = "",
-                gate_threshold: str = "") -> list[tuple[str, AttentionSpec]]:
+                gate_threshold: str = "", oracle_share: str = "") -> list[tuple[str, AttentionSpec]]:
     """(label, spec) of dense and every SparQ, Quest, gate and oracle setting at a context of `context` positions
     (a store of `itemsize`-byte K/V of `head_dim`; gate keys of `gate_dim` in the same dtype)."""
     grid = [("dense", AttentionSpec("dense", {}))]
@@ -125,6 +128,12 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
         f = int(item)  # the pages gate bytes/f reads, chosen by true attention mass
         budget = gate_budget_for_share(context, page_size, 1 / f, head_dim, itemsize, gate_dim, itemsize)
         grid.append((f"oracle bytes/{f}", AttentionSpec("oracle", {"budget": budget})))
+    for item in filter(None, oracle_share.split(",")):
+        share = float(item)
+        if not 0 < share <= 1:
+            raise ValueError(f"an oracle share is in (0, 1]; got {item}")
+        budget = max(2 * page_size, int(context * share) // page_size * page_size)
+        grid.append((f"oracle share={item.strip()}", AttentionSpec("oracle", {"budget": budget})))
     return grid
 
 
@@ -226,7 +235,8 @@ def main(args: argparse.Namespace) -> int:
         report["gate"] = args.gate
     gate_grid = (args.gate_bytes, args.gate_pages) if args.gate else ("", "")
     grid_cost = {"head_dim": model.config.head_dim, "gate_dim": gate_dim, "quest_bytes": args.quest_bytes,
-                 "oracle_bytes": args.oracle_bytes, "gate_threshold": args.gate_threshold if args.gate else ""}
+                 "oracle_bytes": args.oracle_bytes, "oracle_share": args.oracle_share,
+                 "gate_threshold": args.gate_threshold if args.gate else ""}
     text_ids = tok.encode(long_text())
     if args.windows < 1 or args.window_stride < 0:
         raise SystemExit("--windows must be at least 1 and --window-stride not negative")

@@ -362,3 +362,23 @@ def test_the_eval_grid_quest_bytes_rows_read_the_asked_share_of_dense_bytes():
         spec = grid[f"quest bytes/{f}"]
         got = client.attend(ids, 1, q[:1], spec.method, spec.params).bytes_read
         assert abs(got / dense - 1 / f) < 0.02, (f, got / dense)
+
+
+def test_the_eval_grid_oracle_share_rows_read_that_share_of_rows_at_any_page_size():
+    from engine.eval_cli import method_grid
+
+    hkv, G, S = 2, 3, 1000  # not a whole number of pages
+    for P in (4, 8, 16):
+        client, ids, q, _ = _client_with([S], hkv, G, page_size=P)
+        dense = client.attend(ids, 1, q[:1], "dense").bytes_read
+        grid = dict(method_grid(S, P, "", "", oracle_share="0.0625, 0.25"))
+        for share in (0.0625, 0.25):
+            spec = grid[f"oracle share={share}"]
+            assert spec.params == {"budget": int(S * share) // P * P}
+            got = client.attend(ids, 1, q[:1], spec.method, spec.params).bytes_read
+            # rounded down to whole pages, and the budget counts the partly filled last page whole
+            assert abs(got / dense - share) <= 2 * P / S, (P, share, got / dense)
+    assert dict(method_grid(S, 16, "", "", oracle_share="0.001"))["oracle share=0.001"].params == {"budget": 32}
+    for bad in ("0", "1.5", "x"):
+        with pytest.raises(ValueError):
+            method_grid(S, 16, "", "", oracle_share=bad)
