@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate", help="page gate for --method gate and --prefill gate: a name under engine/gates/ or a "
                                   "path (default smollm2-135m; `kvcache train-gate` makes one). With --server, the "
                                   "server's own gate (kvcache serve --gate) serves --method gate")
+    p.add_argument("--dense-layers", default="",
+                   help="layers (e.g. 7 or 4-7,12) that read every page whatever --method: where a sparse method's "
+                        "choice was measured to cost the most (kvcache eval --gate-oracle-layers finds them)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
@@ -108,8 +111,21 @@ def prefill_attention(args: argparse.Namespace, config):
     return MInferencePrefill(config_of_patterns, served=args.minference_served)
 
 
-def attention_spec(args: argparse.Namespace) -> AttentionSpec:
-    """The decode method and its parameters from the flags."""
+def attention_spec(args: argparse.Namespace, num_layers: int | None = None) -> AttentionSpec:
+    """The decode method and its parameters from the flags (--dense-layers checked against `num_layers`)."""
+    from dataclasses import replace
+
+    from engine.decode import parse_layers
+
+    spec = _method_spec(args)
+    try:
+        dense = parse_layers(getattr(args, "dense_layers", ""), num_layers)
+    except ValueError as exc:
+        raise SystemExit(f"--dense-layers: {exc}") from None
+    return replace(spec, layers=dict.fromkeys(dense, ("dense", {}))) if dense else spec
+
+
+def _method_spec(args: argparse.Namespace) -> AttentionSpec:
     from engine.decode import AttentionSpec
 
     if args.method == "sparq":
@@ -181,7 +197,7 @@ def _generate(args: argparse.Namespace) -> int:
     load_seconds = time.perf_counter() - t0
     prompt_len = len(tokenizer.prompt_ids(prompt, args.chat))
     client = _client(args, model.config, prompt_len + args.max_new_tokens)
-    spec = attention_spec(args)
+    spec = attention_spec(args, model.config.num_layers)
     if spec.method == "gate" and hasattr(client, "store"):  # in-process; a server holds its own (serve --gate)
         from engine.gate_prefill import check_gate_for_model
         from kvcache.gate_store import DEFAULT_GATE, attach_gate, load_gate
@@ -204,6 +220,7 @@ def _generate(args: argparse.Namespace) -> int:
     summary = {
         "method": spec.method,
         "params": dict(spec.params),
+        "layers": {str(layer): method for layer, (method, _) in spec.layers.items()},  # their own methods
         "server": args.server,
         "answer": result.texts[0],
         "stop_reason": result.stop_reasons[0],

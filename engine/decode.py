@@ -14,10 +14,14 @@ from kvcache.client import KVCacheClient
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """A decode attention method of kvcache (dense, sparq, quest) and its parameters."""
+    """A decode attention method of kvcache (dense, sparq, quest, gate, oracle), its parameters, and the layers that
+    run another."""
 
     method: str = "dense"
     params: Mapping[str, Any] = field(default_factory=dict)
+    # Layers that run another method instead, {layer: (method, params)}: e.g. the few layers where a page gate's
+    # choice was measured to cost the most perplexity read every page.
+    layers: Mapping[int, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
 
     def for_length(self, shortest: int) -> tuple[str, dict[str, Any]]:
         """Method and parameters for a step whose shortest sequence holds `shortest` positions (new token included).
@@ -29,8 +33,27 @@ class AttentionSpec:
             return "dense", {}
         return self.method, dict(self.params)
 
+    def at_layer(self, layer: int, method: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The method and parameters of `layer`: its own from `layers` if it has them, else (method, params)."""
+        if layer in self.layers:
+            own_method, own_params = self.layers[layer]
+            return own_method, dict(own_params)
+        return method, params
+
 
 DENSE = AttentionSpec()
+
+
+def parse_layers(text: str, num_layers: int | None) -> list[int]:
+    """Layer ids from a list like "7" or "4-7,12", each within [0, num_layers); ValueError if malformed."""
+    layers: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, dash, last = part.partition("-")
+        lo, hi = int(first), int(last) if dash else int(first)
+        if num_layers is None or not 0 <= lo <= hi < num_layers:
+            raise ValueError(f"layers {part!r} are not within the model's {num_layers} layers")
+        layers.update(range(lo, hi + 1))
+    return sorted(layers)
 
 
 @dataclass
@@ -59,7 +82,8 @@ def decode_step(
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         nonlocal bytes_read
-        result = client.attend(seq_ids, layer, q[:, 0].to(store_dtype), method=method, params=params,
+        layer_method, layer_params = spec.at_layer(layer, method, params)
+        result = client.attend(seq_ids, layer, q[:, 0].to(store_dtype), method=layer_method, params=layer_params,
                                new_k=k[:, 0].to(store_dtype), new_v=v[:, 0].to(store_dtype))
         bytes_read += result.bytes_read
         return result.out[:, None].to(q.device, q.dtype)

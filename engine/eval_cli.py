@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from engine.cli import add_prefill_arguments
-from engine.decode import AttentionSpec
+from engine.decode import AttentionSpec, parse_layers
 from engine.eval_data import long_text, passkey_prompt
 from engine.evaluation import Encoder, greedy_methods, perplexity, teacher_force
 from engine.prefill import PrefillAttention, causal_attention
@@ -57,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oracle-bytes", default="",
                    help="oracle settings f: the pages with the most true attention mass (kvcache.methods.oracle), "
                         "as many as gate bytes/f reads: the bound on any page selector at that budget")
+    p.add_argument("--gate-dense-layers", default="",
+                   help="layers (e.g. 7 or 4-7,12) that read every page: each gate bytes/f setting gets a row that "
+                        "runs dense there and the gate elsewhere, its budget lowered so the whole still reads 1/f")
+    p.add_argument("--gate-oracle-layers", default="",
+                   help="diagnostic: each gate bytes/f setting gets a row whose choice in these layers is the "
+                        "oracle's, at the same budget (which layers' gate choices cost the perplexity)")
     p.add_argument("--oracle-share", default="",
                    help="oracle settings by the share of K/V rows read (budget = share x context, whole pages), with "
                         "no scoring cost: the bound on any page selector reading that many rows, at any --page-size")
@@ -97,9 +103,11 @@ def gate_threshold_at(setting: str, context: int, page_size: int) -> float:
 def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes: str = "", gate_pages: str = "",
                 itemsize: int = 4, head_dim: int = 64, gate_dim: int = GATE_DIM,
                 quest_bytes: str = "", oracle_bytes: str = "",
-                gate_threshold: str = "", oracle_share: str = "") -> list[tuple[str, AttentionSpec]]:
+                gate_threshold: str = "", oracle_share: str = "", gate_dense_layers: str = "",
+                gate_oracle_layers: str = "", num_layers: int | None = None) -> list[tuple[str, AttentionSpec]]:
     """(label, spec) of dense and every SparQ, Quest, gate and oracle setting at a context of `context` positions
-    (a store of `itemsize`-byte K/V of `head_dim`; gate keys of `gate_dim` in the same dtype)."""
+    (a store of `itemsize`-byte K/V of `head_dim`; gate keys of `gate_dim` in the same dtype; `num_layers` layers,
+    needed for the per-layer gate rows)."""
     grid = [("dense", AttentionSpec("dense", {}))]
     for item in filter(None, sparq.split(",")):
         r, f = (int(x) for x in item.split(":"))
@@ -113,10 +121,24 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
         f = int(item)
         pages = quest_pages_for_share(context, page_size, 1 / f, head_dim, itemsize)
         grid.append((f"quest bytes/{f}", AttentionSpec("quest", {"top_pages": pages})))
+    dense_at = parse_layers(gate_dense_layers, num_layers)
+    oracle_at = parse_layers(gate_oracle_layers, num_layers)
     for item in filter(None, gate_bytes.split(",")):
         f = int(item)
         budget = gate_budget_for_share(context, page_size, 1 / f, head_dim, itemsize, gate_dim, itemsize)
         grid.append((f"gate bytes/{f}", AttentionSpec("gate", {"budget": budget})))
+        if oracle_at:
+            oracle = ("oracle", {"budget": budget})
+            grid.append((f"gate bytes/{f} oracle@{gate_oracle_layers.strip()}",
+                         AttentionSpec("gate", {"budget": budget}, dict.fromkeys(oracle_at, oracle))))
+        if dense_at:
+            # Dense layers read all their bytes: the gate layers share what is left of L/f layers' worth.
+            rest = (num_layers / f - len(dense_at)) / (num_layers - len(dense_at)) if num_layers > len(dense_at) else 0
+            if rest <= 0:
+                raise ValueError(f"{len(dense_at)} dense layers of {num_layers} read more than 1/{f} of dense bytes")
+            lowered = gate_budget_for_share(context, page_size, rest, head_dim, itemsize, gate_dim, itemsize)
+            grid.append((f"gate bytes/{f} dense@{gate_dense_layers.strip()}",
+                         AttentionSpec("gate", {"budget": lowered}, dict.fromkeys(dense_at, ("dense", {})))))
     for item in filter(None, gate_pages.split(",")):
         f = int(item)
         pages = max(1, -(-context // page_size) // f)
@@ -236,7 +258,10 @@ def main(args: argparse.Namespace) -> int:
     gate_grid = (args.gate_bytes, args.gate_pages) if args.gate else ("", "")
     grid_cost = {"head_dim": model.config.head_dim, "gate_dim": gate_dim, "quest_bytes": args.quest_bytes,
                  "oracle_bytes": args.oracle_bytes, "oracle_share": args.oracle_share,
-                 "gate_threshold": args.gate_threshold if args.gate else ""}
+                 "gate_threshold": args.gate_threshold if args.gate else "",
+                 "gate_dense_layers": args.gate_dense_layers if args.gate else "",
+                 "gate_oracle_layers": args.gate_oracle_layers if args.gate else "",
+                 "num_layers": model.config.num_layers}
     text_ids = tok.encode(long_text())
     if args.windows < 1 or args.window_stride < 0:
         raise SystemExit("--windows must be at least 1 and --window-stride not negative")
@@ -369,11 +394,15 @@ def _density(attention, before: tuple[int, int] | None) -> float | None:
 
 
 def _spec(spec: AttentionSpec) -> dict:
-    return {"attention": spec.method, "params": dict(spec.params)}
+    own = {"layers": {str(layer): {"attention": m, "params": dict(p)} for layer, (m, p) in spec.layers.items()}}
+    return {"attention": spec.method, "params": dict(spec.params), **(own if spec.layers else {})}
 
 
 def _series(row: dict) -> str:
-    """The plot's series of a perplexity row: its attention method, gate rows by threshold apart."""
+    """The plot's series of a perplexity row: its attention method, gate rows by threshold or per-layer methods
+    apart."""
+    if row["attention"] == "gate" and row.get("layers"):
+        return "gate+layers"
     thresholded = row["attention"] == "gate" and row.get("params", {}).get("threshold") is not None
     return "gate thr" if thresholded else row["attention"]
 
@@ -401,7 +430,7 @@ def plot(report: dict, path: str) -> bool:
         for C in sorted({r["context"] for r in sparse}):
             rows = [r for r in sparse if r["context"] == C]
             for attention, marker in (("sparq", "o"), ("quest", "s"), ("gate", "^"), ("gate thr", "v"),
-                                      ("oracle", "*")):
+                                      ("gate+layers", "D"), ("oracle", "*")):
                 pts = sorted((r["bytes_vs_dense"], 100 * r["vs_dense"]) for r in rows if _series(r) == attention)
                 if pts:
                     left.plot(*zip(*pts), marker=marker, label=f"{attention} C={C}")

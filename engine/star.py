@@ -473,7 +473,7 @@ def run_cli(args) -> int:
     model, tokenizer = load_model(args.model)
     load_seconds = time.perf_counter() - t0
     context_ids, query_ids = split_prompt(tokenizer, prompt, args.question, args.chat, args.query_tokens)
-    spec = attention_spec(args)
+    spec = attention_spec(args, model.config.num_layers)
     stream = StreamDecoder(tokenizer)
 
     def on_token(token: int) -> None:
@@ -507,6 +507,7 @@ def star_summary(result: StarResult, spec: AttentionSpec, servers: str | None = 
         "shards": result.plan.num_shards,
         "method": spec.method,
         "params": dict(spec.params),
+        "layers": {str(layer): method for layer, (method, _) in spec.layers.items()},  # their own methods
         "block_size": result.plan.block_size,
         "anchor_size": result.plan.anchor_size,
         "shard_lengths": result.plan.shard_lengths(),

@@ -208,6 +208,20 @@ def test_generate_command_passes_the_sparq_parameters(tiny, tmp_path, capsys):
     assert report["prompt_tokens"] > n + 4  # the chat template's turn markers were added
 
 
+def test_generate_command_runs_dense_layers_whatever_the_method(tiny, tmp_path, capsys):
+    flags = ("--model", str(tiny[0]), "--prompt", "the theme of the thesis", "--max-new-tokens", "4", "--page-size",
+             "4", "--method", "quest", "--top-pages", "1")
+    quest, _, _ = run_generate(capsys, *flags, "--json", str(tmp_path / "q.json"))
+    layers = load_gguf(tiny[0])[0].config.num_layers
+    every, _, _ = run_generate(capsys, *flags, "--dense-layers", f"0-{layers - 1}", "--json", str(tmp_path / "d.json"))
+    dense, _, _ = run_generate(capsys, *flags[:-4], "--json", str(tmp_path / "dense.json"))
+    assert quest["layers"] == {} and every["layers"] == {str(i): "dense" for i in range(layers)}
+    assert every["attention_bytes_per_token"] == dense["attention_bytes_per_token"] > quest["attention_bytes_per_token"]
+    assert every["answer"] == dense["answer"]
+    with pytest.raises(SystemExit, match="--dense-layers: layers '99'"):
+        kvcache_main(["generate", *flags, "--dense-layers", "99"])
+
+
 def test_generate_command_against_a_server_gives_the_in_process_answer(tiny, tmp_path, capsys):
     flags = ("--model", str(tiny[0]), "--prompt", "the theme", "--max-new-tokens", "8")
     local, _, _ = run_generate(capsys, *flags, "--json", str(tmp_path / "local.json"))

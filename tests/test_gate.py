@@ -382,3 +382,26 @@ def test_the_eval_grid_oracle_share_rows_read_that_share_of_rows_at_any_page_siz
     for bad in ("0", "1.5", "x"):
         with pytest.raises(ValueError):
             method_grid(S, 16, "", "", oracle_share=bad)
+
+
+def test_the_eval_grid_dense_layers_rows_lower_the_gate_budget_so_the_model_reads_the_asked_share():
+    from engine.decode import parse_layers
+    from engine.eval_cli import method_grid
+
+    assert parse_layers("4-7, 12,5", 30) == [4, 5, 6, 7, 12] and parse_layers("", None) == []
+    for bad in ("30", "7-4", "-1", "x"):
+        with pytest.raises(ValueError):
+            parse_layers(bad, 30)
+    hkv, G, S, P16, layers = 2, 3, 2048, 16, 30
+    client, ids, q, _ = _client_with([S], hkv, G, page_size=P16, gate=_gate(hkv, G, page_size=P16))
+    grid = dict(method_grid(S, P16, "", "", gate_bytes="8", gate_pages="", itemsize=4, head_dim=D, gate_dim=32,
+                            gate_dense_layers="7", num_layers=layers))
+    plain, lowered = grid["gate bytes/8"], grid["gate bytes/8 dense@7"]
+    assert lowered.method == "gate" and lowered.layers == {7: ("dense", {})}
+    assert lowered.params["budget"] < plain.params["budget"]
+    # Every layer holds the same positions here: one dense layer and 29 gate layers read 30/8 layers' dense bytes.
+    dense = client.attend(ids, 1, q[:1], "dense").bytes_read
+    gate = client.attend(ids, 1, q[:1], "gate", lowered.params).bytes_read
+    assert abs((dense + (layers - 1) * gate) / (layers * dense) - 1 / 8) < 0.01
+    with pytest.raises(ValueError, match="read more than 1/8"):
+        method_grid(S, P16, "", "", gate_bytes="8", gate_dense_layers="0-3", num_layers=layers)

@@ -276,3 +276,50 @@ def test_eval_scores_gate_threshold_settings_and_refuses_one_that_does_not_apply
     with pytest.raises(SystemExit, match="does not apply at 128 tokens"):  # 20/14 > 1, refused before any scoring
         main(flags + ["--gate-threshold", "2/n,20/n"])
     assert not out.exists()
+
+
+def test_eval_gate_rows_with_oracle_layers_and_dense_layers_refused_past_the_budget(model, tmp_path, monkeypatch):
+    from engine import load
+    from kvcache.cli import main
+    from kvcache.gate_store import save_gate
+    from kvcache.methods.gate import GateShape, PageGate
+
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    G = CONFIG.num_heads // CONFIG.num_kv_heads
+    gate = save_gate(PageGate(GateShape(CONFIG.num_layers, CONFIG.num_kv_heads, G, CONFIG.head_dim, 8, gate_dim=16),
+                              seed=3), tmp_path / "tiny.safetensors")
+    out = tmp_path / "eval.json"
+    flags = ["eval", "--gate", str(gate), "--contexts", "256", "--eval-tokens", "8", "--agree-tokens", "4",
+             "--passkey-lengths", "", "--sparq", "", "--quest", "", "--gate-bytes", "3", "--gate-pages", "",
+             "--page-size", "8", "--json", str(out), "--plot", str(tmp_path / "eval.png")]
+    assert main(flags + ["--gate-oracle-layers", "1"]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["perplexity"]}
+    plain, oracle_at = rows["gate bytes/3"], rows["gate bytes/3 oracle@1"]
+    assert oracle_at["layers"] == {"1": {"attention": "oracle", "params": plain["params"]}}
+    assert oracle_at["params"] == plain["params"]
+    # The oracle's layer reads the same pages' worth but no gate keys, and chooses otherwise.
+    assert oracle_at["bytes_per_token"] < plain["bytes_per_token"]
+    assert oracle_at["perplexity"] != plain["perplexity"]
+    for bad, why in (("0", "1 dense layers of 2 read more than 1/3"), (str(CONFIG.num_layers), "not within")):
+        with pytest.raises(SystemExit, match=why):
+            main(flags + ["--gate-dense-layers", bad])
+
+
+def test_a_spec_runs_its_own_method_at_its_own_layers(model):
+    from engine.decode import AttentionSpec, decode_step
+
+    spec = AttentionSpec("quest", {"top_pages": 1}, {1: ("dense", {})})
+    assert spec.at_layer(1, *spec.for_length(100)) == ("dense", {})
+    assert spec.at_layer(0, *spec.for_length(100)) == ("quest", {"top_pages": 1})
+    client = InProcessClient(store_config())
+    seq = client.create().seq_id
+    calls = []
+    attend = client.attend
+
+    def spy(seq_ids, layer, q, method="dense", params=None, **kw):
+        calls.append((layer, method))
+        return attend(seq_ids, layer, q, method, params, **kw)
+
+    client.attend = spy
+    decode_step(model, client, [seq], [5], [0], spec)
+    assert calls == [(0, "quest"), (1, "dense")][: CONFIG.num_layers] + [(l, "quest") for l in range(2, CONFIG.num_layers)]
