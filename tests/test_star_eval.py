@@ -252,9 +252,9 @@ def test_eval_scores_the_oracle_page_choice(model, tmp_path, monkeypatch):
     assert 0 < oracle["bytes_vs_dense"] < 1 and oracle["vs_dense"] != 0
 
 
-def test_eval_scores_gate_threshold_settings_and_refuses_one_that_does_not_apply(model, tmp_path, monkeypatch):
+def _tiny_gate_eval(model, tmp_path, monkeypatch, context: int, gate_bytes: str) -> list[str]:
+    """`kvcache eval` flags scoring the tiny model with a random gate of pages of 8 (no SparQ, Quest or passkeys)."""
     from engine import load
-    from kvcache.cli import main
     from kvcache.gate_store import save_gate
     from kvcache.methods.gate import GateShape, PageGate
 
@@ -262,10 +262,16 @@ def test_eval_scores_gate_threshold_settings_and_refuses_one_that_does_not_apply
     G = CONFIG.num_heads // CONFIG.num_kv_heads
     gate = save_gate(PageGate(GateShape(CONFIG.num_layers, CONFIG.num_kv_heads, G, CONFIG.head_dim, 8, gate_dim=16),
                               seed=3), tmp_path / "tiny.safetensors")
+    return ["eval", "--gate", str(gate), "--contexts", str(context), "--eval-tokens", "8", "--agree-tokens", "4",
+            "--passkey-lengths", "", "--sparq", "", "--quest", "", "--gate-bytes", gate_bytes, "--gate-pages", "",
+            "--page-size", "8", "--json", str(tmp_path / "eval.json"), "--plot", str(tmp_path / "eval.png")]
+
+
+def test_eval_scores_gate_threshold_settings_and_refuses_one_that_does_not_apply(model, tmp_path, monkeypatch):
+    from kvcache.cli import main
+
+    flags = _tiny_gate_eval(model, tmp_path, monkeypatch, 128, "")
     out = tmp_path / "eval.json"
-    flags = ["eval", "--gate", str(gate), "--contexts", "128", "--eval-tokens", "8", "--agree-tokens", "4",
-             "--passkey-lengths", "", "--sparq", "", "--quest", "", "--gate-bytes", "", "--gate-pages", "",
-             "--page-size", "8", "--json", str(out), "--plot", str(tmp_path / "eval.png")]
     assert main(flags + ["--gate-threshold", "2/n,0.05"]) == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())["perplexity"]}
     assert rows["gate thr=2/n"]["params"] == {"threshold": pytest.approx(2 / (128 // 8 - 2))}
@@ -279,19 +285,10 @@ def test_eval_scores_gate_threshold_settings_and_refuses_one_that_does_not_apply
 
 
 def test_eval_gate_rows_with_oracle_layers_and_dense_layers_refused_past_the_budget(model, tmp_path, monkeypatch):
-    from engine import load
     from kvcache.cli import main
-    from kvcache.gate_store import save_gate
-    from kvcache.methods.gate import GateShape, PageGate
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
-    G = CONFIG.num_heads // CONFIG.num_kv_heads
-    gate = save_gate(PageGate(GateShape(CONFIG.num_layers, CONFIG.num_kv_heads, G, CONFIG.head_dim, 8, gate_dim=16),
-                              seed=3), tmp_path / "tiny.safetensors")
+    flags = _tiny_gate_eval(model, tmp_path, monkeypatch, 256, "3")
     out = tmp_path / "eval.json"
-    flags = ["eval", "--gate", str(gate), "--contexts", "256", "--eval-tokens", "8", "--agree-tokens", "4",
-             "--passkey-lengths", "", "--sparq", "", "--quest", "", "--gate-bytes", "3", "--gate-pages", "",
-             "--page-size", "8", "--json", str(out), "--plot", str(tmp_path / "eval.png")]
     assert main(flags + ["--gate-oracle-layers", "1"]) == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())["perplexity"]}
     plain, oracle_at = rows["gate bytes/3"], rows["gate bytes/3 oracle@1"]
