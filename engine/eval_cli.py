@@ -154,7 +154,7 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
         share = float(item)
         if not 0 < share <= 1:
             raise ValueError(f"an oracle share is in (0, 1]; got {item}")
-        budget = max(2 * page_size, int(context * share) // page_size * page_size)
+        budget = gate_budget_for_share(context, page_size, share, head_dim, itemsize, 0, itemsize)  # no gate keys
         grid.append((f"oracle share={item.strip()}", AttentionSpec("oracle", {"budget": budget})))
     return grid
 
