@@ -25,7 +25,7 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m engine.demo
+	$(PY) -m kvcache.engine.demo
 
 # Bytes per decode step and error against dense of each method on synthetic Llama-3-8B-shaped K/V.
 demo-synthetic: $(STAMP)
@@ -33,7 +33,7 @@ demo-synthetic: $(STAMP)
 
 # Star Attention: SmolLM2 over 1, 2 and 4 kvcache servers on loopback (torchrun phase 1, lse-merged decoding).
 star-demo: $(STAMP)
-	$(PY) -m engine.star_demo
+	$(PY) -m kvcache.engine.star_demo
 
 # Regenerate the gRPC stubs in kvcache/wire from proto/kvcache.proto (tests fail when they are stale).
 proto: $(STAMP)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.timing import Timer, run_header
-from kvcache.attention import METHODS, attend
+from kvcache.bench.timing import Timer, run_header
+from kvcache.methods.attend import METHODS, attend
 from kvcache.config import KVCacheConfig
 from kvcache.methods.traffic import dense_bytes, sparq_bytes
 from kvcache.store import KVStore
@@ -96,7 +96,7 @@ def run(
             shape = Shape(batch, context, page_size=page_size)
             store, seqs = build_store(shape, device)
             if "gate" in methods:  # random weights: the gate's cost does not depend on what it learned
-                from kvcache.gate_store import attach_gate
+                from kvcache.methods.gate_store import attach_gate
                 from kvcache.methods.gate import GateShape, PageGate
 
                 attach_gate(store, PageGate(GateShape(1, shape.num_kv_heads, shape.num_q_heads // shape.num_kv_heads,
@@ -138,7 +138,7 @@ def planned_call(store: KVStore, seqs: list[str], q: torch.Tensor, method: str, 
     if m.uses_value_mean:
         tensors.append(store.value_mean(seqs, 0))
     if m.needs_gate:
-        from kvcache.gate_store import layer_gate_of
+        from kvcache.methods.gate_store import layer_gate_of
 
         tensors.append(layer_gate_of(store, 0))
     fn = m.triton if q.device.type == "cuda" else m.reference
@@ -175,8 +175,8 @@ def _sdpa_call(store: KVStore, seqs: list[str], q: torch.Tensor, shape: Shape):
 
 def _sparq_stage_rows(store, seqs, q, shape: Shape, timer: Timer, copy_bw: float, sdpa_us: float) -> list[dict]:
     """Each SparQ kernel timed alone on the intermediates of a real run, with the bytes it must read."""
-    from kernels.sparq import sparq_select, sparq_stage1, sparq_stage2
-    from kernels.topk import select_topk
+    from kvcache.kernels.sparq import sparq_select, sparq_stage1, sparq_stage2
+    from kvcache.kernels.topk import select_topk
 
     csr = store.page_table(seqs, 0)
     view = store.layer_view(0)
@@ -211,9 +211,9 @@ def _gate_stage_rows(store, seqs, q, shape: Shape, timer: Timer, copy_bw: float,
                      budget: int = 4096) -> list[dict]:
     """The gate step's parts timed alone (§3): scoring (query GEMV + scores against the cached gate keys, in
     the KV dtype and in float32), scoring + page selection, and the attention over the chosen pages."""
-    from kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages
-    from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
-    from kvcache.gate_store import layer_gate_of
+    from kvcache.kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages
+    from kvcache.kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
+    from kvcache.methods.gate_store import layer_gate_of
     from kvcache.methods.traffic import gate_budget_pages, gate_bytes, gate_key_bytes
 
     csr = store.page_table(seqs, 0)

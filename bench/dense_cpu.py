@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench.timing import run_header
+from kvcache.bench.timing import run_header
 from kvcache.config import KVCacheConfig
 from kvcache.methods import dense
 from kvcache.methods.dense_cpu import dense_cpu

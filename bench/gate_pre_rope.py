@@ -1,7 +1,7 @@
 """A page gate fed the model's q and keys rotated back to position 0 (pre-RoPE), as SeerAttention's AttnGate takes them
 (q_nope, k_nope), against a gate fed the store's rotated q and page summaries: attention mass recall at 8K.
 
-    python -m bench.gate_pre_rope --json bench/results/gate_pre_rope_recall.json     # about 2 minutes on 2 cores
+    python -m kvcache.bench.gate_pre_rope --json bench/results/gate_pre_rope_recall.json     # about 2 minutes on 2 cores
 
 Why: a gate on rotated vectors sees absolute position in their low-frequency RoPE dimensions; trained on 4K windows
 (positions 0..4095), it meets positions it never saw at 8K, where it lost to Quest (README, "SeerAttention page
@@ -26,7 +26,7 @@ from dataclasses import replace
 
 import torch
 
-from engine import train_gate as tg
+from kvcache.engine import train_gate as tg
 
 PAGE = 16
 
@@ -39,9 +39,9 @@ def main() -> int:
     p.add_argument("--rotated-gate", default="smollm2-135m-rotated",
                    help="the gate on rotated vectors to compare (kvcache train-gate --gate-dim 64 --inputs rotated)")
     args = p.parse_args()
-    from engine.eval_data import long_text
-    from engine.load import load_model
-    from kvcache.gate_store import load_gate
+    from kvcache.engine.eval_data import long_text
+    from kvcache.engine.load import load_model
+    from kvcache.methods.gate_store import load_gate
 
     t0 = time.perf_counter()
     model, tok = load_model(None)

@@ -2,7 +2,7 @@
 one layer of Llama-3-8B's attention shape (32 q / 8 kv heads, d=128, bf16), the whole prompt as one chunk, random
 q/k/v and gate weights; CUDA events, median of 10.
 
-    python -m bench.gate_prefill --json bench/results/gate_prefill_h200.json
+    python -m kvcache.bench.gate_prefill --json bench/results/gate_prefill_h200.json
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import json
 
 import torch
 
-from bench.timing import Timer, run_header
-from engine.prefill import causal_attention
+from kvcache.bench.timing import Timer, run_header
+from kvcache.engine.prefill import causal_attention
 from kvcache.methods.gate import GateShape, PageGate
-from kvcache.methods.gate_prefill import gate_block_index
-from kvcache.minference_serving import index_pairs, paged, sparse_attention
+from kvcache.prefill.gate_prefill import gate_block_index
+from kvcache.prefill.serving import index_pairs, paged, sparse_attention
 
 HQ, HKV, D = 32, 8, 128
 

@@ -1,7 +1,7 @@
 """The gate's decode step with a gate on rotated vectors against a pre-RoPE gate (q rotated back in the query kernel):
-the same store and query, the two gates attached in turn, 3 rounds; CUDA-graph replays, L2 flushed (bench.timing).
+the same store and query, the two gates attached in turn, 3 rounds; CUDA-graph replays, L2 flushed (kvcache.bench.timing).
 
-    python -m bench.gate_rope_ab --json bench/results/gate_pre_rope_decode_ab_h200.json
+    python -m kvcache.bench.gate_rope_ab --json bench/results/gate_pre_rope_decode_ab_h200.json
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import statistics
 
 import torch
 
-from bench.decode import LLAMA3_ROPE_BASE, Shape, _sdpa_call, build_store, planned_call
-from bench.timing import Timer, run_header
-from kvcache.attention import attend
-from kvcache.gate_store import attach_gate
+from kvcache.bench.decode import LLAMA3_ROPE_BASE, Shape, _sdpa_call, build_store, planned_call
+from kvcache.bench.timing import Timer, run_header
+from kvcache.methods.attend import attend
+from kvcache.methods.gate_store import attach_gate
 from kvcache.methods.gate import GateShape, PageGate
 
 KINDS = {"rotated": 0.0, "pre_rope": LLAMA3_ROPE_BASE}

@@ -1,4 +1,4 @@
-"""Launch sweep of the gate's kernels on a GPU: `python -m bench.gate_sweep --json PATH`.
+"""Launch sweep of the gate's kernels on a GPU: `python -m kvcache.bench.gate_sweep --json PATH`.
 
 At 128K x 1 (32 q / 8 kv heads, d=128, bf16, page 16, random gate weights, budget 4096) it times,
 with kernels/gate_score.py's launch constants replaced one at a time: the query GEMV, the scoring
@@ -12,12 +12,12 @@ import itertools
 
 import torch
 
-import kernels.gate_score as gs
-from bench.decode import planned_call
-from bench.sweep import Sweep
-from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
-from kernels.tuning import Launch
-from kvcache.gate_store import attach_gate, layer_gate_of
+import kvcache.kernels.gate_score as gs
+from kvcache.bench.decode import planned_call
+from kvcache.bench.sweep import Sweep
+from kvcache.kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
+from kvcache.kernels.tuning import Launch
+from kvcache.methods.gate_store import attach_gate, layer_gate_of
 from kvcache.methods.gate import GateShape, PageGate
 from kvcache.methods.traffic import gate_budget_pages
 

@@ -1,7 +1,7 @@
 """A/B on the GPU of the gate's threshold selection from its logits: per sequence with gate_select (before, the
 path kernels/gate.py took until gate_select_rows) against gate_select_rows, every group at once (after).
 
-    python -m bench.gate_threshold_ab OUT.json
+    python -m kvcache.bench.gate_threshold_ab OUT.json
 """
 
 import json
@@ -69,7 +69,7 @@ def main(path: str) -> None:
                                  "before_us": tb, "after_us": ta, "same_pages": same})
                     print(rows[-1], flush=True)
     json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": sys.version.split()[0],
-               "command": "python -m bench.gate_threshold_ab OUT (A/B: the gate's threshold selection from its logits, "
+               "command": "python -m kvcache.bench.gate_threshold_ab OUT (A/B: the gate's threshold selection from its logits, "
                           "per-sequence gate_select loop (before, the old kernels/gate.py path) against "
                           "gate_select_rows (after; pages per row made before timing, as kernels/gate.py takes them "
                           "from the page table on the device); Llama-3-8B's 8 kv heads, pages of 16; CUDA events, "

@@ -1,7 +1,7 @@
 """What a decode step's layer call costs besides attention: the append of the new token, and the whole call.
 
 Two parts, in one run:
-  append   kernels.append_rows against the torch path (PagePool.append_rows and the value sums) for B sequences:
+  append   kvcache.kernels.append_rows against the torch path (PagePool.append_rows and the value sums) for B sequences:
            GPU time by CUDA events (graph replays, median), and wall time per call from Python.
   call     InProcessClient.attend with the new token's k, v (what an engine calls once per layer),
            wall time per call: each call waited for (synced, median) and back to back (pipelined, mean,
@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from bench.timing import Timer, run_header
-from kvcache.client import InProcessClient
+from kvcache.bench.timing import Timer, run_header
+from kvcache.clients.inprocess import InProcessClient
 from kvcache.config import KVCacheConfig
-from kvcache.pages import PagePool
+from kvcache.store.page_pool import PagePool
 
 # (name, layers, q heads, kv heads, head dim, context, largest batch whose store fits an 80 GB GPU)
 SHAPES = (("SmolLM2-135M", 30, 9, 3, 64, 4096, 256), ("Llama-3-8B", 32, 32, 8, 128, 32768, 8))
@@ -61,7 +61,7 @@ def bench_append(device: torch.device, batches: tuple[int, ...], iters: int) -> 
 
             paths = {"torch": torch_path}
             if cuda:
-                from kernels.append_rows import append_rows_triton
+                from kvcache.kernels.append_rows import append_rows_triton
 
                 table = torch.tensor([list(c) for c in zip(*where)] + [[s[1].data_ptr() for s in sums]],
                                      dtype=torch.int64).to(device)
@@ -97,7 +97,7 @@ def bench_call(device: torch.device, batches: tuple[int, ...], iters: int) -> li
 
 def _time_calls(config: KVCacheConfig, hq: int, B: int, context: int, iters: int) -> list[dict]:
     """Layer calls on B sequences of `context` positions, with each append path the device has."""
-    from bench.rpc import fill
+    from kvcache.bench.rpc import fill
 
     cuda = config.device.type == "cuda"
     layers, hkv, d = config.num_layers, config.num_kv_heads, config.head_dim
@@ -112,7 +112,7 @@ def _time_calls(config: KVCacheConfig, hq: int, B: int, context: int, iters: int
         client.attend(seqs, next(step) % layers, q, "dense", new_k=k, new_v=v)
 
     rows = []
-    # The store's append path: kernels.append_rows (CUDA) or the torch reference, the baseline.
+    # The store's append path: kvcache.kernels.append_rows (CUDA) or the torch reference, the baseline.
     for append in ("triton", "torch") if cuda else ("torch",):
         client.store.triton_append = append == "triton"
         # Past a page of new positions in every layer: Triton compiles a kernel again when an int

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bench.timing import run_header
+from kvcache.bench.timing import run_header
 from kvcache import InProcessClient, KVCacheConfig
 
 HQ, HKV, D, P = 32, 8, 128, 16

@@ -27,10 +27,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from bench.timing import Timer, run_header
+from kvcache.bench.timing import Timer, run_header
 from kvcache.config import KVCacheConfig
-from kvcache.methods.minference import minference_prefill
-from kvcache.methods.minference_index import (
+from kvcache.prefill.minference import minference_prefill
+from kvcache.prefill.minference_index import (
     SparseIndex,
     a_shape_index,
     block_sparse_index,
@@ -140,7 +140,7 @@ def run(contexts: list[int], patterns: list[str], device: torch.device, dtype: t
     vertical-slash rows is also measured at every SWEEP launch configuration.
     """
     if device.type == "cuda":
-        from kernels.sparse_prefill import NUM_STAGES, NUM_WARPS, sparse_prefill
+        from kvcache.kernels.sparse_prefill import NUM_STAGES, NUM_WARPS, sparse_prefill
 
         attention = sparse_prefill
         launch = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
@@ -151,7 +151,7 @@ def run(contexts: list[int], patterns: list[str], device: torch.device, dtype: t
         **run_header(device),
         "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": str(dtype).removeprefix("torch."),
                   "page_size": page_size, "block_size": block_size},
-        "attention": "kernels.sparse_prefill" if launch else "kvcache.methods.minference (torch reference)",
+        "attention": "kvcache.kernels.sparse_prefill" if launch else "kvcache.prefill.minference (torch reference)",
         "launch": launch,
         "data": DATA,
         "sdpa": "scaled_dot_product_attention(is_causal=True), K/V repeated to 32 heads, [1, H, S, d] contiguous",
@@ -264,6 +264,6 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__.splitlines()[0])
+    cli = argparse.ArgumentParser(prog="python -m kvcache.bench.prefill", description=__doc__.splitlines()[0])
     add_arguments(cli)
     sys.exit(main(cli.parse_args()))

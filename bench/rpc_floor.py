@@ -33,10 +33,10 @@ prefer_low_latency_core()  # as kvcache serve and RemoteClient do, before grpc l
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from bench.rpc import SHAPE, fill  # noqa: E402
-from kvcache.client import InProcessClient  # noqa: E402
+from kvcache.bench.rpc import SHAPE, fill  # noqa: E402
+from kvcache.clients.inprocess import InProcessClient  # noqa: E402
 from kvcache.config import KVCacheConfig  # noqa: E402
-from kvcache.serve_cli import parse_cpus, pin_process  # noqa: E402
+from kvcache.service.serve_cli import parse_cpus, pin_process  # noqa: E402
 from kvcache.wire import kvcache_pb2 as pb  # noqa: E402
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc  # noqa: E402
 from kvcache.wire.codec import from_wire, to_wire  # noqa: E402
@@ -138,7 +138,7 @@ def run(device: str = "cpu", context: int = 4096, calls: int = 2000, server_cpus
     if engine_cpus:
         pin_process(parse_cpus(engine_cpus))
     torch.set_num_threads(1)
-    cmd = [sys.executable, "-m", "bench.rpc_floor", "--serve", "--device", device,
+    cmd = [sys.executable, "-m", "kvcache.bench.rpc_floor", "--serve", "--device", device,
            *(("--server-cpus", server_cpus) if server_cpus else ())]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

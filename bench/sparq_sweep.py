@@ -1,4 +1,4 @@
-"""Launch sweep of SparQ's kernels on a GPU: `python -m bench.sparq_sweep --json PATH`.
+"""Launch sweep of SparQ's kernels on a GPU: `python -m kvcache.bench.sparq_sweep --json PATH`.
 
 At 128K x 1 (32 q / 8 kv heads, d=128, bf16, page 16) it times, with kernels/tuning.py's entries
 replaced one at a time: the selection (scoring pass + radix top-k) over topk launches and scoring
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import itertools
 
-from bench.decode import planned_call
-from bench.sweep import Sweep
-from kernels import sparq as ks
-from kernels.tuning import TUNING, Launch
+from kvcache.bench.decode import planned_call
+from kvcache.bench.sweep import Sweep
+from kvcache.kernels import sparq as ks
+from kvcache.kernels.tuning import TUNING, Launch
 
 
 def main() -> int:

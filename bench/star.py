@@ -54,10 +54,10 @@ def run(context: int = 32768, shard_counts: tuple[int, ...] = (1, 2, 4), steps: 
 
     import torch
 
-    from bench.timing import run_header
-    from engine.star_demo import loopback_servers
-    from kvcache.remote import RemoteClient
-    from kvcache.sharded import ShardedClient
+    from kvcache.bench.timing import run_header
+    from kvcache.engine.star_demo import loopback_servers
+    from kvcache.clients.remote import RemoteClient
+    from kvcache.clients.sharded import ShardedClient
 
     torch.set_num_threads(1)  # the client only merges; the servers do the attention
     P = 16
@@ -146,7 +146,7 @@ def main(args) -> int:
     if args.accuracy:  # the eval harness measures it (engine/star_eval.py), JSON included
         import torch
 
-        from engine.eval_cli import main as eval_main
+        from kvcache.engine.eval_cli import main as eval_main
 
         torch.set_num_threads(1)  # other processes on the cores: spinning OpenMP workers slow small ops
         return eval_main(accuracy_arguments(args))
@@ -165,7 +165,7 @@ def main(args) -> int:
 def accuracy_arguments(args) -> argparse.Namespace:
     """The `kvcache eval --star` flags that `bench star --accuracy` stands for: perplexity and greedy agreement (no
     passkey, no sparse decode methods) of every --shards x --anchors setting, one block per shard."""
-    from engine.eval_cli import add_arguments as add_eval_arguments
+    from kvcache.engine.eval_cli import add_arguments as add_eval_arguments
 
     parser = argparse.ArgumentParser(prog="kvcache eval")
     add_eval_arguments(parser)

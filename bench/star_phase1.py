@@ -13,7 +13,7 @@ Two ways to run it:
   slowest rank's time is what N ranks with a device each would take; the report calls it
   `max_rank_seconds` and never a measured parallel time.
 
-The encoding is engine.star.encode_blocks (what `kvcache generate --star` runs) and the baseline is
+The encoding is kvcache.engine.star.encode_blocks (what `kvcache generate --star` runs) and the baseline is
 encode_after with no prefix (plain chunked causal prefill); both use the same attention function and
 chunk size, and both write to a kvcache store, so the ratio compares like with like.
 """
@@ -31,10 +31,10 @@ from fractions import Fraction
 
 import torch
 
-from engine.config import ModelConfig
-from engine.model import Llama, random_model
-from engine.star import StarPlan, encode_after, encode_blocks
-from engine.star_eval import StarSetting
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.model import Llama, random_model
+from kvcache.engine.star import StarPlan, encode_after, encode_blocks
+from kvcache.engine.star_eval import StarSetting
 
 # Attention shapes of real models (the weights are random: phase-1 time does not depend on them).
 SHAPES = {
@@ -69,7 +69,7 @@ def _sync(device: torch.device) -> None:
 
 def _store(config: ModelConfig, positions: int, dtype: torch.dtype, device: torch.device):
     """An in-process kvcache client on `device` with room for `positions` of every layer."""
-    from kvcache.client import InProcessClient
+    from kvcache.clients.inprocess import InProcessClient
     from kvcache.config import KVCacheConfig
 
     page = 16
@@ -209,7 +209,7 @@ def parallel(args: argparse.Namespace) -> dict | None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the serial or (under torchrun) the parallel measurement, print rows and write the JSON."""
-    from bench.timing import run_header
+    from kvcache.bench.timing import run_header
 
     under_torchrun = "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
     report = parallel(args) if under_torchrun else serial(args)

@@ -10,8 +10,8 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.decode import Shape, _sdpa_call, build_store
-from bench.timing import Timer, run_header
+from kvcache.bench.decode import Shape, _sdpa_call, build_store
+from kvcache.bench.timing import Timer, run_header
 
 
 class Sweep:

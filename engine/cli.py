@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:  # the parser is built for every kvcache command: torch and the model load only when generating
     import torch
 
-    from engine.decode import AttentionSpec
-
 METHODS = ("dense", "sparq", "quest", "gate")
 PREFILLS = ("dense", "minference", "gate")
 SERVED = ("none", "index", "attention")
@@ -48,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                               "(default 2048 unless --threshold is given)")
     p.add_argument("--threshold", type=float, help="gate: least gate probability of a page read (renormalised over "
                                                    "the pages between the first and last)")
-    p.add_argument("--gate", help="page gate for --method gate and --prefill gate: a name under engine/gates/ or a "
+    p.add_argument("--gate", help="page gate for --method gate and --prefill gate: a name under kvcache/methods/gates/ or a "
                                   "path (default smollm2-135m; `kvcache train-gate` makes one). With --server, the "
                                   "server's own gate (kvcache serve --gate) serves --method gate")
     p.add_argument("--dense-layers", default="",
@@ -86,15 +84,17 @@ def add_prefill_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def prefill_attention(args: argparse.Namespace, config):
-    """The prefill attention the flags ask for: engine.prefill.causal_attention, an MInferencePrefill or a
+    """The prefill attention the flags ask for: kvcache.engine.prefill.causal_attention, an MInferencePrefill or a
     GatePrefill."""
-    from engine.prefill import causal_attention
+    from kvcache.engine.prefill import causal_attention
 
     if getattr(args, "prefill", "dense") == "dense":
         return causal_attention
     if args.prefill == "gate":
-        from engine.gate_prefill import GatePrefill, check_gate_for_model
-        from kvcache.gate_store import DEFAULT_GATE, load_gate
+        from kvcache.engine.gate_prefill import GatePrefill, check_gate_for_model
+        from kvcache.methods.gate_store import DEFAULT_GATE, load_gate
+
+        from kvcache.engine.method_flags import gate_limits
 
         budget, threshold = gate_limits(args.prefill_budget, args.prefill_threshold)
         gate = load_gate(args.gate or DEFAULT_GATE)
@@ -102,47 +102,13 @@ def prefill_attention(args: argparse.Namespace, config):
         return GatePrefill(gate, budget=budget, threshold=threshold)
     import pathlib
 
-    from engine import patterns as saved
-    from engine.minference_prefill import MInferencePrefill
+    from kvcache.engine import patterns as saved
+    from kvcache.engine.minference_prefill import MInferencePrefill
 
     name = args.patterns or (saved.DEFAULT_NAME if args.model is None else pathlib.Path(args.model).stem.lower())
     config_of_patterns = saved.load(name)
     config_of_patterns.check_model(config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim)
     return MInferencePrefill(config_of_patterns, served=args.minference_served)
-
-
-def attention_spec(args: argparse.Namespace, num_layers: int | None = None) -> AttentionSpec:
-    """The decode method and its parameters from the flags (--dense-layers checked against `num_layers`)."""
-    from dataclasses import replace
-
-    from engine.decode import parse_layers
-
-    spec = _method_spec(args)
-    try:
-        dense = parse_layers(getattr(args, "dense_layers", ""), num_layers)
-    except ValueError as exc:
-        raise SystemExit(f"--dense-layers: {exc}") from None
-    return replace(spec, layers=dict.fromkeys(dense, ("dense", {}))) if dense else spec
-
-
-def _method_spec(args: argparse.Namespace) -> AttentionSpec:
-    from engine.decode import AttentionSpec
-
-    if args.method == "sparq":
-        window = args.k // 4 if args.local_window is None else args.local_window
-        return AttentionSpec("sparq", {"r": args.r, "k": args.k, "local_window": window})
-    if args.method == "quest":
-        return AttentionSpec("quest", {"top_pages": args.top_pages})
-    if args.method == "gate":
-        budget, threshold = gate_limits(args.budget, args.threshold)
-        params = {"budget": budget, "threshold": threshold}
-        return AttentionSpec("gate", {k: v for k, v in params.items() if v is not None})
-    return AttentionSpec("dense", {})
-
-
-def gate_limits(budget: int | None, threshold: float | None) -> tuple[int | None, float | None]:
-    """A gate's (token budget, threshold) from flags: the budget defaults to 2048 tokens when neither is given."""
-    return (2048 if budget is None and threshold is None else budget), threshold
 
 
 class PrefillBar:
@@ -178,12 +144,13 @@ def main(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     if getattr(args, "star", False):
-        from engine.star import run_cli
+        from kvcache.engine.star import run_cli
 
         return run_cli(args)
-    from engine.generate import generate_text
-    from engine.load import load_model
-    from engine.sampling import Sampler
+    from kvcache.engine.generate import generate_text
+    from kvcache.engine.load import load_model
+    from kvcache.engine.method_flags import attention_spec
+    from kvcache.engine.sampling import Sampler
 
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
@@ -199,8 +166,8 @@ def _generate(args: argparse.Namespace) -> int:
     client = _client(args, model.config, prompt_len + args.max_new_tokens)
     spec = attention_spec(args, model.config.num_layers)
     if spec.method == "gate" and hasattr(client, "store"):  # in-process; a server holds its own (serve --gate)
-        from engine.gate_prefill import check_gate_for_model
-        from kvcache.gate_store import DEFAULT_GATE, attach_gate, load_gate
+        from kvcache.engine.gate_prefill import check_gate_for_model
+        from kvcache.methods.gate_store import DEFAULT_GATE, attach_gate, load_gate
 
         gate = load_gate(args.gate or DEFAULT_GATE)
         check_gate_for_model(gate, model.config)
@@ -269,15 +236,15 @@ def model_device(name: str) -> torch.device:
 def _client(args: argparse.Namespace, config, positions: int):
     """A RemoteClient for --server (checked against the model's shape), else an in-process store sized for
     `positions`."""
-    from engine.errors import UnsupportedModel
+    from kvcache.engine.errors import UnsupportedModel
     from kvcache import InProcessClient, KVCacheConfig
 
     if getattr(args, "servers", None):
-        from engine.star import connect
+        from kvcache.engine.star import connect
 
         return connect(args, config)
     if args.server:
-        from kvcache.remote import RemoteClient
+        from kvcache.clients.remote import RemoteClient
 
         token = None
         if args.token_file:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import UnsupportedModel
+from kvcache.engine.errors import UnsupportedModel
 
 
 @dataclass(frozen=True)

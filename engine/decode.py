@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from engine.model import Llama
-from kvcache.client import KVCacheClient
+from kvcache.engine.model import Llama
+from kvcache.clients.inprocess import KVCacheClient
 
 
 @dataclass(frozen=True)

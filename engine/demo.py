@@ -12,8 +12,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from engine.decode import AttentionSpec
-from engine.eval_data import long_text
+from kvcache.engine.decode import AttentionSpec
+from kvcache.engine.eval_data import long_text
 
 QUESTION = "In one sentence: what does the passage above explain?"
 PASSAGE_CHARS = 6000  # about 1.4K tokens of the Python docs: long enough for SparQ to skip most of it
@@ -51,9 +51,9 @@ def running_server(layers: int, kv_heads: int, head_dim: int, pages: int) -> Ite
 
 def main() -> int:
     """Run the demo; returns the exit code."""
-    from engine.generate import generate_text
-    from engine.load import load_model
-    from kvcache.remote import RemoteClient
+    from kvcache.engine.generate import generate_text
+    from kvcache.engine.load import load_model
+    from kvcache.clients.remote import RemoteClient
 
     print("loading SmolLM2-135M-Instruct from its GGUF file ...", flush=True)
     model, tok = load_model()

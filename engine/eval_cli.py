@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from engine.cli import add_prefill_arguments
-from engine.decode import AttentionSpec, parse_layers
-from engine.eval_data import long_text, passkey_prompt
-from engine.evaluation import Encoder, greedy_methods, perplexity, teacher_force
-from engine.prefill import PrefillAttention, causal_attention
-from engine.star_eval import StarEncoder, parse_settings, shard_clients
-from kvcache.gate_store import load_gate
+from kvcache.engine.cli import add_prefill_arguments
+from kvcache.engine.decode import AttentionSpec, parse_layers
+from kvcache.engine.eval_data import long_text, passkey_prompt
+from kvcache.engine.evaluation import Encoder, greedy_methods, perplexity, teacher_force
+from kvcache.engine.prefill import PrefillAttention, causal_attention
+from kvcache.engine.star_eval import StarEncoder, parse_settings, shard_clients
+from kvcache.methods.gate_store import load_gate
 from kvcache.methods.gate import GATE_DIM
 from kvcache.methods.traffic import gate_budget_for_share, quest_pages_for_share
 
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quest", default="4,8", help="Quest settings f with top_pages = pages/f")
     p.add_argument("--quest-bytes", default="", help="Quest settings f: top_pages that read 1/f of dense bytes "
                                                        "(summaries included), to compare with gate bytes/f")
-    p.add_argument("--gate", help="learned page gate (a name under engine/gates/ or a path; `kvcache train-gate` makes "
+    p.add_argument("--gate", help="learned page gate (a name under kvcache/methods/gates/ or a path; `kvcache train-gate` makes "
                    "one): adds method gate to the grid (with --server, start the server with the same --gate)")
     p.add_argument("--gate-bytes", default="4,8", help="gate settings f: a token budget that reads 1/f of dense bytes")
     p.add_argument("--gate-pages", default="4,8", help="gate settings f: budget = pages/f (as many pages as quest f)")
@@ -198,7 +198,7 @@ class Encoding:
 
 def encodings(args: argparse.Namespace, model, positions: int) -> list[Encoding]:
     """Dense prefill first (every row's baseline), then --prefill's method, then each --star setting."""
-    from engine.cli import _client, prefill_attention
+    from kvcache.engine.cli import _client, prefill_attention
 
     def store():
         return _client(argparse.Namespace(server=args.server, token_file=None, page_size=args.page_size,
@@ -226,7 +226,7 @@ def main(args: argparse.Namespace) -> int:
     (ALGORITHMS.md §4) encodes the same prompts over its shards and decodes them densely through
     phase 2, compared with the same dense baseline.
     """
-    from engine.load import load_model
+    from kvcache.engine.load import load_model
 
     model, tok = load_model(args.model)
     contexts = sorted((int(c) for c in args.contexts.split(",") if c.strip()), reverse=True)  # longest first
@@ -245,8 +245,8 @@ def main(args: argparse.Namespace) -> int:
                           "settings": [e.name for e in encs if e.star is not None]}
     gate_dim = GATE_DIM
     if args.gate:
-        from engine.gate_prefill import check_gate_for_model
-        from kvcache.gate_store import attach_gate
+        from kvcache.engine.gate_prefill import check_gate_for_model
+        from kvcache.methods.gate_store import attach_gate
 
         gate = load_gate(args.gate)  # read once; each store checks it against its own shape
         check_gate_for_model(gate, model.config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from engine.tokenizer import Tokenizer
+from kvcache.engine.tokenizer import Tokenizer
 
 PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                  "Find it and memorize it. I will quiz you about the important information there.\n")

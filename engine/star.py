@@ -27,7 +27,7 @@ context's K/V stay on the shards and must not travel, so the query is prefilled 
 - The two parts are merged by lse (§4, exact). The query's K/V are then appended to the last shard
   and the readers are freed. Fetching the context's K/V to the query host would move the whole
   cache over the network, which Star Attention exists to avoid.
-Decoding is `engine.decode.decode_step` over the ShardedClient: each layer makes one attend call,
+Decoding is `kvcache.engine.decode.decode_step` over the ShardedClient: each layer makes one attend call,
 whose new K/V go to the last shard and whose attention fans out to all shards and is merged by lse.
 """
 
@@ -48,13 +48,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import ModelConfig
-from engine.decode import DENSE, AttentionSpec, decode_step
-from engine.model import Llama
-from engine.prefill import PromptKV, causal_attention
-from engine.sampling import GREEDY, Sampler
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.decode import DENSE, AttentionSpec, decode_step
+from kvcache.engine.model import Llama
+from kvcache.engine.prefill import PromptKV, causal_attention
+from kvcache.engine.sampling import GREEDY, Sampler
 from kvcache.methods import merge_lse
-from kvcache.sharded import ShardedClient
+from kvcache.clients.sharded import ShardedClient
 
 # ---- the plan --------------------------------------------------------------------------------
 
@@ -212,7 +212,7 @@ def load_saved_model(entry: Mapping) -> Llama:
 def encode_context_torchrun(model_entry: Mapping, client, seq_id: str, context_ids: Sequence[int], plan: StarPlan,
                             chunk_size: int = 256, token_file: str | None = None, timeout: float = 1800.0,
                             threads_per_rank: int | None = None) -> Phase1Report:
-    """Phase 1 by `torchrun --standalone --nproc-per-node N -m engine.star_worker PLAN`: one rank per shard,
+    """Phase 1 by `torchrun --standalone --nproc-per-node N -m kvcache.engine.star_worker PLAN`: one rank per shard,
     each encoding its blocks and appending them to its own server (client.names[rank])."""
     N = client.num_shards
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // N)
@@ -225,7 +225,7 @@ def encode_context_torchrun(model_entry: Mapping, client, seq_id: str, context_i
             "threads": threads, "token_file": token_file, "result": str(result_path),
         }))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={N}",
-               "-m", "engine.star_worker", str(plan_path)]
+               "-m", "kvcache.engine.star_worker", str(plan_path)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=timeout)
         if not result_path.exists():
@@ -433,8 +433,8 @@ def split_prompt(tokenizer, context: str, question: str | None, chat: bool,
 
 def connect(args, config) -> ShardedClient:
     """The ShardedClient of --servers (with --token-file and --block-size), checked against the model's shape."""
-    from engine.errors import UnsupportedModel
-    from kvcache.sharded import ShardedClient
+    from kvcache.engine.errors import UnsupportedModel
+    from kvcache.clients.sharded import ShardedClient
 
     token = None
     if getattr(args, "token_file", None):
@@ -457,10 +457,10 @@ def connect(args, config) -> ShardedClient:
 
 def run_cli(args) -> int:
     """`kvcache generate --star --servers ...`: Star Attention over the servers, streaming the answer; 0 on success."""
-    from engine.cli import attention_spec
-    from engine.load import load_model
-    from engine.sampling import Sampler
-    from engine.tokenizer import StreamDecoder
+    from kvcache.engine.method_flags import attention_spec
+    from kvcache.engine.load import load_model
+    from kvcache.engine.sampling import Sampler
+    from kvcache.engine.tokenizer import StreamDecoder
 
     if not args.servers:
         raise ValueError("--star needs --servers host:port,... (one shard per server; the last is the query host)")

@@ -65,10 +65,10 @@ def main() -> int:
     """Run the demo; returns the exit code."""
     import torch
 
-    from engine.eval_data import PASSKEY_QUESTION, passkey_prompt
-    from engine.load import load_model
-    from engine.star import save_model, star_generate
-    from kvcache.sharded import ShardedClient
+    from kvcache.engine.eval_data import PASSKEY_QUESTION, passkey_prompt
+    from kvcache.engine.load import load_model
+    from kvcache.engine.star import save_model, star_generate
+    from kvcache.clients.sharded import ShardedClient
 
     # One torch thread here and in every rank: this process and the servers share a few cores, and OpenMP
     # workers spinning at barriers on busy cores slow small ops by an order of magnitude.

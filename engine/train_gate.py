@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.model import Llama
-from engine.prefill import causal_attention
+from kvcache.engine.model import Llama
+from kvcache.engine.prefill import causal_attention
 from kvcache.methods.gate import GATE_DIM, GateShape, PageGate, gate_rope, unrotate
 
 EVAL_TOKENS = 8192  # the text's first tokens, which kvcache eval scores at contexts up to the model's 8192
@@ -254,7 +254,7 @@ def windows(ids: list[int], context: int, count: int, start: int) -> list[list[i
 
 
 def gate_for(config, page_size: int, gate_dim: int = GATE_DIM, seed: int = 0, pre_rope: bool = True) -> PageGate:
-    """A fresh gate shaped for a model config (engine.config.ModelConfig): pre-RoPE (q and keys rotated back with
+    """A fresh gate shaped for a model config (kvcache.engine.config.ModelConfig): pre-RoPE (q and keys rotated back with
     the model's RoPE base) unless pre_rope is False."""
     return PageGate(GateShape(config.num_layers, config.num_kv_heads, config.num_heads // config.num_kv_heads,
                               config.head_dim, page_size, gate_dim, rope_base=10000.0,
@@ -264,7 +264,7 @@ def gate_for(config, page_size: int, gate_dim: int = GATE_DIM, seed: int = 0, pr
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `kvcache train-gate`."""
     p.add_argument("--model", help="a .gguf file or a Hugging Face checkpoint directory (default: SmolLM2-135M)")
-    p.add_argument("--name", default="smollm2-135m", help="gate name: writes engine/gates/NAME.safetensors")
+    p.add_argument("--name", default="smollm2-135m", help="gate name: writes kvcache/methods/gates/NAME.safetensors")
     p.add_argument("--context", type=int, default=4096, help="tokens per window (a multiple of --page-size)")
     p.add_argument("--windows", type=int, default=24, help="training windows (after the first --skip tokens)")
     p.add_argument("--held-out", type=int, default=1, help="held-out windows (after the training ones)")
@@ -291,9 +291,9 @@ def main(args: argparse.Namespace) -> int:
     import platform
     import sys
 
-    from engine.eval_data import long_text
-    from engine.load import load_model
-    from kvcache.gate_store import save_gate
+    from kvcache.engine.eval_data import long_text
+    from kvcache.engine.load import load_model
+    from kvcache.methods.gate_store import save_gate
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model)

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 import torch
 
-from engine.config import ModelConfig
-from engine.errors import ModelFileError
-from engine.model import Llama
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.errors import ModelFileError
+from kvcache.engine.model import Llama
 
 
 def build_model(config: ModelConfig, state: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,

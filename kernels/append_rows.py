@@ -7,7 +7,7 @@ to k_seq and v_seq (at the page's device slot), to k_dim (a strided column of th
 into the page's float32 key summary (a page's first row sets min = max = mean = k, a later row at
 slot s updates min, max and the running mean (mean * s + k) / (s + 1)), and adds v to the
 sequence's float32 value sum, which it finds by address (each sequence keeps its own tensor).
-Torch reference: kvcache.pages.PagePool.append_rows, and value_sum += v.
+Torch reference: kvcache.store.page_pool.PagePool.append_rows, and value_sum += v.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ no host sync.
                        a pre-RoPE gate's q_i rotated back from the query's position first
   gate_scores_triton   logit(page) = qg . kg(page) / sqrt(dg) over the page table, kg from GateKeyCache
 
-The scoring pass also writes a selection key per page for kernels.topk's select, which ranks
+The scoring pass also writes a selection key per page for kvcache.kernels.topk's select, which ranks
 non-negative float32 by their bits: key = 1 + logit (logit >= 0) or 1 / (1 - logit)
 (logit < 0), strictly increasing in the logit, so the top keys are the top softmax scores; page 0
 (the attention sink) gets +inf so it is always taken, and the last page is the select's forced
@@ -19,14 +19,15 @@ Torch references: kvcache.methods.gate.gate_queries / gate_logits / gate_select.
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_decode import plan_splits
-from kernels.pdl import pdl_launch, pdl_trigger, pdl_wait
-from kernels.topk import (
+from .paged_decode import plan_splits
+from .pdl import pdl_launch, pdl_trigger, pdl_wait
+from .topk import (
     LEVELS,
     add_histogram,
     digit_histogram,
@@ -35,9 +36,8 @@ from kernels.topk import (
     topk_workspace,
     zero_workspace_row,
 )
-from kernels.tuning import Launch
-from kvcache.methods.gate import LayerGate
-from kvcache.table import PageTableCSR
+from .tuning import Launch
+from .csr import PageTableCSR
 
 # Programs ~ 8 waves of 132 SMs (H100/H200): scoring reads dg values per page and is bandwidth-bound. 32 pages
 # a step beat 64 and 128 (128K x 1 on an H100: 18.5 against 22.2 us, bench/results/gate_sweep_h100.json).
@@ -45,7 +45,7 @@ SCORE_LAUNCH = Launch(block_n=32, num_warps=4, programs=1056)  # block_n pages p
 # The query GEMV is latency-bound (a few hundred KB of W_q per group): few loop steps, dg/8 programs per group.
 QUERY_MAX_BLOCK_K = 1024  # rows of W_q per loop step: one step up to G*d = 1024
 QUERY_BLOCK_O = 4  # output pairs (i, i + dg/2) per program: dg/8 programs per group
-# kernels.topk's radix digits over the page keys; 8 warps took 1-3 us off the selection of 8192 pages.
+# kvcache.kernels.topk's radix digits over the page keys; 8 warps took 1-3 us off the selection of 8192 pages.
 SELECT_LAUNCH = Launch(block_n=512, num_warps=8, programs=128)
 
 
@@ -209,11 +209,19 @@ def rope_inv_freq(gate_dim: int, base: float, device: torch.device) -> torch.Ten
     return _INV_FREQ[key]
 
 
-def gate_queries_triton(q: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR,
+class GateQueryWeights(Protocol):
+    """What the query kernel reads of one layer's gate (the gate method's LayerGate is one)."""
+
+    q_weight: torch.Tensor  # [Hkv, G*d, dg] float32
+    q_bias: torch.Tensor  # [Hkv, dg] float32
+    shape: Any  # .rope_base, .model_rope_base and .pre_rope (rotate q back to position 0 first)
+
+
+def gate_queries_triton(q: torch.Tensor, layer_gate: GateQueryWeights, csr: PageTableCSR,
                         workspace: dict[str, torch.Tensor] | None = None, pdl: bool = False) -> torch.Tensor:
     """Gate queries [B*Hkv, dg] float32 of q [B, Hq, d], each at its sequence's last page (§3, SeerAttention-R).
-    A `workspace` (kernels.topk's, one row per gate query, made with zeroed=False) is zeroed on the way. With
-    `pdl` (kernels.pdl) the next kernel may launch while this one runs (it is the first of the chain)."""
+    A `workspace` (kvcache.kernels.topk's, one row per gate query, made with zeroed=False) is zeroed on the way. With
+    `pdl` (kvcache.kernels.pdl) the next kernel may launch while this one runs (it is the first of the chain)."""
     B, _, D = q.shape
     w, bias = layer_gate.q_weight, layer_gate.q_bias  # [Hkv, G*d, dg], [Hkv, dg] float32
     Hkv, GD, DG = w.shape
@@ -246,11 +254,11 @@ def gate_scores_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Logits [B*Hkv, max_pages] float32 of gate queries qg [B*Hkv, dg] against keys [N, Hkv, dg] of the
     sequences' pages, with the select's inputs: (logits, keys for the select, per-row counts, workspace).
-    The workspace (kernels.topk's, level-0 histogram filled) is empty when select_pages selects in registers;
+    The workspace (kvcache.kernels.topk's, level-0 histogram filled) is empty when select_pages selects in registers;
     pass one that gate_queries_triton zeroed (select_workspace), else a zeroed one is made here.
 
     counts holds list_len (pages to read, first and last included), n_valid and n_total (int32 [B*Hkv]);
-    entries of a row past its sequence's pages are not written. With `pdl` (kernels.pdl) it launches as following
+    entries of a row past its sequence's pages are not written. With `pdl` (kvcache.kernels.pdl) it launches as following
     gate_queries_triton's kernel."""
     BH, DG = qg.shape
     Hkv = keys.shape[1]
@@ -291,8 +299,8 @@ def select_workspace(rows: int, csr: PageTableCSR, device: torch.device) -> dict
 def select_pages(sel: torch.Tensor, counts: dict[str, torch.Tensor], ws: dict[str, torch.Tensor],
                  k_max: int, pdl: bool = False) -> torch.Tensor:
     """Page indexes [B*Hkv, k_max] int32 (unordered, row r filled up to list_len[r]) of the select over the keys
-    gate_scores_triton wrote: page 0, the last page, and the best between (kernels.topk.select_topk: one program
+    gate_scores_triton wrote: page 0, the last page, and the best between (kvcache.kernels.topk.select_topk: one program
     per row when the workspace is empty, else the radix levels, whose level-0 histogram the scoring pass filled).
-    With `pdl` (kernels.pdl) it launches as following the scoring kernel."""
+    With `pdl` (kvcache.kernels.pdl) it launches as following the scoring kernel."""
     return select_topk(sel, counts["list_len"], counts["n_valid"], counts["n_total"], sel.shape[1], ws,
                        hist0_done=True, k_max=k_max, launch=SELECT_LAUNCH, pdl=pdl, in_registers=not ws)

@@ -3,7 +3,7 @@
 Both SparQ (approximate logits per position, ALGORITHMS.md §1 step 4) and Quest (bound logits per
 page, §3) rank a row's items by the group mean of each head's softmax. The kernel that wrote the
 logits also wrote per-split softmax stats (max, sum of exp) per head, so one pass over the logits
-gives f = sum_g exp(x_g - m_g) / (G l_g), writes it, and fills kernels.topk's level-0 histogram
+gives f = sum_g exp(x_g - m_g) / (G l_g), writes it, and fills kvcache.kernels.topk's level-0 histogram
 over the items outside the row's forced tail (SparQ's local window, Quest's last page): one
 launch where torch takes a softmax, a sum and a histogram of its own.
 """
@@ -14,11 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_decode import sequence_extent
-from kernels.softmax_stats import merged_softmax_stats
-from kernels.topk import LEVELS, add_histogram, digit_histogram
-from kernels.tuning import TUNING
-from kvcache.table import PageTableCSR
+from .paged_decode import sequence_extent
+from .softmax_stats import merged_softmax_stats
+from .topk import LEVELS, add_histogram, digit_histogram
+from .tuning import TUNING
+from .csr import PageTableCSR
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def group_scores(
     logits [B*Hkv, G, S_pad] and stat_m / stat_l [B*Hkv, splits, G] come from a kernel that split each
     row into splits of items_per_split items. Items are positions, or pages when `pages` (then 'k' =
     min(pages, k_cap) is written too). The last `tail` items of a row are left out of the histogram
-    (hist0 [B*Hkv, 256] int32, zeroed: kernels.topk's level 0, filled by atomics); without `with_hist`, for a
+    (hist0 [B*Hkv, 256] int32, zeroed: kvcache.kernels.topk's level 0, filled by atomics); without `with_hist`, for a
     select in registers, hist0 is not touched.
     """
     BH, G, row_len = logits.shape

@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import pdl_launch, pdl_trigger, pdl_wait
-from kernels.softmax_stats import merged_softmax_stats
-from kernels.tuning import TUNING, Launch
-from kvcache.table import PageTableCSR
+from .pdl import pdl_launch, pdl_trigger, pdl_wait
+from .softmax_stats import merged_softmax_stats
+from .tuning import TUNING, Launch
+from .csr import PageTableCSR
 
 MODE_DENSE, MODE_ROWS, MODE_PAGES = 0, 1, 2
 
@@ -229,7 +229,7 @@ def attend_partial(
     tensor (the GPU reads those rows over PCIe) as long as csr.indices address that pool.
     alpha_inputs = (logits [B*Hkv, G, S_pad], stat_m, stat_l [B*Hkv, S1, G], S1) from SparQ's stage 1 turns
     on its alpha (items are then positions). Without list_len every list holds max_items items (no per-row count to read).
-    `launch` overrides TUNING['decode']. With `pdl` (kernels.pdl) it launches as following the kernel before it
+    `launch` overrides TUNING['decode']. With `pdl` (kvcache.kernels.pdl) it launches as following the kernel before it
     (the one that made its lists).
     """
     B, Hq, D = q.shape
@@ -282,7 +282,7 @@ def merge_partials(
     """Merge per-split partials by lse (§4): out [B, Hq, d] (q dtype), lse [B, Hq] f32.
 
     With alpha partials, SparQ's mean-value reallocation uses value_mean [B*Hkv, d] f32. With `pdl`
-    (kernels.pdl) it is launched as following the partial kernel.
+    (kvcache.kernels.pdl) it is launched as following the partial kernel.
     """
     B, Hq, D = q.shape
     G = Hq // num_kv_heads
@@ -321,7 +321,7 @@ def attend_partial_and_merge(
     launch: Launch | None = None,
     pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """attend_partial then merge_partials: out [B, Hq, d] (q dtype), lse [B, Hq] f32. With `pdl` (kernels.pdl)
+    """attend_partial then merge_partials: out [B, Hq, d] (q dtype), lse [B, Hq] f32. With `pdl` (kvcache.kernels.pdl)
     both launch as following the kernel before them: the partial kernel the one that made its lists."""
     parts = attend_partial(q, k_seq, v_seq, csr, max_items, mode, item_list, list_len, alpha_inputs, scale,
                            block_n, num_splits, launch, pdl=pdl)

@@ -1,13 +1,13 @@
 """Quest page selection in Triton: page bounds from the key summaries (ALGORITHMS.md §3), then exact
-attention over the chosen pages with kernels.paged_decode MODE_PAGES.
+attention over the chosen pages with kvcache.kernels.paged_decode MODE_PAGES.
 
 bound_g(page) = sum_j max(q_j * max_j, q_j * min_j) = relu(q) . max + min(q, 0) . min: two dots
 per block of pages, reading 2d float32 summary values per page instead of its 2*P*d K/V values.
 The group's page scores and the choice follow kvcache.methods.quest (softmaxed bounds summed
 over the group, here averaged: the same order; the last page always read): the bounds kernel
-keeps each head's softmax stats per split, kernels.group_scores turns them into page scores (with
+keeps each head's softmax stats per split, kvcache.kernels.group_scores turns them into page scores (with
 the radix select's first histogram when the rows are too long to select in registers), and
-kernels.topk.select_topk picks the pages.
+kvcache.kernels.topk.select_topk picks the pages.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.group_scores import group_scores
-from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge, dot_precision, plan_splits
-from kernels.softmax_stats import running_softmax_stats
-from kernels.topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
-from kernels.tuning import TUNING
-from kvcache.pages import SUMMARY_MAX, SUMMARY_MIN
-from kvcache.table import PageTableCSR
+from .group_scores import group_scores
+from .paged_decode import MODE_PAGES, attend_partial_and_merge, dot_precision, plan_splits
+from .softmax_stats import running_softmax_stats
+from .topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
+from .tuning import TUNING
+from .csr import SUMMARY_MAX, SUMMARY_MIN
+from .csr import PageTableCSR
 
 
 @triton.jit

@@ -3,11 +3,11 @@
   stage 1   per (sequence, kv head, split): i1 (the r largest of sum_g |q_g|) and tau_g, then
             only rows i1 of each k_dim page (r runs of P) are read and the approximate logits
             x_g = q_g[i1] . K[:, i1] / tau_g written, with the split's softmax max / sum per query head.
-  scores    kernels.group_scores: f = mean_g softmax(x_g) over the positions outside the local
+  scores    kvcache.kernels.group_scores: f = mean_g softmax(x_g) over the positions outside the local
             window (the group mean ranks like the sum of §1, step 4), with the first radix histogram
             when the rows are too long to select in registers.
-  top-k     kernels.topk.select_topk: the window plus the k - l largest f, no sort.
-  stage 2   kernels.paged_decode MODE_ROWS with alpha: exact softmax over the k rows, alpha_g
+  top-k     kvcache.kernels.topk.select_topk: the window plus the k - l largest f, no sort.
+  stage 2   kvcache.kernels.paged_decode MODE_ROWS with alpha: exact softmax over the k rows, alpha_g
             = sum of shat_g over them (from stage 1's logits), y = alpha * (s . V) + (1 - alpha) * vbar.
 """
 
@@ -20,12 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.group_scores import group_scores
-from kernels.paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
-from kernels.softmax_stats import running_softmax_stats
-from kernels.topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
-from kernels.tuning import TUNING
-from kvcache.table import PageTableCSR
+from .group_scores import group_scores
+from .paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
+from .softmax_stats import running_softmax_stats
+from .topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
+from .tuning import TUNING
+from .csr import PageTableCSR
 
 
 @triton.jit
@@ -127,7 +127,7 @@ class Stage1Result:
     stat_m: torch.Tensor  # [B*Hkv, splits, G] per-split softmax max of x_g
     stat_l: torch.Tensor  # [B*Hkv, splits, G] per-split softmax sum
     items_per_split: int
-    workspace: dict[str, torch.Tensor] | None  # kernels.topk's, zeroed by stage 1; taken by the first selection
+    workspace: dict[str, torch.Tensor] | None  # kvcache.kernels.topk's, zeroed by stage 1; taken by the first selection
 
     @property
     def num_splits(self) -> int:

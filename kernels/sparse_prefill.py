@@ -22,13 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_decode import dot_precision, sequence_extent
-from kvcache.errors import DTypeMismatch, PositionOutOfRange, ShapeMismatch
-from kvcache.methods.minference_index import SparseIndex
-from kvcache.table import PageTableCSR
+from .paged_decode import dot_precision, sequence_extent
+from .block_index import SparseIndex
+from .csr import PageTableCSR
 
 # Launch parameters for B x B tiles (B = the index's block size, 64 by default), not yet from a
-# GPU sweep (`bench.prefill --sweep` times the alternatives). Compiled for sm_90 with bf16,
+# GPU sweep (`kvcache.bench.prefill --sweep` times the alternatives). Compiled for sm_90 with bf16,
 # d=128: 4 warps and 2 stages take 190 registers a thread (223 with columns), no spills, 80 KB
 # of shared memory, and the block loop's page-id loads and K/V gathers are asynchronous copies
 # pipelined behind the tensor-core dots; 3 stages reach 254 registers with columns.
@@ -148,23 +147,24 @@ def sparse_prefill(
     restricted to the index (blocks, plus columns when it has them): out [T, Hq, d] (q dtype), lse [T, Hq] f32.
 
     The block lists must be ascending and end at or before each query block's own block (every
-    builder in kvcache.methods.minference_index makes them so); the kernel masks causally only
-    the last listed block and the columns.
+    builder in kvcache.prefill.minference_index makes them so); the kernel masks causally only
+    the last listed block and the columns. Raises ValueError (shapes), TypeError (dtypes) or IndexError (a
+    chunk past the sequence's positions).
     """
     T, Hq, D = q.shape
     _, Hkv, P, _ = k_seq.shape
     B = index.block_size
     if index.num_queries != T or index.num_heads != Hq:
-        raise ShapeMismatch(f"the index is for {index.num_queries} queries x {index.num_heads} heads; "
+        raise ValueError(f"the index is for {index.num_queries} queries x {index.num_heads} heads; "
                             f"q has shape {tuple(q.shape)}")
     if Hq % Hkv or k_seq.shape[3] != D or k_seq.stride() != v_seq.stride() or k_seq.stride(3) != 1:
-        raise ShapeMismatch(f"q [T, {Hq}, {D}] does not fit the pools k {tuple(k_seq.shape)} / v {tuple(v_seq.shape)}")
+        raise ValueError(f"q [T, {Hq}, {D}] does not fit the pools k {tuple(k_seq.shape)} / v {tuple(v_seq.shape)}")
     if q.dtype != k_seq.dtype or v_seq.dtype != k_seq.dtype:
-        raise DTypeMismatch(f"q is {q.dtype}; the pools hold {k_seq.dtype} / {v_seq.dtype}")
+        raise TypeError(f"q is {q.dtype}; the pools hold {k_seq.dtype} / {v_seq.dtype}")
     if D & (D - 1) or D < 16 or B & (B - 1) or B < 16:
-        raise ShapeMismatch(f"the kernel tiles powers of two >= 16: head dim {D}, block size {B}")
+        raise ValueError(f"the kernel tiles powers of two >= 16: head dim {D}, block size {B}")
     if csr.host_lens[b] < index.num_keys:
-        raise PositionOutOfRange(f"the chunk ends at position {index.num_keys}, but sequence {b} holds "
+        raise IndexError(f"the chunk ends at position {index.num_keys}, but sequence {b} holds "
                                  f"{csr.host_lens[b]} positions")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     q = q.contiguous() if q.stride(2) != 1 else q

@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_decode import plan_splits
-from kernels.pdl import pdl_launch, pdl_trigger, pdl_wait
-from kernels.tuning import TUNING, Launch
+from .paged_decode import plan_splits
+from .pdl import pdl_launch, pdl_trigger, pdl_wait
+from .tuning import TUNING, Launch
 
 # (shift, bits) of the radix digits of a non-negative float32, most significant first.
 LEVELS = ((23, 8), (15, 8), (7, 8), (0, 7))
@@ -342,7 +342,7 @@ def select_topk(
 
     `in_registers` picks one program per row (default: selects_in_registers(max_total, R)), else the radix
     levels: with hist0_done the caller has already filled workspace['hist0'] (SparQ fuses it into its
-    scoring pass), and `block` / `launch` override TUNING['topk']. With `pdl` (kernels.pdl) each launch
+    scoring pass), and `block` / `launch` override TUNING['topk']. With `pdl` (kvcache.kernels.pdl) each launch
     follows the kernel before it, the first the caller's.
     """
     R = values.shape[0]

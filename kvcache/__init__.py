@@ -1,6 +1,6 @@
 """kvcache: a memory-bandwidth-aware paged KV cache manager for long-context decoding."""
 
-from kvcache.client import InProcessClient, KVCacheClient
+from kvcache.clients.inprocess import InProcessClient, KVCacheClient
 from kvcache.config import KVCacheConfig
 from kvcache.errors import (
     DTypeMismatch,
@@ -28,4 +28,19 @@ __all__ = [
     "SequenceNotFound",
     "ShapeMismatch",
     "StoreFull",
+    "RemoteClient",
+    "ShardedClient",
 ]
+
+
+def __getattr__(name: str):
+    # The gRPC clients load grpcio: only when asked for.
+    if name == "RemoteClient":
+        from kvcache.clients.remote import RemoteClient
+
+        return RemoteClient
+    if name == "ShardedClient":
+        from kvcache.clients.sharded import ShardedClient
+
+        return ShardedClient
+    raise AttributeError(f"module 'kvcache' has no attribute {name!r}")

@@ -16,23 +16,23 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--page-size", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0)
     serve = sub.add_parser("serve", help="run the gRPC KV cache service")
-    from kvcache.serve_cli import add_arguments
+    from kvcache.service.serve_cli import add_arguments
 
     add_arguments(serve)
     generate = sub.add_parser("generate", help="generate text with SmolLM2 (or --model) decoding through the KV store")
-    from engine.cli import add_arguments as add_generate_arguments
+    from kvcache.engine.cli import add_arguments as add_generate_arguments
 
     add_generate_arguments(generate)
     evaluate = sub.add_parser("eval", help="accuracy of each decode method against dense on the real model")
-    from engine.eval_cli import add_arguments as add_eval_arguments
+    from kvcache.engine.eval_cli import add_arguments as add_eval_arguments
 
     add_eval_arguments(evaluate)
     search = sub.add_parser("search-patterns", help="per-head MInference prefill patterns of a model, saved as JSON")
-    from engine.pattern_search import add_arguments as add_search_arguments
+    from kvcache.engine.pattern_search import add_arguments as add_search_arguments
 
     add_search_arguments(search)
     train_gate = sub.add_parser("train-gate", help="distil a learned page gate (SeerAttention) from the model's attention")
-    from engine.train_gate import add_arguments as add_train_gate_arguments
+    from kvcache.engine.train_gate import add_arguments as add_train_gate_arguments
 
     add_train_gate_arguments(train_gate)
     bench = sub.add_parser("bench", help="benchmarks")
@@ -71,16 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     layer_call.add_argument("--iters", type=int, default=300, help="timed calls per row")
     layer_call.add_argument("--json", help="write the report here")
     dense_cpu = bench_sub.add_parser("dense-cpu", help="dense decode on a CPU store: the CPU path vs the reference")
-    from bench.dense_cpu import add_arguments as add_dense_cpu_arguments
+    from kvcache.bench.dense_cpu import add_arguments as add_dense_cpu_arguments
 
     add_dense_cpu_arguments(dense_cpu)
     prefill = bench_sub.add_parser("prefill", help="MInference sparse prefill vs SDPA, one layer")
-    from bench.prefill import add_arguments as add_prefill_arguments
+    from kvcache.bench.prefill import add_arguments as add_prefill_arguments
 
     add_prefill_arguments(prefill)
     star = bench_sub.add_parser("star", help="Star Attention: decode-step time against the number of KV servers; "
                                              "--accuracy: perplexity and agreement against dense")
-    from bench.star import add_arguments as add_star_arguments
+    from kvcache.bench.star import add_arguments as add_star_arguments
 
     add_star_arguments(star)
     star_phase1 = bench_sub.add_parser("star-phase1", help="Star Attention phase 1 (N ranks) against one rank's "
@@ -97,51 +97,51 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        from kvcache.demo import run_demo
+        from kvcache.bench.synthetic_demo import run_demo
 
         run_demo(args.seq_len, args.dtype, args.page_size, args.seed)
     elif args.command == "serve":
-        from kvcache.serve_cli import main as serve_main
+        from kvcache.service.serve_cli import main as serve_main
 
         return serve_main(args)
     elif args.command == "generate":
-        from engine.cli import main as generate_main
+        from kvcache.engine.cli import main as generate_main
 
         return generate_main(args)
     elif args.command == "eval":
-        from engine.eval_cli import main as eval_main
+        from kvcache.engine.eval_cli import main as eval_main
 
         return eval_main(args)
     elif args.command == "search-patterns":
-        from engine.pattern_search import main as search_main
+        from kvcache.engine.pattern_search import main as search_main
 
         return search_main(args)
     elif args.command == "train-gate":
-        from engine.train_gate import main as train_gate_main
+        from kvcache.engine.train_gate import main as train_gate_main
 
         return train_gate_main(args)
     elif args.command == "bench" and args.bench == "rpc":
-        from bench.rpc import main as bench_rpc
+        from kvcache.bench.rpc import main as bench_rpc
 
         return bench_rpc(args)
     elif args.command == "bench" and args.bench == "rpc-floor":
-        from bench.rpc_floor import main as bench_rpc_floor
+        from kvcache.bench.rpc_floor import main as bench_rpc_floor
 
         return bench_rpc_floor(args)
     elif args.command == "bench" and args.bench == "dense-cpu":
-        from bench.dense_cpu import main as bench_dense_cpu
+        from kvcache.bench.dense_cpu import main as bench_dense_cpu
 
         return bench_dense_cpu(args)
     elif args.command == "bench" and args.bench == "layer-call":
-        from bench.layer_call import main as bench_layer_call
+        from kvcache.bench.layer_call import main as bench_layer_call
 
         return bench_layer_call(args)
     elif args.command == "bench" and args.bench == "prefill":
-        from bench.prefill import main as bench_prefill
+        from kvcache.bench.prefill import main as bench_prefill
 
         return bench_prefill(args)
     elif args.command == "bench" and args.bench == "star":
-        from bench.star import main as bench_star
+        from kvcache.bench.star import main as bench_star
 
         return bench_star(args)
     elif args.command == "bench" and args.bench == "star-phase1":
@@ -149,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_star_phase1(args)
     elif args.command == "bench" and args.bench == "offload":
-        from bench.offload import main as bench_offload
+        from kvcache.bench.offload import main as bench_offload
 
         return bench_offload(args)
     elif args.command == "bench" and args.bench == "decode":
-        from bench.decode import main as bench_decode
+        from kvcache.bench.decode import main as bench_decode
 
         return bench_decode(args)
     return 0

@@ -248,8 +248,8 @@ def assert_unchanged():
 
 @pytest.fixture(params=["in_registers", "radix_levels"])
 def select_path(request, monkeypatch):
-    """The top-k by one program per row (what rows this short get) or, forced, by kernels.topk's radix levels."""
+    """The top-k by one program per row (what rows this short get) or, forced, by kvcache.kernels.topk's radix levels."""
     if request.param == "radix_levels":
-        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX", 0)
-        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX_MANY", 0)
+        monkeypatch.setattr("kvcache.kernels.topk.ROW_SELECT_MAX", 0)
+        monkeypatch.setattr("kvcache.kernels.topk.ROW_SELECT_MAX_MANY", 0)
     return request.param

@@ -248,6 +248,6 @@ def one_torch_thread():
 def in_process_shards(n: int):
     """A ShardedClient over n in-process stores of the service tests' small store."""
     from kvcache import InProcessClient
-    from kvcache.sharded import ShardedClient
+    from kvcache.clients.sharded import ShardedClient
 
     return ShardedClient([InProcessClient(store_config()) for _ in range(n)])

@@ -1,5 +1,5 @@
 """Attend requests arriving together on different streams: AttendBatcher's group commit, and the server's merge of
-a batch into one store call (kvcache.server.KVCacheServicer._attend_batch)."""
+a batch into one store call (kvcache.service.server.KVCacheServicer._attend_batch)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from service_support import store_config
 
-from kvcache.attend_batcher import AttendBatcher
-from kvcache.client import InProcessClient
-from kvcache.metrics import prometheus_text
-from kvcache.remote import RemoteClient
-from kvcache.server import KVCacheServicer, Server, ServerOptions
+from kvcache.service.batcher import AttendBatcher
+from kvcache.clients.inprocess import InProcessClient
+from kvcache.service.metrics import prometheus_text
+from kvcache.clients.remote import RemoteClient
+from kvcache.service.server import KVCacheServicer, Server, ServerOptions
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire.codec import from_wire, to_wire
 from kvcache.wire.messages import params_to_wire

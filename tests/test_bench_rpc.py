@@ -6,7 +6,7 @@ import os
 import pytest
 
 from kvcache.cli import main
-from kvcache.serve_cli import pin_process
+from kvcache.service.serve_cli import pin_process
 
 
 def test_bench_rpc_reports_both_clients_and_concurrent_engine_processes(tmp_path):

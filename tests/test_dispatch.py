@@ -18,7 +18,7 @@ import torch
 from kernel_support import HKV, poisoned_allocations, scattered_store
 
 from kvcache import InProcessClient, InvalidParameter
-from kvcache.attention import METHODS, attend
+from kvcache.methods.attend import METHODS, attend
 
 G, D, P = 4, 64, 8  # HKV comes from kernel_support, whose stores these tests use
 DTYPE = torch.float16

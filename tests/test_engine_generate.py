@@ -7,13 +7,13 @@ import torch
 from service_support import STORE, serving, store_config
 from test_engine_model import as_gguf, one_torch_thread  # noqa: F401 (an autouse fixture)
 
-from engine.config import ModelConfig
-from engine.decode import AttentionSpec, decode_step
-from engine.generate import generate
-from engine.model import random_model
-from engine.prefill import prefill
-from engine.reference import reference_logits
-from engine.sampling import Sampler
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.decode import AttentionSpec, decode_step
+from kvcache.engine.generate import generate
+from kvcache.engine.model import random_model
+from kvcache.engine.prefill import prefill
+from kvcache.engine.reference import reference_logits
+from kvcache.engine.sampling import Sampler
 from kvcache import InProcessClient
 from kvcache.methods.traffic import sparq_bytes
 
@@ -194,7 +194,7 @@ def test_a_prompt_beyond_the_models_context_is_refused(model):
 
 
 def test_generation_over_grpc_equals_in_process(model):
-    from kvcache.remote import RemoteClient
+    from kvcache.clients.remote import RemoteClient
 
     sparq = AttentionSpec("sparq", {"r": 8, "k": 12, "local_window": 4})
     expected = {m: generate(model, client(), PROMPTS, max_new_tokens=8, spec=s, chunk_size=8)
@@ -231,7 +231,7 @@ def test_the_model_and_store_on_cuda_generate_what_the_cpu_does(model, method):
 
 
 def test_generate_names_a_device_it_cannot_use():
-    from engine.cli import model_device
+    from kvcache.engine.cli import model_device
 
     assert model_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="not a device name"):

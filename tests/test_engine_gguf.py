@@ -11,13 +11,13 @@ import torch
 from service_support import serving
 from test_engine_model import as_gguf, one_torch_thread  # noqa: F401 (an autouse fixture)
 
-from engine.config import ModelConfig
-from engine.errors import ModelFileError, ModelFileMissing, ModelFileTruncated, UnsupportedModel
-from engine.gguf_loader import GGUFModelFile, load_gguf
-from engine.load import load_model, smollm2_path
-from engine.model import random_model
-from engine.prefill import causal_attention
-from engine.reference import reference_logits
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.errors import ModelFileError, ModelFileMissing, ModelFileTruncated, UnsupportedModel
+from kvcache.engine.gguf_loader import GGUFModelFile, load_gguf
+from kvcache.engine.load import load_model, smollm2_path
+from kvcache.engine.model import random_model
+from kvcache.engine.prefill import causal_attention
+from kvcache.engine.reference import reference_logits
 from kvcache.cli import main as kvcache_main
 
 # Shaped like the service tests' server store (2 layers, 2 kv heads, d=16), so `--server` works with it.

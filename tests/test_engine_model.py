@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.errors import ModelFileError, ModelFileMissing, ModelFileTruncated
-from engine.load import load_model
-from engine.model import random_model
-from engine.prefill import causal_attention
-from engine.reference import reference_logits
-from engine.safetensors_loader import load_safetensors
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.errors import ModelFileError, ModelFileMissing, ModelFileTruncated
+from kvcache.engine.load import load_model
+from kvcache.engine.model import random_model
+from kvcache.engine.prefill import causal_attention
+from kvcache.engine.reference import reference_logits
+from kvcache.engine.safetensors_loader import load_safetensors
 
 CONFIG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=6, num_kv_heads=2,
                      head_dim=16, rope_theta=500.0, rms_norm_eps=1e-5, max_position_embeddings=64)

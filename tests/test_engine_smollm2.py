@@ -6,13 +6,13 @@ import pytest
 import torch
 from test_engine_model import one_torch_thread  # noqa: F401 (an autouse fixture)
 
-from engine.decode import decode_step
-from engine.generate import generate_text
-from engine.gguf_loader import GGUFModelFile, hf_state_dict
-from engine.load import smollm2_path
-from engine.prefill import causal_attention, prefill
-from engine.reference import reference_logits
-from engine.weights import build_model
+from kvcache.engine.decode import decode_step
+from kvcache.engine.generate import generate_text
+from kvcache.engine.gguf_loader import GGUFModelFile, hf_state_dict
+from kvcache.engine.load import smollm2_path
+from kvcache.engine.prefill import causal_attention, prefill
+from kvcache.engine.reference import reference_logits
+from kvcache.engine.weights import build_model
 from kvcache import InProcessClient, KVCacheConfig
 
 

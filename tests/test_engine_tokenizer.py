@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import UnsupportedModel
-from engine.gguf_loader import GGUFModelFile
-from engine.load import smollm2_path
-from engine.tokenizer import CHATML_TEMPLATE, StreamDecoder, Tokenizer
+from kvcache.engine.errors import UnsupportedModel
+from kvcache.engine.gguf_loader import GGUFModelFile
+from kvcache.engine.load import smollm2_path
+from kvcache.engine.tokenizer import CHATML_TEMPLATE, StreamDecoder, Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 
 from kvcache import InProcessClient, KVCacheConfig
 from kvcache.errors import GateFileInvalid, GateMissing, InvalidParameter
-from kvcache.gate_store import attach_gate, load_gate, save_gate
+from kvcache.methods.gate_store import attach_gate, load_gate, save_gate
 from kvcache.methods.gate import GateShape, PageGate, gate_page_scores, gate_select
 from kvcache.methods.traffic import gate_bytes
 
@@ -50,8 +50,8 @@ def _transcribed_scores(q_w, q_b, k_w, q, keys, page_size, base):
 
 
 def _model_unrotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """x [T, H, d] rotated by the engine's own RoPE (engine.model, float64 tables) at `positions` [T], rotated back."""
-    from engine.model import apply_rope, rope_tables
+    """x [T, H, d] rotated by the engine's own RoPE (kvcache.engine.model, float64 tables) at `positions` [T], rotated back."""
+    from kvcache.engine.model import apply_rope, rope_tables
 
     cos, sin = rope_tables(positions[None], x.shape[-1], base, torch.float64)
     return apply_rope(x.double()[None], cos, -sin)[0].float()
@@ -248,7 +248,7 @@ def test_gate_over_the_attend_rpc(tmp_path):
     gate file for another shape stops the server before it serves."""
     from service_support import start_servers, stop_servers
 
-    from kvcache.remote import RemoteClient
+    from kvcache.clients.remote import RemoteClient
 
     gate = _gate(2, 3)
     path = save_gate(gate, tmp_path / "g.safetensors")
@@ -275,7 +275,7 @@ def test_gate_over_the_attend_rpc(tmp_path):
     wrong = save_gate(PageGate(GateShape(3, 2, 3, D, P, gate_dim=8)), tmp_path / "wrong.safetensors")
     from service_support import store_config
 
-    from kvcache.server import Server, ServerOptions
+    from kvcache.service.server import Server, ServerOptions
 
     with pytest.raises(GateFileInvalid, match="num_layers=3 \\(need 2\\)"):
         Server(store_config(), ServerOptions(port=0, gate=str(wrong)))
@@ -311,7 +311,7 @@ def test_selecting_all_rows_at_once_matches_gate_select_row_by_row(budget, thres
 
 
 def test_the_eval_grid_gate_budget_reads_the_asked_share_of_dense_bytes():
-    from engine.eval_cli import method_grid
+    from kvcache.engine.eval_cli import method_grid
 
     hkv, G, S, P16 = 2, 3, 2048, 16
     client, ids, q, _ = _client_with([S], hkv, G, page_size=P16, gate=_gate(hkv, G, page_size=P16))
@@ -325,7 +325,7 @@ def test_the_eval_grid_gate_budget_reads_the_asked_share_of_dense_bytes():
 
 
 def test_the_eval_grid_gate_threshold_rows_are_relative_to_the_pages_between_or_absolute():
-    from engine.eval_cli import gate_threshold_at, method_grid
+    from kvcache.engine.eval_cli import gate_threshold_at, method_grid
     from kvcache.methods.gate import gate_page_scores, gate_select
     from kvcache.methods.traffic import gate_bytes
 
@@ -352,7 +352,7 @@ def test_the_eval_grid_gate_threshold_rows_are_relative_to_the_pages_between_or_
 
 
 def test_the_eval_grid_quest_bytes_rows_read_the_asked_share_of_dense_bytes():
-    from engine.eval_cli import method_grid
+    from kvcache.engine.eval_cli import method_grid
 
     hkv, G, S, P16 = 2, 3, 2048, 16
     client, ids, q, _ = _client_with([S], hkv, G, page_size=P16)
@@ -365,7 +365,7 @@ def test_the_eval_grid_quest_bytes_rows_read_the_asked_share_of_dense_bytes():
 
 
 def test_the_eval_grid_oracle_share_rows_read_that_share_of_rows_at_any_page_size():
-    from engine.eval_cli import method_grid
+    from kvcache.engine.eval_cli import method_grid
 
     hkv, G, S = 2, 3, 1000  # not a whole number of pages
     for P in (4, 8, 16):
@@ -385,8 +385,8 @@ def test_the_eval_grid_oracle_share_rows_read_that_share_of_rows_at_any_page_siz
 
 
 def test_the_eval_grid_dense_layers_rows_lower_the_gate_budget_so_the_model_reads_the_asked_share():
-    from engine.decode import parse_layers
-    from engine.eval_cli import method_grid
+    from kvcache.engine.decode import parse_layers
+    from kvcache.engine.eval_cli import method_grid
 
     assert parse_layers("4-7, 12,5", 30) == [4, 5, 6, 7, 12] and parse_layers("", None) == []
     for bad in ("30", "7-4", "-1", "x"):

@@ -1,4 +1,4 @@
-"""The store's gate-key cache (kvcache.gate_store.GateKeyCache, ALGORITHMS.md §3): after any sequence of
+"""The store's gate-key cache (kvcache.methods.gate_store.GateKeyCache, ALGORITHMS.md §3): after any sequence of
 appends, decode steps, forks, prefix sharing and frees, every live page's cached gate key equals the
 reference's gate_keys recomputed at its index in its sequence: from the page's summary, or for a pre-RoPE gate
 from the sequence's keys rotated back (every test runs with both kinds of gate)."""
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from kvcache import KVCacheConfig, KVStore
-from kvcache.gate_store import attach_gate, gate_key_cache, layer_gate_of
+from kvcache.methods.gate_store import attach_gate, gate_key_cache, layer_gate_of
 from kvcache.methods.gate import GateShape, PageGate, gate_keys, gate_logits, gate_pooled
 from kvcache.methods.gather import gather_sequence
-from kvcache.tiers import DISK, HOST
+from kvcache.store.tiers import DISK, HOST
 
 L, HKV, D, P = 2, 2, 16, 4
 MODEL_ROPE_BASE = {"rotated": 0.0, "pre_rope": 500.0}

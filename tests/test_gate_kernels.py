@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from kernel_support import HKV, INTERPRETED, assert_matches, poisoned_allocations, scattered_store
-from kernels.gate import gate_choose_triton, gate_decode
-from kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages
-from kvcache.attention import attend
-from kvcache.gate_store import attach_gate, layer_gate_of
+from kvcache.methods.gate_gpu import gate_choose_triton, gate_decode
+from kvcache.kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages
+from kvcache.methods.attend import attend
+from kvcache.methods.gate_store import attach_gate, layer_gate_of
 from kvcache.methods.gate import GateShape, PageGate, gate, gate_logits, gate_page_scores, gate_queries, gate_select
 from kvcache.methods.gather import gather_sequence
 
@@ -78,12 +78,12 @@ def test_gate_queries_and_logits_match_the_reference(G, d, lengths, kind):
 @pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("budget", [1, PAGE, PAGE + 1, 3 * PAGE, 5 * PAGE - 1, 10_000])
 def test_the_chosen_pages_are_the_references(G, budget, select, kind, monkeypatch):
-    if select == "radix_levels":  # rows longer than the in-register limits go through kernels.topk's levels
-        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX", 4)
-        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX_MANY", 4)
+    if select == "radix_levels":  # rows longer than the in-register limits go through kvcache.kernels.topk's levels
+        monkeypatch.setattr("kvcache.kernels.topk.ROW_SELECT_MAX", 4)
+        monkeypatch.setattr("kvcache.kernels.topk.ROW_SELECT_MAX_MANY", 4)
     if select == "in_registers_many_rows":  # rows past ROW_SELECT_MAX, but enough of them to select in registers
-        monkeypatch.setattr("kernels.topk.ROW_SELECT_MAX", 4)
-        monkeypatch.setattr("kernels.topk.ROW_SELECT_MANY_ROWS", 2)
+        monkeypatch.setattr("kvcache.kernels.topk.ROW_SELECT_MAX", 4)
+        monkeypatch.setattr("kvcache.kernels.topk.ROW_SELECT_MANY_ROWS", 2)
     lengths = [1, 9, 77, 130]
     store, ids, q = _setup(lengths, G, 64, seed=budget, kind=kind)
     csr = store.page_table(ids, 0)
@@ -131,8 +131,8 @@ def test_a_gate_without_cached_keys_scores_the_same_pages(kind):
 def test_select_pages_takes_page_zero_the_last_page_and_the_top_keys_between():
     # Hand-built keys: row 0 has 6 pages, row 1 has 3; the best middle pages are 3 and 1 in row 0.
     sel = torch.tensor([[float("inf"), 2.0, 0.5, 3.0, 0.25, 1.0], [float("inf"), 0.1, 7.0, 0, 0, 0]])
-    from kernels.topk import topk_workspace, LEVELS
-    from kernels.topk import _histogram_kernel
+    from kvcache.kernels.topk import topk_workspace, LEVELS
+    from kvcache.kernels.topk import _histogram_kernel
 
     ws = topk_workspace(2, sel.device)
     counts = {"n_valid": torch.tensor([5, 2], dtype=torch.int32), "n_total": torch.tensor([6, 3], dtype=torch.int32),

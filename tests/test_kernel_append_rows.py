@@ -1,4 +1,4 @@
-"""kernels.append_rows against its torch reference (PagePool.append_rows and value_sum += v), and the store's
+"""kvcache.kernels.append_rows against its torch reference (PagePool.append_rows and value_sum += v), and the store's
 decode append.
 
 Random pools are written by both, a step at a time, with rows that start pages (row 0), fill their
@@ -14,9 +14,9 @@ import pytest
 import torch
 from kernel_support import INTERPRETED, TOL
 
-from kernels.append_rows import append_rows_triton
+from kvcache.kernels.append_rows import append_rows_triton
 from kvcache import KVCacheConfig, KVStore
-from kvcache.pages import PagePool
+from kvcache.store.page_pool import PagePool
 
 DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
 
@@ -77,7 +77,7 @@ def test_decode_append_equals_prefill_append():
     """append_tokens (one row per sequence, the batched decode path) leaves the store as a prefill of the same rows."""
     config = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=16, page_size=4, dtype=torch.float32,
                            device=DEVICE, device_pages=64)
-    decoded, prefilled = KVStore(config), KVStore(config)  # on a GPU, decoded appends by kernels.append_rows
+    decoded, prefilled = KVStore(config), KVStore(config)  # on a GPU, decoded appends by kvcache.kernels.append_rows
     gen = torch.Generator().manual_seed(5)
     lengths = (3, 8, 1)
     ids_d = [decoded.create().seq_id for _ in lengths]

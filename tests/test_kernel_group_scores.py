@@ -1,4 +1,4 @@
-"""kernels.group_scores against torch: f = mean over a GQA group of each head's softmax, the row counts, and
+"""kvcache.kernels.group_scores against torch: f = mean over a GQA group of each head's softmax, the row counts, and
 the top-k's level-0 histogram, for positions (SparQ) and pages (Quest).
 
 The logits are split into parts as the producing kernels split them, with per-part softmax stats made
@@ -13,8 +13,8 @@ import pytest
 import torch
 from kernel_support import HKV, poisoned_allocations, scattered_store
 
-from kernels.group_scores import group_scores
-from kernels.topk import LEVELS
+from kvcache.kernels.group_scores import group_scores
+from kvcache.kernels.topk import LEVELS
 
 LENGTHS = (61, 37, 130)  # positions; at page 8: 8, 5 and 17 pages
 PAGE = 8

@@ -1,4 +1,4 @@
-"""kernels.paged_decode.paged_decode against the torch reference kvcache.methods.dense.
+"""kvcache.kernels.paged_decode.paged_decode against the torch reference kvcache.methods.dense.
 
 Kernels run on the CPU under the Triton interpreter, so shapes are tiny and block sizes small.
 Every kernel call runs with torch.empty / torch.empty_like poisoned (NaN for floats, -7 for
@@ -15,7 +15,7 @@ import pytest
 import torch
 from kernel_support import HKV, INTERPRETED, NO_BF16_ON_CPU, assert_matches, poisoned_allocations, scattered_store
 
-from kernels.paged_decode import paged_decode
+from kvcache.kernels.paged_decode import paged_decode
 from kvcache.methods import dense
 
 LENGTHS = (37, 1, 80)  # mixed; odd with a partly filled last page, a single position, full last page

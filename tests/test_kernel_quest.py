@@ -1,4 +1,4 @@
-"""kernels.quest.quest_decode against the torch reference kvcache.methods.quest (page bounds, ALGORITHMS.md §3).
+"""kvcache.kernels.quest.quest_decode against the torch reference kvcache.methods.quest (page bounds, ALGORITHMS.md §3).
 
 Kernels run on the CPU under the Triton interpreter, so shapes are tiny and block sizes small.
 Every kernel call runs with torch.empty / torch.empty_like poisoned (NaN for floats, -7 for
@@ -13,7 +13,7 @@ import pytest
 import torch
 from kernel_support import HKV, INTERPRETED, NO_BF16_ON_CPU, assert_matches, poisoned_allocations, scattered_store
 
-from kernels.quest import quest_decode
+from kvcache.kernels.quest import quest_decode
 from kvcache.methods import dense, quest
 
 LENGTHS = (37, 1, 80)  # mixed; with pages of 8: 5 pages (the last partly filled), 1 page of 1 row, 10 full pages
@@ -63,7 +63,7 @@ def test_at_least_as_many_pages_as_the_longest_sequence_equals_dense(top_pages):
 
 
 def test_more_pages_than_one_block_of_page_bounds_match_the_reference():
-    # 19 pages of 8: more than one block of page bounds (16 pages in kernels.tuning), so several splits.
+    # 19 pages of 8: more than one block of page bounds (16 pages in kvcache.kernels.tuning), so several splits.
     out, lse, ref, _ = run_both(7, lengths=(150, 41), dtype=torch.float16)
     assert_matches(out, lse, ref, torch.float16)
 

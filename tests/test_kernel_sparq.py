@@ -1,4 +1,4 @@
-"""kernels.sparq.sparq_decode against the torch reference kvcache.methods.sparq (ALGORITHMS.md §1).
+"""kvcache.kernels.sparq.sparq_decode against the torch reference kvcache.methods.sparq (ALGORITHMS.md §1).
 
 Kernels run on the CPU under the Triton interpreter, so shapes are tiny and block sizes small
 (stage 1 over 2 splits of 32 positions, the top-k in one block of 64). Every kernel call runs with
@@ -14,7 +14,7 @@ import pytest
 import torch
 from kernel_support import HKV, INTERPRETED, NO_BF16_ON_CPU, assert_matches, poisoned_allocations, scattered_store
 
-from kernels.sparq import sparq_decode
+from kvcache.kernels.sparq import sparq_decode
 from kvcache.methods import dense, sparq
 
 LENGTHS = (37, 11, 61)  # mixed and odd: every last page is partly filled
@@ -95,7 +95,7 @@ def test_bfloat16_matches_the_reference_on_the_gpu(G):
 def test_selecting_twice_from_one_stage_1_gives_the_same_positions():
     # Stage 1 zeroes the selection's workspace; a second selection on the same stage-1 result must
     # not reuse the filled one (the benchmark times the selection alone this way).
-    from kernels.sparq import sparq_select, sparq_stage1
+    from kvcache.kernels.sparq import sparq_select, sparq_stage1
 
     store, ids = scattered_store(LENGTHS, d=64, page_size=8, dtype=torch.float32, device="cpu")
     q = torch.randn((len(ids), HKV * 4, 64), generator=torch.Generator().manual_seed(3))

@@ -1,4 +1,4 @@
-"""kernels.sparse_prefill against the torch reference kvcache.methods.minference and dense attention.
+"""kvcache.kernels.sparse_prefill against the torch reference kvcache.prefill.minference and dense attention.
 
 Each case checks three things agree: the Triton kernel (run with torch.empty poisoned, so an
 output it never writes is NaN), the torch reference, and plain dense attention over K/V read
@@ -16,9 +16,9 @@ import pytest
 import torch
 from kernel_support import HKV, INTERPRETED, NO_BF16_ON_CPU, TOL, assert_matches, poisoned_allocations, scattered_store
 
-from kernels.sparse_prefill import sparse_prefill
-from kvcache.methods.minference import minference_prefill
-from kvcache.methods.minference_index import (
+from kvcache.kernels.sparse_prefill import sparse_prefill
+from kvcache.prefill.minference import minference_prefill
+from kvcache.prefill.minference_index import (
     SparseIndex,
     a_shape_index,
     block_sparse_index,

@@ -1,4 +1,4 @@
-"""kernels.topk.select_topk against torch.topk: the k largest of each row, tails always taken; every test runs
+"""kvcache.kernels.topk.select_topk against torch.topk: the k largest of each row, tails always taken; every test runs
 twice, through the radix levels and through one program per row in registers.
 
 Positions come back unordered, so rows are compared as sets (distinct values) or by their sorted
@@ -16,7 +16,7 @@ import pytest
 import torch
 from kernel_support import poisoned_allocations
 
-from kernels.topk import select_topk
+from kvcache.kernels.topk import select_topk
 
 BLOCK = 32
 IN_REGISTERS = False  # set by the _path fixture
@@ -155,8 +155,8 @@ def test_negative_zero_ranks_as_zero():
 
 def test_many_tied_candidates_are_finished_over_several_loop_steps():
     # 3000 equal values leave 3000 candidates after the first two digits: the row's last program
-    # walks them in steps of kernels.topk.FINISH_BLOCK (1024), ranking exact ties in arrival order.
-    from kernels.topk import FINISH_BLOCK
+    # walks them in steps of kvcache.kernels.topk.FINISH_BLOCK (1024), ranking exact ties in arrival order.
+    from kvcache.kernels.topk import FINISH_BLOCK
 
     n = 3 * FINISH_BLOCK - 72
     values = torch.full((2, n), 0.5)

@@ -11,7 +11,7 @@ import torch
 
 from kvcache import KVCacheConfig, KVStore
 from kvcache.errors import InvalidParameter, PositionOutOfRange
-from kvcache.methods.minference_index import (
+from kvcache.prefill.minference_index import (
     a_shape_index,
     block_sparse_index,
     causal_index,

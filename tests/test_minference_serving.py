@@ -11,9 +11,9 @@ from service_support import STORE, start_server, store_config
 
 from kvcache import InProcessClient, KVCacheConfig
 from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, SequenceNotFound, ShapeMismatch
-from kvcache.methods.minference import minference_prefill
-from kvcache.methods.minference_index import a_shape_index, block_sparse_index, vertical_slash_index
-from kvcache.minference_serving import (
+from kvcache.prefill.minference import minference_prefill
+from kvcache.prefill.minference_index import a_shape_index, block_sparse_index, vertical_slash_index
+from kvcache.prefill.serving import (
     CAUSAL,
     HeadPattern,
     build_index,
@@ -21,7 +21,7 @@ from kvcache.minference_serving import (
     paged,
     sparse_attention,
 )
-from kvcache.remote import RemoteClient
+from kvcache.clients.remote import RemoteClient
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
 from kvcache.wire.codec import to_wire

@@ -7,7 +7,7 @@ import torch
 from kernel_support import HKV, scattered_store
 
 from kvcache import InvalidParameter
-from kvcache.attention import attend
+from kvcache.methods.attend import attend
 from kvcache.methods import dense
 from kvcache.methods.oracle import oracle, page_attention_mass
 

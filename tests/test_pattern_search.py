@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_engine_model import one_torch_thread  # noqa: F401 (an autouse fixture)
 
-from engine import patterns as saved
-from engine.config import ModelConfig
-from engine.model import random_model
-from engine.pattern_search import (
+from kvcache.engine import patterns as saved
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.model import random_model
+from kvcache.engine.pattern_search import (
     AUTHOR_CANDIDATES,
     REFERENCE_LENGTH,
     choose,
@@ -21,7 +21,7 @@ from engine.pattern_search import (
     score_layer,
     search_patterns,
 )
-from kvcache.minference_serving import HeadPattern
+from kvcache.prefill.serving import HeadPattern
 
 T, B, D = 512, 32, 32
 PLANTED = [40, 70, 100, 140, 180, 220, 250, 290, 330, 370]  # key positions, each in a block of its own
@@ -118,7 +118,7 @@ def test_search_on_a_tiny_model_saves_a_config_that_loads_back(tmp_path):
 
 
 def test_the_command_writes_the_json(tmp_path, monkeypatch):
-    import engine.load
+    import kvcache.engine.load
     from kvcache.cli import main
 
     config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2,
@@ -128,7 +128,7 @@ def test_the_command_writes_the_json(tmp_path, monkeypatch):
         def encode(self, text: str) -> list[int]:
             return [ord(ch) % 97 for ch in text]
 
-    monkeypatch.setattr(engine.load, "load_model", lambda path=None: (random_model(config), Letters()))
+    monkeypatch.setattr(kvcache.engine.load, "load_model", lambda path=None: (random_model(config), Letters()))
     out = tmp_path / "letters.json"
     assert main(["search-patterns", "--length", "128", "--block-size", "16", "--out", str(out)]) == 0
     written = saved.load(out)

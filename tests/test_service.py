@@ -37,9 +37,9 @@ from service_support import (
 )
 
 from kvcache import errors
-from kvcache.remote import RemoteClient
-from kvcache.serve_cli import add_arguments, parse_cpus, resolve
-from kvcache.server import Server, ServerOptions
+from kvcache.clients.remote import RemoteClient
+from kvcache.service.serve_cli import add_arguments, parse_cpus, resolve
+from kvcache.service.server import Server, ServerOptions
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
 from kvcache.wire.codec import from_wire, to_wire
@@ -1084,7 +1084,7 @@ def test_sigterm_taken_by_another_thread_still_drains_and_exits_0(servers):
 def test_serve_puts_every_thread_on_one_malloc_arena():
     """`kvcache serve` asks glibc for one malloc arena (per-thread arenas made long-context attention
     on some RPC threads pay page faults for its temporaries); run where it cannot touch this process."""
-    code = "from kvcache.serve_cli import one_malloc_arena; print(one_malloc_arena())"
+    code = "from kvcache.service.serve_cli import one_malloc_arena; print(one_malloc_arena())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "True", out.stderr
 
@@ -1094,7 +1094,7 @@ def test_serve_puts_every_thread_on_one_malloc_arena():
 def test_a_cuda_server_attends_as_the_in_process_cuda_store_does(inputs_on):
     # A GPU store behind the wire: q, k, v come in as bytes (from CPU or GPU tensors) and out, lse leave
     # from device memory; the answers must be the in-process GPU store's, bit for bit.
-    from kvcache.client import InProcessClient
+    from kvcache.clients.inprocess import InProcessClient
 
     flags = ("--layers", "2", "--kv-heads", "2", "--head-dim", "64", "--page-size", "16", "--pages", "64",
              "--dtype", "float16", "--device", "cuda")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from kernel_support import HKV, assert_matches, scattered_store
 
-from kernels.sparq import sparq_decode
+from kvcache.kernels.sparq import sparq_decode
 from kvcache import InProcessClient, InvalidParameter, KVCacheConfig
 from kvcache.methods import dense, sparq
 

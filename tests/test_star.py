@@ -10,11 +10,11 @@ import torch
 from service_support import STORE, in_process_shards, start_servers, stop_servers, store_config
 from service_support import one_torch_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
 
-from engine.config import ModelConfig
-from engine.generate import generate
-from engine.model import random_model
-from engine.prefill import prefill
-from engine.star import (
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.generate import generate
+from kvcache.engine.model import random_model
+from kvcache.engine.prefill import prefill
+from kvcache.engine.star import (
     StarPlan,
     encode_blocks,
     encode_context_local,
@@ -25,7 +25,7 @@ from engine.star import (
     star_generate,
 )
 from kvcache import InProcessClient
-from kvcache.sharded import ShardedClient
+from kvcache.clients.sharded import ShardedClient
 
 CONFIG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=STORE["num_layers"],
                      num_heads=4, num_kv_heads=STORE["num_kv_heads"], head_dim=STORE["head_dim"], rope_theta=1000.0,
@@ -205,7 +205,7 @@ def test_a_failing_rank_reports_its_error_through_the_gather(tmp_path, monkeypat
     import json
     import socket
 
-    from engine import star_worker
+    from kvcache.engine import star_worker
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,13 +11,13 @@ import torch
 from service_support import STORE, in_process_shards, start_servers, stop_servers, store_config
 from service_support import one_torch_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
 
-from engine.config import ModelConfig
-from engine.decode import DENSE
-from engine.evaluation import greedy_methods, teacher_force
-from engine.model import random_model
-from engine.star_eval import StarEncoder, StarSetting, parse_settings
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.decode import DENSE
+from kvcache.engine.evaluation import greedy_methods, teacher_force
+from kvcache.engine.model import random_model
+from kvcache.engine.star_eval import StarEncoder, StarSetting, parse_settings
 from kvcache import InProcessClient
-from kvcache.sharded import ShardedClient
+from kvcache.clients.sharded import ShardedClient
 
 CONFIG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=STORE["num_layers"],
                      num_heads=4, num_kv_heads=STORE["num_kv_heads"], head_dim=STORE["head_dim"], rope_theta=1000.0,
@@ -43,7 +43,7 @@ def kv_of(client, seq: str, n: int) -> torch.Tensor:
 
 
 def dense_kv(model, prompt: list[int]) -> torch.Tensor:
-    from engine.prefill import prefill
+    from kvcache.engine.prefill import prefill
 
     client = InProcessClient(store_config())
     seq = client.create().seq_id
@@ -149,7 +149,7 @@ class ByteTokenizer:
 
 
 def test_eval_star_writes_rows_for_every_setting(model, tmp_path, monkeypatch):
-    from engine import load
+    from kvcache.engine import load
     from kvcache.cli import main
 
     monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
@@ -181,7 +181,7 @@ def test_eval_star_writes_rows_for_every_setting(model, tmp_path, monkeypatch):
 
 
 def test_bench_star_accuracy_is_the_harness_without_passkey(model, tmp_path, monkeypatch):
-    from engine import load
+    from kvcache.engine import load
     from kvcache.cli import main
 
     monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
@@ -197,7 +197,7 @@ def test_bench_star_accuracy_is_the_harness_without_passkey(model, tmp_path, mon
 def test_eval_over_several_windows_scores_each_and_pools_them(model, tmp_path, monkeypatch):
     import math
 
-    from engine import load
+    from kvcache.engine import load
     from kvcache.cli import main
 
     monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
@@ -223,7 +223,7 @@ def test_eval_over_several_windows_scores_each_and_pools_them(model, tmp_path, m
 
 
 def test_a_window_past_the_end_of_the_text_is_refused(model, tmp_path, monkeypatch):
-    from engine import load
+    from kvcache.engine import load
     from kvcache.cli import main
 
     monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
@@ -233,7 +233,7 @@ def test_a_window_past_the_end_of_the_text_is_refused(model, tmp_path, monkeypat
 
 
 def test_eval_scores_the_oracle_page_choice(model, tmp_path, monkeypatch):
-    from engine import load
+    from kvcache.engine import load
     from kvcache.cli import main
 
     monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
@@ -254,8 +254,8 @@ def test_eval_scores_the_oracle_page_choice(model, tmp_path, monkeypatch):
 
 def _tiny_gate_eval(model, tmp_path, monkeypatch, context: int, gate_bytes: str) -> list[str]:
     """`kvcache eval` flags scoring the tiny model with a random gate of pages of 8 (no SparQ, Quest or passkeys)."""
-    from engine import load
-    from kvcache.gate_store import save_gate
+    from kvcache.engine import load
+    from kvcache.methods.gate_store import save_gate
     from kvcache.methods.gate import GateShape, PageGate
 
     monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
@@ -303,7 +303,7 @@ def test_eval_gate_rows_with_oracle_layers_and_dense_layers_refused_past_the_bud
 
 
 def test_a_spec_runs_its_own_method_at_its_own_layers(model):
-    from engine.decode import AttentionSpec, decode_step
+    from kvcache.engine.decode import AttentionSpec, decode_step
 
     spec = AttentionSpec("quest", {"top_pages": 1}, {1: ("dense", {})})
     assert spec.at_layer(1, *spec.for_length(100)) == ("dense", {})

@@ -8,8 +8,8 @@ import json
 import torch
 
 from bench.star_phase1 import SHAPES, _plan, add_arguments, full_prefill, main, rank_work
-from engine.model import Llama, random_model
-from engine.star import encode_after
+from kvcache.engine.model import Llama, random_model
+from kvcache.engine.star import encode_after
 
 
 def _args(tmp_path, **kw) -> argparse.Namespace:

@@ -18,9 +18,10 @@ import random
 import pytest
 import torch
 
-from kvcache import InProcessClient, KVCacheConfig, StoreFull, tiered_attention
+from kvcache import InProcessClient, KVCacheConfig, StoreFull
+from kvcache.methods import tiered as tiered_attention
 from kvcache.errors import PageCorrupted
-from kvcache.tiers import DEVICE, DISK, HOST
+from kvcache.store.tiers import DEVICE, DISK, HOST
 
 L, HKV, D, P = 2, 2, 16, 4
 DTYPE = torch.float32

@@ -7,7 +7,7 @@ import torch
 from service_support import STORE, serving, store_config
 
 from kvcache import InProcessClient, errors
-from kvcache.remote import RemoteClient
+from kvcache.clients.remote import RemoteClient
 
 L, HKV, D, P = STORE["num_layers"], STORE["num_kv_heads"], STORE["head_dim"], STORE["page_size"]
 TIER_FLAGS = ("--layers", str(L), "--kv-heads", str(HKV), "--head-dim", str(D), "--page-size", str(P),

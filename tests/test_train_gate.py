@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.model import random_model
-from engine.train_gate import capture, gate_for, gate_scores, kl_loss, mass_recall, quest_scores, recall_report, train
-from kvcache.gate_store import load_gate, save_gate
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.model import random_model
+from kvcache.engine.train_gate import capture, gate_for, gate_scores, kl_loss, mass_recall, quest_scores, recall_report, train
+from kvcache.methods.gate_store import load_gate, save_gate
 from kvcache.methods.gate import gate_logits, gate_page_scores
 
 CONFIG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=6, num_kv_heads=2,
@@ -53,7 +53,7 @@ def test_the_max_target_is_the_page_max_of_the_attention_over_the_group():
     def attend(layer, q, k, v):
         if layer == 0:
             ks.append(k[0].float())
-        from engine.prefill import causal_attention
+        from kvcache.engine.prefill import causal_attention
         return causal_attention(q[0], k[0], v[0])[None]
 
     model(torch.tensor([ids]), torch.arange(48)[None], attend, last_only=True)
@@ -105,7 +105,7 @@ def test_a_pre_rope_gate_scores_at_decode_as_it_was_trained():
     stored = {}
 
     def keep(layer, q, k, v):
-        from engine.prefill import causal_attention
+        from kvcache.engine.prefill import causal_attention
 
         stored[layer] = (q[0], k[0])
         return causal_attention(q[0], k[0], v[0])[None]
@@ -138,7 +138,7 @@ def test_mass_recall_is_one_with_every_page_and_best_for_the_ground_truth_order(
 
 
 def test_training_windows_start_after_the_tokens_the_eval_scores_and_must_fit():
-    from engine.train_gate import EVAL_TOKENS, windows
+    from kvcache.engine.train_gate import EVAL_TOKENS, windows
 
     ids = list(range(EVAL_TOKENS + 3 * 100))
     got = windows(ids, 100, 3, EVAL_TOKENS)

@@ -71,13 +71,13 @@ def _experiments_after(code: str, env: dict[str, str]) -> str:
 
 
 def test_importing_the_client_turns_the_event_engine_tcp_paths_off():
-    assert _experiments_after("import kvcache.remote", {}) == repr(LOW_LATENCY_EXPERIMENTS)
+    assert _experiments_after("import kvcache.clients.remote", {}) == repr(LOW_LATENCY_EXPERIMENTS)
 
 
 def test_an_explicit_grpc_experiments_setting_wins():
-    assert _experiments_after("import kvcache.server", {"GRPC_EXPERIMENTS": ""}) == repr("")
+    assert _experiments_after("import kvcache.service.server", {"GRPC_EXPERIMENTS": ""}) == repr("")
 
 
 def test_nothing_is_set_once_grpc_is_loaded():
     # grpc read its settings at import: setting them later would only mislead child processes.
-    assert _experiments_after("import grpc, kvcache.remote", {}) == repr(None)
+    assert _experiments_after("import grpc, kvcache.clients.remote", {}) == repr(None)

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcache.minference_serving import CAUSAL, HeadPattern
+from kvcache.prefill.serving import CAUSAL, HeadPattern
 
 PATTERNS_DIR = pathlib.Path(__file__).resolve().parent
 DEFAULT_NAME = "smollm2-135m"  # the engine's default model, SmolLM2-135M-Instruct

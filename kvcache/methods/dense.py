@@ -9,7 +9,7 @@ import torch
 from kvcache.methods.gather import gather_sequence
 from kvcache.methods.result import AttentionResult
 from kvcache.methods.traffic import dense_bytes
-from kvcache.table import PageTableCSR
+from kvcache.store.page_table import PageTableCSR
 
 
 def attend_rows(

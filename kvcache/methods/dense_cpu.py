@@ -17,7 +17,7 @@ import torch
 
 from kvcache.methods.result import AttentionResult
 from kvcache.methods.traffic import dense_bytes
-from kvcache.table import PageTableCSR
+from kvcache.store.page_table import PageTableCSR
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 

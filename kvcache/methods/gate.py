@@ -35,8 +35,8 @@ from kvcache.methods.dense import attend_rows
 from kvcache.methods.gather import gather_sequence
 from kvcache.methods.result import AttentionResult
 from kvcache.methods.traffic import gate_bytes
-from kvcache.pages import SUMMARY_MAX, SUMMARY_MEAN, SUMMARY_MIN
-from kvcache.table import PageTableCSR
+from kvcache.store.page_pool import SUMMARY_MAX, SUMMARY_MEAN, SUMMARY_MIN
+from kvcache.store.page_table import PageTableCSR
 
 GATE_DIM = 128
 
@@ -84,7 +84,7 @@ class PageGate(nn.Module):
 class LayerGate:
     """One layer's gate: q_weight [Hkv, G*d, dg], q_bias [Hkv, dg], k_weight [Hkv, 3d, dg].
 
-    `keys`, when the store keeps them (kvcache.gate_store.GateKeyCache), is that layer's gate key
+    `keys`, when the store keeps them (kvcache.methods.gate_store.GateKeyCache), is that layer's gate key
     of every page id [N, Hkv, dg] (the KV dtype or float32): the fast path scores against it; the
     reference below recomputes the keys from the summaries and ignores it.
     """
@@ -126,7 +126,7 @@ def unrotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Ten
 
 def page_summaries(rows: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
     """Min, max and mean of pages' rows [n, Hkv, P, d] over their first rows (held [n, P] bool, at least one)
-    -> [n, Hkv, 3, d] float32, laid out as the store's page summaries (kvcache.pages)."""
+    -> [n, Hkv, 3, d] float32, laid out as the store's page summaries (kvcache.store.page_pool)."""
     k = rows.float()
     mask = held[:, None, :, None]
     out = torch.empty((*k.shape[:2], 3, k.shape[3]), dtype=torch.float32, device=k.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcache.table import PageTableCSR
+from kvcache.store.page_table import PageTableCSR
 
 
 def gather_sequence(pool: torch.Tensor, csr: PageTableCSR, b: int) -> torch.Tensor:

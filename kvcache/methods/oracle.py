@@ -18,7 +18,7 @@ from kvcache.methods.gate import attend_chosen_pages, check_budget, gate_select
 from kvcache.methods.gather import gather_sequence
 from kvcache.methods.result import AttentionResult
 from kvcache.methods.traffic import gate_bytes
-from kvcache.table import PageTableCSR
+from kvcache.store.page_table import PageTableCSR
 
 
 def check_oracle_params(budget: int) -> None:

@@ -10,8 +10,8 @@ from kvcache.errors import InvalidParameter
 from kvcache.methods.dense import attend_rows
 from kvcache.methods.result import AttentionResult
 from kvcache.methods.traffic import quest_bytes
-from kvcache.pages import SUMMARY_MAX, SUMMARY_MIN
-from kvcache.table import PageTableCSR
+from kvcache.store.page_pool import SUMMARY_MAX, SUMMARY_MIN
+from kvcache.store.page_table import PageTableCSR
 
 
 def quest_page_scores(q: torch.Tensor, summary: torch.Tensor, scale: float) -> torch.Tensor:

@@ -11,7 +11,7 @@ from kvcache.methods.dense import attend_rows
 from kvcache.methods.gather import gather_key_dims, gather_rows
 from kvcache.methods.result import AttentionResult
 from kvcache.methods.traffic import sparq_bytes
-from kvcache.table import PageTableCSR
+from kvcache.store.page_table import PageTableCSR
 
 
 def check_sparq_params(d: int, seq_lens: list[int], r: int, k: int, local_window: int) -> None:

@@ -42,7 +42,7 @@ def quest_pages_for_share(context: int, page_size: int, share: float, d: int, it
 
 
 # The learned gate (ALGORITHMS.md §3) scores a page by its cached gate key kg = RoPE(W_k [max, min, mean], page),
-# dg values in the key cache's dtype (kvcache.gate_store.GateKeyCache), not by its 3d float32 summaries: the
+# dg values in the key cache's dtype (kvcache.methods.gate_store.GateKeyCache), not by its 3d float32 summaries: the
 # summaries are read once, when a page's keys are appended. The gate's query weights ([G*d x dg] per kv head,
 # float32) are model parameters like the model's own projections and are not counted as cache traffic;
 # bench/decode.py counts them in its gate.score row.

@@ -19,6 +19,8 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 # numpy has no bfloat16: its bytes leave through a same-width integer view.
 _NUMPY_VIEW = {torch.bfloat16: torch.int16}
 
+ERROR_CLASS_KEY = "kvcache-error"  # trailing metadata: the kvcache.errors class to raise client-side
+
 
 def to_wire(t: torch.Tensor) -> pb.Tensor:
     """A Tensor message holding t's values (copied to the CPU, contiguous)."""

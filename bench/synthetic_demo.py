@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcache.client import InProcessClient
+from kvcache.clients.inprocess import InProcessClient
 from kvcache.config import KVCacheConfig
 
 

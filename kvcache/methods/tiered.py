@@ -1,7 +1,7 @@
 """Attention over a tiered store: every method reads its K/V rows from whichever tier holds them.
 
 Stage 1 of SparQ and Quest's page scores read `k_dim` and the summaries, which stay on the device
-for every page (kvcache.placement). What moves:
+for every page (kvcache.store.tier_manager). What moves:
   dense   every offloaded page, streamed in chunks (torch path: gathered into pinned staging and
           copied with double buffering; Triton path: the kernel reads pinned host pages over PCIe);
   sparq   only the k chosen rows of K and V (§1 step 6) that are not on the device;
@@ -27,9 +27,9 @@ from kvcache.methods.dense import attend_rows
 from kvcache.methods.gather import gather_key_dims
 from kvcache.methods.quest import quest_page_scores, select_pages
 from kvcache.methods.sparq import i1_of, reallocate_mean, select_rows
-from kvcache.placement import TierManager, pair
-from kvcache.table import PageTableCSR
-from kvcache.tiers import DEVICE, DISK, HOST, pinned_available
+from kvcache.store.tier_manager import TierManager, pair
+from kvcache.store.page_table import PageTableCSR
+from kvcache.store.tiers import DEVICE, DISK, HOST, pinned_available
 
 STREAM_CHUNK_PAGES = 256  # pages per chunk of a dense stream (4096 rows at P = 16)
 
@@ -259,9 +259,9 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _triton(store, seq_ids, csr: PageTableCSR, layer: int, method: str, q, params, moves: _Moves):
-    from kernels.paged_decode import MODE_PAGES, MODE_ROWS, Partials, attend_partial, merge_partials
-    from kernels.quest import quest_select
-    from kernels.sparq import sparq_select, sparq_stage1
+    from kvcache.kernels.paged_decode import MODE_PAGES, MODE_ROWS, Partials, attend_partial, merge_partials
+    from kvcache.kernels.quest import quest_select
+    from kvcache.kernels.sparq import sparq_select, sparq_stage1
 
     tiers: TierManager = store.tiers
     view = store.layer_view(layer)

@@ -3,7 +3,7 @@
 A caller that finds the batcher idle runs its own request at once, on its own thread: a lone stream
 pays no hand-off. Calls that arrive while a batch runs wait; when it ends, the first of them leads
 the next batch, which takes every waiting request. The server merges the requests of a batch that
-can share one store call (kvcache.server), so several engines attending at once cost about one
+can share one store call (kvcache.service.server), so several engines attending at once cost about one
 call's host time instead of one each, where a Python server's calls would otherwise queue on the GIL.
 """
 

@@ -9,17 +9,17 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from kvcache.attention import attend as run_attention
-from kvcache.attention import run_validated, validate
+from kvcache.methods.attend import attend as run_attention
+from kvcache.methods.attend import run_validated, validate
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import InvalidParameter, PositionOutOfRange, ShapeMismatch
 from kvcache.methods import AttentionResult
 from kvcache.methods.gather import gather_key_dims, gather_rows
-from kvcache.methods.minference_index import BLOCK_SIZE, SparseIndex
-from kvcache.minference_serving import HeadPattern, SparsePrefillResult, served_index, served_prefill
+from kvcache.prefill.minference_index import BLOCK_SIZE, SparseIndex
+from kvcache.prefill.serving import HeadPattern, SparsePrefillResult, served_index, served_prefill
 from kvcache.stats import Totals
 from kvcache.store import KVStore, SequenceInfo
-from kvcache.tiered_attention import read_tiered_rows
+from kvcache.methods.tiered import read_tiered_rows
 
 FetchKind = Literal["columns", "rows", "value_mean", "summaries"]
 

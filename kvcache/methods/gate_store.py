@@ -4,7 +4,7 @@ A file holds q_weight [L, Hkv, G*d, dg], q_bias [L, Hkv, dg], k_weight [L, Hkv, 
 metadata, the GateShape (layers, kv heads, group, head dim, page size, gate dim, RoPE base), the
 model it was trained for, and a crc32 of every tensor's bytes: a truncated file fails to parse,
 a changed byte fails its checksum, a file for another model shape is refused; nothing is loaded
-then. Names resolve to engine/gates/<name>.safetensors (`kvcache train-gate` writes there).
+then. Names resolve to kvcache/methods/gates/<name>.safetensors (`kvcache train-gate` writes there).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from kvcache.errors import GateFileInvalid, GateMissing
 from kvcache.methods.gate import GateShape, LayerGate, PageGate, gate_keys, page_summaries, pooled_keys, unrotate
 
 FORMAT = "kvcache-page-gate/1"
-GATES_DIR = pathlib.Path(__file__).resolve().parent.parent / "engine" / "gates"
+GATES_DIR = pathlib.Path(__file__).resolve().parent / "gates"
 DEFAULT_GATE = "smollm2-135m"
 TRAIN_COMMAND = "kvcache train-gate --name smollm2-135m"
 _TENSORS = ("q_weight", "q_bias", "k_weight")
 
 
 def gate_path(name_or_path: str | os.PathLike) -> pathlib.Path:
-    """A path as given if it names a file (or ends in .safetensors), else engine/gates/<name>.safetensors."""
+    """A path as given if it names a file (or ends in .safetensors), else kvcache/methods/gates/<name>.safetensors."""
     p = pathlib.Path(name_or_path)
     if p.suffix == ".safetensors" or p.exists():
         return p
@@ -41,7 +41,7 @@ def _crc(t: torch.Tensor) -> str:
 
 
 def save_gate(gate: PageGate, path: str | os.PathLike, model: str = "", extra: dict | None = None) -> pathlib.Path:
-    """Write the gate's weights (float32) and shape to `path` (a name resolves under engine/gates/)."""
+    """Write the gate's weights (float32) and shape to `path` (a name resolves under kvcache/methods/gates/)."""
     from safetensors.torch import save_file
 
     path = gate_path(path)
@@ -54,7 +54,7 @@ def save_gate(gate: PageGate, path: str | os.PathLike, model: str = "", extra: d
 
 
 def load_gate(path: str | os.PathLike, expect: dict | None = None) -> PageGate:
-    """The gate in `path` (or engine/gates/<name>.safetensors).
+    """The gate in `path` (or kvcache/methods/gates/<name>.safetensors).
 
     `expect` maps GateShape fields (num_layers, num_kv_heads, group, head_dim, page_size) to the
     values the model and store need; any that differ raise GateFileInvalid, as does a file that is
@@ -207,7 +207,7 @@ def gate_of(store, num_q_heads: int | None = None) -> PageGate:
     if held is None:
         raise GateMissing(f"method 'gate' needs a trained page gate and this store holds none: train one with "
                           f"`{TRAIN_COMMAND}`, then start the server with `kvcache serve --gate smollm2-135m` "
-                          "(in-process: kvcache.gate_store.attach_gate(store, name))")
+                          "(in-process: kvcache.methods.gate_store.attach_gate(store, name))")
     gate = held[0]
     if num_q_heads is not None and gate.shape.group * gate.shape.num_kv_heads != num_q_heads:
         raise GateFileInvalid(f"the store's gate is for {gate.shape.group * gate.shape.num_kv_heads} query heads; "

@@ -12,7 +12,7 @@ import torch
 
 from kvcache.config import KVCacheConfig
 from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, ShapeMismatch
-from kvcache.host_copy import on_device
+from kvcache.store.host_copy import on_device
 from kvcache.methods import AttentionResult, dense, quest, sparq
 from kvcache.methods.dense_cpu import dense_cpu
 from kvcache.methods.gate import gate
@@ -21,7 +21,7 @@ from kvcache.methods.quest import check_quest_params
 from kvcache.methods.sparq import check_common_params, check_sparq_params
 from kvcache.methods.traffic import dense_bytes, gate_budget_pages, gate_bytes, quest_bytes, sparq_bytes
 from kvcache.store import KVStore
-from kvcache.table import PageTableCSR
+from kvcache.store.page_table import PageTableCSR
 
 
 @dataclass(frozen=True)
@@ -35,30 +35,30 @@ class Method:
     check: Callable[[KVCacheConfig, Sequence[int], dict], None]
     traffic: Callable[[KVCacheConfig, PageTableCSR, dict], int]
     triton: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    needs_gate: bool = False  # takes the store's page gate (kvcache.gate_store) for the layer after `reads`
+    needs_gate: bool = False  # takes the store's page gate (kvcache.methods.gate_store) for the layer after `reads`
     cpu: Callable[..., AttentionResult] | None = None  # a faster CPU path than the reference, if any
 
 
 def _triton_dense(*args, **kw):
-    from kernels.paged_decode import paged_decode
+    from kvcache.kernels.paged_decode import paged_decode
 
     return paged_decode(*args, **kw)
 
 
 def _triton_sparq(*args, **kw):
-    from kernels.sparq import sparq_decode
+    from kvcache.kernels.sparq import sparq_decode
 
     return sparq_decode(*args, **kw)
 
 
 def _triton_quest(*args, **kw):
-    from kernels.quest import quest_decode
+    from kvcache.kernels.quest import quest_decode
 
     return quest_decode(*args, **kw)
 
 
 def _triton_gate(*args, **kw):
-    from kernels.gate import gate_decode
+    from kvcache.methods.gate_gpu import gate_decode
 
     return gate_decode(*args, **kw)
 
@@ -177,7 +177,7 @@ def validate(
         raise PositionOutOfRange(f"sequence {empty[0]} has no cached positions at layer {layer}")
     m.check(store.config, lens, params)
     if m.needs_gate:
-        from kvcache.gate_store import gate_of
+        from kvcache.methods.gate_store import gate_of
 
         gate_of(store, q.shape[1])  # GateMissing (FAILED_PRECONDITION) before any work
     return m, q, params
@@ -210,7 +210,7 @@ def run_validated(
     if backend == "triton" and unsupported:
         raise InvalidParameter(f"the Triton kernels cannot serve this store: {unsupported}")
     if store.tiers is not None:
-        from kvcache.tiered_attention import attend_tiered
+        from kvcache.methods.tiered import attend_tiered
 
         use_triton = backend == "triton" or (backend == "auto" and q.device.type == "cuda" and not unsupported)
         with store.lock:  # pages must not move while their rows are read
@@ -223,7 +223,7 @@ def run_validated(
     if m.uses_value_mean:
         tensors.append(store.value_mean(seq_ids, layer))
     if m.needs_gate:
-        from kvcache.gate_store import layer_gate_of
+        from kvcache.methods.gate_store import layer_gate_of
 
         tensors.append(layer_gate_of(store, layer))
     if backend == "auto" and q.device.type == "cpu" and m.cpu is not None:

@@ -1,5 +1,5 @@
 """Learned page gate (ALGORITHMS.md §3, SeerAttention-R decode) on the Triton path: gate query, scores against
-the cached gate keys, radix top-k of the pages, then exact attention over them with kernels.paged_decode
+the cached gate keys, radix top-k of the pages, then exact attention over them with kvcache.kernels.paged_decode
 MODE_PAGES (the page-list attention Quest uses).
 
 With a token budget the step has no host sync and no per-sequence Python loop, so it can be
@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages, select_workspace
-from kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
-from kernels.pdl import pdl_for_rows
+from kvcache.kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages, select_workspace
+from kvcache.kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
+from kvcache.kernels.pdl import pdl_for_rows
 from kvcache.methods.gate import LayerGate, check_gate_params, gate_keys, gate_pooled, gate_select_rows, pooled_keys
 from kvcache.methods.gather import gather_sequence
 from kvcache.methods.traffic import gate_budget_pages, gate_bytes
-from kvcache.table import PageTableCSR
+from kvcache.store.page_table import PageTableCSR
 
 
 def keys_for(layer_gate: LayerGate, k_summary: torch.Tensor, csr: PageTableCSR,
@@ -46,7 +46,7 @@ def gate_choose_triton(
     threshold: float | None = None, pdl: bool = False, k_seq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group's chosen page indexes [B*Hkv, t] int32 and their count [B*Hkv] int32 (§3 selection). With
-    `pdl` (kernels.pdl) its kernels launch as one dependent chain."""
+    `pdl` (kvcache.kernels.pdl) its kernels launch as one dependent chain."""
     Hkv = k_summary.shape[1]
     P = csr.page_size
     max_pages = max(1, triton.cdiv(csr.max_len, P))

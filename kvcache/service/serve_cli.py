@@ -19,7 +19,7 @@ from kvcache.config import KVCacheConfig
 from kvcache.errors import InvalidParameter
 
 if TYPE_CHECKING:  # grpc is imported only by commands that serve
-    from kvcache.server import ServerOptions
+    from kvcache.service.server import ServerOptions
 
 STORE_FLAGS = {  # flag dest -> KVCacheConfig field
     "layers": "num_layers", "kv_heads": "num_kv_heads", "head_dim": "head_dim", "page_size": "page_size",
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus",
                    help="CPUs the server runs on, e.g. 2-3 or 4,6 (default: all); keep them apart from the engine's")
     p.add_argument("--gate", help="page-gate weights for method 'gate': a .safetensors path or a name under "
-                   "engine/gates/ (`kvcache train-gate` makes them); without one, 'gate' gets FAILED_PRECONDITION")
+                   "kvcache/methods/gates/ (`kvcache train-gate` makes them); without one, 'gate' gets FAILED_PRECONDITION")
     p.add_argument("--layers", type=int, help="model layers (default 30)")
     p.add_argument("--kv-heads", type=int, help="kv heads (default 3)")
     p.add_argument("--head-dim", type=int, help="head dim (default 64)")
@@ -106,7 +106,7 @@ def pin_process(cpus: list[int]) -> None:
 
 def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
     """KVCacheConfig and ServerOptions from defaults, then the TOML file, then the flags."""
-    from kvcache.server import ServerOptions  # grpc is imported only by commands that serve
+    from kvcache.service.server import ServerOptions  # grpc is imported only by commands that serve
 
     store, server = dict(STORE_DEFAULTS), {}
     if args.config:
@@ -186,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
     except (InvalidParameter, OSError) as exc:
         print(f"kvcache serve: {exc}", file=sys.stderr)
         return 2
-    from kvcache.server import run_server
+    from kvcache.service.server import run_server
 
     one_malloc_arena()
     if options.cpus:

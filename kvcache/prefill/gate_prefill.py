@@ -2,7 +2,7 @@
 the learned page gate, as a block-sparse index for the prefill kernel (kernels/sparse_prefill.py).
 
 Blocks are the gate's pages (its page size), aligned to absolute positions as in
-kvcache.methods.minference_index. For query block M of the chunk:
+kvcache.prefill.minference_index. For query block M of the chunk:
     query side  the block's queries mean-pooled per head (§3: "pool Q over blocks ... average"), the G heads of a
                 GQA group concatenated and projected to one gate query at block index M (as at decode)
     key side    [max, min, mean] of each key block's keys (the store's page summaries) through the gate's key layer
@@ -21,8 +21,8 @@ import math
 import torch
 
 from kvcache.methods.gate import LayerGate, check_gate_params, gate_keys, gate_pooled, project_queries, unrotate
-from kvcache.methods.minference_index import SparseIndex, _block_means, _check_chunk, _index, _query_blocks, chunk_keys
-from kvcache.table import PageTableCSR
+from kvcache.prefill.minference_index import SparseIndex, _block_means, _check_chunk, _index, _query_blocks, chunk_keys
+from kvcache.store.page_table import PageTableCSR
 
 
 def gate_block_logits(q: torch.Tensor, keys: torch.Tensor, start: int, layer_gate: LayerGate) -> torch.Tensor:

@@ -2,7 +2,7 @@
 query chunk built from the keys the store holds, and sparse attention restricted to it.
 
 A chunk's heads each have their own pattern (chosen offline by `kvcache search-patterns`); the
-builders of kvcache.methods.minference_index make one pattern for every head, so a layer's index
+builders of kvcache.prefill.minference_index make one pattern for every head, so a layer's index
 is assembled from one build per distinct pattern, each head taking its own rows.
 
     HeadPattern("vertical_slash", n_vertical=100, n_slash=750)
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, ShapeMismatch
-from kvcache.methods.minference import minference_prefill
-from kvcache.methods.minference_index import (
+from kvcache.prefill.minference import minference_prefill
+from kvcache.prefill.minference_index import (
     BLOCK_SIZE,
     SparseIndex,
     a_shape_index,
@@ -31,7 +31,7 @@ from kvcache.methods.minference_index import (
     causal_index,
     vertical_slash_index,
 )
-from kvcache.table import PageTableCSR
+from kvcache.store.page_table import PageTableCSR
 
 # Pattern name -> the sizes it takes (all required), in the order a label prints them.
 PATTERNS: dict[str, tuple[str, ...]] = {
@@ -181,9 +181,16 @@ def sparse_attention(
     if backend not in BACKENDS:
         raise InvalidParameter(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "triton" or (backend == "auto" and q.is_cuda):
-        from kernels.sparse_prefill import sparse_prefill
+        from kvcache.kernels.sparse_prefill import sparse_prefill
 
-        out, lse = sparse_prefill(q.to(k_seq.dtype), k_seq, v_seq, csr, index, b=b)
+        try:
+            out, lse = sparse_prefill(q.to(k_seq.dtype), k_seq, v_seq, csr, index, b=b)
+        except IndexError as exc:  # the kernels raise builtin errors: give them their kvcache class
+            raise PositionOutOfRange(str(exc)) from exc
+        except TypeError as exc:
+            raise DTypeMismatch(str(exc)) from exc
+        except ValueError as exc:
+            raise ShapeMismatch(str(exc)) from exc
         return out.to(q.dtype), lse
     return minference_prefill(q, k_seq, v_seq, csr, index, b=b)
 
@@ -287,7 +294,7 @@ def _sequence_kv(store, seq_id: str, layer: int, q: torch.Tensor, start: int, bl
         view = store.layer_view(layer)
         return q, view.k_seq, view.v_seq, csr
     # A tiered store's rows live in several tiers: read the chunk's keys and values once, lay them out as pages.
-    from kvcache.tiered_attention import read_tiered_rows
+    from kvcache.methods.tiered import read_tiered_rows
 
     n = start + q.shape[0]
     keys, values = read_tiered_rows(store, seq_id, layer, torch.arange(n).expand(c.num_kv_heads, n))

@@ -69,7 +69,7 @@ import torch
 from typing_extensions import Self
 
 from kvcache import errors
-from kvcache.client import FetchKind, FetchResult, KVCacheClient
+from kvcache.clients.inprocess import FetchKind, FetchResult, KVCacheClient
 from kvcache.config import KVCacheConfig
 from kvcache.methods import AttentionResult, merge_lse
 from kvcache.store import SequenceInfo
@@ -102,7 +102,7 @@ class ShardedClient:
         clients: list[Any] = []
         for shard in shards:
             if isinstance(shard, str):
-                from kvcache.remote import RemoteClient
+                from kvcache.clients.remote import RemoteClient
 
                 client = RemoteClient(shard, token=token, timeout=timeout, **remote_options)
                 self._owned.append(client)

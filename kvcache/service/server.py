@@ -26,23 +26,22 @@ prefer_low_latency_core()  # grpc core reads its settings once, at its import ju
 import grpc
 import torch
 
-from kvcache.attend_batcher import AttendBatcher
-from kvcache.attention import METHODS
-from kvcache.client import InProcessClient
+from kvcache.service.batcher import AttendBatcher
+from kvcache.methods.attend import METHODS
+from kvcache.clients.inprocess import InProcessClient
 from kvcache.config import KVCacheConfig
 from kvcache.errors import InvalidParameter, KVCacheError, ShapeMismatch
-from kvcache.locks import SequenceLocks
-from kvcache.methods.minference_index import BLOCK_SIZE
-from kvcache.metrics import serve_metrics
-from kvcache.minference_serving import HeadPattern
+from kvcache.service.locks import SequenceLocks
+from kvcache.prefill.minference_index import BLOCK_SIZE
+from kvcache.service.metrics import serve_metrics
+from kvcache.prefill.serving import HeadPattern
 from kvcache.stats import Totals
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
-from kvcache.wire.codec import from_wire, to_wire
+from kvcache.wire.codec import ERROR_CLASS_KEY, from_wire, to_wire
 from kvcache.wire.messages import config_to_wire, info_to_wire, params_from_wire
 
-log = logging.getLogger("kvcache.server")
-ERROR_CLASS_KEY = "kvcache-error"  # trailing metadata: the kvcache.errors class to raise client-side
+log = logging.getLogger("kvcache.service.server")
 
 
 @dataclass
@@ -60,7 +59,7 @@ class ServerOptions:
     grace_seconds: float = 30.0
     torch_threads: int | None = None  # intra-op threads of each RPC thread's torch ops
     cpus: list[int] | None = None  # CPU ids the process runs on (serve_cli.pin_process); None: all
-    gate: str | None = None  # page-gate weights (a path or a name under engine/gates/) for method "gate"
+    gate: str | None = None  # page-gate weights (a path or a name under kvcache/methods/gates/) for method "gate"
 
 
 @dataclass
@@ -391,7 +390,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                                  bytes_moved=result.bytes_moved)
 
 
-# Methods whose bytes read are a formula of the sequences' lengths (kvcache.attention.METHODS[...].traffic).
+# Methods whose bytes read are a formula of the sequences' lengths (kvcache.methods.attend.METHODS[...].traffic).
 _MERGEABLE = frozenset({"dense", "sparq", "quest"})
 
 
@@ -464,7 +463,7 @@ class Server:
         self.draining = threading.Event()
         self.servicer = KVCacheServicer(InProcessClient(config), self.draining, max_streams=max(1, options.workers // 2))
         if options.gate:
-            from kvcache.gate_store import attach_gate
+            from kvcache.methods.gate_store import attach_gate
 
             attach_gate(self.servicer.client.store, options.gate)  # GateMissing / GateFileInvalid: no server
         limit = options.max_message_mb * 2**20

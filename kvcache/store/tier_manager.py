@@ -20,10 +20,10 @@ import torch
 
 from kvcache.config import KVCacheConfig
 from kvcache.errors import PageCorrupted, StoreFull
-from kvcache.eviction import EvictionPolicy, LRUPolicy, SparseAwarePolicy
-from kvcache.pages import PagePool
+from kvcache.store.eviction import EvictionPolicy, LRUPolicy, SparseAwarePolicy
+from kvcache.store.page_pool import PagePool
 from kvcache.stats import Totals
-from kvcache.tiers import DEVICE, DISK, HOST, NOWHERE, TIER_NAMES, SlotStorage
+from kvcache.store.tiers import DEVICE, DISK, HOST, NOWHERE, TIER_NAMES, SlotStorage
 
 
 def pair(dst: int, src: int) -> str:

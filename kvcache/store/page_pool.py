@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
-from kvcache.host_copy import to_device_async
+from kvcache.store.host_copy import to_device_async
 
 # Rows of k_summary along its third axis.
-SUMMARY_MIN, SUMMARY_MAX, SUMMARY_MEAN = 0, 1, 2
+from kvcache.kernels.csr import SUMMARY_MAX, SUMMARY_MEAN, SUMMARY_MIN  # noqa: F401 (the layout, re-exported)
 
 
 class PagePool:
@@ -78,7 +78,7 @@ class PagePool:
         slot of its K/V, row in the page) in both key layouts, folded into the pages' summaries.
 
         A page's first row (row 0) sets min = max = mean; a later one at row s updates min, max and the
-        running mean (mean * s + k) / (s + 1) instead of re-reducing the page. Reference of kernels.append_rows."""
+        running mean (mean * s + k) / (s + 1) instead of re-reducing the page. Reference of kvcache.kernels.append_rows."""
         dev = k.device
         page_ids, kv_slots, slots = to_device_async(torch.tensor(rows, dtype=torch.long).T.contiguous(), dev)
         self.k_seq[layer, kv_slots, :, slots] = k

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.allocator import PageAllocator, chain_hash
+from kvcache.store.allocator import PageAllocator, chain_hash
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import (
     DTypeMismatch,
@@ -19,11 +19,11 @@ from kvcache.errors import (
     ShapeMismatch,
     StoreFull,
 )
-from kvcache.host_copy import ints_to_device, on_device
-from kvcache.pages import PagePool
-from kvcache.placement import TierManager
-from kvcache.table import PageTableCSR, SequenceState, build_csr
-from kvcache.tiers import DEVICE
+from kvcache.store.host_copy import ints_to_device, on_device
+from kvcache.store.page_pool import PagePool
+from kvcache.store.tier_manager import TierManager
+from kvcache.store.page_table import PageTableCSR, SequenceState, build_csr
+from kvcache.store.tiers import DEVICE
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,12 @@ class KVStore:
         self.pool = PagePool(config)
         p = self.pool  # made once: four tensor views per layer call otherwise
         self._views = [LayerView(p.k_seq[i], p.k_dim[i], p.v_seq[i], p.k_summary[i]) for i in range(config.num_layers)]
-        # Decode rows are written by kernels.append_rows on CUDA (it takes d as one power-of-two block);
+        # Decode rows are written by kvcache.kernels.append_rows on CUDA (it takes d as one power-of-two block);
         # `kvcache bench layer-call` turns it off to time the torch path in the same run.
         self.triton_append = config.head_dim & (config.head_dim - 1) == 0
         self.allocator = PageAllocator(config.total_pages)
         self._refcounts = self.allocator.refcount.numpy()  # a view: the allocator updates its tensor in place
-        # Lower tiers, when configured: k_seq/v_seq of cold pages leave the device (kvcache.placement).
+        # Lower tiers, when configured: k_seq/v_seq of cold pages leave the device (kvcache.store.tier_manager).
         self.tiers = TierManager(config, self.pool) if config.tiered else None
         if self.tiers is not None:
             self.tiers.owner_of = self._owners_of
@@ -72,7 +72,7 @@ class KVStore:
         # One lock for the page bookkeeping; the service adds per-sequence ordering on top.
         self._lock = threading.RLock()
         # Called as fn(layers, page_ids, page_indexes, fills) after those pages' key summaries change, with
-        # the pages' positions in their sequences and the rows each holds (kvcache.gate_store keeps gate
+        # the pages' positions in their sequences and the rows each holds (kvcache.methods.gate_store keeps gate
         # keys from them).
         self.summary_listeners: list[Callable[[list[int], torch.Tensor, torch.Tensor, list[int]], None]] = []
 
@@ -381,7 +381,7 @@ class KVStore:
     def _write_decode_rows(self, layer: int, seqs: list[SequenceState], k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, Hkv, d] (on the device) at the next position of each of `seqs` at `layer`, whose
         pages are ready: both key layouts, the page summaries and the value sums, in a few launches for
-        the whole batch (kernels.append_rows on CUDA)."""
+        the whole batch (kvcache.kernels.append_rows on CUDA)."""
         P = self.config.page_size
         rows = []
         for seq in seqs:
@@ -389,7 +389,7 @@ class KVStore:
             page = int(seq.pages.numpy()[position // P])
             rows.append((page, page if self.tiers is None else int(self.tiers.slot[page]), position % P))
         if self.config.device.type == "cuda" and self.triton_append:
-            from kernels.append_rows import append_rows_triton
+            from kvcache.kernels.append_rows import append_rows_triton
 
             view = self._views[layer]
             layer_bytes = layer * self.config.num_kv_heads * self.config.head_dim * SUMMARY_DTYPE.itemsize

@@ -21,16 +21,15 @@ import grpc
 import torch
 
 from kvcache import errors
-from kvcache.client import FetchKind, FetchResult
+from kvcache.clients.inprocess import FetchKind, FetchResult
 from kvcache.config import KVCacheConfig
 from kvcache.methods import AttentionResult
-from kvcache.methods.minference_index import BLOCK_SIZE, SparseIndex
-from kvcache.minference_serving import HeadPattern, SparsePrefillResult
-from kvcache.server import ERROR_CLASS_KEY
+from kvcache.prefill.minference_index import BLOCK_SIZE, SparseIndex
+from kvcache.prefill.serving import HeadPattern, SparsePrefillResult
 from kvcache.store import SequenceInfo
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
-from kvcache.wire.codec import from_wire, to_wire
+from kvcache.wire.codec import ERROR_CLASS_KEY, from_wire, to_wire
 from kvcache.wire.messages import config_from_wire, info_from_wire, params_to_wire
 
 _BY_CODE = {

@@ -11,8 +11,8 @@ import math
 import torch
 
 from kvcache.methods.gather import gather_sequence
-from kvcache.methods.minference_index import SparseIndex, chunk_keys
-from kvcache.table import PageTableCSR
+from kvcache.prefill.minference_index import SparseIndex, chunk_keys
+from kvcache.store.page_table import PageTableCSR
 
 
 def minference_prefill(

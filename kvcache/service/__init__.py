@@ -1,0 +1,1 @@
+"""`kvcache serve`: the gRPC server over an in-process client, its request batching, locks and metrics."""
