@@ -13,9 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from kvcache.bench.timing import Timer, run_header
-from kvcache.methods.attend import METHODS, attend
+from kvcache.methods import METHODS
+from kvcache.methods.attend import attend
+from kvcache.methods.inputs import LayerInputs
+from kvcache.methods.selection_attention import attend_triton
 from kvcache.config import KVCacheConfig
-from kvcache.methods.traffic import dense_bytes, sparq_bytes
+from kvcache.methods.dense import dense_bytes
+from kvcache.methods.sparq import sparq_bytes
 from kvcache.store import KVStore
 
 LLAMA3_ROPE_BASE = 500000.0  # the gate is pre-RoPE, as `kvcache train-gate` makes it: q rotated back in the step
@@ -97,7 +101,7 @@ def run(
             store, seqs = build_store(shape, device)
             if "gate" in methods:  # random weights: the gate's cost does not depend on what it learned
                 from kvcache.methods.gate_store import attach_gate
-                from kvcache.methods.gate import GateShape, PageGate
+                from kvcache.methods.gate_model import GateShape, PageGate
 
                 attach_gate(store, PageGate(GateShape(1, shape.num_kv_heads, shape.num_q_heads // shape.num_kv_heads,
                                                       shape.head_dim, shape.page_size, model_rope_base=LLAMA3_ROPE_BASE)))
@@ -129,20 +133,16 @@ def run(
 
 
 def planned_call(store: KVStore, seqs: list[str], q: torch.Tensor, method: str, params: dict):
-    """The attention kernels of one decode step with the page table planned beforehand (FlashInfer's
-    plan/run split): what a CUDA graph of a decode step replays."""
+    """The attention of one decode step with the page table planned beforehand (FlashInfer's plan/run split): the
+    method's GPU selection and the attention kernels, what a CUDA graph of a decode step replays."""
     m = METHODS[method]
-    csr = store.page_table(seqs, 0)
-    view = store.layer_view(0)
-    tensors = [getattr(view, name) for name in m.reads]
-    if m.uses_value_mean:
-        tensors.append(store.value_mean(seqs, 0))
-    if m.needs_gate:
-        from kvcache.methods.gate_store import layer_gate_of
-
-        tensors.append(layer_gate_of(store, 0))
-    fn = m.triton if q.device.type == "cuda" else m.reference
-    return lambda: fn(q, *tensors, csr, **params)
+    p = m.parse(params)
+    inputs = LayerInputs(store, seqs, 0, store.page_table(seqs, 0))
+    if m.needs_value_mean:
+        inputs.value_mean  # noqa: B018 (read once here, as a planned step would)
+    if q.device.type != "cuda":
+        return lambda: m.reference(q, inputs, p)
+    return lambda: attend_triton(q, inputs, m.select_gpu(q, inputs, p), p.scale)
 
 
 def _row(batch, context, method, params, us, nbytes, copy_bw, sdpa_us, eager_us=None) -> dict:
@@ -214,7 +214,7 @@ def _gate_stage_rows(store, seqs, q, shape: Shape, timer: Timer, copy_bw: float,
     from kvcache.kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages
     from kvcache.kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
     from kvcache.methods.gate_store import layer_gate_of
-    from kvcache.methods.traffic import gate_budget_pages, gate_bytes, gate_key_bytes
+    from kvcache.methods.gate import gate_budget_pages, gate_bytes, gate_key_bytes
 
     csr = store.page_table(seqs, 0)
     view = store.layer_view(0)

@@ -16,7 +16,7 @@ import torch
 from kvcache.bench.timing import run_header
 from kvcache.config import KVCacheConfig
 from kvcache.methods import dense
-from kvcache.methods.dense_cpu import dense_cpu
+from kvcache.methods.dense import dense_cpu
 from kvcache.store import KVStore
 
 # (name, q heads, kv heads, head dim)

@@ -14,7 +14,7 @@ import torch
 
 from kvcache.bench.timing import Timer, run_header
 from kvcache.engine.prefill import causal_attention
-from kvcache.methods.gate import GateShape, PageGate
+from kvcache.methods.gate_model import GateShape, PageGate
 from kvcache.prefill.gate_prefill import gate_block_index
 from kvcache.prefill.serving import index_pairs, paged, sparse_attention
 

@@ -16,7 +16,7 @@ from kvcache.bench.decode import LLAMA3_ROPE_BASE, Shape, _sdpa_call, build_stor
 from kvcache.bench.timing import Timer, run_header
 from kvcache.methods.attend import attend
 from kvcache.methods.gate_store import attach_gate
-from kvcache.methods.gate import GateShape, PageGate
+from kvcache.methods.gate_model import GateShape, PageGate
 
 KINDS = {"rotated": 0.0, "pre_rope": LLAMA3_ROPE_BASE}
 

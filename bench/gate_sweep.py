@@ -18,8 +18,8 @@ from kvcache.bench.sweep import Sweep
 from kvcache.kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
 from kvcache.kernels.tuning import Launch
 from kvcache.methods.gate_store import attach_gate, layer_gate_of
-from kvcache.methods.gate import GateShape, PageGate
-from kvcache.methods.traffic import gate_budget_pages
+from kvcache.methods.gate_model import GateShape, PageGate
+from kvcache.methods.gate import gate_budget_pages
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from kvcache.methods.gate import gate_select, gate_select_rows
+from kvcache.methods.gate_model import gate_select, gate_select_rows
 
 
 def before(logits: torch.Tensor, lens: list[int], Hkv: int, P: int, budget: int | None,

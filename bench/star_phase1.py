@@ -3,7 +3,7 @@ prefill of the same context, same model shape (random weights), same run.
 
 Two ways to run it:
 - Parallel, one rank per device (the real thing): `python -m torch.distributed.run --standalone
-  --nproc-per-node N -m bench.star_phase1 --context 32768 --json PATH`. NCCL on GPUs (rank r on
+  --nproc-per-node N -m kvcache.bench.star_phase1 --context 32768 --json PATH`. NCCL on GPUs (rank r on
   cuda:r), gloo on the CPU. Every rank builds the same model, then, after a barrier, encodes its
   blocks (the first alone, every other after the anchor) and appends their K/V to its own store on
   its device; phase 1 is the time from that barrier to the one after the slowest rank. Rank 0 then

@@ -8,10 +8,11 @@ import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
+from kvcache.engine.method_flags import add_method_arguments
+
 if TYPE_CHECKING:  # the parser is built for every kvcache command: torch and the model load only when generating
     import torch
 
-METHODS = ("dense", "sparq", "quest", "gate")
 PREFILLS = ("dense", "minference", "gate")
 SERVED = ("none", "index", "attention")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -37,15 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question", help="--star: the query, asked after the prompt (which is then the context)")
     p.add_argument("--query-tokens", type=int, default=32,
                    help="--star without --question: the prompt's last N tokens are the query (default 32)")
-    p.add_argument("--method", choices=METHODS, default="dense", help="decode attention method (default dense)")
-    p.add_argument("--r", type=int, default=16, help="sparq: query components used to pick positions (default 16)")
-    p.add_argument("--k", type=int, default=256, help="sparq: positions attended to (default 256)")
-    p.add_argument("--local-window", type=int, help="sparq: most recent positions always kept (default k/4)")
-    p.add_argument("--top-pages", type=int, default=16, help="quest: pages attended to (default 16)")
-    p.add_argument("--budget", type=int, help="gate: tokens of the pages read per step, first and last included "
-                                              "(default 2048 unless --threshold is given)")
-    p.add_argument("--threshold", type=float, help="gate: least gate probability of a page read (renormalised over "
-                                                   "the pages between the first and last)")
+    add_method_arguments(p)
     p.add_argument("--gate", help="page gate for --method gate and --prefill gate: a name under kvcache/methods/gates/ or a "
                                   "path (default smollm2-135m; `kvcache train-gate` makes one). With --server, the "
                                   "server's own gate (kvcache serve --gate) serves --method gate")

@@ -10,6 +10,7 @@ import torch
 
 from kvcache.engine.model import Llama
 from kvcache.clients.inprocess import KVCacheClient
+from kvcache.methods import lookup
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,11 @@ class AttentionSpec:
     def for_length(self, shortest: int) -> tuple[str, dict[str, Any]]:
         """Method and parameters for a step whose shortest sequence holds `shortest` positions (new token included).
 
-        SparQ needs k <= S: while a sequence is shorter than k it would read every position
-        anyway, so the step runs dense, which is exact and reads no more.
+        Each method's own rule (AttentionMethod.fit): SparQ, for one, runs dense while a sequence is shorter than k.
         """
-        if self.method == "sparq" and shortest < self.params.get("k", 0):
-            return "dense", {}
-        return self.method, dict(self.params)
+        method = lookup(self.method)
+        name, params = method.fit(method.parse(self.params), shortest)
+        return name, params.like(self.params)
 
     def at_layer(self, layer: int, method: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """The method and parameters of `layer`: its own from `layers` if it has them, else (method, params)."""

@@ -24,8 +24,10 @@ from kvcache.engine.evaluation import Encoder, greedy_methods, perplexity, teach
 from kvcache.engine.prefill import PrefillAttention, causal_attention
 from kvcache.engine.star_eval import StarEncoder, parse_settings, shard_clients
 from kvcache.methods.gate_store import load_gate
-from kvcache.methods.gate import GATE_DIM
-from kvcache.methods.traffic import gate_budget_for_share, quest_pages_for_share
+from kvcache.methods.gate_model import GATE_DIM
+from kvcache.methods.gate import gate_budget_for_share
+from kvcache.methods.quest import quest_pages_for_share
+from kvcache.methods.registry import METHODS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oracle-share", default="",
                    help="oracle settings by the share of K/V rows read (budget = share x context, whole pages), with "
                         "no scoring cost: the bound on any page selector reading that many rows, at any --page-size")
+    p.add_argument("--at-bytes", default="",
+                   help="METHOD:f,...: any method with the parameters that read 1/f of dense bytes at each context "
+                        "(AttentionMethod.params_for_share), e.g. window:8,sparq:8")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--server", help="host:port of a `kvcache serve` to decode through (default: in-process)")
     p.add_argument("--star", action="store_true", help="also Star Attention (ALGORITHMS.md §4): the context encoded in "
@@ -104,7 +109,8 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
                 itemsize: int = 4, head_dim: int = 64, gate_dim: int = GATE_DIM,
                 quest_bytes: str = "", oracle_bytes: str = "",
                 gate_threshold: str = "", oracle_share: str = "", gate_dense_layers: str = "",
-                gate_oracle_layers: str = "", num_layers: int | None = None) -> list[tuple[str, AttentionSpec]]:
+                gate_oracle_layers: str = "", num_layers: int | None = None,
+                at_bytes: str = "") -> list[tuple[str, AttentionSpec]]:
     """(label, spec) of dense and every SparQ, Quest, gate and oracle setting at a context of `context` positions
     (a store of `itemsize`-byte K/V of `head_dim`; gate keys of `gate_dim` in the same dtype; `num_layers` layers,
     needed for the per-layer gate rows)."""
@@ -156,6 +162,14 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
             raise ValueError(f"an oracle share is in (0, 1]; got {item}")
         budget = gate_budget_for_share(context, page_size, share, head_dim, itemsize, 0, itemsize)  # no gate keys
         grid.append((f"oracle share={item.strip()}", AttentionSpec("oracle", {"budget": budget})))
+    for item in filter(None, at_bytes.split(",")):
+        name, _, f = item.strip().partition(":")
+        if name not in METHODS or not f.isdigit() or int(f) < 1:
+            raise ValueError(f"--at-bytes takes METHOD:f with a known method and an integer f >= 1; got {item!r}")
+        params = METHODS[name].params_for_share(context, 1 / int(f), page_size, head_dim, itemsize)
+        if params is None:
+            raise ValueError(f"{name} has no parameters that read 1/{f} of dense bytes at {context} tokens")
+        grid.append((f"{name} bytes/{f}", AttentionSpec(name, params.given())))
     return grid
 
 
@@ -261,7 +275,7 @@ def main(args: argparse.Namespace) -> int:
                  "gate_threshold": args.gate_threshold if args.gate else "",
                  "gate_dense_layers": args.gate_dense_layers if args.gate else "",
                  "gate_oracle_layers": args.gate_oracle_layers if args.gate else "",
-                 "num_layers": model.config.num_layers}
+                 "num_layers": model.config.num_layers, "at_bytes": args.at_bytes}
     text_ids = tok.encode(long_text())
     if args.windows < 1 or args.window_stride < 0:
         raise SystemExit("--windows must be at least 1 and --window-stride not negative")

@@ -17,7 +17,8 @@ import torch
 
 from kvcache.engine.prefill import CountedPrefill, PrefillChunk
 from kvcache.methods.gate_store import check_gate_shape
-from kvcache.methods.gate import PageGate, check_gate_params
+from kvcache.methods.gate import check_gate_params
+from kvcache.methods.gate_model import PageGate
 from kvcache.prefill.gate_prefill import gate_block_index
 from kvcache.prefill.serving import index_pairs, paged, sparse_attention
 

@@ -1,4 +1,5 @@
-"""The decode method and its parameters from `kvcache generate`'s flags (also read by the Star Attention CLI)."""
+"""The decode method and its parameters as `kvcache generate`'s flags: one flag per parameter name of the methods
+in the registry (their Params dataclasses), so a new method's parameters are flags with no change here."""
 
 from __future__ import annotations
 
@@ -6,11 +7,37 @@ import argparse
 from dataclasses import replace
 
 from kvcache.engine.decode import AttentionSpec, parse_layers
+from kvcache.methods import METHODS
+from kvcache.methods.base import ParamSpec
+
+
+def servable() -> list[str]:
+    """Methods a decode step may run (evaluation-only ones read every position to choose)."""
+    return [name for name, m in METHODS.items() if not m.evaluation_only]
+
+
+def add_method_arguments(p: argparse.ArgumentParser) -> None:
+    """--method and one flag per method parameter (--top-pages for top_pages), each saying which methods take it."""
+    p.add_argument("--method", choices=servable(), default="dense",
+                   help="decode attention method (default dense): " + "; ".join(
+                       f"{name}: {METHODS[name].doc}" for name in servable()))
+    users: dict[str, tuple[ParamSpec, list[str]]] = {}
+    for name in servable():
+        for spec in METHODS[name].Params.specs():
+            users.setdefault(spec.name, (spec, []))[1].append(name)
+    for name, (spec, methods) in users.items():
+        flag = "--" + name.replace("_", "-")
+        default = spec.cli if spec.cli is not None else spec.default
+        text = f"{', '.join(methods)}: {spec.doc}" + ("" if default is None else f" (default {default})")
+        if spec.kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            p.add_argument(flag, type=spec.kind, default=None, help=text)
 
 
 def attention_spec(args: argparse.Namespace, num_layers: int | None = None) -> AttentionSpec:
     """The decode method and its parameters from the flags (--dense-layers checked against `num_layers`)."""
-    spec = _method_spec(args)
+    spec = method_spec(args)
     try:
         dense = parse_layers(getattr(args, "dense_layers", ""), num_layers)
     except ValueError as exc:
@@ -18,19 +45,21 @@ def attention_spec(args: argparse.Namespace, num_layers: int | None = None) -> A
     return replace(spec, layers=dict.fromkeys(dense, ("dense", {}))) if dense else spec
 
 
-def _method_spec(args: argparse.Namespace) -> AttentionSpec:
-    if args.method == "sparq":
-        window = args.k // 4 if args.local_window is None else args.local_window
-        return AttentionSpec("sparq", {"r": args.r, "k": args.k, "local_window": window})
-    if args.method == "quest":
-        return AttentionSpec("quest", {"top_pages": args.top_pages})
-    if args.method == "gate":
-        budget, threshold = gate_limits(args.budget, args.threshold)
-        params = {"budget": budget, "threshold": threshold}
-        return AttentionSpec("gate", {k: v for k, v in params.items() if v is not None})
-    return AttentionSpec("dense", {})
+def method_spec(args: argparse.Namespace) -> AttentionSpec:
+    """--method with the flags of its parameters: those given, the command line's defaults for required ones, and
+    what the method derives from them (AttentionMethod.from_flags)."""
+    m = METHODS[args.method]
+    values = {}
+    for spec in m.Params.specs():
+        value = getattr(args, spec.name, None)
+        if value is None and spec.required:
+            value = spec.cli
+        if value is not None:
+            values[spec.name] = value
+    return AttentionSpec(m.name, m.from_flags(values))
 
 
 def gate_limits(budget: int | None, threshold: float | None) -> tuple[int | None, float | None]:
     """A gate's (token budget, threshold) from flags: the budget defaults to 2048 tokens when neither is given."""
-    return (2048 if budget is None and threshold is None else budget), threshold
+    given = METHODS["gate"].from_flags({"budget": budget, "threshold": threshold})
+    return given["budget"], given["threshold"]

@@ -39,7 +39,7 @@ import torch
 
 from kvcache.engine.model import Llama
 from kvcache.engine.prefill import causal_attention
-from kvcache.methods.gate import GATE_DIM, GateShape, PageGate, gate_rope, unrotate
+from kvcache.methods.gate_model import GATE_DIM, GateShape, PageGate, gate_rope, unrotate
 
 EVAL_TOKENS = 8192  # the text's first tokens, which kvcache eval scores at contexts up to the model's 8192
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     add_star_arguments(star)
     star_phase1 = bench_sub.add_parser("star-phase1", help="Star Attention phase 1 (N ranks) against one rank's "
                                                            "full causal prefill; under torchrun, one rank per device")
-    from bench.star_phase1 import add_arguments as add_star_phase1_arguments
+    from kvcache.bench.star_phase1 import add_arguments as add_star_phase1_arguments
 
     add_star_phase1_arguments(star_phase1)
     offload = bench_sub.add_parser("offload", help="decode steps over K/V offloaded to pinned host memory")
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_star(args)
     elif args.command == "bench" and args.bench == "star-phase1":
-        from bench.star_phase1 import main as bench_star_phase1
+        from kvcache.bench.star_phase1 import main as bench_star_phase1
 
         return bench_star_phase1(args)
     elif args.command == "bench" and args.bench == "offload":

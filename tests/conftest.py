@@ -6,12 +6,19 @@ Helpers are exposed as fixtures (not imported from this module) so tests work in
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from kvcache import InProcessClient, KVCacheConfig, KVStore
+# The one place TRITON_INTERPRET is set, before anything imports triton (kvcache below does): without a
+# CUDA device the kernels run under the Triton interpreter on the CPU; with one they compile for real.
+# An explicit TRITON_INTERPRET in the environment wins either way.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kvcache import InProcessClient, KVCacheConfig, KVStore  # noqa: E402
 
 # ---- construction ------------------------------------------------------------------------------
 
@@ -248,8 +255,103 @@ def assert_unchanged():
 
 @pytest.fixture(params=["in_registers", "radix_levels"])
 def select_path(request, monkeypatch):
-    """The top-k by one program per row (what rows this short get) or, forced, by kvcache.kernels.topk's radix levels."""
+    """The top-k by one program per row (what rows this short get) or, forced, by kvcache.kernels.topk's radix
+    levels."""
     if request.param == "radix_levels":
         monkeypatch.setattr("kvcache.kernels.topk.ROW_SELECT_MAX", 0)
         monkeypatch.setattr("kvcache.kernels.topk.ROW_SELECT_MAX_MANY", 0)
     return request.param
+
+
+
+def pytest_configure(config):
+    # Under pytest-xdist, each worker's torch ops get an equal share of the cores: with torch's default (every
+    # core in each process) the workers' thread pools contend and the suite runs slower than serially.
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
+# ---- markers: kernel, service, gpu, slow (registered in pyproject.toml) ------------------------------------------
+#
+# Assigned here by module, fixture, parameter or name rather than test by test. `make test-fast` deselects
+# slow and service; `pytest -m gpu` selects the tests that skip without CUDA. Which tests launch a Triton kernel or
+# start a server/subprocess was found by running the suite with Popen, grpc.server and the Triton interpreter's
+# launch wrapped, and is written down as the rules below.
+
+# kernel: runs a Triton kernel (under the interpreter without a GPU, compiled on one).
+KERNEL_MODULES = ("test_kernel_*.py", "test_gate_kernels.py", "test_sparq_edge_cases.py", "test_pdl.py")
+KERNEL_FIXTURES = {"both_backends"}  # test_dispatch: attends through backend="triton" for every method
+KERNEL_TESTS = {
+    "test_gate_prefill.py": {
+        "test_a_small_budget_reads_its_blocks_and_the_kernel_attends_to_exactly_them",
+        "test_bfloat16_gate_prefill_on_the_gpu",
+    },
+}
+# ... and any test parametrized with backend="triton".
+
+# service: starts a `kvcache serve` subprocess, an in-process gRPC server or another subprocess (torchrun, a fresh
+# interpreter), or uses a module fixture that did.
+SERVICE_MODULES = ("test_service*.py", "test_*_service.py", "test_bench_rpc.py")
+SERVER_FIXTURES = {"server", "servers", "tiered_server", "certificate"}
+SERVICE_TESTS = {
+    "test_attend_batcher.py": {"test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone"},
+    "test_engine_generate.py": {"test_generation_over_grpc_equals_in_process"},
+    "test_engine_gguf.py": {"test_generate_command_against_a_server_gives_the_in_process_answer"},
+    "test_engine_minference.py": {"test_over_grpc_the_served_variants_give_the_in_process_answer"},
+    "test_gate.py": {"test_gate_over_the_attend_rpc"},
+    "test_serve_cli_memory.py": {"test_serve_exits_2_with_the_reason",
+                                 "test_serve_logs_the_allocation_on_stderr_before_and_after"},
+    "test_star_eval.py": {"test_the_shards_can_be_kvcache_serve_processes"},
+    "test_star_phase1.py": {"test_parallel_mode_under_torchrun_times_both_ranks_and_the_baseline"},
+    "test_wire.py": {"test_importing_the_client_turns_the_event_engine_tcp_paths_off",
+                     "test_an_explicit_grpc_experiments_setting_wins", "test_nothing_is_set_once_grpc_is_loaded"},
+}
+# ... and any test whose `client` (or `small_client`) is the "remote" one (test_client_protocol).
+
+# gpu: needs CUDA (each skips without it). A name with [..] is that parametrization only.
+GPU_TESTS = {
+    "test_attend_batcher.py": {"test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone[cuda]"},
+    "test_engine_generate.py": {"test_the_model_and_store_on_cuda_generate_what_the_cpu_does"},
+    "test_gate_cache.py": {"test_cuda_decode_appends_with_a_gate_attached_never_wait_for_the_gpu"},
+    "test_gate_kernels.py": {"test_the_gate_step_on_cuda_bfloat16_matches_the_reference"},
+    "test_gate_prefill.py": {"test_bfloat16_gate_prefill_on_the_gpu"},
+    "test_kernel_paged_decode.py": {"test_bfloat16_matches_dense_on_the_gpu"},
+    "test_kernel_quest.py": {"test_bfloat16_matches_the_reference_on_the_gpu"},
+    "test_kernel_sparq.py": {"test_bfloat16_matches_the_reference_on_the_gpu"},
+    "test_kernel_sparse_prefill.py": {"test_bfloat16_matches_the_reference_on_the_gpu"},
+    "test_oracle.py": {"test_on_cuda_the_oracle_runs_the_reference_on_the_device"},
+    "test_pdl.py": {"test_pdl_only_for_small_steps",
+                    "test_the_gate_step_as_a_dependent_chain_equals_it_launched_in_turn"},
+    "test_service.py": {"test_a_cuda_server_attends_as_the_in_process_cuda_store_does"},
+}
+
+# slow: SLOW_TESTS_PLACEHOLDER
+SLOW_MODULES: tuple[str, ...] = ()
+SLOW_TESTS: dict[str, set[str]] = {}
+
+
+def _named(item: pytest.Item, names: dict[str, set[str]]) -> bool:
+    """item's function (any parametrization) or the one parametrization is listed under its module."""
+    listed = names.get(item.path.name, ())
+    return item.name in listed or getattr(item, "originalname", item.name) in listed
+
+
+def _in(item: pytest.Item, modules: tuple[str, ...]) -> bool:
+    return any(item.path.match(pattern) for pattern in modules)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        if (_in(item, KERNEL_MODULES) or _named(item, KERNEL_TESTS) or params.get("backend") == "triton"
+                or KERNEL_FIXTURES.intersection(item.fixturenames)):
+            item.add_marker(pytest.mark.kernel)
+        if (_in(item, SERVICE_MODULES) or _named(item, SERVICE_TESTS) or SERVER_FIXTURES.intersection(item.fixturenames)
+                or "remote" in (params.get("client"), params.get("small_client"))):
+            item.add_marker(pytest.mark.service)
+        if _named(item, GPU_TESTS):
+            item.add_marker(pytest.mark.gpu)
+        if _in(item, SLOW_MODULES) or _named(item, SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)

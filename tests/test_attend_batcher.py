@@ -10,10 +10,10 @@ import pytest
 import torch
 from service_support import store_config
 
-from kvcache.service.batcher import AttendBatcher
 from kvcache.clients.inprocess import InProcessClient
-from kvcache.service.metrics import prometheus_text
 from kvcache.clients.remote import RemoteClient
+from kvcache.service.batcher import AttendBatcher
+from kvcache.service.metrics import prometheus_text
 from kvcache.service.server import KVCacheServicer, Server, ServerOptions
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire.codec import from_wire, to_wire

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from service_support import STORE, start_servers, stop_servers, store_config
 
 from kvcache.clients.inprocess import InProcessClient, KVCacheClient
+from kvcache.clients.remote import RemoteClient
 from kvcache.errors import (
     DTypeMismatch,
     InvalidParameter,
@@ -26,7 +27,6 @@ from kvcache.errors import (
     ShapeMismatch,
     StoreFull,
 )
-from kvcache.clients.remote import RemoteClient
 
 L, HKV, D, P = STORE["num_layers"], STORE["num_kv_heads"], STORE["head_dim"], STORE["page_size"]
 HQ = 2 * HKV  # GQA: two query heads per kv head

@@ -5,7 +5,7 @@ import torch
 from kernel_support import HKV, assert_matches, poisoned_allocations, scattered_store
 
 from kvcache.methods import dense
-from kvcache.methods.dense_cpu import dense_cpu, sequence_rows
+from kvcache.methods.dense import dense_cpu, sequence_rows
 
 CASES = [  # (lengths, head_dim, page size, G): odd lengths, partly filled and exactly full last pages
     ((37, 11, 61), 64, 8, 4),

@@ -1,24 +1,20 @@
-"""attend(..., backend=...): the Triton kernels and the torch references are interchangeable.
+"""attend(..., backend=...): the Triton path and the torch path are interchangeable, and both equal the reference.
 
-backend "triton" runs the kernels (here on the CPU Triton interpreter), "torch" the references in
-kvcache.methods, "auto" the kernels on CUDA, a method's CPU path on the CPU (dense has one) and the
-references elsewhere. Both backends must give
-the same outputs, count the same bytes (the formulas of ALGORITHMS.md) and reject the same bad
-parameters with InvalidParameter.
+backend "triton" selects and attends with the kernels (here on the CPU Triton interpreter), "torch" selects and
+attends with torch, "auto" the kernels on CUDA, a method's own CPU path on the CPU (dense has one) and the torch
+path elsewhere. Both backends must give the same outputs as each method's plain-torch reference, count the same
+bytes (the formulas of docs/algorithms.md) and reject the same bad parameters with InvalidParameter.
 """
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
-
-import dataclasses
 
 import pytest
 import torch
 from kernel_support import HKV, poisoned_allocations, scattered_store
 
 from kvcache import InProcessClient, InvalidParameter
-from kvcache.methods.attend import METHODS, attend
+from kvcache.methods import METHODS
+from kvcache.methods.attend import attend
+from kvcache.methods.base import AttentionMethod
+from kvcache.methods.inputs import LayerInputs
 
 G, D, P = 4, 64, 8  # HKV comes from kernel_support, whose stores these tests use
 DTYPE = torch.float16
@@ -106,29 +102,40 @@ def _refuse(*args, **kwargs):
 
 
 @pytest.mark.parametrize("method", list(PARAMS))
-def test_auto_on_a_cpu_store_runs_the_cpu_path_or_the_torch_reference(batch, monkeypatch, method):
+def test_the_torch_path_equals_the_methods_reference(batch, method):
     store, ids, q = batch
-    monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], triton=_refuse))
-    with pytest.raises(KernelCalled):  # the patch is where attend looks for the kernel
+    m = METHODS[method]
+    got = attend(store, ids, 0, q, method, PARAMS[method], backend="torch")
+    reference = m.reference(q, LayerInputs(store, ids, 0, store.page_table(ids, 0)), m.parse(PARAMS[method]))
+    torch.testing.assert_close(got.out, reference.out, rtol=0, atol=0)
+    torch.testing.assert_close(got.lse, reference.lse, rtol=0, atol=0)
+    assert got.bytes_read == reference.bytes_read
+
+
+@pytest.mark.parametrize("method", list(PARAMS))
+def test_auto_on_a_cpu_store_runs_the_cpu_path_or_the_torch_path(batch, monkeypatch, method):
+    store, ids, q = batch
+    monkeypatch.setattr(METHODS[method], "select_gpu", _refuse)
+    with pytest.raises(KernelCalled):  # the patch is where attend looks for the GPU selection
         attend(store, ids, 0, q, method, PARAMS[method], backend="triton")
     auto = attend(store, ids, 0, q, method, PARAMS[method], backend="auto")
     reference = attend(store, ids, 0, q, method, PARAMS[method], backend="torch")
-    if METHODS[method].cpu is None:
+    if type(METHODS[method]).run_cpu is AttentionMethod.run_cpu:
         torch.testing.assert_close(auto.out, reference.out, rtol=0, atol=0)
         torch.testing.assert_close(auto.lse, reference.lse, rtol=0, atol=0)
     else:  # its own path (one float16 rounding apart), never the reference's
         torch.testing.assert_close(auto.out, reference.out, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(auto.lse, reference.lse, rtol=LSE_TOL, atol=LSE_TOL)
-        monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], cpu=_refuse))
+        monkeypatch.setattr(METHODS[method], "run_cpu", _refuse)
         with pytest.raises(KernelCalled):
             attend(store, ids, 0, q, method, PARAMS[method], backend="auto")
-        attend(store, ids, 0, q, method, PARAMS[method], backend="torch")  # "torch" still means the reference
+        attend(store, ids, 0, q, method, PARAMS[method], backend="torch")  # "torch" never takes the CPU path
     assert auto.bytes_read == reference.bytes_read
 
 
 def test_the_client_defaults_to_auto(batch, monkeypatch):
     store, ids, q = batch
-    monkeypatch.setitem(METHODS, "dense", dataclasses.replace(METHODS["dense"], triton=_refuse))
+    monkeypatch.setattr(METHODS["dense"], "select_gpu", _refuse)
     result = InProcessClient(store).attend(ids, 0, q)
     assert not result.out.isnan().any()
 
@@ -146,7 +153,7 @@ def test_the_client_defaults_to_auto(batch, monkeypatch):
 )
 def test_invalid_parameters_raise_invalid_parameter_on_both_backends(batch, monkeypatch, backend, method, params):
     store, ids, q = batch
-    monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], triton=_refuse))
+    monkeypatch.setattr(METHODS[method], "select_gpu", _refuse)
     with pytest.raises(InvalidParameter):  # before any kernel runs: _refuse would raise KernelCalled
         attend(store, ids, 0, q, method, params, backend=backend)
 

@@ -7,6 +7,7 @@ import torch
 from service_support import STORE, serving, store_config
 from test_engine_model import as_gguf, one_torch_thread  # noqa: F401 (an autouse fixture)
 
+from kvcache import InProcessClient
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.decode import AttentionSpec, decode_step
 from kvcache.engine.generate import generate
@@ -14,8 +15,7 @@ from kvcache.engine.model import random_model
 from kvcache.engine.prefill import prefill
 from kvcache.engine.reference import reference_logits
 from kvcache.engine.sampling import Sampler
-from kvcache import InProcessClient
-from kvcache.methods.traffic import sparq_bytes
+from kvcache.methods.sparq import sparq_bytes
 
 # Shaped like the store every service test's server holds (2 layers, 2 kv heads, d=16, page 4, float32).
 CONFIG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=STORE["num_layers"],

@@ -11,6 +11,7 @@ import torch
 from service_support import serving
 from test_engine_model import as_gguf, one_torch_thread  # noqa: F401 (an autouse fixture)
 
+from kvcache.cli import main as kvcache_main
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.errors import ModelFileError, ModelFileMissing, ModelFileTruncated, UnsupportedModel
 from kvcache.engine.gguf_loader import GGUFModelFile, load_gguf
@@ -18,7 +19,6 @@ from kvcache.engine.load import load_model, smollm2_path
 from kvcache.engine.model import random_model
 from kvcache.engine.prefill import causal_attention
 from kvcache.engine.reference import reference_logits
-from kvcache.cli import main as kvcache_main
 
 # Shaped like the service tests' server store (2 layers, 2 kv heads, d=16), so `--server` works with it.
 CONFIG = ModelConfig(vocab_size=0 + 256 + 3 + 3, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,

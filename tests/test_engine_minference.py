@@ -11,15 +11,15 @@ import torch
 from service_support import STORE, serving, store_config
 from test_engine_model import one_torch_thread  # noqa: F401 (an autouse fixture)
 
+from kvcache import InProcessClient
+from kvcache.clients.remote import RemoteClient
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.generate import generate
 from kvcache.engine.minference_prefill import MInferencePrefill
 from kvcache.engine.model import random_model
 from kvcache.engine.patterns import PatternConfig
 from kvcache.engine.prefill import prefill
-from kvcache import InProcessClient
 from kvcache.prefill.serving import CAUSAL, HeadPattern
-from kvcache.clients.remote import RemoteClient
 
 CONFIG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=STORE["num_layers"],
                      num_heads=4, num_kv_heads=STORE["num_kv_heads"], head_dim=STORE["head_dim"], rope_theta=1000.0,

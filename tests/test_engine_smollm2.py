@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_engine_model import one_torch_thread  # noqa: F401 (an autouse fixture)
 
+from kvcache import InProcessClient, KVCacheConfig
 from kvcache.engine.decode import decode_step
 from kvcache.engine.generate import generate_text
 from kvcache.engine.gguf_loader import GGUFModelFile, hf_state_dict
@@ -13,7 +14,6 @@ from kvcache.engine.load import smollm2_path
 from kvcache.engine.prefill import causal_attention, prefill
 from kvcache.engine.reference import reference_logits
 from kvcache.engine.weights import build_model
-from kvcache import InProcessClient, KVCacheConfig
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,15 @@ choice of pages, save/load of its weights, and the decode method `gate` through 
 from __future__ import annotations
 
 import math
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the triton backend runs on the CPU
 
 import pytest
 import torch
 
 from kvcache import InProcessClient, KVCacheConfig
 from kvcache.errors import GateFileInvalid, GateMissing, InvalidParameter
+from kvcache.methods.gate import gate_bytes
+from kvcache.methods.gate_model import GateShape, PageGate, gate_page_scores, gate_select
 from kvcache.methods.gate_store import attach_gate, load_gate, save_gate
-from kvcache.methods.gate import GateShape, PageGate, gate_page_scores, gate_select
-from kvcache.methods.traffic import gate_bytes
 
 L, D, P = 2, 16, 4
 
@@ -282,7 +279,7 @@ def test_gate_over_the_attend_rpc(tmp_path):
 
 
 def test_a_budget_for_a_share_of_dense_bytes_reads_that_share():
-    from kvcache.methods.traffic import gate_budget_for_share
+    from kvcache.methods.gate import gate_budget_for_share
 
     hkv, G, S, P16 = 2, 3, 2048, 16
     client, ids, q, _ = _client_with([S], hkv, G, page_size=P16, gate=_gate(hkv, G, page_size=P16))
@@ -296,7 +293,7 @@ def test_a_budget_for_a_share_of_dense_bytes_reads_that_share():
 @pytest.mark.parametrize("budget,threshold", [(None, 0.05), (None, 0.0), (5 * P, None), (7 * P + 1, 0.02),
                                               (2 * P, 0.1), (None, 1.0)])
 def test_selecting_all_rows_at_once_matches_gate_select_row_by_row(budget, threshold):
-    from kvcache.methods.gate import gate_select_rows
+    from kvcache.methods.gate_model import gate_select_rows
 
     gen = torch.Generator().manual_seed(5)
     pages = torch.tensor([1, 2, 3, 9, 17, 40, 40, 6])  # one page, two, then some pages between, odd counts
@@ -326,8 +323,8 @@ def test_the_eval_grid_gate_budget_reads_the_asked_share_of_dense_bytes():
 
 def test_the_eval_grid_gate_threshold_rows_are_relative_to_the_pages_between_or_absolute():
     from kvcache.engine.eval_cli import gate_threshold_at, method_grid
-    from kvcache.methods.gate import gate_page_scores, gate_select
-    from kvcache.methods.traffic import gate_bytes
+    from kvcache.methods.gate import gate_bytes
+    from kvcache.methods.gate_model import gate_page_scores, gate_select
 
     hkv, G, S, P16 = 2, 3, 2048, 16
     middle = S // P16 - 2

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kvcache import KVCacheConfig, KVStore
+from kvcache.methods.gate_model import GateShape, PageGate, gate_keys, gate_logits, gate_pooled
 from kvcache.methods.gate_store import attach_gate, gate_key_cache, layer_gate_of
-from kvcache.methods.gate import GateShape, PageGate, gate_keys, gate_logits, gate_pooled
 from kvcache.methods.gather import gather_sequence
 from kvcache.store.tiers import DISK, HOST
 
@@ -147,7 +147,7 @@ def test_scores_from_the_cached_keys_equal_the_reference_scores():
     pages = csr.pages_of(0)
     keys = gather_sequence(store.layer_view(1).k_seq, csr, 0)
     want = gate_logits(lg, q, store.layer_view(1).k_summary[pages], keys)
-    from kvcache.methods.gate import gate_queries
+    from kvcache.methods.gate_model import gate_queries
 
     qg = gate_queries(lg, q, torch.tensor(len(pages) - 1), torch.tensor(28))  # the query at the last position
     got = torch.einsum("hd,nhd->hn", qg, lg.keys[pages]) / lg.shape.gate_dim ** 0.5

@@ -5,19 +5,15 @@ d in {64, 128}. Runs under TRITON_INTERPRET=1 on the CPU (fp32/fp16) and compile
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
-
 import pytest
 import torch
-
 from kernel_support import HKV, INTERPRETED, assert_matches, poisoned_allocations, scattered_store
-from kvcache.methods.gate_gpu import gate_choose_triton, gate_decode
+
 from kvcache.kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages
 from kvcache.methods.attend import attend
+from kvcache.methods.gate import gate, gate_choose_triton, gate_decode
+from kvcache.methods.gate_model import GateShape, PageGate, gate_logits, gate_page_scores, gate_queries, gate_select
 from kvcache.methods.gate_store import attach_gate, layer_gate_of
-from kvcache.methods.gate import GateShape, PageGate, gate, gate_logits, gate_page_scores, gate_queries, gate_select
 from kvcache.methods.gather import gather_sequence
 
 PAGE = 8
@@ -131,8 +127,7 @@ def test_a_gate_without_cached_keys_scores_the_same_pages(kind):
 def test_select_pages_takes_page_zero_the_last_page_and_the_top_keys_between():
     # Hand-built keys: row 0 has 6 pages, row 1 has 3; the best middle pages are 3 and 1 in row 0.
     sel = torch.tensor([[float("inf"), 2.0, 0.5, 3.0, 0.25, 1.0], [float("inf"), 0.1, 7.0, 0, 0, 0]])
-    from kvcache.kernels.topk import topk_workspace, LEVELS
-    from kvcache.kernels.topk import _histogram_kernel
+    from kvcache.kernels.topk import LEVELS, _histogram_kernel, topk_workspace
 
     ws = topk_workspace(2, sel.device)
     counts = {"n_valid": torch.tensor([5, 2], dtype=torch.int32), "n_total": torch.tensor([6, 3], dtype=torch.int32),

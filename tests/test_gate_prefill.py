@@ -15,12 +15,12 @@ from test_engine_minference import CONFIG, PROMPT, assert_same, run
 from test_engine_model import one_torch_thread  # noqa: F401 (an autouse fixture)
 from test_gate import _model_unrotate
 
+from kvcache import InProcessClient
 from kvcache.engine.gate_prefill import GatePrefill, check_gate_for_model
 from kvcache.engine.model import random_model
 from kvcache.engine.prefill import causal_attention
-from kvcache import InProcessClient
 from kvcache.errors import GateFileInvalid, InvalidParameter, ShapeMismatch
-from kvcache.methods.gate import GateShape, PageGate, gate_logits, gate_select
+from kvcache.methods.gate_model import GateShape, PageGate, gate_logits, gate_select
 from kvcache.prefill.gate_prefill import gate_block_index, gate_block_logits
 from kvcache.prefill.minference_index import causal_index
 from kvcache.prefill.serving import index_pairs, paged, sparse_attention

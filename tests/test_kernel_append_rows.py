@@ -6,16 +6,12 @@ last row, and sit at device slots other than their page ids (as in a tiered stor
 tensor must match afterwards, including the ones no row touched.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
-
 import pytest
 import torch
 from kernel_support import INTERPRETED, TOL
 
-from kvcache.kernels.append_rows import append_rows_triton
 from kvcache import KVCacheConfig, KVStore
+from kvcache.kernels.append_rows import append_rows_triton
 from kvcache.store.page_pool import PagePool
 
 DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"

@@ -5,10 +5,6 @@ The logits are split into parts as the producing kernels split them, with per-pa
 here in torch; outputs are poisoned before each run, so an element the kernel never writes is caught.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
-
 import pytest
 import torch
 from kernel_support import HKV, poisoned_allocations, scattered_store

@@ -5,10 +5,6 @@ Every kernel call runs with torch.empty / torch.empty_like poisoned (NaN for flo
 ints), so an output element the kernels never write shows up instead of passing by luck.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
-
 import pytest
 import torch
 from kernel_support import HKV, INTERPRETED, NO_BF16_ON_CPU, assert_matches, poisoned_allocations, scattered_store

@@ -6,10 +6,6 @@ position by position through the page table with a mask built from the index's l
 Kernels run on the CPU under the Triton interpreter: blocks of 16, d=32, a few hundred positions.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
-
 import math
 
 import pytest

@@ -7,10 +7,7 @@ torch.empty poisoned (-7 for ints), so an output slot the kernels never write is
 Rows of 100 positions in blocks of 32 are split over several programs per row.
 """
 
-import os
 import sys
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
 
 import pytest
 import torch

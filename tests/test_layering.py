@@ -1,4 +1,5 @@
-"""The packages import one way: each imports only packages below it in LAYERS (function-local imports count)."""
+"""The packages import one way: each imports only packages below it in LAYERS (function-local imports count;
+imports for type checking only do not)."""
 
 from __future__ import annotations
 
@@ -41,11 +42,25 @@ def _modules() -> dict[str, pathlib.Path]:
 MODULES = _modules()
 
 
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of the import nodes under `if TYPE_CHECKING:`, which never run."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return skip
+
+
 def _imports(name: str, path: pathlib.Path) -> set[str]:
-    """Project modules `name` imports anywhere in its file (relative imports resolved)."""
+    """Project modules `name` imports anywhere in its file (relative imports resolved), except those under
+    `if TYPE_CHECKING:`."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    skip = _type_checking_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from service_support import STORE, start_server, store_config
 
 from kvcache import InProcessClient, KVCacheConfig
+from kvcache.clients.remote import RemoteClient
 from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, SequenceNotFound, ShapeMismatch
 from kvcache.prefill.minference import minference_prefill
 from kvcache.prefill.minference_index import a_shape_index, block_sparse_index, vertical_slash_index
@@ -21,7 +22,6 @@ from kvcache.prefill.serving import (
     paged,
     sparse_attention,
 )
-from kvcache.clients.remote import RemoteClient
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
 from kvcache.wire.codec import to_wire

@@ -7,8 +7,8 @@ import torch
 from kernel_support import HKV, scattered_store
 
 from kvcache import InvalidParameter
-from kvcache.methods.attend import attend
 from kvcache.methods import dense
+from kvcache.methods.attend import attend
 from kvcache.methods.oracle import oracle, page_attention_mass
 
 G, D, P = 4, 32, 8

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kvcache.methods.gate_gpu as gate_kernels
-from kvcache.methods.gate_gpu import gate_choose_triton, gate_decode
-from kvcache.kernels.pdl import PDL_MAX_ROWS, pdl_enabled, pdl_for_rows
+import kvcache.methods.gate as gate_kernels
 from kvcache.config import KVCacheConfig
+from kvcache.kernels.pdl import PDL_MAX_ROWS, pdl_enabled, pdl_for_rows
+from kvcache.methods.gate import gate_choose_triton, gate_decode
+from kvcache.methods.gate_model import GateShape, PageGate
 from kvcache.methods.gate_store import attach_gate, layer_gate_of
-from kvcache.methods.gate import GateShape, PageGate
 from kvcache.store import KVStore
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)

@@ -6,17 +6,22 @@ import time
 
 import pytest
 import torch
-from service_support import STORE, start_servers, stop_servers, store_config
-from service_support import one_torch_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
+from service_support import (
+    STORE,
+    one_torch_thread,  # noqa: F401 (an autouse fixture: importing it applies it here)
+    start_servers,
+    stop_servers,
+    store_config,
+)
 
+from kvcache import InProcessClient
+from kvcache.clients.remote import RemoteClient
+from kvcache.clients.sharded import ShardedClient, shard_budget
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.generate import generate
 from kvcache.engine.model import random_model
-from kvcache import InProcessClient
 from kvcache.errors import InvalidParameter, PositionOutOfRange, SequenceNotFound, StoreFull, Unavailable
 from kvcache.methods import merge_lse
-from kvcache.clients.remote import RemoteClient
-from kvcache.clients.sharded import ShardedClient, shard_budget
 
 L, HKV, D, HQ = STORE["num_layers"], STORE["num_kv_heads"], STORE["head_dim"], 4
 

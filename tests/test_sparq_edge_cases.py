@@ -1,17 +1,13 @@
 """SparQ at the edges §1 leaves open: wide heads, q = 0, saturated scores, a custom scale, unsupported shapes."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
-
 import math
 
 import pytest
 import torch
 from kernel_support import HKV, assert_matches, scattered_store
 
-from kvcache.kernels.sparq import sparq_decode
 from kvcache import InProcessClient, InvalidParameter, KVCacheConfig
+from kvcache.kernels.sparq import sparq_decode
 from kvcache.methods import dense, sparq
 
 BLOCKS = {"block_n": 32, "topk_block": 64}

@@ -7,9 +7,17 @@ import math
 
 import pytest
 import torch
-from service_support import STORE, in_process_shards, start_servers, stop_servers, store_config
-from service_support import one_torch_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
+from service_support import (
+    STORE,
+    in_process_shards,
+    one_torch_thread,  # noqa: F401 (an autouse fixture: importing it applies it here)
+    start_servers,
+    stop_servers,
+    store_config,
+)
 
+from kvcache import InProcessClient
+from kvcache.clients.sharded import ShardedClient
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.generate import generate
 from kvcache.engine.model import random_model
@@ -24,8 +32,6 @@ from kvcache.engine.star import (
     split_prompt,
     star_generate,
 )
-from kvcache import InProcessClient
-from kvcache.clients.sharded import ShardedClient
 
 CONFIG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=STORE["num_layers"],
                      num_heads=4, num_kv_heads=STORE["num_kv_heads"], head_dim=STORE["head_dim"], rope_theta=1000.0,

@@ -8,16 +8,22 @@ from fractions import Fraction
 
 import pytest
 import torch
-from service_support import STORE, in_process_shards, start_servers, stop_servers, store_config
-from service_support import one_torch_thread  # noqa: F401 (an autouse fixture: importing it applies it here)
+from service_support import (
+    STORE,
+    in_process_shards,
+    one_torch_thread,  # noqa: F401 (an autouse fixture: importing it applies it here)
+    start_servers,
+    stop_servers,
+    store_config,
+)
 
+from kvcache import InProcessClient
+from kvcache.clients.sharded import ShardedClient
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.decode import DENSE
 from kvcache.engine.evaluation import greedy_methods, teacher_force
 from kvcache.engine.model import random_model
 from kvcache.engine.star_eval import StarEncoder, StarSetting, parse_settings
-from kvcache import InProcessClient
-from kvcache.clients.sharded import ShardedClient
 
 CONFIG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=STORE["num_layers"],
                      num_heads=4, num_kv_heads=STORE["num_kv_heads"], head_dim=STORE["head_dim"], rope_theta=1000.0,
@@ -149,8 +155,8 @@ class ByteTokenizer:
 
 
 def test_eval_star_writes_rows_for_every_setting(model, tmp_path, monkeypatch):
-    from kvcache.engine import load
     from kvcache.cli import main
+    from kvcache.engine import load
 
     monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
     out = tmp_path / "eval.json"
@@ -181,8 +187,8 @@ def test_eval_star_writes_rows_for_every_setting(model, tmp_path, monkeypatch):
 
 
 def test_bench_star_accuracy_is_the_harness_without_passkey(model, tmp_path, monkeypatch):
-    from kvcache.engine import load
     from kvcache.cli import main
+    from kvcache.engine import load
 
     monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
     out = tmp_path / "bench.json"
@@ -197,8 +203,8 @@ def test_bench_star_accuracy_is_the_harness_without_passkey(model, tmp_path, mon
 def test_eval_over_several_windows_scores_each_and_pools_them(model, tmp_path, monkeypatch):
     import math
 
-    from kvcache.engine import load
     from kvcache.cli import main
+    from kvcache.engine import load
 
     monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
     out = tmp_path / "eval.json"
@@ -223,8 +229,8 @@ def test_eval_over_several_windows_scores_each_and_pools_them(model, tmp_path, m
 
 
 def test_a_window_past_the_end_of_the_text_is_refused(model, tmp_path, monkeypatch):
-    from kvcache.engine import load
     from kvcache.cli import main
+    from kvcache.engine import load
 
     monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
     with pytest.raises(SystemExit, match="passes the end of the text"):
@@ -233,16 +239,16 @@ def test_a_window_past_the_end_of_the_text_is_refused(model, tmp_path, monkeypat
 
 
 def test_eval_scores_the_oracle_page_choice(model, tmp_path, monkeypatch):
-    from kvcache.engine import load
     from kvcache.cli import main
+    from kvcache.engine import load
 
     monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
     out = tmp_path / "eval.json"
     assert main(["eval", "--contexts", "128", "--eval-tokens", "8", "--agree-tokens", "4", "--passkey-lengths", "",
                  "--sparq", "", "--quest", "", "--oracle-bytes", "2", "--page-size", "8", "--json", str(out),
                  "--plot", str(tmp_path / "eval.png")]) == 0
-    from kvcache.methods.gate import GATE_DIM
-    from kvcache.methods.traffic import gate_budget_for_share
+    from kvcache.methods.gate import gate_budget_for_share
+    from kvcache.methods.gate_model import GATE_DIM
 
     rows = {r["method"]: r for r in json.loads(out.read_text())["perplexity"]}
     oracle = rows["oracle bytes/2"]
@@ -255,8 +261,8 @@ def test_eval_scores_the_oracle_page_choice(model, tmp_path, monkeypatch):
 def _tiny_gate_eval(model, tmp_path, monkeypatch, context: int, gate_bytes: str) -> list[str]:
     """`kvcache eval` flags scoring the tiny model with a random gate of pages of 8 (no SparQ, Quest or passkeys)."""
     from kvcache.engine import load
+    from kvcache.methods.gate_model import GateShape, PageGate
     from kvcache.methods.gate_store import save_gate
-    from kvcache.methods.gate import GateShape, PageGate
 
     monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
     G = CONFIG.num_heads // CONFIG.num_kv_heads

@@ -1,4 +1,4 @@
-"""bench.star_phase1: every rank's share of phase 1 (ALGORITHMS.md §4) and the report rows."""
+"""kvcache.bench.star_phase1: every rank's share of phase 1 (ALGORITHMS.md §4) and the report rows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from bench.star_phase1 import SHAPES, _plan, add_arguments, full_prefill, main, rank_work
+from kvcache.bench.star_phase1 import SHAPES, _plan, add_arguments, full_prefill, main, rank_work
 from kvcache.engine.model import Llama, random_model
 from kvcache.engine.star import encode_after
 
@@ -23,7 +23,7 @@ def _args(tmp_path, **kw) -> argparse.Namespace:
 
 
 def test_the_ranks_together_write_every_position_once():
-    from bench.star_phase1 import _store
+    from kvcache.bench.star_phase1 import _store
 
     model = random_model(SHAPES["tiny"])
     ids = [i % 64 for i in range(90)]
@@ -63,7 +63,7 @@ def test_parallel_mode_under_torchrun_times_both_ranks_and_the_baseline(tmp_path
 
     out = tmp_path / "par.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "bench.star_phase1", "--shapes", "tiny", "--context", "70", "--chunk", "32", "--repeats", "1",
+           "kvcache.bench.star_phase1", "--shapes", "tiny", "--context", "70", "--chunk", "32", "--repeats", "1",
            "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     # One retry: a 2-rank gloo launch on a loaded 2-core machine was once seen to abort in setup; a

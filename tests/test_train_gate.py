@@ -10,9 +10,18 @@ import torch
 
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.model import random_model
-from kvcache.engine.train_gate import capture, gate_for, gate_scores, kl_loss, mass_recall, quest_scores, recall_report, train
+from kvcache.engine.train_gate import (
+    capture,
+    gate_for,
+    gate_scores,
+    kl_loss,
+    mass_recall,
+    quest_scores,
+    recall_report,
+    train,
+)
+from kvcache.methods.gate_model import gate_logits, gate_page_scores
 from kvcache.methods.gate_store import load_gate, save_gate
-from kvcache.methods.gate import gate_logits, gate_page_scores
 
 CONFIG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=6, num_kv_heads=2,
                      head_dim=16)

@@ -9,19 +9,32 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from kvcache.methods.attend import attend as run_attention
-from kvcache.methods.attend import run_validated, validate
+from kvcache.methods.attend import check_new_rows, run_validated, validate
+from kvcache.methods.registry import METHODS
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
-from kvcache.errors import InvalidParameter, PositionOutOfRange, ShapeMismatch
+from kvcache.errors import InvalidParameter, KVCacheError, PositionOutOfRange, ShapeMismatch
 from kvcache.methods import AttentionResult
-from kvcache.methods.gather import gather_key_dims, gather_rows
+from kvcache.methods.gather import gather_key_dims
 from kvcache.prefill.minference_index import BLOCK_SIZE, SparseIndex
 from kvcache.prefill.serving import HeadPattern, SparsePrefillResult, served_index, served_prefill
 from kvcache.stats import Totals
 from kvcache.store import KVStore, SequenceInfo
-from kvcache.methods.tiered import read_tiered_rows
 
 FetchKind = Literal["columns", "rows", "value_mean", "summaries"]
+
+
+@dataclass(frozen=True)
+class AttendCall:
+    """One attend call's arguments (KVCacheClient.attend), for InProcessClient.attend_many."""
+
+    seq_ids: Sequence[str]
+    layer: int
+    q: torch.Tensor
+    method: str = "dense"
+    params: Mapping[str, Any] | None = None
+    new_k: torch.Tensor | None = None
+    new_v: torch.Tensor | None = None
+    backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -161,27 +174,98 @@ class InProcessClient:
     ) -> AttentionResult:
         """Attention of q [B, Hq, d] at `layer`; new_k/new_v [B, Hkv, d], if given, are appended first.
 
-        backend: "auto" (Triton on CUDA, torch reference elsewhere), "torch" or "triton".
+        backend: "auto" (Triton on CUDA, the torch path elsewhere), "torch" or "triton".
         """
-        if (new_k is None) != (new_v is None):
-            raise InvalidParameter("new_k and new_v must be given together")
+        check_new_rows(self.config, len(seq_ids), new_k, new_v)
+        # Everything is checked before the new token is written, so a rejected call changes nothing.
+        m, q, p = validate(self.store, seq_ids, layer, q, method, params, backend,
+                           extra_positions=0 if new_k is None else 1)
         if new_k is not None:
-            c = self.config
-            want = (len(seq_ids), c.num_kv_heads, c.head_dim)
-            for name, t in (("new_k", new_k), ("new_v", new_v)):
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
-                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise ShapeMismatch(f"{name} has shape {got}; expected [B, Hkv, d] = {want}")
-            # Everything is checked before the new token is written, so a rejected call changes nothing.
-            checked = validate(self.store, seq_ids, layer, q, method, params, backend, extra_positions=1)
             self.store.append_tokens(seq_ids, new_k, new_v, layer)
         t0 = time.perf_counter()
-        if new_k is not None:  # already validated above: run without checking twice
-            result = run_validated(self.store, seq_ids, layer, *checked, backend)
-        else:
-            result = run_attention(self.store, seq_ids, layer, q, method, params, backend)
+        result = run_validated(self.store, seq_ids, layer, m, q, p, backend)
         self.counters.add(method, calls=1, bytes_read=result.bytes_read, seconds=time.perf_counter() - t0)
         return result
+
+    def attend_many(self, calls: Sequence[AttendCall]) -> tuple[list[AttentionResult | Exception], list[int]]:
+        """Answers to several attend calls that arrived together, each its result or the error it raised, and the
+        sizes of the groups that shared one store call.
+
+        Calls share a call when they can be one batch (same layer, method, parameters, backend and tensor shapes and
+        dtypes; a method whose bytes follow from lengths; an untiered store; no sequence named twice); each answer
+        is then its rows of the shared result, with the bytes its own sequences' lengths give. If the shared call
+        is refused before it wrote anything, each call is answered alone.
+        """
+        groups: dict[tuple, list[int]] = {}
+        for i, call in enumerate(calls):
+            groups.setdefault(self._batch_key(call, i), []).append(i)
+        answers: list[AttentionResult | Exception | None] = [None] * len(calls)
+        merged = []
+        for members in groups.values():
+            shared = self._attend_shared([calls[i] for i in members]) if len(members) > 1 else None
+            if shared is not None:
+                merged.append(len(members))
+            for j, i in enumerate(members):
+                answers[i] = shared[j] if shared is not None else self._attend_alone(calls[i])
+        return answers, merged
+
+    def _attend_alone(self, call: AttendCall) -> AttentionResult | Exception:
+        try:
+            return self.attend(call.seq_ids, call.layer, call.q, call.method, call.params, call.new_k, call.new_v,
+                               call.backend)
+        except Exception as exc:  # the caller answers each call with its own error
+            return exc
+
+    def _batch_key(self, call: AttendCall, i: int) -> tuple:
+        """Calls with equal keys may share one store call; a call that may not gets a key of its own."""
+        ids = list(call.seq_ids)
+        method = METHODS.get(call.method)
+        if (method is None or not method.batchable or self.config.tiered or not ids or len(set(ids)) != len(ids)
+                or not all(isinstance(t, torch.Tensor) for t in (call.q, call.new_k, call.new_v) if t is not None)):
+            return ("alone", i)
+        try:
+            params = tuple(sorted((call.params or {}).items()))
+            hash(params)
+        except TypeError:
+            return ("alone", i)
+        # torch.cat would promote mixed dtypes silently: every tensor's dtype and row shape is part of the key.
+        tensors = tuple(None if t is None else (t.dtype, tuple(t.shape[1:])) for t in (call.q, call.new_k, call.new_v))
+        return (call.layer, call.method, call.backend, params, tensors)
+
+    def _attend_shared(self, calls: list[AttendCall]) -> list[AttentionResult | Exception] | None:
+        """One store call for calls of one batch key: their answers, or None if they must go alone (a sequence named
+        twice across them, or the shared call refused before it wrote anything)."""
+        ids = [s for c in calls for s in c.seq_ids]
+        if len(set(ids)) != len(ids):
+            return None
+        first = calls[0]
+        try:
+            q = torch.cat([c.q for c in calls])
+            new = {name: torch.cat([getattr(c, name) for c in calls]) for name in ("new_k", "new_v")
+                   if getattr(first, name) is not None}
+            before = self.store.lengths(ids, first.layer)
+        except (KVCacheError, RuntimeError):  # mismatched tensors, an unknown sequence or layer: each its own answer
+            return None
+        try:
+            result = self.attend(ids, first.layer, q, first.method, first.params, backend=first.backend, **new)
+            lens = self.store.lengths(ids, first.layer)
+        except KVCacheError as exc:
+            # The caller holds the sequences' locks: their lengths tell whether anything was written.
+            if self.store.lengths(ids, first.layer) == before:
+                return None
+            return [exc] * len(calls)
+        except Exception as exc:
+            return [exc] * len(calls)
+        method = METHODS[first.method]
+        params = method.parse(first.params)
+        answers: list[AttentionResult | Exception] = []
+        row = 0
+        for c in calls:
+            n = len(c.seq_ids)
+            nbytes = method.bytes_read(self.config, lens[row:row + n], params)
+            answers.append(AttentionResult(result.out[row:row + n], result.lse[row:row + n], nbytes))
+            row += n
+        return answers
 
     def fetch(self, seq_id: str, layer: int, what: FetchKind, index: torch.Tensor | None = None) -> FetchResult:
         """Raw reads for engines that attend themselves.
@@ -201,11 +285,7 @@ class InProcessClient:
             if what == "columns":
                 cols = gather_key_dims(view.k_dim, csr, 0, index)
                 return FetchResult((cols,), cols.numel() * cols.element_size())
-            if store.tiers is not None:  # rows from whichever tier holds them
-                keys, values = read_tiered_rows(store, seq_id, layer, index)
-            else:
-                keys = gather_rows(view.k_seq, csr, 0, index)
-                values = gather_rows(view.v_seq, csr, 0, index)
+            keys, values = store.read_positions(seq_id, layer, index)
             return FetchResult((keys, values), 2 * keys.numel() * keys.element_size())
         if index is not None:
             raise InvalidParameter(f"fetch {what!r} takes no index")

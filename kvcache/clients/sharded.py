@@ -72,6 +72,8 @@ from kvcache import errors
 from kvcache.clients.inprocess import FetchKind, FetchResult, KVCacheClient
 from kvcache.config import KVCacheConfig
 from kvcache.methods import AttentionResult, merge_lse
+from kvcache.methods.attend import check_new_rows, check_query, check_sequences
+from kvcache.methods.registry import METHODS
 from kvcache.store import SequenceInfo
 
 T = TypeVar("T")
@@ -240,26 +242,10 @@ class ShardedClient:
         last shard. Dense is exact; sparq/quest run per shard with per-shard budgets (approximate merge)."""
         c = self.config
         self._layers(layer)
-        if (new_k is None) != (new_v is None):
-            raise errors.InvalidParameter("new_k and new_v must be given together")
-        if not isinstance(q, torch.Tensor):
-            raise errors.ShapeMismatch(f"q must be a torch.Tensor, got {type(q).__name__}")
         B = len(seq_ids)
-        if B == 0:
-            raise errors.ShapeMismatch("attend needs at least one sequence")
-        if q.dim() != 3 or q.shape[0] != B or q.shape[2] != c.head_dim or q.shape[1] % c.num_kv_heads:
-            raise errors.ShapeMismatch(f"q has shape {tuple(q.shape)}; expected [B={B}, Hq (a multiple of "
-                                       f"Hkv={c.num_kv_heads}), d={c.head_dim}]")
-        if q.dtype != c.dtype:
-            raise errors.DTypeMismatch(f"q has dtype {q.dtype}; the store holds {c.dtype}")
-        if len(set(seq_ids)) != B:
-            raise errors.InvalidParameter("a sequence appears twice in one attend call")
-        if new_k is not None:
-            want = (B, c.num_kv_heads, c.head_dim)
-            for name, t in (("new_k", new_k), ("new_v", new_v)):
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
-                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise errors.ShapeMismatch(f"{name} has shape {got}; expected [B, Hkv, d] = {want}")
+        check_new_rows(c, B, new_k, new_v)
+        check_query(c, q, B)
+        check_sequences(seq_ids)
         subs = [self._parse(s) for s in seq_ids]
         views = [self._view(s)[0] for s in seq_ids]
         last = self.num_shards - 1
@@ -277,8 +263,12 @@ class ShardedClient:
             rows = [b for b in range(B) if held[b][i] > 0]
             if not rows:
                 continue
-            m, p = shard_budget(method, dict(params or {}), [held[b][i] for b in rows], [totals[b] for b in rows],
-                                is_last=i == last, page_size=c.page_size)
+            rule = shard_budget(method, dict(params or {}), [held[b][i] for b in rows], [totals[b] for b in rows],
+                                is_last=i == last, page_size=c.page_size, starts=[sum(held[b][:i]) for b in rows])
+            if rule is None and i != last:  # nothing of these rows' choice lies on this shard
+                continue
+            rule = rule or (method, dict(params or {}))
+            m, p = rule
             idx = torch.tensor(rows)
             shard_q = q if len(rows) == B else q[idx]
             new = {"new_k": new_k, "new_v": new_v} if i == last and new_k is not None else {}
@@ -577,43 +567,29 @@ class ShardedClient:
 
 
 def shard_budget(method: str, params: dict, held: list[int], totals: list[int], is_last: bool,
-                 page_size: int) -> tuple[str, dict]:
-    """The method and parameters one shard runs: the budget split in proportion to the shard's share.
+                 page_size: int, starts: list[int] | None = None) -> tuple[str, dict] | None:
+    """The method and parameters one shard runs for its rows, by the method's shard rule (AttentionMethod.shard),
+    or None if the shard has nothing to read for them.
 
-    held: positions each batch row has on this shard (> 0); totals: the rows' positions on all shards.
-    SparQ: k_i = round(k * share) >= 1, the local window only on the last shard (k_i is raised to
-    hold it); dense when k_i covers the shard's shortest row. Quest: top_pages_i = ceil(top_pages *
-    page share) >= 1; dense when that covers every page of the shard's longest row. Other methods
-    (dense, or one the shard will refuse) pass through unchanged. The learned gate (§3): its token budget
-    is split like SparQ's k, and its threshold is kept. Each shard's gate scores the shard's own pages at
-    the shard's own page positions (its RoPE sees shard page i at position i), which adds to the
-    approximation.
+    held: positions each batch row has on this shard (> 0); totals: the rows' positions on all shards; starts: the
+    rows' positions on the shards before (default: none before a shard that is not the last, all the others'
+    before the last). The parameters come back in the form they were given: the names given, and any the rule
+    changed from their default. An unknown method or parameters pass through unchanged, for the shard to refuse.
     """
-    share = sum(held) / max(sum(totals), 1)
-    shortest, longest = min(held), max(held)
-    dense_params = {"scale": params["scale"]} if "scale" in params else {}
-    if method == "sparq" and isinstance(params.get("k"), int):
-        window = params.get("local_window", 0) if is_last else 0
-        k = max(1, round(params["k"] * share))
-        if isinstance(window, int) and window > 0:
-            window = min(window, shortest)
-            k = max(k, window)
-        if k >= shortest:
-            return "dense", dense_params
-        return "sparq", {**params, "k": k, "local_window": window}
-    if method == "quest" and isinstance(params.get("top_pages"), int):
-        pages = sum(math.ceil(n / page_size) for n in held)
-        all_pages = sum(math.ceil(n / page_size) for n in totals)
-        top = max(1, math.ceil(params["top_pages"] * pages / max(all_pages, 1)))
-        if top >= math.ceil(longest / page_size):
-            return "dense", dense_params
-        return "quest", {**params, "top_pages": top}
-    if method == "gate" and isinstance(params.get("budget"), int):
-        budget = max(page_size, round(params["budget"] * share))
-        if params.get("threshold") is None and budget >= longest:
-            return "dense", dense_params
-        return "gate", {**params, "budget": budget}
-    return method, params
+    if starts is None:
+        starts = [t - h for h, t in zip(held, totals)] if is_last else [0] * len(held)
+    m = METHODS.get(method)
+    if m is None:
+        return method, params
+    try:
+        p = m.parse(params)
+    except errors.InvalidParameter:
+        return method, params
+    rule = m.shard(p, held, totals, starts, is_last, page_size)
+    if rule is None:
+        return None
+    name, shard_params = rule
+    return name, shard_params.like(params)
 
 
 def _shape_of(c: KVCacheConfig) -> tuple:

@@ -1,15 +1,32 @@
-"""Dense attention over a sequence's pages: the exact baseline (torch reference)."""
+"""Dense decode attention over every cached position: the exact baseline (docs/algorithms.md §4 for its merge).
+
+On a CPU store the whole path is ATen's CPU flash attention over K and V gathered in the store's dtype
+(run_cpu): the reference widens them to float32 first, three copies per call. `kvcache bench dense-cpu`
+times the two in turn (bench/results/README.md).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from kvcache.config import KVCacheConfig
+from kvcache.kernels.csr import PageTableCSR
+from kvcache.kernels.paged_decode import MODE_DENSE
+from kvcache.methods.base import AttentionMethod, Params, Selection, scale_of
 from kvcache.methods.gather import gather_sequence
+from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.result import AttentionResult
-from kvcache.methods.traffic import dense_bytes
-from kvcache.store.page_table import PageTableCSR
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def dense_bytes(lens: Sequence[int], num_kv_heads: int, d: int, itemsize: int) -> int:
+    """Every cached K and V row: 2*S*d elements per kv head."""
+    return sum(2 * S * d * itemsize * num_kv_heads for S in lens)
 
 
 def attend_rows(
@@ -46,3 +63,66 @@ def dense(
         o, s = attend_rows(q[b].view(Hkv, Hq // Hkv, d), k, v, scale)
         out[b], lse[b] = o.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
     return AttentionResult(out, lse, dense_bytes(csr.host_lens, Hkv, d, k_seq.element_size()))
+
+
+def sequence_rows(pool: torch.Tensor, csr: PageTableCSR, b: int) -> torch.Tensor:
+    """Rows of sequence b from a sequence-major pool [N, Hkv, P, d] -> [Hkv, S, d] (a strided view of one copy)."""
+    # index_select on dim 0 copies whole pages (one run of Hkv*P*d each); the transpose is a second,
+    # cache-friendly pass. Indexing straight into the transposed order was 4x slower.
+    rows = torch.index_select(pool, 0, csr.pages_of(b)).transpose(0, 1)
+    return rows.reshape(pool.shape[1], -1, pool.shape[3])[:, : csr.host_lens[b]]
+
+
+def dense_cpu(
+    q: torch.Tensor,
+    k_seq: torch.Tensor,
+    v_seq: torch.Tensor,
+    csr: PageTableCSR,
+    scale: float | None = None,
+) -> AttentionResult:
+    """Exact attention of q [B, Hq, d] (CPU) over every cached position: out [B, Hq, d] in q's dtype, lse [B, Hq]."""
+    B, Hq, d = q.shape
+    Hkv = k_seq.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq), dtype=torch.float32)
+    for b in range(B):
+        k, v = sequence_rows(k_seq, csr, b), sequence_rows(v_seq, csr, b)
+        # A GQA group's G query heads go in as G query positions of its kv head, without a causal mask.
+        o, s = _FLASH_CPU(q[b].view(1, Hkv, Hq // Hkv, d), k[None], v[None], 0.0, False, scale=scale)
+        out[b], lse[b] = o.reshape(Hq, d), s.reshape(Hq)
+    return AttentionResult(out, lse, dense_bytes(csr.host_lens, Hkv, d, k_seq.element_size()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseParams(Params):
+    """Dense takes only the softmax scale."""
+
+
+class Dense(AttentionMethod):
+    """Every cached position, exactly."""
+
+    name = "dense"
+    Params = DenseParams
+    doc = "exact attention over every cached position"
+
+    def bytes_read(self, config: KVCacheConfig, lens: Sequence[int], p: Params) -> int:
+        return dense_bytes(lens, config.num_kv_heads, config.head_dim, config.itemsize)
+
+    def reference(self, q: torch.Tensor, inputs: LayerInputs, p: Params) -> AttentionResult:
+        view = inputs.view
+        return dense(q, view.k_seq, view.v_seq, inputs.csr, p.scale)
+
+    def select(self, q: torch.Tensor, inputs: LayerInputs, p: Params) -> Selection:
+        return Selection(MODE_DENSE)
+
+    def run_cpu(self, q: torch.Tensor, inputs: LayerInputs, p: Params) -> AttentionResult | None:
+        view = inputs.view
+        return dense_cpu(q, view.k_seq, view.v_seq, inputs.csr, scale_of(p, q.shape[-1]))
+
+    def params_for_share(self, context: int, share: float, page_size: int, head_dim: int,
+                         itemsize: int) -> Params | None:
+        return DenseParams() if share >= 1 else None
+
+
+DENSE = Dense()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from kvcache.errors import GateFileInvalid, GateMissing
-from kvcache.methods.gate import GateShape, LayerGate, PageGate, gate_keys, page_summaries, pooled_keys, unrotate
+from kvcache.methods.gate_model import GateShape, LayerGate, PageGate, gate_keys, page_summaries, pooled_keys, unrotate
 
 FORMAT = "kvcache-page-gate/1"
 GATES_DIR = pathlib.Path(__file__).resolve().parent / "gates"

@@ -1,7 +1,7 @@
 """Oracle page choice, for evaluation: the pages holding most of a GQA group's true attention mass.
 
-The bound on what any page selector reading the same pages can reach (the gate of ALGORITHMS.md §3,
-Quest): the choice is gate_select's rule (first and last page always, then the best pages until
+The bound on what any page selector reading the same pages can reach (the gate of docs/algorithms.md §3,
+Quest; the oracle is §6): the choice is gate_select's rule (first and last page always, then the best pages until
 the token budget) applied to the exact attention mass per page, summed over the group's query
 heads (each head's probabilities sum to 1: an equal vote each). To know that mass it attends to
 every position first, so it saves nothing and serves no real decode. Its bytes_read counts only
@@ -11,14 +11,20 @@ the rows of the chosen pages, as if the choice were free.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from kvcache.methods.gate import attend_chosen_pages, check_budget, gate_select
+from kvcache.config import KVCacheConfig
+from kvcache.kernels.csr import PageTableCSR
+from kvcache.kernels.paged_decode import MODE_PAGES
+from kvcache.methods.base import REQUIRED, AttentionMethod, Params, Selection, param, scale_of
+from kvcache.methods.gate import attend_chosen_pages, check_budget, gate_budget_for_share, gate_budget_pages, gate_bytes
+from kvcache.methods.gate_model import gate_select
 from kvcache.methods.gather import gather_sequence
+from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.result import AttentionResult
-from kvcache.methods.traffic import gate_bytes
-from kvcache.store.page_table import PageTableCSR
 
 
 def check_oracle_params(budget: int) -> None:
@@ -59,3 +65,52 @@ def oracle(
         out[b], lse[b] = attend_chosen_pages(q[b], k_seq, v_seq, csr, b, chosen, count, scale)
         counts.append(count.tolist())
     return AttentionResult(out, lse, gate_bytes(csr.host_lens, P, counts, d, k_seq.element_size(), 0, 0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OracleParams(Params):
+    """The oracle's parameters (docs/algorithms.md §6)."""
+
+    budget: int = param(REQUIRED, doc="tokens of the pages read per kv head, first and last page included", lo=1)
+
+
+class Oracle(AttentionMethod):
+    """Evaluation only: the pages with the most true attention mass; bytes count only the chosen pages' rows."""
+
+    name = "oracle"
+    Params = OracleParams
+    evaluation_only = True
+    batchable = False  # its choice reads every key: never worth sharing a call for
+    doc = "evaluation only: the pages holding most of the true attention mass, within a token budget"
+
+    def bytes_read(self, config: KVCacheConfig, lens: Sequence[int], p: OracleParams) -> int:
+        pages = [[gate_budget_pages(S, config.page_size, p.budget)] * config.num_kv_heads for S in lens]
+        return gate_bytes(lens, config.page_size, pages, config.head_dim, config.itemsize, 0, 0)
+
+    def reference(self, q: torch.Tensor, inputs: LayerInputs, p: OracleParams) -> AttentionResult:
+        view = inputs.view
+        return oracle(q, view.k_seq, view.v_seq, inputs.csr, **p.as_dict())
+
+    def select(self, q: torch.Tensor, inputs: LayerInputs, p: OracleParams) -> Selection:
+        B, Hq, d = q.shape
+        Hkv, P = inputs.num_kv_heads, inputs.csr.page_size
+        scale = scale_of(p, d)
+        picks = [gate_select(page_attention_mass(q[b].view(Hkv, Hq // Hkv, d), inputs.keys(b), P, scale), P,
+                             p.budget) for b in range(B)]
+        width = max(chosen.shape[1] for chosen, _ in picks)
+        items = torch.zeros((B * Hkv, width), dtype=torch.long, device=q.device)
+        for b, (chosen, _) in enumerate(picks):
+            items[b * Hkv : (b + 1) * Hkv, : chosen.shape[1]] = chosen
+        count = torch.cat([c for _, c in picks]).to(torch.int32)
+        nbytes = gate_bytes(inputs.csr.host_lens, P, [c.tolist() for _, c in picks], d,
+                            inputs.store.config.itemsize, 0, 0)
+        return Selection(MODE_PAGES, items, count, bytes_read=nbytes)
+
+    def params_for_share(self, context: int, share: float, page_size: int, head_dim: int,
+                         itemsize: int) -> Params | None:
+        # No scoring cost: the bound on any selector reading that many rows.
+        return OracleParams(budget=gate_budget_for_share(context, page_size, share, head_dim, itemsize, 0,
+                                                         itemsize))
+
+
+ORACLE = Oracle()

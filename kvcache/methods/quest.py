@@ -1,23 +1,52 @@
-"""Quest page selection, torch reference: page scores from key summaries (ALGORITHMS.md §3), exact attention on chosen pages."""
+"""Quest page selection (docs/algorithms.md §5): page scores from the key summaries, exact attention over the
+chosen pages; the torch reference, the selection on the device, and the Triton selection."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
+from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import InvalidParameter
-from kvcache.methods.dense import attend_rows
+from kvcache.kernels.csr import SUMMARY_MAX, SUMMARY_MIN, PageTableCSR
+from kvcache.kernels.paged_decode import MODE_PAGES
+from kvcache.kernels.quest import quest_select
+from kvcache.methods.base import REQUIRED, AttentionMethod, Params, Selection, param, scale_of
+from kvcache.methods.dense import DenseParams, attend_rows
+from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.result import AttentionResult
-from kvcache.methods.traffic import quest_bytes
-from kvcache.store.page_pool import SUMMARY_MAX, SUMMARY_MIN
-from kvcache.store.page_table import PageTableCSR
+
+SUMMARY_ROWS_READ = 2  # Quest reads min and max; the mean is for learned gates
+
+
+def quest_bytes(lens: Sequence[int], page_size: int, top_pages: int, num_kv_heads: int, d: int, itemsize: int) -> int:
+    """Per kv head: min and max summaries (float32) of every page, then the filled rows of the chosen pages."""
+    total = 0
+    for S in lens:
+        n = -(-S // page_size)
+        t = min(top_pages, n)
+        # The last (possibly partial) page is always among the chosen.
+        rows = S if t == n else (t - 1) * page_size + (S - (n - 1) * page_size)
+        summaries = n * SUMMARY_ROWS_READ * d * SUMMARY_DTYPE.itemsize
+        total += (summaries + 2 * rows * d * itemsize) * num_kv_heads
+    return total
+
+
+def quest_pages_for_share(context: int, page_size: int, share: float, d: int, itemsize: int) -> int:
+    """Pages a Quest choice may read so that quest_bytes comes to `share` of dense's 2*d*itemsize bytes per
+    position, at least 2: pages = S/P * (share - 2*d*4 / (2*P*d*itemsize)), the float32 min/max of every page
+    read first."""
+    scoring = SUMMARY_ROWS_READ * d * SUMMARY_DTYPE.itemsize / (2 * page_size * d * itemsize)
+    return max(2, int(context * (share - scoring)) // page_size)
 
 
 def quest_page_scores(q: torch.Tensor, summary: torch.Tensor, scale: float) -> torch.Tensor:
     """Page scores of a GQA group: q [Hkv, G, d], summary [n, Hkv, 3, d] -> [Hkv, n].
 
-    §3: each head's bound on q.k over a page is sum_j max(q_j * max_j, q_j * min_j). A group
+    §5: each head's bound on q.k over a page is sum_j max(q_j * max_j, q_j * min_j). A group
     reads one set of pages, so, as SparQ sums shat over the group (§1), each head's bounds are
     softmaxed over pages (at the attention scale) and summed: every head gets an equal vote. On
     the demo's data this covers more of every head's attention mass than the max or the sum of
@@ -77,3 +106,63 @@ def quest(
         y, s = attend_rows(qg, k_rows, v_rows, scale, mask=valid)
         out[b], lse[b] = y.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
     return AttentionResult(out, lse, quest_bytes(csr.host_lens, P, top_pages, Hkv, d, k_seq.element_size()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuestParams(Params):
+    """Quest's parameters (docs/algorithms.md §5)."""
+
+    top_pages: int = param(REQUIRED, doc="pages read per kv head, the last page included", lo=1, cli=16)
+
+
+class Quest(AttentionMethod):
+    """Pages scored by the bound of q.k over their key summaries; exact attention over the best top_pages."""
+
+    name = "quest"
+    Params = QuestParams
+    doc = "Quest: pages scored from their key min/max, exact attention over the best top_pages"
+
+    def bytes_read(self, config: KVCacheConfig, lens: Sequence[int], p: QuestParams) -> int:
+        return quest_bytes(lens, config.page_size, p.top_pages, config.num_kv_heads, config.head_dim,
+                           config.itemsize)
+
+    def reference(self, q: torch.Tensor, inputs: LayerInputs, p: QuestParams) -> AttentionResult:
+        view = inputs.view
+        return quest(q, view.k_seq, view.v_seq, view.k_summary, inputs.csr, **p.as_dict())
+
+    def select(self, q: torch.Tensor, inputs: LayerInputs, p: QuestParams) -> Selection:
+        B, Hq, d = q.shape
+        Hkv = inputs.num_kv_heads
+        csr = inputs.csr
+        scale = scale_of(p, d)
+        width = min(p.top_pages, max(-(-S // csr.page_size) for S in csr.host_lens))
+        items = torch.zeros((B * Hkv, width), dtype=torch.long, device=q.device)
+        count = torch.empty((B * Hkv,), dtype=torch.int32, device=q.device)
+        for b in range(B):
+            pages = csr.pages_of(b)
+            chosen = select_pages(quest_page_scores(q[b].view(Hkv, Hq // Hkv, d), inputs.view.k_summary[pages],
+                                                    scale), p.top_pages)  # [Hkv, t]
+            items[b * Hkv : (b + 1) * Hkv, : chosen.shape[1]] = chosen
+            count[b * Hkv : (b + 1) * Hkv] = chosen.shape[1]
+        return Selection(MODE_PAGES, items, count)
+
+    def select_gpu(self, q: torch.Tensor, inputs: LayerInputs, p: QuestParams) -> Selection:
+        items, count = quest_select(q, inputs.view.k_summary, inputs.csr, p.top_pages, p.scale)
+        return Selection(MODE_PAGES, items, count)
+
+    def shard(self, p: QuestParams, held: Sequence[int], totals: Sequence[int], starts: Sequence[int], is_last: bool,
+              page_size: int) -> tuple[str, Params] | None:
+        # top_pages in proportion to the shard's share of the pages; dense when that covers the longest row.
+        pages = sum(math.ceil(n / page_size) for n in held)
+        all_pages = sum(math.ceil(n / page_size) for n in totals)
+        top = max(1, math.ceil(p.top_pages * pages / max(all_pages, 1)))
+        if top >= math.ceil(max(held) / page_size):
+            return "dense", DenseParams(scale=p.scale)
+        return self.name, replace(p, top_pages=top)
+
+    def params_for_share(self, context: int, share: float, page_size: int, head_dim: int,
+                         itemsize: int) -> Params | None:
+        return QuestParams(top_pages=quest_pages_for_share(context, page_size, share, head_dim, itemsize))
+
+
+QUEST = Quest()

@@ -1,17 +1,32 @@
-"""SparQ Attention, torch reference (ALGORITHMS.md §1): two-stage fetch with mean-value reallocation."""
+"""SparQ Attention (docs/algorithms.md §1): two-stage fetch with mean-value reallocation; the torch reference,
+the selection on the device, and the Triton selection (stage 1 on the dim-major keys, the group's top-k)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
+from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import InvalidParameter
-from kvcache.methods.dense import attend_rows
+from kvcache.kernels.csr import PageTableCSR
+from kvcache.kernels.paged_decode import MODE_ROWS
+from kvcache.kernels.sparq import sparq_select, sparq_stage1
+from kvcache.kernels.tuning import TUNING
+from kvcache.methods.base import REQUIRED, AttentionMethod, Params, Selection, param, scale_of
+from kvcache.methods.dense import DenseParams, attend_rows
 from kvcache.methods.gather import gather_key_dims, gather_rows
+from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.result import AttentionResult
-from kvcache.methods.traffic import sparq_bytes
-from kvcache.store.page_table import PageTableCSR
+
+VALUE_MEAN_ITEMSIZE = SUMMARY_DTYPE.itemsize  # the mean value comes from float32 running sums
+
+
+def sparq_bytes(lens: Sequence[int], num_kv_heads: int, d: int, r: int, k: int, itemsize: int) -> int:
+    """Per kv head: S*r key elements (stage 1), 2*k*d rows (stage 2), d of the mean value (float32)."""
+    return sum(((S * r + 2 * k * d) * itemsize + d * VALUE_MEAN_ITEMSIZE) * num_kv_heads for S in lens)
 
 
 def check_sparq_params(d: int, seq_lens: list[int], r: int, k: int, local_window: int) -> None:
@@ -117,3 +132,90 @@ def sparq(
         y, s = attend_rows(qg, k_rows, v_rows, scale)
         out[b], lse[b] = reallocate_mean(y, alpha, value_mean[b]).reshape(Hq, d).to(q.dtype), s.reshape(Hq)
     return AttentionResult(out, lse, sparq_bytes(csr.host_lens, Hkv, d, r, k, k_seq.element_size()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparqParams(Params):
+    """SparQ's parameters (docs/algorithms.md §1)."""
+
+    r: int = param(REQUIRED, doc="query components per group used to score positions (1..d)", lo=1, cli=16)
+    k: int = param(REQUIRED, doc="positions read per kv head (1..S)", lo=1, cli=256)
+    local_window: int = param(0, doc="most recent positions always among the k (0..k)", lo=0, cli="k/4")
+    reallocate: bool = param(True, doc="mean-value reallocation: alpha * out + (1 - alpha) * mean value")
+
+
+class Sparq(AttentionMethod):
+    """Two-stage fetch: r components of every key pick k rows; exact attention over them."""
+
+    name = "sparq"
+    Params = SparqParams
+    exact = False  # each part chooses its rows and reallocates its mean value on its own positions
+    needs_value_mean = True
+    doc = "SparQ: r query components score every position, exact attention over the best k"
+
+    def check(self, config: KVCacheConfig, lens: Sequence[int], p: SparqParams) -> None:
+        check_sparq_params(config.head_dim, list(lens), p.r, p.k, p.local_window)
+
+    def bytes_read(self, config: KVCacheConfig, lens: Sequence[int], p: SparqParams) -> int:
+        return sparq_bytes(lens, config.num_kv_heads, config.head_dim, p.r, p.k, config.itemsize)
+
+    def reference(self, q: torch.Tensor, inputs: LayerInputs, p: SparqParams) -> AttentionResult:
+        view = inputs.view
+        return sparq(q, view.k_seq, view.k_dim, view.v_seq, inputs.value_mean, inputs.csr, **p.as_dict())
+
+    def select(self, q: torch.Tensor, inputs: LayerInputs, p: SparqParams) -> Selection:
+        B, Hq, d = q.shape
+        Hkv = inputs.num_kv_heads
+        scale = scale_of(p, d)
+        items, alphas = [], []
+        for b, S in enumerate(inputs.csr.host_lens):
+            qg = q[b].view(Hkv, Hq // Hkv, d).float()
+            k_i1 = gather_key_dims(inputs.view.k_dim, inputs.csr, b, i1_of(qg, p.r))
+            i2, alpha = select_rows(qg, k_i1, p.r, S, p.k, p.local_window, scale)
+            items.append(i2)
+            alphas.append(alpha)
+        return Selection(MODE_ROWS, torch.cat(items), alpha=torch.cat(alphas) if p.reallocate else None)
+
+    def select_gpu(self, q: torch.Tensor, inputs: LayerInputs, p: SparqParams) -> Selection:
+        csr = inputs.csr
+        s1 = sparq_stage1(q, inputs.view.k_dim, csr, p.r, scale=p.scale)
+        items = sparq_select(s1, csr, inputs.num_kv_heads, p.k, p.local_window)
+        alpha_inputs = (s1.logits, s1.stat_m, s1.stat_l, s1.num_splits) if p.reallocate else None
+        return Selection(MODE_ROWS, items, alpha_inputs=alpha_inputs, launch=TUNING["rows"])
+
+    def shard(self, p: SparqParams, held: Sequence[int], totals: Sequence[int], starts: Sequence[int], is_last: bool,
+              page_size: int) -> tuple[str, Params] | None:
+        # k in proportion to the shard's share of the positions; the local window on the last shard only.
+        share = sum(held) / max(sum(totals), 1)
+        shortest = min(held)
+        window = p.local_window if is_last else 0
+        k = max(1, round(p.k * share))
+        if window > 0:
+            window = min(window, shortest)
+            k = max(k, window)
+        if k >= shortest:
+            return "dense", DenseParams(scale=p.scale)
+        return self.name, replace(p, k=k, local_window=window)
+
+    def fit(self, p: SparqParams, shortest: int) -> tuple[str, Params]:
+        # k <= S: a sequence shorter than k would read every position anyway; dense is exact and reads no more.
+        if shortest < p.k:
+            return "dense", DenseParams(scale=p.scale)
+        return self.name, p
+
+    def params_for_share(self, context: int, share: float, page_size: int, head_dim: int,
+                         itemsize: int) -> Params | None:
+        # r = d/8 components score every position (S*r elements, a 1/16 share), the rest of the share is rows.
+        r = max(1, head_dim // 8)
+        k = min(context, int(context * (share - r / (2 * head_dim))))
+        if k < 1:
+            return None
+        return SparqParams(r=r, k=k, local_window=k // 4)
+
+    def from_flags(self, values: dict) -> dict:
+        if values.get("local_window") is None and isinstance(values.get("k"), int):
+            values["local_window"] = values["k"] // 4  # l = k/4, the paper's setting
+        return values
+
+
+SPARQ = Sparq()

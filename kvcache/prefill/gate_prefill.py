@@ -20,7 +20,8 @@ import math
 
 import torch
 
-from kvcache.methods.gate import LayerGate, check_gate_params, gate_keys, gate_pooled, project_queries, unrotate
+from kvcache.methods.gate import check_gate_params
+from kvcache.methods.gate_model import LayerGate, gate_keys, gate_pooled, project_queries, unrotate
 from kvcache.prefill.minference_index import SparseIndex, _block_means, _check_chunk, _index, _query_blocks, chunk_keys
 from kvcache.store.page_table import PageTableCSR
 

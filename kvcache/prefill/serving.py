@@ -32,6 +32,7 @@ from kvcache.prefill.minference_index import (
     vertical_slash_index,
 )
 from kvcache.store.page_table import PageTableCSR
+from kvcache.kernels.sparse_prefill import sparse_prefill
 
 # Pattern name -> the sizes it takes (all required), in the order a label prints them.
 PATTERNS: dict[str, tuple[str, ...]] = {
@@ -181,8 +182,6 @@ def sparse_attention(
     if backend not in BACKENDS:
         raise InvalidParameter(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "triton" or (backend == "auto" and q.is_cuda):
-        from kvcache.kernels.sparse_prefill import sparse_prefill
-
         try:
             out, lse = sparse_prefill(q.to(k_seq.dtype), k_seq, v_seq, csr, index, b=b)
         except IndexError as exc:  # the kernels raise builtin errors: give them their kvcache class
@@ -294,10 +293,8 @@ def _sequence_kv(store, seq_id: str, layer: int, q: torch.Tensor, start: int, bl
         view = store.layer_view(layer)
         return q, view.k_seq, view.v_seq, csr
     # A tiered store's rows live in several tiers: read the chunk's keys and values once, lay them out as pages.
-    from kvcache.methods.tiered import read_tiered_rows
-
     n = start + q.shape[0]
-    keys, values = read_tiered_rows(store, seq_id, layer, torch.arange(n).expand(c.num_kv_heads, n))
+    keys, values = store.read_positions(seq_id, layer, torch.arange(n).expand(c.num_kv_heads, n))
     k_seq, v_seq, csr = paged(keys.transpose(0, 1).to(c.device), values.transpose(0, 1).to(c.device),
                               c.page_size)
     return q, k_seq, v_seq, csr

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
+from fractions import Fraction
 
 try:
     import tomllib
@@ -16,7 +18,7 @@ except ModuleNotFoundError:  # Python 3.10
 from typing import TYPE_CHECKING
 
 from kvcache.config import KVCacheConfig
-from kvcache.errors import InvalidParameter
+from kvcache.errors import InvalidParameter, StoreFull
 
 if TYPE_CHECKING:  # grpc is imported only by commands that serve
     from kvcache.service.server import ServerOptions
@@ -30,7 +32,14 @@ STORE_FLAGS = {  # flag dest -> KVCacheConfig field
 SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
                 "grace_seconds", "torch_threads", "gate", "cpus")
 STORE_DEFAULTS = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "page_size": 16, "dtype": "float32",
-                  "device": "cpu", "device_pages": 4096}
+                  "device": "cpu"}
+# The device pool when neither --pages nor --memory (nor the TOML's device_pages or memory) sizes it: 913 pages
+# (14,608 positions) at the default shape. 4096 pages there would be 4.8 GB, preallocated at start.
+DEFAULT_MEMORY = "1GiB"
+# Size units of --memory: decimal (KB = 1000 bytes) and binary (KiB = 1024 bytes); no unit means bytes.
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,7 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, help="positions per page (default 16)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="K/V dtype (default float32)")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--pages", type=int, help="pages in the device pool (default 4096)")
+    pool = p.add_mutually_exclusive_group()
+    pool.add_argument("--pages", type=int, help="pages in the device pool (default: as many as --memory's default)")
+    pool.add_argument("--memory", metavar="SIZE",
+                      help=f"bytes of the device pool, e.g. 4GiB, 512MiB, 2GB or a number of bytes; turned into "
+                      f"pages of this shape's bytes per page (default {DEFAULT_MEMORY}: 913 pages at the default "
+                      f"shape). The pool is allocated at start")
     p.add_argument("--host-pages", type=int, help="K/V pages in pinned CPU memory (default 0: no host tier)")
     p.add_argument("--disk-pages", type=int, help="K/V pages in a file (default 0: no disk tier)")
     p.add_argument("--disk-path", help="directory of the disk tier's file (default: the temp dir)")
@@ -79,6 +93,44 @@ def parse_cpus(text: str) -> list[int]:
     except ValueError:
         raise InvalidParameter(f"--cpus {text!r}: expected CPU ids such as 0,2-3") from None
     return sorted(cpus)
+
+
+def parse_size(text: str | int, source: str = "--memory") -> int:
+    """Bytes from a size such as "4GiB", "512MiB", "2GB", "1.5GiB" or "1073741824" (or an int, from TOML);
+    KB, MB, GB, TB are powers of 1000, KiB, MiB, GiB, TiB powers of 1024, units in any case. InvalidParameter
+    if malformed or not positive."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        number, unit = Fraction(text), ""
+    else:
+        match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+        if match is None or match.group(2).lower() not in SIZE_UNITS:
+            raise InvalidParameter(f"{source} {text!r}: expected a size such as 4GiB, 512MiB, 2GB or a number of "
+                                   "bytes (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+        number, unit = Fraction(match.group(1)), match.group(2).lower()
+    size = int(number * SIZE_UNITS[unit])
+    if size < 1:
+        raise InvalidParameter(f"{source} {text!r}: the size must be at least one byte")
+    return size
+
+
+def pages_for_memory(config: KVCacheConfig, size: int, source: str = "--memory") -> int:
+    """Device pages that fit in `size` bytes at the shape and dtype of `config` (its device_pages is ignored):
+    whole pages of config.page_bytes. InvalidParameter if not even one fits."""
+    pages = size // config.page_bytes
+    if pages < 1:
+        raise InvalidParameter(
+            f"{source}: {size:,} bytes is less than one page, which holds {config.page_bytes:,} bytes at "
+            f"{config.num_layers} layers x {config.num_kv_heads} kv heads x {config.page_size} positions x "
+            f"{config.head_dim} dims in {str(config.dtype).removeprefix('torch.')}")
+    return pages
+
+
+def format_bytes(size: int) -> str:
+    """`size` in the largest binary unit that keeps it at least 1, e.g. "1.00 GiB"."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
 
 
 def pin_process(cpus: list[int]) -> None:
@@ -109,17 +161,30 @@ def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
     from kvcache.service.server import ServerOptions  # grpc is imported only by commands that serve
 
     store, server = dict(STORE_DEFAULTS), {}
+    memory, memory_source = None, "--memory"  # the device pool as bytes, when that is how it is sized
     if args.config:
         with open(args.config, "rb") as f:
             doc = tomllib.load(f)
         unknown = set(doc) - {"store", "server"}
         if unknown:
             raise InvalidParameter(f"{args.config}: unknown tables {sorted(unknown)}; expected [store], [server]")
-        store.update(doc.get("store", {}))
+        toml_store = dict(doc.get("store", {}))
+        if "memory" in toml_store:
+            if "device_pages" in toml_store:
+                raise InvalidParameter(f"{args.config}: [store] gives both device_pages and memory; give one")
+            memory, memory_source = toml_store.pop("memory"), f"{args.config}: [store] memory"
+        store.update(toml_store)
         server.update(doc.get("server", {}))
     for dest, field in STORE_FLAGS.items():
         if getattr(args, dest) is not None:
             store[field] = getattr(args, dest)
+    if args.pages is not None:  # the flag wins over a TOML memory
+        memory = None
+    if args.memory is not None:  # ... and --memory over a TOML device_pages (argparse refuses both flags)
+        memory, memory_source = args.memory, "--memory"
+        store.pop("device_pages", None)
+    if memory is None and "device_pages" not in store:
+        memory, memory_source = DEFAULT_MEMORY, f"--memory (default {DEFAULT_MEMORY})"
     for dest in SERVER_FLAGS:
         if getattr(args, dest) is not None:
             server[dest] = getattr(args, dest)
@@ -134,6 +199,10 @@ def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
     if bool(server.get("tls_cert")) != bool(server.get("tls_key")):
         raise InvalidParameter("TLS needs both --tls-cert and --tls-key")
     try:
+        if memory is not None:  # the shape's bytes per page, from a config of one page
+            size = parse_size(memory, memory_source)
+            store["device_pages"] = pages_for_memory(KVCacheConfig(**{**store, "device_pages": 1}), size,
+                                                     memory_source)
         return KVCacheConfig(**store), ServerOptions(**server)
     except TypeError as exc:
         raise InvalidParameter(f"bad configuration key: {exc}") from None
@@ -175,6 +244,50 @@ def one_malloc_arena() -> bool:
         return False
 
 
+def preallocation_line(config: KVCacheConfig) -> str:
+    """The stderr line `kvcache serve` writes before it allocates the store: pages, bytes, device, tiers."""
+    c = config
+    line = (f"kvcache serve: allocating {c.device_pages:,} pages of {c.page_bytes:,} bytes "
+            f"({format_bytes(c.device_pages * c.page_bytes)}, {c.device_pages * c.page_size:,} positions; "
+            f"{c.num_layers} layers x {c.num_kv_heads} kv heads x {c.page_size} positions x {c.head_dim} dims, "
+            f"{str(c.dtype).removeprefix('torch.')}) on {c.device}")
+    if c.tiered:
+        line += (f", with the dim-major keys and summaries of {c.host_pages + c.disk_pages:,} lower-tier pages; "
+                 f"{c.host_pages:,} pages in pinned host memory, {c.disk_pages:,} in a file")
+    return line
+
+
+def allocated_line(store, seconds: float) -> str:
+    """The stderr line `kvcache serve` writes once the store is allocated: the bytes each place holds."""
+    from kvcache.store.tiers import DISK, HOST
+
+    pool = store.pool
+    device = sum(t.numel() * t.element_size() for t in (pool.k_seq, pool.k_dim, pool.v_seq, pool.k_summary))
+    line = f"kvcache serve: allocated {format_bytes(device)} on {store.config.device}"
+    if store.tiers is not None:
+        for tier, name in ((HOST, "pinned host memory"), (DISK, "the disk file")):
+            storage = store.tiers.storage.get(tier)
+            if storage is not None:
+                line += f", {format_bytes(storage.data.numel() * storage.data.element_size())} in {name}"
+    return line + f" in {seconds:.2f} s"
+
+
+def serve(config: KVCacheConfig, options: ServerOptions) -> None:
+    """Allocate the store (a stderr line before and after), serve until SIGTERM or SIGINT, then drain and stop."""
+    from kvcache.service.server import Server, run_server
+
+    print(preallocation_line(config), file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        server = Server(config, options)
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one; so is the CPU allocator's "can't allocate memory"
+        if "alloc" not in str(exc).lower():
+            raise
+        raise StoreFull(f"cannot allocate the store ({exc}); lower --memory or --pages") from None
+    print(allocated_line(server.servicer.client.store, time.perf_counter() - t0), file=sys.stderr, flush=True)
+    run_server(server)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run `kvcache serve` until SIGTERM; returns the exit code."""
     handler = logging.StreamHandler(sys.stdout)
@@ -186,8 +299,6 @@ def main(args: argparse.Namespace) -> int:
     except (InvalidParameter, OSError) as exc:
         print(f"kvcache serve: {exc}", file=sys.stderr)
         return 2
-    from kvcache.service.server import run_server
-
     one_malloc_arena()
     if options.cpus:
         try:
@@ -202,8 +313,8 @@ def main(args: argparse.Namespace) -> int:
     from kvcache.errors import GateFileInvalid, GateMissing
 
     try:
-        run_server(config, options)
-    except (GateMissing, GateFileInvalid) as exc:
+        serve(config, options)
+    except (GateMissing, GateFileInvalid, InvalidParameter, StoreFull) as exc:
         print(f"kvcache serve: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -27,10 +27,10 @@ import grpc
 import torch
 
 from kvcache.service.batcher import AttendBatcher
-from kvcache.methods.attend import METHODS
-from kvcache.clients.inprocess import InProcessClient
+from kvcache.clients.inprocess import AttendCall, InProcessClient
 from kvcache.config import KVCacheConfig
 from kvcache.errors import InvalidParameter, KVCacheError, ShapeMismatch
+from kvcache.methods.result import AttentionResult
 from kvcache.service.locks import SequenceLocks
 from kvcache.prefill.minference_index import BLOCK_SIZE
 from kvcache.service.metrics import serve_metrics
@@ -40,6 +40,7 @@ from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
 from kvcache.wire.codec import ERROR_CLASS_KEY, from_wire, to_wire
 from kvcache.wire.messages import config_to_wire, info_to_wire, params_from_wire
+from kvcache.methods.gate_store import attach_gate
 
 log = logging.getLogger("kvcache.service.server")
 
@@ -227,93 +228,27 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                              seconds=time.perf_counter() - t0)
             yield response
 
-    def _answer(self, request) -> pb.AttendResponse:
-        """One stream request served alone: its answer, or its error as a response (the stream goes on)."""
-        try:
-            with self.locks.hold(request.seq_ids):
-                return self._attend(request)
-        except KVCacheError as exc:
-            return _error_response(exc)
-        except Exception as exc:
-            log.exception("internal error in AttendStream")
-            return _error_response(exc)
-
     def _attend_batch(self, requests: list) -> list[pb.AttendResponse]:
-        """Answers to stream requests that arrived together (AttendBatcher): those that can share one store call
-        are merged into it (_merge_key), the rest served alone."""
-        if len(requests) == 1:
-            return [self._answer(requests[0])]
-        groups: dict[tuple, list[int]] = {}
+        """Answers to stream requests that arrived together (AttendBatcher): decoded here, served by the client's
+        attend_many (which lets compatible ones share one store call), each answered with its result or error."""
+        calls: list[AttendCall | None] = []
+        answers: list[pb.AttendResponse | None] = [None] * len(requests)
         for i, request in enumerate(requests):
-            groups.setdefault(self._merge_key(request, i), []).append(i)
-        responses: list[pb.AttendResponse | None] = [None] * len(requests)
-        for members in groups.values():
-            # Requests naming a sequence another member names cannot share a call: they go alone.
-            merged = self._attend_merged([requests[i] for i in members]) if len(members) > 1 else None
-            for j, i in enumerate(members):
-                responses[i] = merged[j] if merged is not None else self._answer(requests[i])
-        return responses
-
-    def _merge_key(self, request, i: int) -> tuple:
-        """Requests with equal keys may share one store call; a request that may not gets a key of its own."""
-        method = request.method or "dense"
-        seq_ids = list(request.seq_ids)
-        # Merged calls split bytes_read by the method's formula of each request's lengths: only methods whose bytes
-        # follow from lengths (the gate's depend on its file), and no tier moves to split.
-        if (method not in _MERGEABLE or self.client.config.tiered or not request.HasField("q") or not seq_ids
-                or len(set(seq_ids)) != len(seq_ids)):
-            return ("alone", i)
-        params = tuple(sorted((k, v.SerializeToString()) for k, v in request.params.items()))
-        # torch.cat would promote mixed dtypes silently: every tensor's dtype and row shape is part of the key.
-        tensors = tuple((t.dtype, tuple(t.shape[1:])) if request.HasField(name) else None
-                        for name, t in (("q", request.q), ("new_k", request.new_k), ("new_v", request.new_v)))
-        return (request.layer, method, request.backend or "auto", params, tensors)
-
-    def _attend_merged(self, requests: list) -> list[pb.AttendResponse] | None:
-        """One store call for requests of one merge key: their answers, or None if they must go alone (a sequence
-        named twice, or one of them rejected: then nothing was written and each gets its own answer)."""
-        ids = [s for r in requests for s in r.seq_ids]
-        if len(set(ids)) != len(ids):
-            return None
-        first = requests[0]
-        try:
-            q = torch.cat([from_wire(r.q, "q") for r in requests])
-            kv = {name: torch.cat([from_wire(getattr(r, name), name) for r in requests])
-                  for name in ("new_k", "new_v") if first.HasField(name)}
-            params = params_from_wire(first.params)
-        except (KVCacheError, RuntimeError):  # malformed or mismatched tensors: each request's own error
-            return None
-        store, layer = self.client.store, first.layer
-        with self.locks.hold(ids):
             try:
-                before = store.lengths(ids, layer)
-            except KVCacheError:  # an unknown sequence or layer: each request's own answer
-                return None
-            try:
-                result = self.client.attend(ids, layer, q, first.method or "dense", params,
-                                            backend=first.backend or "auto", **kv)
-                lens = store.lengths(ids, layer)
-            except KVCacheError as exc:
-                # The sequences' locks are held, so none was freed: their lengths tell whether anything was written.
-                if store.lengths(ids, layer) == before:
-                    return None
-                return [_error_response(exc)] * len(requests)
+                calls.append(_attend_call(request))
             except Exception as exc:
-                log.exception("internal error in a merged attend")
-                return [_error_response(exc)] * len(requests)
-        self.batcher.merged_calls += 1  # only the batch's leader runs here
-        self.batcher.merged_requests += len(requests)
-        out, lse = result.out.cpu(), result.lse.cpu()  # one copy each, then row slices
-        method = METHODS[first.method or "dense"]
-        config = self.client.config
-        responses, row = [], 0
-        for r in requests:
-            n = len(r.seq_ids)
-            nbytes = method.traffic(config, _Lengths(lens[row:row + n], config.page_size), params)
-            responses.append(pb.AttendResponse(out=to_wire(out[row:row + n]), lse=to_wire(lse[row:row + n]),
-                                               bytes_read=nbytes))
-            row += n
-        return responses
+                calls.append(None)
+                answers[i] = _error_response(exc)
+        live = [i for i, c in enumerate(calls) if c is not None]
+        with self.locks.hold([s for i in live for s in calls[i].seq_ids]):
+            results, merged = self.client.attend_many([calls[i] for i in live])
+        self.batcher.merged_calls += len(merged)  # only the batch's leader runs here
+        self.batcher.merged_requests += sum(merged)
+        for i, result in zip(live, results):
+            if isinstance(result, Exception) and not isinstance(result, KVCacheError):
+                log.error("internal error in AttendStream", exc_info=result)
+            answers[i] = _error_response(result) if isinstance(result, Exception) else _attend_response(result)
+        return answers
 
     @_handler("Fetch", lambda r: [r.seq_id])
     def Fetch(self, request, context):
@@ -376,30 +311,27 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         )
 
     def _attend(self, request) -> pb.AttendResponse:
-        if not request.HasField("q"):
-            raise ShapeMismatch("attend needs q")
-        has_k, has_v = request.HasField("new_k"), request.HasField("new_v")
-        result = self.client.attend(
-            list(request.seq_ids), request.layer, from_wire(request.q, "q"), request.method or "dense",
-            params_from_wire(request.params),
-            new_k=from_wire(request.new_k, "new_k") if has_k else None,
-            new_v=from_wire(request.new_v, "new_v") if has_v else None,
-            backend=request.backend or "auto",
-        )
-        return pb.AttendResponse(out=to_wire(result.out), lse=to_wire(result.lse), bytes_read=result.bytes_read,
-                                 bytes_moved=result.bytes_moved)
+        c = _attend_call(request)
+        return _attend_response(self.client.attend(c.seq_ids, c.layer, c.q, c.method, c.params, c.new_k, c.new_v,
+                                                   c.backend))
 
 
-# Methods whose bytes read are a formula of the sequences' lengths (kvcache.methods.attend.METHODS[...].traffic).
-_MERGEABLE = frozenset({"dense", "sparq", "quest"})
+def _attend_call(request) -> AttendCall:
+    """An AttendRequest's arguments, decoded (ShapeMismatch/DTypeMismatch for a malformed tensor)."""
+    if not request.HasField("q"):
+        raise ShapeMismatch("attend needs q")
+    return AttendCall(
+        list(request.seq_ids), request.layer, from_wire(request.q, "q"), request.method or "dense",
+        params_from_wire(request.params),
+        new_k=from_wire(request.new_k, "new_k") if request.HasField("new_k") else None,
+        new_v=from_wire(request.new_v, "new_v") if request.HasField("new_v") else None,
+        backend=request.backend or "auto",
+    )
 
 
-@dataclass(frozen=True)
-class _Lengths:
-    """What a method's traffic formula reads of a page table: the lengths, and the page size."""
-
-    host_lens: list[int]
-    page_size: int
+def _attend_response(result: AttentionResult) -> pb.AttendResponse:
+    return pb.AttendResponse(out=to_wire(result.out.cpu()), lse=to_wire(result.lse.cpu()),
+                             bytes_read=result.bytes_read, bytes_moved=result.bytes_moved)
 
 
 def _error_response(exc: Exception) -> pb.AttendResponse:
@@ -463,8 +395,6 @@ class Server:
         self.draining = threading.Event()
         self.servicer = KVCacheServicer(InProcessClient(config), self.draining, max_streams=max(1, options.workers // 2))
         if options.gate:
-            from kvcache.methods.gate_store import attach_gate
-
             attach_gate(self.servicer.client.store, options.gate)  # GateMissing / GateFileInvalid: no server
         limit = options.max_message_mb * 2**20
         interceptors = [_BearerToken(options.token)] if options.token else []
@@ -512,9 +442,8 @@ class Server:
         log.info(json.dumps({"event": "stopped"}))
 
 
-def run_server(config: KVCacheConfig, options: ServerOptions) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and stop."""
-    server = Server(config, options)
+def run_server(server: Server) -> None:
+    """Start `server`, serve until SIGTERM or SIGINT, then drain and stop."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -23,7 +23,9 @@ from kvcache.store.host_copy import ints_to_device, on_device
 from kvcache.store.page_pool import PagePool
 from kvcache.store.tier_manager import TierManager
 from kvcache.store.page_table import PageTableCSR, SequenceState, build_csr
+from kvcache.store.row_reads import Moves, page_keys, read_positions
 from kvcache.store.tiers import DEVICE
+from kvcache.kernels.append_rows import append_rows_triton
 
 
 @dataclass(frozen=True)
@@ -389,8 +391,6 @@ class KVStore:
             page = int(seq.pages.numpy()[position // P])
             rows.append((page, page if self.tiers is None else int(self.tiers.slot[page]), position % P))
         if self.config.device.type == "cuda" and self.triton_append:
-            from kvcache.kernels.append_rows import append_rows_triton
-
             view = self._views[layer]
             layer_bytes = layer * self.config.num_kv_heads * self.config.head_dim * SUMMARY_DTYPE.itemsize
             sums = [seq.value_sum.data_ptr() + layer_bytes for seq in seqs]  # value_sum [L, Hkv, d], contiguous
@@ -539,20 +539,14 @@ class KVStore:
     def page_keys(self, layer: int, page_ids: torch.Tensor) -> torch.Tensor:
         """Keys of pages page_ids [n] at `layer` as stored, [n, Hkv, P, d] on the device, from whichever tier holds
         each page (rows past a page's fill are whatever the slot held)."""
-        dev = self.config.device
-        if self.tiers is None:
-            if len(page_ids) == 1:  # a decode step: a slice, no index tensor copied to the device
-                page = int(page_ids[0])
-                return self.pool.k_seq[layer, page : page + 1]
-            return self.pool.k_seq[layer, page_ids.to(dev, torch.long)]
-        rows = []
-        for page in page_ids.tolist():
-            if int(self.tiers.tier[page]) == DEVICE:
-                rows.append(self.pool.k_seq[layer, int(self.tiers.slot[page])])
-            else:
-                rows.append(self.tiers.page_kv(page)[layer, 0].to(dev))
-        return torch.stack(rows)
+        return page_keys(self, layer, page_ids)
 
+    def read_positions(self, seq_id: str, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows [Hkv, n, d] of a sequence at positions [Hkv, n] (each below its length), from whichever tier
+        holds them."""
+        with self._lock:  # the page table and the tiers must agree while the rows are read
+            csr = self.page_table([seq_id], layer)
+            return read_positions(self, layer, csr, 0, positions.to(self.config.device), Moves(self.tiers))
 
 def _as_token_list(token_ids: Sequence[int]) -> list[int]:
     if isinstance(token_ids, torch.Tensor):
