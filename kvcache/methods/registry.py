@@ -9,8 +9,9 @@ from kvcache.methods.gate import GATE
 from kvcache.methods.oracle import ORACLE
 from kvcache.methods.quest import QUEST
 from kvcache.methods.sparq import SPARQ
+from kvcache.methods.window import WINDOW
 
-METHODS: dict[str, AttentionMethod] = {m.name: m for m in (DENSE, SPARQ, QUEST, GATE, ORACLE)}
+METHODS: dict[str, AttentionMethod] = {m.name: m for m in (DENSE, SPARQ, QUEST, GATE, ORACLE, WINDOW)}
 
 
 def lookup(name: str) -> AttentionMethod:
