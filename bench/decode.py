@@ -58,7 +58,8 @@ def build_store(shape: Shape, device: torch.device, seed: int = 0) -> tuple[KVSt
 
 
 def method_grid(context: int, methods: list[str], page_size: int) -> list[tuple[str, dict]]:
-    """The (method, params) rows of one context: dense, SparQ at r in {16, 32} x k in {S/16, S/8}, Quest at S/16, S/8."""
+    """The (method, params) rows of one context: dense, SparQ at r in {16, 32} x k in {S/16, S/8}, Quest at S/16 and
+    S/8, the gate at a 4096-token budget and S/16, the window at S/16 and S/8 rows."""
     rows: list[tuple[str, dict]] = []
     if "dense" in methods:
         rows.append(("dense", {}))
@@ -70,9 +71,12 @@ def method_grid(context: int, methods: list[str], page_size: int) -> list[tuple[
     if "quest" in methods:
         for div in (16, 8):
             rows.append(("quest", {"top_pages": max(1, context // div // page_size)}))
-    if "gate" in methods:  # SeerAttention's decode budget (2-4K tokens, §3) and S/16
+    if "gate" in methods:  # SeerAttention's decode budget (2-4K tokens, docs/algorithms.md §3) and S/16
         for budget in dict.fromkeys((4096, context // 16)):
             rows.append(("gate", {"budget": min(budget, context)}))
+    if "window" in methods:  # 4 sinks and a window: S/16 and S/8 rows, SparQ's k
+        for div in (16, 8):
+            rows.append(("window", {"window": max(1, context // div - 4)}))
     return rows
 
 

@@ -1,5 +1,14 @@
 """kvcache: a memory-bandwidth-aware paged KV cache manager for long-context decoding."""
 
+import pathlib as _pathlib
+
+# kvcache.kernels, kvcache.engine and kvcache.bench are the repository's kernels/, engine/ and bench/ folders:
+# installed, pyproject.toml's package-dir puts them under kvcache; run from a source checkout that is not installed,
+# the checkout's root joins this package's path so the same names import.
+_CHECKOUT = _pathlib.Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_CHECKOUT))
+
 from kvcache.clients.inprocess import InProcessClient, KVCacheClient
 from kvcache.config import KVCacheConfig
 from kvcache.errors import (

@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     from kvcache.bench.star_phase1 import add_arguments as add_star_phase1_arguments
 
     add_star_phase1_arguments(star_phase1)
+    bench_all = bench_sub.add_parser("all", help="the benchmarks behind the README's headline table in one run "
+                                                 "(a GPU run of minutes); writes bench/results/headline_<card>.json")
+    from kvcache.bench.all import add_arguments as add_all_arguments
+
+    add_all_arguments(bench_all)
     offload = bench_sub.add_parser("offload", help="decode steps over K/V offloaded to pinned host memory")
     offload.add_argument("--context", default="131072,524288", help="comma-separated contexts")
     offload.add_argument("--device-tokens", type=int, default=8192, help="positions whose K/V stay on the device")
@@ -148,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvcache.bench.star_phase1 import main as bench_star_phase1
 
         return bench_star_phase1(args)
+    elif args.command == "bench" and args.bench == "all":
+        from kvcache.bench.all import main as bench_all_main
+
+        return bench_all_main(args)
     elif args.command == "bench" and args.bench == "offload":
         from kvcache.bench.offload import main as bench_offload
 

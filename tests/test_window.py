@@ -74,6 +74,18 @@ def test_float16_on_the_triton_path_matches_the_reference():
     assert_matches(got.out, got.lse, ref, torch.float16)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 through the compiled kernels is checked on a GPU")
+def test_bfloat16_on_the_gpu_matches_the_reference():
+    lengths = (300, 529, 70)
+    store, ids = scattered_store(lengths, d=128, page_size=16, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn((len(ids), HKV * 4, 128), device="cuda").to(torch.bfloat16)
+    view, csr = store.layer_view(0), store.page_table(ids, 0)
+    ref = window_attention(q, view.k_seq, view.v_seq, csr, window=100, sinks=4)
+    got = attend(store, ids, 0, q, "window", {"window": 100}, backend="triton")
+    assert_matches(got.out, got.lse, ref, torch.bfloat16)
+
+
 @pytest.mark.parametrize("params", [{}, {"window": -1}, {"window": 0, "sinks": 0}, {"window": 4, "sinks": 1.5},
                                     {"window": 4, "extra": 1}])
 def test_bad_parameters_are_refused(params):

@@ -34,7 +34,7 @@ def window_positions(lens: torch.Tensor, sinks: int, window: int) -> tuple[torch
     j = torch.arange(t, device=lens.device)[None, :]
     S = lens.long()[:, None]
     positions = torch.where((j < sinks) | (S <= t), j, S - t + j)
-    return positions.to(torch.int32), torch.minimum(S[:, 0], torch.tensor(t, device=lens.device)).to(torch.int32)
+    return positions.to(torch.int32), S[:, 0].clamp(max=t).to(torch.int32)
 
 
 def window_attention(
