@@ -4,8 +4,8 @@
     python -m kvcache.bench.gate_pre_rope --json bench/results/gate_pre_rope_recall.json     # about 2 minutes on 2 cores
 
 Why: a gate on rotated vectors sees absolute position in their low-frequency RoPE dimensions; trained on 4K windows
-(positions 0..4095), it meets positions it never saw at 8K, where it lost to Quest (README, "SeerAttention page
-gate"). Rotated back, the inputs no longer depend on where the page sits, and the gate's own RoPE at page indexes
+(positions 0..4095), it meets positions it never saw at 8K, where it lost to Quest (docs/methods.md, the gate's
+figures). Rotated back, the inputs no longer depend on where the page sits, and the gate's own RoPE at page indexes
 carries the distance (§3).
 
 It loads both gates, trained alike (`kvcache train-gate --gate-dim 64`: 24 windows of 4096 after the text's first

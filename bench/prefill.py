@@ -1,4 +1,4 @@
-"""`kvcache bench prefill`: MInference sparse prefill (ALGORITHMS.md §2) against SDPA, one layer.
+"""`kvcache bench prefill`: MInference sparse prefill (docs/algorithms.md §2) against SDPA, one layer.
 
 Llama-3-8B's attention shape (32 q heads, 8 kv heads, d=128, bf16, pages of 16), one prompt of
 S positions prefilled as one chunk. Per pattern: time to build the index, time of the sparse
@@ -11,7 +11,7 @@ How sparse an index is depends on the data, so the run records its density: key 
 over causal key tiles (block tiles plus column tiles of B keys). Random Q/K have no structure
 and make vertical-slash indices nearly dense; the prompt here is synthetic but shaped like the
 attention MInference targets (see `synthetic_prompt`). Real models' densities come from the
-pattern search (issue 7, part 3).
+pattern search (`kvcache search-patterns`).
 
 On a CPU it runs the torch reference at tiny sizes (`--device cpu --context 512`): a smoke test.
 """

@@ -41,7 +41,7 @@ from kvcache.wire import kvcache_pb2 as pb  # noqa: E402
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc  # noqa: E402
 from kvcache.wire.codec import from_wire, to_wire  # noqa: E402
 
-GOAL_US = 200.0  # issue 4: what gRPC may add per streamed layer call at one sequence
+GOAL_US = 200.0  # the latency goal a streamed layer call at one sequence was held to: what gRPC may add
 WARMUP = 20
 
 

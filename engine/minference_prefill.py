@@ -1,4 +1,4 @@
-"""MInference sparse prefill in the engine (ALGORITHMS.md §2): each layer's heads attend by their searched patterns.
+"""MInference sparse prefill in the engine (docs/algorithms.md §2): each layer's heads attend by their searched patterns.
 
     attention = MInferencePrefill(kvcache.engine.patterns.load("smollm2-135m"))
     prefill(model, client, seq_id, ids, attention=attention)     # or generate(..., prefill_attention=attention)

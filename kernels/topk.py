@@ -7,7 +7,7 @@ tl.histogram's cost grows with the bin count). Each digit's histogram of the can
 the digits above gives the bin holding the k-th largest: candidates in higher bins are taken,
 those in that bin go on to the next digit. Exact ties at the last digit are taken in arrival
 order (any choice among equal scores is a correct top-k). Positions in [n_valid, n_total) of a
-row are always taken (SparQ's local window, ALGORITHMS.md §1 step 4); the rest of the budget
+row are always taken (SparQ's local window, docs/algorithms.md §1 step 4); the rest of the budget
 goes to the top of [0, n_valid).
 
 Three launches, each split over (row, chunk) programs, since on a GPU each launch costs more than
@@ -44,8 +44,7 @@ FINISH_BLOCK = 1024  # candidates the row's last program selects in registers (m
 # when rows hold at most ROW_SELECT_MAX items, or at most ROW_SELECT_MAX_MANY and there are ROW_SELECT_MANY_ROWS
 # rows or more to spread over the SMs; else the radix levels spread each row over many programs. Gate steps on
 # an H200 (budget 4096, bench/results/gate_select_ab_h200.json): 2048 pages x 8 rows 46.2 -> 33.7 us in
-# registers; 8192 pages x 64 rows 174.2 -> 143.2 us, but x 8 rows 46.8 -> 48.3 us (x 16 rows 68.2 -> 64.0 us
-# in a one-off run whose output was not kept).
+# registers; 8192 pages x 64 rows 174.2 -> 143.2 us, but x 8 rows 46.8 -> 48.3 us.
 ROW_SELECT_MAX = 2048
 ROW_SELECT_MAX_MANY = 8192
 ROW_SELECT_MANY_ROWS = 16

@@ -73,7 +73,7 @@ class KVCacheConfig:
     def total_pages(self) -> int:
         """Page ids the store hands out: one per K/V page slot over all tiers.
 
-        Placement policy (DESIGN.md "Tiers"): `k_dim` and the summaries of every page stay on the
+        Placement policy (docs/tiers.md): `k_dim` and the summaries of every page stay on the
         device, indexed by page id, so SparQ stage 1 and page scoring never leave it; only `k_seq`
         and `v_seq` move between tiers.
         """

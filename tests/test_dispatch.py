@@ -53,7 +53,7 @@ def both_backends(batch):
 
 
 def expected_bytes(method, params):
-    """Bytes the method reads, written out from ALGORITHMS.md (summaries and vbar are float32)."""
+    """Bytes the method reads, written out from docs/algorithms.md (summaries and vbar are float32)."""
     total = 0
     for S in LENGTHS:
         if method == "dense":

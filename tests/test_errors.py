@@ -342,8 +342,8 @@ def test_unknown_parameter_names_raise_invalid_parameter(setup, unchanged, metho
 
 @pytest.mark.parametrize("method, params", [("sparq", {}), ("sparq", {"r": 4}), ("quest", {})])
 def test_missing_required_parameters_raise_invalid_parameter(setup, unchanged, method, params):
-    # Not in the error list of the issue, but bad input all the same: a TypeError would reach
-    # the service as INTERNAL rather than INVALID_ARGUMENT.
+    # A missing parameter is bad input like any other: a TypeError would reach the service as INTERNAL rather
+    # than INVALID_ARGUMENT.
     client, seq, _, _ = setup
     with unchanged(client), pytest.raises(InvalidParameter):
         client.attend([seq], 0, torch.randn(1, HKV, D), method, params)

@@ -1,4 +1,4 @@
-"""ShardedClient: a sequence over several KV servers, attention fanned out and merged by lse (§4, issue 10)."""
+"""ShardedClient: a sequence over several KV servers, attention fanned out and merged by lse (docs/algorithms.md §4)."""
 
 from __future__ import annotations
 

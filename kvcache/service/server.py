@@ -1,4 +1,4 @@
-"""`kvcache serve`: the gRPC service over an in-process store (DESIGN.md "The wire contract").
+"""`kvcache serve`: the gRPC service over an in-process store (docs/wire-protocol.md).
 
 Every call: bearer token checked (if configured), refused with UNAVAILABLE while draining, the
 sequences it names locked (sorted, so calls on one sequence are ordered and calls on different

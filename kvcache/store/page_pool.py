@@ -14,7 +14,7 @@ from kvcache.kernels.csr import SUMMARY_MAX, SUMMARY_MEAN, SUMMARY_MIN  # noqa: 
 class PagePool:
     """Device page storage; a page id names the same positions in every layer.
 
-    Layouts (DESIGN.md "The store"):
+    Layouts (docs/architecture.md):
       k_seq     [L, Nkv, Hkv, P, d]  sequence-major keys (stage-2 rows, dense attention)
       k_dim     [L, N, Hkv, d, P]    dim-major keys (SparQ stage 1 reads r runs of P)
       v_seq     [L, Nkv, Hkv, P, d]

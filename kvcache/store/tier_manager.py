@@ -1,6 +1,6 @@
 """TierManager: where each page's K/V lives (device, host, disk), moves between tiers, and reads from them.
 
-Placement policy (DESIGN.md "Tiers", issue "Offload tiers"): `k_dim` and the page summaries of
+Placement policy (docs/tiers.md): `k_dim` and the page summaries of
 every page id stay on the device (PagePool indexes them by page id), so SparQ stage 1 and page
 scoring never leave it; `k_seq` and `v_seq` of a page live in exactly one tier, at a slot of that
 tier. The last `pinned_tail_pages` pages of every live sequence stay on the device. Victims go
