@@ -78,6 +78,13 @@ class PageCorrupted(KVCacheError, IOError):
     grpc_code = "DATA_LOSS"
 
 
+class PlanStale(KVCacheError):
+    """A decode step's plan no longer describes its sequences (one was freed, forked or appended outside the step,
+    or the plan is unknown to the server): plan the step again."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class GateMissing(KVCacheError, LookupError):
     """Method `gate` was asked of a store that holds no trained page gate (train one, then serve with --gate)."""
 

@@ -141,6 +141,7 @@ def test_the_shard_rule_gives_each_shard_its_part_or_nothing():
     assert shard_budget("window", params, [2], [41], True, 4, starts=[39]) == ("window", {"window": 2, "sinks": 0})
 
 
+@pytest.mark.service
 def test_over_grpc_it_answers_as_in_process():
     gen = torch.Generator().manual_seed(7)
     local = InProcessClient(store_config())

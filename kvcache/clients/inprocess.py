@@ -19,6 +19,7 @@ from kvcache.prefill.minference_index import BLOCK_SIZE, SparseIndex
 from kvcache.prefill.serving import HeadPattern, SparsePrefillResult, served_index, served_prefill
 from kvcache.stats import Totals
 from kvcache.store import KVStore, SequenceInfo
+from kvcache.store.step_plan import StepPlan
 
 FetchKind = Literal["columns", "rows", "value_mean", "summaries"]
 
@@ -35,6 +36,7 @@ class AttendCall:
     new_k: torch.Tensor | None = None
     new_v: torch.Tensor | None = None
     backend: str = "auto"
+    plan: StepPlan | None = None  # calls of a planned step run alone
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,14 @@ class KVCacheClient(Protocol):
         params: Mapping[str, Any] | None = None,
         new_k: torch.Tensor | None = None,
         new_v: torch.Tensor | None = None,
+        backend: str = "auto",
+        plan: StepPlan | None = None,
     ) -> AttentionResult:
-        """Attention of q [B, Hq, d] at `layer`; new_k/new_v [B, Hkv, d], if given, are appended first."""
+        """Attention of q [B, Hq, d] at `layer`; new_k/new_v [B, Hkv, d], if given, are appended first; with a
+        step's plan, its page table (built once for the step) is used."""
+
+    def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
+        """Plan a decode step of `seq_ids` that appends `new_tokens` (0 or 1) per layer call: a handle for attend."""
 
     def fetch(self, seq_id: str, layer: int, what: FetchKind, index: torch.Tensor | None = None) -> FetchResult:
         """Raw reads for engines that attend themselves (columns, rows, value_mean, summaries)."""
@@ -171,21 +179,27 @@ class InProcessClient:
         new_k: torch.Tensor | None = None,
         new_v: torch.Tensor | None = None,
         backend: str = "auto",
+        plan: StepPlan | None = None,
     ) -> AttentionResult:
         """Attention of q [B, Hq, d] at `layer`; new_k/new_v [B, Hkv, d], if given, are appended first.
 
-        backend: "auto" (Triton on CUDA, the torch path elsewhere), "torch" or "triton".
+        backend: "auto" (Triton on CUDA, the torch path elsewhere), "torch" or "triton". plan: the step's
+        plan_step(), whose page table every layer's call reuses (PlanStale if it no longer holds).
         """
         check_new_rows(self.config, len(seq_ids), new_k, new_v)
         # Everything is checked before the new token is written, so a rejected call changes nothing.
         m, q, p = validate(self.store, seq_ids, layer, q, method, params, backend,
-                           extra_positions=0 if new_k is None else 1)
+                           extra_positions=0 if new_k is None else 1, plan=plan)
         if new_k is not None:
             self.store.append_tokens(seq_ids, new_k, new_v, layer)
         t0 = time.perf_counter()
-        result = run_validated(self.store, seq_ids, layer, m, q, p, backend)
+        result = run_validated(self.store, seq_ids, layer, m, q, p, backend, plan)
         self.counters.add(method, calls=1, bytes_read=result.bytes_read, seconds=time.perf_counter() - t0)
         return result
+
+    def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
+        """Plan a decode step: every layer's attend(..., plan=) of these sequences then reuses one page table."""
+        return self.store.plan_step(seq_ids, new_tokens)
 
     def attend_many(self, calls: Sequence[AttendCall]) -> tuple[list[AttentionResult | Exception], list[int]]:
         """Answers to several attend calls that arrived together, each its result or the error it raised, and the
@@ -212,7 +226,7 @@ class InProcessClient:
     def _attend_alone(self, call: AttendCall) -> AttentionResult | Exception:
         try:
             return self.attend(call.seq_ids, call.layer, call.q, call.method, call.params, call.new_k, call.new_v,
-                               call.backend)
+                               call.backend, call.plan)
         except Exception as exc:  # the caller answers each call with its own error
             return exc
 
@@ -220,7 +234,8 @@ class InProcessClient:
         """Calls with equal keys may share one store call; a call that may not gets a key of its own."""
         ids = list(call.seq_ids)
         method = METHODS.get(call.method)
-        if (method is None or not method.batchable or self.config.tiered or not ids or len(set(ids)) != len(ids)
+        if (method is None or not method.batchable or self.config.tiered or call.plan is not None or not ids
+                or len(set(ids)) != len(ids)
                 or not all(isinstance(t, torch.Tensor) for t in (call.q, call.new_k, call.new_v) if t is not None)):
             return ("alone", i)
         try:

@@ -27,6 +27,7 @@ from kvcache.methods import AttentionResult
 from kvcache.prefill.minference_index import BLOCK_SIZE, SparseIndex
 from kvcache.prefill.serving import HeadPattern, SparsePrefillResult
 from kvcache.store import SequenceInfo
+from kvcache.store.step_plan import StepPlan
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
 from kvcache.wire.codec import ERROR_CLASS_KEY, from_wire, to_wire
@@ -225,18 +226,26 @@ class RemoteClient:
         new_k: torch.Tensor | None = None,
         new_v: torch.Tensor | None = None,
         backend: str = "auto",
+        plan: StepPlan | None = None,
     ) -> AttentionResult:
-        """Attention of q [B, Hq, d] at `layer`; new_k/new_v [B, Hkv, d], if given, are appended first."""
+        """Attention of q [B, Hq, d] at `layer`; new_k/new_v [B, Hkv, d], if given, are appended first; with a
+        step's plan (plan_step), the server reuses that step's page table."""
         request = pb.AttendRequest(seq_ids=list(seq_ids), layer=layer, q=_wire(q, "q"), method=method,
                                    params=params_to_wire(params) if params else None, backend=backend,
                                    new_k=None if new_k is None else _wire(new_k, "new_k"),
-                                   new_v=None if new_v is None else _wire(new_v, "new_v"))
+                                   new_v=None if new_v is None else _wire(new_v, "new_v"),
+                                   step_id="" if plan is None else plan.step_id)
         if self.use_stream:
             reply = self._attend_on_stream(request)
         else:
             reply = self._call("Attend", request, idempotent=new_k is None and new_v is None)
         return AttentionResult(from_wire(reply.out, "out"), from_wire(reply.lse, "lse"), reply.bytes_read,
                                dict(reply.bytes_moved))
+
+    def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
+        """Plan a decode step on the server: a handle whose step_id every layer's attend(..., plan=) sends."""
+        reply = self._call("Plan", pb.PlanRequest(seq_ids=list(seq_ids), new_tokens=new_tokens))
+        return StepPlan(tuple(seq_ids), new_tokens, (), (), None, reply.step_id)
 
     def fetch(self, seq_id: str, layer: int, what: FetchKind, index: torch.Tensor | None = None) -> FetchResult:
         """Raw reads for engines that attend themselves (columns, rows, value_mean, summaries)."""

@@ -75,6 +75,7 @@ from kvcache.methods import AttentionResult, merge_lse
 from kvcache.methods.attend import check_new_rows, check_query, check_sequences
 from kvcache.methods.registry import METHODS
 from kvcache.store import SequenceInfo
+from kvcache.store.step_plan import StepPlan
 
 T = TypeVar("T")
 
@@ -237,12 +238,16 @@ class ShardedClient:
         new_k: torch.Tensor | None = None,
         new_v: torch.Tensor | None = None,
         backend: str = "auto",
+        plan: StepPlan | None = None,
     ) -> AttentionResult:
-        """Attention of q [B, Hq, d] over every shard, merged by lse (§4); new_k/new_v [B, Hkv, d] go to the
-        last shard. Dense is exact; sparq/quest run per shard with per-shard budgets (approximate merge)."""
+        """Attention of q [B, Hq, d] over every shard, merged by lse (docs/algorithms.md §4); new_k/new_v
+        [B, Hkv, d] go to the last shard. Dense is exact; sparq/quest run per shard with per-shard budgets
+        (approximate merge). A plan (plan_step) is checked against the call; the shards are called per call."""
         c = self.config
         self._layers(layer)
         B = len(seq_ids)
+        if plan is not None and (tuple(seq_ids) != plan.seq_ids or (new_k is not None) != bool(plan.new_tokens)):
+            raise errors.PlanStale("the call does not match its step's plan (sequences, or whether it appends)")
         check_new_rows(c, B, new_k, new_v)
         check_query(c, q, B)
         check_sequences(seq_ids)
@@ -295,6 +300,16 @@ class ShardedClient:
                 moved[key] = moved.get(key, 0) + n
         out, lse = merge_lse(outs, lses)
         return AttentionResult(out, lse, sum(r.bytes_read for r in results.values()), moved)
+
+    def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
+        """A step handle for the KVCacheClient protocol: which rows each shard serves changes with every call's
+        lengths, so the shards are called per call (their page tables built per call) and the handle only checks
+        that each call matches the step."""
+        if isinstance(new_tokens, bool) or new_tokens not in (0, 1):
+            raise errors.InvalidParameter(f"a step appends 0 or 1 positions per sequence, not {new_tokens!r}")
+        for seq_id in seq_ids:
+            self._parse(seq_id)
+        return StepPlan(tuple(seq_ids), new_tokens, (), (), None)
 
     def fetch(self, seq_id: str, layer: int, what: FetchKind, index: torch.Tensor | None = None) -> FetchResult:
         """Raw reads over the union, as one sequence in position order (see InProcessClient.fetch for shapes).

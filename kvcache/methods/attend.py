@@ -24,6 +24,7 @@ from kvcache.methods.result import AttentionResult
 from kvcache.methods.selection_attention import attend_torch, attend_triton
 from kvcache.store import KVStore
 from kvcache.store.host_copy import on_device
+from kvcache.store.step_plan import StepPlan
 from kvcache.store.tiers import DISK
 
 BACKENDS = ("auto", "torch", "triton")
@@ -73,9 +74,11 @@ def validate(
     params: Mapping[str, Any] | None,
     backend: str = "auto",
     extra_positions: int = 0,
+    plan: StepPlan | None = None,
 ) -> tuple[AttentionMethod, torch.Tensor, Params]:
-    """Check a decode query, method, parameters and sequences as if each held `extra_positions` more;
-    returns the method, q on the store's device, and the parsed parameters. Changes nothing."""
+    """Check a decode query, method, parameters and sequences as if each held `extra_positions` more (and, with
+    a step's `plan`, that the plan still holds); returns the method, q on the store's device, and the parsed
+    parameters. Changes nothing."""
     m = lookup(method)
     if backend not in BACKENDS:
         raise InvalidParameter(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -83,7 +86,11 @@ def validate(
     c = store.config
     check_query(c, q, len(seq_ids))
     check_sequences(seq_ids)
-    lens = [n + extra_positions for n in store.lengths(seq_ids, layer)]
+    if plan is not None:
+        store.check_plan(plan, seq_ids, layer, appending=extra_positions > 0)
+        lens = [n + plan.new_tokens for n in plan.start_lengths]
+    else:
+        lens = [n + extra_positions for n in store.lengths(seq_ids, layer)]
     empty = [s for s, n in zip(seq_ids, lens) if n == 0]
     if empty:
         raise PositionOutOfRange(f"sequence {empty[0]} has no cached positions at layer {layer}")
@@ -117,13 +124,14 @@ def attend(
 
 
 def run_validated(store: KVStore, seq_ids: Sequence[str], layer: int, m: AttentionMethod, q: torch.Tensor,
-                  p: Params, backend: str) -> AttentionResult:
-    """Run a method on what validate() returned: the attention half of attend()."""
+                  p: Params, backend: str, plan: StepPlan | None = None) -> AttentionResult:
+    """Run a method on what validate() returned: the attention half of attend(). With a step's `plan`, its page
+    table is used as is (built once for every layer of the step)."""
     c = store.config
     gpu = backend == "triton" or (backend == "auto" and q.device.type == "cuda" and not triton_unsupported(c))
     # Pages must not move between tiers while their rows are read.
     with store.lock if store.tiers is not None else contextlib.nullcontext():
-        csr = store.page_table(seq_ids, layer)
+        csr = store.page_table(seq_ids, layer) if plan is None else plan.csr
         inputs = LayerInputs(store, seq_ids, layer, csr)
         if gpu and store.tiers is not None and csr.indices.numel():
             gpu = not bool((store.tiers.tier_dev[csr.indices.long()] == DISK).any())  # the kernels cannot read disk

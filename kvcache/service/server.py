@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -29,13 +30,14 @@ import torch
 from kvcache.service.batcher import AttendBatcher
 from kvcache.clients.inprocess import AttendCall, InProcessClient
 from kvcache.config import KVCacheConfig
-from kvcache.errors import InvalidParameter, KVCacheError, ShapeMismatch
+from kvcache.errors import InvalidParameter, KVCacheError, PlanStale, ShapeMismatch
 from kvcache.methods.result import AttentionResult
 from kvcache.service.locks import SequenceLocks
 from kvcache.prefill.minference_index import BLOCK_SIZE
 from kvcache.service.metrics import serve_metrics
 from kvcache.prefill.serving import HeadPattern
 from kvcache.stats import Totals
+from kvcache.store.step_plan import StepPlan
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
 from kvcache.wire.codec import ERROR_CLASS_KEY, from_wire, to_wire
@@ -150,6 +152,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         self.max_streams = max_streams
         self._streams = 0
         self._streams_lock = threading.Lock()
+        self.plans = StepPlans()  # the recent decode steps' plans, by step_id
         self.batcher = AttendBatcher(self._attend_batch)  # attend streams' concurrent requests, merged
 
     @_handler("Create")
@@ -235,7 +238,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         answers: list[pb.AttendResponse | None] = [None] * len(requests)
         for i, request in enumerate(requests):
             try:
-                calls.append(_attend_call(request))
+                calls.append(_attend_call(request, self.plans))
             except Exception as exc:
                 calls.append(None)
                 answers[i] = _error_response(exc)
@@ -272,6 +275,12 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         result = self.client.sparse_prefill(*_sparse_chunk(request), backend=request.backend or "auto")
         return pb.SparsePrefillResponse(out=to_wire(result.out), lse=to_wire(result.lse), bytes_read=result.bytes_read,
                                         pairs=result.pairs, causal_pairs=result.causal_pairs)
+
+    @_handler("Plan", lambda r: r.seq_ids)
+    def Plan(self, request, context):
+        plan = self.client.plan_step(list(request.seq_ids), request.new_tokens)
+        self.plans.add(plan)
+        return pb.PlanResponse(step_id=plan.step_id)
 
     @_handler("Stats")
     def Stats(self, request, context):
@@ -311,13 +320,14 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         )
 
     def _attend(self, request) -> pb.AttendResponse:
-        c = _attend_call(request)
+        c = _attend_call(request, self.plans)
         return _attend_response(self.client.attend(c.seq_ids, c.layer, c.q, c.method, c.params, c.new_k, c.new_v,
-                                                   c.backend))
+                                                   c.backend, c.plan))
 
 
-def _attend_call(request) -> AttendCall:
-    """An AttendRequest's arguments, decoded (ShapeMismatch/DTypeMismatch for a malformed tensor)."""
+def _attend_call(request, plans: StepPlans) -> AttendCall:
+    """An AttendRequest's arguments, decoded (ShapeMismatch/DTypeMismatch for a malformed tensor, PlanStale for
+    an unknown step)."""
     if not request.HasField("q"):
         raise ShapeMismatch("attend needs q")
     return AttendCall(
@@ -326,7 +336,32 @@ def _attend_call(request) -> AttendCall:
         new_k=from_wire(request.new_k, "new_k") if request.HasField("new_k") else None,
         new_v=from_wire(request.new_v, "new_v") if request.HasField("new_v") else None,
         backend=request.backend or "auto",
+        plan=plans.get(request.step_id) if request.step_id else None,
     )
+
+
+class StepPlans:
+    """The most recent `capacity` step plans by step_id; an older one is forgotten (its step must plan again)."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._plans: OrderedDict[str, StepPlan] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, plan: StepPlan) -> None:
+        """Keep `plan`, forgetting the oldest past capacity."""
+        with self._lock:
+            self._plans[plan.step_id] = plan
+            while len(self._plans) > self.capacity:
+                self._plans.popitem(last=False)
+
+    def get(self, step_id: str) -> StepPlan:
+        """The plan of `step_id`; PlanStale if it is unknown or forgotten."""
+        with self._lock:
+            plan = self._plans.get(step_id)
+        if plan is None:
+            raise PlanStale(f"no plan {step_id[:32]!r} on this server (unknown, or forgotten): plan the step again")
+        return plan
 
 
 def _attend_response(result: AttentionResult) -> pb.AttendResponse:

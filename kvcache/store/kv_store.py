@@ -14,6 +14,7 @@ from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import (
     DTypeMismatch,
     InvalidParameter,
+    PlanStale,
     PositionOutOfRange,
     SequenceNotFound,
     ShapeMismatch,
@@ -24,6 +25,7 @@ from kvcache.store.page_pool import PagePool
 from kvcache.store.tier_manager import TierManager
 from kvcache.store.page_table import PageTableCSR, SequenceState, build_csr
 from kvcache.store.row_reads import Moves, page_keys, read_positions
+from kvcache.store.step_plan import StepPlan
 from kvcache.store.tiers import DEVICE
 from kvcache.kernels.append_rows import append_rows_triton
 
@@ -96,6 +98,7 @@ class KVStore:
             parent = self._get(seq_id)
             child = parent.clone_as(self._new_id())
             self.allocator.share(child.live_pages)
+            parent.generation += 1  # its pages are shared now: a plan of the parent's step no longer holds
             self._seqs[child.seq_id] = child
             return self._info(child)
 
@@ -186,6 +189,54 @@ class KVStore:
             for seq in seqs:
                 seq.lengths[layer] += 1
                 self._register_full_pages(seq)
+
+    # ---- plan once per step ----------------------------------------------------------------
+
+    def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
+        """Plan a decode step of `seq_ids` in which every layer's call appends `new_tokens` (0 or 1) positions:
+        the sequences checked, the pages of the new positions made ready (allocated, or copied where shared), and
+        the batch's page table on the device for the lengths each layer reaches (docs/architecture.md)."""
+        if isinstance(new_tokens, bool) or new_tokens not in (0, 1):
+            raise InvalidParameter(f"a step appends 0 or 1 positions per sequence, not {new_tokens!r}")
+        with self._lock:
+            if len(seq_ids) == 0:
+                raise ShapeMismatch("a step needs at least one sequence")
+            if len(set(seq_ids)) != len(seq_ids):
+                raise InvalidParameter("a sequence appears twice in one step")
+            seqs = [self._get(s) for s in seq_ids]
+            uneven = [s.seq_id for s in seqs if min(s.lengths) != max(s.lengths)]
+            if uneven:
+                raise InvalidParameter(f"sequence {uneven[0]} is part way through a step (its layers hold "
+                                       f"{sorted(set(self._get(uneven[0]).lengths))} positions): plan between steps")
+            starts = [s.lengths[0] for s in seqs]
+            P = self.config.page_size
+            if new_tokens:
+                need = sum(self._pages_needed(seq, 1, None) for seq in seqs)
+                if need > self.allocator.num_free:
+                    raise StoreFull(f"planning a step of {len(seqs)} sequences needs {need} free pages; "
+                                    f"{self.allocator.num_free} are free")
+                for seq, start in zip(seqs, starts):
+                    self._prepare_pages(seq, start // P, self.config.pages_for(start + 1))
+            csr = build_csr(seqs, 0, self.config.device, [n + new_tokens for n in starts])
+            return StepPlan(tuple(seq_ids), new_tokens, tuple(starts), tuple(s.generation for s in seqs), csr)
+
+    def check_plan(self, plan: StepPlan, seq_ids: Sequence[str], layer: int, appending: bool) -> None:
+        """Raise PlanStale unless `plan` still describes `seq_ids` at `layer` for a call that appends (or not) its
+        new positions: the same sequences, pages and lengths, none freed or forked since."""
+        with self._lock:
+            self._check_layers(layer)
+            if tuple(seq_ids) != plan.seq_ids:
+                raise PlanStale("the call names other sequences than its step's plan")
+            if appending != bool(plan.new_tokens):
+                raise PlanStale(f"the step was planned to append {plan.new_tokens} position(s) per layer call")
+            done = 0 if appending else plan.new_tokens
+            for seq_id, start, generation in zip(plan.seq_ids, plan.start_lengths, plan.generations):
+                seq = self._seqs.get(seq_id)
+                if seq is None:
+                    raise PlanStale(f"sequence {seq_id} was freed after its step was planned")
+                if seq.generation != generation or seq.lengths[layer] != start + done:
+                    raise PlanStale(f"sequence {seq_id} changed after its step was planned (layer {layer} holds "
+                                    f"{seq.lengths[layer]} positions, the plan expects {start + done})")
 
     def lengths(self, seq_ids: Sequence[str], layer: int) -> list[int]:
         """Cached positions of each sequence at `layer`."""
@@ -476,6 +527,7 @@ class KVStore:
             src_d, dst_d = src.to(dev, torch.long), dst.to(dev, torch.long)
             self.pool.copy_pages(src_d, dst_d, self.kv_slots(src_d), self.kv_slots(dst_d))
             seq.pages[idx] = dst
+            seq.generation += 1
             # The copies carry every layer's summaries, also of layers this append does not write; layers appended
             # one at a time may hold different lengths (a step part way through its layers).
             for length in sorted(set(seq.lengths)):

@@ -26,6 +26,7 @@ class SequenceState:
     num_hashed_pages: int = 0  # leading full pages registered in the prefix cache
     last_hash: bytes = ROOT_HASH
     cached_tokens: int = 0  # positions reused from the prefix cache at creation
+    generation: int = 0  # bumped whenever a page id of the table changes or the pages become shared (a fork)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -47,6 +48,7 @@ class SequenceState:
             self.pages = grown
         self.pages[self.num_pages : need] = torch.tensor(new_pages, dtype=torch.int32)
         self.num_pages = need
+        self.generation += 1
 
     def clone_as(self, seq_id: str) -> SequenceState:
         """A copy sharing the same page ids (references are the caller's business)."""
@@ -61,11 +63,13 @@ class SequenceState:
         return other
 
 
-def build_csr(seqs: list[SequenceState], layer: int, device: torch.device) -> PageTableCSR:
-    """CSR page table of `seqs` for `layer`: only the pages that layer has written into."""
+def build_csr(seqs: list[SequenceState], layer: int, device: torch.device,
+              lens: list[int] | None = None) -> PageTableCSR:
+    """CSR page table of `seqs` for `layer`: only the pages that layer has written into (or, given `lens`, the
+    pages that hold that many positions of each sequence)."""
     P = seqs[0].config.page_size if seqs else 1
     B = len(seqs)
-    lens = [s.lengths[layer] for s in seqs]
+    lens = [s.lengths[layer] for s in seqs] if lens is None else lens
     counts = [-(-n // P) for n in lens]
     # One host buffer and one copy for the three arrays (each starting 16-byte aligned, as Triton
     # prefers its pointers): a decode step makes a page table per layer.

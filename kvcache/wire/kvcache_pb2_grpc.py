@@ -94,6 +94,11 @@ class KVCacheStub:
                 request_serializer=kvcache__pb2.SparseIndexRequest.SerializeToString,
                 response_deserializer=kvcache__pb2.SparsePrefillResponse.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/kvcache.v1.KVCache/Plan',
+                request_serializer=kvcache__pb2.PlanRequest.SerializeToString,
+                response_deserializer=kvcache__pb2.PlanResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvcache.v1.KVCache/Stats',
                 request_serializer=kvcache__pb2.StatsRequest.SerializeToString,
@@ -191,6 +196,12 @@ class KVCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -271,6 +282,11 @@ def add_KVCacheServicer_to_server(servicer, server):
                     servicer.SparsePrefill,
                     request_deserializer=kvcache__pb2.SparseIndexRequest.FromString,
                     response_serializer=kvcache__pb2.SparsePrefillResponse.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=kvcache__pb2.PlanRequest.FromString,
+                    response_serializer=kvcache__pb2.PlanResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -612,6 +628,33 @@ class KVCache:
             '/kvcache.v1.KVCache/SparsePrefill',
             kvcache__pb2.SparseIndexRequest.SerializeToString,
             kvcache__pb2.SparsePrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcache.v1.KVCache/Plan',
+            kvcache__pb2.PlanRequest.SerializeToString,
+            kvcache__pb2.PlanResponse.FromString,
             options,
             channel_credentials,
             insecure,
