@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from kvcache.bench.timing import Timer, run_header
+from kvcache.config import KVCacheConfig
 from kvcache.methods import METHODS
 from kvcache.methods.attend import attend
+from kvcache.methods.dense import dense_bytes
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.selection_attention import attend_triton
-from kvcache.config import KVCacheConfig
-from kvcache.methods.dense import dense_bytes
 from kvcache.methods.sparq import sparq_bytes
 from kvcache.store import KVStore
 
@@ -104,11 +104,12 @@ def run(
             shape = Shape(batch, context, page_size=page_size)
             store, seqs = build_store(shape, device)
             if "gate" in methods:  # random weights: the gate's cost does not depend on what it learned
-                from kvcache.methods.gate_store import attach_gate
                 from kvcache.methods.gate_model import GateShape, PageGate
+                from kvcache.methods.gate_store import attach_gate
 
                 attach_gate(store, PageGate(GateShape(1, shape.num_kv_heads, shape.num_q_heads // shape.num_kv_heads,
-                                                      shape.head_dim, shape.page_size, model_rope_base=LLAMA3_ROPE_BASE)))
+                                                      shape.head_dim, shape.page_size,
+                                                      model_rope_base=LLAMA3_ROPE_BASE)))
             q = torch.randn((batch, shape.num_q_heads, shape.head_dim), device=device).to(shape.dtype)
             sdpa, sdpa_bytes = _sdpa_call(store, seqs, q, shape)
             sdpa_us = timer.median_us(sdpa)
@@ -152,7 +153,8 @@ def planned_call(store: KVStore, seqs: list[str], q: torch.Tensor, method: str, 
 def _row(batch, context, method, params, us, nbytes, copy_bw, sdpa_us, eager_us=None) -> dict:
     bw = nbytes / (us * 1e-6)
     row = {
-        "batch": batch, "context": context, "method": method, "params": params, "time_us": us, "eager_time_us": eager_us,
+        "batch": batch, "context": context, "method": method, "params": params, "time_us": us,
+        "eager_time_us": eager_us,
         "bytes_read": nbytes, "bandwidth_GBps": bw / 1e9, "fraction_of_copy": bw / copy_bw,
         "speedup_vs_sdpa": sdpa_us / us,
     }
@@ -170,7 +172,8 @@ def _sdpa_call(store: KVStore, seqs: list[str], q: torch.Tensor, shape: Shape):
 
     def contiguous(pool: torch.Tensor) -> torch.Tensor:
         x = pool[pages]  # [B, n, Hkv, P, d]
-        return x.permute(0, 2, 1, 3, 4).reshape(shape.batch, shape.num_kv_heads, -1, shape.head_dim)[:, :, : shape.context].contiguous()
+        return (x.permute(0, 2, 1, 3, 4).reshape(shape.batch, shape.num_kv_heads, -1, shape.head_dim)
+                [:, :, : shape.context].contiguous())
     k, v = contiguous(view.k_seq), contiguous(view.v_seq)
     q4 = q[:, :, None, :]
     nbytes = dense_bytes(csr.host_lens, shape.num_kv_heads, shape.head_dim, k.element_size())
@@ -217,8 +220,8 @@ def _gate_stage_rows(store, seqs, q, shape: Shape, timer: Timer, copy_bw: float,
     the KV dtype and in float32), scoring + page selection, and the attention over the chosen pages."""
     from kvcache.kernels.gate_score import gate_queries_triton, gate_scores_triton, select_pages
     from kvcache.kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
-    from kvcache.methods.gate_store import layer_gate_of
     from kvcache.methods.gate import gate_budget_pages, gate_bytes, gate_key_bytes
+    from kvcache.methods.gate_store import layer_gate_of
 
     csr = store.page_table(seqs, 0)
     view = store.layer_view(0)

@@ -1,7 +1,7 @@
 """A page gate fed the model's q and keys rotated back to position 0 (pre-RoPE), as SeerAttention's AttnGate takes them
 (q_nope, k_nope), against a gate fed the store's rotated q and page summaries: attention mass recall at 8K.
 
-    python -m kvcache.bench.gate_pre_rope --json bench/results/gate_pre_rope_recall.json     # about 2 minutes on 2 cores
+    python -m kvcache.bench.gate_pre_rope --json bench/results/gate_pre_rope_recall.json    # about 2 minutes on 2 cores
 
 Why: a gate on rotated vectors sees absolute position in their low-frequency RoPE dimensions; trained on 4K windows
 (positions 0..4095), it meets positions it never saw at 8K, where it lost to Quest (docs/methods.md, the gate's

@@ -1,5 +1,6 @@
 """The gate's decode step with a gate on rotated vectors against a pre-RoPE gate (q rotated back in the query kernel):
-the same store and query, the two gates attached in turn, 3 rounds; CUDA-graph replays, L2 flushed (kvcache.bench.timing).
+the same store and query, the two gates attached in turn, 3 rounds; CUDA-graph replays, L2 flushed
+(kvcache.bench.timing).
 
     python -m kvcache.bench.gate_rope_ab --json bench/results/gate_pre_rope_decode_ab_h200.json
 """
@@ -15,8 +16,8 @@ import torch
 from kvcache.bench.decode import LLAMA3_ROPE_BASE, Shape, _sdpa_call, build_store, planned_call
 from kvcache.bench.timing import Timer, run_header
 from kvcache.methods.attend import attend
-from kvcache.methods.gate_store import attach_gate
 from kvcache.methods.gate_model import GateShape, PageGate
+from kvcache.methods.gate_store import attach_gate
 
 KINDS = {"rotated": 0.0, "pre_rope": LLAMA3_ROPE_BASE}
 

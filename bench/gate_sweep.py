@@ -17,9 +17,9 @@ from kvcache.bench.decode import planned_call
 from kvcache.bench.sweep import Sweep
 from kvcache.kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
 from kvcache.kernels.tuning import Launch
-from kvcache.methods.gate_store import attach_gate, layer_gate_of
-from kvcache.methods.gate_model import GateShape, PageGate
 from kvcache.methods.gate import gate_budget_pages
+from kvcache.methods.gate_model import GateShape, PageGate
+from kvcache.methods.gate_store import attach_gate, layer_gate_of
 
 
 def main() -> int:

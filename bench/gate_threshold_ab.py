@@ -42,7 +42,10 @@ def timed(fn, *a, reps: int = 50) -> float:
     ts = []
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(*a); e.record(); torch.cuda.synchronize()
+        s.record()
+        fn(*a)
+        e.record()
+        torch.cuda.synchronize()
         ts.append(s.elapsed_time(e) * 1000)
     return statistics.median(ts)
 
@@ -69,7 +72,8 @@ def main(path: str) -> None:
                                  "before_us": tb, "after_us": ta, "same_pages": same})
                     print(rows[-1], flush=True)
     json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": sys.version.split()[0],
-               "command": "python -m kvcache.bench.gate_threshold_ab OUT (A/B: the gate's threshold selection from its logits, "
+               "command": "python -m kvcache.bench.gate_threshold_ab OUT "
+                          "(A/B: the gate's threshold selection from its logits, "
                           "per-sequence gate_select loop (before, the old kernels/gate.py path) against "
                           "gate_select_rows (after; pages per row made before timing, as kernels/gate.py takes them "
                           "from the page table on the device); Llama-3-8B's 8 kv heads, pages of 16; CUDA events, "

@@ -44,7 +44,7 @@ def bench_append(device: torch.device, batches: tuple[int, ...], iters: int) -> 
     rows = []
     cuda = device.type == "cuda"
     timer = Timer(device, iters=iters)
-    for name, layers, _, hkv, d, _, _ in SHAPES:
+    for name, _layers, _, hkv, d, _, _ in SHAPES:
         for B in batches:
             config = KVCacheConfig(num_layers=2, num_kv_heads=hkv, head_dim=d, page_size=16, dtype="bfloat16" if cuda
                                    else "float32", device=device, device_pages=4 * B + 8)
@@ -72,7 +72,8 @@ def bench_append(device: torch.device, batches: tuple[int, ...], iters: int) -> 
                        "gpu_us": timer.median_us(fn) if cuda else None,
                        "wall_us": _wall_us(fn, iters, sync=cuda)}
                 rows.append(row)
-                print(f"append  {name:<13} B={B:<3} {path:<7} GPU {row['gpu_us'] or 0:8.1f} us  wall {row['wall_us']:8.1f} us")
+                print(f"append  {name:<13} B={B:<3} {path:<7} GPU {row['gpu_us'] or 0:8.1f} us  "
+                      f"wall {row['wall_us']:8.1f} us")
     return rows
 
 

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from kvcache.bench.timing import run_header
 from kvcache import InProcessClient, KVCacheConfig
+from kvcache.bench.timing import run_header
 
 HQ, HKV, D, P = 32, 8, 128, 16
 
@@ -97,12 +97,12 @@ def run(contexts: list[int], device_tokens: int, device: torch.device, iters: in
             rows.append({"context": S, "case": name, "method": method, "params": params, "backend": backend,
                          "ms_per_step": ms, "h2d_bytes_per_step": moved, "bytes_read": result.bytes_read,
                          "h2d_GBps": moved / ms / 1e6, "pages": usage})
-        del tiered
+        tiered = None  # release it (not `del`: the timed lambdas above close over the name)
         # Baseline in the same run: the whole cache on the device, the dense Triton kernel.
         flat = InProcessClient(KVCacheConfig(**base, device_pages=S // P + 1))
         fseq = _fill(flat, S, gen, device)
         on_device_ms = _median_ms(lambda: flat.attend([fseq], 0, q, "dense"), iters, device)
-        del flat
+        flat = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
         stream_ms = rows[0]["ms_per_step"]

@@ -158,8 +158,8 @@ def run(contexts: list[int], patterns: list[str], device: torch.device, dtype: t
         "rows": [],
     }
     print(f"device: {report['device']}  attention: {report['attention']}")
-    print(f"{'context':>8} {'pattern':<15} {'params':<14} {'density':>8} {'index ms':>9} {'attn ms':>9} {'total ms':>9} "
-          f"{'SDPA ms':>9} {'vs SDPA':>8}")
+    print(f"{'context':>8} {'pattern':<15} {'params':<14} {'density':>8} {'index ms':>9} {'attn ms':>9} "
+          f"{'total ms':>9} {'SDPA ms':>9} {'vs SDPA':>8}")
     for S in contexts:
         try:
             report["rows"].extend(_run_context(S, patterns, device, dtype, page_size, block_size, timer, attention,
@@ -212,8 +212,8 @@ def _run_context(S, patterns, device, dtype, page_size, block_size, timer: Timer
             del out
         rows.append(row)
         short = ",".join(str(x) for x in params.values()) or "-"
-        print(f"{S:>8} {pattern:<15} {short:<14} {row['density']:>8.3f} {index_ms:>9.2f} {attn_ms:>9.2f} {total_ms:>9.2f} "
-              f"{sdpa_ms:>9.2f} {sdpa_ms / total_ms:>7.2f}x")
+        print(f"{S:>8} {pattern:<15} {short:<14} {row['density']:>8.3f} {index_ms:>9.2f} {attn_ms:>9.2f} "
+              f"{total_ms:>9.2f} {sdpa_ms:>9.2f} {sdpa_ms / total_ms:>7.2f}x")
         swept = sweep and (pattern, params) in (ROWS[0], ROWS[2])
         for num_warps, num_stages in SWEEP if swept else []:
             ms = timer.median_us(partial(attend, index, num_warps=num_warps, num_stages=num_stages)) / 1e3

@@ -96,7 +96,8 @@ def _oracle(results: pathlib.Path) -> Headline:
 
 
 def _minference(report: dict, source: str) -> Headline:
-    rows = [r for r in report["prefill"]["rows"] if r["context"] == HEADLINE_CONTEXT and r["pattern"] == "vertical_slash"]
+    rows = [r for r in report["prefill"]["rows"]
+            if r["context"] == HEADLINE_CONTEXT and r["pattern"] == "vertical_slash"]
     best = max(rows, key=lambda r: r["speedup_vs_sdpa"])
     p = best["params"]
     causal = _one(report["prefill"]["rows"], "causal", lambda r: r["pattern"] == "causal")
@@ -109,7 +110,8 @@ def _minference(report: dict, source: str) -> Headline:
 
 def _star(results: pathlib.Path) -> Headline:
     report = _load(results, STAR_FILE)
-    row = _one(report["perplexity_mean"], "star at 8K", lambda r: r["method"].startswith("star") and r["context"] == 8192)
+    row = _one(report["perplexity_mean"], "star at 8K",
+               lambda r: r["method"].startswith("star") and r["context"] == 8192)
     return Headline("Star Attention", "prefill + decode over servers", "each server its block; lse merge",
                     f"perplexity {100 * row['vs_dense']:+.2f}% vs dense prefill at 8K over {row['shards']} shards "
                     f"(SmolLM2-135M, {row['windows']} windows pooled)", STAR_FILE)

@@ -21,8 +21,8 @@ import time
 import torch
 
 from kvcache.clients.inprocess import InProcessClient
-from kvcache.config import KVCacheConfig
 from kvcache.clients.remote import RemoteClient
+from kvcache.config import KVCacheConfig
 from kvcache.service.serve_cli import parse_cpus, pin_process
 
 SHAPE = {"num_layers": 30, "num_q_heads": 9, "num_kv_heads": 3, "head_dim": 64}

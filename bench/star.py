@@ -55,9 +55,9 @@ def run(context: int = 32768, shard_counts: tuple[int, ...] = (1, 2, 4), steps: 
     import torch
 
     from kvcache.bench.timing import run_header
-    from kvcache.engine.star_demo import loopback_servers
     from kvcache.clients.remote import RemoteClient
     from kvcache.clients.sharded import ShardedClient
+    from kvcache.engine.star_demo import loopback_servers
 
     torch.set_num_threads(1)  # the client only merges; the servers do the attention
     P = 16

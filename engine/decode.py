@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from kvcache.engine.model import Llama
 from kvcache.clients.inprocess import KVCacheClient
+from kvcache.engine.model import Llama
 from kvcache.methods import lookup
 
 

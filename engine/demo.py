@@ -51,9 +51,9 @@ def running_server(layers: int, kv_heads: int, head_dim: int, pages: int) -> Ite
 
 def main() -> int:
     """Run the demo; returns the exit code."""
+    from kvcache.clients.remote import RemoteClient
     from kvcache.engine.generate import generate_text
     from kvcache.engine.load import load_model
-    from kvcache.clients.remote import RemoteClient
 
     print("loading SmolLM2-135M-Instruct from its GGUF file ...", flush=True)
     model, tok = load_model()

@@ -23,9 +23,9 @@ from kvcache.engine.eval_data import long_text, passkey_prompt
 from kvcache.engine.evaluation import Encoder, greedy_methods, perplexity, teacher_force
 from kvcache.engine.prefill import PrefillAttention, causal_attention
 from kvcache.engine.star_eval import StarEncoder, parse_settings, shard_clients
-from kvcache.methods.gate_store import load_gate
-from kvcache.methods.gate_model import GATE_DIM
 from kvcache.methods.gate import gate_budget_for_share
+from kvcache.methods.gate_model import GATE_DIM
+from kvcache.methods.gate_store import load_gate
 from kvcache.methods.quest import quest_pages_for_share
 from kvcache.methods.registry import METHODS
 
@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quest", default="4,8", help="Quest settings f with top_pages = pages/f")
     p.add_argument("--quest-bytes", default="", help="Quest settings f: top_pages that read 1/f of dense bytes "
                                                        "(summaries included), to compare with gate bytes/f")
-    p.add_argument("--gate", help="learned page gate (a name under kvcache/methods/gates/ or a path; `kvcache train-gate` makes "
+    p.add_argument("--gate", help="learned page gate (a name under kvcache/methods/gates/ or a path; "
+                   "`kvcache train-gate` makes "
                    "one): adds method gate to the grid (with --server, start the server with the same --gate)")
     p.add_argument("--gate-bytes", default="4,8", help="gate settings f: a token budget that reads 1/f of dense bytes")
     p.add_argument("--gate-pages", default="4,8", help="gate settings f: budget = pages/f (as many pages as quest f)")
@@ -73,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(AttentionMethod.params_for_share), e.g. window:8,sparq:8")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--server", help="host:port of a `kvcache serve` to decode through (default: in-process)")
-    p.add_argument("--star", action="store_true", help="also Star Attention (docs/algorithms.md §4): the context encoded in "
+    p.add_argument("--star", action="store_true",
+                   help="also Star Attention (docs/algorithms.md §4): the context encoded in "
                    "anchored blocks over --shards shards, the query and every later token by lse-merged attention over "
                    "them (dense decoding), against dense prefill")
     p.add_argument("--shards", default="4", help="--star: comma-separated shard counts (default 4)")
@@ -87,7 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--star-servers", help="--star: host:port,... of `kvcache serve` processes to hold the shards "
                    "(the first N for N shards; default: in-process stores)")
     p.add_argument("--json", default="bench/results/eval_smollm2.json")
-    p.add_argument("--plot", default="bench/results/eval_smollm2.png", help="PNG of accuracy against bytes ('' for none)")
+    p.add_argument("--plot", default="bench/results/eval_smollm2.png",
+                   help="PNG of accuracy against bytes ('' for none)")
     add_prefill_arguments(p)
 
 
@@ -322,7 +325,8 @@ def main(args: argparse.Namespace) -> int:
                 report["agreement"].append({"context": C, "window_start": start, "method": name, "prefill": enc.kind,
                                             **enc.fields(len(prompt)), "greedy_tokens_equal_to_dense_until": same,
                                             "greedy_tokens_equal_share": equal, "of": len(base[2])})
-                print(f"ppl C={C:>5}{f' @{start}' if args.windows > 1 else ''} {name:<24} {ppl[i]:8.3f} ({ppl[i] / base[0] - 1:+.2%}) bytes/token "
+                print(f"ppl C={C:>5}{f' @{start}' if args.windows > 1 else ''} {name:<24} {ppl[i]:8.3f} "
+                      f"({ppl[i] / base[0] - 1:+.2%}) bytes/token "
                       f"{run.bytes_per_token[i]:>12,.0f} ({row['bytes_vs_dense']:.3f}x) "
                       f"top-1 agree {agree[i]:.3f}  free-run same for {same}/{len(base[2])} ({equal:.0%} equal)"
                       + ("" if density is None else f"  prefill density {density:.3f}"), flush=True)
@@ -458,7 +462,8 @@ def plot(report: dict, path: str) -> bool:
         middle = axes.pop(0)
         groups = dict.fromkeys((r["context"], r["shards"], r["method"].rsplit(" a=", 1)[0]) for r in star)
         for C, shards, name in groups:
-            rows = [r for r in star if (r["context"], r["shards"], r["method"].rsplit(" a=", 1)[0]) == (C, shards, name)]
+            rows = [r for r in star
+                    if (r["context"], r["shards"], r["method"].rsplit(" a=", 1)[0]) == (C, shards, name)]
             pts = sorted((float(Fraction(r["anchor_fraction"])), 100 * r["vs_dense"]) for r in rows)
             middle.plot(*zip(*pts), marker="o", label=f"{name} C={C}")
         middle.set_xlabel("Star Attention anchor / block (docs/algorithms.md §4)")

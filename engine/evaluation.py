@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcache.clients.inprocess import KVCacheClient
 from kvcache.engine.decode import AttentionSpec
 from kvcache.engine.model import Llama
 from kvcache.engine.prefill import PrefillAttention, causal_attention, prefill
-from kvcache.clients.inprocess import KVCacheClient
 
 # (model, client, prompt) -> (a new sequence holding the prompt's K/V, float32 logits [vocab] after the prompt)
 Encoder = Callable[[Llama, KVCacheClient, Sequence[int]], tuple[str, torch.Tensor]]
@@ -49,7 +49,8 @@ def prefill_copies(model: Llama, client: KVCacheClient, prompt: Sequence[int], n
 
 def step_methods(model: Llama, client: KVCacheClient, seq_ids: Sequence[str], specs: Sequence[AttentionSpec],
                  tokens: Sequence[int], position: int) -> tuple[torch.Tensor, list[int]]:
-    """One decode step: row b feeds tokens[b] at `position` to seq_ids[b] with specs[b]; logits [B, vocab], bytes [B]."""
+    """One decode step: row b feeds tokens[b] at `position` to seq_ids[b] with specs[b];
+    logits [B, vocab], bytes [B]."""
     dtype = client.config.dtype
     nbytes = [0] * len(seq_ids)
 

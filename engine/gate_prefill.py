@@ -1,4 +1,5 @@
-"""SeerAttention's gate in the engine's prefill (docs/algorithms.md §3): each query block reads the key blocks its gate picks.
+"""SeerAttention's gate in the engine's prefill (docs/algorithms.md §3): each query block reads the key blocks its gate
+picks.
 
     attention = GatePrefill(kvcache.methods.gate_store.load_gate("smollm2-135m"), budget=2048)
     prefill(model, client, seq_id, ids, attention=attention)     # or generate(..., prefill_attention=attention)
@@ -16,16 +17,16 @@ import time
 import torch
 
 from kvcache.engine.prefill import CountedPrefill, PrefillChunk
-from kvcache.methods.gate_store import check_gate_shape
 from kvcache.methods.gate import check_gate_params
 from kvcache.methods.gate_model import PageGate
+from kvcache.methods.gate_store import check_gate_shape
 from kvcache.prefill.gate_prefill import gate_block_index
 from kvcache.prefill.serving import index_pairs, paged, sparse_attention
 
 
 def check_gate_for_model(gate: PageGate, config) -> None:
-    """Raise GateFileInvalid unless `gate` was trained for the model of `config` (kvcache.engine.config.ModelConfig): its
-    layers, heads and head dim, and for a pre-RoPE gate the RoPE base it rotates q and keys back with."""
+    """Raise GateFileInvalid unless `gate` was trained for the model of `config` (kvcache.engine.config.ModelConfig):
+    its layers, heads and head dim, and for a pre-RoPE gate the RoPE base it rotates q and keys back with."""
     expect = {"num_layers": config.num_layers, "num_kv_heads": config.num_kv_heads,
               "group": config.num_heads // config.num_kv_heads, "head_dim": config.head_dim}
     if gate.shape.pre_rope:
@@ -34,7 +35,8 @@ def check_gate_for_model(gate: PageGate, config) -> None:
 
 
 class GatePrefill(CountedPrefill):
-    """A chunk-aware prefill attention (kvcache.engine.prefill.PrefillChunk): q [T, Hq, d], k/v [S, Hkv, d] -> out [T, Hq, d].
+    """A chunk-aware prefill attention (kvcache.engine.prefill.PrefillChunk): q [T, Hq, d], k/v [S, Hkv, d]
+    -> out [T, Hq, d].
 
     Counts what it computed (kvcache.engine.prefill.CountedPrefill).
     """

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcache.clients.inprocess import KVCacheClient
 from kvcache.engine.decode import DENSE, AttentionSpec, decode_step
 from kvcache.engine.model import Llama
 from kvcache.engine.prefill import PrefillAttention, Progress, causal_attention, prefill
 from kvcache.engine.sampling import GREEDY, Sampler
 from kvcache.engine.tokenizer import StreamDecoder, Tokenizer
-from kvcache.clients.inprocess import KVCacheClient
 
 # (index of the prompt in the batch, token id) for every token as soon as it is chosen
 TokenCallback = Callable[[int, int], None]

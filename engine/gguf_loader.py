@@ -76,7 +76,8 @@ class GGUFModelFile:
         if len(magic) < 4:
             raise ModelFileTruncated(f"model file {self.path} is truncated: {size} bytes, not even a GGUF header")
         if magic != GGUF_MAGIC:
-            raise ModelFileError(f"model file {self.path} is not a GGUF file (starts with {magic!r}, not {GGUF_MAGIC!r})")
+            raise ModelFileError(f"model file {self.path} is not a GGUF file "
+                                 f"(starts with {magic!r}, not {GGUF_MAGIC!r})")
         try:
             self.reader = gguf.GGUFReader(self.path, "r")
         except (ValueError, IndexError, EOFError, OverflowError) as exc:

@@ -1,4 +1,5 @@
-"""MInference sparse prefill in the engine (docs/algorithms.md §2): each layer's heads attend by their searched patterns.
+"""MInference sparse prefill in the engine (docs/algorithms.md §2): each layer's heads attend by their searched
+patterns.
 
     attention = MInferencePrefill(kvcache.engine.patterns.load("smollm2-135m"))
     prefill(model, client, seq_id, ids, attention=attention)     # or generate(..., prefill_attention=attention)
@@ -31,7 +32,8 @@ SERVED = ("none", "index", "attention")
 
 
 class MInferencePrefill(CountedPrefill):
-    """A chunk-aware prefill attention (kvcache.engine.prefill.PrefillChunk): q [T, Hq, d], k/v [S, Hkv, d] -> out [T, Hq, d].
+    """A chunk-aware prefill attention (kvcache.engine.prefill.PrefillChunk): q [T, Hq, d], k/v [S, Hkv, d]
+    -> out [T, Hq, d].
 
     Counts what it computed (kvcache.engine.prefill.CountedPrefill).
     """

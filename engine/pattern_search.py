@@ -57,7 +57,8 @@ DEFAULT_TOLERANCE = 0.01  # recalls this close count as equal: the sparser candi
 
 def scaled_candidates(length: int, candidates: Sequence[HeadPattern] = AUTHOR_CANDIDATES,
                       reference: int = REFERENCE_LENGTH) -> list[HeadPattern]:
-    """The candidates with every size scaled by length / reference (no smaller than the builders take), no duplicates."""
+    """The candidates with every size scaled by length / reference (no smaller than the builders take),
+    no duplicates."""
     f = length / reference
     out = []
     for c in candidates:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvcache.engine.model import Llama
 from kvcache.clients.inprocess import KVCacheClient
+from kvcache.engine.model import Llama
 
 # (q [T, Hq, d] for the last T of S positions, k [S, Hkv, d], v [S, Hkv, d]) -> out [T, Hq, d]
 PrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -48,13 +48,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcache.clients.sharded import ShardedClient
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.decode import DENSE, AttentionSpec, decode_step
 from kvcache.engine.model import Llama
 from kvcache.engine.prefill import PromptKV, causal_attention
 from kvcache.engine.sampling import GREEDY, Sampler
 from kvcache.methods import merge_lse
-from kvcache.clients.sharded import ShardedClient
 
 # ---- the plan --------------------------------------------------------------------------------
 
@@ -433,8 +433,8 @@ def split_prompt(tokenizer, context: str, question: str | None, chat: bool,
 
 def connect(args, config) -> ShardedClient:
     """The ShardedClient of --servers (with --token-file and --block-size), checked against the model's shape."""
-    from kvcache.engine.errors import UnsupportedModel
     from kvcache.clients.sharded import ShardedClient
+    from kvcache.engine.errors import UnsupportedModel
 
     token = None
     if getattr(args, "token_file", None):
@@ -457,8 +457,8 @@ def connect(args, config) -> ShardedClient:
 
 def run_cli(args) -> int:
     """`kvcache generate --star --servers ...`: Star Attention over the servers, streaming the answer; 0 on success."""
-    from kvcache.engine.method_flags import attention_spec
     from kvcache.engine.load import load_model
+    from kvcache.engine.method_flags import attention_spec
     from kvcache.engine.sampling import Sampler
     from kvcache.engine.tokenizer import StreamDecoder
 

@@ -2,8 +2,8 @@
 
 A passkey prompt of about 1.5K tokens (a 5-digit key hidden in filler text, then the question)
 is split into the context and the query (the question). Phase 1 encodes the context in one anchored block
-per server with torchrun ranks (one per server, one torch thread each); phase 2 prefills the question and decodes the answer
-through a ShardedClient, whose attention fans out to every server and merges by lse. For each N it
+per server with torchrun ranks (one per server, one torch thread each); phase 2 prefills the question and decodes the
+answer through a ShardedClient, whose attention fans out to every server and merges by lse. For each N it
 prints the answer, whether it holds the key, and the times; the servers are stopped at the end.
 N = 1 is ordinary causal prefill (one block) and single-server decoding: the baseline.
 """
@@ -65,10 +65,10 @@ def main() -> int:
     """Run the demo; returns the exit code."""
     import torch
 
+    from kvcache.clients.sharded import ShardedClient
     from kvcache.engine.eval_data import PASSKEY_QUESTION, passkey_prompt
     from kvcache.engine.load import load_model
     from kvcache.engine.star import save_model, star_generate
-    from kvcache.clients.sharded import ShardedClient
 
     # One torch thread here and in every rank: this process and the servers share a few cores, and OpenMP
     # workers spinning at barriers on busy cores slow small ops by an order of magnitude.

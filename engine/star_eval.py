@@ -24,9 +24,9 @@ from fractions import Fraction
 
 import torch
 
+from kvcache.clients.sharded import ShardedClient
 from kvcache.engine.model import Llama
 from kvcache.engine.star import StarPlan, encode_context_local, prefill_query
-from kvcache.clients.sharded import ShardedClient
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,8 @@ def shard_clients(counts: Sequence[int], config, positions: int, page_size: int,
                   servers: str | None = None) -> dict[int, ShardedClient]:
     """A ShardedClient per shard count: over in-process float32 stores with room for `positions` positions each,
     or over the first N of `servers` ("host:port,...", checked against the model's shape)."""
-    from kvcache.engine.star import connect
     from kvcache import InProcessClient, KVCacheConfig
+    from kvcache.engine.star import connect
 
     targets = [t.strip() for t in (servers or "").split(",") if t.strip()]
     if targets and max(counts) > len(targets):

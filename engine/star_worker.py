@@ -1,4 +1,5 @@
-"""A phase-1 rank of Star Attention, started by `torchrun` (kvcache.engine.star.encode_context_torchrun writes the plan).
+"""A phase-1 rank of Star Attention, started by `torchrun` (kvcache.engine.star.encode_context_torchrun writes the
+plan).
 
     torchrun --standalone --nproc-per-node N -m kvcache.engine.star_worker PLAN.json
 
@@ -23,8 +24,8 @@ import torch.distributed as dist
 
 def run_rank(plan: dict, rank: int, world: int) -> dict:
     """Encode and append this rank's blocks; the rank's report."""
-    from kvcache.engine.star import StarPlan, load_saved_model, write_blocks
     from kvcache.clients.remote import RemoteClient
+    from kvcache.engine.star import StarPlan, load_saved_model, write_blocks
 
     if world != len(plan["endpoints"]):
         raise ValueError(f"{world} ranks for {len(plan['endpoints'])} shards: start one rank per shard")

@@ -254,8 +254,8 @@ def windows(ids: list[int], context: int, count: int, start: int) -> list[list[i
 
 
 def gate_for(config, page_size: int, gate_dim: int = GATE_DIM, seed: int = 0, pre_rope: bool = True) -> PageGate:
-    """A fresh gate shaped for a model config (kvcache.engine.config.ModelConfig): pre-RoPE (q and keys rotated back with
-    the model's RoPE base) unless pre_rope is False."""
+    """A fresh gate shaped for a model config (kvcache.engine.config.ModelConfig): pre-RoPE (q and keys rotated back
+    with the model's RoPE base) unless pre_rope is False."""
     return PageGate(GateShape(config.num_layers, config.num_kv_heads, config.num_heads // config.num_kv_heads,
                               config.head_dim, page_size, gate_dim, rope_base=10000.0,
                               model_rope_base=config.rope_theta if pre_rope else 0.0), seed=seed)

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .csr import PageTableCSR
 from .paged_decode import plan_splits
 from .pdl import pdl_launch, pdl_trigger, pdl_wait
 from .topk import (
@@ -37,7 +38,6 @@ from .topk import (
     zero_workspace_row,
 )
 from .tuning import Launch
-from .csr import PageTableCSR
 
 # Programs ~ 8 waves of 132 SMs (H100/H200): scoring reads dg values per page and is bandwidth-bound. 32 pages
 # a step beat 64 and 128 (128K x 1 on an H100: 18.5 against 22.2 us, bench/results/gate_sweep_h100.json).
@@ -258,8 +258,8 @@ def gate_scores_triton(
     pass one that gate_queries_triton zeroed (select_workspace), else a zeroed one is made here.
 
     counts holds list_len (pages to read, first and last included), n_valid and n_total (int32 [B*Hkv]);
-    entries of a row past its sequence's pages are not written. With `pdl` (kvcache.kernels.pdl) it launches as following
-    gate_queries_triton's kernel."""
+    entries of a row past its sequence's pages are not written. With `pdl` (kvcache.kernels.pdl) it launches as
+    following gate_queries_triton's kernel."""
     BH, DG = qg.shape
     Hkv = keys.shape[1]
     dev = qg.device

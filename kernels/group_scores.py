@@ -14,11 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .csr import PageTableCSR
 from .paged_decode import sequence_extent
 from .softmax_stats import merged_softmax_stats
 from .topk import LEVELS, add_histogram, digit_histogram
 from .tuning import TUNING
-from .csr import PageTableCSR
 
 
 @triton.jit

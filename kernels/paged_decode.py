@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .csr import PageTableCSR
 from .pdl import pdl_launch, pdl_trigger, pdl_wait
 from .softmax_stats import merged_softmax_stats
 from .tuning import TUNING, Launch
-from .csr import PageTableCSR
 
 MODE_DENSE, MODE_ROWS, MODE_PAGES = 0, 1, 2
 
@@ -228,9 +228,9 @@ def attend_partial(
     k_seq and v_seq [N, Hkv, P, d] must have the same strides; they may be views of a pinned host
     tensor (the GPU reads those rows over PCIe) as long as csr.indices address that pool.
     alpha_inputs = (logits [B*Hkv, G, S_pad], stat_m, stat_l [B*Hkv, S1, G], S1) from SparQ's stage 1 turns
-    on its alpha (items are then positions). Without list_len every list holds max_items items (no per-row count to read).
-    `launch` overrides TUNING['decode']. With `pdl` (kvcache.kernels.pdl) it launches as following the kernel before it
-    (the one that made its lists).
+    on its alpha (items are then positions). Without list_len every list holds max_items items (no per-row count to
+    read). `launch` overrides TUNING['decode']. With `pdl` (kvcache.kernels.pdl) it launches as following the kernel
+    before it (the one that made its lists).
     """
     B, Hq, D = q.shape
     _, Hkv, P, _ = k_seq.shape

@@ -45,7 +45,8 @@ PDL_MAX_ROWS = 8
 
 
 def pdl_for_rows(device: torch.device, rows: int) -> bool:
-    """Whether a decode step over `rows` (sequence, kv head) rows launches its kernels dependent (kvcache.kernels.pdl)."""
+    """Whether a decode step over `rows` (sequence, kv head) rows launches its kernels dependent
+    (kvcache.kernels.pdl)."""
     return rows <= PDL_MAX_ROWS and pdl_enabled(device)
 
 

@@ -18,13 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .csr import SUMMARY_MAX, SUMMARY_MIN, PageTableCSR
 from .group_scores import group_scores
 from .paged_decode import MODE_PAGES, attend_partial_and_merge, dot_precision, plan_splits
 from .softmax_stats import running_softmax_stats
 from .topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
 from .tuning import TUNING
-from .csr import SUMMARY_MAX, SUMMARY_MIN
-from .csr import PageTableCSR
 
 
 @triton.jit
@@ -61,8 +60,10 @@ def _page_bounds_kernel(
         mask_p = offs_p < end
         page = tl.load(indices_ptr + page_start + offs_p, mask=mask_p, other=0).to(tl.int64)
         base = page * s_sn + h * s_sh
-        kmax = tl.load(summary_ptr + (base + ROW_MAX * s_sk)[:, None] + offs_d[None, :], mask=mask_p[:, None], other=0.0)
-        kmin = tl.load(summary_ptr + (base + ROW_MIN * s_sk)[:, None] + offs_d[None, :], mask=mask_p[:, None], other=0.0)
+        kmax = tl.load(summary_ptr + (base + ROW_MAX * s_sk)[:, None] + offs_d[None, :], mask=mask_p[:, None],
+                       other=0.0)
+        kmin = tl.load(summary_ptr + (base + ROW_MIN * s_sk)[:, None] + offs_d[None, :], mask=mask_p[:, None],
+                       other=0.0)
         # tf32 is exact here for bf16/fp16 stores: their q and min/max values fit tf32's mantissa.
         bound = tl.dot(q_pos, tl.trans(kmax), input_precision=DOT_PRECISION)
         bound += tl.dot(q_neg, tl.trans(kmin), input_precision=DOT_PRECISION)

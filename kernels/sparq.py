@@ -20,12 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .csr import PageTableCSR
 from .group_scores import group_scores
 from .paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
 from .softmax_stats import running_softmax_stats
 from .topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
 from .tuning import TUNING
-from .csr import PageTableCSR
 
 
 @triton.jit

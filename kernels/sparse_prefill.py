@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_decode import dot_precision, sequence_extent
 from .block_index import SparseIndex
 from .csr import PageTableCSR
+from .paged_decode import dot_precision, sequence_extent
 
 # Launch parameters for B x B tiles (B = the index's block size, 64 by default), not yet from a
 # GPU sweep (`kvcache.bench.prefill --sweep` times the alternatives). Compiled for sm_90 with bf16,

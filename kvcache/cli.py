@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from kvcache.engine.pattern_search import add_arguments as add_search_arguments
 
     add_search_arguments(search)
-    train_gate = sub.add_parser("train-gate", help="distil a learned page gate (SeerAttention) from the model's attention")
+    train_gate = sub.add_parser("train-gate",
+                                help="distil a learned page gate (SeerAttention) from the model's attention")
     from kvcache.engine.train_gate import add_arguments as add_train_gate_arguments
 
     add_train_gate_arguments(train_gate)

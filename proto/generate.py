@@ -16,7 +16,8 @@ def generate(out_dir: pathlib.Path) -> None:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     grpc_file = out_dir / "kvcache_pb2_grpc.py"
-    text = re.sub(r"^import kvcache_pb2 as", "from kvcache.wire import kvcache_pb2 as", grpc_file.read_text(), flags=re.M)
+    text = re.sub(r"^import kvcache_pb2 as", "from kvcache.wire import kvcache_pb2 as", grpc_file.read_text(),
+                  flags=re.M)
     grpc_file.write_text(text)
 
 

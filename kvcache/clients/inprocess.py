@@ -9,12 +9,12 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from kvcache.methods.attend import check_new_rows, run_validated, validate
-from kvcache.methods.registry import METHODS
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import InvalidParameter, KVCacheError, PositionOutOfRange, ShapeMismatch
 from kvcache.methods import AttentionResult
+from kvcache.methods.attend import check_new_rows, run_validated, validate
 from kvcache.methods.gather import gather_key_dims
+from kvcache.methods.registry import METHODS
 from kvcache.prefill.minference_index import BLOCK_SIZE, SparseIndex
 from kvcache.prefill.serving import HeadPattern, SparsePrefillResult, served_index, served_prefill
 from kvcache.stats import Totals

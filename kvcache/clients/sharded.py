@@ -204,7 +204,7 @@ class ShardedClient:
         num_new = k.shape[axis]
         current = []
         for i in range(self.num_shards):
-            held = {lens[i][l] for l in layers}
+            held = {lens[i][layer_idx] for layer_idx in layers}
             if len(held) > 1:
                 raise errors.PositionOutOfRange(f"shard {i} ({self.names[i]}) holds different lengths "
                                                 f"{sorted(held)} in its layers; append one layer at a time")
@@ -223,8 +223,8 @@ class ShardedClient:
             info = self._call(i, lambda i=i, pk=piece_k, pv=piece_v, pi=piece_ids, s=current[i]: self.shards[i].append(
                 subs[i], pk, pv, layer=layer, start=s, token_ids=pi))
             with self._lock:
-                for l in layers:
-                    lens[i][l] += n
+                for layer_idx in layers:
+                    lens[i][layer_idx] += n
                 self._pages.setdefault(seq_id, [0] * self.num_shards)[i] = info.num_pages
         return self._union_from_cache(seq_id)
 
@@ -475,7 +475,7 @@ class ShardedClient:
     def _union_from_cache(self, seq_id: str) -> SequenceInfo:
         with self._lock:
             lens, pages = self._lengths[seq_id], self._pages[seq_id]
-            lengths = tuple(sum(row[l] for row in lens) for l in range(len(lens[0])))
+            lengths = tuple(sum(row[layer_idx] for row in lens) for layer_idx in range(len(lens[0])))
             return SequenceInfo(seq_id, lengths, sum(pages), self._cached.get(seq_id, 0))
 
     def _layers(self, layer: int | None) -> list[int]:
@@ -612,5 +612,5 @@ def _shape_of(c: KVCacheConfig) -> tuple:
 
 
 def _union(seq_id: str, infos: Sequence[SequenceInfo]) -> SequenceInfo:
-    lengths = tuple(sum(info.lengths[l] for info in infos) for l in range(len(infos[0].lengths)))
+    lengths = tuple(sum(info.lengths[layer_idx] for info in infos) for layer_idx in range(len(infos[0].lengths)))
     return SequenceInfo(seq_id, lengths, sum(info.num_pages for info in infos), infos[0].cached_tokens)

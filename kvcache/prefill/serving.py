@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, ShapeMismatch
+from kvcache.kernels.sparse_prefill import sparse_prefill
 from kvcache.prefill.minference import minference_prefill
 from kvcache.prefill.minference_index import (
     BLOCK_SIZE,
@@ -32,7 +33,6 @@ from kvcache.prefill.minference_index import (
     vertical_slash_index,
 )
 from kvcache.store.page_table import PageTableCSR
-from kvcache.kernels.sparse_prefill import sparse_prefill
 
 # Pattern name -> the sizes it takes (all required), in the order a label prints them.
 PATTERNS: dict[str, tuple[str, ...]] = {
@@ -302,7 +302,8 @@ def _sequence_kv(store, seq_id: str, layer: int, q: torch.Tensor, start: int, bl
 
 def served_index(store, seq_id: str, layer: int, q: torch.Tensor, start: int,
                  patterns: HeadPattern | Sequence[HeadPattern], block_size: int = BLOCK_SIZE) -> SparseIndex:
-    """The index of the chunk q [T, Hq, d] at [start, start + T) of `seq_id`, from the keys the store holds at `layer`."""
+    """The index of the chunk q [T, Hq, d] at [start, start + T) of `seq_id`, from the keys the store holds at
+    `layer`."""
     q, k_seq, _, csr = _sequence_kv(store, seq_id, layer, q, start, block_size)
     return build_index(q, k_seq, csr, start, patterns, block_size=block_size)
 

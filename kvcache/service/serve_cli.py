@@ -55,11 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://host:PORT/metrics")
     p.add_argument("--grace-seconds", type=float, help="on SIGTERM, time in-flight calls get to finish (30)")
     p.add_argument("--torch-threads", type=int,
-                   help="intra-op threads of the CPU attention (default: torch's); 1 when engine and server share a few cores")
+                   help="intra-op threads of the CPU attention (default: torch's); "
+                   "1 when engine and server share a few cores")
     p.add_argument("--cpus",
                    help="CPUs the server runs on, e.g. 2-3 or 4,6 (default: all); keep them apart from the engine's")
     p.add_argument("--gate", help="page-gate weights for method 'gate': a .safetensors path or a name under "
-                   "kvcache/methods/gates/ (`kvcache train-gate` makes them); without one, 'gate' gets FAILED_PRECONDITION")
+                   "kvcache/methods/gates/ (`kvcache train-gate` makes them); "
+                   "without one, 'gate' gets FAILED_PRECONDITION")
     p.add_argument("--layers", type=int, help="model layers (default 30)")
     p.add_argument("--kv-heads", type=int, help="kv heads (default 3)")
     p.add_argument("--head-dim", type=int, help="head dim (default 64)")

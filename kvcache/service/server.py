@@ -27,22 +27,22 @@ prefer_low_latency_core()  # grpc core reads its settings once, at its import ju
 import grpc
 import torch
 
-from kvcache.service.batcher import AttendBatcher
 from kvcache.clients.inprocess import AttendCall, InProcessClient
 from kvcache.config import KVCacheConfig
 from kvcache.errors import InvalidParameter, KVCacheError, PlanStale, ShapeMismatch
+from kvcache.methods.gate_store import attach_gate
 from kvcache.methods.result import AttentionResult
-from kvcache.service.locks import SequenceLocks
 from kvcache.prefill.minference_index import BLOCK_SIZE
-from kvcache.service.metrics import serve_metrics
 from kvcache.prefill.serving import HeadPattern
+from kvcache.service.batcher import AttendBatcher
+from kvcache.service.locks import SequenceLocks
+from kvcache.service.metrics import serve_metrics
 from kvcache.stats import Totals
 from kvcache.store.step_plan import StepPlan
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
 from kvcache.wire.codec import ERROR_CLASS_KEY, from_wire, to_wire
 from kvcache.wire.messages import config_to_wire, info_to_wire, params_from_wire
-from kvcache.methods.gate_store import attach_gate
 
 log = logging.getLogger("kvcache.service.server")
 
@@ -428,7 +428,8 @@ class Server:
     def __init__(self, config: KVCacheConfig, options: ServerOptions) -> None:
         self.options = options
         self.draining = threading.Event()
-        self.servicer = KVCacheServicer(InProcessClient(config), self.draining, max_streams=max(1, options.workers // 2))
+        self.servicer = KVCacheServicer(InProcessClient(config), self.draining,
+                                        max_streams=max(1, options.workers // 2))
         if options.gate:
             attach_gate(self.servicer.client.store, options.gate)  # GateMissing / GateFileInvalid: no server
         limit = options.max_message_mb * 2**20

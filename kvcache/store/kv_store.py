@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.store.allocator import PageAllocator, chain_hash
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import (
     DTypeMismatch,
@@ -20,14 +19,15 @@ from kvcache.errors import (
     ShapeMismatch,
     StoreFull,
 )
+from kvcache.kernels.append_rows import append_rows_triton
+from kvcache.store.allocator import PageAllocator, chain_hash
 from kvcache.store.host_copy import ints_to_device, on_device
 from kvcache.store.page_pool import PagePool
-from kvcache.store.tier_manager import TierManager
 from kvcache.store.page_table import PageTableCSR, SequenceState, build_csr
 from kvcache.store.row_reads import Moves, page_keys, read_positions
 from kvcache.store.step_plan import StepPlan
+from kvcache.store.tier_manager import TierManager
 from kvcache.store.tiers import DEVICE
-from kvcache.kernels.append_rows import append_rows_triton
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,8 @@ class KVStore:
             self._check_layers(layer)
             seqs = [self._get(s) for s in seq_ids]
             # Divided by host-side counts in one launch: a count tensor would have to be sent to the device.
-            means = torch._foreach_div([s.value_sum[layer] for s in seqs], [float(max(s.lengths[layer], 1)) for s in seqs])
+            means = torch._foreach_div([s.value_sum[layer] for s in seqs],
+                                       [float(max(s.lengths[layer], 1)) for s in seqs])
             return torch.stack(means)
 
     def pool_usage(self) -> dict[str, int]:
@@ -385,7 +386,8 @@ class KVStore:
         return k.to(self.config.device), v.to(self.config.device)
 
     def _validate_kv(self, k: torch.Tensor, v: torch.Tensor, layer: int | None) -> None:
-        """ShapeMismatch / DTypeMismatch unless k, v are [L, T, Hkv, d] (layer None) or [T, Hkv, d] in the store's dtype."""
+        """ShapeMismatch / DTypeMismatch unless k, v are [L, T, Hkv, d] (layer None) or [T, Hkv, d] in the store's
+        dtype."""
         c = self.config
         if layer is None:
             expect, names = (c.num_layers, None, c.num_kv_heads, c.head_dim), "[L, T, Hkv, d]"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
-from kvcache.store.host_copy import to_device_async
 
 # Rows of k_summary along its third axis.
 from kvcache.kernels.csr import SUMMARY_MAX, SUMMARY_MEAN, SUMMARY_MIN  # noqa: F401 (the layout, re-exported)
+from kvcache.store.host_copy import to_device_async
 
 
 class PagePool:
@@ -62,7 +62,8 @@ class PagePool:
     def refresh_summaries(
         self, layers: torch.Tensor, page_ids: torch.Tensor, kv_slots: torch.Tensor, fills: torch.Tensor
     ) -> None:
-        """Recompute min/max/mean of pages `page_ids[n]` (at device slots kv_slots[n]) over their first `fills[nl, n]` rows."""
+        """Recompute min/max/mean of pages `page_ids[n]` (at device slots kv_slots[n]) over their first
+        `fills[nl, n]` rows."""
         keys = self.k_seq[layers[:, None], kv_slots[None, :]].float()  # [nl, n, Hkv, P, d]
         filled = torch.arange(self.config.page_size, device=keys.device) < fills[..., None]  # [nl, n, P]
         filled = filled[:, :, None, :, None]
@@ -78,7 +79,8 @@ class PagePool:
         slot of its K/V, row in the page) in both key layouts, folded into the pages' summaries.
 
         A page's first row (row 0) sets min = max = mean; a later one at row s updates min, max and the
-        running mean (mean * s + k) / (s + 1) instead of re-reducing the page. Reference of kvcache.kernels.append_rows."""
+        running mean (mean * s + k) / (s + 1) instead of re-reducing the page. Reference of
+        kvcache.kernels.append_rows."""
         dev = k.device
         page_ids, kv_slots, slots = to_device_async(torch.tensor(rows, dtype=torch.long).T.contiguous(), dev)
         self.k_seq[layer, kv_slots, :, slots] = k

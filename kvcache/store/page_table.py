@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcache.store.allocator import ROOT_HASH
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.kernels.csr import PageTableCSR
+from kvcache.store.allocator import ROOT_HASH
 from kvcache.store.host_copy import host_buffer, to_device_async
 
 

@@ -20,9 +20,9 @@ import torch
 
 from kvcache.config import KVCacheConfig
 from kvcache.errors import PageCorrupted, StoreFull
+from kvcache.stats import Totals
 from kvcache.store.eviction import EvictionPolicy, LRUPolicy, SparseAwarePolicy
 from kvcache.store.page_pool import PagePool
-from kvcache.stats import Totals
 from kvcache.store.tiers import DEVICE, DISK, HOST, NOWHERE, TIER_NAMES, SlotStorage
 
 
