@@ -11,7 +11,6 @@ import torch
 
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import (
-    DTypeMismatch,
     InvalidParameter,
     PlanStale,
     PositionOutOfRange,
@@ -20,10 +19,12 @@ from kvcache.errors import (
     StoreFull,
 )
 from kvcache.kernels.append_rows import append_rows_triton
-from kvcache.store.allocator import PageAllocator, chain_hash
+from kvcache.store.allocator import PageAllocator
+from kvcache.store.append_checks import as_token_list, check_kv, check_layers, check_start, new_token_ids, validate_kv
 from kvcache.store.host_copy import ints_to_device, on_device
 from kvcache.store.page_pool import PagePool
 from kvcache.store.page_table import PageTableCSR, SequenceState, build_csr
+from kvcache.store.prefix_cache import acquire_prefix, register_full_pages
 from kvcache.store.row_reads import Moves, page_keys, read_positions
 from kvcache.store.step_plan import StepPlan
 from kvcache.store.tier_manager import TierManager
@@ -87,7 +88,7 @@ class KVStore:
         with self._lock:
             seq = SequenceState(self._new_id(), self.config)
             if token_ids is not None:
-                seq.token_ids = _as_token_list(token_ids)
+                seq.token_ids = as_token_list(token_ids)
                 self._reuse_prefix(seq)
             self._seqs[seq.seq_id] = seq
             return self._info(seq)
@@ -137,12 +138,12 @@ class KVStore:
         """
         with self._lock:
             seq = self._get(seq_id)
-            layers = self._check_layers(layer)
-            k, v = self._check_kv(k, v, layer)
+            layers = check_layers(self.config, layer)
+            k, v = check_kv(self.config, k, v, layer)
             num_new = k.shape[1]
-            start = self._check_start(seq, layers, start)
+            start = check_start(seq, layers, start)
             end = start + num_new
-            new_ids = [] if token_ids is None else self._new_token_ids(seq, start, _as_token_list(token_ids), num_new)
+            new_ids = [] if token_ids is None else new_token_ids(seq, start, as_token_list(token_ids), num_new)
 
             P = self.config.page_size
             if num_new == 1 and len(layers) == 1:
@@ -161,17 +162,17 @@ class KVStore:
             for layer_idx in layers:
                 seq.lengths[layer_idx] = end
             seq.token_ids.extend(new_ids)
-            self._register_full_pages(seq)
+            register_full_pages(self.allocator, seq, self.config.page_size)
             return self._info(seq)
 
     def append_tokens(self, seq_ids: Sequence[str], k: torch.Tensor, v: torch.Tensor, layer: int) -> None:
         """Append one position to each of `seq_ids` at `layer` (k, v [B, Hkv, d]): all or nothing."""
         with self._lock:
-            self._check_layers(layer)
+            check_layers(self.config, layer)
             seqs = [self._get(s) for s in seq_ids]
             if len(set(seq_ids)) != len(seq_ids):
                 raise InvalidParameter("a sequence appears twice in one append")
-            self._validate_kv(k, v, layer)  # [B, Hkv, d]: the batch checked as T positions
+            validate_kv(self.config, k, v, layer)  # [B, Hkv, d]: the batch checked as T positions
             if k.shape[0] != len(seqs):
                 raise ShapeMismatch(f"k holds {k.shape[0]} rows for {len(seqs)} sequences")
             dev = self.config.device
@@ -188,7 +189,7 @@ class KVStore:
             self._write_decode_rows(layer, seqs, k, v)
             for seq in seqs:
                 seq.lengths[layer] += 1
-                self._register_full_pages(seq)
+                register_full_pages(self.allocator, seq, self.config.page_size)
 
     # ---- plan once per step ----------------------------------------------------------------
 
@@ -224,7 +225,7 @@ class KVStore:
         """Raise PlanStale unless `plan` still describes `seq_ids` at `layer` for a call that appends (or not) its
         new positions: the same sequences, pages and lengths, none freed or forked since."""
         with self._lock:
-            self._check_layers(layer)
+            check_layers(self.config, layer)
             if tuple(seq_ids) != plan.seq_ids:
                 raise PlanStale("the call names other sequences than its step's plan")
             if appending != bool(plan.new_tokens):
@@ -241,26 +242,26 @@ class KVStore:
     def lengths(self, seq_ids: Sequence[str], layer: int) -> list[int]:
         """Cached positions of each sequence at `layer`."""
         with self._lock:
-            self._check_layers(layer)
+            check_layers(self.config, layer)
             return [self._get(s).lengths[layer] for s in seq_ids]
 
     # ---- what attention reads ----------------------------------------------------------------
 
     def layer_view(self, layer: int) -> LayerView:
         """Pool tensors of `layer`."""
-        self._check_layers(layer)
+        check_layers(self.config, layer)
         return self._views[layer]
 
     def page_table(self, seq_ids: Sequence[str], layer: int) -> PageTableCSR:
         """CSR page table of `seq_ids` for `layer` on the store's device."""
         with self._lock:
-            self._check_layers(layer)
+            check_layers(self.config, layer)
             return build_csr([self._get(s) for s in seq_ids], layer, self.config.device)
 
     def value_mean(self, seq_ids: Sequence[str], layer: int) -> torch.Tensor:
         """Mean of cached V per sequence and kv head [B, Hkv, d] float32, from the running sums."""
         with self._lock:
-            self._check_layers(layer)
+            check_layers(self.config, layer)
             seqs = [self._get(s) for s in seq_ids]
             # Divided by host-side counts in one launch: a count tensor would have to be sent to the device.
             means = torch._foreach_div([s.value_sum[layer] for s in seqs],
@@ -294,7 +295,7 @@ class KVStore:
             if pages is None:
                 wanted = seq.live_pages.tolist()
             else:
-                idx = _as_token_list(pages)
+                idx = as_token_list(pages)
                 if any(i >= seq.num_pages for i in idx):
                     raise PositionOutOfRange(f"sequence {seq_id}: page index beyond its {seq.num_pages} pages")
                 wanted = seq.live_pages[idx].tolist() if idx else []
@@ -369,69 +370,6 @@ class KVStore:
 
     def _info(self, seq: SequenceState) -> SequenceInfo:
         return SequenceInfo(seq.seq_id, tuple(seq.lengths), seq.num_pages, seq.cached_tokens)
-
-    def _check_layers(self, layer: int | None) -> list[int]:
-        L = self.config.num_layers
-        if layer is None:
-            return list(range(L))
-        if not isinstance(layer, int) or not 0 <= layer < L:
-            raise InvalidParameter(f"layer {layer!r} out of range; the store has {L} layers")
-        return [layer]
-
-    def _check_kv(self, k: torch.Tensor, v: torch.Tensor, layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v as [L or 1, T, Hkv, d] on the store's device, after _validate_kv."""
-        self._validate_kv(k, v, layer)
-        if layer is not None:
-            k, v = k.unsqueeze(0), v.unsqueeze(0)
-        return k.to(self.config.device), v.to(self.config.device)
-
-    def _validate_kv(self, k: torch.Tensor, v: torch.Tensor, layer: int | None) -> None:
-        """ShapeMismatch / DTypeMismatch unless k, v are [L, T, Hkv, d] (layer None) or [T, Hkv, d] in the store's
-        dtype."""
-        c = self.config
-        if layer is None:
-            expect, names = (c.num_layers, None, c.num_kv_heads, c.head_dim), "[L, T, Hkv, d]"
-        else:
-            expect, names = (None, c.num_kv_heads, c.head_dim), "[T, Hkv, d]"
-        for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor):
-                raise ShapeMismatch(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != len(expect) or any(e is not None and e != s for e, s in zip(expect, t.shape)):
-                want = tuple("T" if e is None else e for e in expect)
-                raise ShapeMismatch(f"{name} has shape {tuple(t.shape)}; expected {names} = {want}")
-            if t.dtype != c.dtype:
-                raise DTypeMismatch(f"{name} has dtype {t.dtype}; the store holds {c.dtype}")
-        if k.shape != v.shape:
-            raise ShapeMismatch(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
-        if k.shape[-3] == 0:
-            raise ShapeMismatch("k and v hold no positions (T = 0)")
-
-    def _check_start(self, seq: SequenceState, layers: list[int], start: int | None) -> int:
-        current = {seq.lengths[layer] for layer in layers}
-        if len(current) > 1:
-            raise PositionOutOfRange(
-                f"sequence {seq.seq_id}: layers hold different lengths {sorted(current)}; append one layer at a time"
-            )
-        (length,) = current
-        if start is not None and start != length:
-            raise PositionOutOfRange(
-                f"sequence {seq.seq_id}: append at position {start}, but the next position is {length}"
-            )
-        return length
-
-    def _new_token_ids(self, seq: SequenceState, start: int, ids: list[int], num_new: int) -> list[int]:
-        """The ids of `ids` not yet known to `seq`, after checking they agree with the known ones."""
-        if len(ids) != num_new:
-            raise ShapeMismatch(f"{len(ids)} token ids for {num_new} positions")
-        known = len(seq.token_ids)
-        if start > known:
-            raise PositionOutOfRange(
-                f"sequence {seq.seq_id}: token ids given from position {start}, but ids are known only up to {known}"
-            )
-        overlap = min(known - start, num_new)
-        if seq.token_ids[start : start + overlap] != ids[:overlap]:
-            raise InvalidParameter(f"sequence {seq.seq_id}: token ids at {start}.. differ from those given before")
-        return ids[overlap:]
 
     def _write_decode_rows(self, layer: int, seqs: list[SequenceState], k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, Hkv, d] (on the device) at the next position of each of `seqs` at `layer`, whose
@@ -540,30 +478,10 @@ class KVStore:
         if num_new:
             seq.push_pages(fresh[len(fresh) - num_new :])
 
-    def _register_full_pages(self, seq: SequenceState) -> None:
-        """Hash full pages (in every layer, with known token ids) into the prefix cache."""
-        P = self.config.page_size
-        full = min(min(seq.lengths), len(seq.token_ids)) // P
-        while seq.num_hashed_pages < full:
-            i = seq.num_hashed_pages
-            seq.last_hash = chain_hash(seq.last_hash, seq.token_ids[i * P : (i + 1) * P])
-            self.allocator.register(int(seq.pages[i]), seq.last_hash)
-            seq.num_hashed_pages += 1
-
     def _reuse_prefix(self, seq: SequenceState) -> None:
         """Take cached pages for the leading full pages of seq.token_ids (at least one token is left to compute)."""
         P = self.config.page_size
-        matchable = (len(seq.token_ids) - 1) // P
-        pages: list[int] = []
-        digest = seq.last_hash
-        for i in range(matchable):
-            nxt = chain_hash(digest, seq.token_ids[i * P : (i + 1) * P])
-            page = self.allocator.lookup(nxt)
-            if page is None:
-                break
-            self.allocator.acquire_cached(page)
-            pages.append(page)
-            digest = nxt
+        pages, digest = acquire_prefix(self.allocator, seq.token_ids, seq.last_hash, P)
         if not pages:
             return
         seq.push_pages(pages)
@@ -601,11 +519,3 @@ class KVStore:
         with self._lock:  # the page table and the tiers must agree while the rows are read
             csr = self.page_table([seq_id], layer)
             return read_positions(self, layer, csr, 0, positions.to(self.config.device), Moves(self.tiers))
-
-def _as_token_list(token_ids: Sequence[int]) -> list[int]:
-    if isinstance(token_ids, torch.Tensor):
-        token_ids = token_ids.flatten().tolist()
-    ids = list(token_ids)
-    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-        raise InvalidParameter("token_ids must be non-negative ints")
-    return ids
