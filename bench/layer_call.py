@@ -5,7 +5,8 @@ Two parts, in one run:
            GPU time by CUDA events (graph replays, median), and wall time per call from Python.
   call     InProcessClient.attend with the new token's k, v (what an engine calls once per layer),
            wall time per call: each call waited for (synced, median) and back to back (pipelined, mean,
-           the GPU queue drained once at the end), with the GPU time of its kernels alone.
+           the GPU queue drained once at the end), with the GPU time of its kernels alone; per call (a page
+           table built for every call) and per step (plan_step once per step, its cost spread over the layers).
 
 `kvcache bench layer-call --json PATH`. On the CPU the Triton rows are left out (the torch path runs).
 """
@@ -90,7 +91,7 @@ def bench_call(device: torch.device, batches: tuple[int, ...], iters: int) -> li
                                    device_pages=B * (context // 16 + (iters + 40 * layers) // (16 * layers) + 8) + 64)
             for row in _time_calls(config, hq, B, context, iters):
                 rows.append({"part": "call", "shape": name, "batch": B, "context": context, **row})
-                print(f"call    {name:<13} B={B:<3} ctx={context:<6} append {row['append']:<6} "
+                print(f"call    {name:<13} B={B:<3} ctx={context:<6} append {row['append']:<6} {row['plan']:<8} "
                       f"synced {row['synced_us']:8.1f} us  pipelined {row['pipelined_us']:8.1f} us  "
                       f"GPU kernels {row['gpu_kernels_us'] or 0:6.1f} us")
     return rows
@@ -108,9 +109,21 @@ def _time_calls(config: KVCacheConfig, hq: int, B: int, context: int, iters: int
     k = torch.randn((B, hkv, d), device=config.device).to(config.dtype)
     v = torch.randn_like(k)
     step = iter(range(10**9))
+    plan = {}
 
     def call():
         client.attend(seqs, next(step) % layers, q, "dense", new_k=k, new_v=v)
+
+    def planned_call():
+        # A step planned at its first layer (plan_step: one page table for all layers), its cost spread over them.
+        layer = next(step) % layers
+        if layer == 0:
+            plan["step"] = client.plan_step(seqs)
+        client.attend(seqs, layer, q, "dense", new_k=k, new_v=v, plan=plan["step"])
+
+    def finish_step():
+        while client.store.lengths(seqs, 0) != client.store.lengths(seqs, layers - 1):
+            call()
 
     rows = []
     # The store's append path: kvcache.kernels.append_rows (CUDA) or the torch reference, the baseline.
@@ -136,7 +149,19 @@ def _time_calls(config: KVCacheConfig, hq: int, B: int, context: int, iters: int
                     call()
                 torch.cuda.synchronize()
             gpu = sum(e.self_device_time_total for e in prof.key_averages()) / layers
-        rows.append({"append": append, "synced_us": synced, "pipelined_us": pipelined, "gpu_kernels_us": gpu})
+        rows.append({"append": append, "plan": "per call", "synced_us": synced, "pipelined_us": pipelined,
+                     "gpu_kernels_us": gpu})
+        finish_step()
+        planned_synced = _wall_us(planned_call, iters // layers * layers, sync=cuda)
+        finish_step()
+        t0 = time.perf_counter()
+        for _ in range(iters // layers * layers):
+            planned_call()
+        if cuda:
+            torch.cuda.synchronize()
+        planned_pipelined = (time.perf_counter() - t0) / (iters // layers * layers) * 1e6
+        rows.append({"append": append, "plan": "per step", "synced_us": planned_synced,
+                     "pipelined_us": planned_pipelined, "gpu_kernels_us": None})
     return rows
 
 

@@ -4,6 +4,7 @@ the device, GPU selection, shard rule. A method is one object of one file; kvcac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -57,6 +58,21 @@ class Params:
     @classmethod
     def specs(cls) -> list[ParamSpec]:
         """Every field as a ParamSpec, in declaration order."""
+        return list(_specs(cls))
+
+    @classmethod
+    def parse(cls, method: str, values: Mapping[str, Any] | None) -> Params:
+        """The parameters of `values` checked for names, types and static ranges; InvalidParameter naming the
+        method otherwise."""
+        # Keyed by each value's type too: True == 1 and 4 == 4.0 must not share a cache entry.
+        items = tuple((name, type(value), value) for name, value in (values or {}).items())
+        try:
+            return _parse(cls, method, items)  # a decode step asks with the same values in every layer
+        except TypeError:  # an unhashable value: checked (and refused) without the cache
+            return cls._parse_uncached(method, dict(values or {}))
+
+    @classmethod
+    def _specs_uncached(cls) -> tuple[ParamSpec, ...]:
         hints = typing.get_type_hints(cls)
         out = []
         for f in dataclasses.fields(cls):
@@ -64,14 +80,11 @@ class Params:
             m = f.metadata
             out.append(ParamSpec(f.name, kind, optional, f.default is REQUIRED, None if f.default is REQUIRED
                                  else f.default, m["doc"], m["lo"], m["hi"], m["positive"], m["cli"]))
-        return out
+        return tuple(out)
 
     @classmethod
-    def parse(cls, method: str, values: Mapping[str, Any] | None) -> Params:
-        """The parameters of `values` checked for names, types and static ranges; InvalidParameter naming the
-        method otherwise."""
-        values = dict(values or {})
-        specs = {s.name: s for s in cls.specs()}
+    def _parse_uncached(cls, method: str, values: dict[str, Any]) -> Params:
+        specs = {s.name: s for s in _specs(cls)}
         unknown = set(values) - set(specs)
         if unknown:
             raise InvalidParameter(f"{method}: unknown parameters {sorted(unknown)}; accepted: {list(specs)}")
@@ -95,6 +108,17 @@ class Params:
         """The fields that differ from their defaults (what a caller needs to send to get these parameters)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.default is REQUIRED or getattr(self, f.name) != f.default}
+
+
+@functools.cache
+def _specs(cls: type[Params]) -> tuple[ParamSpec, ...]:
+    # typing.get_type_hints costs tens of microseconds: once per class.
+    return cls._specs_uncached()
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(cls: type[Params], method: str, items: tuple[tuple[str, type, Any], ...]) -> Params:
+    return cls._parse_uncached(method, {name: value for name, _, value in items})
 
 
 def _kind(hint: Any) -> tuple[type, bool]:
