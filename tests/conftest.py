@@ -7,6 +7,9 @@ Helpers are exposed as fixtures (not imported from this module) so tests work in
 from __future__ import annotations
 
 import os
+import sys
+import time
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -274,24 +277,24 @@ def pytest_configure(config):
 
 # ---- markers: kernel, service, gpu, slow (registered in pyproject.toml) ------------------------------------------
 #
-# Assigned here by module, fixture, parameter or name rather than test by test. `make test-fast` deselects
-# slow and service; `pytest -m gpu` selects the tests that skip without CUDA. Which tests launch a Triton kernel or
-# start a server/subprocess was found by running the suite with Popen, grpc.server and the Triton interpreter's
-# launch wrapped, and is written down as the rules below.
+# Assigned here by module, fixture, parameter or name rather than test by test. `make test-fast` deselects slow and
+# service; `pytest -m gpu` selects the tests that skip without CUDA. Which tests launch a Triton kernel or start a
+# server or subprocess was found by running the suite with subprocess.Popen, grpc.server and the Triton launch
+# wrapped; the same wrappers stay on (pytest_runtest_protocol below) and warn when a test does either without its
+# marker, or takes over 5 s without `slow`.
 
 # kernel: runs a Triton kernel (under the interpreter without a GPU, compiled on one).
 KERNEL_MODULES = ("test_kernel_*.py", "test_gate_kernels.py", "test_sparq_edge_cases.py", "test_pdl.py")
 KERNEL_FIXTURES = {"both_backends"}  # test_dispatch: attends through backend="triton" for every method
 KERNEL_TESTS = {
-    "test_gate_prefill.py": {
-        "test_a_small_budget_reads_its_blocks_and_the_kernel_attends_to_exactly_them",
-        "test_bfloat16_gate_prefill_on_the_gpu",
-    },
+    "test_gate_prefill.py": {"test_a_small_budget_reads_its_blocks_and_the_kernel_attends_to_exactly_them",
+                             "test_bfloat16_gate_prefill_on_the_gpu"},
+    "test_window.py": {"test_float16_on_the_triton_path_matches_the_reference"},
 }
-# ... and any test parametrized with backend="triton".
+# ... and every test parametrized with backend="triton".
 
 # service: starts a `kvcache serve` subprocess, an in-process gRPC server or another subprocess (torchrun, a fresh
-# interpreter), or uses a module fixture that did.
+# interpreter), or uses a fixture that did.
 SERVICE_MODULES = ("test_service*.py", "test_*_service.py", "test_bench_rpc.py")
 SERVER_FIXTURES = {"server", "servers", "tiered_server", "certificate"}
 SERVICE_TESTS = {
@@ -304,12 +307,14 @@ SERVICE_TESTS = {
                                  "test_serve_logs_the_allocation_on_stderr_before_and_after"},
     "test_star_eval.py": {"test_the_shards_can_be_kvcache_serve_processes"},
     "test_star_phase1.py": {"test_parallel_mode_under_torchrun_times_both_ranks_and_the_baseline"},
+    "test_wheel.py": {"test_the_wheel_holds_only_the_kvcache_namespace_with_its_data"},
+    "test_window.py": {"test_over_grpc_it_answers_as_in_process"},
     "test_wire.py": {"test_importing_the_client_turns_the_event_engine_tcp_paths_off",
                      "test_an_explicit_grpc_experiments_setting_wins", "test_nothing_is_set_once_grpc_is_loaded"},
 }
-# ... and any test whose `client` (or `small_client`) is the "remote" one (test_client_protocol).
+# ... and every test whose `client` or `small_client` is the remote one (test_client_protocol).
 
-# gpu: needs CUDA (each skips without it). A name with [..] is that parametrization only.
+# gpu: needs CUDA; each of these skips without it (and no other test does). A name with [..] is that case only.
 GPU_TESTS = {
     "test_attend_batcher.py": {"test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone[cuda]"},
     "test_engine_generate.py": {"test_the_model_and_store_on_cuda_generate_what_the_cpu_does"},
@@ -326,13 +331,43 @@ GPU_TESTS = {
     "test_service.py": {"test_a_cuda_server_attends_as_the_in_process_cuda_store_does"},
 }
 
-# slow: SLOW_TESTS_PLACEHOLDER
-SLOW_MODULES: tuple[str, ...] = ()
-SLOW_TESTS: dict[str, set[str]] = {}
+# slow: over ~2 s for the test itself (its call and function-scoped setup; a module fixture's one-off setup is not
+# counted, except where only these tests use it). Measured on the 2-core CPU machine with three runs of
+# `pytest tests -n 2 --durations=0` (setup + call + teardown, fastest-slowest run in the comments; the slowest run
+# shared the machine with another test run). Re-measure when adding a long test: one over 5 s warns (below).
+SLOW_MODULES = ("test_engine_smollm2.py",)  # every test needs the SmolLM2-135M weights (3-7 s to load), then 1-4 s
+SLOW_TESTS = {
+    "test_bench_rpc.py": {"test_bench_rpc_reports_both_clients_and_concurrent_engine_processes",  # 3.9-14 s
+                          "test_bench_rpc_pins_server_and_engines_where_asked",  # 2.8-6.3 s
+                          "test_bench_rpc_floor_reports_the_wire_the_host_wait_and_their_sum"},  # 1.4-4.8 s
+    "test_engine_generate.py": {"test_generation_over_grpc_equals_in_process"},  # 2.3-8.8 s
+    "test_engine_gguf.py": {"test_truncated_smollm2_file_is_refused",  # 2.3-6.4 s
+                            "test_generate_command_against_a_server_gives_the_in_process_answer"},  # 1.7-6.3 s
+    "test_engine_minference.py": {"test_smollm2_with_its_searched_patterns_answers_as_with_dense_prefill",  # 7.8-27 s
+                                  "test_over_grpc_the_served_variants_give_the_in_process_answer"},  # 2.1-5.8 s
+    "test_gate.py": {"test_gate_over_the_attend_rpc"},  # 2.2-2.8 s
+    "test_gate_prefill.py": {"test_generate_with_gate_prefill_and_gate_decode"},  # 6.5-6.6 s
+    "test_service.py": {"test_sigterm_under_load_completes_or_refuses_calls_and_exits_0",  # 2.1-2.5 s
+                        "test_sixteen_concurrent_clients_keep_their_own_kv",  # 1.6-2.5 s
+                        "test_serve_refuses_cpus_it_cannot_have",  # 1.5-2.1 s
+                        "test_serve_puts_every_thread_on_one_malloc_arena"},  # 1.2-2.1 s
+    # The only users of the module's four servers (4-9 s to start, in whichever of them runs first).
+    "test_sharded.py": {"test_dense_over_n_servers_equals_single_server_dense",
+                        "test_a_killed_server_fails_the_step_naming_it_and_the_other_shards_stay_usable"},
+    "test_sparq_edge_cases.py": {"test_components_beyond_index_255_can_be_chosen_by_the_kernel"},  # 2.3-2.9 s
+    "test_star.py": {"test_torchrun_ranks_write_the_anchored_blocks_to_their_own_servers"},  # 8.2-8.8 s
+    "test_star_eval.py": {"test_the_shards_can_be_kvcache_serve_processes"},  # 2.5-3.5 s
+    "test_star_phase1.py": {"test_parallel_mode_under_torchrun_times_both_ranks_and_the_baseline"},  # 5.5-6.6 s
+    "test_step_plan.py": {"test_a_planned_step_equals_per_call_steps_for_every_method[lengths0-triton]",  # 6.5 s
+                          "test_a_planned_step_equals_per_call_steps_for_every_method[lengths1-triton]"},  # 16 s
+    "test_tiers.py": {"test_attention_equals_plain_store[host-only-triton]",  # 6.0-6.4 s
+                      "test_attention_equals_plain_store[host+disk-triton]",  # 2.9-4.3 s
+                      "test_attention_equals_plain_store[disk-only-triton]"},  # 2.8-2.9 s
+}
 
 
 def _named(item: pytest.Item, names: dict[str, set[str]]) -> bool:
-    """item's function (any parametrization) or the one parametrization is listed under its module."""
+    """item's function (every case of it) or this one case is listed under its module."""
     listed = names.get(item.path.name, ())
     return item.name in listed or getattr(item, "originalname", item.name) in listed
 
@@ -348,10 +383,83 @@ def pytest_collection_modifyitems(config, items):
         if (_in(item, KERNEL_MODULES) or _named(item, KERNEL_TESTS) or params.get("backend") == "triton"
                 or KERNEL_FIXTURES.intersection(item.fixturenames)):
             item.add_marker(pytest.mark.kernel)
-        if (_in(item, SERVICE_MODULES) or _named(item, SERVICE_TESTS) or SERVER_FIXTURES.intersection(item.fixturenames)
-                or "remote" in (params.get("client"), params.get("small_client"))):
+        shares_a_server = (SERVER_FIXTURES.intersection(item.fixturenames)
+                           or "remote" in (params.get("client"), params.get("small_client")))
+        if shares_a_server or _in(item, SERVICE_MODULES) or _named(item, SERVICE_TESTS):
             item.add_marker(pytest.mark.service)
         if _named(item, GPU_TESTS):
             item.add_marker(pytest.mark.gpu)
         if _in(item, SLOW_MODULES) or _named(item, SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
+        if not torch.cuda.is_available():  # here every CUDA-only test skips: GPU_TESTS must name exactly those
+            cuda_skip = any(m.args and m.args[0] is True and ("CUDA" in m.kwargs.get("reason", "")
+                                                               or "GPU" in m.kwargs.get("reason", ""))
+                            for m in item.iter_markers("skipif"))
+            if cuda_skip != (item.get_closest_marker("gpu") is not None):
+                state = "skips without CUDA but is not" if cuda_skip else "runs without CUDA but is"
+                warnings.warn(pytest.PytestWarning(f"{item.nodeid} {state} in tests/conftest.py's GPU_TESTS"),
+                              stacklevel=1)
+
+
+# What each test (its setup included) starts, launches or takes, checked against its markers when it is done.
+_SEEN = pytest.StashKey[set]()
+_running: list[pytest.Item] = []
+_WHAT = {"kernel": "launched a Triton kernel", "service": "started a server or a Python subprocess",
+         "slow": "took over 5 s"}
+
+
+def _python(popen, args=(), *rest, **kwargs) -> bool:
+    """A subprocess that is a Python interpreter or torchrun (not `uname -p` under platform.processor())."""
+    try:
+        program = os.path.basename(str(args if isinstance(args, (str, os.PathLike)) else args[0]).split()[0])
+    except (IndexError, TypeError):
+        return False
+    return program.startswith(("python", "torchrun")) or program == os.path.basename(sys.executable)
+
+
+def _wrap(owner, name: str, marker: str, counts=lambda *args, **kwargs: True) -> None:
+    real = getattr(owner, name)
+    if getattr(real, "_kvcache_marker", None):
+        return
+
+    def wrapper(*args, **kwargs):
+        if _running and counts(*args, **kwargs):
+            _running[-1].stash.setdefault(_SEEN, set()).add(marker)
+        return real(*args, **kwargs)
+
+    wrapper._kvcache_marker = marker
+    setattr(owner, name, wrapper)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import subprocess
+
+    import triton.runtime.interpreter
+    import triton.runtime.jit
+
+    _wrap(subprocess.Popen, "__init__", "service", _python)
+    _wrap(triton.runtime.interpreter.InterpretedFunction, "run", "kernel")
+    _wrap(triton.runtime.jit.JITFunction, "run", "kernel")
+    if "grpc" in sys.modules:  # not imported here: kvcache sets grpc's core options before its first import
+        _wrap(sys.modules["grpc"], "server", "service")
+    _running.append(item)
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+        missing = sorted(m for m in item.stash.get(_SEEN, ()) if item.get_closest_marker(m) is None)
+        if missing:
+            item.warn(pytest.PytestWarning(f"it {' and '.join(_WHAT[m] for m in missing)} but is not marked "
+                                           f"{' or '.join(missing)}: add it to the rules in tests/conftest.py"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    # Over 5 s (2.5x the ~2 s bound, for slack on a loaded machine) in the test's own call is surely slow.
+    start = time.monotonic()
+    try:
+        return (yield)
+    finally:
+        if time.monotonic() - start > 5.0:
+            item.stash.setdefault(_SEEN, set()).add("slow")
