@@ -704,8 +704,11 @@ def test_unary_attend_with_new_kv_appends_once(unary_client):
         seqs.free_all()
 
 
-@pytest.mark.parametrize("case", ["attend q of wrong head dim", "attend float16 q", "attend batch with unknown sequence",
-                                  "sparq r > d", "unknown method", "unknown parameter"])
+@pytest.mark.parametrize(
+    "case",
+    ["attend q of wrong head dim", "attend float16 q", "attend batch with unknown sequence",
+     "sparq r > d", "unknown method", "unknown parameter"],
+)
 def test_unary_attend_raises_the_same_classes(unary_client, case):
     call, error = BAD_CALLS[case]
     seqs = Sequences(unary_client)

@@ -47,7 +47,8 @@ def _transcribed_scores(q_w, q_b, k_w, q, keys, page_size, base):
 
 
 def _model_unrotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """x [T, H, d] rotated by the engine's own RoPE (kvcache.engine.model, float64 tables) at `positions` [T], rotated back."""
+    """x [T, H, d] rotated by the engine's own RoPE (kvcache.engine.model, float64 tables) at `positions` [T],
+    rotated back."""
     from kvcache.engine.model import apply_rope, rope_tables
 
     cos, sin = rope_tables(positions[None], x.shape[-1], base, torch.float64)

@@ -70,7 +70,7 @@ def test_keys_follow_appends_decode_steps_and_page_boundaries():
     a = store.create().seq_id
     store.append(a, *_kv(gen, 6))  # a page and a half, all layers
     assert _assert_cache_matches_reference(store, gate) == 2 * 2
-    for step in range(7):  # decode steps, one layer at a time, across two page boundaries
+    for _step in range(7):  # decode steps, one layer at a time, across two page boundaries
         for layer in range(L):
             k, v = _kv(gen, 1, layers=False)
             store.append(a, k, v, layer=layer)

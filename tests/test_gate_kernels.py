@@ -87,7 +87,7 @@ def test_the_chosen_pages_are_the_references(G, budget, select, kind, monkeypatc
     summary = store.layer_view(0).k_summary
     with poisoned_allocations():
         chosen, list_len = gate_choose_triton(q, summary, lg, csr, budget)
-    for b, S in enumerate(lengths):
+    for b, _S in enumerate(lengths):
         scores = gate_page_scores(lg, q[b].view(HKV, G, 64), summary[csr.pages_of(b)], _keys(store, csr, b))
         ref, count = gate_select(scores, PAGE, budget=budget)
         for h in range(HKV):

@@ -97,7 +97,9 @@ def test_decode_append_equals_prefill_append():
             assert cd.host_lens == cp.host_lens
             pd, pp = cd.pages_of(0), cp.pages_of(0)
             for name in ("k_seq", "v_seq", "k_dim"):
-                torch.testing.assert_close(getattr(decoded.pool, name)[layer, pd], getattr(prefilled.pool, name)[layer, pp])
+                torch.testing.assert_close(
+                    getattr(decoded.pool, name)[layer, pd], getattr(prefilled.pool, name)[layer, pp]
+                )
             torch.testing.assert_close(decoded.pool.k_summary[layer, pd], prefilled.pool.k_summary[layer, pp])
         torch.testing.assert_close(decoded.value_mean([sd], 0), prefilled.value_mean([sp], 0))
 

@@ -127,7 +127,7 @@ def test_dense_of_one_layer_reads_only_that_layer(make_client, random_kv):
 # ---- sparq -------------------------------------------------------------------------------------
 
 
-def sparq_transcription(q, K, V, r, k, l, reallocate=True):
+def sparq_transcription(q, K, V, r, k, local_window, reallocate=True):
     """docs/algorithms.md §1, line by line, for one sequence on contiguous float32 tensors.
 
     q [Hq, d]; K, V [S, Hkv, d]. Returns out [Hq, d] and lse [Hq] (lse of the exact stage-2 scores).
@@ -151,13 +151,13 @@ def sparq_transcription(q, K, V, r, k, l, reallocate=True):
             tau = torch.sqrt(d * q[j, i1].abs().sum() / q[j].abs().sum())
             # 3. shat = softmax(q[i1] . K[:, i1]^T / tau) over all S positions
             shat[j] = torch.softmax(Kh[:, i1] @ q[j, i1] / tau, dim=0)
-        # 4. m = 1 for the last l positions, else 0; i2 = argtopk(shat + m, k).
+        # 4. m = 1 for the last l = local_window positions, else 0; i2 = argtopk(shat + m, k).
         # For a group §1 says "i2 from sum_g shat_g". The implementation ranks by the group MEAN of
         # shat plus m: the same order as the sum, while mean <= 1 keeps the window guarantee of m = 1.
         # Transcribed that way here.
         m = torch.zeros(S)
-        if l:
-            m[S - l :] = 1.0
+        if local_window:
+            m[S - local_window :] = 1.0
         i2 = torch.topk(sum(shat[j] for j in group) / G + m, k).indices
         for j in group:
             # 5. alpha = sum(shat[i2])   (alpha = 1 without reallocation)

@@ -45,7 +45,10 @@ def lists(index, head: int):
     out = {}
     for m in range(index.num_query_blocks):
         nb, nc = int(index.block_count[head, m]), int(index.column_count[head, m])
-        out[index.first_block + m] = (index.block_index[head, m, :nb].tolist(), index.column_index[head, m, :nc].tolist())
+        out[index.first_block + m] = (
+            index.block_index[head, m, :nb].tolist(),
+            index.column_index[head, m, :nc].tolist(),
+        )
     return out
 
 
@@ -160,16 +163,16 @@ def test_a_planted_diagonal_lists_the_two_blocks_it_crosses_in_every_query_block
 def test_first_columns_and_nearest_diagonals_are_kept_even_when_they_score_nothing():
     q, k = planted_diagonal_inputs(offset=70)
     k[:3] = -4 * q[-64:, 0].mean(dim=0)  # the first keys repel the queries the estimate uses
-    columns, offsets = vertical_slash_lines(q, seq_major(k), 0, n_vertical=4, n_slash=3, first_columns=3, last_diagonals=3,
-                                            min_columns=0, min_diagonals=0)
+    columns, offsets = vertical_slash_lines(q, seq_major(k), 0, n_vertical=4, n_slash=3, first_columns=3,
+                                            last_diagonals=3, min_columns=0, min_diagonals=0)
     assert columns[0, :3].tolist() == [0, 1, 2]
     assert offsets[0].tolist() == [0, 1, 2]  # the planted 70 loses to the forced diagonals
 
 
 def test_forced_lines_beyond_the_budget_keep_the_earliest_columns_and_nearest_diagonals():
     q, k = planted_diagonal_inputs(offset=70)
-    columns, offsets = vertical_slash_lines(q, seq_major(k), 0, n_vertical=2, n_slash=3, first_columns=30, last_diagonals=100,
-                                            min_columns=0, min_diagonals=0)
+    columns, offsets = vertical_slash_lines(q, seq_major(k), 0, n_vertical=2, n_slash=3, first_columns=30,
+                                            last_diagonals=100, min_columns=0, min_diagonals=0)
     assert columns[0].tolist() == [0, 1] and offsets[0].tolist() == [0, 1, 2]
 
 
@@ -185,8 +188,8 @@ def test_vertical_slash_scores_match_a_direct_computation():
     q = torch.randn((T, Hkv * G, d), generator=gen)
     k = torch.randn((start + T, Hkv, d), generator=gen)
     n_last = 64
-    columns, offsets = vertical_slash_lines(q, seq_major(k), start, n_vertical=7, n_slash=9, last_q=n_last, first_columns=0,
-                                            last_diagonals=0, min_columns=0, min_diagonals=0)
+    columns, offsets = vertical_slash_lines(q, seq_major(k), start, n_vertical=7, n_slash=9, last_q=n_last,
+                                            first_columns=0, last_diagonals=0, min_columns=0, min_diagonals=0)
     S = start + T
     for h in range(Hkv * G):
         vertical, slash = torch.zeros(S), torch.zeros(S)

@@ -1,4 +1,5 @@
-"""The oracle page choice (kvcache.methods.oracle): the pages with the most true attention mass, then exact attention."""
+"""The oracle page choice (kvcache.methods.oracle): the pages with the most true attention mass, then exact
+attention."""
 
 import math
 

@@ -325,4 +325,6 @@ def test_a_spec_runs_its_own_method_at_its_own_layers(model):
 
     client.attend = spy
     decode_step(model, client, [seq], [5], [0], spec)
-    assert calls == [(0, "quest"), (1, "dense")][: CONFIG.num_layers] + [(l, "quest") for l in range(2, CONFIG.num_layers)]
+    assert calls == [(0, "quest"), (1, "dense")][: CONFIG.num_layers] + [
+        (layer, "quest") for layer in range(2, CONFIG.num_layers)
+    ]

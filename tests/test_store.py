@@ -133,7 +133,7 @@ def test_interleaved_appends_of_one_layer_match_contiguous_tensors(
         T = int(torch.randint(1, 2 * page_size + 2, (), generator=gen))
         _append(store, ref, sid, gen, random_kv, T, layer=layer, start=ref.length(sid, layer))
         assert_store_matches(store, ref)
-        assert store.describe(sid).lengths == tuple(ref.length(sid, l) for l in range(3))
+        assert store.describe(sid).lengths == tuple(ref.length(sid, each_layer) for each_layer in range(3))
 
 
 def test_long_sequence_outgrows_the_page_table_buffer(make_client, random_kv, contiguous, assert_store_matches):

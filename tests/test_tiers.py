@@ -411,8 +411,9 @@ def test_attention_equals_plain_store(tmp_path, monkeypatch, tiering, backend):
     calls = {"torch": 0, "triton": 0}
     for name in ("attend_torch", "attend_triton"):
         real = getattr(attend_module, name)
+        short = name.removeprefix("attend_")
 
-        def spy(q, inputs, *a, _real=real, _name=name.removeprefix("attend_"), **kw):
+        def spy(q, inputs, *a, _real=real, _name=short, **kw):
             calls[_name] += inputs.store is tiered.store
             return _real(q, inputs, *a, **kw)
 
