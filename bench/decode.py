@@ -71,7 +71,7 @@ def method_grid(context: int, methods: list[str], page_size: int) -> list[tuple[
     if "quest" in methods:
         for div in (16, 8):
             rows.append(("quest", {"top_pages": max(1, context // div // page_size)}))
-    if "gate" in methods:  # SeerAttention's decode budget (2-4K tokens, docs/algorithms.md §3) and S/16
+    if "gate" in methods:  # SeerAttention's decode budget (2-4K tokens, docs/sparse-attention.md §3) and S/16
         for budget in dict.fromkeys((4096, context // 16)):
             rows.append(("gate", {"budget": min(budget, context)}))
     if "window" in methods:  # 4 sinks and a window: S/16 and S/8 rows, SparQ's k

@@ -1,4 +1,4 @@
-"""`kvcache bench prefill`: MInference sparse prefill (docs/algorithms.md §2) against SDPA, one layer.
+"""`kvcache bench prefill`: MInference sparse prefill (docs/sparse-attention.md §2) against SDPA, one layer.
 
 Llama-3-8B's attention shape (32 q heads, 8 kv heads, d=128, bf16, pages of 16), one prompt of
 S positions prefilled as one chunk. Per pattern: time to build the index, time of the sparse

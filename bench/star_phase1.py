@@ -1,4 +1,4 @@
-"""`kvcache bench star-phase1`: Star Attention phase 1 (docs/algorithms.md §4) against one rank's full causal
+"""`kvcache bench star-phase1`: Star Attention phase 1 (docs/sparse-attention.md §4) against one rank's full causal
 prefill of the same context, same model shape (random weights), same run.
 
 Two ways to run it:

@@ -75,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--server", help="host:port of a `kvcache serve` to decode through (default: in-process)")
     p.add_argument("--star", action="store_true",
-                   help="also Star Attention (docs/algorithms.md §4): the context encoded in "
+                   help="also Star Attention (docs/sparse-attention.md §4): the context encoded in "
                    "anchored blocks over --shards shards, the query and every later token by lse-merged attention over "
                    "them (dense decoding), against dense prefill")
     p.add_argument("--shards", default="4", help="--star: comma-separated shard counts (default 4)")
@@ -240,7 +240,7 @@ def main(args: argparse.Namespace) -> int:
     With --prefill minference every measurement runs twice, after a dense prefill and after a
     MInference prefill, each in a store of its own (so neither reuses the other's cached prefix);
     both are compared with dense prefill and dense decoding. With --star each Star Attention setting
-    (docs/algorithms.md §4) encodes the same prompts over its shards and decodes them densely through
+    (docs/sparse-attention.md §4) encodes the same prompts over its shards and decodes them densely through
     phase 2, compared with the same dense baseline.
     """
     from kvcache.engine.load import load_model
@@ -466,7 +466,7 @@ def plot(report: dict, path: str) -> bool:
                     if (r["context"], r["shards"], r["method"].rsplit(" a=", 1)[0]) == (C, shards, name)]
             pts = sorted((float(Fraction(r["anchor_fraction"])), 100 * r["vs_dense"]) for r in rows)
             middle.plot(*zip(*pts), marker="o", label=f"{name} C={C}")
-        middle.set_xlabel("Star Attention anchor / block (docs/algorithms.md §4)")
+        middle.set_xlabel("Star Attention anchor / block (docs/sparse-attention.md §4)")
         middle.set_ylabel("perplexity change vs dense prefill (%)")
         middle.axhline(0, color="gray", lw=0.5)
         middle.legend(fontsize=7)

@@ -1,4 +1,4 @@
-"""MInference sparse prefill in the engine (docs/algorithms.md §2): each layer's heads attend by their searched
+"""MInference sparse prefill in the engine (docs/sparse-attention.md §2): each layer's heads attend by their searched
 patterns.
 
     attention = MInferencePrefill(kvcache.engine.patterns.load("smollm2-135m"))

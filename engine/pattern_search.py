@@ -1,4 +1,4 @@
-"""`kvcache search-patterns`: the offline per-head pattern search of MInference (docs/algorithms.md §2).
+"""`kvcache search-patterns`: the offline per-head pattern search of MInference (docs/sparse-attention.md §2).
 
 One prefill pass of calibration text through the real model captures every layer's post-RoPE q
 and k. Then, per layer and query head, each candidate pattern's index is built exactly as the
@@ -38,7 +38,7 @@ import torch
 from kvcache.prefill.minference_index import BLOCK_SIZE, MIN_COLUMNS, MIN_DIAGONALS
 from kvcache.prefill.serving import PATTERNS, HeadPattern, build_index, paged
 
-# The authors' search candidates (docs/algorithms.md §2) and the prompt length their sizes are taken to be for.
+# The authors' search candidates (docs/sparse-attention.md §2) and the prompt length their sizes are taken to be for.
 AUTHOR_CANDIDATES = (
     HeadPattern("a_shape", n_init=100, n_local=800),
     HeadPattern("vertical_slash", n_vertical=30, n_slash=800),

@@ -1,4 +1,4 @@
-"""Star Attention across KV servers (docs/algorithms.md §4): anchored context encoding, then lse-merged decoding.
+"""Star Attention across KV servers (docs/sparse-attention.md §4): anchored context encoding, then lse-merged decoding.
 
 Phase 1 (context encoding). The context is split into blocks of b tokens. Block 1 is encoded alone.
 Block i is encoded as [anchor ; block i], where the anchor is the context's first a tokens (a = b by

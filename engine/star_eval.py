@@ -1,4 +1,4 @@
-"""Star Attention in the accuracy harness (`kvcache eval --star`; docs/algorithms.md §4).
+"""Star Attention in the accuracy harness (`kvcache eval --star`; docs/sparse-attention.md §4).
 
 A prompt is encoded as Star Attention encodes it, instead of by one causal prefill. Phase 1: all
 but the prompt's last `query_tokens` tokens are the context, split into blocks of b tokens, each

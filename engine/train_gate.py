@@ -1,4 +1,4 @@
-"""`kvcache train-gate`: distil a page gate (docs/algorithms.md §3, kvcache/methods/gate.py) from a model's
+"""`kvcache train-gate`: distil a page gate (docs/sparse-attention.md §3, kvcache/methods/gate.py) from a model's
 own attention on real text; the model stays frozen.
 
 1. Capture. The model runs over windows of the text with exact causal attention; a hook at every

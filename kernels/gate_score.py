@@ -1,4 +1,4 @@
-"""The learned gate's decode scoring in Triton (docs/algorithms.md §3, SeerAttention-R): the gate query of each
+"""The learned gate's decode scoring in Triton (docs/sparse-attention.md §3, SeerAttention-R): the gate query of each
 GQA group, its logits against the cached gate keys of the sequence's pages, and the page select's inputs, with
 no host sync.
 

@@ -2,7 +2,7 @@
 
 One program per (sequence, kv head, split) attends all G query heads of the group to a slice
 of positions, so each K/V row is read once per group; partial (out, lse) per split are merged
-by lse (docs/algorithms.md §4) in a second kernel. The positions come from one of three sources:
+by lse (docs/sparse-attention.md §4) in a second kernel. The positions come from one of three sources:
 
   MODE_DENSE  every cached position of the sequence (dense attention);
   MODE_ROWS   a list of positions per (sequence, kv head) (SparQ stage 2, §1);

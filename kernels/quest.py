@@ -1,4 +1,4 @@
-"""Quest page selection in Triton: page bounds from the key summaries (docs/algorithms.md §5), then exact
+"""Quest page selection in Triton: page bounds from the key summaries (docs/sparse-attention.md §5), then exact
 attention over the chosen pages with kvcache.kernels.paged_decode MODE_PAGES.
 
 bound_g(page) = sum_j max(q_j * max_j, q_j * min_j) = relu(q) . max + min(q, 0) . min: two dots

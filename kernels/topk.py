@@ -7,7 +7,7 @@ tl.histogram's cost grows with the bin count). Each digit's histogram of the can
 the digits above gives the bin holding the k-th largest: candidates in higher bins are taken,
 those in that bin go on to the next digit. Exact ties at the last digit are taken in arrival
 order (any choice among equal scores is a correct top-k). Positions in [n_valid, n_total) of a
-row are always taken (SparQ's local window, docs/algorithms.md §1 step 4); the rest of the budget
+row are always taken (SparQ's local window, docs/sparse-attention.md §1 step 4); the rest of the budget
 goes to the top of [0, n_valid).
 
 Three launches, each split over (row, chunk) programs, since on a GPU each launch costs more than

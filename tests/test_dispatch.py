@@ -3,7 +3,7 @@
 backend "triton" selects and attends with the kernels (here on the CPU Triton interpreter), "torch" selects and
 attends with torch, "auto" the kernels on CUDA, a method's own CPU path on the CPU (dense has one) and the torch
 path elsewhere. Both backends must give the same outputs as each method's plain-torch reference, count the same
-bytes (the formulas of docs/algorithms.md) and reject the same bad parameters with InvalidParameter.
+bytes (the formulas of docs/sparse-attention.md) and reject the same bad parameters with InvalidParameter.
 """
 
 import pytest
@@ -53,7 +53,7 @@ def both_backends(batch):
 
 
 def expected_bytes(method, params):
-    """Bytes the method reads, written out from docs/algorithms.md (summaries and vbar are float32)."""
+    """Bytes the method reads, written out from docs/sparse-attention.md (summaries and vbar are float32)."""
     total = 0
     for S in LENGTHS:
         if method == "dense":

@@ -1,4 +1,4 @@
-"""The learned page gate (docs/algorithms.md §3): page scores against a plain transcription of §3, the
+"""The learned page gate (docs/sparse-attention.md §3): page scores against a plain transcription of §3, the
 choice of pages, save/load of its weights, and the decode method `gate` through the client."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The gate's Triton decode path (kernels/gate_score.py, kernels/gate.py; docs/algorithms.md §3) against the torch
+"""The gate's Triton decode path (kernels/gate_score.py, kernels/gate.py; docs/sparse-attention.md §3) against the torch
 reference (kvcache.methods.gate): gate queries, logits over the page table, the pages chosen by a budget,
 and the whole step, on scattered page ids, odd lengths and page boundaries, GQA G in {1, 4, 8},
 d in {64, 128}. Runs under TRITON_INTERPRET=1 on the CPU (fp32/fp16) and compiled on a GPU (bf16)."""

@@ -1,5 +1,5 @@
 """kvcache.kernels.quest.quest_decode against the torch reference kvcache.methods.quest (page bounds,
-docs/algorithms.md §5).
+docs/sparse-attention.md §5).
 
 Kernels run on the CPU under the Triton interpreter, so shapes are tiny and block sizes small.
 Every kernel call runs with torch.empty / torch.empty_like poisoned (NaN for floats, -7 for

@@ -1,4 +1,4 @@
-"""kvcache.kernels.sparq.sparq_decode against the torch reference kvcache.methods.sparq (docs/algorithms.md §1).
+"""kvcache.kernels.sparq.sparq_decode against the torch reference kvcache.methods.sparq (docs/sparse-attention.md §1).
 
 Kernels run on the CPU under the Triton interpreter, so shapes are tiny and block sizes small
 (stage 1 over 2 splits of 32 positions, the top-k in one block of 64). Every kernel call runs with

@@ -128,7 +128,7 @@ def test_dense_of_one_layer_reads_only_that_layer(make_client, random_kv):
 
 
 def sparq_transcription(q, K, V, r, k, local_window, reallocate=True):
-    """docs/algorithms.md §1, line by line, for one sequence on contiguous float32 tensors.
+    """docs/sparse-attention.md §1, line by line, for one sequence on contiguous float32 tensors.
 
     q [Hq, d]; K, V [S, Hkv, d]. Returns out [Hq, d] and lse [Hq] (lse of the exact stage-2 scores).
     GQA rule (§1): i1 from sum_g |q_g|; i2 from the group's shat; alpha and s per query head.

@@ -1,4 +1,4 @@
-"""MInference index builders (docs/algorithms.md §2) on crafted inputs with a known answer.
+"""MInference index builders (docs/sparse-attention.md §2) on crafted inputs with a known answer.
 
 Keys are planted in a one-layer store whose page ids are interleaved with another sequence's,
 so every builder reads them through the page table. Blocks of 16 keep the shapes tiny.

@@ -1,4 +1,4 @@
-"""Star Attention (docs/algorithms.md §4): anchored block encoding (phase 1), in this process and by
+"""Star Attention (docs/sparse-attention.md §4): anchored block encoding (phase 1), in this process and by
 torchrun ranks writing to their own servers, and the query and decoding over shards (phase 2)."""
 
 from __future__ import annotations

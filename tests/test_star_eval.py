@@ -1,4 +1,4 @@
-"""Star Attention in the accuracy harness (`kvcache eval --star`, docs/algorithms.md §4): the
+"""Star Attention in the accuracy harness (`kvcache eval --star`, docs/sparse-attention.md §4): the
 harness's perplexity and greedy paths with the prompt encoded by phase 1 and the rest through phase 2."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""kvcache.bench.star_phase1: every rank's share of phase 1 (docs/algorithms.md §4) and the report rows."""
+"""kvcache.bench.star_phase1: every rank's share of phase 1 (docs/sparse-attention.md §4) and the report rows."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-head MInference patterns of a model (docs/algorithms.md §2), as `kvcache search-patterns` saves them.
+"""Per-head MInference patterns of a model (docs/sparse-attention.md §2), as `kvcache search-patterns` saves them.
 
     engine/patterns/smollm2-135m.json   {"model": ..., "num_layers": 30, "num_heads": 9, ...,
                                          "layers": [[{"pattern": "vertical_slash", "n_vertical": 50,

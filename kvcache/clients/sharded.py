@@ -240,7 +240,7 @@ class ShardedClient:
         backend: str = "auto",
         plan: StepPlan | None = None,
     ) -> AttentionResult:
-        """Attention of q [B, Hq, d] over every shard, merged by lse (docs/algorithms.md §4); new_k/new_v
+        """Attention of q [B, Hq, d] over every shard, merged by lse (docs/sparse-attention.md §4); new_k/new_v
         [B, Hkv, d] go to the last shard. Dense is exact; sparq/quest run per shard with per-shard budgets
         (approximate merge). A plan (plan_step) is checked against the call; the shards are called per call."""
         c = self.config

@@ -160,7 +160,7 @@ class Selection:
     mode: MODE_DENSE (every position: items is None), MODE_PAGES (items are page indexes within the sequence) or
     MODE_ROWS (items are positions), as kvcache.kernels.paged_decode takes them. Entries of a row past count[row]
     are padding and are not read. alpha [B*Hkv, G] (torch) or alpha_inputs (the GPU's stage-1 statistics) asks for
-    mean-value reallocation (docs/algorithms.md §1 step 7) after the rows are attended to.
+    mean-value reallocation (docs/sparse-attention.md §1 step 7) after the rows are attended to.
     """
 
     mode: int

@@ -1,4 +1,4 @@
-"""Dense decode attention over every cached position: the exact baseline (docs/algorithms.md §4 for its merge).
+"""Dense decode attention over every cached position: the exact baseline (docs/sparse-attention.md §4 for its merge).
 
 On a CPU store the whole path is ATen's CPU flash attention over K and V gathered in the store's dtype
 (run_cpu): the reference widens them to float32 first, three copies per call. `kvcache bench dense-cpu`

@@ -1,4 +1,4 @@
-"""The learned page gate as a decode method (docs/algorithms.md §3, SeerAttention-R decode): the pages a layer's
+"""The learned page gate as a decode method (docs/sparse-attention.md §3, SeerAttention-R decode): the pages a layer's
 gate scores best, first and last always, within a token budget or above a probability threshold; exact attention
 over them. The torch reference, the selection on the device, the Triton selection, the bytes it reads.
 
@@ -237,7 +237,7 @@ def gate_decode(
 
 @dataclass(frozen=True, kw_only=True)
 class GateParams(Params):
-    """The gate's parameters (docs/algorithms.md §3): a token budget, a threshold, or both."""
+    """The gate's parameters (docs/sparse-attention.md §3): a token budget, a threshold, or both."""
 
     budget: int | None = param(None, doc="tokens of the pages read per kv head, first and last page included", lo=1,
                                cli="2048 unless a threshold is given")

@@ -1,4 +1,4 @@
-"""The learned page gate's model (docs/algorithms.md §3): its weights, the pooled page keys, RoPE at block positions,
+"""The learned page gate's model (docs/sparse-attention.md §3): its weights, the pooled page keys, RoPE at block positions,
 page scores and the choice of pages by token budget or threshold; shared by the gate method, its training, its
 key cache and the gate prefill.
 
@@ -13,7 +13,7 @@ rotates q and every key back to position 0 with the model's RoPE, as SeerAttenti
 the model's q and k before RoPE: the pooled [max, min, mean] is then of unrotated keys, and the
 gate's layers see nothing of where a page sits. A gate with model_rope_base 0 takes the store's
 rotated q and page summaries as they are; trained on 4K windows it meets rotations at 8K it never
-saw (docs/methods.md, the gate's figures). Either way, as in docs/algorithms.md §3, the gate rotates its own
+saw (docs/methods.md, the gate's figures). Either way, as in docs/sparse-attention.md §3, the gate rotates its own
 dg-dimensional vectors at block positions: a key vector at its page index, the query at the index
 of the page it sits in (the last page at decode), so the gate sees the distance in pages between
 query and page. Its base is `GateShape.rope_base`; both are saved with the weights.

@@ -1,4 +1,4 @@
-"""Exact merge of partial attention results by their log-sum-exp (docs/algorithms.md §4)."""
+"""Exact merge of partial attention results by their log-sum-exp (docs/sparse-attention.md §4)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 def merge_lse(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge n partial results: outs [n, ..., d], lses [n, ...] -> out [..., d] (outs' dtype), lse [...] f32.
 
-    docs/algorithms.md §4: s = log(sum_h exp(s_h)), A = sum_h exp(s_h - s) * A_h. A part with
+    docs/sparse-attention.md §4: s = log(sum_h exp(s_h)), A = sum_h exp(s_h - s) * A_h. A part with
     lse = -inf (it saw no positions) gets weight 0. Exact for dense parts; for SparQ parts it is
     approximate (each part chose its rows and reallocated its mean value on its own positions).
     """

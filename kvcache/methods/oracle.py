@@ -1,6 +1,6 @@
 """Oracle page choice, for evaluation: the pages holding most of a GQA group's true attention mass.
 
-The bound on what any page selector reading the same pages can reach (the gate of docs/algorithms.md §3,
+The bound on what any page selector reading the same pages can reach (the gate of docs/sparse-attention.md §3,
 Quest; the oracle is §6): the choice is gate_select's rule (first and last page always, then the best pages until
 the token budget) applied to the exact attention mass per page, summed over the group's query
 heads (each head's probabilities sum to 1: an equal vote each). To know that mass it attends to
@@ -69,7 +69,7 @@ def oracle(
 
 @dataclass(frozen=True, kw_only=True)
 class OracleParams(Params):
-    """The oracle's parameters (docs/algorithms.md §6)."""
+    """The oracle's parameters (docs/sparse-attention.md §6)."""
 
     budget: int = param(REQUIRED, doc="tokens of the pages read per kv head, first and last page included", lo=1)
 

@@ -1,4 +1,4 @@
-"""Quest page selection (docs/algorithms.md §5): page scores from the key summaries, exact attention over the
+"""Quest page selection (docs/sparse-attention.md §5): page scores from the key summaries, exact attention over the
 chosen pages; the torch reference, the selection on the device, and the Triton selection."""
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def quest(
 
 @dataclass(frozen=True, kw_only=True)
 class QuestParams(Params):
-    """Quest's parameters (docs/algorithms.md §5)."""
+    """Quest's parameters (docs/sparse-attention.md §5)."""
 
     top_pages: int = param(REQUIRED, doc="pages read per kv head, the last page included", lo=1, cli=16)
 

@@ -1,7 +1,7 @@
 """Exact attention over what a method selected (a Selection), on the torch and the Triton path, for every tier.
 
 One path for every method (docs/architecture.md): the method selects on the device; the rows it chose are read
-where their tier holds them and attended to; parts over disjoint rows merge by lse (docs/algorithms.md §4),
+where their tier holds them and attended to; parts over disjoint rows merge by lse (docs/sparse-attention.md §4),
 which is exact; mean-value reallocation (§1 step 7) is applied once, after the merge. An untiered store is the
 one-tier case.
 

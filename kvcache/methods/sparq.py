@@ -1,4 +1,4 @@
-"""SparQ Attention (docs/algorithms.md §1): two-stage fetch with mean-value reallocation; the torch reference,
+"""SparQ Attention (docs/sparse-attention.md §1): two-stage fetch with mean-value reallocation; the torch reference,
 the selection on the device, and the Triton selection (stage 1 on the dim-major keys, the group's top-k)."""
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def sparq(
 
 @dataclass(frozen=True, kw_only=True)
 class SparqParams(Params):
-    """SparQ's parameters (docs/algorithms.md §1)."""
+    """SparQ's parameters (docs/sparse-attention.md §1)."""
 
     r: int = param(REQUIRED, doc="query components per group used to score positions (1..d)", lo=1, cli=16)
     k: int = param(REQUIRED, doc="positions read per kv head (1..S)", lo=1, cli=256)

@@ -1,4 +1,4 @@
-"""StreamingLLM's window (docs/algorithms.md §7): the first `sinks` positions (attention sinks) and the last `window`
+"""StreamingLLM's window (docs/sparse-attention.md §7): the first `sinks` positions (attention sinks) and the last `window`
 positions, attended to exactly. Reads 2*min(S, sinks + window)*d elements per kv head and chooses with no scoring:
 the floor every sparse method must beat at equal bytes.
 """
@@ -64,7 +64,7 @@ def window_attention(
 
 @dataclass(frozen=True, kw_only=True)
 class WindowParams(Params):
-    """The window's parameters (docs/algorithms.md §7)."""
+    """The window's parameters (docs/sparse-attention.md §7)."""
 
     window: int = param(REQUIRED, doc="most recent positions read per kv head", lo=0, cli=256)
     sinks: int = param(4, doc="first positions always read (attention sinks)", lo=0)

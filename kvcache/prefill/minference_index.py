@@ -1,4 +1,4 @@
-"""MInference sparse-prefill indices (docs/algorithms.md §2): A-shape, vertical-slash and block-sparse.
+"""MInference sparse-prefill indices (docs/sparse-attention.md §2): A-shape, vertical-slash and block-sparse.
 
 Every builder returns a `SparseIndex` for one query chunk q [T, Hq, d] at absolute positions
 [start, start + T) of one sequence, whose keys (all cached positions up to start + T) are read

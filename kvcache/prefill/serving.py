@@ -1,4 +1,4 @@
-"""MInference prefill as the KV manager serves it (docs/algorithms.md §2): per-head patterns, the index of a
+"""MInference prefill as the KV manager serves it (docs/sparse-attention.md §2): per-head patterns, the index of a
 query chunk built from the keys the store holds, and sparse attention restricted to it.
 
 A chunk's heads each have their own pattern (chosen offline by `kvcache search-patterns`); the
