@@ -32,7 +32,7 @@ class PasskeyPrompt:
     key: str
     depth: float
     length: int  # tokens
-    question_tokens: int  # the question's tokens at the end of `ids` (Star Attention's query, docs/sparse-attention.md §4)
+    question_tokens: int  # the question's tokens at the end of `ids` (Star Attention's query, sparse-attention.md §4)
 
 
 def passkey_prompt(tok: Tokenizer, length: int, depth: float, seed: int) -> PasskeyPrompt:

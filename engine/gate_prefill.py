@@ -1,4 +1,5 @@
-"""SeerAttention's gate in the engine's prefill (docs/sparse-attention.md §3): each query block reads the key blocks its gate
+"""SeerAttention's gate in the engine's prefill (docs/sparse-attention.md §3): each query block reads the key blocks
+its gate
 picks.
 
     attention = GatePrefill(kvcache.methods.gate_store.load_gate("smollm2-135m"), budget=2048)

@@ -1,4 +1,5 @@
-"""SparQ decode attention in Triton (docs/sparse-attention.md §1): stage 1 on dim-major keys, radix top-k, stage 2 on rows.
+"""SparQ decode attention in Triton (docs/sparse-attention.md §1): stage 1 on dim-major keys, radix top-k, stage 2 on
+rows.
 
   stage 1   per (sequence, kv head, split): i1 (the r largest of sum_g |q_g|) and tau_g, then
             only rows i1 of each k_dim page (r runs of P) are read and the approximate logits

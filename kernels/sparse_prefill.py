@@ -1,4 +1,5 @@
-"""MInference sparse prefill attention over the page table (docs/sparse-attention.md §2): block-sparse and vertical-slash.
+"""MInference sparse prefill attention over the page table (docs/sparse-attention.md §2): block-sparse and
+vertical-slash.
 
 One program per (query head, query block of B rows) runs a flash-attention online softmax over
 the key blocks its index lists, then (vertical-slash) over its gathered columns, B keys per step:

@@ -1,4 +1,5 @@
-"""The store's gate-key cache (kvcache.methods.gate_store.GateKeyCache, docs/sparse-attention.md §3): after any sequence of
+"""The store's gate-key cache (kvcache.methods.gate_store.GateKeyCache, docs/sparse-attention.md §3): after any
+sequence of
 appends, decode steps, forks, prefix sharing and frees, every live page's cached gate key equals the
 reference's gate_keys recomputed at its index in its sequence: from the page's summary, or for a pre-RoPE gate
 from the sequence's keys rotated back (every test runs with both kinds of gate)."""

@@ -1,4 +1,5 @@
-"""The gate in prefill (docs/sparse-attention.md §3): the key blocks each query block reads, against a plain transcription
+"""The gate in prefill (docs/sparse-attention.md §3): the key blocks each query block reads, against a plain
+transcription
 (one query block at a time through the decode gate's own scoring and choice); with a budget that covers every block it
 is dense causal prefill; the block-sparse kernel runs on its index; the engine and `kvcache generate` use it."""
 

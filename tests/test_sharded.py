@@ -1,4 +1,5 @@
-"""ShardedClient: a sequence over several KV servers, attention fanned out and merged by lse (docs/sparse-attention.md §4)."""
+"""ShardedClient: a sequence over several KV servers, attention fanned out and merged by lse (docs/sparse-attention.md
+§4)."""
 
 from __future__ import annotations
 

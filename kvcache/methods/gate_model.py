@@ -1,4 +1,5 @@
-"""The learned page gate's model (docs/sparse-attention.md §3): its weights, the pooled page keys, RoPE at block positions,
+"""The learned page gate's model (docs/sparse-attention.md §3): its weights, the pooled page keys, RoPE at block
+positions,
 page scores and the choice of pages by token budget or threshold; shared by the gate method, its training, its
 key cache and the gate prefill.
 

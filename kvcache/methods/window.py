@@ -1,4 +1,5 @@
-"""StreamingLLM's window (docs/sparse-attention.md §7): the first `sinks` positions (attention sinks) and the last `window`
+"""StreamingLLM's window (docs/sparse-attention.md §7): the first `sinks` positions (attention sinks) and the last
+`window`
 positions, attended to exactly. Reads 2*min(S, sinks + window)*d elements per kv head and chooses with no scoring:
 the floor every sparse method must beat at equal bytes.
 """

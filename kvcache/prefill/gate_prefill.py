@@ -1,4 +1,5 @@
-"""SeerAttention's gate in prefill (docs/sparse-attention.md §3): the key blocks each query block of a chunk reads, chosen by
+"""SeerAttention's gate in prefill (docs/sparse-attention.md §3): the key blocks each query block of a chunk reads,
+chosen by
 the learned page gate, as a block-sparse index for the prefill kernel (kernels/sparse_prefill.py).
 
 Blocks are the gate's pages (its page size), aligned to absolute positions as in

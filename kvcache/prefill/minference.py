@@ -1,4 +1,5 @@
-"""MInference sparse prefill, torch reference (docs/sparse-attention.md §2): exact causal attention restricted to an index.
+"""MInference sparse prefill, torch reference (docs/sparse-attention.md §2): exact causal attention restricted to an
+index.
 
 The kernels in kernels/sparse_prefill.py are tested against this; with `causal_index` it is
 dense causal attention of the chunk over everything cached before and inside it.
