@@ -9,6 +9,7 @@ method may take a faster whole path of its own (AttentionMethod.run_cpu).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,6 +100,9 @@ def validate(
         gate_of(store, q.shape[1])  # GateMissing (FAILED_PRECONDITION) before any work
     if backend == "triton" and triton_unsupported(c):
         raise InvalidParameter(f"the Triton kernels cannot serve this store: {triton_unsupported(c)}")
+    if backend == "triton" and c.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InvalidParameter("backend 'triton' needs a CUDA store (a CPU store runs the Triton kernels only under "
+                               "TRITON_INTERPRET=1); use 'auto' or 'torch'")
     # Each torch call costs microseconds of host time in a decode step's layer call: only when needed.
     if not on_device(q, c.device):
         q = q.to(c.device)

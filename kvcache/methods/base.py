@@ -22,6 +22,7 @@ from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.result import AttentionResult
 
 REQUIRED: Any = dataclasses.MISSING
+MAX_SCALE = 1e4  # 1/sqrt(d) is below 1; far larger scales overflow float32 scores into NaN
 
 
 def param(default: Any = REQUIRED, *, doc: str, lo: float | None = None, hi: float | None = None,
@@ -53,7 +54,7 @@ class ParamSpec:
 class Params:
     """Parameters every method takes; a method's own dataclass adds its fields."""
 
-    scale: float | None = param(None, doc="softmax scale (None: 1/sqrt(d))", positive=True)
+    scale: float | None = param(None, doc="softmax scale (None: 1/sqrt(d))", positive=True, hi=MAX_SCALE)
 
     @classmethod
     def specs(cls) -> list[ParamSpec]:

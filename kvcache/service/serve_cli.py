@@ -30,7 +30,7 @@ STORE_FLAGS = {  # flag dest -> KVCacheConfig field
     "eviction": "eviction",
 }
 SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
-                "grace_seconds", "torch_threads", "gate", "cpus")
+                "grace_seconds", "torch_threads", "gate", "cpus", "reject_nonfinite", "max_query_heads")
 STORE_DEFAULTS = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "page_size": 16, "dtype": "float32",
                   "device": "cpu"}
 # The device pool when neither --pages nor --memory (nor the TOML's device_pages or memory) sizes it: 913 pages
@@ -54,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://host:PORT/metrics")
     p.add_argument("--grace-seconds", type=float, help="on SIGTERM, time in-flight calls get to finish (30)")
+    p.add_argument("--reject-nonfinite", action=argparse.BooleanOptionalAction, default=None,
+                   help="refuse NaN or Inf in appended K/V and in q with INVALID_ARGUMENT (default on)")
+    p.add_argument("--max-query-heads", type=int,
+                   help="most query heads one attend may bring (default 16 per kv head): bounds a call's work")
     p.add_argument("--torch-threads", type=int,
                    help="intra-op threads of the CPU attention (default: torch's); "
                    "1 when engine and server share a few cores")

@@ -35,6 +35,7 @@ from kvcache.methods.result import AttentionResult
 from kvcache.prefill.minference_index import BLOCK_SIZE
 from kvcache.prefill.serving import HeadPattern
 from kvcache.service.batcher import AttendBatcher
+from kvcache.service.input_limits import InputLimits
 from kvcache.service.locks import SequenceLocks
 from kvcache.service.metrics import serve_metrics
 from kvcache.stats import Totals
@@ -63,6 +64,8 @@ class ServerOptions:
     torch_threads: int | None = None  # intra-op threads of each RPC thread's torch ops
     cpus: list[int] | None = None  # CPU ids the process runs on (serve_cli.pin_process); None: all
     gate: str | None = None  # page-gate weights (a path or a name under kvcache/methods/gates/) for method "gate"
+    reject_nonfinite: bool = True  # NaN or Inf in q, k or v is INVALID_ARGUMENT (service/input_limits.py)
+    max_query_heads: int | None = None  # query heads one attend may bring (None: 16 per kv head)
 
 
 @dataclass
@@ -95,8 +98,9 @@ class _InFlight:
             return self._lock.wait_for(lambda: self.count == 0, timeout)
 
 
-def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None):
-    """Decorator for a unary servicer method: locking, error mapping, metrics, one log line."""
+def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None, while_draining: bool = False):
+    """Decorator for a unary servicer method: locking, error mapping, metrics, one log line. While the server
+    drains every call is refused (UNAVAILABLE) but those marked `while_draining` (Health answers DRAINING)."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -104,7 +108,7 @@ def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None):
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                if self.draining.is_set():
+                if self.draining.is_set() and not while_draining:
                     code = grpc.StatusCode.UNAVAILABLE
                     context.abort(code, "server is shutting down")
                 seq_ids = seq_ids_of(request) if seq_ids_of else []
@@ -140,8 +144,10 @@ def _is_abort(exc: Exception) -> bool:
 class KVCacheServicer(pb_grpc.KVCacheServicer):
     """The KVCache service over an InProcessClient."""
 
-    def __init__(self, client: InProcessClient, draining: threading.Event | None = None, max_streams: int = 8) -> None:
+    def __init__(self, client: InProcessClient, draining: threading.Event | None = None, max_streams: int = 8,
+                 limits: InputLimits | None = None) -> None:
         self.client = client
+        self.limits = limits or InputLimits()
         self.locks = SequenceLocks()
         self.metrics = Totals(("calls", "errors", "seconds"))  # per RPC
         self.draining = draining or threading.Event()  # set on SIGTERM: new calls are refused
@@ -238,7 +244,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         answers: list[pb.AttendResponse | None] = [None] * len(requests)
         for i, request in enumerate(requests):
             try:
-                calls.append(_attend_call(request, self.plans))
+                calls.append(self._attend_call(request))
             except Exception as exc:
                 calls.append(None)
                 answers[i] = _error_response(exc)
@@ -250,7 +256,13 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         for i, result in zip(live, results):
             if isinstance(result, Exception) and not isinstance(result, KVCacheError):
                 log.error("internal error in AttendStream", exc_info=result)
-            answers[i] = _error_response(result) if isinstance(result, Exception) else _attend_response(result)
+            if not isinstance(result, Exception):
+                try:
+                    answers[i] = self._attend_response(result)
+                    continue
+                except KVCacheError as exc:
+                    result = exc
+            answers[i] = _error_response(result)
         return answers
 
     @_handler("Fetch", lambda r: [r.seq_id])
@@ -295,7 +307,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             batching=s["batching"],
         )
 
-    @_handler("Health")
+    @_handler("Health", while_draining=True)
     def Health(self, request, context):
         return pb.HealthResponse(status="DRAINING" if self.draining.is_set() else "SERVING")
 
@@ -312,32 +324,44 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     def _append(self, request):
         if not request.HasField("k") or not request.HasField("v"):
             raise ShapeMismatch("append needs both k and v")
+        k, v = from_wire(request.k, "k"), from_wire(request.v, "v")
+        self.limits.check_finite(k, "k")
+        self.limits.check_finite(v, "v")
         return self.client.append(
-            request.seq_id, from_wire(request.k, "k"), from_wire(request.v, "v"),
+            request.seq_id, k, v,
             layer=request.layer if request.HasField("layer") else None,
             start=request.start if request.HasField("start") else None,
             token_ids=list(request.token_ids) or None,
         )
 
     def _attend(self, request) -> pb.AttendResponse:
-        c = _attend_call(request, self.plans)
-        return _attend_response(self.client.attend(c.seq_ids, c.layer, c.q, c.method, c.params, c.new_k, c.new_v,
-                                                   c.backend, c.plan))
+        c = self._attend_call(request)
+        return self._attend_response(self.client.attend(c.seq_ids, c.layer, c.q, c.method, c.params, c.new_k,
+                                                        c.new_v, c.backend, c.plan))
 
+    def _attend_call(self, request) -> AttendCall:
+        """An AttendRequest's arguments, decoded and checked against the server's input limits (ShapeMismatch or
+        DTypeMismatch for a malformed tensor, InvalidParameter for non-finite values or too many query heads,
+        PlanStale for an unknown step)."""
+        if not request.HasField("q"):
+            raise ShapeMismatch("attend needs q")
+        q = from_wire(request.q, "q")
+        new_k = from_wire(request.new_k, "new_k") if request.HasField("new_k") else None
+        new_v = from_wire(request.new_v, "new_v") if request.HasField("new_v") else None
+        self.limits.check_query(q, self.client.config)
+        for name, t in (("q", q), ("new_k", new_k), ("new_v", new_v)):
+            if t is not None:
+                self.limits.check_finite(t, name)
+        return AttendCall(list(request.seq_ids), request.layer, q, request.method or "dense",
+                          params_from_wire(request.params), new_k=new_k, new_v=new_v,
+                          backend=request.backend or "auto",
+                          plan=self.plans.get(request.step_id) if request.step_id else None)
 
-def _attend_call(request, plans: StepPlans) -> AttendCall:
-    """An AttendRequest's arguments, decoded (ShapeMismatch/DTypeMismatch for a malformed tensor, PlanStale for
-    an unknown step)."""
-    if not request.HasField("q"):
-        raise ShapeMismatch("attend needs q")
-    return AttendCall(
-        list(request.seq_ids), request.layer, from_wire(request.q, "q"), request.method or "dense",
-        params_from_wire(request.params),
-        new_k=from_wire(request.new_k, "new_k") if request.HasField("new_k") else None,
-        new_v=from_wire(request.new_v, "new_v") if request.HasField("new_v") else None,
-        backend=request.backend or "auto",
-        plan=plans.get(request.step_id) if request.step_id else None,
-    )
+    def _attend_response(self, result: AttentionResult) -> pb.AttendResponse:
+        out, lse = result.out.cpu(), result.lse.cpu()
+        self.limits.check_result(out, lse)
+        return pb.AttendResponse(out=to_wire(out), lse=to_wire(lse), bytes_read=result.bytes_read,
+                                 bytes_moved=result.bytes_moved)
 
 
 class StepPlans:
@@ -364,9 +388,6 @@ class StepPlans:
         return plan
 
 
-def _attend_response(result: AttentionResult) -> pb.AttendResponse:
-    return pb.AttendResponse(out=to_wire(result.out.cpu()), lse=to_wire(result.lse.cpu()),
-                             bytes_read=result.bytes_read, bytes_moved=result.bytes_moved)
 
 
 def _error_response(exc: Exception) -> pb.AttendResponse:
@@ -429,7 +450,8 @@ class Server:
         self.options = options
         self.draining = threading.Event()
         self.servicer = KVCacheServicer(InProcessClient(config), self.draining,
-                                        max_streams=max(1, options.workers // 2))
+                                        max_streams=max(1, options.workers // 2),
+                                        limits=InputLimits(options.reject_nonfinite, options.max_query_heads))
         if options.gate:
             attach_gate(self.servicer.client.store, options.gate)  # GateMissing / GateFileInvalid: no server
         limit = options.max_message_mb * 2**20
@@ -469,8 +491,10 @@ class Server:
         deadline = time.monotonic() + self.options.grace_seconds
         idle = self.servicer.in_flight.wait_idle(self.options.grace_seconds)
         # Calls already queued for a worker thread are not in flight yet: keep answering them
-        # (UNAVAILABLE) until the server has been quiet for a moment.
-        while idle and time.monotonic() - self.servicer.last_call < 0.2 and time.monotonic() < deadline:
+        # (UNAVAILABLE) until the server has been quiet for a moment, one second at most, so that clients
+        # that keep calling (a health poll) cannot hold the drain open.
+        quiet_by = min(deadline, time.monotonic() + 1.0)
+        while idle and time.monotonic() - self.servicer.last_call < 0.2 and time.monotonic() < quiet_by:
             time.sleep(0.05)
         self.grpc.stop(0 if idle else 1).wait()
         if self.metrics_http:

@@ -20,6 +20,8 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 _NUMPY_VIEW = {torch.bfloat16: torch.int16}
 
 ERROR_CLASS_KEY = "kvcache-error"  # trailing metadata: the kvcache.errors class to raise client-side
+MAX_DIMS = 8  # no kvcache tensor has more
+MAX_DIM_SIZE = 2**31 - 1  # a larger dimension fits a message only beside a zero one, and no call wants it
 
 
 def to_wire(t: torch.Tensor) -> pb.Tensor:
@@ -44,10 +46,14 @@ def from_wire(msg: pb.Tensor, name: str = "tensor") -> torch.Tensor:
     if dtype is None:
         raise DTypeMismatch(f"{name}: dtype {msg.dtype!r} unknown; supported: {sorted(DTYPES)}")
     shape = tuple(msg.shape)
+    if len(shape) > MAX_DIMS:
+        raise ShapeMismatch(f"{name}: {len(shape)} dimensions; at most {MAX_DIMS}")
     count = 1
     for s in shape:
         if s < 0:
             raise ShapeMismatch(f"{name}: negative dimension in shape {shape}")
+        if s > MAX_DIM_SIZE:
+            raise ShapeMismatch(f"{name}: dimension {s} in shape {shape} is larger than {MAX_DIM_SIZE}")
         count *= s
     expected = count * dtype.itemsize
     data = msg.data
