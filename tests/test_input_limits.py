@@ -17,7 +17,7 @@ from kvcache import InProcessClient, InvalidParameter, RemoteClient, ShapeMismat
 from kvcache.service.server import Server, ServerOptions
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
-from kvcache.wire.codec import from_wire
+from kvcache.wire.codec import from_wire, to_wire
 
 pytestmark = pytest.mark.service
 
@@ -139,3 +139,27 @@ def test_health_answers_draining_and_a_polling_client_cannot_hold_the_drain_open
         poller.join()
     assert "DRAINING" in seen
     assert took < 3, f"the drain took {took:.1f} s with a client polling Health"
+
+
+def test_a_stalled_append_stream_blocks_no_call_on_its_sequence():
+    with running() as (server, client):
+        sid = _seq(client)
+        stub = pb_grpc.KVCacheStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        resume = threading.Event()
+
+        def chunks():
+            for _ in range(2):
+                yield pb.AppendRequest(seq_id=sid, k=to_wire(torch.randn((3, 2, 16))),
+                                       v=to_wire(torch.randn((3, 2, 16))), layer=0)
+                resume.wait(10)  # the client stalls after each chunk
+
+        reply = stub.AppendStream.future(chunks(), timeout=20)
+        deadline = time.monotonic() + 5
+        while client.describe(sid).lengths[0] == 9 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the first chunk lands while the stream stays open
+        t0 = time.monotonic()
+        assert client.describe(sid).lengths == (12, 9)
+        client.attend([sid], 1, torch.randn((1, 4, 16)))
+        assert time.monotonic() - t0 < 2, "a call on the sequence waited for the stalled stream"
+        resume.set()
+        assert reply.result().lengths == [15, 9]

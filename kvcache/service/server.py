@@ -184,23 +184,28 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         return info_to_wire(self._append(request))
 
     def AppendStream(self, request_iterator, context):
-        """Chunks of one sequence's prefill, appended in order under that sequence's lock.
+        """Chunks of one sequence's prefill, appended in order, each under that sequence's lock.
 
-        Each chunk is an append of its own: if one is rejected, the call fails with its status and
-        the chunks before it stay appended (describe tells how far the prefill got)."""
+        Each chunk is an append of its own, committed whole: if one is rejected, the call fails with its
+        status and the chunks before it stay appended (describe tells how far the prefill got). The lock is
+        taken per chunk, never while waiting for the client's next one, so a stalled client blocks no
+        other call on its sequence."""
         first = next(request_iterator, None)
         if first is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AppendStream got no chunk")
         return self._append_chunks(_Chunks(first, request_iterator), context)
 
-    @_handler("AppendStream", lambda chunks: [chunks.first.seq_id])
+    @_handler("AppendStream")
     def _append_chunks(self, chunks: _Chunks, context):
-        info = self._append(chunks.first)
-        for chunk in chunks.rest:
-            if chunk.seq_id and chunk.seq_id != chunks.first.seq_id:
-                raise ShapeMismatch(f"AppendStream chunks name two sequences: {chunks.first.seq_id}, {chunk.seq_id}")
-            chunk.seq_id = chunks.first.seq_id
-            info = self._append(chunk)
+        seq_id = chunks.first.seq_id
+        with self.locks.hold([seq_id]):
+            info = self._append(chunks.first)
+        for chunk in chunks.rest:  # waits on the client's network input: no lock held here
+            if chunk.seq_id and chunk.seq_id != seq_id:
+                raise ShapeMismatch(f"AppendStream chunks name two sequences: {seq_id}, {chunk.seq_id}")
+            chunk.seq_id = seq_id
+            with self.locks.hold([seq_id]):
+                info = self._append(chunk)
         return info_to_wire(info)
 
     @_handler("Attend", lambda r: list(r.seq_ids))
