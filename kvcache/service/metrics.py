@@ -2,39 +2,41 @@
 
 from __future__ import annotations
 
+import hmac
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def prometheus_text(stats: dict) -> str:
-    """Prometheus exposition of a stats dict {pool, methods, rpcs, batching} (see KVCacheClient.stats)."""
-    lines = ["# TYPE kvcache_pool_pages gauge"]
-    for key, value in sorted(stats.get("pool", {}).items()):
-        lines.append(f'kvcache_pool_pages{{kind="{key}"}} {value}')
-    lines += ["# TYPE kvcache_method_calls_total counter", "# TYPE kvcache_method_bytes_read_total counter",
-              "# TYPE kvcache_method_seconds_total counter"]
-    for method, t in sorted(stats.get("methods", {}).items()):
-        lines.append(f'kvcache_method_calls_total{{method="{method}"}} {t["calls"]}')
-        lines.append(f'kvcache_method_bytes_read_total{{method="{method}"}} {t["bytes_read"]}')
-        lines.append(f'kvcache_method_seconds_total{{method="{method}"}} {t["seconds"]}')
-    lines += ["# TYPE kvcache_rpc_calls_total counter", "# TYPE kvcache_rpc_errors_total counter",
-              "# TYPE kvcache_rpc_seconds_total counter"]
-    for rpc, t in sorted(stats.get("rpcs", {}).items()):
-        lines.append(f'kvcache_rpc_calls_total{{rpc="{rpc}"}} {t["calls"]}')
-        lines.append(f'kvcache_rpc_errors_total{{rpc="{rpc}"}} {t["errors"]}')
-        lines.append(f'kvcache_rpc_seconds_total{{rpc="{rpc}"}} {t["seconds"]}')
-    lines.append("# TYPE kvcache_attend_batching_total counter")
-    for key, value in sorted(stats.get("batching", {}).items()):
-        lines.append(f'kvcache_attend_batching_total{{kind="{key}"}} {value}')
+    """Prometheus exposition of a stats dict {pool, methods, rpcs, batching, bytes_moved} (KVCacheClient.stats):
+    each family's TYPE line, then its samples, one family after another."""
+    families = [("kvcache_pool_pages", "gauge", "kind", stats.get("pool", {}), None)]
+    for field in ("calls", "bytes_read", "seconds"):
+        families.append((f"kvcache_method_{field}_total", "counter", "method", stats.get("methods", {}), field))
+    for field in ("calls", "errors", "seconds"):
+        families.append((f"kvcache_rpc_{field}_total", "counter", "rpc", stats.get("rpcs", {}), field))
+    families.append(("kvcache_attend_batching_total", "counter", "kind", stats.get("batching", {}), None))
+    families.append(("kvcache_bytes_moved_total", "counter", "direction", stats.get("bytes_moved", {}), None))
+    lines = []
+    for name, kind, label, samples, field in families:
+        lines.append(f"# TYPE {name} {kind}")
+        for key, value in sorted(samples.items()):
+            lines.append(f'{name}{{{label}="{key}"}} {value[field] if field else value}')
     return "\n".join(lines) + "\n"
 
 
-def serve_metrics(host: str, port: int, stats: Callable[[], dict]) -> ThreadingHTTPServer:
-    """Serve GET /metrics on (host, port) from a daemon thread; returns the HTTP server (shutdown() stops it)."""
+def serve_metrics(host: str, port: int, stats: Callable[[], dict], token: str | None = None) -> ThreadingHTTPServer:
+    """Serve GET /metrics on (host, port) from a daemon thread; returns the HTTP server (shutdown() stops it). With a
+    token, a request must carry `Authorization: Bearer <token>` (401 otherwise), as gRPC calls must."""
+    expected = f"Bearer {token}".encode() if token else None
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if expected is not None and not hmac.compare_digest(
+                    self.headers.get("Authorization", "").encode(), expected):
+                self.send_error(401, "missing or wrong bearer token")
+                return
             if self.path != "/metrics":
                 self.send_error(404)
                 return

@@ -29,7 +29,7 @@ import torch
 
 from kvcache.clients.inprocess import AttendCall, InProcessClient
 from kvcache.config import KVCacheConfig
-from kvcache.errors import InvalidParameter, KVCacheError, PlanStale, ShapeMismatch
+from kvcache.errors import InvalidParameter, KVCacheError, MessageTooLarge, PlanStale, ShapeMismatch
 from kvcache.methods.gate_store import attach_gate
 from kvcache.methods.result import AttentionResult
 from kvcache.prefill.minference_index import BLOCK_SIZE
@@ -60,6 +60,7 @@ class ServerOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # the metrics endpoint's address, loopback unless asked otherwise
     grace_seconds: float = 30.0
     torch_threads: int | None = None  # intra-op threads of each RPC thread's torch ops
     cpus: list[int] | None = None  # CPU ids the process runs on (serve_cli.pin_process); None: all
@@ -117,7 +118,7 @@ def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None, 
             except KVCacheError as exc:
                 code = getattr(grpc.StatusCode, exc.grpc_code)
                 context.set_trailing_metadata(((ERROR_CLASS_KEY, type(exc).__name__),))
-                context.abort(code, str(exc))
+                context.abort(code, bounded(str(exc)))
             except Exception as exc:  # abort() raises too; only real failures are not grpc's own
                 if code == grpc.StatusCode.OK and not _is_abort(exc):
                     code = grpc.StatusCode.INTERNAL
@@ -145,9 +146,10 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     """The KVCache service over an InProcessClient."""
 
     def __init__(self, client: InProcessClient, draining: threading.Event | None = None, max_streams: int = 8,
-                 limits: InputLimits | None = None) -> None:
+                 limits: InputLimits | None = None, max_message_bytes: int | None = None) -> None:
         self.client = client
         self.limits = limits or InputLimits()
+        self.max_message_bytes = max_message_bytes  # the largest reply gRPC will send
         self.locks = SequenceLocks()
         self.metrics = Totals(("calls", "errors", "seconds"))  # per RPC
         self.draining = draining or threading.Event()  # set on SIGTERM: new calls are refused
@@ -274,7 +276,12 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     def Fetch(self, request, context):
         index = from_wire(request.index, "index") if request.HasField("index") else None
         result = self.client.fetch(request.seq_id, request.layer, request.what, index)
-        return pb.FetchResponse(tensors=[to_wire(t) for t in result.tensors], bytes_read=result.bytes_read)
+        reply = pb.FetchResponse(tensors=[to_wire(t) for t in result.tensors], bytes_read=result.bytes_read)
+        limit = self.max_message_bytes
+        if limit is not None and reply.ByteSize() > limit:  # refused here, so it is logged and counted as refused
+            raise MessageTooLarge(f"the fetch reply would be {reply.ByteSize():,} bytes, over the server's "
+                                  f"{limit:,}-byte message limit: fetch fewer rows at a time")
+        return reply
 
     @_handler("Prefetch", lambda r: [r.seq_id])
     def Prefetch(self, request, context):
@@ -395,11 +402,19 @@ class StepPlans:
 
 
 
+MAX_ERROR_TEXT = 2000  # characters: an error's text must fit a client's metadata limit whatever the request held
+
+
+def bounded(text: str) -> str:
+    """An error's text cut to MAX_ERROR_TEXT characters."""
+    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 30] + f"... ({len(text)} characters)"
+
+
 def _error_response(exc: Exception) -> pb.AttendResponse:
     """An attend stream's answer to a failed request: kvcache errors by their status code, anything else INTERNAL."""
     if isinstance(exc, KVCacheError):
         return pb.AttendResponse(error_code=getattr(grpc.StatusCode, exc.grpc_code).value[0],
-                                 error_message=str(exc), error_class=type(exc).__name__)
+                                 error_message=bounded(str(exc)), error_class=type(exc).__name__)
     return pb.AttendResponse(error_code=grpc.StatusCode.INTERNAL.value[0],
                              error_message=f"internal error ({type(exc).__name__})", error_class="RemoteError")
 
@@ -421,14 +436,16 @@ def _sparse_chunk(request) -> tuple:
 class _BearerToken(grpc.ServerInterceptor):
     """Refuses every call whose `authorization` metadata is not `Bearer <token>` with UNAUTHENTICATED."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, on_refused: Callable[[str], None]) -> None:
         self._expected = f"Bearer {token}".encode()
+        self._on_refused = on_refused  # told the RPC's name of every refused call
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         given = dict(details.invocation_metadata or ()).get("authorization", "")
         if handler is None or hmac.compare_digest(given.encode(), self._expected):
             return handler
+        self._on_refused(details.method.rsplit("/", 1)[-1])
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -456,11 +473,12 @@ class Server:
         self.draining = threading.Event()
         self.servicer = KVCacheServicer(InProcessClient(config), self.draining,
                                         max_streams=max(1, options.workers // 2),
-                                        limits=InputLimits(options.reject_nonfinite, options.max_query_heads))
+                                        limits=InputLimits(options.reject_nonfinite, options.max_query_heads),
+                                        max_message_bytes=options.max_message_mb * 2**20)
         if options.gate:
             attach_gate(self.servicer.client.store, options.gate)  # GateMissing / GateFileInvalid: no server
         limit = options.max_message_mb * 2**20
-        interceptors = [_BearerToken(options.token)] if options.token else []
+        interceptors = [_BearerToken(options.token, self._refused)] if options.token else []
         # torch.set_num_threads is per thread for OpenMP: set it in every RPC thread, not only main.
         init = (lambda: torch.set_num_threads(options.torch_threads)) if options.torch_threads else None
         self.grpc = grpc.server(
@@ -478,7 +496,8 @@ class Server:
             self.port = self.grpc.add_insecure_port(address)
         self.metrics_http = None
         if options.metrics_port is not None:
-            self.metrics_http = serve_metrics(options.host, options.metrics_port, self.servicer.stats)
+            self.metrics_http = serve_metrics(options.metrics_host, options.metrics_port, self.servicer.stats,
+                                              token=options.token)
 
     def start(self) -> None:
         """Start serving; logs the bound address (port 0 picks a free one)."""
@@ -486,6 +505,11 @@ class Server:
         extra = {"metrics_port": self.metrics_http.server_address[1]} if self.metrics_http else {}
         log.info(json.dumps({"event": "listening", "host": self.options.host, "port": self.port,
                              "tls": bool(self.options.tls_cert), "auth": bool(self.options.token), **extra}))
+
+    def _refused(self, rpc: str) -> None:
+        """Count and log a call refused for its bearer token (the token is never logged)."""
+        self.servicer.metrics.add(rpc, calls=1, errors=1, seconds=0.0)
+        log.warning(json.dumps({"rpc": rpc, "code": "UNAUTHENTICATED", "refused": "missing or wrong bearer token"}))
 
     def drain_and_stop(self) -> None:
         """Refuse new calls (UNAVAILABLE), let in-flight ones finish within the grace period, stop."""

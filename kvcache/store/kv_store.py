@@ -329,7 +329,8 @@ class KVStore:
     def _get(self, seq_id: str) -> SequenceState:
         seq = self._seqs.get(seq_id)
         if seq is None:
-            raise SequenceNotFound(f"sequence {seq_id!r} unknown; was it freed?")
+            shown = seq_id if len(str(seq_id)) <= 80 else f"{str(seq_id)[:64]}... ({len(str(seq_id))} characters)"
+            raise SequenceNotFound(f"sequence {shown!r} unknown; was it freed?")
         return seq
 
     def _owners_of(self, page: int) -> str:

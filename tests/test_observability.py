@@ -1,0 +1,102 @@
+"""What the server shows of itself: refused calls counted and logged without the token, a metrics endpoint on
+loopback that honours the token, each metric family's samples together, errors of bounded size, and a reply
+over the message limit refused (and counted) as such."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from service_support import store_config
+
+from kvcache import RemoteClient, SequenceNotFound
+from kvcache.errors import MessageTooLarge
+from kvcache.service.metrics import prometheus_text
+from kvcache.service.server import MAX_ERROR_TEXT, Server, ServerOptions
+from kvcache.wire import kvcache_pb2 as pb
+from kvcache.wire import kvcache_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.service
+TOKEN = "s3cret-token-for-tests"
+
+
+@contextlib.contextmanager
+def running(pages=256, **options):
+    server = Server(store_config(device_pages=pages), ServerOptions(port=0, workers=4, grace_seconds=1, **options))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.drain_and_stop()
+
+
+def _scrape(server, token=None) -> str:
+    port = server.metrics_http.server_address[1]
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return reply.read().decode()
+
+
+def test_refused_calls_are_counted_and_logged_without_the_token_and_metrics_need_it(caplog):
+    with running(token=TOKEN, metrics_port=0) as server:
+        assert server.metrics_http.server_address[0] == "127.0.0.1"  # loopback unless asked otherwise
+        stub = pb_grpc.KVCacheStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        with caplog.at_level(logging.WARNING, logger="kvcache.service.server"):
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as excinfo:
+                    stub.Describe(pb.SequenceRef(seq_id="x"), metadata=(("authorization", "Bearer wrong"),),
+                                  timeout=10)
+                assert excinfo.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        refused = [json.loads(r.getMessage()) for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refused) == 3 and all(r == {"rpc": "Describe", "code": "UNAUTHENTICATED",
+                                               "refused": "missing or wrong bearer token"} for r in refused)
+        assert all("wrong" not in r.getMessage().replace("missing or wrong", "") for r in caplog.records)
+        with pytest.raises(urllib.error.HTTPError) as http:
+            _scrape(server)
+        assert http.value.code == 401
+        text = _scrape(server, TOKEN)
+        assert 'kvcache_rpc_errors_total{rpc="Describe"} 3' in text
+
+
+def test_each_metric_family_is_one_block_after_its_type_line():
+    text = prometheus_text({"pool": {"free": 3, "used": 1}, "methods": {"dense": {"calls": 2, "bytes_read": 9,
+                            "seconds": 0.5}, "sparq": {"calls": 1, "bytes_read": 4, "seconds": 0.1}},
+                            "rpcs": {"Attend": {"calls": 3, "errors": 0, "seconds": 0.2}},
+                            "batching": {"requests": 5}, "bytes_moved": {"device<-host": 7}})
+    seen, current = set(), None
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            current = line.split()[2]
+            assert current not in seen, f"{current} appears twice"
+            seen.add(current)
+        else:
+            assert line.split("{")[0] == current, f"{line!r} is outside its family's block"
+    assert 'kvcache_bytes_moved_total{direction="device<-host"} 7' in text
+
+
+def test_an_error_about_a_huge_sequence_id_stays_small():
+    with running() as server, RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0) as client:
+        with pytest.raises(SequenceNotFound) as excinfo:
+            client.describe("f" * 1_000_000)
+        assert len(str(excinfo.value)) < MAX_ERROR_TEXT
+
+
+def test_a_fetch_reply_over_the_message_limit_is_refused_and_counted_as_an_error():
+    with (running(pages=1300, max_message_mb=1) as server,
+          RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0, max_message_mb=4) as client):
+        sid = client.create().seq_id
+        n = 5000  # rows of 2 kv heads x 16 float32: 640 kB of keys and as much of values, over 1 MB
+        for _ in range(0, n, 1000):
+            client.append(sid, torch.randn((2, 1000, 2, 16)), torch.randn((2, 1000, 2, 16)))
+        with pytest.raises(MessageTooLarge, match="message limit"):
+            client.fetch(sid, 0, "rows", torch.arange(n).expand(2, n))
+        assert server.servicer.metrics.snapshot()["Fetch"]["errors"] == 1
+        client.fetch(sid, 0, "rows", torch.arange(100).expand(2, 100))  # a smaller one goes through
