@@ -163,3 +163,44 @@ def test_a_stalled_append_stream_blocks_no_call_on_its_sequence():
         assert time.monotonic() - t0 < 2, "a call on the sequence waited for the stalled stream"
         resume.set()
         assert reply.result().lengths == [15, 9]
+
+
+def test_idle_streams_up_to_the_cap_leave_threads_for_every_unary_call():
+    with running() as (server, client):  # 4 workers: at most 2 open streams, append and attend together
+        sid = _seq(client)
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        stub = pb_grpc.KVCacheStub(channel)
+        release = threading.Event()
+
+        def idle():
+            release.wait(20)
+            return
+            yield  # a request stream that sends nothing until released
+
+        opened = [stub.AppendStream.future(idle(), timeout=30), stub.AttendStream(idle(), timeout=30)]
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as excinfo:  # a third stream finds no slot
+            stub.AppendStream(idle(), timeout=10)
+        assert excinfo.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        t0 = time.monotonic()
+        assert client.health() == "SERVING"
+        assert client.describe(sid).lengths == (9, 9)
+        client.attend([sid], 0, torch.randn((1, 4, 16)))  # its own stream is refused: it goes unary
+        client.append_chunks(sid, [(torch.randn((2, 2, 2, 16)), torch.randn((2, 2, 2, 16)))] * 2)
+        assert client.describe(sid).lengths == (13, 13)
+        assert time.monotonic() - t0 < 3
+        release.set()
+        for call in opened:
+            with contextlib.suppress(grpc.RpcError):
+                call.result() if hasattr(call, "result") else list(call)
+
+
+def test_a_call_whose_client_gave_up_while_it_waited_does_nothing_afterwards():
+    with running() as (server, client):
+        sid = _seq(client)
+        with server.servicer.locks.hold([sid]):  # another call holds the sequence
+            with RemoteClient(f"127.0.0.1:{server.port}", timeout=0.5, retries=0) as impatient:
+                with pytest.raises(Exception):  # noqa: B017 (the deadline's class depends on the path)
+                    impatient.free(sid)
+        time.sleep(0.3)
+        assert client.describe(sid).lengths == (9, 9)  # the Free did not run once the lock was released

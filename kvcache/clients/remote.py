@@ -208,12 +208,18 @@ class RemoteClient:
     def append_chunks(
         self, seq_id: str, chunks: Sequence[tuple[torch.Tensor, torch.Tensor]], layer: int | None = None
     ) -> SequenceInfo:
-        """A long prefill as one client stream of (k, v) chunks, appended in order."""
+        """A long prefill as one client stream of (k, v) chunks, appended in order (chunk by chunk with unary calls
+        when the server has no stream to spare: it refused the stream before reading any chunk)."""
         requests = (_append_request(seq_id, k, v, layer, None, None) for k, v in chunks)
         try:
             reply = self._stub.AppendStream(requests, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise _from_rpc_error(exc) from None
+            if dict(exc.trailing_metadata() or ()).get(ERROR_CLASS_KEY) != "TooManyStreams":
+                raise _from_rpc_error(exc) from None
+            info = None
+            for k, v in chunks:
+                info = self.append(seq_id, k, v, layer=layer)
+            return info if info is not None else self.describe(seq_id)
         return info_from_wire(reply)
 
     def attend(

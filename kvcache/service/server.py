@@ -8,6 +8,7 @@ answered INTERNAL. One JSON log line per call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import json
@@ -114,6 +115,11 @@ def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None, 
                     context.abort(code, "server is shutting down")
                 seq_ids = seq_ids_of(request) if seq_ids_of else []
                 with self.in_flight, self.locks.hold(seq_ids):
+                    remaining = context.time_remaining()  # None without a deadline
+                    if not context.is_active() or (remaining is not None and remaining <= 0):
+                        # The client gave up (or its deadline passed) while the call waited: do no work for it.
+                        code = grpc.StatusCode.CANCELLED
+                        context.abort(code, "the client gave up before the call ran")
                     return fn(self, request, context)
             except KVCacheError as exc:
                 code = getattr(grpc.StatusCode, exc.grpc_code)
@@ -192,10 +198,29 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         status and the chunks before it stay appended (describe tells how far the prefill got). The lock is
         taken per chunk, never while waiting for the client's next one, so a stalled client blocks no
         other call on its sequence."""
-        first = next(request_iterator, None)
-        if first is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AppendStream got no chunk")
-        return self._append_chunks(_Chunks(first, request_iterator), context)
+        with self._stream_slot(context, "append"):
+            first = next(request_iterator, None)
+            if first is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AppendStream got no chunk")
+            return self._append_chunks(_Chunks(first, request_iterator), context)
+
+    @contextlib.contextmanager
+    def _stream_slot(self, context, kind: str) -> Iterator[None]:
+        """One of max_streams slots for an open stream (append or attend), which holds a worker thread of the sync
+        server for as long as it stays open; past them a stream is refused with RESOURCE_EXHAUSTED (TooManyStreams),
+        so unary calls (Health among them) always find a thread."""
+        with self._streams_lock:
+            admitted = self._streams < self.max_streams
+            self._streams += admitted
+        if not admitted:
+            context.set_trailing_metadata(((ERROR_CLASS_KEY, "TooManyStreams"),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.max_streams} streams already open; {kind} with unary calls instead")
+        try:
+            yield
+        finally:
+            with self._streams_lock:
+                self._streams -= 1
 
     @_handler("AppendStream")
     def _append_chunks(self, chunks: _Chunks, context):
@@ -219,17 +244,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
         Refused with RESOURCE_EXHAUSTED (error class TooManyStreams) when max_streams are open:
         the client then attends with unary calls."""
-        with self._streams_lock:
-            admitted = self._streams < self.max_streams
-            self._streams += admitted
-        if not admitted:
-            context.set_trailing_metadata(((ERROR_CLASS_KEY, "TooManyStreams"),))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.max_streams} attend streams already open")
-        try:
+        with self._stream_slot(context, "attend"):
             yield from self._serve_stream(request_iterator)
-        finally:
-            with self._streams_lock:
-                self._streams -= 1
 
     def _serve_stream(self, request_iterator) -> Iterator[pb.AttendResponse]:
         for request in request_iterator:
