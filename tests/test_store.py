@@ -422,13 +422,16 @@ def test_fork_of_a_fork_shares_the_common_prefix_three_ways(make_client, random_
 def test_free_returns_pages_to_the_free_list(make_client, random_kv):
     store = make_client(page_size=4, device_pages=16).store
     gen = torch.Generator().manual_seed(18)
-    assert store.pool_usage() == {"pages_total": 16, "pages_free": 16, "pages_cached": 0, "sequences": 0}
+    assert store.pool_usage() == {"pages_total": 16, "pages_free": 16, "pages_cached": 0, "sequences": 0,
+                                  "sequences_expired": 0}
     a, b = store.create().seq_id, store.create().seq_id
     store.append(a, *random_kv(gen, (L, 10, HKV, D)))
     store.append(b, *random_kv(gen, (L, 5, HKV, D)))
-    assert store.pool_usage() == {"pages_total": 16, "pages_free": 11, "pages_cached": 0, "sequences": 2}
+    assert store.pool_usage() == {"pages_total": 16, "pages_free": 11, "pages_cached": 0, "sequences": 2,
+                                  "sequences_expired": 0}
     store.free(a)
-    assert store.pool_usage() == {"pages_total": 16, "pages_free": 14, "pages_cached": 0, "sequences": 1}
+    assert store.pool_usage() == {"pages_total": 16, "pages_free": 14, "pages_cached": 0, "sequences": 1,
+                                  "sequences_expired": 0}
     assert store.allocator.refcount[[0, 1, 2]].tolist() == [0, 0, 0]
     store.free(b)
     assert store.pool_usage()["pages_free"] == 16
@@ -589,7 +592,8 @@ def test_pages_of_a_freed_sequence_stay_reusable_by_hash(make_client, random_kv,
     first = _first_with_prompt(store, ref, gen, random_kv, prompt)
     pages = store.page_table([first], 0).indices.tolist()
     store.free(first)
-    assert store.pool_usage() == {"pages_total": 16, "pages_free": 16, "pages_cached": 2, "sequences": 0}
+    assert store.pool_usage() == {"pages_total": 16, "pages_free": 16, "pages_cached": 2, "sequences": 0,
+                                  "sequences_expired": 0}
     info = store.create(token_ids=prompt)
     assert info.cached_tokens == 8
     assert store.page_table([info.seq_id], 0).indices.tolist() == pages[:2]

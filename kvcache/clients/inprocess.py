@@ -55,8 +55,9 @@ class KVCacheClient(Protocol):
     def config(self) -> KVCacheConfig:
         """The store's shape, dtype and capacities."""
 
-    def create(self, token_ids: Sequence[int] | None = None) -> SequenceInfo:
-        """New sequence; full pages of `token_ids` found in the prefix cache are reused."""
+    def create(self, token_ids: Sequence[int] | None = None, lease_seconds: float | None = None) -> SequenceInfo:
+        """New sequence; full pages of `token_ids` found in the prefix cache are reused; with a lease, freed once
+        no call names it for `lease_seconds`."""
 
     def fork(self, seq_id: str) -> SequenceInfo:
         """New sequence sharing `seq_id`'s pages (copy-on-write)."""
@@ -141,9 +142,14 @@ class InProcessClient:
         """The store's config."""
         return self.store.config
 
-    def create(self, token_ids: Sequence[int] | None = None) -> SequenceInfo:
-        """New sequence; full pages of `token_ids` found in the prefix cache are reused."""
-        return self.store.create(token_ids)
+    def create(self, token_ids: Sequence[int] | None = None, lease_seconds: float | None = None) -> SequenceInfo:
+        """New sequence; full pages of `token_ids` found in the prefix cache are reused. With a lease, the sequence
+        is freed by expire_leases() once no call has named it for `lease_seconds`."""
+        return self.store.create(token_ids, lease_seconds)
+
+    def expire_leases(self) -> list[str]:
+        """Free the sequences whose lease has run out; their ids (`kvcache serve` calls this every 0.25 s)."""
+        return [sid for sid in self.store.expired() if self.store.free_if_expired(sid)]
 
     def fork(self, seq_id: str) -> SequenceInfo:
         """New sequence sharing `seq_id`'s pages (copy-on-write)."""

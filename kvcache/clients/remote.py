@@ -177,9 +177,11 @@ class RemoteClient:
             self._config = config_from_wire(self._call("Config", pb.ConfigRequest()))
         return self._config
 
-    def create(self, token_ids: Sequence[int] | None = None) -> SequenceInfo:
-        """New sequence; full pages of `token_ids` found in the prefix cache are reused."""
-        return info_from_wire(self._call("Create", pb.CreateRequest(token_ids=_ids(token_ids))))
+    def create(self, token_ids: Sequence[int] | None = None, lease_seconds: float | None = None) -> SequenceInfo:
+        """New sequence; full pages of `token_ids` found in the prefix cache are reused; with a lease, the server
+        frees it once no call has named it for `lease_seconds` (a client that died leaves nothing behind)."""
+        request = pb.CreateRequest(token_ids=_ids(token_ids), lease_seconds=lease_seconds or 0.0)
+        return info_from_wire(self._call("Create", request))
 
     def fork(self, seq_id: str) -> SequenceInfo:
         """New sequence sharing `seq_id`'s pages (copy-on-write)."""

@@ -151,10 +151,13 @@ class ShardedClient:
             self._config = first
         return self._config
 
-    def create(self, token_ids: Sequence[int] | None = None) -> SequenceInfo:
-        """New sequence: one sub-sequence per shard (all or none); `token_ids` go to shard 0's prefix cache."""
+    def create(self, token_ids: Sequence[int] | None = None, lease_seconds: float | None = None) -> SequenceInfo:
+        """New sequence: one sub-sequence per shard (all or none), each with the lease; `token_ids` go to shard 0's
+        prefix cache."""
         ids = None if token_ids is None else [int(t) for t in token_ids]
-        calls = {i: (lambda c=c, i=i: c.create(token_ids=ids if i == 0 else None)) for i, c in enumerate(self.shards)}
+        lease = {} if lease_seconds is None else {"lease_seconds": lease_seconds}
+        calls = {i: (lambda c=c, i=i: c.create(token_ids=ids if i == 0 else None, **lease))
+                 for i, c in enumerate(self.shards)}
         return self._make_all(calls)
 
     def fork(self, seq_id: str) -> SequenceInfo:

@@ -18,6 +18,9 @@ def prometheus_text(stats: dict) -> str:
         families.append((f"kvcache_rpc_{field}_total", "counter", "rpc", stats.get("rpcs", {}), field))
     families.append(("kvcache_attend_batching_total", "counter", "kind", stats.get("batching", {}), None))
     families.append(("kvcache_bytes_moved_total", "counter", "direction", stats.get("bytes_moved", {}), None))
+    expired = stats.get("pool", {}).get("sequences_expired")
+    if expired is not None:  # sequences freed because their lease ran out
+        families.append(("kvcache_sequences_expired_total", "counter", "reason", {"lease": expired}, None))
     lines = []
     for name, kind, label, samples, field in families:
         lines.append(f"# TYPE {name} {kind}")

@@ -171,7 +171,10 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     @_handler("Create")
     def Create(self, request, context):
-        return info_to_wire(self.client.create(list(request.token_ids) or None))
+        lease = request.lease_seconds
+        if lease < 0 or lease != lease:
+            raise InvalidParameter(f"lease_seconds={lease!r} must be a positive number of seconds (0: none)")
+        return info_to_wire(self.client.create(list(request.token_ids) or None, lease or None))
 
     @_handler("Fork", lambda r: [r.seq_id])
     def Fork(self, request, context):
@@ -418,6 +421,7 @@ class StepPlans:
 
 
 
+LEASE_CHECK_SECONDS = 0.25  # how often the server frees sequences whose lease ran out
 MAX_ERROR_TEXT = 2000  # characters: an error's text must fit a client's metadata limit whatever the request held
 
 
@@ -510,6 +514,7 @@ class Server:
             self.port = self.grpc.add_secure_port(address, creds)
         else:
             self.port = self.grpc.add_insecure_port(address)
+        self._reaper_stop = threading.Event()
         self.metrics_http = None
         if options.metrics_port is not None:
             self.metrics_http = serve_metrics(options.metrics_host, options.metrics_port, self.servicer.stats,
@@ -518,9 +523,21 @@ class Server:
     def start(self) -> None:
         """Start serving; logs the bound address (port 0 picks a free one)."""
         self.grpc.start()
+        self._reaper = threading.Thread(target=self._reap_leases, daemon=True, name="kvcache-leases")
+        self._reaper.start()
         extra = {"metrics_port": self.metrics_http.server_address[1]} if self.metrics_http else {}
         log.info(json.dumps({"event": "listening", "host": self.options.host, "port": self.port,
                              "tls": bool(self.options.tls_cert), "auth": bool(self.options.token), **extra}))
+
+    def _reap_leases(self) -> None:
+        """Free, every LEASE_CHECK_SECONDS, the sequences whose lease has run out (each under its lock: a call in
+        flight on it renewed the lease, so it stays)."""
+        store = self.servicer.client.store
+        while not self._reaper_stop.wait(LEASE_CHECK_SECONDS):
+            for seq_id in store.expired():
+                with self.servicer.locks.hold([seq_id]):
+                    if store.free_if_expired(seq_id):
+                        log.info(json.dumps({"event": "lease_expired", "seq_id": seq_id}))
 
     def _refused(self, rpc: str) -> None:
         """Count and log a call refused for its bearer token (the token is never logged)."""
@@ -541,6 +558,7 @@ class Server:
         quiet_by = min(deadline, time.monotonic() + 1.0)
         while idle and time.monotonic() - self.servicer.last_call < 0.2 and time.monotonic() < quiet_by:
             time.sleep(0.05)
+        self._reaper_stop.set()
         self.grpc.stop(0 if idle else 1).wait()
         if self.metrics_http:
             self.metrics_http.shutdown()

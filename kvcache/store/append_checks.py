@@ -1,8 +1,9 @@
-"""Checks of what an append is given: the layer, the K/V tensors, the start position, the token ids. Each raises the
-kvcache.errors class that names what is wrong and changes nothing."""
+"""Checks of what an append (or a create) is given: the layer, the K/V tensors, the start position, the token ids,
+a lease. Each raises the kvcache.errors class that names what is wrong and changes nothing."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -91,3 +92,12 @@ def as_token_list(token_ids: Sequence[int]) -> list[int]:
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
         raise InvalidParameter("token_ids must be non-negative ints")
     return ids
+
+
+def check_lease(lease_seconds: object) -> None:
+    """InvalidParameter unless a lease is None (none) or a positive finite number of seconds."""
+    if lease_seconds is None:
+        return
+    if (isinstance(lease_seconds, bool) or not isinstance(lease_seconds, (int, float))
+            or not math.isfinite(lease_seconds) or lease_seconds <= 0):
+        raise InvalidParameter(f"lease_seconds={lease_seconds!r} must be a positive number of seconds (or none)")

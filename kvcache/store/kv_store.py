@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,15 @@ from kvcache.errors import (
 )
 from kvcache.kernels.append_rows import append_rows_triton
 from kvcache.store.allocator import PageAllocator
-from kvcache.store.append_checks import as_token_list, check_kv, check_layers, check_start, new_token_ids, validate_kv
+from kvcache.store.append_checks import (
+    as_token_list,
+    check_kv,
+    check_layers,
+    check_lease,
+    check_start,
+    new_token_ids,
+    validate_kv,
+)
 from kvcache.store.host_copy import ints_to_device, on_device
 from kvcache.store.page_pool import PagePool
 from kvcache.store.page_table import PageTableCSR, SequenceState, build_csr
@@ -74,6 +83,7 @@ class KVStore:
         if self.tiers is not None:
             self.tiers.owner_of = self._owners_of
         self._seqs: dict[str, SequenceState] = {}
+        self.sequences_expired = 0  # freed because their lease ran out
         # One lock for the page bookkeeping; the service adds per-sequence ordering on top.
         self._lock = threading.RLock()
         # Called as fn(layers, page_ids, page_indexes, fills) after those pages' key summaries change, with
@@ -83,10 +93,13 @@ class KVStore:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    def create(self, token_ids: Sequence[int] | None = None) -> SequenceInfo:
-        """New sequence; full pages of `token_ids` already in the prefix cache are reused, not rewritten."""
+    def create(self, token_ids: Sequence[int] | None = None, lease_seconds: float | None = None) -> SequenceInfo:
+        """New sequence; full pages of `token_ids` already in the prefix cache are reused, not rewritten. With a
+        lease, the sequence is freed once no call has named it for `lease_seconds` (expire_leases)."""
+        check_lease(lease_seconds)
         with self._lock:
             seq = SequenceState(self._new_id(), self.config)
+            seq.lease_seconds = lease_seconds
             if token_ids is not None:
                 seq.token_ids = as_token_list(token_ids)
                 self._reuse_prefix(seq)
@@ -114,6 +127,25 @@ class KVStore:
         """Lengths, page count and prefix-cache hits of a sequence."""
         with self._lock:
             return self._info(self._get(seq_id))
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """Ids of the sequences whose lease has run out (at time.monotonic() `now`)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return [sid for sid, seq in self._seqs.items() if seq.lease_deadline < now]
+
+    def free_if_expired(self, seq_id: str, now: float | None = None) -> bool:
+        """Free `seq_id` if its lease has still run out (a call may have renewed it since expired()); counted in
+        pool_usage()["sequences_expired"]."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            seq = self._seqs.get(seq_id)
+            if seq is None or seq.lease_deadline >= now:
+                return False
+            self._release(seq.live_pages)
+            del self._seqs[seq_id]
+            self.sequences_expired += 1
+            return True
 
     def sequence_ids(self) -> list[str]:
         """Ids of the live sequences."""
@@ -277,6 +309,7 @@ class KVStore:
                 "pages_free": a.num_free,
                 "pages_cached": a.num_cached,
                 "sequences": len(self._seqs),
+                "sequences_expired": self.sequences_expired,
             }
             if self.tiers is not None:
                 usage.update(self.tiers.counts())
@@ -328,6 +361,8 @@ class KVStore:
 
     def _get(self, seq_id: str) -> SequenceState:
         seq = self._seqs.get(seq_id)
+        if seq is not None and seq.lease_seconds is not None:  # any call naming the sequence renews its lease
+            seq.lease_deadline = time.monotonic() + seq.lease_seconds
         if seq is None:
             shown = seq_id if len(str(seq_id)) <= 80 else f"{str(seq_id)[:64]}... ({len(str(seq_id))} characters)"
             raise SequenceNotFound(f"sequence {shown!r} unknown; was it freed?")

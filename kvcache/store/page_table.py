@@ -27,6 +27,8 @@ class SequenceState:
     last_hash: bytes = ROOT_HASH
     cached_tokens: int = 0  # positions reused from the prefix cache at creation
     generation: int = 0  # bumped whenever a page id of the table changes or the pages become shared (a fork)
+    lease_seconds: float | None = None  # freed once unused this long (None: kept until freed)
+    lease_deadline: float = float("inf")  # time.monotonic() past which the lease has run out
 
     def __post_init__(self) -> None:
         c = self.config
@@ -59,6 +61,7 @@ class SequenceState:
         other.value_sum = self.value_sum.clone()
         other.token_ids = list(self.token_ids)
         other.num_hashed_pages = self.num_hashed_pages
+        other.lease_seconds = self.lease_seconds
         other.last_hash = self.last_hash
         return other
 
