@@ -32,7 +32,7 @@ from kvcache.methods.dense import attend_rows
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.merge import merge_lse
 from kvcache.methods.sparq import reallocate_mean
-from kvcache.store.row_reads import read_positions, stream_pages
+from kvcache.store.row_reads import read_positions, stream_pages, verify_streamed
 from kvcache.store.tier_manager import TierManager
 from kvcache.store.tiers import DEVICE, DISK, HOST
 
@@ -119,6 +119,7 @@ def _dense_sequence(inputs: LayerInputs, qg: torch.Tensor, b: int, scale: float)
             continue
         slots = tiers.slot[pages[sel].long()].long()
         for (lo, hi), kv in stream_pages(tiers.storage[tier].data[layer], slots, qg.device):
+            verify_streamed(tiers, tier, layer, slots[lo:hi], pages[sel[lo:hi]], kv)
             y, s = _attend_pages(qg, kv[:, 0], kv[:, 1], fills[sel[lo:hi]], scale)
             outs.append(y)
             lses.append(s)

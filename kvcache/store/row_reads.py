@@ -14,7 +14,7 @@ import torch
 
 from kvcache.kernels.csr import PageTableCSR
 from kvcache.store.tier_manager import TierManager, pair
-from kvcache.store.tiers import DEVICE, DISK, HOST, pinned_available
+from kvcache.store.tiers import DEVICE, DISK, HOST, pinned_available, row_checksums
 
 if TYPE_CHECKING:
     from kvcache.store.kv_store import KVStore
@@ -71,6 +71,10 @@ def read_rows(store: KVStore, layer: int, pages: torch.Tensor, heads: torch.Tens
         index = torch.cat((base, base + Hkv * P))
         staging = torch.empty((len(index), d), dtype=k.dtype, pin_memory=pinned_available() and dev.type == "cuda")
         torch.index_select(storage.layer_rows(layer), 0, index, out=staging)
+        # Every row read from a lower tier is checked against the checksum written with it, before it is used.
+        bad = row_checksums(staging) != storage.row_sums[layer].view(-1)[index]
+        if bool(bad.any()):
+            raise tiers.corrupted(sorted(set(pages[sel][bad.view(2, -1).any(0)].tolist())), tier)
         both = staging.to(dev, non_blocking=True)
         k[sel.to(dev)], v[sel.to(dev)] = both[: len(sel)], both[len(sel) :]
         moves.add(tier, staging.numel() * staging.element_size())
@@ -116,6 +120,16 @@ def page_keys(store: KVStore, layer: int, page_ids: torch.Tensor) -> torch.Tenso
     rows = torch.arange(P)[None, None, :].expand_as(pages)
     k, _ = read_rows(store, layer, pages, heads, rows, Moves(store.tiers))
     return k.view(n, c.num_kv_heads, P, c.head_dim)
+
+
+def verify_streamed(tiers: TierManager, tier: int, layer: int, slots: torch.Tensor, pages: torch.Tensor,
+                    kv: torch.Tensor) -> None:
+    """PageCorrupted (the pages quarantined) unless the streamed pages kv [n, 2, Hkv, P, d] of `slots` on `tier`
+    match their row checksums."""
+    expected = tiers.storage[tier].row_sums[layer, slots.long()].to(kv.device)
+    bad = (row_checksums(kv) != expected).flatten(1).any(1)
+    if bool(bad.any()):
+        raise tiers.corrupted(sorted(set(pages[bad.cpu()].tolist())), tier)
 
 
 def stream_pages(

@@ -55,18 +55,20 @@ class TierManager:
             self.storage[DISK] = SlotStorage(c, c.disk_pages, DISK)
         self._host_lru: OrderedDict[int, None] = OrderedDict()  # host-resident pages, oldest first
         self.checksums: dict[int, int] = {}
+        self.quarantined: set[int] = set()  # pages whose rows failed their checksum: never served again
         self.moved = Totals(("bytes", "pages"))  # per direction, e.g. 'host<-device'
         self.owner_of: Callable[[int], str] = lambda page: "?"  # the store names sequences in errors
 
     # ---- bookkeeping ----------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        """Pages per tier and free slots per tier."""
+        """Pages per tier, free slots per tier, pages quarantined."""
         t = self.tier
         out = {f"pages_{TIER_NAMES[i]}": int((t == i).sum()) for i in (DEVICE, HOST, DISK)}
         out["free_device"] = len(self._device_free)
         for tier_id, s in self.storage.items():
             out[f"free_{TIER_NAMES[tier_id]}"] = s.num_free
+        out["pages_quarantined"] = len(self.quarantined)
         return out
 
     def device_slots(self, pages: torch.Tensor) -> torch.Tensor:
@@ -145,7 +147,7 @@ class TierManager:
         # memory is synchronous here, so the data is down before any source slot is released.
         kv = torch.stack((pool.k_seq[:, src_slots], pool.v_seq[:, src_slots]), dim=2).cpu()  # [L, n, 2, Hkv, P, d]
         slots = [dst.allocate() for _ in pages]
-        dst.data[:, torch.tensor(slots)] = kv
+        dst.write(slots, kv)
         for p, s in zip(pages, slots):
             self.checksums[p] = dst.checksum(s)
             if target == HOST:
@@ -164,7 +166,7 @@ class TierManager:
             hs = int(self.slot[p])
             self._verify(p, host, hs)
             ds = disk.allocate()
-            disk.data[:, ds] = host.data[:, hs]
+            disk.copy_from(host, hs, ds)
             if disk.checksum(ds) != self.checksums[p]:
                 disk.release(ds)
                 raise PageCorrupted(f"page {p} ({self.owner_of(p)}) changed while written to the disk tier")
@@ -172,6 +174,13 @@ class TierManager:
             self._host_lru.pop(p, None)
             self._set([p], DISK, [ds])
             self.moved.add(pair(DISK, HOST), bytes=host.page_bytes, pages=1)
+
+    def corrupted(self, pages: list[int], tier: int) -> PageCorrupted:
+        """The error for `pages` whose rows failed their checksum on `tier`, quarantined from now on."""
+        self.quarantined.update(pages)
+        names = ", ".join(f"page {p} of {self.owner_of(p)}" for p in pages[:4]) + (" ..." if len(pages) > 4 else "")
+        return PageCorrupted(f"{names} on the {TIER_NAMES[tier]} tier failed its row checksums; its K/V cannot be "
+                             f"trusted and is not served")
 
     def _verify(self, page: int, storage: SlotStorage, slot: int) -> None:
         if storage.checksum(slot) != self.checksums[page]:

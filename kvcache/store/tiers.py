@@ -43,6 +43,8 @@ class SlotStorage:
         else:
             raise InvalidParameter(f"tier {tier} has no slot storage")
         self._free = list(range(num_slots - 1, -1, -1))
+        # A checksum per K/V row [L, N, 2, Hkv, P]: sparse reads check the rows they read, not whole pages.
+        self.row_sums = torch.zeros(self.shape[:-1], dtype=torch.int64)
 
     def _map_file(self, c: KVCacheConfig, num_slots: int) -> torch.Tensor:
         directory = c.disk_path or tempfile.gettempdir()
@@ -89,6 +91,17 @@ class SlotStorage:
         """crc32 of the page's bytes, layer by layer."""
         return page_checksum(self.page(slot))
 
+    def write(self, slots: list[int], kv: torch.Tensor) -> None:
+        """Store pages kv [L, n, 2, Hkv, P, d] (CPU) at `slots`, with their row checksums."""
+        index = torch.tensor(slots)
+        self.data[:, index] = kv
+        self.row_sums[:, index] = row_checksums(kv)
+
+    def copy_from(self, other: SlotStorage, src: int, dst: int) -> None:
+        """Copy one page, with its row checksums, from slot `src` of another tier to slot `dst` of this one."""
+        self.data[:, dst] = other.data[:, src]
+        self.row_sums[:, dst] = other.row_sums[:, src]
+
     def layer_rows(self, layer: int) -> torch.Tensor:
         """One layer's rows as `[N * 2 * Hkv * P, d]`: row ((slot * 2 + kv) * Hkv + head) * P + r."""
         return self.data[layer].view(-1, self.shape[-1])
@@ -100,3 +113,17 @@ def page_checksum(page: torch.Tensor) -> int:
     for layer in page:
         crc = zlib.crc32(layer.contiguous().view(torch.uint8).numpy(), crc)
     return crc
+
+
+_WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def row_checksums(rows: torch.Tensor) -> torch.Tensor:
+    """A checksum of each row of rows [..., d] (int64 [...]): the row's bytes as 16-bit words, each times an odd
+    weight, summed modulo 2^64. Any change within a single word changes it (an odd weight times a nonzero
+    difference below 2^16 is never a multiple of 2^64); vectorised, so sparse reads check only their rows."""
+    words = rows.contiguous().view(torch.int16).to(torch.int64)  # [..., d * itemsize / 2]
+    key = (words.shape[-1], words.device)
+    if key not in _WEIGHTS:
+        _WEIGHTS[key] = (torch.arange(words.shape[-1], dtype=torch.int64, device=words.device) * 2 + 1) * 0x9E3779B1
+    return (words * _WEIGHTS[key]).sum(-1)
