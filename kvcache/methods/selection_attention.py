@@ -32,7 +32,7 @@ from kvcache.methods.dense import attend_rows
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.merge import merge_lse
 from kvcache.methods.sparq import reallocate_mean
-from kvcache.store.row_reads import read_positions, stream_pages, verify_streamed
+from kvcache.store.row_reads import check_streamed, read_positions, stream_pages, streamed_mismatch
 from kvcache.store.tier_manager import TierManager
 from kvcache.store.tiers import DEVICE, DISK, HOST
 
@@ -118,12 +118,14 @@ def _dense_sequence(inputs: LayerInputs, qg: torch.Tensor, b: int, scale: float)
         if not sel.numel():
             continue
         slots = tiers.slot[pages[sel].long()].long()
+        mismatch = []
         for (lo, hi), kv in stream_pages(tiers.storage[tier].data[layer], slots, qg.device):
-            verify_streamed(tiers, tier, layer, slots[lo:hi], pages[sel[lo:hi]], kv)
+            mismatch.append(streamed_mismatch(tiers, tier, layer, slots[lo:hi], kv))
             y, s = _attend_pages(qg, kv[:, 0], kv[:, 1], fills[sel[lo:hi]], scale)
             outs.append(y)
             lses.append(s)
             inputs.moves.add(tier, kv.numel() * kv.element_size())
+        check_streamed(tiers, tier, pages[sel], mismatch)  # before any part is merged into a result
     return merge_lse(torch.stack(outs), torch.stack(lses))
 
 

@@ -71,11 +71,12 @@ def read_rows(store: KVStore, layer: int, pages: torch.Tensor, heads: torch.Tens
         index = torch.cat((base, base + Hkv * P))
         staging = torch.empty((len(index), d), dtype=k.dtype, pin_memory=pinned_available() and dev.type == "cuda")
         torch.index_select(storage.layer_rows(layer), 0, index, out=staging)
-        # Every row read from a lower tier is checked against the checksum written with it, before it is used.
-        bad = row_checksums(staging) != storage.row_sums[layer].view(-1)[index]
-        if bool(bad.any()):
-            raise tiers.corrupted(sorted(set(pages[sel][bad.view(2, -1).any(0)].tolist())), tier)
         both = staging.to(dev, non_blocking=True)
+        # Every row read from a lower tier is checked against the checksum written with it, before it is used,
+        # on the device it was copied to (the checksums travel with it: 8 bytes a row).
+        bad = row_checksums(both) != storage.row_sums[layer].view(-1)[index].to(dev, non_blocking=True)
+        if bool(bad.any()):
+            raise tiers.corrupted(sorted(set(pages[sel][bad.view(2, -1).any(0).cpu()].tolist())), tier)
         k[sel.to(dev)], v[sel.to(dev)] = both[: len(sel)], both[len(sel) :]
         moves.add(tier, staging.numel() * staging.element_size())
     return k, v
@@ -122,14 +123,21 @@ def page_keys(store: KVStore, layer: int, page_ids: torch.Tensor) -> torch.Tenso
     return k.view(n, c.num_kv_heads, P, c.head_dim)
 
 
-def verify_streamed(tiers: TierManager, tier: int, layer: int, slots: torch.Tensor, pages: torch.Tensor,
-                    kv: torch.Tensor) -> None:
-    """PageCorrupted (the pages quarantined) unless the streamed pages kv [n, 2, Hkv, P, d] of `slots` on `tier`
-    match their row checksums."""
-    expected = tiers.storage[tier].row_sums[layer, slots.long()].to(kv.device)
-    bad = (row_checksums(kv) != expected).flatten(1).any(1)
+def streamed_mismatch(tiers: TierManager, tier: int, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """Which streamed pages kv [n, 2, Hkv, P, d] of `slots` on `tier` fail their row checksums ([n] bool, on kv's
+    device, without waiting for it: the stream's copies keep overlapping; check_streamed reads the flags)."""
+    expected = tiers.storage[tier].row_sums[layer, slots.long()].to(kv.device, non_blocking=True)
+    return (row_checksums(kv) != expected).flatten(1).any(1)
+
+
+def check_streamed(tiers: TierManager, tier: int, pages: torch.Tensor, mismatch: list[torch.Tensor]) -> None:
+    """PageCorrupted (the pages quarantined) if any streamed page of `pages` (in stream order) failed its rows'
+    checksums (mismatch: streamed_mismatch of each chunk)."""
+    if not mismatch:
+        return
+    bad = torch.cat(mismatch).cpu()
     if bool(bad.any()):
-        raise tiers.corrupted(sorted(set(pages[bad.cpu()].tolist())), tier)
+        raise tiers.corrupted(sorted(set(pages[bad].tolist())), tier)
 
 
 def stream_pages(

@@ -119,10 +119,11 @@ _WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def row_checksums(rows: torch.Tensor) -> torch.Tensor:
-    """A checksum of each row of rows [..., d] (int64 [...]): the row's bytes as 16-bit words, each times an odd
+    """A checksum of each row of rows [..., d] (int64 [...]): the row's bytes as 32-bit words, each times an odd
     weight, summed modulo 2^64. Any change within a single word changes it (an odd weight times a nonzero
-    difference below 2^16 is never a multiple of 2^64); vectorised, so sparse reads check only their rows."""
-    words = rows.contiguous().view(torch.int16).to(torch.int64)  # [..., d * itemsize / 2]
+    difference below 2^32 is never a multiple of 2^64); vectorised, and computed on whichever device holds the
+    rows, so sparse reads check only their rows, where they are used."""
+    words = rows.contiguous().view(torch.int32).to(torch.int64)  # [..., d * itemsize / 4]
     key = (words.shape[-1], words.device)
     if key not in _WEIGHTS:
         _WEIGHTS[key] = (torch.arange(words.shape[-1], dtype=torch.int64, device=words.device) * 2 + 1) * 0x9E3779B1
