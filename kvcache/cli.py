@@ -15,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     demo.add_argument("--page-size", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0)
+    verify = sub.add_parser("verify", help="scrub a server's host and disk tiers against their checksums; exit 1 "
+                                           "if a page failed (it is quarantined: never served)")
+    verify.add_argument("--server", required=True, help="host:port of a `kvcache serve`")
+    verify.add_argument("--token-file", help="a file holding the server's bearer token")
     serve = sub.add_parser("serve", help="run the gRPC KV cache service")
     from kvcache.service.serve_cli import add_arguments
 
@@ -102,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     offload.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
 
+    if args.command == "verify":
+        import json
+
+        from kvcache.clients.remote import RemoteClient
+
+        token = open(args.token_file).read().strip() if args.token_file else None
+        with RemoteClient(args.server, token=token) as client:
+            report = client.verify()
+        print(json.dumps(report))
+        return 1 if report["corrupted_pages"] else 0
     if args.command == "demo":
         from kvcache.bench.synthetic_demo import run_demo
 

@@ -99,3 +99,29 @@ def test_over_grpc_a_corrupted_page_is_data_loss(tmp_path):
                 client.attend([a], 0, torch.randn((1, HKV * 2, D)), "dense")
     finally:
         server.drain_and_stop()
+
+
+@pytest.mark.service
+def test_a_scrub_finds_and_quarantines_a_corrupted_page_in_process_over_grpc_and_from_the_command_line(tmp_path):
+    from kvcache.cli import main as kvcache_main
+
+    server = Server(_config(tmp_path, host_pages=6, disk_pages=20), ServerOptions(port=0, workers=4, grace_seconds=1))
+    server.start()
+    try:
+        target = f"127.0.0.1:{server.port}"
+        with RemoteClient(target, timeout=10, retries=0) as client:
+            local = server.servicer.client
+            a, b = _fill(client, 40, 5), _fill(client, 20, 6)
+            clean = client.verify()
+            assert clean["corrupted_pages"] == [] and clean["pages_checked"] > 0
+            assert kvcache_main(["verify", "--server", target]) == 0
+            indexes, pages = _offloaded(local, a, DISK)
+            _flip_a_byte(local, pages[indexes[-1]], layer=1, kv=1)
+            report = client.verify()
+            assert report == {"pages_checked": clean["pages_checked"], "corrupted_pages": [pages[indexes[-1]]],
+                              "sequences": [a]}
+            assert kvcache_main(["verify", "--server", target]) == 1
+            assert local.stats()["pool"]["pages_quarantined"] == 1
+            client.attend([b], 0, torch.randn((1, HKV * 2, D)), "dense")  # the rest is served as before
+    finally:
+        server.drain_and_stop()

@@ -147,6 +147,11 @@ class InProcessClient:
         is freed by expire_leases() once no call has named it for `lease_seconds`."""
         return self.store.create(token_ids, lease_seconds)
 
+    def verify(self) -> dict[str, Any]:
+        """Check every page on the host and disk tiers against its checksums: pages_checked, corrupted_pages
+        (quarantined: never served), sequences (those holding them)."""
+        return self.store.verify()
+
     def expire_leases(self) -> list[str]:
         """Free the sequences whose lease has run out; their ids (`kvcache serve` calls this every 0.25 s)."""
         return [sid for sid in self.store.expired() if self.store.free_if_expired(sid)]

@@ -275,6 +275,12 @@ class RemoteClient:
             "batching": dict(s.batching),  # the server's attend streams (AttendBatcher)
         }
 
+    def verify(self) -> dict[str, Any]:
+        """The server's scrub of its lower tiers: pages_checked, corrupted_pages (quarantined), sequences."""
+        r = self._call("Verify", pb.VerifyRequest())
+        return {"pages_checked": r.pages_checked, "corrupted_pages": list(r.corrupted_pages),
+                "sequences": list(r.sequences)}
+
     def prefetch(self, seq_id: str, pages: Sequence[int] | None = None) -> SequenceInfo:
         """Bring pages (indexes into the sequence's page table; all if None) to the device ahead of use."""
         request = pb.PrefetchRequest(seq_id=seq_id, pages=list(pages or []))

@@ -325,6 +325,12 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         self.plans.add(plan)
         return pb.PlanResponse(step_id=plan.step_id)
 
+    @_handler("Verify")
+    def Verify(self, request, context):
+        report = self.client.verify()
+        return pb.VerifyResponse(pages_checked=report["pages_checked"], corrupted_pages=report["corrupted_pages"],
+                                 sequences=report["sequences"])
+
     @_handler("Stats")
     def Stats(self, request, context):
         s = self.stats()

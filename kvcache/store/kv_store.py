@@ -128,6 +128,17 @@ class KVStore:
         with self._lock:
             return self._info(self._get(seq_id))
 
+    def verify(self) -> dict[str, object]:
+        """A scrub of every lower-tier page (page and row checksums): pages checked, the pages that failed
+        (quarantined from now on) and the sequences holding them."""
+        with self._lock:
+            if self.tiers is None:
+                return {"pages_checked": 0, "corrupted_pages": [], "sequences": []}
+            checked, failed = self.tiers.verify_all()
+            bad = set(failed)
+            owners = [s.seq_id for s in self._seqs.values() if bad & set(s.live_pages.tolist())]
+            return {"pages_checked": checked, "corrupted_pages": failed, "sequences": owners}
+
     def expired(self, now: float | None = None) -> list[str]:
         """Ids of the sequences whose lease has run out (at time.monotonic() `now`)."""
         now = time.monotonic() if now is None else now

@@ -23,7 +23,7 @@ from kvcache.errors import PageCorrupted, StoreFull
 from kvcache.stats import Totals
 from kvcache.store.eviction import EvictionPolicy, LRUPolicy, SparseAwarePolicy
 from kvcache.store.page_pool import PagePool
-from kvcache.store.tiers import DEVICE, DISK, HOST, NOWHERE, TIER_NAMES, SlotStorage
+from kvcache.store.tiers import DEVICE, DISK, HOST, NOWHERE, TIER_NAMES, SlotStorage, row_checksums
 
 
 def pair(dst: int, src: int) -> str:
@@ -174,6 +174,21 @@ class TierManager:
             self._host_lru.pop(p, None)
             self._set([p], DISK, [ds])
             self.moved.add(pair(DISK, HOST), bytes=host.page_bytes, pages=1)
+
+    def verify_all(self) -> tuple[int, list[int]]:
+        """A scrub: every page on a lower tier checked against its page checksum and its rows' checksums. Returns
+        (pages checked, pages that failed); the failed ones are quarantined."""
+        checked, failed = 0, []
+        for tier, storage in self.storage.items():
+            pages = torch.nonzero(self.tier == tier).flatten().tolist()
+            for page in pages:
+                checked += 1
+                slot = int(self.slot[page])
+                rows_ok = bool((row_checksums(storage.page(slot)) == storage.row_sums[:, slot]).all())
+                if not rows_ok or storage.checksum(slot) != self.checksums.get(page):
+                    failed.append(page)
+        self.quarantined.update(failed)
+        return checked, failed
 
     def corrupted(self, pages: list[int], tier: int) -> PageCorrupted:
         """The error for `pages` whose rows failed their checksum on `tier`, quarantined from now on."""

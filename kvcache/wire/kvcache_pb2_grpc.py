@@ -99,6 +99,11 @@ class KVCacheStub:
                 request_serializer=kvcache__pb2.PlanRequest.SerializeToString,
                 response_deserializer=kvcache__pb2.PlanResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/kvcache.v1.KVCache/Verify',
+                request_serializer=kvcache__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=kvcache__pb2.VerifyResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvcache.v1.KVCache/Stats',
                 request_serializer=kvcache__pb2.StatsRequest.SerializeToString,
@@ -202,6 +207,12 @@ class KVCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Verify(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -287,6 +298,11 @@ def add_KVCacheServicer_to_server(servicer, server):
                     servicer.Plan,
                     request_deserializer=kvcache__pb2.PlanRequest.FromString,
                     response_serializer=kvcache__pb2.PlanResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=kvcache__pb2.VerifyRequest.FromString,
+                    response_serializer=kvcache__pb2.VerifyResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -655,6 +671,33 @@ class KVCache:
             '/kvcache.v1.KVCache/Plan',
             kvcache__pb2.PlanRequest.SerializeToString,
             kvcache__pb2.PlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcache.v1.KVCache/Verify',
+            kvcache__pb2.VerifyRequest.SerializeToString,
+            kvcache__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
