@@ -238,7 +238,7 @@ def test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone(de
         assert batching == servicer.batcher.counts()
         assert batching["requests"] == len(clients) * steps
         assert batching["merged_requests"] >= 2 * batching["merged_calls"]
-        assert f'kvcache_attend_batching_total{{kind="requests"}} {len(clients) * steps}' in prometheus_text(
+        assert f'kvcache_attend_batching_total{{kind="requests"}} {float(len(clients) * steps)}' in prometheus_text(
             servicer.stats())
         for i in range(len(clients)):
             for step, (q, k, v) in enumerate(inputs[i]):

@@ -63,7 +63,8 @@ def test_refused_calls_are_counted_and_logged_without_the_token_and_metrics_need
             _scrape(server)
         assert http.value.code == 401
         text = _scrape(server, TOKEN)
-        assert 'kvcache_rpc_errors_total{rpc="Describe"} 3' in text
+        assert 'kvcache_rpc_errors_total{rpc="Describe"} 3.0' in text
+        assert 'kvcache_rpc_status_total{code="UNAUTHENTICATED",rpc="Describe"} 3.0' in text
 
 
 def test_each_metric_family_is_one_block_after_its_type_line():
@@ -73,13 +74,29 @@ def test_each_metric_family_is_one_block_after_its_type_line():
                             "batching": {"requests": 5}, "bytes_moved": {"device<-host": 7}})
     seen, current = set(), None
     for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
         if line.startswith("# TYPE "):
             current = line.split()[2]
             assert current not in seen, f"{current} appears twice"
             seen.add(current)
         else:
             assert line.split("{")[0] == current, f"{line!r} is outside its family's block"
-    assert 'kvcache_bytes_moved_total{direction="device<-host"} 7' in text
+    assert 'kvcache_bytes_moved_total{direction="device<-host"} 7.0' in text
+
+
+def test_call_latency_is_a_histogram_per_rpc_and_attention_method_with_counts_per_status():
+    with running(metrics_port=0) as server, RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0) as client:
+        sid = client.create().seq_id
+        client.append(sid, torch.randn((2, 9, 2, 16)), torch.randn((2, 9, 2, 16)))
+        for _ in range(3):
+            client.attend([sid], 0, torch.randn((1, 4, 16)), "quest", {"top_pages": 1})
+        with pytest.raises(SequenceNotFound):
+            client.describe("nope")
+        text = _scrape(server)
+        assert 'kvcache_rpc_duration_seconds_count{method="quest",rpc="AttendStream"} 3.0' in text
+        assert 'kvcache_rpc_status_total{code="NOT_FOUND",rpc="Describe"} 1.0' in text
+        assert 'kvcache_rpc_status_total{code="OK",rpc="Append"} 1.0' in text
 
 
 def test_an_error_about_a_huge_sequence_id_stays_small():

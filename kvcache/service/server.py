@@ -38,7 +38,7 @@ from kvcache.prefill.serving import HeadPattern
 from kvcache.service.batcher import AttendBatcher
 from kvcache.service.input_limits import InputLimits
 from kvcache.service.locks import SequenceLocks
-from kvcache.service.metrics import serve_metrics
+from kvcache.service.metrics import CallMetrics, serve_metrics
 from kvcache.stats import Totals
 from kvcache.store.step_plan import StepPlan
 from kvcache.wire import kvcache_pb2 as pb
@@ -135,6 +135,7 @@ def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None, 
                 seconds = time.perf_counter() - t0
                 self.last_call = time.monotonic()
                 self.metrics.add(rpc, calls=1, errors=int(code != grpc.StatusCode.OK), seconds=seconds)
+                self.calls.observe(rpc, code.name, seconds, getattr(request, "method", "") if rpc == "Attend" else "")
                 log.info(json.dumps({"rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3),
                                      "peer": context.peer()}))
 
@@ -158,6 +159,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         self.max_message_bytes = max_message_bytes  # the largest reply gRPC will send
         self.locks = SequenceLocks()
         self.metrics = Totals(("calls", "errors", "seconds"))  # per RPC
+        self.calls = CallMetrics(self.stats)  # latency histograms and status counts, for Prometheus
         self.draining = draining or threading.Event()  # set on SIGTERM: new calls are refused
         self.in_flight = _InFlight()
         self.last_call = time.monotonic()  # when a unary call last ended (served or refused)
@@ -257,8 +259,11 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                 yield pb.AttendResponse(error_code=grpc.StatusCode.UNAVAILABLE.value[0],
                                         error_message="server is shutting down", error_class="Unavailable")
                 self.metrics.add("AttendStream", calls=1, errors=1, seconds=time.perf_counter() - t0)
+                self.calls.observe("AttendStream", "UNAVAILABLE", time.perf_counter() - t0, request.method or "dense")
                 continue
             response = self.batcher.submit(request)
+            self.calls.observe("AttendStream", _CODE_NAMES.get(response.error_code, "UNKNOWN"),
+                               time.perf_counter() - t0, request.method or "dense")
             self.metrics.add("AttendStream", calls=1, errors=int(response.error_code != 0),
                              seconds=time.perf_counter() - t0)
             yield response
@@ -427,6 +432,7 @@ class StepPlans:
 
 
 
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 LEASE_CHECK_SECONDS = 0.25  # how often the server frees sequences whose lease ran out
 MAX_ERROR_TEXT = 2000  # characters: an error's text must fit a client's metadata limit whatever the request held
 
@@ -523,7 +529,7 @@ class Server:
         self._reaper_stop = threading.Event()
         self.metrics_http = None
         if options.metrics_port is not None:
-            self.metrics_http = serve_metrics(options.metrics_host, options.metrics_port, self.servicer.stats,
+            self.metrics_http = serve_metrics(options.metrics_host, options.metrics_port, self.servicer.calls.text,
                                               token=options.token)
 
     def start(self) -> None:
@@ -548,6 +554,7 @@ class Server:
     def _refused(self, rpc: str) -> None:
         """Count and log a call refused for its bearer token (the token is never logged)."""
         self.servicer.metrics.add(rpc, calls=1, errors=1, seconds=0.0)
+        self.servicer.calls.observe(rpc, "UNAUTHENTICATED", 0.0)
         log.warning(json.dumps({"rpc": rpc, "code": "UNAUTHENTICATED", "refused": "missing or wrong bearer token"}))
 
     def drain_and_stop(self) -> None:
