@@ -117,3 +117,16 @@ def test_a_fetch_reply_over_the_message_limit_is_refused_and_counted_as_an_error
             client.fetch(sid, 0, "rows", torch.arange(n).expand(2, n))
         assert server.servicer.metrics.snapshot()["Fetch"]["errors"] == 1
         client.fetch(sid, 0, "rows", torch.arange(100).expand(2, 100))  # a smaller one goes through
+
+
+def test_every_attend_stream_request_is_logged_like_a_unary_call(caplog):
+    with running() as server, RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0) as client:
+        sid = client.create().seq_id
+        client.append(sid, torch.randn((2, 9, 2, 16)), torch.randn((2, 9, 2, 16)))
+        with caplog.at_level(logging.INFO, logger="kvcache.service.server"):
+            client.attend([sid], 1, torch.randn((1, 4, 16)), "window", {"window": 3})
+            with pytest.raises(Exception):  # noqa: B017 (the class is the protocol's, the log line is the point)
+                client.attend([sid], 1, torch.randn((1, 4, 16)), "window", {"window": -3})
+        lines = [json.loads(r.getMessage()) for r in caplog.records if '"AttendStream"' in r.getMessage()]
+        assert [(x["code"], x["method"], x["layer"], x["batch"]) for x in lines] == [
+            ("OK", "window", 1, 1), ("INVALID_ARGUMENT", "window", 1, 1)]

@@ -262,10 +262,14 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                 self.calls.observe("AttendStream", "UNAVAILABLE", time.perf_counter() - t0, request.method or "dense")
                 continue
             response = self.batcher.submit(request)
-            self.calls.observe("AttendStream", _CODE_NAMES.get(response.error_code, "UNKNOWN"),
-                               time.perf_counter() - t0, request.method or "dense")
-            self.metrics.add("AttendStream", calls=1, errors=int(response.error_code != 0),
-                             seconds=time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            code = _CODE_NAMES.get(response.error_code, "UNKNOWN")
+            self.calls.observe("AttendStream", code, seconds, request.method or "dense")
+            self.metrics.add("AttendStream", calls=1, errors=int(response.error_code != 0), seconds=seconds)
+            if log.isEnabledFor(logging.INFO):  # one line per request, as for unary calls
+                log.info(json.dumps({"rpc": "AttendStream", "code": code, "ms": round(seconds * 1e3, 3),
+                                     "method": request.method or "dense", "layer": request.layer,
+                                     "batch": len(request.seq_ids)}))
             yield response
 
     def _attend_batch(self, requests: list) -> list[pb.AttendResponse]:
