@@ -14,6 +14,7 @@ batch that touches the disk tier takes the torch path (kvcache.methods.attend de
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import torch
 
@@ -29,6 +30,7 @@ from kvcache.kernels.paged_decode import (
 )
 from kvcache.methods.base import Selection
 from kvcache.methods.dense import attend_rows
+from kvcache.methods.gather import gather_sequence
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.merge import merge_lse
 from kvcache.methods.sparq import reallocate_mean
@@ -93,11 +95,9 @@ def _dense_sequence(inputs: LayerInputs, qg: torch.Tensor, b: int, scale: float)
     store, csr, layer = inputs.store, inputs.csr, inputs.layer
     tiers: TierManager | None = store.tiers
     if tiers is None:
-        keys = inputs.keys(b)
-        pages = csr.pages_of(b)
-        rows = store.pool.v_seq[layer][pages]  # [n, Hkv, P, d]
-        values = rows.permute(1, 0, 2, 3).reshape(keys.shape[0], -1, keys.shape[2])[:, : keys.shape[1]]
-        return attend_rows(qg, keys, values, scale)
+        pool = store.pool
+        return attend_rows(qg, gather_sequence(pool.k_seq[layer], csr, b), gather_sequence(pool.v_seq[layer], csr, b),
+                           scale)
     P = csr.page_size
     S = csr.host_lens[b]
     pages = csr.pages_of(b).cpu()
@@ -158,9 +158,11 @@ def attend_triton(q: torch.Tensor, inputs: LayerInputs, sel: Selection, scale: f
     Hkv = inputs.num_kv_heads
     BH = q.shape[0] * Hkv
     vbar = inputs.value_mean.float().reshape(BH, -1) if sel.alpha_inputs is not None else None
-    items = sel.items if sel.items is None or sel.items.dtype == torch.int32 else sel.items.to(torch.int32)
-    count = sel.count if sel.count is None or sel.count.dtype == torch.int32 else sel.count.to(torch.int32)
-    sel = Selection(sel.mode, items, count, sel.alpha, sel.alpha_inputs, sel.bytes_read, sel.launch, sel.pdl)
+    # The kernels take int32 lists; the torch selections make int64 ones (the GPU selections already int32).
+    if sel.items is not None and sel.items.dtype != torch.int32:
+        sel = replace(sel, items=sel.items.to(torch.int32))
+    if sel.count is not None and sel.count.dtype != torch.int32:
+        sel = replace(sel, count=sel.count.to(torch.int32))
     if store.tiers is None:
         if sel.mode == MODE_DENSE:
             max_items = csr.max_len

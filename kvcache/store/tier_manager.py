@@ -237,8 +237,11 @@ class TierManager:
             self.policy.chosen(torch.unique(pages.flatten()).tolist())
 
     def page_kv(self, page: int) -> torch.Tensor:
-        """K/V of one page in every layer [L, 2, Hkv, P, d] from whichever tier holds it (a copy on the host)."""
+        """K/V of one page in every layer [L, 2, Hkv, P, d] from whichever tier holds it (a copy on the host); a page
+        on a lower tier is checked against its checksum first (PageCorrupted)."""
         tier, s = int(self.tier[page]), int(self.slot[page])
         if tier == DEVICE:
             return torch.stack((self.pool.k_seq[:, s], self.pool.v_seq[:, s]), dim=1).cpu()
+        if self.storage[tier].checksum(s) != self.checksums.get(page):
+            raise self.corrupted([page], tier)
         return self.storage[tier].page(s).clone()
