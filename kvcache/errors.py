@@ -42,6 +42,18 @@ class StoreFull(KVCacheError, MemoryError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class CallTooLarge(KVCacheError, MemoryError):
+    """A call would need more working memory than the store allows one call; nothing was done."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class QuotaExceeded(KVCacheError, MemoryError):
+    """The calling client already holds as many sequences or pages as the server allows one client."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class MessageTooLarge(KVCacheError, ValueError):
     """A request or reply exceeds the configured maximum message size."""
 

@@ -149,7 +149,10 @@ class RemoteClient:
         use_stream: bool = True,
     ) -> None:
         limit = max_message_mb * 2**20
-        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        # A connection of its own: the server counts sequences and pages per connection (per-client caps), and
+        # channels to one target would otherwise share grpc's global subchannel, hence one peer address.
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                   ("grpc.use_local_subchannel_pool", 1)]
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         if root_certificates is not None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kvcache.config import KVCacheConfig
-from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, ShapeMismatch
+from kvcache.errors import CallTooLarge, DTypeMismatch, InvalidParameter, PositionOutOfRange, ShapeMismatch
 from kvcache.methods.base import AttentionMethod, Params, scale_of
 from kvcache.methods.gate_store import gate_of
 from kvcache.methods.inputs import LayerInputs
@@ -96,6 +96,11 @@ def validate(
     if empty:
         raise PositionOutOfRange(f"sequence {empty[0]} has no cached positions at layer {layer}")
     m.check(c, lens, p)
+    limit = store.max_call_bytes
+    if limit is not None and (need := m.work_bytes(c, lens, q.shape[1], p)) > limit:
+        raise CallTooLarge(f"{method} over {len(lens)} sequences of up to {max(lens)} positions with {q.shape[1]} "
+                           f"query heads needs about {need / 2**20:,.0f} MiB of working memory; this store allows "
+                           f"{limit / 2**20:,.0f} MiB per call: send fewer sequences or query heads per call")
     if m.needs_gate:
         gate_of(store, q.shape[1])  # GateMissing (FAILED_PRECONDITION) before any work
     if backend == "triton" and triton_unsupported(c):

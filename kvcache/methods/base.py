@@ -197,6 +197,14 @@ class AttentionMethod:
         """Bytes one call reads for sequences of `lens` positions (an upper bound where the choice is data-driven)."""
         raise NotImplementedError
 
+    def work_bytes(self, config: KVCacheConfig, lens: Sequence[int], q_heads: int, p: Params) -> int:
+        """Bytes of working memory one call needs at most, beyond the store (an estimate from above): the torch path
+        works one sequence at a time, so the longest sequence's float32 scores (a few copies) and its K/V gathered
+        and upcast, plus the batch's queries and outputs. Methods whose selection builds more override it."""
+        S, d, Hkv = max(lens), config.head_dim, config.num_kv_heads
+        per_sequence = 3 * q_heads * S * 4 + 2 * Hkv * S * d * (config.itemsize + 4)
+        return per_sequence + 3 * len(lens) * q_heads * d * 4
+
     def reference(self, q: torch.Tensor, inputs: LayerInputs, p: Params) -> AttentionResult:
         """The plain-torch reference over an untiered store's layer: what the kernels are tested against."""
         raise NotImplementedError

@@ -126,6 +126,11 @@ class Quest(AttentionMethod):
         return quest_bytes(lens, config.page_size, p.top_pages, config.num_kv_heads, config.head_dim,
                            config.itemsize)
 
+    def work_bytes(self, config: KVCacheConfig, lens: Sequence[int], q_heads: int, p: QuestParams) -> int:
+        # The torch bound multiplies each query head with every page's min and max: [Hq, pages, d] float32, thrice.
+        pages = config.pages_for(max(lens))
+        return super().work_bytes(config, lens, q_heads, p) + 3 * q_heads * pages * config.head_dim * 4
+
     def reference(self, q: torch.Tensor, inputs: LayerInputs, p: QuestParams) -> AttentionResult:
         view = inputs.view
         return quest(q, view.k_seq, view.v_seq, view.k_summary, inputs.csr, **p.as_dict())

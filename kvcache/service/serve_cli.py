@@ -30,7 +30,8 @@ STORE_FLAGS = {  # flag dest -> KVCacheConfig field
     "eviction": "eviction",
 }
 SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
-                "grace_seconds", "torch_threads", "gate", "cpus", "reject_nonfinite", "max_query_heads")
+                "grace_seconds", "torch_threads", "gate", "cpus", "reject_nonfinite", "max_query_heads",
+                "max_call_memory", "max_sequences_per_client", "max_pages_per_client")
 STORE_DEFAULTS = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "page_size": 16, "dtype": "float32",
                   "device": "cpu"}
 # The device pool when neither --pages nor --memory (nor the TOML's device_pages or memory) sizes it: 913 pages
@@ -58,6 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse NaN or Inf in appended K/V and in q with INVALID_ARGUMENT (default on)")
     p.add_argument("--max-query-heads", type=int,
                    help="most query heads one attend may bring (default 16 per kv head): bounds a call's work")
+    p.add_argument("--max-call-memory", metavar="SIZE",
+                   help="working memory one attend may need, e.g. 512MiB (default: 256MiB plus the store's bytes); "
+                   "a call estimated over it is refused with RESOURCE_EXHAUSTED before any work")
+    p.add_argument("--max-sequences-per-client", type=int,
+                   help="live sequences one client connection may hold (default 1024; 0: no cap)")
+    p.add_argument("--max-pages-per-client", type=int,
+                   help="pages one client connection's sequences may hold (default 0: no cap)")
     p.add_argument("--torch-threads", type=int,
                    help="intra-op threads of the CPU attention (default: torch's); "
                    "1 when engine and server share a few cores")
@@ -202,6 +210,11 @@ def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
             server["token"] = f.read().strip()
         if not server["token"]:
             raise InvalidParameter(f"token file {token_file} is empty")
+    if server.get("max_call_memory") is not None:
+        server["max_call_memory"] = parse_size(server["max_call_memory"], "--max-call-memory")
+    for cap in ("max_sequences_per_client", "max_pages_per_client"):
+        if cap in server and (not isinstance(server[cap], int) or server[cap] < 0):
+            raise InvalidParameter(f"--{cap.replace('_', '-')} {server[cap]!r}: expected a count (0: no cap)")
     if bool(server.get("tls_cert")) != bool(server.get("tls_key")):
         raise InvalidParameter("TLS needs both --tls-cert and --tls-key")
     try:

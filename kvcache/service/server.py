@@ -36,6 +36,7 @@ from kvcache.methods.result import AttentionResult
 from kvcache.prefill.minference_index import BLOCK_SIZE
 from kvcache.prefill.serving import HeadPattern
 from kvcache.service.batcher import AttendBatcher
+from kvcache.service.client_quotas import ClientQuotas
 from kvcache.service.input_limits import InputLimits
 from kvcache.service.locks import SequenceLocks
 from kvcache.service.metrics import CallMetrics, serve_metrics
@@ -68,6 +69,9 @@ class ServerOptions:
     gate: str | None = None  # page-gate weights (a path or a name under kvcache/methods/gates/) for method "gate"
     reject_nonfinite: bool = True  # NaN or Inf in q, k or v is INVALID_ARGUMENT (service/input_limits.py)
     max_query_heads: int | None = None  # query heads one attend may bring (None: 16 per kv head)
+    max_call_memory: int | None = None  # bytes of working memory one attend may need (None: default_call_memory)
+    max_sequences_per_client: int = 1024  # live sequences one connection may hold (0: no cap)
+    max_pages_per_client: int = 0  # pages one connection's sequences may hold (0: no cap, the pool is the cap)
 
 
 @dataclass
@@ -153,8 +157,10 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     """The KVCache service over an InProcessClient."""
 
     def __init__(self, client: InProcessClient, draining: threading.Event | None = None, max_streams: int = 8,
-                 limits: InputLimits | None = None, max_message_bytes: int | None = None) -> None:
+                 limits: InputLimits | None = None, max_message_bytes: int | None = None,
+                 quotas: ClientQuotas | None = None) -> None:
         self.client = client
+        self.quotas = quotas or ClientQuotas(client.store)
         self.limits = limits or InputLimits()
         self.max_message_bytes = max_message_bytes  # the largest reply gRPC will send
         self.locks = SequenceLocks()
@@ -176,11 +182,17 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         lease = request.lease_seconds
         if lease < 0 or lease != lease:
             raise InvalidParameter(f"lease_seconds={lease!r} must be a positive number of seconds (0: none)")
-        return info_to_wire(self.client.create(list(request.token_ids) or None, lease or None))
+        self.quotas.admit_sequence(context.peer())
+        info = self.client.create(list(request.token_ids) or None, lease or None)
+        self.quotas.own(context.peer(), info.seq_id)
+        return info_to_wire(info)
 
     @_handler("Fork", lambda r: [r.seq_id])
     def Fork(self, request, context):
-        return info_to_wire(self.client.fork(request.seq_id))
+        self.quotas.admit_sequence(context.peer())
+        info = self.client.fork(request.seq_id)
+        self.quotas.own(context.peer(), info.seq_id)
+        return info_to_wire(info)
 
     @_handler("Free", lambda r: [r.seq_id])
     def Free(self, request, context):
@@ -194,7 +206,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     @_handler("Append", lambda r: [r.seq_id])
     def Append(self, request, context):
-        return info_to_wire(self._append(request))
+        return info_to_wire(self._append(request, context.peer()))
 
     def AppendStream(self, request_iterator, context):
         """Chunks of one sequence's prefill, appended in order, each under that sequence's lock.
@@ -231,18 +243,25 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     def _append_chunks(self, chunks: _Chunks, context):
         seq_id = chunks.first.seq_id
         with self.locks.hold([seq_id]):
-            info = self._append(chunks.first)
+            info = self._append(chunks.first, context.peer())
         for chunk in chunks.rest:  # waits on the client's network input: no lock held here
             if chunk.seq_id and chunk.seq_id != seq_id:
                 raise ShapeMismatch(f"AppendStream chunks name two sequences: {seq_id}, {chunk.seq_id}")
             chunk.seq_id = seq_id
             with self.locks.hold([seq_id]):
-                info = self._append(chunk)
+                info = self._append(chunk, context.peer())
         return info_to_wire(info)
 
     @_handler("Attend", lambda r: list(r.seq_ids))
     def Attend(self, request, context):
+        self._check_quota(request, context.peer())
         return self._attend(request)
+
+    def _check_quota(self, request, client: str) -> None:
+        """QuotaExceeded if an attend's new rows would take the client past its page cap."""
+        if self.quotas.max_pages and request.HasField("new_k"):
+            store = self.client.store
+            self.quotas.admit_pages(client, sum(store.pages_to_append(s, 1) for s in request.seq_ids))
 
     def AttendStream(self, request_iterator, context) -> Iterator[pb.AttendResponse]:
         """Attend calls on one stream; a rejected request is answered in the response and the stream goes on.
@@ -250,11 +269,16 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         Refused with RESOURCE_EXHAUSTED (error class TooManyStreams) when max_streams are open:
         the client then attends with unary calls."""
         with self._stream_slot(context, "attend"):
-            yield from self._serve_stream(request_iterator)
+            yield from self._serve_stream(request_iterator, context.peer())
 
-    def _serve_stream(self, request_iterator) -> Iterator[pb.AttendResponse]:
+    def _serve_stream(self, request_iterator, client: str) -> Iterator[pb.AttendResponse]:
         for request in request_iterator:
             t0 = time.perf_counter()
+            try:
+                self._check_quota(request, client)
+            except KVCacheError as exc:
+                yield _error_response(exc)
+                continue
             if self.draining.is_set():
                 yield pb.AttendResponse(error_code=grpc.StatusCode.UNAVAILABLE.value[0],
                                         error_message="server is shutting down", error_class="Unavailable")
@@ -367,12 +391,14 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def _append(self, request):
+    def _append(self, request, client: str):
         if not request.HasField("k") or not request.HasField("v"):
             raise ShapeMismatch("append needs both k and v")
         k, v = from_wire(request.k, "k"), from_wire(request.v, "v")
         self.limits.check_finite(k, "k")
         self.limits.check_finite(v, "v")
+        if self.quotas.max_pages and k.dim() >= 3:
+            self.quotas.admit_pages(client, self.client.store.pages_to_append(request.seq_id, k.shape[-3]))
         return self.client.append(
             request.seq_id, k, v,
             layer=request.layer if request.HasField("layer") else None,
@@ -441,6 +467,14 @@ LEASE_CHECK_SECONDS = 0.25  # how often the server frees sequences whose lease r
 MAX_ERROR_TEXT = 2000  # characters: an error's text must fit a client's metadata limit whatever the request held
 
 
+def default_call_memory(config: KVCacheConfig) -> int:
+    """Working memory one attend may need unless --max-call-memory says otherwise, in bytes: 256 MiB plus the bytes
+    of every page the store holds. A call over the whole store in one sequence stays below it (its K/V of one layer
+    is 2/(3L) of the pages' bytes, upcast and with its scores), so only a call whose size comes from the request
+    rather than the store is refused."""
+    return 256 * 2**20 + config.total_pages * config.page_bytes
+
+
 def bounded(text: str) -> str:
     """An error's text cut to MAX_ERROR_TEXT characters."""
     return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 30] + f"... ({len(text)} characters)"
@@ -507,10 +541,14 @@ class Server:
     def __init__(self, config: KVCacheConfig, options: ServerOptions) -> None:
         self.options = options
         self.draining = threading.Event()
-        self.servicer = KVCacheServicer(InProcessClient(config), self.draining,
+        client = InProcessClient(config)
+        client.store.max_call_bytes = options.max_call_memory or default_call_memory(config)
+        self.servicer = KVCacheServicer(client, self.draining,
                                         max_streams=max(1, options.workers // 2),
                                         limits=InputLimits(options.reject_nonfinite, options.max_query_heads),
-                                        max_message_bytes=options.max_message_mb * 2**20)
+                                        max_message_bytes=options.max_message_mb * 2**20,
+                                        quotas=ClientQuotas(client.store, options.max_sequences_per_client,
+                                                            options.max_pages_per_client))
         if options.gate:
             attach_gate(self.servicer.client.store, options.gate)  # GateMissing / GateFileInvalid: no server
         limit = options.max_message_mb * 2**20

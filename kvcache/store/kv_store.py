@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +84,9 @@ class KVStore:
             self.tiers.owner_of = self._owners_of
         self._seqs: dict[str, SequenceState] = {}
         self.sequences_expired = 0  # freed because their lease ran out
+        # Working memory one attend may need (AttentionMethod.work_bytes), in bytes; None: no limit. The server sets
+        # it, so that a request's size, not only the store's, cannot exhaust the machine.
+        self.max_call_bytes: int | None = None
         # One lock for the page bookkeeping; the service adds per-sequence ordering on top.
         self._lock = threading.RLock()
         # Called as fn(layers, page_ids, page_indexes, fills) after those pages' key summaries change, with
@@ -100,6 +103,8 @@ class KVStore:
         with self._lock:
             seq = SequenceState(self._new_id(), self.config)
             seq.lease_seconds = lease_seconds
+            if lease_seconds is not None:  # a sequence no call ever names again expires too
+                seq.lease_deadline = time.monotonic() + lease_seconds
             if token_ids is not None:
                 seq.token_ids = as_token_list(token_ids)
                 self._reuse_prefix(seq)
@@ -157,6 +162,17 @@ class KVStore:
             del self._seqs[seq_id]
             self.sequences_expired += 1
             return True
+
+    def pages_held(self, seq_ids: Iterable[str]) -> int:
+        """Pages the live sequences among `seq_ids` hold (a page shared by two counts twice)."""
+        with self._lock:
+            return sum(self._seqs[s].num_pages for s in seq_ids if s in self._seqs)
+
+    def pages_to_append(self, seq_id: str, num_new: int) -> int:
+        """New pages an append of `num_new` positions to `seq_id` would take (copies of shared pages aside)."""
+        with self._lock:
+            seq = self._get(seq_id)
+            return max(0, self.config.pages_for(max(seq.lengths) + num_new) - seq.num_pages)
 
     def sequence_ids(self) -> list[str]:
         """Ids of the live sequences."""

@@ -1,0 +1,77 @@
+"""Per-client caps on sequences and pages: one client (a connection) cannot take the whole store.
+
+A sequence belongs to the client that created (or forked) it, named by its connection's peer address
+(docs/wire-protocol.md, "Limits"). Ownership only counts toward the caps: sequence ids are unguessable and any
+client that holds one may use it, as an engine that hands a sequence to another process expects.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+from kvcache.errors import QuotaExceeded
+from kvcache.store import KVStore
+
+
+class ClientQuotas:
+    """Owner of every sequence created over the wire, and the caps a client's sequences and pages are held to
+    (0: no cap)."""
+
+    def __init__(self, store: KVStore, max_sequences: int = 0, max_pages: int = 0) -> None:
+        self.store = store
+        self.max_sequences = max_sequences
+        self.max_pages = max_pages
+        self._owner: dict[str, str] = {}
+        self._held: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def _live(self, client: str) -> set[str]:
+        # Sequences freed by any path (Free, a lease running out) drop out here, so no hook can be missed.
+        held = self._held.get(client, set())
+        live = held & set(self.store.sequence_ids())
+        for gone in held - live:
+            self._owner.pop(gone, None)
+        self._held[client] = live
+        return live
+
+    def admit_sequence(self, client: str) -> None:
+        """QuotaExceeded if `client` already holds max_sequences sequences."""
+        if not self.max_sequences:
+            return
+        with self._lock:
+            held = len(self._live(client))
+        if held >= self.max_sequences:
+            raise QuotaExceeded(f"this client already holds {held} sequences, the most the server allows one "
+                                f"client (--max-sequences-per-client); free some first")
+
+    def admit_pages(self, client: str, new_pages: int) -> None:
+        """QuotaExceeded if `client`'s sequences would hold more than max_pages pages after `new_pages` more."""
+        if not self.max_pages or new_pages <= 0:
+            return
+        with self._lock:
+            held = self.store.pages_held(self._live(client))
+        if held + new_pages > self.max_pages:
+            raise QuotaExceeded(f"this client's sequences hold {held} pages and need {new_pages} more; the server "
+                                f"allows one client {self.max_pages} (--max-pages-per-client)")
+
+    def own(self, client: str, seq_id: str) -> None:
+        """Record that `client` created `seq_id`."""
+        with self._lock:
+            self._owner[seq_id] = client
+            self._held.setdefault(client, set()).add(seq_id)
+
+    def owner(self, seq_id: str) -> str | None:
+        """The client that created `seq_id`, if it was created over the wire."""
+        with self._lock:
+            return self._owner.get(seq_id)
+
+    def held(self, client: str) -> int:
+        """Live sequences `client` holds."""
+        with self._lock:
+            return len(self._live(client))
+
+    def clients(self) -> Iterable[str]:
+        """Clients that have created sequences."""
+        with self._lock:
+            return list(self._held)
