@@ -196,6 +196,10 @@ def attach_gate(store, gate: PageGate | str | os.PathLike, key_dtype: torch.dtyp
                 some = ends > csr.indptr[:-1].long().cpu()  # sequences holding a page
                 fills[ends[some] - 1] = last[some]
                 cache.update([layer], csr.indices.cpu(), csr.page_indexes().cpu(), fills.tolist())
+        cached = store.allocator.cached_pages()  # free pages a prompt may still reuse (some found at start)
+        if cached:
+            pages, indexes = (torch.tensor(column) for column in zip(*cached))
+            cache.update(list(range(c.num_layers)), pages, indexes, [c.page_size] * len(cached))
         store.summary_listeners.append(cache.update)
         _GATES[store] = (gate, cache)
     return gate

@@ -88,7 +88,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       f"shape). The pool is allocated at start")
     p.add_argument("--host-pages", type=int, help="K/V pages in pinned CPU memory (default 0: no host tier)")
     p.add_argument("--disk-pages", type=int, help="K/V pages in a file (default 0: no disk tier)")
-    p.add_argument("--disk-path", help="directory of the disk tier's file (default: the temp dir)")
+    disk = p.add_mutually_exclusive_group()
+    disk.add_argument("--disk-path", help="directory of the disk tier's file (default: the temp dir); the file is "
+                      "gone when the server stops")
+    disk.add_argument("--disk-dir", help="directory of a disk tier that outlives the server: prefix-cache pages "
+                      "that reach it are served again, verified, after a restart (needs --disk-pages)")
     p.add_argument("--pinned-tail-pages", type=int, help="last pages of each sequence kept on the device (2)")
     p.add_argument("--eviction", choices=["lru", "sparse"], help="which device pages go down first (default lru)")
 
@@ -192,6 +196,8 @@ def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
     for dest, field in STORE_FLAGS.items():
         if getattr(args, dest) is not None:
             store[field] = getattr(args, dest)
+    if getattr(args, "disk_dir", None):
+        store.update(disk_path=args.disk_dir, disk_persistent=True)
     if args.pages is not None:  # the flag wins over a TOML memory
         memory = None
     if args.memory is not None:  # ... and --memory over a TOML device_pages (argparse refuses both flags)
@@ -294,6 +300,7 @@ def allocated_line(store, seconds: float) -> str:
 def serve(config: KVCacheConfig, options: ServerOptions) -> None:
     """Allocate the store (a stderr line before and after), serve until SIGTERM or SIGINT, then drain and stop."""
     from kvcache.service.server import Server, run_server
+    from kvcache.store.tiers import DISK
 
     print(preallocation_line(config), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -303,7 +310,13 @@ def serve(config: KVCacheConfig, options: ServerOptions) -> None:
         if "alloc" not in str(exc).lower():
             raise
         raise StoreFull(f"cannot allocate the store ({exc}); lower --memory or --pages") from None
-    print(allocated_line(server.servicer.client.store, time.perf_counter() - t0), file=sys.stderr, flush=True)
+    store = server.servicer.client.store
+    print(allocated_line(store, time.perf_counter() - t0), file=sys.stderr, flush=True)
+    if config.disk_persistent:
+        files = store.tiers.storage[DISK].files
+        found = "started afresh: " + files.fresh_reason if files.fresh_reason else "found its files"
+        print(f"kvcache serve: the disk tier in {config.disk_path} {found}; {store.pages_restored} prefix pages "
+              f"restored, {store.pages_dropped_at_start} dropped", file=sys.stderr, flush=True)
     run_server(server)
 
 

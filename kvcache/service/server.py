@@ -617,7 +617,8 @@ class Server:
         self.grpc.stop(0 if idle else 1).wait()
         if self.metrics_http:
             self.metrics_http.shutdown()
-        log.info(json.dumps({"event": "stopped"}))
+        recorded = self.servicer.client.store.close()
+        log.info(json.dumps({"event": "stopped", **({"disk_prefix_pages": recorded} if recorded else {})}))
 
 
 def run_server(server: Server) -> None:

@@ -36,6 +36,7 @@ class PageAllocator:
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # refcount 0, hash known; LRU first
         self._page_of_hash: dict[bytes, int] = {}
         self._hash_of_page: dict[int, bytes] = {}
+        self._index_of_page: dict[int, int] = {}  # a hashed page's index within its sequence (its chain depth)
 
     @property
     def num_free(self) -> int:
@@ -57,6 +58,7 @@ class PageAllocator:
         while len(pages) < n:
             page, _ = self._cached_free.popitem(last=False)
             del self._page_of_hash[self._hash_of_page.pop(page)]
+            self._index_of_page.pop(page, None)
             pages.append(page)
         self.refcount[pages] = 1
         return pages
@@ -80,11 +82,22 @@ class PageAllocator:
                 freed.append(page)
         return freed
 
-    def register(self, page: int, digest: bytes) -> None:
-        """Record that `page` holds the full page with hash `digest` (first writer wins)."""
+    def register(self, page: int, digest: bytes, index: int = 0) -> None:
+        """Record that `page` holds the full page with hash `digest`, the `index`-th page of its sequence (first
+        writer wins)."""
         if digest not in self._page_of_hash and page not in self._hash_of_page:
             self._page_of_hash[digest] = page
             self._hash_of_page[page] = digest
+            self._index_of_page[page] = index
+
+    def key_of(self, page: int) -> tuple[bytes, int] | None:
+        """(chain hash, index within its sequence) of a page in the prefix cache, or None."""
+        digest = self._hash_of_page.get(page)
+        return None if digest is None else (digest, self._index_of_page[page])
+
+    def cached_pages(self) -> list[tuple[int, int]]:
+        """(page, index within its sequence) of every page in the prefix cache."""
+        return list(self._index_of_page.items())
 
     def lookup(self, digest: bytes) -> int | None:
         """The page holding `digest`, or None."""

@@ -38,6 +38,7 @@ from kvcache.store.row_reads import Moves, page_keys, read_positions
 from kvcache.store.step_plan import StepPlan
 from kvcache.store.tier_manager import TierManager
 from kvcache.store.tiers import DEVICE
+from kvcache.store.warm_restart import restore_prefix_pages
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,12 @@ class KVStore:
         self._refcounts = self.allocator.refcount.numpy()  # a view: the allocator updates its tensor in place
         # Lower tiers, when configured: k_seq/v_seq of cold pages leave the device (kvcache.store.tier_manager).
         self.tiers = TierManager(config, self.pool) if config.tiered else None
+        self.pages_restored = self.pages_dropped_at_start = 0  # prefix pages found on a persistent disk tier
         if self.tiers is not None:
             self.tiers.owner_of = self._owners_of
+            self.tiers.prefix_key_of = self.allocator.key_of
+            adopted, self.pages_dropped_at_start = restore_prefix_pages(self.allocator, self.pool, self.tiers)
+            self.pages_restored = len(adopted)
         self._seqs: dict[str, SequenceState] = {}
         self.sequences_expired = 0  # freed because their lease ran out
         # Working memory one attend may need (AttentionMethod.work_bytes), in bytes; None: no limit. The server sets
@@ -174,6 +179,18 @@ class KVStore:
             seq = self._get(seq_id)
             return max(0, self.config.pages_for(max(seq.lengths) + num_new) - seq.num_pages)
 
+    def close(self) -> int:
+        """Record every prefix-cache page on a persistent disk tier and release its directory; returns the pages
+        recorded there (0 without one). The store must not be used afterwards."""
+        with self._lock:
+            if self.tiers is None:
+                return 0
+            recorded = self.tiers.persist_prefix()
+            for storage in self.tiers.storage.values():
+                if storage.files is not None:
+                    storage.files.close()
+            return recorded
+
     def sequence_ids(self) -> list[str]:
         """Ids of the live sequences."""
         with self._lock:
@@ -221,7 +238,9 @@ class KVStore:
             for layer_idx in layers:
                 seq.lengths[layer_idx] = end
             seq.token_ids.extend(new_ids)
-            register_full_pages(self.allocator, seq, self.config.page_size)
+            hashed = register_full_pages(self.allocator, seq, self.config.page_size)
+            if self.tiers is not None and hashed:  # pages that went down before they were full are recorded now
+                self.tiers.record_prefix(hashed)
             return self._info(seq)
 
     def append_tokens(self, seq_ids: Sequence[str], k: torch.Tensor, v: torch.Tensor, layer: int) -> None:
@@ -338,6 +357,8 @@ class KVStore:
                 "sequences": len(self._seqs),
                 "sequences_expired": self.sequences_expired,
             }
+            if self.config.disk_persistent:
+                usage.update(pages_restored=self.pages_restored, pages_dropped_at_start=self.pages_dropped_at_start)
             if self.tiers is not None:
                 usage.update(self.tiers.counts())
             return usage

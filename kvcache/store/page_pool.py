@@ -74,6 +74,14 @@ class PagePool:
         kmean = torch.where(filled, keys, 0.0).sum(dim=3) / count
         self.k_summary[layers[:, None], page_ids[None, :]] = torch.stack((kmin, kmax, kmean), dim=3)
 
+    def set_page_keys(self, page_id: int, k: torch.Tensor) -> None:
+        """The dim-major keys and summaries of a full page from its keys k [L, Hkv, P, d] (any device): what a page
+        adopted from a lower tier needs on the device (k_seq stays where the page lies)."""
+        k = k.to(self.k_dim.device)
+        self.k_dim[:, page_id] = k.transpose(-1, -2)
+        keys = k.float()
+        self.k_summary[:, page_id] = torch.stack((keys.amin(dim=2), keys.amax(dim=2), keys.mean(dim=2)), dim=2)
+
     def append_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: list[tuple[int, int, int]]) -> None:
         """One new row per sequence at `layer` (a decode step): k, v [B, Hkv, d] to rows[b] = (page id, device
         slot of its K/V, row in the page) in both key layouts, folded into the pages' summaries.

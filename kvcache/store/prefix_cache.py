@@ -6,15 +6,19 @@ from kvcache.store.allocator import PageAllocator, chain_hash
 from kvcache.store.page_table import SequenceState
 
 
-def register_full_pages(allocator: PageAllocator, seq: SequenceState, page_size: int) -> None:
-    """Hash the sequence's full pages (full in every layer, with known token ids) into the prefix cache."""
+def register_full_pages(allocator: PageAllocator, seq: SequenceState, page_size: int) -> list[int]:
+    """Hash the sequence's full pages (full in every layer, with known token ids) into the prefix cache; returns
+    the pages newly hashed."""
     P = page_size
     full = min(min(seq.lengths), len(seq.token_ids)) // P
+    pages = []
     while seq.num_hashed_pages < full:
         i = seq.num_hashed_pages
         seq.last_hash = chain_hash(seq.last_hash, seq.token_ids[i * P : (i + 1) * P])
-        allocator.register(int(seq.pages[i]), seq.last_hash)
+        pages.append(int(seq.pages[i]))
+        allocator.register(pages[-1], seq.last_hash, i)
         seq.num_hashed_pages += 1
+    return pages
 
 
 def acquire_prefix(allocator: PageAllocator, token_ids: list[int], root: bytes, page_size: int) -> tuple[list[int],

@@ -58,6 +58,8 @@ class TierManager:
         self.quarantined: set[int] = set()  # pages whose rows failed their checksum: never served again
         self.moved = Totals(("bytes", "pages"))  # per direction, e.g. 'host<-device'
         self.owner_of: Callable[[int], str] = lambda page: "?"  # the store names sequences in errors
+        # (chain hash, page index) of a page in the prefix cache, or None: a persistent disk tier records those.
+        self.prefix_key_of: Callable[[int], tuple[bytes, int] | None] = lambda page: None
 
     # ---- bookkeeping ----------------------------------------------------------------------------
 
@@ -152,6 +154,8 @@ class TierManager:
             self.checksums[p] = dst.checksum(s)
             if target == HOST:
                 self._host_lru[p] = None
+            else:
+                self._persist(p, s)
         for p in pages:
             self._device_free.append(int(self.slot[p]))
         self.policy.forget(pages)
@@ -173,7 +177,50 @@ class TierManager:
             host.release(hs)
             self._host_lru.pop(p, None)
             self._set([p], DISK, [ds])
+            self._persist(p, ds)
             self.moved.add(pair(DISK, HOST), bytes=host.page_bytes, pages=1)
+
+    def _persist(self, page: int, slot: int) -> None:
+        """Record a prefix-cache page that reached a persistent disk tier, so a restarted store finds it."""
+        files = self.storage[DISK].files
+        key = self.prefix_key_of(page) if files is not None else None
+        if key is not None:
+            files.persist(slot, key[0], self.checksums[page], key[1])
+
+    def record_prefix(self, pages: list[int]) -> None:
+        """Pages just hashed into the prefix cache: those already on a persistent disk tier are recorded there."""
+        if DISK in self.storage and self.storage[DISK].files is not None:
+            for page in pages:
+                if int(self.tier[page]) == DISK:
+                    self._persist(page, int(self.slot[page]))
+
+    def persist_prefix(self) -> int:
+        """At shutdown: record every prefix-cache page on a persistent disk tier, and copy there those still on the
+        device or the host while free slots last (leading pages of a prompt first: a prefix is found from its
+        start). Returns the pages recorded. The tables no longer describe the pages afterwards: close the store."""
+        disk = self.storage.get(DISK)
+        if disk is None or disk.files is None:
+            return 0
+        for page in torch.nonzero(self.tier == DISK).flatten().tolist():
+            self._persist(page, int(self.slot[page]))
+        up = torch.nonzero((self.tier == DEVICE) | (self.tier == HOST)).flatten().tolist()
+        above = [(key[1], page) for page in up if (key := self.prefix_key_of(page)) is not None]
+        for _, page in sorted(above)[: disk.num_free]:
+            try:
+                kv = self.page_kv(page)  # checked against its checksum if it is on the host
+            except PageCorrupted:
+                continue
+            slot = disk.allocate()
+            disk.write([slot], kv[:, None])
+            self.checksums[page] = disk.checksum(slot)
+            key = self.prefix_key_of(page)
+            disk.files.persist(slot, key[0], self.checksums[page], key[1])
+        return int((disk.files.index[:, 0] == 1).sum())
+
+    def adopt(self, page: int, tier: int, slot: int, checksum: int) -> None:
+        """Make `page` the holder of the K/V already in `slot` of a lower tier (a page found at start)."""
+        self.checksums[page] = checksum
+        self._set([page], tier, [slot])
 
     def verify_all(self) -> tuple[int, list[int]]:
         """A scrub: every page on a lower tier checked against its page checksum and its rows' checksums. Returns

@@ -15,6 +15,7 @@ import torch
 
 from kvcache.config import KVCacheConfig
 from kvcache.errors import InvalidParameter, StoreFull
+from kvcache.store.disk_files import DiskFiles
 
 DEVICE, HOST, DISK = 0, 1, 2
 TIER_NAMES = ("device", "host", "disk")
@@ -35,7 +36,14 @@ class SlotStorage:
         self.num_slots = num_slots
         self.shape = (c.num_layers, num_slots, 2, c.num_kv_heads, c.page_size, c.head_dim)
         self.page_bytes = c.num_layers * 2 * c.num_kv_heads * c.page_size * c.head_dim * c.itemsize
-        self._path: str | None = None
+        self.files: DiskFiles | None = None  # a disk tier that outlives the process (config.disk_persistent)
+        if tier == DISK and c.disk_persistent:
+            self.files = DiskFiles(c, num_slots)
+            self.data, self.row_sums = self.files.data, self.files.row_sums
+            # Slots of recorded prefix pages stay taken; the store verifies and adopts them, or releases them.
+            held = {slot for slot, *_ in self.files.records()}
+            self._free = [s for s in range(num_slots - 1, -1, -1) if s not in held]
+            return
         if tier == HOST:
             self.data = torch.zeros(self.shape, dtype=c.dtype, pin_memory=pinned_available())
         elif tier == DISK:
@@ -80,7 +88,9 @@ class SlotStorage:
         return self._free.pop()
 
     def release(self, slot: int) -> None:
-        """Return a slot to the free list."""
+        """Return a slot to the free list (a persistent one forgets the page it held first)."""
+        if self.files is not None:
+            self.files.forget(slot)
         self._free.append(slot)
 
     def page(self, slot: int) -> torch.Tensor:
