@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .csr import PageTableCSR
 from .pdl import pdl_launch, pdl_trigger, pdl_wait
+from .row_checksum import row_checksum
 from .softmax_stats import merged_softmax_stats
 from .tuning import TUNING, Launch
 
@@ -51,6 +52,7 @@ def _attend_partial_kernel(
     list_ptr, list_len_ptr,
     logits_ptr, stat_m_ptr, stat_l_ptr, s_lrow,
     out_ptr, lse_ptr, alpha_ptr,
+    ksum_ptr, vsum_ptr, bad_ptr, s_sn, s_sh,
     sm_scale, items_per_split, num_stat_splits, list_items,
     s_qb, s_qh,
     s_kn, s_kh, s_kp,
@@ -58,6 +60,7 @@ def _attend_partial_kernel(
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, MODE: tl.constexpr, WITH_ALPHA: tl.constexpr, BLOCK_STAT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_LIST_LEN: tl.constexpr, PDL: tl.constexpr,
+    VERIFY: tl.constexpr, BITS: tl.constexpr,
 ):
     pdl_trigger(PDL)
     pid_bh = tl.program_id(0)
@@ -109,6 +112,14 @@ def _attend_partial_kernel(
         row = page * s_kn + h * s_kh + (pos % P) * s_kp
         k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        if VERIFY:  # rows of a lower tier read in place: each checked against its stored checksum
+            at = page * s_sn + h * s_sh + pos % P
+            want_k = tl.load(ksum_ptr + at, mask=mask_n, other=0)
+            want_v = tl.load(vsum_ptr + at, mask=mask_n, other=0)
+            wrong = ((row_checksum(k, BLOCK_N, D, BITS) != want_k) | (row_checksum(v, BLOCK_N, D, BITS) != want_v))
+            num_wrong = tl.sum((wrong & mask_n).to(tl.int32), axis=0)
+            if num_wrong > 0:
+                tl.atomic_add(bad_ptr, num_wrong)
 
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
         scores = tl.where(mask_n[None, :], scores, float("-inf"))
@@ -222,6 +233,7 @@ def attend_partial(
     num_splits: int | None = None,
     launch: Launch | None = None,
     pdl: bool = False,
+    row_sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> Partials:
     """Run the partial kernel over (B*Hkv, splits): per-split out, lse (and alpha) for merge_partials.
 
@@ -230,7 +242,8 @@ def attend_partial(
     alpha_inputs = (logits [B*Hkv, G, S_pad], stat_m, stat_l [B*Hkv, S1, G], S1) from SparQ's stage 1 turns
     on its alpha (items are then positions). Without list_len every list holds max_items items (no per-row count to
     read). `launch` overrides TUNING['decode']. With `pdl` (kvcache.kernels.pdl) it launches as following the kernel
-    before it (the one that made its lists).
+    before it (the one that made its lists). With row_sums = (k_sums, v_sums [N, Hkv, P] int64, bad [1] int32) every
+    row read is checked against its checksum (kvcache.kernels.row_checksum) and bad counts those that differ.
     """
     B, Hq, D = q.shape
     _, Hkv, P, _ = k_seq.shape
@@ -259,19 +272,29 @@ def attend_partial(
     has_list_len = list_len is not None
     list_len = dummy if list_len is None else list_len
     block_g = max(16, triton.next_power_of_2(G))
+    verify = row_sums is not None
+    if verify:
+        k_sums, v_sums, bad = row_sums
+        if k_sums.stride() != v_sums.stride() or k_sums.stride(2) != 1:
+            raise ValueError(f"k and v row sums must share strides with rows contiguous: {k_sums.stride()}, "
+                             f"{v_sums.stride()}")
+    else:
+        k_sums = v_sums = bad = dummy
     _attend_partial_kernel[(BH, num_splits)](
         q, k_seq, v_seq,
         csr.indptr, csr.indices, csr.last_page_len,
         item_list, list_len,
         logits, stat_m, stat_l, logits.stride(1),
         part_out, part_lse, part_alpha,
+        k_sums, v_sums, bad, k_sums.stride(0) if verify else 0, k_sums.stride(1) if verify else 0,
         scale, items, stat_splits, max_items,
         q.stride(0), q.stride(1),
         k_seq.stride(0), k_seq.stride(1), k_seq.stride(2),
         item_list.stride(0) if item_list.dim() == 2 else 0,
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, BLOCK_N=block_n, MODE=mode, WITH_ALPHA=with_alpha,
         BLOCK_STAT=triton.next_power_of_2(stat_splits), DOT_PRECISION=dot_precision(q.dtype),
-        HAS_LIST_LEN=has_list_len, PDL=pdl, num_warps=launch.num_warps, **pdl_launch(pdl),
+        HAS_LIST_LEN=has_list_len, PDL=pdl, VERIFY=verify, BITS=8 * k_seq.element_size(),
+        num_warps=launch.num_warps, **pdl_launch(pdl),
     )
     return Partials(part_out, part_lse, part_alpha if with_alpha else None)
 

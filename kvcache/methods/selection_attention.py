@@ -36,7 +36,7 @@ from kvcache.methods.merge import merge_lse
 from kvcache.methods.sparq import reallocate_mean
 from kvcache.store.row_reads import check_streamed, read_positions, stream_pages, streamed_mismatch
 from kvcache.store.tier_manager import TierManager
-from kvcache.store.tiers import DEVICE, DISK, HOST
+from kvcache.store.tiers import DEVICE, DISK, HOST, row_checksums
 
 # ---- torch path ---------------------------------------------------------------------------------------------
 
@@ -200,9 +200,13 @@ def _attend_tiered(q: torch.Tensor, inputs: LayerInputs, sel: Selection, scale: 
     slot_csr = PageTableCSR(csr.indptr, tiers.slot_dev[csr.indices.long()], csr.last_page_len, P, csr.host_lens)
     row_bytes = 2 * store.config.head_dim * store.config.itemsize
     pools = {DEVICE: (view.k_seq, view.v_seq)}
+    checks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     if HOST in tiers.storage:
         host = tiers.storage[HOST].data[layer]  # [N, 2, Hkv, P, d], pinned: the kernel reads it over PCIe
         pools[HOST] = (host[:, 0], host[:, 1])
+        if tiers.verify_in_kernel:
+            sums = tiers.storage[HOST].row_sums[layer]  # [N, 2, Hkv, P], pinned
+            checks[HOST] = (sums[:, 0], sums[:, 1], torch.zeros(1, dtype=torch.int32, device=q.device))
     mine = {tier: where == tier for tier in pools}
     counts = {tier: m.sum(dim=1, dtype=torch.int32) for tier, m in mine.items()}
     totals = dict(zip(counts, torch.stack([c.sum() for c in counts.values()]).tolist()))  # one host sync
@@ -224,7 +228,7 @@ def _attend_tiered(q: torch.Tensor, inputs: LayerInputs, sel: Selection, scale: 
             mine_items = torch.gather(items, 1, order).to(torch.int32).contiguous()
             parts.append(attend_partial(q, k_pool, v_pool, slot_csr, items.shape[1] * item_bytes, mode,
                                         item_list=mine_items, list_len=counts[tier], alpha_inputs=sel.alpha_inputs,
-                                        scale=scale))
+                                        scale=scale, row_sums=checks.get(tier)))
             if cuda and tier != DEVICE:
                 for t in (parts[-1].out, parts[-1].lse, parts[-1].alpha):
                     if t is not None:  # made on the side stream, read by the merge on the main one
@@ -236,4 +240,20 @@ def _attend_tiered(q: torch.Tensor, inputs: LayerInputs, sel: Selection, scale: 
             inputs.moves.add(tier, totals[tier] * item_bytes * row_bytes)
     for done in joins:
         main.wait_event(done)
-    return merge_partials(q, Partials.concat(parts), Hkv, vbar)
+    out = merge_partials(q, Partials.concat(parts), Hkv, vbar)
+    for tier, (_, _, bad) in checks.items():
+        if totals[tier] and int(bad):  # a host sync, only when the tier was read: no result leaves unchecked
+            raise _failed_rows(tiers, tier, page_ids[mine[tier]])
+    return out
+
+
+def _failed_rows(tiers: TierManager, tier: int, pages: torch.Tensor) -> Exception:
+    """The PageCorrupted error for the pages among `pages` (ids, read in place from `tier`) whose rows fail their
+    checksums, found again on the host; they are quarantined."""
+    storage = tiers.storage[tier]
+    failed = []
+    for page in torch.unique(pages.cpu()).tolist():
+        slot = int(tiers.slot[page])
+        if not bool((row_checksums(storage.page(slot)) == storage.row_sums[:, slot]).all()):
+            failed.append(page)
+    return tiers.corrupted(failed or torch.unique(pages.cpu()).tolist(), tier)

@@ -57,6 +57,9 @@ class TierManager:
         self.checksums: dict[int, int] = {}
         self.quarantined: set[int] = set()  # pages whose rows failed their checksum: never served again
         self.moved = Totals(("bytes", "pages"))  # per direction, e.g. 'host<-device'
+        # Kernels reading pinned host rows in place check each row's checksum as they go (docs/tiers.md); the
+        # offload benchmark turns it off to time the check in the same run.
+        self.verify_in_kernel = True
         self.owner_of: Callable[[int], str] = lambda page: "?"  # the store names sequences in errors
         # (chain hash, page index) of a page in the prefix cache, or None: a persistent disk tier records those.
         self.prefix_key_of: Callable[[int], tuple[bytes, int] | None] = lambda page: None

@@ -51,8 +51,9 @@ class SlotStorage:
         else:
             raise InvalidParameter(f"tier {tier} has no slot storage")
         self._free = list(range(num_slots - 1, -1, -1))
-        # A checksum per K/V row [L, N, 2, Hkv, P]: sparse reads check the rows they read, not whole pages.
-        self.row_sums = torch.zeros(self.shape[:-1], dtype=torch.int64)
+        # A checksum per K/V row [L, N, 2, Hkv, P]: sparse reads check the rows they read, not whole pages. Pinned
+        # with the host tier's rows: kernels that read those in place read their checksums too.
+        self.row_sums = torch.zeros(self.shape[:-1], dtype=torch.int64, pin_memory=tier == HOST and pinned_available())
 
     def _map_file(self, c: KVCacheConfig, num_slots: int) -> torch.Tensor:
         directory = c.disk_path or tempfile.gettempdir()
