@@ -4,7 +4,8 @@ One layer shaped like Llama-3-8B (32 q heads, 8 kv heads, d=128, bf16, pages of 
 S positions of which only the last `--device-tokens` have K/V on the device (k_dim and summaries
 of every page stay there). Per method: time per step (CUDA events around the whole call, median),
 bytes moved host -> device per step, and that rate against a plain pinned copy measured in the
-same run. Baseline: dense attention with the whole cache on the device.
+same run. Baseline: dense attention with the whole cache on the device. The Triton cases are timed twice in the
+same run, with the kernel's check of every host row against its checksum and without it (`ms_unchecked`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def _median_ms(fn, iters: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _alternating_median_ms(fn, flag, iters: int, device: torch.device) -> tuple[float, float]:
+    """Median ms of fn() with flag(True) and with flag(False), alternating every call so that both see the same
+    machine (host timings drift by 10-20% between runs on one GPU host)."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(2 * iters + 2):
+        on = i % 2 == 0
+        flag(on)
+        ms = _median_ms(fn, 1, device)
+        if i >= 2:  # the first pair warms both up
+            times[on].append(ms)
+    flag(True)
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
 def _pinned_copy_GBps(device: torch.device, nbytes: int = 2**30) -> float:
     if device.type != "cuda":
         return float("nan")
@@ -70,7 +85,8 @@ def run(contexts: list[int], device_tokens: int, device: torch.device, iters: in
         "rows": [],
     }
     print(f"device: {report['device']}  pinned host->device copy: {copy_GBps:.1f} GB/s")
-    print(f"{'context':>8} {'method':<26} {'ms/step':>9} {'MB h2d':>9} {'GB/s':>6} {'of copy':>7} {'vs dense':>8}")
+    print(f"{'context':>8} {'method':<26} {'ms/step':>9} {'MB h2d':>9} {'GB/s':>6} {'of copy':>7} {'vs dense':>8} "
+          f"{'unchecked':>9}")
     gen = torch.Generator(device=device).manual_seed(0)
     for S in contexts:
         base = dict(num_layers=1, num_kv_heads=HKV, head_dim=D, page_size=P, dtype=torch.bfloat16, device=device)
@@ -93,10 +109,20 @@ def run(contexts: list[int], device_tokens: int, device: torch.device, iters: in
         for name, method, params, backend in cases:
             result = tiered.attend([seq], 0, q, method, params, backend=backend)
             moved = result.bytes_moved.get("device<-host", 0)
-            ms = _median_ms(lambda: tiered.attend([seq], 0, q, method, params, backend=backend), iters, device)
-            rows.append({"context": S, "case": name, "method": method, "params": params, "backend": backend,
-                         "ms_per_step": ms, "h2d_bytes_per_step": moved, "bytes_read": result.bytes_read,
-                         "h2d_GBps": moved / ms / 1e6, "pages": usage})
+            call = lambda: tiered.attend([seq], 0, q, method, params, backend=backend)  # noqa: E731
+            unchecked = None
+            if backend == "triton":  # the same call with the in-kernel row checks off, alternating, for their cost
+                tiers = tiered.store.tiers
+                ms, unchecked = _alternating_median_ms(call, lambda on: setattr(tiers, "verify_in_kernel", on),
+                                                       iters, device)
+            else:
+                ms = _median_ms(call, iters, device)
+            row = {"context": S, "case": name, "method": method, "params": params, "backend": backend,
+                   "ms_per_step": ms, "h2d_bytes_per_step": moved, "bytes_read": result.bytes_read,
+                   "h2d_GBps": moved / ms / 1e6, "pages": usage}
+            if unchecked is not None:
+                row.update(ms_unchecked=unchecked, check_cost=ms / unchecked - 1)
+            rows.append(row)
         tiered = None  # release it (not `del`: the timed lambdas above close over the name)
         # Baseline in the same run: the whole cache on the device, the dense Triton kernel.
         flat = InProcessClient(KVCacheConfig(**base, device_pages=S // P + 1))
@@ -113,7 +139,7 @@ def run(contexts: list[int], device_tokens: int, device: torch.device, iters: in
             row["h2d_fraction_of_copy"] = row["h2d_GBps"] / copy_GBps if copy_GBps == copy_GBps else None
             print(f"{S:>8} {row['case']:<26} {row['ms_per_step']:>9.3f} {row['h2d_bytes_per_step'] / 1e6:>9.1f} "
                   f"{row['h2d_GBps']:>6.1f} {row['h2d_fraction_of_copy'] or 0:>7.2f} "
-                  f"{row['speedup_vs_dense_stream']:>8.2f}")
+                  f"{row['speedup_vs_dense_stream']:>8.2f} {row.get('ms_unchecked', float('nan')):>9.3f}")
         report["rows"].extend(rows)
     return report
 

@@ -97,6 +97,7 @@ def _attend_partial_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+    num_wrong = 0  # rows that failed their checksum (VERIFY): one atomic per program, after the loop
     for it in range(start, end, BLOCK_N):
         offs_n = it + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
@@ -116,10 +117,9 @@ def _attend_partial_kernel(
             at = page * s_sn + h * s_sh + pos % P
             want_k = tl.load(ksum_ptr + at, mask=mask_n, other=0)
             want_v = tl.load(vsum_ptr + at, mask=mask_n, other=0)
-            wrong = ((row_checksum(k, BLOCK_N, D, BITS) != want_k) | (row_checksum(v, BLOCK_N, D, BITS) != want_v))
-            num_wrong = tl.sum((wrong & mask_n).to(tl.int32), axis=0)
-            if num_wrong > 0:
-                tl.atomic_add(bad_ptr, num_wrong)
+            wrong = ((row_checksum(k, D, BITS) != want_k.to(tl.uint32, bitcast=True))
+                     | (row_checksum(v, D, BITS) != want_v.to(tl.uint32, bitcast=True)))
+            num_wrong += tl.sum((wrong & mask_n).to(tl.int32), axis=0)
 
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
         scores = tl.where(mask_n[None, :], scores, float("-inf"))
@@ -136,6 +136,9 @@ def _attend_partial_kernel(
                              mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
             alpha_acc += tl.sum(tl.exp(approx - glob_m[:, None]) / glob_l[:, None], axis=1)
 
+    if VERIFY:
+        if num_wrong > 0:
+            tl.atomic_add(bad_ptr, num_wrong)
     has_rows = l_i > 0
     out = acc / tl.where(has_rows, l_i, 1.0)[:, None]
     lse = tl.where(has_rows, m_i + tl.log(tl.where(has_rows, l_i, 1.0)), float("-inf"))
@@ -242,7 +245,7 @@ def attend_partial(
     alpha_inputs = (logits [B*Hkv, G, S_pad], stat_m, stat_l [B*Hkv, S1, G], S1) from SparQ's stage 1 turns
     on its alpha (items are then positions). Without list_len every list holds max_items items (no per-row count to
     read). `launch` overrides TUNING['decode']. With `pdl` (kvcache.kernels.pdl) it launches as following the kernel
-    before it (the one that made its lists). With row_sums = (k_sums, v_sums [N, Hkv, P] int64, bad [1] int32) every
+    before it (the one that made its lists). With row_sums = (k_sums, v_sums [N, Hkv, P] int32, bad [1] int32) every
     row read is checked against its checksum (kvcache.kernels.row_checksum) and bad counts those that differ.
     """
     B, Hq, D = q.shape

@@ -34,6 +34,7 @@ class KVCacheConfig:
     disk_pages: int = 0  # K/V pages in a file (0: no disk tier)
     disk_path: str | None = None  # directory of the disk tier's file (default: the system's temp dir)
     disk_persistent: bool = False  # the disk tier's files stay in disk_path: prefix pages survive a restart
+    verify_host_reads: bool = True  # the Triton kernels check each pinned host row they read against its checksum
     pinned_tail_pages: int = 2  # last pages of every live sequence kept on the device (the local window)
     eviction: str = "lru"  # "lru", or "sparse": pages sparse attention rarely chooses go down first
 

@@ -205,7 +205,7 @@ def _attend_tiered(q: torch.Tensor, inputs: LayerInputs, sel: Selection, scale: 
         host = tiers.storage[HOST].data[layer]  # [N, 2, Hkv, P, d], pinned: the kernel reads it over PCIe
         pools[HOST] = (host[:, 0], host[:, 1])
         if tiers.verify_in_kernel:
-            sums = tiers.storage[HOST].row_sums[layer]  # [N, 2, Hkv, P], pinned
+            sums = tiers.storage[HOST].sums_on(q.device)[layer]  # [N, 2, Hkv, P]
             checks[HOST] = (sums[:, 0], sums[:, 1], torch.zeros(1, dtype=torch.int32, device=q.device))
     mine = {tier: where == tier for tier in pools}
     counts = {tier: m.sum(dim=1, dtype=torch.int32) for tier, m in mine.items()}

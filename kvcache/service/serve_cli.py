@@ -27,7 +27,7 @@ STORE_FLAGS = {  # flag dest -> KVCacheConfig field
     "layers": "num_layers", "kv_heads": "num_kv_heads", "head_dim": "head_dim", "page_size": "page_size",
     "dtype": "dtype", "device": "device", "pages": "device_pages", "host_pages": "host_pages",
     "disk_pages": "disk_pages", "disk_path": "disk_path", "pinned_tail_pages": "pinned_tail_pages",
-    "eviction": "eviction",
+    "eviction": "eviction", "verify_host_reads": "verify_host_reads",
 }
 SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
                 "grace_seconds", "torch_threads", "gate", "cpus", "reject_nonfinite", "max_query_heads",
@@ -95,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "that reach it are served again, verified, after a restart (needs --disk-pages)")
     p.add_argument("--pinned-tail-pages", type=int, help="last pages of each sequence kept on the device (2)")
     p.add_argument("--eviction", choices=["lru", "sparse"], help="which device pages go down first (default lru)")
+    p.add_argument("--verify-host-reads", action=argparse.BooleanOptionalAction, default=None,
+                   help="the GPU kernels check every pinned host row they read in place against its checksum "
+                   "(default on; off saves 3%% of a dense and 12-16%% of a sparse offloaded step at 128K on an H100)")
 
 
 def parse_cpus(text: str) -> list[int]:

@@ -2,7 +2,7 @@
 the prefix-cache pages they hold, so a restarted store serves those pages again (docs/tiers.md, "Warm restart").
 
 Files in the directory: `pages.bin` (slots `[L, N, 2, Hkv, P, d]`), `rows.bin` (row checksums `[L, N, 2, Hkv, P]`
-int64), `index.bin` (one record per slot, below), `meta.json` (the shape the files hold) and `lock` (one store at a
+int32), `index.bin` (one record per slot, below), `meta.json` (the shape the files hold) and `lock` (one store at a
 time). All three data files are memory-mapped shared, so what a store wrote is in the files even if it is killed.
 
 A record is `[valid, hash_lo, hash_hi, crc32, page_index]` (int64): the page's chain hash in the prefix cache (16
@@ -46,7 +46,7 @@ class DiskFiles:
         if self.fresh_reason is not None:
             self._create(meta, c.itemsize)
         self.data = self._map("pages.bin", self.shape, c.dtype)
-        self.row_sums = self._map("rows.bin", self.shape[:-1], torch.int64)
+        self.row_sums = self._map("rows.bin", self.shape[:-1], torch.int32)
         self.index = self._map("index.bin", (num_slots, RECORD), torch.int64)
 
     def _path(self, name: str) -> str:
@@ -69,7 +69,7 @@ class DiskFiles:
         numel = 1
         for n in self.shape:
             numel *= n
-        for name, size in (("pages.bin", numel * itemsize), ("rows.bin", numel // self.shape[-1] * 8),
+        for name, size in (("pages.bin", numel * itemsize), ("rows.bin", numel // self.shape[-1] * 4),
                            ("index.bin", self.shape[1] * RECORD * 8)):
             fd = os.open(self._path(name), os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
             try:

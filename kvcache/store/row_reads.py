@@ -73,8 +73,9 @@ def read_rows(store: KVStore, layer: int, pages: torch.Tensor, heads: torch.Tens
         torch.index_select(storage.layer_rows(layer), 0, index, out=staging)
         both = staging.to(dev, non_blocking=True)
         # Every row read from a lower tier is checked against the checksum written with it, before it is used,
-        # on the device it was copied to (the checksums travel with it: 8 bytes a row).
-        bad = row_checksums(both) != storage.row_sums[layer].view(-1)[index].to(dev, non_blocking=True)
+        # on the device it was copied to (the checksums travel with it: 4 bytes a row).
+        sums = storage.sums_on(dev)[layer].view(-1)
+        bad = row_checksums(both) != sums[index.to(sums.device)].to(dev, non_blocking=True)
         if bool(bad.any()):
             raise tiers.corrupted(sorted(set(pages[sel][bad.view(2, -1).any(0).cpu()].tolist())), tier)
         k[sel.to(dev)], v[sel.to(dev)] = both[: len(sel)], both[len(sel) :]
@@ -126,7 +127,8 @@ def page_keys(store: KVStore, layer: int, page_ids: torch.Tensor) -> torch.Tenso
 def streamed_mismatch(tiers: TierManager, tier: int, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     """Which streamed pages kv [n, 2, Hkv, P, d] of `slots` on `tier` fail their row checksums ([n] bool, on kv's
     device, without waiting for it: the stream's copies keep overlapping; check_streamed reads the flags)."""
-    expected = tiers.storage[tier].row_sums[layer, slots.long()].to(kv.device, non_blocking=True)
+    sums = tiers.storage[tier].sums_on(kv.device)[layer]
+    expected = sums[slots.long().to(sums.device)].to(kv.device, non_blocking=True)
     return (row_checksums(kv) != expected).flatten(1).any(1)
 
 

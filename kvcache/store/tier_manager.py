@@ -59,7 +59,7 @@ class TierManager:
         self.moved = Totals(("bytes", "pages"))  # per direction, e.g. 'host<-device'
         # Kernels reading pinned host rows in place check each row's checksum as they go (docs/tiers.md); the
         # offload benchmark turns it off to time the check in the same run.
-        self.verify_in_kernel = True
+        self.verify_in_kernel = c.verify_host_reads
         self.owner_of: Callable[[int], str] = lambda page: "?"  # the store names sequences in errors
         # (chain hash, page index) of a page in the prefix cache, or None: a persistent disk tier records those.
         self.prefix_key_of: Callable[[int], tuple[bytes, int] | None] = lambda page: None

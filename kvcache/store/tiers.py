@@ -37,6 +37,7 @@ class SlotStorage:
         self.shape = (c.num_layers, num_slots, 2, c.num_kv_heads, c.page_size, c.head_dim)
         self.page_bytes = c.num_layers * 2 * c.num_kv_heads * c.page_size * c.head_dim * c.itemsize
         self.files: DiskFiles | None = None  # a disk tier that outlives the process (config.disk_persistent)
+        self.device_sums: torch.Tensor | None = None  # the host tier's row checksums on the device (below)
         if tier == DISK and c.disk_persistent:
             self.files = DiskFiles(c, num_slots)
             self.data, self.row_sums = self.files.data, self.files.row_sums
@@ -51,9 +52,12 @@ class SlotStorage:
         else:
             raise InvalidParameter(f"tier {tier} has no slot storage")
         self._free = list(range(num_slots - 1, -1, -1))
-        # A checksum per K/V row [L, N, 2, Hkv, P]: sparse reads check the rows they read, not whole pages. Pinned
-        # with the host tier's rows: kernels that read those in place read their checksums too.
-        self.row_sums = torch.zeros(self.shape[:-1], dtype=torch.int64, pin_memory=tier == HOST and pinned_available())
+        # A checksum per K/V row [L, N, 2, Hkv, P]: sparse reads check the rows they read, not whole pages.
+        self.row_sums = torch.zeros(self.shape[:-1], dtype=torch.int32)
+        # The host tier's row checksums also on the device (4 bytes a row: 1/64 of the rows' bytes at d=128 in bf16):
+        # a kernel reading host rows in place over PCIe then reads their checksums from device memory, where one
+        # more PCIe read per row cost SparQ 20% (docs/tiers.md).
+        self.device_sums = self.row_sums.to(c.device) if tier == HOST and c.device.type == "cuda" else None
 
     def _map_file(self, c: KVCacheConfig, num_slots: int) -> torch.Tensor:
         directory = c.disk_path or tempfile.gettempdir()
@@ -106,12 +110,20 @@ class SlotStorage:
         """Store pages kv [L, n, 2, Hkv, P, d] (CPU) at `slots`, with their row checksums."""
         index = torch.tensor(slots)
         self.data[:, index] = kv
-        self.row_sums[:, index] = row_checksums(kv)
+        self.row_sums[:, index] = sums = row_checksums(kv)
+        if self.device_sums is not None:
+            self.device_sums[:, index.to(self.device_sums.device)] = sums.to(self.device_sums.device)
 
     def copy_from(self, other: SlotStorage, src: int, dst: int) -> None:
         """Copy one page, with its row checksums, from slot `src` of another tier to slot `dst` of this one."""
         self.data[:, dst] = other.data[:, src]
         self.row_sums[:, dst] = other.row_sums[:, src]
+        if self.device_sums is not None:
+            self.device_sums[:, dst] = other.row_sums[:, src].to(self.device_sums.device)
+
+    def sums_on(self, device: torch.device) -> torch.Tensor:
+        """Row checksums [L, N, 2, Hkv, P] where reads on `device` find them fastest (the device copy if any)."""
+        return self.device_sums if self.device_sums is not None and device.type == "cuda" else self.row_sums
 
     def layer_rows(self, layer: int) -> torch.Tensor:
         """One layer's rows as `[N * 2 * Hkv * P, d]`: row ((slot * 2 + kv) * Hkv + head) * P + r."""
@@ -130,12 +142,17 @@ _WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def row_checksums(rows: torch.Tensor) -> torch.Tensor:
-    """A checksum of each row of rows [..., d] (int64 [...]): the row's bytes as 32-bit words, each times an odd
-    weight, summed modulo 2^64. Any change within a single word changes it (an odd weight times a nonzero
-    difference below 2^32 is never a multiple of 2^64); vectorised, and computed on whichever device holds the
-    rows, so sparse reads check only their rows, where they are used."""
-    words = rows.contiguous().view(torch.int32).to(torch.int64)  # [..., d * itemsize / 4]
+    """A checksum of each row of rows [..., d] (int32 [...]): the row's elements as unsigned integers of their width
+    (16 or 32 bits), each times an odd weight, summed modulo 2^32 (kernels compute the same on rows they read in
+    place: kvcache.kernels.row_checksum). Any change within a single element changes it (an odd weight is
+    invertible modulo 2^32, so it maps a nonzero difference to a nonzero one); vectorised, and computed on whichever
+    device holds the rows, so sparse reads check only their rows, where they are used."""
+    if rows.element_size() == 2:
+        words = rows.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    else:  # 32-bit elements: a sign-extended word has the same low 32 bits in every product
+        words = rows.contiguous().view(torch.int32).to(torch.int64)
     key = (words.shape[-1], words.device)
     if key not in _WEIGHTS:
         _WEIGHTS[key] = (torch.arange(words.shape[-1], dtype=torch.int64, device=words.device) * 2 + 1) * 0x9E3779B1
-    return (words * _WEIGHTS[key]).sum(-1)
+    total = (words * _WEIGHTS[key]).sum(-1)  # modulo 2^64; its low 32 bits are the sum modulo 2^32
+    return ((total & 0xFFFFFFFF) - ((total & 0x80000000) << 1)).to(torch.int32)
