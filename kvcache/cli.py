@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     offload.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     offload.add_argument("--iters", type=int, default=10, help="timed steps per row (median reported)")
     offload.add_argument("--json", help="write the report here")
+    soak = bench_sub.add_parser("soak", help="many clients against one server with faults injected (client kills, "
+                                "stalls, corrupted disk pages, bad input): nothing wrong served, nothing kept")
+    from kvcache.bench.soak import add_arguments as add_soak_arguments
+
+    add_soak_arguments(soak)
     args = parser.parse_args(argv)
 
     if args.command == "verify":
@@ -172,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvcache.bench.all import main as bench_all_main
 
         return bench_all_main(args)
+    elif args.command == "bench" and args.bench == "soak":
+        from kvcache.bench.soak import main as bench_soak
+
+        return bench_soak(args)
     elif args.command == "bench" and args.bench == "offload":
         from kvcache.bench.offload import main as bench_offload
 

@@ -39,6 +39,14 @@ def test_in_process_an_unused_leased_sequence_is_freed_and_counted_and_a_used_on
     assert client.describe(used).lengths == (5, 5) and client.describe(kept).lengths == (5, 5)
 
 
+def test_a_leased_sequence_and_its_fork_expire_even_if_no_call_ever_names_them():
+    client = InProcessClient(store_config())
+    parent = client.create(lease_seconds=0.2).seq_id
+    child = client.fork(parent).seq_id
+    time.sleep(0.3)
+    assert sorted(client.expire_leases()) == sorted([parent, child])
+
+
 @pytest.mark.parametrize("lease", [0, -1.0, float("nan"), float("inf"), True, "1"])
 def test_a_lease_must_be_a_positive_number_of_seconds(lease):
     with pytest.raises(InvalidParameter, match="lease_seconds"):

@@ -60,6 +60,16 @@ def check_new_rows(config: KVCacheConfig, rows: int, new_k: Any, new_v: Any) -> 
             raise ShapeMismatch(f"{name} has shape {got}; expected [B, Hkv, d] = {want}")
 
 
+def check_work(store: KVStore, m: AttentionMethod, lens: Sequence[int], q_heads: int, p: Params) -> None:
+    """CallTooLarge if a call of `m` over sequences of `lens` positions with `q_heads` query heads would need more
+    working memory than store.max_call_bytes allows (an estimate made before any work)."""
+    limit = store.max_call_bytes
+    if limit is not None and lens and (need := m.work_bytes(store.config, lens, q_heads, p)) > limit:
+        raise CallTooLarge(f"{m.name} over {len(lens)} sequences of up to {max(lens)} positions with {q_heads} "
+                           f"query heads needs about {need / 2**20:,.0f} MiB of working memory; this store allows "
+                           f"{limit / 2**20:,.0f} MiB per call: send fewer sequences or query heads per call")
+
+
 def check_sequences(seq_ids: Sequence[str]) -> None:
     """Raise unless the call names each sequence once."""
     if len(set(seq_ids)) != len(seq_ids):
@@ -96,11 +106,7 @@ def validate(
     if empty:
         raise PositionOutOfRange(f"sequence {empty[0]} has no cached positions at layer {layer}")
     m.check(c, lens, p)
-    limit = store.max_call_bytes
-    if limit is not None and (need := m.work_bytes(c, lens, q.shape[1], p)) > limit:
-        raise CallTooLarge(f"{method} over {len(lens)} sequences of up to {max(lens)} positions with {q.shape[1]} "
-                           f"query heads needs about {need / 2**20:,.0f} MiB of working memory; this store allows "
-                           f"{limit / 2**20:,.0f} MiB per call: send fewer sequences or query heads per call")
+    check_work(store, m, lens, q.shape[1], p)
     if m.needs_gate:
         gate_of(store, q.shape[1])  # GateMissing (FAILED_PRECONDITION) before any work
     if backend == "triton" and triton_unsupported(c):

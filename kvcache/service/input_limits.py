@@ -31,12 +31,12 @@ class InputLimits:
             raise InvalidParameter(f"{name} holds NaN or Inf values: every later attend of the sequence would read "
                                    "them (the server refuses non-finite inputs)")
 
-    def check_query(self, q: torch.Tensor, config: KVCacheConfig) -> None:
-        """InvalidParameter if q [B, Hq, d] brings more query heads than a call may: the work of a call grows with
-        them, and the store's shape, not the request, bounds it."""
+    def check_query_shape(self, shape: list[int], config: KVCacheConfig) -> None:
+        """InvalidParameter if a q of `shape` [B, Hq, d] brings more query heads than a call may: the work of a call
+        grows with them, and the store's shape, not the request, bounds it."""
         limit = self.max_query_heads or DEFAULT_MAX_GROUP * config.num_kv_heads
-        if q.dim() == 3 and q.shape[1] > limit:
-            raise InvalidParameter(f"q brings {q.shape[1]} query heads; this server takes at most {limit} "
+        if len(shape) == 3 and shape[1] > limit:
+            raise InvalidParameter(f"q brings {shape[1]} query heads; this server takes at most {limit} "
                                    f"({limit // config.num_kv_heads} per kv head)")
 
     def check_result(self, out: torch.Tensor, lse: torch.Tensor) -> None:

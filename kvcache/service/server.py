@@ -31,12 +31,15 @@ import torch
 from kvcache.clients.inprocess import AttendCall, InProcessClient
 from kvcache.config import KVCacheConfig
 from kvcache.errors import InvalidParameter, KVCacheError, MessageTooLarge, PlanStale, ShapeMismatch
+from kvcache.methods.attend import check_work
 from kvcache.methods.gate_store import attach_gate
+from kvcache.methods.registry import lookup
 from kvcache.methods.result import AttentionResult
 from kvcache.prefill.minference_index import BLOCK_SIZE
 from kvcache.prefill.serving import HeadPattern
 from kvcache.service.batcher import AttendBatcher
 from kvcache.service.client_quotas import ClientQuotas
+from kvcache.service.heap_trim import HeapTrimmer
 from kvcache.service.input_limits import InputLimits
 from kvcache.service.locks import SequenceLocks
 from kvcache.service.metrics import CallMetrics, serve_metrics
@@ -341,6 +344,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     @_handler("SparseIndex", lambda r: [r.seq_id])
     def SparseIndex(self, request, context):
+        self.limits.check_query_shape(list(request.q.shape), self.client.config)
         index = self.client.sparse_index(*_sparse_chunk(request))
         tensors = (index.block_index, index.block_count, index.column_index, index.column_count)
         return pb.SparseIndexResponse(tensors=[to_wire(t) for t in tensors], block_size=index.block_size,
@@ -348,6 +352,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     @_handler("SparsePrefill", lambda r: [r.seq_id])
     def SparsePrefill(self, request, context):
+        self.limits.check_query_shape(list(request.q.shape), self.client.config)
         result = self.client.sparse_prefill(*_sparse_chunk(request), backend=request.backend or "auto")
         return pb.SparsePrefillResponse(out=to_wire(result.out), lse=to_wire(result.lse), bytes_read=result.bytes_read,
                                         pairs=result.pairs, causal_pairs=result.causal_pairs)
@@ -417,10 +422,10 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         PlanStale for an unknown step)."""
         if not request.HasField("q"):
             raise ShapeMismatch("attend needs q")
+        self._check_size(request)  # from the wire shape, before the tensor is decoded: nothing is allocated
         q = from_wire(request.q, "q")
         new_k = from_wire(request.new_k, "new_k") if request.HasField("new_k") else None
         new_v = from_wire(request.new_v, "new_v") if request.HasField("new_v") else None
-        self.limits.check_query(q, self.client.config)
         for name, t in (("q", q), ("new_k", new_k), ("new_v", new_v)):
             if t is not None:
                 self.limits.check_finite(t, name)
@@ -428,6 +433,18 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                           params_from_wire(request.params), new_k=new_k, new_v=new_v,
                           backend=request.backend or "auto",
                           plan=self.plans.get(request.step_id) if request.step_id else None)
+
+    def _check_size(self, request) -> None:
+        """The query-head limit and the working-memory estimate of an attend, from q's wire shape (a q that is not
+        [B, Hq, d] is left to the decode's own checks)."""
+        shape = list(request.q.shape)
+        if len(shape) != 3:
+            return
+        self.limits.check_query_shape(shape, self.client.config)
+        store = self.client.store
+        m = lookup(request.method or "dense")
+        p = m.parse(params_from_wire(request.params))
+        check_work(store, m, store.lengths(list(request.seq_ids), request.layer), shape[1], p)
 
     def _attend_response(self, result: AttentionResult) -> pb.AttendResponse:
         out, lse = result.out.cpu(), result.lse.cpu()
@@ -576,6 +593,7 @@ class Server:
 
     def start(self) -> None:
         """Start serving; logs the bound address (port 0 picks a free one)."""
+        self.trimmer = HeapTrimmer(slack=self.options.max_message_mb * 2**20)  # the store is allocated by now
         self.grpc.start()
         self._reaper = threading.Thread(target=self._reap_leases, daemon=True, name="kvcache-leases")
         self._reaper.start()
@@ -584,14 +602,15 @@ class Server:
                              "tls": bool(self.options.tls_cert), "auth": bool(self.options.token), **extra}))
 
     def _reap_leases(self) -> None:
-        """Free, every LEASE_CHECK_SECONDS, the sequences whose lease has run out (each under its lock: a call in
-        flight on it renewed the lease, so it stays)."""
+        """Every LEASE_CHECK_SECONDS: free the sequences whose lease has run out (each under its lock: a call in
+        flight on it renewed the lease, so it stays), and give freed heap memory back if the server has grown."""
         store = self.servicer.client.store
         while not self._reaper_stop.wait(LEASE_CHECK_SECONDS):
             for seq_id in store.expired():
                 with self.servicer.locks.hold([seq_id]):
                     if store.free_if_expired(seq_id):
                         log.info(json.dumps({"event": "lease_expired", "seq_id": seq_id}))
+            self.trimmer.check()
 
     def _refused(self, rpc: str) -> None:
         """Count and log a call refused for its bearer token (the token is never logged)."""

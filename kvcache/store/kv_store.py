@@ -121,6 +121,8 @@ class KVStore:
         with self._lock:
             parent = self._get(seq_id)
             child = parent.clone_as(self._new_id())
+            if child.lease_seconds is not None:  # the child's lease runs from now, named again or not
+                child.lease_deadline = time.monotonic() + child.lease_seconds
             self.allocator.share(child.live_pages)
             parent.generation += 1  # its pages are shared now: a plan of the parent's step no longer holds
             self._seqs[child.seq_id] = child
