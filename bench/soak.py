@@ -28,6 +28,7 @@ from collections import Counter
 
 import torch
 
+from kvcache.bench.server_process import ServerProcess
 from kvcache.bench.timing import run_header
 
 L, HKV, D, P, HQ = 2, 2, 16, 4, 4
@@ -114,6 +115,7 @@ def _client_thread(target: str, seed: int, until: float, tally: _Tally, kept: li
     mine: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     while time.monotonic() < until:
         sid = None
+        time.sleep(rng.uniform(0.0, 0.2))  # an engine computes between its calls: 32 of them must not saturate 2 cores
         try:
             sid = client.create(lease_seconds=LEASE_SECONDS).seq_id
             tally.add("creates")
@@ -127,6 +129,7 @@ def _client_thread(target: str, seed: int, until: float, tally: _Tally, kept: li
             ks, vs = list(k), list(v)  # per layer [T, Hkv, d]: a decode step appends layer by layer
             for _ in range(rng.randint(1, 4)):
                 q = torch.randn((1, HQ, D), generator=gen)
+                time.sleep(rng.uniform(0.0, 0.05))  # the model's own work in a decode step
                 for layer in range(L):
                     row_k, row_v = torch.randn((2, 1, HKV, D), generator=gen)
                     out = client.attend([sid], layer, q, new_k=row_k, new_v=row_v).out
@@ -303,48 +306,6 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-class _Server:
-    """`kvcache serve` as a subprocess, its log in a file."""
-
-    def __init__(self, disk_dir: str, log_path: str) -> None:
-        self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
-        args = [sys.executable, "-m", "kvcache.cli", "serve", "--port", "0", *STORE_FLAGS, "--disk-dir", disk_dir,
-                "--grace-seconds", "5"]
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.port = None
-        deadline = time.monotonic() + 60
-        for line in self.process.stdout:
-            self.log.write(line)
-            if '"event": "listening"' in line:
-                self.port = json.loads(line)["port"]
-                break
-            if time.monotonic() > deadline:
-                break
-        if self.port is None:
-            self.process.kill()
-            raise RuntimeError("kvcache serve did not start; see " + log_path)
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.log.write(line)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
-        self.log.close()
-        return code
-
-
 def _spawn_client(target: str, threads: int, seconds: float, seed: int, bad_inputs: bool) -> subprocess.Popen:
     args = [sys.executable, "-m", "kvcache.bench.soak", "--client", target, "--threads", str(threads),
             "--seconds", str(seconds), "--seed", str(seed)] + (["--bad-inputs"] if bad_inputs else [])
@@ -363,7 +324,7 @@ def _flip_a_byte(disk_dir: str, rng: random.Random, slots: int = 96) -> None:
         f.write(bytes([byte[0] ^ (1 << rng.randrange(8))]))
 
 
-def run(clients: int = 32, seconds: float = 60.0, processes: int = 8, seed: int = 0, kill_every: float = 6.0,
+def run(clients: int = 32, seconds: float = 60.0, processes: int = 4, seed: int = 0, kill_every: float = 6.0,
         corrupt_every: float = 5.0) -> dict:
     """The soak; returns its report (counts, faults by kind, memory and pages before and after)."""
     from kvcache import RemoteClient
@@ -371,7 +332,7 @@ def run(clients: int = 32, seconds: float = 60.0, processes: int = 8, seed: int 
     rng = random.Random(seed)
     threads = max(1, clients // processes)
     work = tempfile.mkdtemp(prefix="kvcache-soak-")
-    server = _Server(work, os.path.join(work, "serve.log"))
+    server = ServerProcess([*STORE_FLAGS, "--disk-dir", work, "--grace-seconds", "5"], os.path.join(work, "serve.log"))
     report: dict = {**run_header(torch.device("cpu")), "clients": threads * processes, "processes": processes,
                     "seconds": seconds, "lease_seconds": LEASE_SECONDS, "store_flags": list(STORE_FLAGS)}
     try:
@@ -471,7 +432,7 @@ def main(args) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `kvcache bench soak`."""
     p.add_argument("--clients", type=int, default=32, help="client connections (default 32)")
-    p.add_argument("--processes", type=int, default=8, help="client processes they run in (default 8)")
+    p.add_argument("--processes", type=int, default=4, help="client processes they run in (default 4)")
     p.add_argument("--seconds", type=float, default=60.0, help="how long the clients run (default 60)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the report here")

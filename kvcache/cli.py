@@ -109,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     from kvcache.bench.soak import add_arguments as add_soak_arguments
 
     add_soak_arguments(soak)
+    restart = bench_sub.add_parser("restart", help="time to first token of a repeated prompt after a server restart, "
+                                   "with a persistent disk tier (--disk-dir) and without (SmolLM2 on the CPU)")
+    from kvcache.bench.warm_restart import add_arguments as add_restart_arguments
+
+    add_restart_arguments(restart)
+    input_checks = bench_sub.add_parser("input-checks", help="what refusing NaN/Inf costs per append and attend")
+    from kvcache.bench.input_checks import add_arguments as add_input_check_arguments
+
+    add_input_check_arguments(input_checks)
     args = parser.parse_args(argv)
 
     if args.command == "verify":
@@ -177,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         from kvcache.bench.all import main as bench_all_main
 
         return bench_all_main(args)
+    elif args.command == "bench" and args.bench == "input-checks":
+        from kvcache.bench.input_checks import main as bench_input_checks
+
+        return bench_input_checks(args)
+    elif args.command == "bench" and args.bench == "restart":
+        from kvcache.bench.warm_restart import main as bench_restart
+
+        return bench_restart(args)
     elif args.command == "bench" and args.bench == "soak":
         from kvcache.bench.soak import main as bench_soak
 

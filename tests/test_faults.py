@@ -1,7 +1,8 @@
 """Faults that once took the server down, repeated against a `kvcache serve` process: the oversized attend (a q of
 240,000 query heads, well under the message limit, which once drove a server to 18.6 GB) is refused before any work,
-and the server's memory comes back to within two such messages of where it started, however often it comes (the
-heap is trimmed once it grows past the message limit; below that the allocator keeps some buffers for reuse)."""
+and however often it comes the server's memory comes back to within the message limit (64 MiB) of where it started:
+the heap is trimmed once it grows past that; below it the allocator keeps some buffers for reuse (measured 20 to 45
+MiB here, against the 18.6 GB that once killed a server)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_the_oversized_quest_attend_is_refused_and_the_server_s_memory_is_unchan
                     client.attend([sid], 0, q, "quest", {"top_pages": 4})
                 assert time.perf_counter() - t0 < 10
             deadline = time.monotonic() + 5
-            bound = 2 * q.numel() * q.element_size()
+            bound = 64 * 2**20  # kvcache serve's default --max-message-mb, the heap trimmer's slack
             while _rss(server.process.pid) - before > bound and time.monotonic() < deadline:
                 time.sleep(0.25)
             grown = _rss(server.process.pid) - before

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.service
 
 
 def test_a_minute_of_32_clients_with_faults_serves_nothing_wrong_and_keeps_nothing():
-    report = run(clients=32, processes=8, seconds=60.0, seed=1)
+    report = run(clients=32, processes=4, seconds=60.0, seed=1)
     assert report["problems"] == []
     assert report["health_failures"] == 0
     faults = report["faults"]
