@@ -335,7 +335,9 @@ GPU_TESTS = {
 # counted, except where only these tests use it). Measured on the 2-core CPU machine with three runs of
 # `pytest tests -n 2 --durations=0` (setup + call + teardown, fastest-slowest run in the comments; the slowest run
 # shared the machine with another test run). Re-measure when adding a long test: one over 5 s warns (below).
-SLOW_MODULES = ("test_engine_smollm2.py",)  # every test needs the SmolLM2-135M weights (3-7 s to load), then 1-4 s
+# test_engine_smollm2: every test needs the SmolLM2-135M weights (3-7 s to load), then 1-4 s; test_soak: 32
+# clients for a minute (80-90 s).
+SLOW_MODULES = ("test_engine_smollm2.py", "test_soak.py")
 SLOW_TESTS = {
     "test_bench_rpc.py": {"test_bench_rpc_reports_both_clients_and_concurrent_engine_processes",  # 3.9-14 s
                           "test_bench_rpc_pins_server_and_engines_where_asked",  # 2.8-6.3 s
