@@ -10,14 +10,13 @@ d=128), float32 on the wire. Medians of `--iters` runs.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
 import torch
 
 from kvcache import InProcessClient, KVCacheConfig
-from kvcache.bench.timing import run_header
+from kvcache.bench.timing import run_header, write_report
 from kvcache.service.input_limits import InputLimits
 
 SHAPES = {"smollm2-135m": (30, 3, 9, 64), "llama-3-8b": (32, 8, 32, 128)}
@@ -79,10 +78,7 @@ def run(chunk: int, context: int, iters: int) -> dict:
 def main(args) -> int:
     """Entry of `kvcache bench input-checks`."""
     report = run(args.chunk, args.context, args.iters)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {args.json}")
+    write_report(report, args.json)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import sys
@@ -83,3 +84,11 @@ def run_header(device: torch.device) -> dict:
         "python": platform.python_version(),
         "command": " ".join(sys.argv),
     }
+
+
+def write_report(report: dict, path: str | None) -> None:
+    """Write a benchmark's report as JSON to `path` (if given) and say so."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {path}")

@@ -12,7 +12,6 @@ computes the rest), median over the prompts.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -20,7 +19,7 @@ import tempfile
 import torch
 
 from kvcache.bench.server_process import ServerProcess
-from kvcache.bench.timing import run_header
+from kvcache.bench.timing import run_header, write_report
 
 STORE = ["--layers", "30", "--kv-heads", "3", "--head-dim", "64", "--page-size", "16", "--dtype", "float32"]
 
@@ -90,10 +89,7 @@ def run(tokens: int, repeats: int, device_pages: int, disk_pages: int) -> dict:
 def main(args) -> int:
     """Entry of `kvcache bench restart`."""
     report = run(args.tokens, args.repeats, args.pages, args.disk_pages)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {args.json}")
+    write_report(report, args.json)
     return 0
 
 

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# Benchmarks whose module gives both add_arguments(parser) and main(args): name -> (module, one line of help).
+BENCH_MODULES = {
+    "soak": ("kvcache.bench.soak", "many clients against one server with faults injected (client kills, stalls, "
+             "corrupted disk pages, bad input): nothing wrong served, nothing kept"),
+    "restart": ("kvcache.bench.warm_restart", "time to first token of a repeated prompt after a server restart, "
+                "with a persistent disk tier (--disk-dir) and without (SmolLM2 on the CPU)"),
+    "input-checks": ("kvcache.bench.input_checks", "what refusing NaN/Inf costs per append and attend"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,21 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     offload.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     offload.add_argument("--iters", type=int, default=10, help="timed steps per row (median reported)")
     offload.add_argument("--json", help="write the report here")
-    soak = bench_sub.add_parser("soak", help="many clients against one server with faults injected (client kills, "
-                                "stalls, corrupted disk pages, bad input): nothing wrong served, nothing kept")
-    from kvcache.bench.soak import add_arguments as add_soak_arguments
-
-    add_soak_arguments(soak)
-    restart = bench_sub.add_parser("restart", help="time to first token of a repeated prompt after a server restart, "
-                                   "with a persistent disk tier (--disk-dir) and without (SmolLM2 on the CPU)")
-    from kvcache.bench.warm_restart import add_arguments as add_restart_arguments
-
-    add_restart_arguments(restart)
-    input_checks = bench_sub.add_parser("input-checks", help="what refusing NaN/Inf costs per append and attend")
-    from kvcache.bench.input_checks import add_arguments as add_input_check_arguments
-
-    add_input_check_arguments(input_checks)
+    for name, (module, text) in BENCH_MODULES.items():  # each module gives its flags and its main
+        importlib.import_module(module).add_arguments(bench_sub.add_parser(name, help=text))
     args = parser.parse_args(argv)
+    if args.command == "bench" and args.bench in BENCH_MODULES:
+        return importlib.import_module(BENCH_MODULES[args.bench][0]).main(args)
 
     if args.command == "verify":
         import json
@@ -186,18 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         from kvcache.bench.all import main as bench_all_main
 
         return bench_all_main(args)
-    elif args.command == "bench" and args.bench == "input-checks":
-        from kvcache.bench.input_checks import main as bench_input_checks
-
-        return bench_input_checks(args)
-    elif args.command == "bench" and args.bench == "restart":
-        from kvcache.bench.warm_restart import main as bench_restart
-
-        return bench_restart(args)
-    elif args.command == "bench" and args.bench == "soak":
-        from kvcache.bench.soak import main as bench_soak
-
-        return bench_soak(args)
     elif args.command == "bench" and args.bench == "offload":
         from kvcache.bench.offload import main as bench_offload
 

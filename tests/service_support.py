@@ -47,6 +47,21 @@ def store_config(**overrides) -> KVCacheConfig:
     return KVCacheConfig(**{**STORE, "device": "cpu", **overrides})
 
 
+@contextlib.contextmanager
+def running_server(**options) -> Iterator:
+    """An in-process `kvcache serve` (kvcache.service.server.Server) over store_config() on a free loopback port,
+    with 4 workers and ServerOptions `options`; drained and stopped on exit."""
+    from kvcache.service.server import Server, ServerOptions  # grpc only for the tests that serve
+
+    server = Server(store_config(), ServerOptions(**{"port": 0, "workers": 4, "grace_seconds": 5, **options}))
+    server.start()
+    try:
+        yield server
+    finally:
+        if not server.draining.is_set():
+            server.drain_and_stop()
+
+
 class ServerProcess:
     """A running `kvcache serve` subprocess: its port, its log lines, and a way to stop it."""
 

@@ -5,29 +5,21 @@ connection may hold while other clients go on."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import pytest
 import torch
-from service_support import store_config
+from service_support import running_server, store_config
 
 from kvcache import InProcessClient, RemoteClient
 from kvcache.errors import CallTooLarge, QuotaExceeded
 from kvcache.methods.registry import METHODS
 from kvcache.service import serve_cli
-from kvcache.service.server import Server, ServerOptions, default_call_memory
+from kvcache.service.server import default_call_memory
 
 pytestmark = pytest.mark.service
 
 
-@contextlib.contextmanager
-def running(**options):
-    server = Server(store_config(), ServerOptions(port=0, workers=4, grace_seconds=5, **options))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.drain_and_stop()
+running = running_server
 
 
 def _remote(server, use_stream: bool = True) -> RemoteClient:

@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 import torch
-from service_support import store_config
+from service_support import running_server, store_config
 
 from kvcache import InProcessClient, InvalidParameter, RemoteClient, ShapeMismatch
 from kvcache.service.server import Server, ServerOptions
@@ -24,14 +24,9 @@ pytestmark = pytest.mark.service
 
 @contextlib.contextmanager
 def running(**options):
-    server = Server(store_config(), ServerOptions(port=0, workers=4, grace_seconds=5, **options))
-    server.start()
-    try:
-        with RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0) as client:
-            yield server, client
-    finally:
-        if not server.draining.is_set():
-            server.drain_and_stop()
+    with running_server(**options) as server, RemoteClient(f"127.0.0.1:{server.port}", timeout=10,
+                                                            retries=0) as client:
+        yield server, client
 
 
 def _seq(client, n=9):
