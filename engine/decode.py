@@ -74,19 +74,18 @@ def decode_step(
 ) -> StepResult:
     """Feed token_ids[b] at positions[b] to sequence seq_ids[b] (which holds exactly positions[b] entries).
 
-    The step is planned once (the client builds its page table once); per layer one attend call appends the
-    tokens' K/V and returns the attention output.
+    The step is checked and planned once (client.begin_step: methods, pages, page table, where the new rows go);
+    per layer one call appends the tokens' K/V and returns the attention output.
     """
     store_dtype = client.config.dtype
     method, params = spec.for_length(min(positions) + 1)
-    plan = client.plan_step(seq_ids)
+    step = client.begin_step(seq_ids, model.config.num_heads, method, params,
+                             layer_methods={layer: (m, dict(p)) for layer, (m, p) in spec.layers.items()})
     bytes_read = 0
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         nonlocal bytes_read
-        layer_method, layer_params = spec.at_layer(layer, method, params)
-        result = client.attend(seq_ids, layer, q[:, 0].to(store_dtype), method=layer_method, params=layer_params,
-                               new_k=k[:, 0].to(store_dtype), new_v=v[:, 0].to(store_dtype), plan=plan)
+        result = step.attend(layer, q[:, 0].to(store_dtype), k[:, 0].to(store_dtype), v[:, 0].to(store_dtype))
         bytes_read += result.bytes_read
         return result.out[:, None].to(q.device, q.dtype)
 

@@ -13,6 +13,8 @@ BENCH_MODULES = {
     "restart": ("kvcache.bench.warm_restart", "time to first token of a repeated prompt after a server restart, "
                 "with a persistent disk tier (--disk-dir) and without (SmolLM2 on the CPU)"),
     "input-checks": ("kvcache.bench.input_checks", "what refusing NaN/Inf costs per append and attend"),
+    "e2e": ("kvcache.bench.e2e", "whole decode steps of a model through kvcache per method, against a static-cache "
+            "baseline (graph-captured SDPA) in the same run"),
 }
 
 

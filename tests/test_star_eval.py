@@ -316,15 +316,16 @@ def test_a_spec_runs_its_own_method_at_its_own_layers(model):
     assert spec.at_layer(0, *spec.for_length(100)) == ("quest", {"top_pages": 1})
     client = InProcessClient(store_config())
     seq = client.create().seq_id
-    calls = []
-    attend = client.attend
+    steps = []
+    begin = client.begin_step
 
-    def spy(seq_ids, layer, q, method="dense", params=None, **kw):
-        calls.append((layer, method))
-        return attend(seq_ids, layer, q, method, params, **kw)
+    def spy(*args, **kw):
+        steps.append(begin(*args, **kw))
+        return steps[-1]
 
-    client.attend = spy
+    client.begin_step = spy
     decode_step(model, client, [seq], [5], [0], spec)
-    assert calls == [(0, "quest"), (1, "dense")][: CONFIG.num_layers] + [
-        (layer, "quest") for layer in range(2, CONFIG.num_layers)
-    ]
+    assert [steps[0].step.method_name(layer) for layer in range(CONFIG.num_layers)] == [
+        "quest", "dense", *["quest"] * (CONFIG.num_layers - 2)]
+    calls = {m: t["calls"] for m, t in client.stats()["methods"].items()}
+    assert calls == {"quest": CONFIG.num_layers - 1, "dense": 1}

@@ -13,6 +13,7 @@ from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import InvalidParameter, KVCacheError, PositionOutOfRange, ShapeMismatch
 from kvcache.methods import AttentionResult
 from kvcache.methods.attend import check_new_rows, run_validated, validate
+from kvcache.methods.decode_step import DecodeStep
 from kvcache.methods.gather import gather_key_dims
 from kvcache.methods.registry import METHODS
 from kvcache.prefill.minference_index import BLOCK_SIZE, SparseIndex
@@ -45,6 +46,48 @@ class FetchResult:
 
     tensors: tuple[torch.Tensor, ...]
     bytes_read: int
+
+
+class StepCalls(Protocol):
+    """A decode step begun with begin_step: one call per layer."""
+
+    def attend(self, layer: int, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor) -> AttentionResult:
+        """Append new_k, new_v [B, Hkv, d] at `layer` and attend q [B, Hq, d] over each sequence."""
+
+
+class PlannedCalls:
+    """begin_step for a client that has plan_step and attend(plan=): each layer's call is an attend with the step's
+    plan (a remote or sharded client; the in-process client runs a kvcache.methods.decode_step.DecodeStep)."""
+
+    def __init__(self, client: KVCacheClient, seq_ids: Sequence[str], method: str, params: Mapping[str, Any] | None,
+                 backend: str, layer_methods: Mapping[int, tuple[str, Mapping[str, Any] | None]] | None) -> None:
+        self.client = client
+        self.seq_ids = list(seq_ids)
+        self.choice = (method, params)
+        self.layer_methods = dict(layer_methods or {})
+        self.backend = backend
+        self.plan = client.plan_step(seq_ids)
+
+    def attend(self, layer: int, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor) -> AttentionResult:
+        """One layer's attend call with the step's plan."""
+        method, params = self.layer_methods.get(layer, self.choice)
+        return self.client.attend(self.seq_ids, layer, q, method, params, new_k=new_k, new_v=new_v,
+                                  backend=self.backend, plan=self.plan)
+
+
+class _CountedStep:
+    """A DecodeStep whose calls count in the in-process client's per-method totals."""
+
+    def __init__(self, step: DecodeStep, counters: Totals) -> None:
+        self.step = step
+        self.counters = counters
+
+    def attend(self, layer: int, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor) -> AttentionResult:
+        t0 = time.perf_counter()
+        result = self.step.attend(layer, q, new_k, new_v)
+        self.counters.add(self.step.method_name(layer), calls=1, bytes_read=result.bytes_read,
+                          seconds=time.perf_counter() - t0)
+        return result
 
 
 @runtime_checkable
@@ -96,6 +139,12 @@ class KVCacheClient(Protocol):
 
     def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
         """Plan a decode step of `seq_ids` that appends `new_tokens` (0 or 1) per layer call: a handle for attend."""
+
+    def begin_step(self, seq_ids: Sequence[str], q_heads: int, method: str = "dense",
+                   params: Mapping[str, Any] | None = None, backend: str = "auto",
+                   layer_methods: Mapping[int, tuple[str, Mapping[str, Any] | None]] | None = None) -> StepCalls:
+        """A decode step checked and planned once: its attend(layer, q, new_k, new_v) appends one row per sequence
+        and attends at each layer (the method of `layer_methods` where that names the layer)."""
 
     def fetch(self, seq_id: str, layer: int, what: FetchKind, index: torch.Tensor | None = None) -> FetchResult:
         """Raw reads for engines that attend themselves (columns, rows, value_mean, summaries)."""
@@ -211,6 +260,14 @@ class InProcessClient:
     def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
         """Plan a decode step: every layer's attend(..., plan=) of these sequences then reuses one page table."""
         return self.store.plan_step(seq_ids, new_tokens)
+
+    def begin_step(self, seq_ids: Sequence[str], q_heads: int, method: str = "dense",
+                   params: Mapping[str, Any] | None = None, backend: str = "auto",
+                   layer_methods: Mapping[int, tuple[str, Mapping[str, Any] | None]] | None = None) -> StepCalls:
+        """A decode step checked and planned once (kvcache.methods.decode_step): each layer's attend(layer, q,
+        new_k, new_v) only writes the new rows and attends."""
+        return _CountedStep(DecodeStep(self.store, seq_ids, q_heads, method, params, backend, layer_methods),
+                            self.counters)
 
     def attend_many(self, calls: Sequence[AttendCall]) -> tuple[list[AttentionResult | Exception], list[int]]:
         """Answers to several attend calls that arrived together, each its result or the error it raised, and the

@@ -21,7 +21,7 @@ import grpc
 import torch
 
 from kvcache import errors
-from kvcache.clients.inprocess import FetchKind, FetchResult
+from kvcache.clients.inprocess import FetchKind, FetchResult, PlannedCalls
 from kvcache.config import KVCacheConfig
 from kvcache.methods import AttentionResult
 from kvcache.prefill.minference_index import BLOCK_SIZE, SparseIndex
@@ -252,6 +252,12 @@ class RemoteClient:
             reply = self._call("Attend", request, idempotent=new_k is None and new_v is None)
         return AttentionResult(from_wire(reply.out, "out"), from_wire(reply.lse, "lse"), reply.bytes_read,
                                dict(reply.bytes_moved))
+
+    def begin_step(self, seq_ids: Sequence[str], q_heads: int, method: str = "dense",
+                   params: Mapping[str, Any] | None = None, backend: str = "auto",
+                   layer_methods: Mapping[int, tuple[str, Mapping[str, Any] | None]] | None = None) -> PlannedCalls:
+        """A decode step planned once: each layer's attend(layer, q, new_k, new_v) is an attend with its plan."""
+        return PlannedCalls(self, seq_ids, method, params, backend, layer_methods)
 
     def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
         """Plan a decode step on the server: a handle whose step_id every layer's attend(..., plan=) sends."""

@@ -69,7 +69,7 @@ import torch
 from typing_extensions import Self
 
 from kvcache import errors
-from kvcache.clients.inprocess import FetchKind, FetchResult, KVCacheClient
+from kvcache.clients.inprocess import FetchKind, FetchResult, KVCacheClient, PlannedCalls
 from kvcache.config import KVCacheConfig
 from kvcache.methods import AttentionResult, merge_lse
 from kvcache.methods.attend import check_new_rows, check_query, check_sequences
@@ -303,6 +303,12 @@ class ShardedClient:
                 moved[key] = moved.get(key, 0) + n
         out, lse = merge_lse(outs, lses)
         return AttentionResult(out, lse, sum(r.bytes_read for r in results.values()), moved)
+
+    def begin_step(self, seq_ids: Sequence[str], q_heads: int, method: str = "dense",
+                   params: Mapping[str, Any] | None = None, backend: str = "auto",
+                   layer_methods: Mapping[int, tuple[str, Mapping[str, Any] | None]] | None = None) -> PlannedCalls:
+        """A decode step planned once: each layer's attend(layer, q, new_k, new_v) is an attend with its plan."""
+        return PlannedCalls(self, seq_ids, method, params, backend, layer_methods)
 
     def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
         """A step handle for the KVCacheClient protocol: which rows each shard serves changes with every call's

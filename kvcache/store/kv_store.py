@@ -35,7 +35,7 @@ from kvcache.store.page_pool import PagePool
 from kvcache.store.page_table import PageTableCSR, SequenceState, build_csr
 from kvcache.store.prefix_cache import acquire_prefix, register_full_pages
 from kvcache.store.row_reads import Moves, page_keys, read_positions
-from kvcache.store.step_plan import StepPlan
+from kvcache.store.step_plan import StepPlan, StepRows
 from kvcache.store.tier_manager import TierManager
 from kvcache.store.tiers import DEVICE
 from kvcache.store.warm_restart import restore_prefix_pages
@@ -300,6 +300,57 @@ class KVStore:
                     self._prepare_pages(seq, start // P, self.config.pages_for(start + 1))
             csr = build_csr(seqs, 0, self.config.device, [n + new_tokens for n in starts])
             return StepPlan(tuple(seq_ids), new_tokens, tuple(starts), tuple(s.generation for s in seqs), csr)
+
+    def plan_rows(self, seq_ids: Sequence[str]) -> StepRows:
+        """Plan a decode step that appends one position per layer call (plan_step), and where each sequence's new
+        row goes in every layer: append_planned then writes a layer's rows with no host work per call."""
+        with self._lock:
+            plan = self.plan_step(seq_ids, 1)
+            seqs = [self._seqs[s] for s in seq_ids]
+            P = self.config.page_size
+            rows = []
+            for seq, start in zip(seqs, plan.start_lengths):
+                page = int(seq.pages[start // P])
+                rows.append((page, page if self.tiers is None else int(self.tiers.slot[page]), start % P))
+            tables = None
+            if self.config.device.type == "cuda" and self.triton_append and self.tiers is None:
+                c = self.config
+                layer_bytes = c.num_kv_heads * c.head_dim * SUMMARY_DTYPE.itemsize
+                columns = [x for column in zip(*rows) for x in column]
+                tables = torch.tensor([columns + [s.value_sum.data_ptr() + layer * layer_bytes for s in seqs]
+                                       for layer in range(c.num_layers)], dtype=torch.int64)
+                tables = tables.view(c.num_layers, 4, len(seqs)).to(c.device)
+            page_ids = torch.tensor([r[0] for r in rows], dtype=torch.int64)
+            return StepRows(plan, seqs, rows, page_ids, tables, [False] * self.config.num_layers)
+
+    def append_planned(self, step: StepRows, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [B, Hkv, d] (on the device) as the new row of each of the step's sequences at `layer`, where
+        plan_rows put them; PlanStale if a sequence was freed, forked or appended to outside the step since."""
+        with self._lock:
+            plan = step.plan
+            if step.written[layer]:
+                raise PlanStale(f"layer {layer} of this step was written already")
+            for seq, seq_id, start, generation in zip(step.seqs, plan.seq_ids, plan.start_lengths,
+                                                      plan.generations):
+                if self._seqs.get(seq_id) is not seq or seq.generation != generation or seq.lengths[layer] != start:
+                    raise PlanStale(f"sequence {seq_id} changed (or was freed) after its step was planned")
+            if step.tables is not None:
+                view = self._views[layer]
+                append_rows_triton(view.k_seq, view.v_seq, view.k_dim, view.k_summary, k, v, step.tables[layer])
+            else:
+                self.pool.append_rows(layer, k, v, step.rows)
+                torch._foreach_add_([seq.value_sum[layer] for seq in step.seqs], list(v.float().unbind(0)))
+            for seq in step.seqs:
+                seq.lengths[layer] += 1
+            step.written[layer] = True
+            if self.summary_listeners:
+                P = self.config.page_size
+                starts = plan.start_lengths
+                self._summaries_changed([layer], step.page_ids, torch.tensor([n // P for n in starts]),
+                                        [n % P + 1 for n in starts])
+            if all(step.written):
+                for seq in step.seqs:
+                    register_full_pages(self.allocator, seq, self.config.page_size)
 
     def check_plan(self, plan: StepPlan, seq_ids: Sequence[str], layer: int, appending: bool) -> None:
         """Raise PlanStale unless `plan` still describes `seq_ids` at `layer` for a call that appends (or not) its

@@ -12,6 +12,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
+import torch
+
 from kvcache.kernels.csr import PageTableCSR
 
 
@@ -25,3 +27,16 @@ class StepPlan:
     generations: tuple[int, ...]  # the page tables' generations then (kvcache.store.page_table.SequenceState)
     csr: PageTableCSR | None  # for start_lengths + new_tokens positions; None in a remote client's handle
     step_id: str = field(default_factory=lambda: secrets.token_hex(8))
+
+
+@dataclass
+class StepRows:
+    """Where a planned step's new row of each sequence goes, worked out once for every layer (KVStore.plan_rows):
+    what each layer's append then writes without any host work but its launches."""
+
+    plan: StepPlan
+    seqs: list  # the sequences' SequenceState, to notice one freed or forked since
+    rows: list[tuple[int, int, int]]  # per sequence (page id, device slot, row in the page)
+    page_ids: torch.Tensor  # [B] int64 on the CPU: the pages written (for summary listeners)
+    tables: torch.Tensor | None  # [L, 4, B] int64 on the device: append_rows_triton's rows per layer (CUDA only)
+    written: list[bool]  # per layer
