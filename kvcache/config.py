@@ -34,6 +34,7 @@ class KVCacheConfig:
     disk_pages: int = 0  # K/V pages in a file (0: no disk tier)
     disk_path: str | None = None  # directory of the disk tier's file (default: the system's temp dir)
     disk_persistent: bool = False  # the disk tier's files stay in disk_path: prefix pages survive a restart
+    disk_namespace: str = ""  # the model a persistent disk tier holds K/V of: files of another are started afresh
     verify_host_reads: bool = True  # the Triton kernels check each pinned host row they read against its checksum
     pinned_tail_pages: int = 2  # last pages of every live sequence kept on the device (the local window)
     eviction: str = "lru"  # "lru", or "sparse": pages sparse attention rarely chooses go down first
@@ -63,6 +64,8 @@ class KVCacheConfig:
             raise InvalidParameter(f"eviction {self.eviction!r} unknown; expected 'lru' or 'sparse'")
         if self.disk_path is not None and not isinstance(self.disk_path, str):
             raise InvalidParameter(f"disk_path must be a str (a directory), got {type(self.disk_path).__name__}")
+        if not isinstance(self.disk_namespace, str):
+            raise InvalidParameter(f"disk_namespace must be a str, got {type(self.disk_namespace).__name__}")
         if self.disk_persistent and not (self.disk_pages and self.disk_path):
             raise InvalidParameter("a persistent disk tier needs disk_pages > 0 and disk_path (its directory)")
         if self.head_dim % 8:

@@ -122,6 +122,20 @@ def test_a_client_at_its_page_cap_cannot_append_past_it(use_stream):
         _filled(other, 40)  # another connection is not held to this one's pages
 
 
+def test_at_the_page_cap_a_step_s_later_layers_still_write_into_the_page_its_first_layer_used():
+    with running(max_pages_per_client=12) as server, _remote(server) as client:
+        sid = _filled(client, 47)  # 12 pages of 4, the last with one row free
+        row, q = torch.randn((1, 2, 16)), torch.randn((1, 4, 16))
+        for layer in (0, 1):  # position 47 in every layer: no new page
+            client.attend([sid], layer, q, new_k=row, new_v=row)
+        assert client.describe(sid).lengths == (48, 48)
+        with pytest.raises(QuotaExceeded):  # position 48 would open page 13, planned or not
+            client.plan_step([sid])
+        with pytest.raises(QuotaExceeded):
+            client.attend([sid], 0, q, new_k=row, new_v=row)
+        assert client.describe(sid).num_pages == 12
+
+
 def test_serve_flags_set_the_bounds():
     parser = argparse.ArgumentParser()
     serve_cli.add_arguments(parser)

@@ -24,5 +24,6 @@ def test_a_minute_of_32_clients_with_faults_serves_nothing_wrong_and_keeps_nothi
     after = report["pool_after"]
     assert after["sequences"] == 0 and after["pages_free"] == after["pages_total"]
     assert after["sequences_expired"] >= 1  # the killed clients' leased sequences
+    assert after["pages_quarantined"] >= 1  # some flipped bytes landed in live pages, and were caught
     assert report["memory_after_bytes"] <= report["memory_before_bytes"] * 1.15
     assert report["server_exit_code"] == 0

@@ -99,6 +99,17 @@ def test_a_store_of_another_shape_starts_afresh(tmp_path):
     other.store.close()
 
 
+def test_files_written_for_another_model_are_started_afresh_and_never_served(tmp_path):
+    k, v = _kv()
+    first = InProcessClient(_config(tmp_path, disk_namespace="model-a"))
+    first.free(_prefilled(first, k, v))
+    first.store.close()
+    other = InProcessClient(_config(tmp_path, disk_namespace="model-b"))
+    assert "model-a" in other.store.tiers.storage[DISK].files.fresh_reason
+    assert other.create(PROMPT).cached_tokens == 0
+    other.store.close()
+
+
 def test_two_stores_cannot_share_a_disk_directory(tmp_path):
     first = InProcessClient(_config(tmp_path))
     with pytest.raises(InvalidParameter, match="in use by another kvcache store"):

@@ -7,8 +7,9 @@ client that holds one may use it, as an engine that hands a sequence to another 
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from kvcache.errors import QuotaExceeded
 from kvcache.store import KVStore
@@ -24,26 +25,43 @@ class ClientQuotas:
         self.max_pages = max_pages
         self._owner: dict[str, str] = {}
         self._held: dict[str, set[str]] = {}
-        self._lock = threading.Lock()
+        self._pending: dict[str, int] = {}  # sequences being made, per client
+        self._lock = threading.RLock()
 
     def _live(self, client: str) -> set[str]:
         # Sequences freed by any path (Free, a lease running out) drop out here, so no hook can be missed.
         held = self._held.get(client, set())
-        live = held & set(self.store.sequence_ids())
+        live = {s for s in held if self.store.has_sequence(s)}
         for gone in held - live:
             self._owner.pop(gone, None)
         self._held[client] = live
         return live
 
-    def admit_sequence(self, client: str) -> None:
-        """QuotaExceeded if `client` already holds max_sequences sequences."""
-        if not self.max_sequences:
-            return
+    def prune(self) -> None:
+        """Forget freed sequences and clients that hold none (clients that went away never call again)."""
         with self._lock:
-            held = len(self._live(client))
-        if held >= self.max_sequences:
-            raise QuotaExceeded(f"this client already holds {held} sequences, the most the server allows one "
-                                f"client (--max-sequences-per-client); free some first")
+            for client in list(self._held):
+                if not self._live(client):
+                    del self._held[client]
+
+    @contextlib.contextmanager
+    def new_sequence(self, client: str) -> Iterator[Callable[[str], None]]:
+        """Admit one more sequence for `client` (QuotaExceeded at max_sequences) and hold its place while it is
+        made: the body calls the yielded function with the new id. Concurrent creates on one connection cannot
+        pass the cap together."""
+        with self._lock:
+            held = len(self._live(client)) + self._pending.get(client, 0)
+            if self.max_sequences and held >= self.max_sequences:
+                raise QuotaExceeded(f"this client already holds {held} sequences, the most the server allows one "
+                                    f"client (--max-sequences-per-client); free some first")
+            self._pending[client] = self._pending.get(client, 0) + 1
+        try:
+            yield lambda seq_id: self.own(client, seq_id)
+        finally:
+            with self._lock:
+                self._pending[client] -= 1
+                if not self._pending[client]:
+                    del self._pending[client]
 
     def admit_pages(self, client: str, new_pages: int) -> None:
         """QuotaExceeded if `client`'s sequences would hold more than max_pages pages after `new_pages` more."""

@@ -14,10 +14,11 @@ import time
 
 
 def resident_bytes() -> int:
-    """This process's resident set size in bytes (0 where /proc is not available)."""
+    """This process's anonymous resident memory in bytes (0 where /proc is not available): the heap's, not the
+    pages of mapped files (the disk tier's file counts in VmRSS once touched, and no trim gives it back)."""
     try:
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
     except (OSError, StopIteration):
         return 0
 
@@ -49,4 +50,7 @@ class HeapTrimmer:
         self._trim(0)
         self._last = time.monotonic()
         self.trims += 1
+        # What a trim could not give back is in use: measure growth from there, so a server that has grown for
+        # good (more sequences, say) is not trimmed every second.
+        self.baseline = max(self.baseline, resident_bytes() - self.slack // 2)
         return True

@@ -27,7 +27,7 @@ STORE_FLAGS = {  # flag dest -> KVCacheConfig field
     "layers": "num_layers", "kv_heads": "num_kv_heads", "head_dim": "head_dim", "page_size": "page_size",
     "dtype": "dtype", "device": "device", "pages": "device_pages", "host_pages": "host_pages",
     "disk_pages": "disk_pages", "disk_path": "disk_path", "pinned_tail_pages": "pinned_tail_pages",
-    "eviction": "eviction", "verify_host_reads": "verify_host_reads",
+    "eviction": "eviction", "verify_host_reads": "verify_host_reads", "disk_namespace": "disk_namespace",
 }
 SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
                 "grace_seconds", "torch_threads", "gate", "cpus", "reject_nonfinite", "max_query_heads",
@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="working memory one attend may need, e.g. 512MiB (default: 256MiB plus the store's bytes); "
                    "a call estimated over it is refused with RESOURCE_EXHAUSTED before any work")
     p.add_argument("--max-sequences-per-client", type=int,
-                   help="live sequences one client connection may hold (default 1024; 0: no cap)")
+                   help="live sequences one client connection may hold (default 4096; 0: no cap)")
     p.add_argument("--max-pages-per-client", type=int,
                    help="pages one client connection's sequences may hold (default 0: no cap)")
     p.add_argument("--torch-threads", type=int,
@@ -93,6 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "gone when the server stops")
     disk.add_argument("--disk-dir", help="directory of a disk tier that outlives the server: prefix-cache pages "
                       "that reach it are served again, verified, after a restart (needs --disk-pages)")
+    p.add_argument("--disk-namespace", help="with --disk-dir: the model whose K/V the directory holds (a name, a "
+                   "checkpoint hash); files written under another are started afresh, never served (default: none)")
     p.add_argument("--pinned-tail-pages", type=int, help="last pages of each sequence kept on the device (2)")
     p.add_argument("--eviction", choices=["lru", "sparse"], help="which device pages go down first (default lru)")
     p.add_argument("--verify-host-reads", action=argparse.BooleanOptionalAction, default=None,

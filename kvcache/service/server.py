@@ -73,7 +73,7 @@ class ServerOptions:
     reject_nonfinite: bool = True  # NaN or Inf in q, k or v is INVALID_ARGUMENT (service/input_limits.py)
     max_query_heads: int | None = None  # query heads one attend may bring (None: 16 per kv head)
     max_call_memory: int | None = None  # bytes of working memory one attend may need (None: default_call_memory)
-    max_sequences_per_client: int = 1024  # live sequences one connection may hold (0: no cap)
+    max_sequences_per_client: int = 4096  # live sequences one connection may hold (0: no cap)
     max_pages_per_client: int = 0  # pages one connection's sequences may hold (0: no cap, the pool is the cap)
 
 
@@ -185,16 +185,16 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         lease = request.lease_seconds
         if lease < 0 or lease != lease:
             raise InvalidParameter(f"lease_seconds={lease!r} must be a positive number of seconds (0: none)")
-        self.quotas.admit_sequence(context.peer())
-        info = self.client.create(list(request.token_ids) or None, lease or None)
-        self.quotas.own(context.peer(), info.seq_id)
+        with self.quotas.new_sequence(context.peer()) as own:
+            info = self.client.create(list(request.token_ids) or None, lease or None)
+            own(info.seq_id)
         return info_to_wire(info)
 
     @_handler("Fork", lambda r: [r.seq_id])
     def Fork(self, request, context):
-        self.quotas.admit_sequence(context.peer())
-        info = self.client.fork(request.seq_id)
-        self.quotas.own(context.peer(), info.seq_id)
+        with self.quotas.new_sequence(context.peer()) as own:
+            info = self.client.fork(request.seq_id)
+            own(info.seq_id)
         return info_to_wire(info)
 
     @_handler("Free", lambda r: [r.seq_id])
@@ -262,9 +262,9 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     def _check_quota(self, request, client: str) -> None:
         """QuotaExceeded if an attend's new rows would take the client past its page cap."""
-        if self.quotas.max_pages and request.HasField("new_k"):
+        if self.quotas.max_pages and request.HasField("new_k") and not request.step_id:  # a plan took its pages
             store = self.client.store
-            self.quotas.admit_pages(client, sum(store.pages_to_append(s, 1) for s in request.seq_ids))
+            self.quotas.admit_pages(client, sum(store.pages_to_append(s, 1, request.layer) for s in request.seq_ids))
 
     def AttendStream(self, request_iterator, context) -> Iterator[pb.AttendResponse]:
         """Attend calls on one stream; a rejected request is answered in the response and the stream goes on.
@@ -359,6 +359,9 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     @_handler("Plan", lambda r: r.seq_ids)
     def Plan(self, request, context):
+        if self.quotas.max_pages and request.new_tokens:
+            store = self.client.store
+            self.quotas.admit_pages(context.peer(), sum(store.pages_to_append(s, 1) for s in request.seq_ids))
         plan = self.client.plan_step(list(request.seq_ids), request.new_tokens)
         self.plans.add(plan)
         return pb.PlanResponse(step_id=plan.step_id)
@@ -403,7 +406,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         self.limits.check_finite(k, "k")
         self.limits.check_finite(v, "v")
         if self.quotas.max_pages and k.dim() >= 3:
-            self.quotas.admit_pages(client, self.client.store.pages_to_append(request.seq_id, k.shape[-3]))
+            layer = request.layer if request.HasField("layer") else None
+            self.quotas.admit_pages(client, self.client.store.pages_to_append(request.seq_id, k.shape[-3], layer))
         return self.client.append(
             request.seq_id, k, v,
             layer=request.layer if request.HasField("layer") else None,
@@ -610,6 +614,7 @@ class Server:
                 with self.servicer.locks.hold([seq_id]):
                     if store.free_if_expired(seq_id):
                         log.info(json.dumps({"event": "lease_expired", "seq_id": seq_id}))
+            self.servicer.quotas.prune()
             self.trimmer.check()
 
     def _refused(self, rpc: str) -> None:
@@ -633,6 +638,7 @@ class Server:
         while idle and time.monotonic() - self.servicer.last_call < 0.2 and time.monotonic() < quiet_by:
             time.sleep(0.05)
         self._reaper_stop.set()
+        self._reaper.join(timeout=5)
         self.grpc.stop(0 if idle else 1).wait()
         if self.metrics_http:
             self.metrics_http.shutdown()

@@ -5,6 +5,9 @@ Files in the directory: `pages.bin` (slots `[L, N, 2, Hkv, P, d]`), `rows.bin` (
 int32), `index.bin` (one record per slot, below), `meta.json` (the shape the files hold) and `lock` (one store at a
 time). All three data files are memory-mapped shared, so what a store wrote is in the files even if it is killed.
 
+`meta.json` also names the model (`disk_namespace`): a prefix page is found by its token ids alone, so files
+written for another model, even of the same shape, are started afresh rather than served.
+
 A record is `[valid, hash_lo, hash_hi, crc32, page_index]` (int64): the page's chain hash in the prefix cache (16
 bytes), the crc32 of its bytes and its index within its sequence. A record is marked valid only after the page's
 bytes and row checksums are written, and unmarked before its slot is reused; a restarted store still verifies every
@@ -16,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import weakref
 
 import torch
 
@@ -40,14 +44,21 @@ class DiskFiles:
         except OSError:
             os.close(self._lock_fd)
             raise InvalidParameter(f"disk directory {self.directory} is in use by another kvcache store") from None
-        self.shape = (c.num_layers, num_slots, 2, c.num_kv_heads, c.page_size, c.head_dim)
-        meta = {"format": FORMAT, "shape": list(self.shape), "dtype": str(c.dtype).removeprefix("torch.")}
-        self.fresh_reason = self._fresh_reason(meta)  # None: the files hold pages of this shape
-        if self.fresh_reason is not None:
-            self._create(meta, c.itemsize)
-        self.data = self._map("pages.bin", self.shape, c.dtype)
-        self.row_sums = self._map("rows.bin", self.shape[:-1], torch.int32)
-        self.index = self._map("index.bin", (num_slots, RECORD), torch.int64)
+        # The lock goes with this object: released by close(), or when it is collected, or if opening fails.
+        self._release = weakref.finalize(self, os.close, self._lock_fd)
+        try:
+            self.shape = (c.num_layers, num_slots, 2, c.num_kv_heads, c.page_size, c.head_dim)
+            meta = {"format": FORMAT, "shape": list(self.shape), "dtype": str(c.dtype).removeprefix("torch."),
+                    "namespace": c.disk_namespace}
+            self.fresh_reason = self._fresh_reason(meta)  # None: the files hold pages of this shape and model
+            if self.fresh_reason is not None:
+                self._create(meta, c.itemsize)
+            self.data = self._map("pages.bin", self.shape, c.dtype)
+            self.row_sums = self._map("rows.bin", self.shape[:-1], torch.int32)
+            self.index = self._map("index.bin", (num_slots, RECORD), torch.int64)
+        except BaseException:
+            self._release()
+            raise
 
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -113,6 +124,4 @@ class DiskFiles:
 
     def close(self) -> None:
         """Release the directory's lock (the mappings stay valid until their tensors are dropped)."""
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._release()

@@ -175,11 +175,15 @@ class KVStore:
         with self._lock:
             return sum(self._seqs[s].num_pages for s in seq_ids if s in self._seqs)
 
-    def pages_to_append(self, seq_id: str, num_new: int) -> int:
-        """New pages an append of `num_new` positions to `seq_id` would take (copies of shared pages aside)."""
+    def pages_to_append(self, seq_id: str, num_new: int, layer: int | None = None) -> int:
+        """New pages an append of `num_new` positions to `seq_id` (at `layer`, or every layer) would take (copies of
+        shared pages aside); 0 for an unknown layer (the append itself refuses it)."""
         with self._lock:
             seq = self._get(seq_id)
-            return max(0, self.config.pages_for(max(seq.lengths) + num_new) - seq.num_pages)
+            if layer is not None and not 0 <= layer < self.config.num_layers:
+                return 0
+            held = seq.lengths[layer] if layer is not None else max(seq.lengths)
+            return max(0, self.config.pages_for(held + num_new) - seq.num_pages)
 
     def close(self) -> int:
         """Record every prefix-cache page on a persistent disk tier and release its directory; returns the pages
@@ -192,6 +196,10 @@ class KVStore:
                 if storage.files is not None:
                     storage.files.close()
             return recorded
+
+    def has_sequence(self, seq_id: str) -> bool:
+        """Whether `seq_id` names a live sequence (without renewing its lease)."""
+        return seq_id in self._seqs
 
     def sequence_ids(self) -> list[str]:
         """Ids of the live sequences."""
@@ -240,9 +248,7 @@ class KVStore:
             for layer_idx in layers:
                 seq.lengths[layer_idx] = end
             seq.token_ids.extend(new_ids)
-            hashed = register_full_pages(self.allocator, seq, self.config.page_size)
-            if self.tiers is not None and hashed:  # pages that went down before they were full are recorded now
-                self.tiers.record_prefix(hashed)
+            self._register(seq)
             return self._info(seq)
 
     def append_tokens(self, seq_ids: Sequence[str], k: torch.Tensor, v: torch.Tensor, layer: int) -> None:
@@ -269,7 +275,7 @@ class KVStore:
             self._write_decode_rows(layer, seqs, k, v)
             for seq in seqs:
                 seq.lengths[layer] += 1
-                register_full_pages(self.allocator, seq, self.config.page_size)
+                self._register(seq)
 
     # ---- plan once per step ----------------------------------------------------------------
 
@@ -350,7 +356,7 @@ class KVStore:
                                         [n % P + 1 for n in starts])
             if all(step.written):
                 for seq in step.seqs:
-                    register_full_pages(self.allocator, seq, self.config.page_size)
+                    self._register(seq)
 
     def check_plan(self, plan: StepPlan, seq_ids: Sequence[str], layer: int, appending: bool) -> None:
         """Raise PlanStale unless `plan` still describes `seq_ids` at `layer` for a call that appends (or not) its
@@ -504,6 +510,13 @@ class KVStore:
             done += n
             pages = max(pages, self.config.pages_for(start + done))
         return chunks
+
+    def _register(self, seq: SequenceState) -> None:
+        """Hash the sequence's newly full pages into the prefix cache; those already on a persistent disk tier (they
+        went down before they were full) are recorded there now."""
+        hashed = register_full_pages(self.allocator, seq, self.config.page_size)
+        if self.tiers is not None and hashed:
+            self.tiers.record_prefix(hashed)
 
     def _info(self, seq: SequenceState) -> SequenceInfo:
         return SequenceInfo(seq.seq_id, tuple(seq.lengths), seq.num_pages, seq.cached_tokens)
