@@ -5,8 +5,10 @@ Per row (model shape, context, batch, method, path): milliseconds per decode ste
 median), tokens per second, the bytes one step must read (the weights once, plus the method's attention bytes over
 every layer), the bandwidth that implies, and the ratio to dense. Paths:
 
-- `planned`: the engine's decode step as `kvcache generate` runs it (client.begin_step: the step checked and planned
-  once, each layer's call device work and launches only), eager;
+- `graph` (dense): the engine's whole step replayed from a captured CUDA graph (engine/graph_decode.py), with its
+  planning, buffer loads and bookkeeping on the host included, as `kvcache generate --device cuda` runs it;
+- `planned`: the engine's decode step eagerly (client.begin_step: the step checked and planned once, each layer's
+  call device work and launches only), as it runs for the sparse methods;
 - `per-call`: the same step with every layer's call an attend(..., plan=) (validation in every call), eager;
 - `static-graph`, `static-eager`: the baseline, a contiguous [B, Hkv, S, d] cache per layer read by SDPA with the
   step captured as one CUDA graph (as gpt-fast does), and the same eagerly.
@@ -28,6 +30,7 @@ from kvcache.bench.timing import run_header, write_report
 from kvcache.clients.inprocess import PlannedCalls
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.decode import AttentionSpec, decode_step
+from kvcache.engine.graph_decode import GraphDecoder, graph_unsupported
 from kvcache.engine.model import Llama, random_model
 from kvcache.methods.registry import lookup
 
@@ -93,7 +96,7 @@ class _PerCall:
 def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: list[str], steps: int,
                   device: torch.device, weight_bytes: int) -> list[dict]:
     c = model.config
-    grown = len(methods) * 2 * (steps + 1)  # every timed step appends a position
+    grown = (len(methods) * 2 + 1) * (steps + 1)  # every timed step appends a position
     pages = batch * ((context + grown) // P + 2)
     client = InProcessClient(KVCacheConfig(c.num_layers, c.num_kv_heads, c.head_dim, page_size=P,
                                            dtype=model.dtype, device=device, device_pages=pages))
@@ -112,10 +115,16 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
         params = _method_params(method, context)
         spec = AttentionSpec(method, params)
         attention = lookup(method).bytes_read(client.config, [context] * batch, lookup(method).parse(params))
-        for path, target in (("planned", client), ("per-call", _PerCall(client))):
+        paths = [("planned", client), ("per-call", _PerCall(client))]
+        if method == "dense" and graph_unsupported(client, model) is None:
+            paths.insert(0, ("graph", GraphDecoder(model, client)))
+        for path, target in paths:
             def one_step(target=target, spec=spec):
                 positions = [client.describe(s).length for s in seqs]
-                decode_step(model, target, seqs, tokens, positions, spec)
+                if isinstance(target, GraphDecoder):
+                    target.step(seqs, tokens, positions)
+                else:
+                    decode_step(model, target, seqs, tokens, positions, spec)
 
             ms = _timed_steps(one_step, steps, device)
             step_bytes = weight_bytes + attention * c.num_layers
@@ -177,7 +186,7 @@ def run(cases: list[tuple[str, int, int]], methods: list[str], steps: int, devic
     """Every (shape, context, batch) case; returns the JSON-ready report."""
     report: dict = {**run_header(device), "steps": steps, "rows": []}
     print(f"{'shape':<13} {'ctx':>7} {'B':>3} {'method':<7} {'path':<13} {'ms/step':>8} {'tok/s':>8} "
-          f"{'GB/s':>7} {'vs dense':>8}")
+          f"{'GB/s':>7} {'vs dense':>8} {'bound':>6} {'vs graph':>8}")
     for shape, context, batch in cases:
         model = random_model(SHAPES[shape], seed=0, dtype=torch.bfloat16, device=device)
         weight_bytes = _weight_bytes(model)
@@ -187,12 +196,15 @@ def run(cases: list[tuple[str, int, int]], methods: list[str], steps: int, devic
         rows += _kvcache_rows(model, shape, context, batch, methods, steps, device, weight_bytes)
         dense = {r["path"]: r for r in rows if r["method"] == "dense"}
         for row in rows:
-            base = dense[row["path"]]
-            row["speedup_vs_dense"] = base["ms_per_step"] / row["ms_per_step"]
+            base = dense[row["path"] if row["path"] in dense else "planned"]
+            row["speedup_vs_dense"] = base["ms_per_step"] / row["ms_per_step"]  # dense on the same path
             row["bound_vs_dense"] = base["bytes_per_step"] / row["bytes_per_step"]  # what the bytes predict
+            if "graph" in dense:  # against what `kvcache generate` runs for dense
+                row["speedup_vs_dense_graph"] = dense["graph"]["ms_per_step"] / row["ms_per_step"]
             print(f"{shape:<13} {context:>7} {batch:>3} {row['method']:<7} {row['path']:<13} "
                   f"{row['ms_per_step']:>8.2f} {row['tokens_per_s']:>8.1f} {row['implied_GBps']:>7.0f} "
-                  f"{row['speedup_vs_dense']:>8.2f}")
+                  f"{row['speedup_vs_dense']:>8.2f} {row['bound_vs_dense']:>6.2f} "
+                  f"{row.get('speedup_vs_dense_graph', float('nan')):>8.2f}")
         report["rows"].extend(rows)
         del model
         if device.type == "cuda":

@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="where the model and the in-process store run: cpu (default) or cuda")
     p.add_argument("--json", help="also write the answer and the figures here")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="with --device cuda: run dense decode steps eagerly instead of replaying captured CUDA graphs")
     add_prefill_arguments(p)
 
 
@@ -168,11 +170,21 @@ def _generate(args: argparse.Namespace) -> int:
         check_gate_for_model(gate, model.config)
         attach_gate(client.store, gate)
     prefill_with = prefill_attention(args, model.config)
+    graph = None
+    if device.type == "cuda" and not args.no_cuda_graph:
+        from kvcache.engine.graph_decode import GraphDecoder, graph_unsupported
+
+        why = graph_unsupported(client, model)
+        if why is None:
+            graph = GraphDecoder(model, client)
+        else:
+            print(f"kvcache generate: decode steps run eagerly: {why}", file=sys.stderr)
     try:
         result = generate_text(
             model, tokenizer, client, prompt, chat=args.chat, on_text=lambda s: print(s, end="", flush=True),
             max_new_tokens=args.max_new_tokens, spec=spec, sampler=Sampler(args.temperature, args.top_p, args.seed),
             chunk_size=args.chunk_size, progress=PrefillBar(args.chunk_size), prefill_attention=prefill_with,
+            graph=graph,
         )
     finally:
         close = getattr(client, "close", None)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcache.clients.inprocess import KVCacheClient
-from kvcache.engine.decode import DENSE, AttentionSpec, decode_step
+from kvcache.engine.decode import DENSE, AttentionSpec, StepResult, decode_step
+from kvcache.engine.graph_decode import GraphDecoder
 from kvcache.engine.model import Llama
 from kvcache.engine.prefill import PrefillAttention, Progress, causal_attention, prefill
 from kvcache.engine.sampling import GREEDY, Sampler
@@ -62,10 +63,12 @@ def generate(
     prefill_attention: PrefillAttention = causal_attention,
     on_token: TokenCallback | None = None,
     progress: Progress | None = None,
+    graph: GraphDecoder | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens for each prompt (token ids), decoding the prompts as one batch.
 
-    A prompt stops at its first token in `stop_ids`; its sequence is freed from the store at the end.
+    A prompt stops at its first token in `stop_ids`; its sequence is freed from the store at the end. With `graph`,
+    steps whose attention is dense everywhere are replayed from captured CUDA graphs (engine/graph_decode.py).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
@@ -113,8 +116,12 @@ def generate(
         steps = decoded = attention_bytes = 0
         t1 = time.perf_counter()
         while active:
-            step = decode_step(model, client, [seq_ids[b] for b in active], [tokens[b][-1] for b in active],
-                               [positions[b] for b in active], spec)
+            rows = [seq_ids[b] for b in active]
+            last, at = [tokens[b][-1] for b in active], [positions[b] for b in active]
+            if graph is not None and not spec.layers and spec.for_length(min(at) + 1)[0] == "dense":
+                step = StepResult(*graph.step(rows, last, at))
+            else:
+                step = decode_step(model, client, rows, last, at, spec)
             for b in active:
                 positions[b] += 1
             steps, decoded, attention_bytes = steps + 1, decoded + len(active), attention_bytes + step.bytes_read

@@ -92,6 +92,7 @@ class KVStore:
         # Working memory one attend may need (AttentionMethod.work_bytes), in bytes; None: no limit. The server sets
         # it, so that a request's size, not only the store's, cannot exhaust the machine.
         self.max_call_bytes: int | None = None
+        self._scratch_page: int | None = None  # reserve_scratch_page
         # One lock for the page bookkeeping; the service adds per-sequence ordering on top.
         self._lock = threading.RLock()
         # Called as fn(layers, page_ids, page_indexes, fills) after those pages' key summaries change, with
@@ -357,6 +358,28 @@ class KVStore:
             if all(step.written):
                 for seq in step.seqs:
                     self._register(seq)
+
+    def commit_rows(self, step: StepRows) -> None:
+        """Record that every layer's new rows of a planned step were written on the device with step.tables (by a
+        replayed CUDA graph, under the store's lock since plan_rows): lengths move on, full pages are hashed."""
+        with self._lock:
+            if any(step.written):
+                raise PlanStale("layers of this step were written already")
+            for seq in step.seqs:
+                for layer in range(self.config.num_layers):
+                    seq.lengths[layer] += 1
+                self._register(seq)
+            step.written = [True] * self.config.num_layers
+
+    def reserve_scratch_page(self) -> int:
+        """A page id no sequence will ever hold, for writes that must land somewhere harmless (a CUDA graph's warm-up
+        runs its append kernel before any step has planned rows); taken from the pool for the store's life."""
+        with self._lock:
+            if self._scratch_page is None:
+                [self._scratch_page] = self.allocator.allocate(1)
+                if self.tiers is not None:
+                    self.tiers.place_new([self._scratch_page], set())
+            return self._scratch_page
 
     def check_plan(self, plan: StepPlan, seq_ids: Sequence[str], layer: int, appending: bool) -> None:
         """Raise PlanStale unless `plan` still describes `seq_ids` at `layer` for a call that appends (or not) its

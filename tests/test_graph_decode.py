@@ -1,0 +1,69 @@
+"""Decode steps replayed from captured CUDA graphs (engine/graph_decode.py) give the tokens and logits of the eager
+step, re-capture when a sequence outgrows the graph's capacity, and are refused, with the reason, where they cannot
+apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcache import InProcessClient, KVCacheConfig
+from kvcache.engine.config import ModelConfig
+from kvcache.engine.decode import decode_step
+from kvcache.engine.graph_decode import GraphDecoder, graph_unsupported
+from kvcache.engine.model import random_model
+
+CONFIG = ModelConfig(512, 128, 256, 3, 4, 2, 32, max_position_embeddings=8192)
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def _client(device: str, **store) -> InProcessClient:
+    return InProcessClient(KVCacheConfig(CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim, page_size=16,
+                                         dtype=torch.float32, device=device, **{"device_pages": 512, **store}))
+
+
+def test_a_step_that_cannot_be_captured_says_why():
+    model = random_model(CONFIG)
+    assert "CUDA" in graph_unsupported(_client("cpu"), model)
+    assert "not in this process" in graph_unsupported(object(), model)
+    with pytest.raises(ValueError, match="cannot be captured"):
+        GraphDecoder(model, _client("cpu"))
+
+
+def _prefilled(client, lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = []
+    for n in lengths:
+        sid = client.create().seq_id
+        kv = torch.randn((2, CONFIG.num_layers, n, CONFIG.num_kv_heads, CONFIG.head_dim), generator=gen)
+        client.append(sid, kv[0], kv[1])
+        ids.append(sid)
+    return ids
+
+
+@NO_CUDA
+@pytest.mark.parametrize("lengths", [[1000], [1020, 37, 500]], ids=["one", "three"])
+def test_graph_steps_give_the_eager_tokens_and_recapture_past_their_capacity(lengths):
+    model = random_model(CONFIG, seed=1, device="cuda")
+    eager, graphed = _client("cuda"), _client("cuda")
+    ids_e, ids_g = _prefilled(eager, lengths), _prefilled(graphed, lengths)
+    decoder = GraphDecoder(model, graphed)
+    tokens = [[7] for _ in lengths]
+    positions = list(lengths)
+    for _ in range(40):  # the longest sequence passes 1024 positions: a second graph is captured
+        want = decode_step(model, eager, ids_e, [t[-1] for t in tokens], positions).logits
+        got, nbytes = decoder.step(ids_g, [t[-1] for t in tokens], positions)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        chosen = want.argmax(-1).tolist()
+        assert got.argmax(-1).tolist() == chosen
+        assert nbytes > 0
+        for t, c in zip(tokens, chosen):
+            t.append(c)
+        positions = [p + 1 for p in positions]
+    assert decoder.captures == (2 if max(lengths) + 40 > 1024 else 1)
+    for a, b in zip(ids_e, ids_g):
+        assert eager.describe(a).lengths == graphed.describe(b).lengths
+        n = eager.describe(a).length
+        index = torch.arange(n).expand(CONFIG.num_kv_heads, n)
+        got, want = graphed.fetch(b, 2, "rows", index).tensors, eager.fetch(a, 2, "rows", index).tensors
+        assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(got, want))
