@@ -207,12 +207,19 @@ def _generate(args: argparse.Namespace) -> int:
         "tokens_per_second": round(result.tokens_per_second, 2),
         "attention_bytes_per_token": round(result.attention_bytes_per_token),
         "prefill": args.prefill,
+        "steps_by_method": result.steps_by_method,
+        "graph_steps": result.graph_steps,
     }
     density = getattr(prefill_with, "density", None)
     if density is not None:
         summary["prefill_density"] = round(density, 4)
     if args.prefill == "minference":
         summary["minference_served"] = args.minference_served
+    other = {m: n for m, n in result.steps_by_method.items() if m != spec.method}
+    if other:  # the method could not apply to every step: say what ran instead, never under its name
+        ran = ", ".join(f"{n} step(s) {m}" for m, n in other.items())
+        print(f"kvcache generate: {spec.method} could not apply to every step ({ran}: e.g. SparQ's k above the "
+              f"cached length)", file=sys.stderr)
     label = " ".join([spec.method, *(f"{k}={v}" for k, v in spec.params.items())])
     how = "" if density is None else f" ({args.prefill}, {density:.1%} of causal pairs)"
     print(f"[{label}] prompt {result.prompt_tokens} tokens, prefill{how} "

@@ -39,6 +39,10 @@ class GenerationResult:
     decode_seconds: float
     attention_bytes: int  # bytes the store's attention read during decode, all layers and sequences
     texts: list[str] = field(default_factory=list)  # filled by generate_text
+    # Decode steps per method that ran (a method that cannot apply yet runs another: SparQ while a sequence is
+    # shorter than its k runs dense), and how many of them were replayed from CUDA graphs.
+    steps_by_method: dict[str, int] = field(default_factory=dict)
+    graph_steps: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -113,13 +117,17 @@ def generate(
             return alive
 
         active = take(list(range(len(prompts))), sampler.sample(torch.stack(last_logits), gen).tolist())
-        steps = decoded = attention_bytes = 0
+        steps = decoded = attention_bytes = graph_steps = 0
+        ran: dict[str, int] = {}
         t1 = time.perf_counter()
         while active:
             rows = [seq_ids[b] for b in active]
             last, at = [tokens[b][-1] for b in active], [positions[b] for b in active]
-            if graph is not None and not spec.layers and spec.for_length(min(at) + 1)[0] == "dense":
+            method = spec.for_length(min(at) + 1)[0]
+            ran[method] = ran.get(method, 0) + 1
+            if graph is not None and not spec.layers and method == "dense":
                 step = StepResult(*graph.step(rows, last, at))
+                graph_steps += 1
             else:
                 step = decode_step(model, client, rows, last, at, spec)
             for b in active:
@@ -135,7 +143,7 @@ def generate(
     for s in seq_ids:
         client.free(s)
     return GenerationResult(tokens, reasons, sum(map(len, prompts)), reused, prefill_seconds, steps, decoded,
-                            decode_seconds, attention_bytes)
+                            decode_seconds, attention_bytes, steps_by_method=ran, graph_steps=graph_steps)
 
 
 def generate_text(

@@ -241,3 +241,11 @@ def test_generate_names_a_device_it_cannot_use():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             model_device("cuda")
+
+
+def test_generation_reports_the_steps_a_method_could_not_apply_to(model):
+    client = InProcessClient(store_config())
+    spec = AttentionSpec("sparq", {"r": 4, "k": 12})  # k above the prompt's 8 positions for the first steps
+    result = generate(model, client, [list(range(1, 9))], max_new_tokens=8, spec=spec)
+    assert result.steps_by_method == {"dense": 3, "sparq": 4}  # lengths 9..11 run dense, 12.. sparq
+    assert sum(result.steps_by_method.values()) == result.decode_steps and result.graph_steps == 0
