@@ -68,11 +68,15 @@ def generate(
     on_token: TokenCallback | None = None,
     progress: Progress | None = None,
     graph: GraphDecoder | None = None,
+    max_batch: int | None = None,
 ) -> GenerationResult:
-    """Generate up to `max_new_tokens` tokens for each prompt (token ids), decoding the prompts as one batch.
+    """Generate up to `max_new_tokens` tokens for each prompt (token ids), decoding the admitted prompts as one
+    batch.
 
-    A prompt stops at its first token in `stop_ids`; its sequence is freed from the store at the end. With `graph`,
-    steps whose attention is dense everywhere are replayed from captured CUDA graphs (engine/graph_decode.py).
+    At most `max_batch` sequences decode together (None: every prompt): when one finishes, the next prompt is
+    prefilled and joins the batch between steps (continuous batching), so the batch stays full. A prompt stops at
+    its first token in `stop_ids`; its sequence is freed from the store as it finishes. With `graph`, steps whose
+    attention is dense everywhere are replayed from captured CUDA graphs (engine/graph_decode.py).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
@@ -86,41 +90,58 @@ def generate(
                              f"context of {limit}")
     stops = frozenset(int(s) for s in stop_ids)
     gen = sampler.generator()
-    seq_ids: list[str] = []
-    try:
+    limit = len(prompts) if max_batch is None else max_batch
+    if limit < 1:
+        raise ValueError(f"max_batch={max_batch} must be at least 1")
+    seq_ids: list[str | None] = [None] * len(prompts)  # a prompt's sequence while it is admitted
+    tokens: list[list[int]] = [[] for _ in prompts]
+    reasons = ["length"] * len(prompts)
+    positions = [len(p) for p in prompts]  # where each sequence's next token goes
+    pending = list(range(len(prompts)))  # prompts not admitted yet, in order
+    prefill_seconds, reused = 0.0, 0
+
+    def take(rows: list[int], chosen: list[int]) -> list[int]:
+        """Record the chosen tokens; frees the sequences that are done; returns the rows still generating."""
+        alive = []
+        for b, t in zip(rows, chosen):
+            tokens[b].append(t)
+            if on_token is not None:
+                on_token(b, t)
+            if t in stops:
+                reasons[b] = "stop"
+            elif len(tokens[b]) < max_new_tokens:
+                alive.append(b)
+                continue
+            client.free(seq_ids[b])  # retired: its pages come back before the next admission
+            seq_ids[b] = None
+        return alive
+
+    def admit(n: int) -> list[int]:
+        """Prefill the next n pending prompts; returns those still generating after their first token."""
+        nonlocal prefill_seconds, reused
         t0 = time.perf_counter()
-        last_logits = []
-        reused = 0
-        for p in prompts:
-            info = client.create(token_ids=p)
-            seq_ids.append(info.seq_id)
+        rows, last_logits = [], []
+        for _ in range(n):
+            b = pending.pop(0)
+            info = client.create(token_ids=prompts[b])
+            seq_ids[b] = info.seq_id
             reused += info.cached_tokens
-            last_logits.append(prefill(model, client, info.seq_id, p, info.cached_tokens, chunk_size,
+            last_logits.append(prefill(model, client, info.seq_id, prompts[b], info.cached_tokens, chunk_size,
                                        prefill_attention, progress))
-        prefill_seconds = time.perf_counter() - t0
+            rows.append(b)
+        prefill_seconds += time.perf_counter() - t0
+        return take(rows, sampler.sample(torch.stack(last_logits), gen).tolist())
 
-        tokens: list[list[int]] = [[] for _ in prompts]
-        reasons = ["length"] * len(prompts)
-        positions = [len(p) for p in prompts]  # where each sequence's next token goes
-
-        def take(rows: list[int], chosen: list[int]) -> list[int]:
-            """Record the chosen tokens; returns the rows still generating."""
-            alive = []
-            for b, t in zip(rows, chosen):
-                tokens[b].append(t)
-                if on_token is not None:
-                    on_token(b, t)
-                if t in stops:
-                    reasons[b] = "stop"
-                elif len(tokens[b]) < max_new_tokens:
-                    alive.append(b)
-            return alive
-
-        active = take(list(range(len(prompts))), sampler.sample(torch.stack(last_logits), gen).tolist())
+    try:
+        active = admit(min(limit, len(pending)))
         steps = decoded = attention_bytes = graph_steps = 0
         ran: dict[str, int] = {}
-        t1 = time.perf_counter()
-        while active:
+        t1, prefilled_before = time.perf_counter(), prefill_seconds
+        while active or pending:
+            if pending and len(active) < limit:  # continuous batching: a retired sequence's place is taken
+                active = active + admit(min(limit - len(active), len(pending)))
+                if not active:
+                    continue
             rows = [seq_ids[b] for b in active]
             last, at = [tokens[b][-1] for b in active], [positions[b] for b in active]
             method = spec.for_length(min(at) + 1)[0]
@@ -134,14 +155,13 @@ def generate(
                 positions[b] += 1
             steps, decoded, attention_bytes = steps + 1, decoded + len(active), attention_bytes + step.bytes_read
             active = take(active, sampler.sample(step.logits, gen).tolist())
-        decode_seconds = time.perf_counter() - t1
+        decode_seconds = time.perf_counter() - t1 - (prefill_seconds - prefilled_before)
     except BaseException:
         for s in seq_ids:  # best effort: the error that got us here is the one to report
-            with contextlib.suppress(Exception):
-                client.free(s)
+            if s is not None:
+                with contextlib.suppress(Exception):
+                    client.free(s)
         raise
-    for s in seq_ids:
-        client.free(s)
     return GenerationResult(tokens, reasons, sum(map(len, prompts)), reused, prefill_seconds, steps, decoded,
                             decode_seconds, attention_bytes, steps_by_method=ran, graph_steps=graph_steps)
 

@@ -249,3 +249,25 @@ def test_generation_reports_the_steps_a_method_could_not_apply_to(model):
     result = generate(model, client, [list(range(1, 9))], max_new_tokens=8, spec=spec)
     assert result.steps_by_method == {"dense": 3, "sparq": 4}  # lengths 9..11 run dense, 12.. sparq
     assert sum(result.steps_by_method.values()) == result.decode_steps and result.graph_steps == 0
+
+
+def test_continuous_batching_gives_each_prompt_what_it_gets_alone_and_keeps_the_batch_full(model):
+    prompts = [list(range(1, n)) for n in (9, 4, 13, 6, 11)]
+    alone = [generate(model, InProcessClient(store_config()), [p], max_new_tokens=6).tokens[0] for p in prompts]
+    stop = alone[1][2]  # prompt 1 stops at its third token: the next prompt joins a batch part way through
+    want = [t[: t.index(stop) + 1] if stop in t else t for t in alone]
+    client = InProcessClient(store_config())
+    batch_sizes = []
+    begin = client.begin_step
+
+    def spy(seq_ids, *args, **kw):
+        batch_sizes.append(len(seq_ids))
+        return begin(seq_ids, *args, **kw)
+
+    client.begin_step = spy
+    result = generate(model, client, prompts, max_new_tokens=6, max_batch=2, stop_ids=[stop])
+    assert result.tokens == want
+    assert max(batch_sizes) == 2 and len(batch_sizes) < sum(len(t) - 1 for t in want)  # steps were shared
+    assert batch_sizes[: len(batch_sizes) - max(len(t) for t in want)].count(1) == 0  # full until the tail
+    assert client.stats()["pool"]["sequences"] == 0  # every sequence freed as it finished
+    assert result.decode_tokens == sum(len(t) - 1 for t in result.tokens)
