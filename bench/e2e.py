@@ -5,10 +5,10 @@ Per row (model shape, context, batch, method, path): milliseconds per decode ste
 median), tokens per second, the bytes one step must read (the weights once, plus the method's attention bytes over
 every layer), the bandwidth that implies, and the ratio to dense. Paths:
 
-- `graph` (dense): the engine's whole step replayed from a captured CUDA graph (engine/graph_decode.py), with its
-  planning, buffer loads and bookkeeping on the host included, as `kvcache generate --device cuda` runs it;
+- `graph`: the engine's whole step replayed from a captured CUDA graph (engine/graph_decode.py), with its planning,
+  buffer loads and bookkeeping on the host included, as `kvcache generate --device cuda` runs it;
 - `planned`: the engine's decode step eagerly (client.begin_step: the step checked and planned once, each layer's
-  call device work and launches only), as it runs for the sparse methods;
+  call device work and launches only);
 - `per-call`: the same step with every layer's call an attend(..., plan=) (validation in every call), eager;
 - `static-graph`, `static-eager`: the baseline, a contiguous [B, Hkv, S, d] cache per layer read by SDPA with the
   step captured as one CUDA graph (as gpt-fast does), and the same eagerly.
@@ -30,7 +30,7 @@ from kvcache.bench.timing import run_header, write_report
 from kvcache.clients.inprocess import PlannedCalls
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.decode import AttentionSpec, decode_step
-from kvcache.engine.graph_decode import GraphDecoder, graph_unsupported
+from kvcache.engine.graph_decode import GRAPH_METHODS, GraphDecoder, graph_unsupported
 from kvcache.engine.model import Llama, random_model
 from kvcache.methods.registry import lookup
 
@@ -116,13 +116,13 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
         spec = AttentionSpec(method, params)
         attention = lookup(method).bytes_read(client.config, [context] * batch, lookup(method).parse(params))
         paths = [("planned", client), ("per-call", _PerCall(client))]
-        if method == "dense" and graph_unsupported(client, model) is None:
+        if method in GRAPH_METHODS and graph_unsupported(client, model) is None:
             paths.insert(0, ("graph", GraphDecoder(model, client)))
         for path, target in paths:
             def one_step(target=target, spec=spec):
                 positions = [client.describe(s).length for s in seqs]
                 if isinstance(target, GraphDecoder):
-                    target.step(seqs, tokens, positions)
+                    target.step(seqs, tokens, positions, spec.method, spec.params)
                 else:
                     decode_step(model, target, seqs, tokens, positions, spec)
 

@@ -15,7 +15,7 @@ import torch
 
 from kvcache.clients.inprocess import KVCacheClient
 from kvcache.engine.decode import DENSE, AttentionSpec, StepResult, decode_step
-from kvcache.engine.graph_decode import GraphDecoder
+from kvcache.engine.graph_decode import GRAPH_METHODS, GraphDecoder
 from kvcache.engine.model import Llama
 from kvcache.engine.prefill import PrefillAttention, Progress, causal_attention, prefill
 from kvcache.engine.sampling import GREEDY, Sampler
@@ -76,7 +76,7 @@ def generate(
     At most `max_batch` sequences decode together (None: every prompt): when one finishes, the next prompt is
     prefilled and joins the batch between steps (continuous batching), so the batch stays full. A prompt stops at
     its first token in `stop_ids`; its sequence is freed from the store as it finishes. With `graph`, steps whose
-    attention is dense everywhere are replayed from captured CUDA graphs (engine/graph_decode.py).
+    every layer runs one of GRAPH_METHODS are replayed from captured CUDA graphs (engine/graph_decode.py).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
@@ -144,10 +144,10 @@ def generate(
                     continue
             rows = [seq_ids[b] for b in active]
             last, at = [tokens[b][-1] for b in active], [positions[b] for b in active]
-            method = spec.for_length(min(at) + 1)[0]
+            method, params = spec.for_length(min(at) + 1)
             ran[method] = ran.get(method, 0) + 1
-            if graph is not None and not spec.layers and method == "dense":
-                step = StepResult(*graph.step(rows, last, at))
+            if graph is not None and not spec.layers and method in GRAPH_METHODS:
+                step = StepResult(*graph.step(rows, last, at, method, params))
                 graph_steps += 1
             else:
                 step = decode_step(model, client, rows, last, at, spec)

@@ -1,5 +1,5 @@
-"""GraphDecoder: the engine's whole dense decode step captured as one CUDA graph and replayed, on an in-process CUDA
-store (docs/architecture.md, "Decode steps as CUDA graphs").
+"""GraphDecoder: the engine's whole decode step captured as one CUDA graph and replayed, on an in-process CUDA store
+(docs/architecture.md, "Decode steps as CUDA graphs").
 
 Eager, a step of SmolLM2-135M launches hundreds of small kernels from Python (47.8 ms at 4K on an H100 where the
 same model over a static cache replayed as a graph takes 3.3 ms: bench/results/e2e_h100.json). Captured, the
@@ -9,17 +9,20 @@ is written into the graph's static buffers before the replay, outside it:
 
 - the token ids and positions;
 - the batch's page table (indptr, page ids, last-page fills), padded to the graph's capacity in positions;
-- where each sequence's new row goes in every layer (KVStore.plan_rows' tables).
+- where each sequence's new row goes in every layer (KVStore.plan_rows' tables);
+- the sequences' value sums and new lengths, from which SparQ's mean value is computed in the graph.
 
-A graph is captured per (batch size, capacity), the capacity a power of two of positions per sequence: the
-attention kernel's split of the positions is fixed by it, and each program reads the actual lengths from the page
-table. A longer sequence, or another batch size, captures another graph (outside any replay); the store's own
-bookkeeping (lengths, prefix-cache hashing) is done by KVStore.commit_rows after each replay.
+A graph is captured per (batch size, capacity, method, parameters), the capacity a power of two of positions per
+sequence: the kernels' buffers and splits are sized by it, and each program reads the actual lengths from the page
+table. A longer sequence, another batch size or method captures another graph (outside any replay), at the first
+step that needs it: the warm-up runs before the capture read that step's pages and write their rows into a scratch
+page. The store's own bookkeeping (lengths, prefix-cache hashing) is done by KVStore.commit_rows after each replay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -29,9 +32,16 @@ from kvcache.kernels.append_rows import append_rows_triton
 from kvcache.kernels.csr import PageTableCSR
 from kvcache.kernels.paged_decode import MODE_DENSE, attend_partial, merge_partials, plan_splits
 from kvcache.kernels.tuning import TUNING
-from kvcache.methods.dense import DENSE
+from kvcache.methods.base import AttentionMethod, Params
+from kvcache.methods.inputs import LayerInputs
+from kvcache.methods.registry import lookup
+from kvcache.methods.selection_attention import attend_triton
+from kvcache.store.step_plan import StepRows
 
 MIN_CAPACITY = 1024  # positions per sequence of the smallest graph
+# Methods whose selection on the GPU reads lengths from the page table on the device and needs nothing of the host
+# per layer (the gate's keys are updated on the host; the oracle is an evaluation bound).
+GRAPH_METHODS = ("dense", "sparq", "quest", "window")
 
 
 def graph_unsupported(client: object, model: Llama) -> str | None:
@@ -52,12 +62,15 @@ def graph_unsupported(client: object, model: Llama) -> str | None:
 
 
 class _Graph:
-    """One captured step for `batch` sequences of up to `capacity` positions, and its static buffers."""
+    """One step for `batch` sequences of up to `capacity` positions by method `m`: static buffers, then the graph
+    captured at the first step that loads them."""
 
-    def __init__(self, model: Llama, client: InProcessClient, batch: int, capacity: int) -> None:
+    def __init__(self, model: Llama, client: InProcessClient, batch: int, capacity: int, m: AttentionMethod,
+                 p: Params) -> None:
         store = client.store
         c = store.config
         dev = c.device
+        self.store, self.model = store, model
         self.batch, self.capacity = batch, capacity
         self.ids = torch.zeros((batch, 1), dtype=torch.long, device=dev)
         self.positions = torch.zeros((batch, 1), dtype=torch.long, device=dev)
@@ -66,60 +79,73 @@ class _Graph:
         self.indices = torch.zeros(batch * max_pages, dtype=torch.int32, device=dev)
         self.last_len = torch.ones(batch, dtype=torch.int32, device=dev)
         self.tables = torch.zeros((c.num_layers, 4, batch), dtype=torch.int64, device=dev)
+        self.sums = torch.zeros((batch, c.num_layers, c.num_kv_heads, c.head_dim), dtype=torch.float32, device=dev)
+        self.lengths = torch.ones(batch, dtype=torch.float32, device=dev)
         self.csr = PageTableCSR(self.indptr, self.indices, self.last_len, c.page_size, (capacity,) * batch)
+        self.graph: torch.cuda.CUDAGraph | None = None
         launch = TUNING["decode"]
-        self.num_splits, _ = plan_splits(capacity, batch * c.num_kv_heads, launch.block_n, launch.programs)
+        num_splits, _ = plan_splits(capacity, batch * c.num_kv_heads, launch.block_n, launch.programs)
         views = [store.layer_view(layer) for layer in range(c.num_layers)]
         dtype = c.dtype
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             view = views[layer]
+            new_v = v[:, 0].to(dtype).contiguous()
             append_rows_triton(view.k_seq, view.v_seq, view.k_dim, view.k_summary, k[:, 0].to(dtype).contiguous(),
-                               v[:, 0].to(dtype).contiguous(), self.tables[layer])
+                               new_v, self.tables[layer])
             qs = q[:, 0].to(dtype).contiguous()
-            parts = attend_partial(qs, view.k_seq, view.v_seq, self.csr, capacity, MODE_DENSE,
-                                   num_splits=self.num_splits)
-            out, _ = merge_partials(qs, parts, c.num_kv_heads)
+            if m.name == "dense":
+                parts = attend_partial(qs, view.k_seq, view.v_seq, self.csr, capacity, MODE_DENSE,
+                                       num_splits=num_splits)
+                out, _ = merge_partials(qs, parts, c.num_kv_heads)
+            else:
+                inputs = LayerInputs(store, [], layer, self.csr)
+                # The value sums loaded before the step, plus the row just appended, over the new lengths.
+                inputs.__dict__["value_mean"] = (self.sums[:, layer] + new_v.float()) / self.lengths[:, None, None]
+                out, _ = attend_triton(qs, inputs, m.select_gpu(qs, inputs, p), p.scale)
             return out[:, None].to(q.dtype)
 
-        def step() -> torch.Tensor:
-            return model(self.ids, self.positions, attend, last_only=True)[:, 0]
+        self._step = lambda: model(self.ids, self.positions, attend, last_only=True)[:, 0]
 
-        # Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture. The warm-up writes
-        # rows at whatever the tables say: they are zero, page 0 row 0 of a value sum at address 0 would fault, so
-        # the tables point at a scratch row first.
-        self._scratch = torch.zeros((c.num_kv_heads, c.head_dim), dtype=torch.float32, device=dev)
-        self.tables.zero_()
-        self.tables[:, 3] = self._scratch.data_ptr()
-        self._scratch_page = store.reserve_scratch_page()
-        self.tables[:, 0] = self._scratch_page
-        self.tables[:, 1] = self._scratch_page
-        self.indptr.copy_(torch.arange(batch + 1, dtype=torch.int32, device=dev))
-        self.indices[:batch] = self._scratch_page
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step()
-
-    def load(self, token_ids: Sequence[int], positions: Sequence[int], csr: PageTableCSR,
-             tables: torch.Tensor) -> None:
+    def load(self, token_ids: Sequence[int], positions: Sequence[int], rows: StepRows) -> None:
         """Write one step's inputs into the static buffers (host-to-device copies, no sync)."""
-        dev = self.ids.device
+        csr = rows.plan.csr
         self.ids.copy_(torch.tensor(token_ids, dtype=torch.long).view(-1, 1), non_blocking=True)
         self.positions.copy_(torch.tensor(positions, dtype=torch.long).view(-1, 1), non_blocking=True)
         self.indptr.copy_(csr.indptr)
         self.indices[: csr.indices.numel()].copy_(csr.indices)
         self.last_len.copy_(csr.last_page_len)
-        self.tables.copy_(tables.to(dev))
+        self.tables.copy_(rows.tables)
+        torch.stack([seq.value_sum for seq in rows.seqs], out=self.sums)
+        self.lengths.copy_(torch.tensor([n + 1 for n in rows.plan.start_lengths], dtype=torch.float32),
+                           non_blocking=True)
+
+    def capture(self) -> None:
+        """Warm up (Triton compiles, cuBLAS picks its kernels) and capture, over the loaded step's pages, with the
+        new rows written into a scratch page: the real tables are put back for the replay."""
+        real = self.tables.clone()
+        scratch = torch.zeros_like(self.sums[0, 0])
+        page = self.store.reserve_scratch_page()
+        self.tables[:, 0] = page
+        self.tables[:, 1] = page
+        self.tables[:, 2] = 0
+        self.tables[:, 3] = scratch.data_ptr()
+        dev = self.ids.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        torch.cuda.current_stream(dev).synchronize()  # the scratch row is written before its buffer goes
+        self.tables.copy_(real)
 
 
 class GraphDecoder:
-    """Dense decode steps of `model` over an in-process CUDA store, each replayed from a captured graph."""
+    """Decode steps of `model` over an in-process CUDA store, each replayed from a captured graph."""
 
     def __init__(self, model: Llama, client: InProcessClient) -> None:
         why = graph_unsupported(client, model)
@@ -127,37 +153,44 @@ class GraphDecoder:
             raise ValueError(f"a decode step cannot be captured as a CUDA graph: {why}")
         self.model = model
         self.client = client
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple, _Graph] = {}
         self.captures = 0
 
-    def _graph(self, batch: int, longest: int) -> _Graph:
+    def _graph(self, batch: int, longest: int, m: AttentionMethod, p: Params) -> _Graph:
         capacity = max(MIN_CAPACITY, 1 << (longest - 1).bit_length())
-        key = (batch, capacity)
+        key = (batch, capacity, m.name, tuple(sorted(p.as_dict().items())))
         if key not in self._graphs:
-            # A longer capacity replaces the shorter one of the same batch size: its memory comes back.
-            for old in [k for k in self._graphs if k[0] == batch]:
+            # A longer capacity replaces the shorter ones of the same batch and method: their memory comes back.
+            for old in [k for k in self._graphs if k[0] == batch and k[2:] == key[2:]]:
                 del self._graphs[old]
-            self._graphs[key] = _Graph(self.model, self.client, batch, capacity)
-            self.captures += 1
+            self._graphs[key] = _Graph(self.model, self.client, batch, capacity, m, p)
         return self._graphs[key]
 
-    def step(self, seq_ids: Sequence[str], token_ids: Sequence[int], positions: Sequence[int]) -> tuple[
-            torch.Tensor, int]:
-        """Feed token_ids[b] at positions[b] to seq_ids[b] (holding positions[b] entries): logits [B, vocab]
-        float32 (a copy) and the attention bytes the step read."""
+    def step(self, seq_ids: Sequence[str], token_ids: Sequence[int], positions: Sequence[int],
+             method: str = "dense", params: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, int]:
+        """Feed token_ids[b] at positions[b] to seq_ids[b] (holding positions[b] entries), attending by `method`
+        (one of GRAPH_METHODS): logits [B, vocab] float32 (a copy) and the attention bytes the step read."""
+        if method not in GRAPH_METHODS:
+            raise ValueError(f"method {method!r} is not replayed from graphs; these are: {GRAPH_METHODS}")
         store = self.client.store
+        c = store.config
+        m = lookup(method)
+        p = m.parse(params)
         with store.lock:
+            lengths = [n + 1 for n in store.lengths(seq_ids, 0)]
+            m.check(c, lengths, p)  # before any page is taken: SparQ's k, say, must fit every sequence
             rows = store.plan_rows(seq_ids)
-            lengths = [n + 1 for n in rows.plan.start_lengths]
-            if list(rows.plan.start_lengths) != [int(p) for p in positions]:
+            if list(rows.plan.start_lengths) != [int(x) for x in positions]:
                 raise ValueError(f"positions {list(positions)} differ from the sequences' lengths "
                                  f"{list(rows.plan.start_lengths)}")
-            graph = self._graph(len(seq_ids), max(lengths))
-            graph.load(token_ids, positions, rows.plan.csr, rows.tables)
+            graph = self._graph(len(seq_ids), max(lengths), m, p)
+            graph.load(token_ids, positions, rows)
+            if graph.graph is None:
+                graph.capture()
+                self.captures += 1
             graph.graph.replay()
             logits = graph.logits.clone()
             store.commit_rows(rows)
-        c = store.config
-        nbytes = DENSE.bytes_read(c, lengths, DENSE.parse({})) * c.num_layers
-        self.client.counters.add("dense", calls=c.num_layers, bytes_read=nbytes)
+        nbytes = m.bytes_read(c, lengths, p) * c.num_layers
+        self.client.counters.add(method, calls=c.num_layers, bytes_read=nbytes)
         return logits, nbytes

@@ -9,7 +9,7 @@ import torch
 
 from kvcache import InProcessClient, KVCacheConfig
 from kvcache.engine.config import ModelConfig
-from kvcache.engine.decode import decode_step
+from kvcache.engine.decode import AttentionSpec, decode_step
 from kvcache.engine.graph_decode import GraphDecoder, graph_unsupported
 from kvcache.engine.model import random_model
 
@@ -42,17 +42,21 @@ def _prefilled(client, lengths, seed=0):
 
 
 @NO_CUDA
+@pytest.mark.parametrize("method,params", [("dense", {}), ("sparq", {"r": 8, "k": 32, "local_window": 8}),
+                                           ("quest", {"top_pages": 4}), ("window", {"window": 24, "sinks": 4})],
+                         ids=["dense", "sparq", "quest", "window"])
 @pytest.mark.parametrize("lengths", [[1000], [1020, 37, 500]], ids=["one", "three"])
-def test_graph_steps_give_the_eager_tokens_and_recapture_past_their_capacity(lengths):
+def test_graph_steps_give_the_eager_tokens_and_recapture_past_their_capacity(lengths, method, params):
     model = random_model(CONFIG, seed=1, device="cuda")
     eager, graphed = _client("cuda"), _client("cuda")
     ids_e, ids_g = _prefilled(eager, lengths), _prefilled(graphed, lengths)
     decoder = GraphDecoder(model, graphed)
     tokens = [[7] for _ in lengths]
     positions = list(lengths)
+    spec = AttentionSpec(method, params)
     for _ in range(40):  # the longest sequence passes 1024 positions: a second graph is captured
-        want = decode_step(model, eager, ids_e, [t[-1] for t in tokens], positions).logits
-        got, nbytes = decoder.step(ids_g, [t[-1] for t in tokens], positions)
+        want = decode_step(model, eager, ids_e, [t[-1] for t in tokens], positions, spec).logits
+        got, nbytes = decoder.step(ids_g, [t[-1] for t in tokens], positions, method, params)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
         chosen = want.argmax(-1).tolist()
         assert got.argmax(-1).tolist() == chosen
