@@ -63,8 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="where the model and the in-process store run: cpu (default) or cuda")
     p.add_argument("--json", help="also write the answer and the figures here")
-    p.add_argument("--no-cuda-graph", action="store_true",
-                   help="with --device cuda: run dense decode steps eagerly instead of replaying captured CUDA graphs")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --device cuda: replay decode steps (dense, sparq, quest, window) from captured CUDA "
+                   "graphs (default off until its GPU validation, docs/architecture.md)")
     add_prefill_arguments(p)
 
 
@@ -178,7 +179,7 @@ def _generate(args: argparse.Namespace) -> int:
         attach_gate(client.store, gate)
     prefill_with = prefill_attention(args, model.config)
     graph = None
-    if device.type == "cuda" and not args.no_cuda_graph:
+    if device.type == "cuda" and args.cuda_graph:
         from kvcache.engine.graph_decode import GraphDecoder, graph_unsupported
 
         why = graph_unsupported(client, model)
@@ -259,7 +260,7 @@ def _generate_many(args: argparse.Namespace) -> int:
                      + args.max_new_tokens * args.max_batch)
     spec = attention_spec(args, model.config.num_layers)
     graph = None
-    if device.type == "cuda" and not args.no_cuda_graph:
+    if device.type == "cuda" and args.cuda_graph:
         from kvcache.engine.graph_decode import GraphDecoder, graph_unsupported
 
         if graph_unsupported(client, model) is None:
