@@ -45,8 +45,12 @@ def read_rows(store: KVStore, layer: int, pages: torch.Tensor, heads: torch.Tens
     tiers = store.tiers
     if tiers is None:
         dev = pool.k_seq.device
-        pages, heads, rows = pages.to(dev), heads.to(dev), rows.to(dev)
-        return pool.k_seq[layer][pages, heads, rows], pool.v_seq[layer][pages, heads, rows]
+        _, Hkv, P, d = pool.k_seq[layer].shape
+        # Row numbers in a [N * Hkv * P, d] view and one index_select per pool: indexing with three index tensors
+        # went element by element (1.2 ms against 0.2 ms for 1000 rows of 3 heads on the CPU).
+        index = ((pages.to(dev) * Hkv + heads.to(dev)) * P + rows.to(dev)).flatten()
+        return (pool.k_seq[layer].reshape(-1, d).index_select(0, index),
+                pool.v_seq[layer].reshape(-1, d).index_select(0, index))
     d = store.config.head_dim
     pages, heads, rows = pages.cpu(), heads.cpu(), rows.cpu()
     where = tiers.tier[pages]
