@@ -344,6 +344,7 @@ SLOW_TESTS = {
                           "test_bench_rpc_pins_server_and_engines_where_asked",  # 2.8-6.3 s
                           "test_bench_rpc_floor_reports_the_wire_the_host_wait_and_their_sum"},  # 1.4-4.8 s
     "test_decode_step.py": {"test_a_planned_step_equals_the_per_call_path"},  # the Triton cases 3.4-6.5 s
+    "test_faults.py": {"test_the_oversized_quest_attend_is_refused_and_the_server_s_memory_is_unchanged"},  # 3-6 s
     "test_leases.py": {"test_the_sequences_of_a_client_killed_mid_stream_are_reclaimed_within_the_lease_and_a_second"},
     "test_engine_generate.py": {"test_generation_over_grpc_equals_in_process"},  # 2.3-8.8 s
     "test_engine_gguf.py": {"test_truncated_smollm2_file_is_refused",  # 2.3-6.4 s
