@@ -90,8 +90,8 @@ def generate(
                              f"context of {limit}")
     stops = frozenset(int(s) for s in stop_ids)
     gen = sampler.generator()
-    limit = len(prompts) if max_batch is None else max_batch
-    if limit < 1:
+    batch_limit = len(prompts) if max_batch is None else max_batch
+    if batch_limit < 1:
         raise ValueError(f"max_batch={max_batch} must be at least 1")
     seq_ids: list[str | None] = [None] * len(prompts)  # a prompt's sequence while it is admitted
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -133,13 +133,13 @@ def generate(
         return take(rows, sampler.sample(torch.stack(last_logits), gen).tolist())
 
     try:
-        active = admit(min(limit, len(pending)))
+        active = admit(min(batch_limit, len(pending)))
         steps = decoded = attention_bytes = graph_steps = 0
         ran: dict[str, int] = {}
         t1, prefilled_before = time.perf_counter(), prefill_seconds
         while active or pending:
-            if pending and len(active) < limit:  # continuous batching: a retired sequence's place is taken
-                active = active + admit(min(limit - len(active), len(pending)))
+            if pending and len(active) < batch_limit:  # continuous batching: a finished sequence's place is taken
+                active = active + admit(min(batch_limit - len(active), len(pending)))
                 if not active:
                     continue
             rows = [seq_ids[b] for b in active]
