@@ -19,14 +19,11 @@ filled with random K/V up to the context before the timed steps.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 from kvcache import InProcessClient, KVCacheConfig
-from kvcache.bench.timing import run_header, write_report
+from kvcache.bench.timing import median_ms, run_header, write_report
 from kvcache.clients.inprocess import PlannedCalls
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.decode import AttentionSpec, decode_step
@@ -60,25 +57,6 @@ def _weight_bytes(model: Llama) -> int:
     # A tied embedding is read once, as the output matrix; the input embedding reads B rows only.
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name
                ) + model.output_weight.numel() * model.output_weight.element_size() * (model.lm_head is None)
-
-
-def _timed_steps(step, steps: int, device: torch.device) -> float:
-    """Median ms of `steps` calls of step() (one warm-up first)."""
-    step()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 class _PerCall:
@@ -126,7 +104,7 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
                 else:
                     decode_step(model, target, seqs, tokens, positions, spec)
 
-            ms = _timed_steps(one_step, steps, device)
+            ms = median_ms(one_step, steps, device)
             step_bytes = weight_bytes + attention * c.num_layers
             rows.append({"shape": shape, "context": context, "batch": batch, "method": method, "params": params,
                          "path": path, "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms,
@@ -159,7 +137,7 @@ def _static_rows(model: Llama, shape: str, context: int, batch: int, steps: int,
         model(ids, position, attend, last_only=True)
         position.add_(1)
 
-    eager_ms = _timed_steps(step, steps, device)
+    eager_ms = median_ms(step, steps, device)
     rows = [{"shape": shape, "context": context, "batch": batch, "method": "dense", "path": "static-eager",
              "ms_per_step": eager_ms}]
     if device.type == "cuda":
@@ -173,7 +151,7 @@ def _static_rows(model: Llama, shape: str, context: int, batch: int, steps: int,
         with torch.cuda.graph(graph):
             step()
         rows.append({"shape": shape, "context": context, "batch": batch, "method": "dense",
-                     "path": "static-graph", "ms_per_step": _timed_steps(graph.replay, steps, device)})
+                     "path": "static-graph", "ms_per_step": median_ms(graph.replay, steps, device)})
     kv_bytes = 2 * c.num_layers * batch * c.num_kv_heads * context * c.head_dim * cache_k.element_size()
     for row in rows:
         row.update(tokens_per_s=batch * 1e3 / row["ms_per_step"], bytes_per_step=weight_bytes + kv_bytes,

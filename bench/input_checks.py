@@ -16,20 +16,11 @@ import time
 import torch
 
 from kvcache import InProcessClient, KVCacheConfig
-from kvcache.bench.timing import run_header, write_report
+from kvcache.bench.timing import median_ms, run_header, write_report
 from kvcache.service.input_limits import InputLimits
 
+CPU = torch.device("cpu")
 SHAPES = {"smollm2-135m": (30, 3, 9, 64), "llama-3-8b": (32, 8, 32, 128)}
-
-
-def _median_us(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
 
 
 def run(chunk: int, context: int, iters: int) -> dict:
@@ -62,9 +53,9 @@ def run(chunk: int, context: int, iters: int) -> dict:
             return seconds
 
         append_us = statistics.median(fresh_append() * 1e6 for _ in range(iters))
-        check_append_us = _median_us(check_append, iters)
-        attend_us = _median_us(lambda client=client, sid=sid, q=q: client.attend([sid], 0, q), iters)
-        check_attend_us = _median_us(check_attend, iters)
+        check_append_us = median_ms(check_append, iters, CPU) * 1e3
+        attend_us = median_ms(lambda client=client, sid=sid, q=q: client.attend([sid], 0, q), iters, CPU) * 1e3
+        check_attend_us = median_ms(check_attend, iters, CPU) * 1e3
         row = {"shape": name, "append_us": append_us, "check_append_us": check_append_us,
                "append_cost": check_append_us / append_us, "attend_us": attend_us,
                "check_attend_us": check_attend_us, "attend_cost": check_attend_us / attend_us}

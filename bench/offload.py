@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import torch
 
 from kvcache import InProcessClient, KVCacheConfig
-from kvcache.bench.timing import run_header
+from kvcache.bench.timing import median_ms, run_header
 
 HQ, HKV, D, P = 32, 8, 128, 16
 
@@ -33,24 +32,6 @@ def _fill(client: InProcessClient, S: int, gen: torch.Generator, device: torch.d
     return seq
 
 
-def _median_ms(fn, iters: int, device: torch.device) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def _alternating_median_ms(fn, flag, iters: int, device: torch.device) -> tuple[float, float]:
     """Median ms of fn() with flag(True) and with flag(False), alternating every call so that both see the same
     machine (host timings drift by 10-20% between runs on one GPU host)."""
@@ -58,7 +39,7 @@ def _alternating_median_ms(fn, flag, iters: int, device: torch.device) -> tuple[
     for i in range(2 * iters + 2):
         on = i % 2 == 0
         flag(on)
-        ms = _median_ms(fn, 1, device)
+        ms = median_ms(fn, 1, device)
         if i >= 2:  # the first pair warms both up
             times[on].append(ms)
     flag(True)
@@ -70,7 +51,7 @@ def _pinned_copy_GBps(device: torch.device, nbytes: int = 2**30) -> float:
         return float("nan")
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    ms = _median_ms(lambda: dst.copy_(src, non_blocking=True), 10, device)
+    ms = median_ms(lambda: dst.copy_(src, non_blocking=True), 10, device)
     return nbytes / ms / 1e6
 
 
@@ -116,7 +97,7 @@ def run(contexts: list[int], device_tokens: int, device: torch.device, iters: in
                 ms, unchecked = _alternating_median_ms(call, lambda on: setattr(tiers, "verify_in_kernel", on),
                                                        iters, device)
             else:
-                ms = _median_ms(call, iters, device)
+                ms = median_ms(call, iters, device)
             row = {"context": S, "case": name, "method": method, "params": params, "backend": backend,
                    "ms_per_step": ms, "h2d_bytes_per_step": moved, "bytes_read": result.bytes_read,
                    "h2d_GBps": moved / ms / 1e6, "pages": usage}
@@ -127,7 +108,7 @@ def run(contexts: list[int], device_tokens: int, device: torch.device, iters: in
         # Baseline in the same run: the whole cache on the device, the dense Triton kernel.
         flat = InProcessClient(KVCacheConfig(**base, device_pages=S // P + 1))
         fseq = _fill(flat, S, gen, device)
-        on_device_ms = _median_ms(lambda: flat.attend([fseq], 0, q, "dense"), iters, device)
+        on_device_ms = median_ms(lambda: flat.attend([fseq], 0, q, "dense"), iters, device)
         flat = None
         if device.type == "cuda":
             torch.cuda.empty_cache()

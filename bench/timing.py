@@ -92,3 +92,23 @@ def write_report(report: dict, path: str | None) -> None:
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
         print(f"wrote {path}")
+
+
+def median_ms(fn: Callable[[], object], iters: int, device: torch.device) -> float:
+    """Median milliseconds of `iters` calls of fn after one warm-up call: CUDA events around each call on the GPU
+    (each waited for), perf_counter on the CPU."""
+    fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

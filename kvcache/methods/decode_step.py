@@ -68,11 +68,6 @@ class DecodeStep:
         """The method `layer` runs."""
         return self._layers.get(layer, self._default)[0].name
 
-    @property
-    def lengths(self) -> list[int]:
-        """Positions each sequence holds once the step is done."""
-        return [n + 1 for n in self.rows.plan.start_lengths]
-
     def attend(self, layer: int, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor) -> AttentionResult:
         """Append new_k, new_v [B, Hkv, d] as each sequence's next position at `layer` and attend q [B, Hq, d] over
         it: out [B, Hq, d], lse [B, Hq], the bytes read."""

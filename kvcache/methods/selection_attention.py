@@ -36,7 +36,7 @@ from kvcache.methods.merge import merge_lse
 from kvcache.methods.sparq import reallocate_mean
 from kvcache.store.row_reads import check_streamed, read_positions, stream_pages, streamed_mismatch
 from kvcache.store.tier_manager import TierManager
-from kvcache.store.tiers import DEVICE, DISK, HOST, row_checksums
+from kvcache.store.tiers import DEVICE, DISK, HOST
 
 # ---- torch path ---------------------------------------------------------------------------------------------
 
@@ -253,7 +253,6 @@ def _failed_rows(tiers: TierManager, tier: int, pages: torch.Tensor) -> Exceptio
     storage = tiers.storage[tier]
     failed = []
     for page in torch.unique(pages.cpu()).tolist():
-        slot = int(tiers.slot[page])
-        if not bool((row_checksums(storage.page(slot)) == storage.row_sums[:, slot]).all()):
+        if not storage.rows_intact(int(tiers.slot[page])):
             failed.append(page)
     return tiers.corrupted(failed or torch.unique(pages.cpu()).tolist(), tier)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 from kvcache.errors import QuotaExceeded
 from kvcache.store import KVStore
@@ -23,7 +23,6 @@ class ClientQuotas:
         self.store = store
         self.max_sequences = max_sequences
         self.max_pages = max_pages
-        self._owner: dict[str, str] = {}
         self._held: dict[str, set[str]] = {}
         self._pending: dict[str, int] = {}  # sequences being made, per client
         self._lock = threading.RLock()
@@ -32,8 +31,6 @@ class ClientQuotas:
         # Sequences freed by any path (Free, a lease running out) drop out here, so no hook can be missed.
         held = self._held.get(client, set())
         live = {s for s in held if self.store.has_sequence(s)}
-        for gone in held - live:
-            self._owner.pop(gone, None)
         self._held[client] = live
         return live
 
@@ -76,20 +73,5 @@ class ClientQuotas:
     def own(self, client: str, seq_id: str) -> None:
         """Record that `client` created `seq_id`."""
         with self._lock:
-            self._owner[seq_id] = client
             self._held.setdefault(client, set()).add(seq_id)
 
-    def owner(self, seq_id: str) -> str | None:
-        """The client that created `seq_id`, if it was created over the wire."""
-        with self._lock:
-            return self._owner.get(seq_id)
-
-    def held(self, client: str) -> int:
-        """Live sequences `client` holds."""
-        with self._lock:
-            return len(self._live(client))
-
-    def clients(self) -> Iterable[str]:
-        """Clients that have created sequences."""
-        with self._lock:
-            return list(self._held)

@@ -76,7 +76,8 @@ class DiskFiles:
         return None
 
     def _create(self, meta: dict, itemsize: int) -> None:
-        os.unlink(self._path("meta.json")) if os.path.exists(self._path("meta.json")) else None
+        if os.path.exists(self._path("meta.json")):  # first, so a failure below leaves files that start afresh
+            os.unlink(self._path("meta.json"))
         numel = 1
         for n in self.shape:
             numel *= n

@@ -314,19 +314,12 @@ class KVStore:
         with self._lock:
             plan = self.plan_step(seq_ids, 1)
             seqs = [self._seqs[s] for s in seq_ids]
-            P = self.config.page_size
-            rows = []
-            for seq, start in zip(seqs, plan.start_lengths):
-                page = int(seq.pages[start // P])
-                rows.append((page, page if self.tiers is None else int(self.tiers.slot[page]), start % P))
+            rows = self._row_targets(seqs, plan.start_lengths)
             tables = None
             if self.config.device.type == "cuda" and self.triton_append and self.tiers is None:
-                c = self.config
-                layer_bytes = c.num_kv_heads * c.head_dim * SUMMARY_DTYPE.itemsize
-                columns = [x for column in zip(*rows) for x in column]
-                tables = torch.tensor([columns + [s.value_sum.data_ptr() + layer * layer_bytes for s in seqs]
-                                       for layer in range(c.num_layers)], dtype=torch.int64)
-                tables = tables.view(c.num_layers, 4, len(seqs)).to(c.device)
+                L = self.config.num_layers
+                tables = torch.tensor([self._append_columns(layer, seqs, rows) for layer in range(L)],
+                                      dtype=torch.int64).view(L, 4, len(seqs)).to(self.config.device)
             page_ids = torch.tensor([r[0] for r in rows], dtype=torch.int64)
             return StepRows(plan, seqs, rows, page_ids, tables, [False] * self.config.num_layers)
 
@@ -544,21 +537,30 @@ class KVStore:
     def _info(self, seq: SequenceState) -> SequenceInfo:
         return SequenceInfo(seq.seq_id, tuple(seq.lengths), seq.num_pages, seq.cached_tokens)
 
+    def _row_targets(self, seqs: list[SequenceState], positions: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(page id, device slot, row in the page) of position positions[b] of each of `seqs` (its page ready)."""
+        P = self.config.page_size
+        rows = []
+        for seq, position in zip(seqs, positions):
+            page = int(seq.pages.numpy()[position // P])
+            rows.append((page, page if self.tiers is None else int(self.tiers.slot[page]), position % P))
+        return rows
+
+    def _append_columns(self, layer: int, seqs: list[SequenceState], rows: list[tuple[int, int, int]]) -> list[int]:
+        """append_rows_triton's table [4, B] at `layer`, flattened: pages, slots, rows, and the address of each
+        sequence's float32 value sum of that layer (value_sum [L, Hkv, d] is contiguous)."""
+        layer_bytes = layer * self.config.num_kv_heads * self.config.head_dim * SUMMARY_DTYPE.itemsize
+        return [x for column in zip(*rows) for x in column] + [seq.value_sum.data_ptr() + layer_bytes for seq in seqs]
+
     def _write_decode_rows(self, layer: int, seqs: list[SequenceState], k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, Hkv, d] (on the device) at the next position of each of `seqs` at `layer`, whose
         pages are ready: both key layouts, the page summaries and the value sums, in a few launches for
         the whole batch (kvcache.kernels.append_rows on CUDA)."""
         P = self.config.page_size
-        rows = []
-        for seq in seqs:
-            position = seq.lengths[layer]
-            page = int(seq.pages.numpy()[position // P])
-            rows.append((page, page if self.tiers is None else int(self.tiers.slot[page]), position % P))
+        rows = self._row_targets(seqs, [seq.lengths[layer] for seq in seqs])
         if self.config.device.type == "cuda" and self.triton_append:
             view = self._views[layer]
-            layer_bytes = layer * self.config.num_kv_heads * self.config.head_dim * SUMMARY_DTYPE.itemsize
-            sums = [seq.value_sum.data_ptr() + layer_bytes for seq in seqs]  # value_sum [L, Hkv, d], contiguous
-            table = ints_to_device([x for column in zip(*rows) for x in column] + sums, self.config.device)
+            table = ints_to_device(self._append_columns(layer, seqs, rows), self.config.device)
             append_rows_triton(view.k_seq, view.v_seq, view.k_dim, view.k_summary, k, v, table.view(4, -1))
         else:
             self.pool.append_rows(layer, k, v, rows)

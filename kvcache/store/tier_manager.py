@@ -23,7 +23,7 @@ from kvcache.errors import PageCorrupted, StoreFull
 from kvcache.stats import Totals
 from kvcache.store.eviction import EvictionPolicy, LRUPolicy, SparseAwarePolicy
 from kvcache.store.page_pool import PagePool
-from kvcache.store.tiers import DEVICE, DISK, HOST, NOWHERE, TIER_NAMES, SlotStorage, row_checksums
+from kvcache.store.tiers import DEVICE, DISK, HOST, NOWHERE, TIER_NAMES, SlotStorage
 
 
 def pair(dst: int, src: int) -> str:
@@ -234,8 +234,7 @@ class TierManager:
             for page in pages:
                 checked += 1
                 slot = int(self.slot[page])
-                rows_ok = bool((row_checksums(storage.page(slot)) == storage.row_sums[:, slot]).all())
-                if not rows_ok or storage.checksum(slot) != self.checksums.get(page):
+                if not storage.rows_intact(slot) or storage.checksum(slot) != self.checksums.get(page):
                     failed.append(page)
         self.quarantined.update(failed)
         return checked, failed

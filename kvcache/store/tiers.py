@@ -121,6 +121,10 @@ class SlotStorage:
         if self.device_sums is not None:
             self.device_sums[:, dst] = other.row_sums[:, src].to(self.device_sums.device)
 
+    def rows_intact(self, slot: int) -> bool:
+        """Whether every row of the page in `slot` matches its stored row checksum."""
+        return bool((row_checksums(self.page(slot)) == self.row_sums[:, slot]).all())
+
     def sums_on(self, device: torch.device) -> torch.Tensor:
         """Row checksums [L, N, 2, Hkv, P] where reads on `device` find them fastest (the device copy if any)."""
         return self.device_sums if self.device_sums is not None and device.type == "cuda" else self.row_sums

@@ -8,7 +8,7 @@ import torch
 from kvcache.store.allocator import PageAllocator
 from kvcache.store.page_pool import PagePool
 from kvcache.store.tier_manager import TierManager
-from kvcache.store.tiers import DISK, row_checksums
+from kvcache.store.tiers import DISK
 
 
 def restore_prefix_pages(allocator: PageAllocator, pool: PagePool, tiers: TierManager) -> tuple[list[int], int]:
@@ -20,16 +20,14 @@ def restore_prefix_pages(allocator: PageAllocator, pool: PagePool, tiers: TierMa
         return [], 0
     adopted, dropped = [], 0
     for slot, digest, crc, index in disk.files.records():
-        page_kv = disk.page(slot)  # [L, 2, Hkv, P, d]
-        intact = disk.checksum(slot) == crc and bool((row_checksums(page_kv) == disk.row_sums[:, slot]).all())
-        if not intact or allocator.lookup(digest) is not None:
+        if not (disk.checksum(slot) == crc and disk.rows_intact(slot)) or allocator.lookup(digest) is not None:
             disk.release(slot)
             dropped += 1
             continue
         [page] = allocator.allocate(1)
         allocator.register(page, digest, index)
         tiers.adopt(page, DISK, slot, crc)
-        pool.set_page_keys(page, page_kv[:, 0])
+        pool.set_page_keys(page, disk.page(slot)[:, 0])
         allocator.release(torch.tensor([page]))  # no sequence holds it: cached and evictable, as a freed prefix is
         adopted.append(page)
     return adopted, dropped
