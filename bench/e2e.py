@@ -3,7 +3,9 @@ static-cache baseline of the same model in the same run.
 
 Per row (model shape, context, batch, method, path): milliseconds per decode step (CUDA events around each step,
 median), tokens per second, the bytes one step must read (the weights once, plus the method's attention bytes over
-every layer), the bandwidth that implies, and the ratio to dense. Paths:
+every layer), the bandwidth that implies, that time over the bytes' time at the device's copy rate (measured in the
+same run), the fraction of the step the GPU is busy (kernel time from the profiler over the step's time) and the
+ratio to dense beside what the bytes predict. Paths:
 
 - `graph`: the engine's whole step replayed from a captured CUDA graph (engine/graph_decode.py), with its planning,
   buffer loads and bookkeeping on the host included, as `kvcache generate --device cuda` runs it;
@@ -13,8 +15,9 @@ every layer), the bandwidth that implies, and the ratio to dense. Paths:
 - `static-graph`, `static-eager`: the baseline, a contiguous [B, Hkv, S, d] cache per layer read by SDPA with the
   step captured as one CUDA graph (as gpt-fast does), and the same eagerly.
 
-Models have random weights in bfloat16 (the timings do not depend on the values); the cache of every sequence is
-filled with random K/V up to the context before the timed steps.
+Models have random weights, bfloat16 on CUDA and float32 on the CPU (the timings do not depend on the values); the
+cache of every sequence is filled with random K/V up to the context before the timed steps. The kvcache rows are
+timed interleaved, one step of each per round.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kvcache import InProcessClient, KVCacheConfig
-from kvcache.bench.timing import median_ms, run_header, write_report
+from kvcache.bench.timing import Timer, gpu_ms_per_call, interleaved_ms, median_ms, run_header, write_report
 from kvcache.clients.inprocess import PlannedCalls
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.decode import AttentionSpec, decode_step
@@ -40,12 +43,13 @@ SHAPES = {
     "tiny": ModelConfig(256, 64, 128, 2, 4, 2, 16, max_position_embeddings=1 << 20),  # for the CPU test
 }
 P = 16
+PATHS = ("static-graph", "static-eager", "graph", "planned", "per-call")
 
 
-def _method_params(method: str, context: int) -> dict:
-    """Each method at 1/8 of dense's attention bytes where it has a rule for that (SparQ r=16, k=S/16)."""
+def _method_params(method: str, context: int, head_dim: int) -> dict:
+    """Each method at 1/8 of dense's attention bytes where it has a rule for that (SparQ r=d/8, k=S/16)."""
     if method == "sparq":
-        return {"r": 16, "k": context // 16, "local_window": min(64, context // 64)}
+        return {"r": head_dim // 8, "k": context // 16, "local_window": min(64, context // 64)}
     if method == "quest":
         return {"top_pages": max(2, context // 16 // P)}
     if method == "window":
@@ -71,10 +75,19 @@ class _PerCall:
         return PlannedCalls(self.client, seq_ids, method, params, backend, layer_methods)
 
 
+def _busy(fn, ms: float, device: torch.device) -> dict:
+    """On CUDA, the fraction of a step of `ms` milliseconds the GPU is busy (kernel time profiled over 5 steps)."""
+    gpu_ms = gpu_ms_per_call(fn, 5, device)
+    return {"gpu_busy": min(1.0, gpu_ms / ms)} if gpu_ms else {}
+
+
 def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: list[str], steps: int,
-                  device: torch.device, weight_bytes: int) -> list[dict]:
+                  device: torch.device, weight_bytes: int, wanted: set[str]) -> list[dict]:
+    """Every (method, path) over one store, interleaved: each round times one step of each, so that a machine's
+    drift (clocks, other tenants) falls on all of them alike; the median per row."""
     c = model.config
-    grown = (len(methods) * 2 + 1) * (steps + 1)  # every timed step appends a position
+    pairs = [(method, path) for method in methods for path in ("graph", "planned", "per-call") if path in wanted]
+    grown = (len(pairs) + 1) * (steps + 8)  # every timed or profiled step appends a position
     pages = batch * ((context + grown) // P + 2)
     client = InProcessClient(KVCacheConfig(c.num_layers, c.num_kv_heads, c.head_dim, page_size=P,
                                            dtype=model.dtype, device=device, device_pages=pages))
@@ -87,37 +100,41 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
             kv = torch.randn((2, c.num_layers, n, c.num_kv_heads, c.head_dim), generator=gen, device=device)
             client.append(sid, kv[0].to(model.dtype), kv[1].to(model.dtype))
         seqs.append(sid)
-    rows = []
     tokens = [1] * batch
-    for method in methods:
-        params = _method_params(method, context)
-        spec = AttentionSpec(method, params)
-        attention = lookup(method).bytes_read(client.config, [context] * batch, lookup(method).parse(params))
-        paths = [("planned", client), ("per-call", _PerCall(client))]
-        if method in GRAPH_METHODS and graph_unsupported(client, model) is None:
-            paths.insert(0, ("graph", GraphDecoder(model, client)))
-        for path, target in paths:
-            def one_step(target=target, spec=spec):
-                positions = [client.describe(s).length for s in seqs]
-                if isinstance(target, GraphDecoder):
-                    target.step(seqs, tokens, positions, spec.method, spec.params)
-                else:
-                    decode_step(model, target, seqs, tokens, positions, spec)
+    graphs = graph_unsupported(client, model) is None
+    steps_of = {}
+    for method, path in pairs:
+        if path == "graph" and not (graphs and method in GRAPH_METHODS):
+            continue
+        target = GraphDecoder(model, client) if path == "graph" else client if path == "planned" else _PerCall(client)
+        spec = AttentionSpec(method, _method_params(method, context, c.head_dim))
 
-            ms = median_ms(one_step, steps, device)
-            step_bytes = weight_bytes + attention * c.num_layers
-            rows.append({"shape": shape, "context": context, "batch": batch, "method": method, "params": params,
-                         "path": path, "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms,
-                         "bytes_per_step": step_bytes, "attention_bytes_per_step": attention * c.num_layers,
-                         "implied_GBps": step_bytes / ms / 1e6})
+        def one_step(target=target, spec=spec):
+            positions = [client.describe(s).length for s in seqs]
+            if isinstance(target, GraphDecoder):
+                target.step(seqs, tokens, positions, spec.method, spec.params)
+            else:
+                decode_step(model, target, seqs, tokens, positions, spec)
+
+        steps_of[(method, path)] = one_step
+    times = interleaved_ms(steps_of, steps, device)
+    rows = []
+    for (method, path), one_step in steps_of.items():
+        params = _method_params(method, context, c.head_dim)
+        attention = lookup(method).bytes_read(client.config, [context] * batch, lookup(method).parse(params))
+        ms = times[(method, path)]
+        rows.append({"shape": shape, "context": context, "batch": batch, "method": method, "params": params,
+                     "path": path, "ms_per_step": ms, **_busy(one_step, ms, device),
+                     "bytes_per_step": weight_bytes + attention * c.num_layers,
+                     "attention_bytes_per_step": attention * c.num_layers})
     return rows
 
 
 def _static_rows(model: Llama, shape: str, context: int, batch: int, steps: int, device: torch.device,
-                 weight_bytes: int) -> list[dict]:
+                 weight_bytes: int, wanted: set[str]) -> list[dict]:
     """The baseline: a contiguous cache per layer, SDPA over the positions written, graph-captured and eager."""
     c = model.config
-    S = context + 2 * steps + 8
+    S = context + 4 * steps + 16
     cache_k = torch.randn((c.num_layers, batch, c.num_kv_heads, S, c.head_dim), device=device).to(model.dtype)
     cache_v = torch.randn_like(cache_k)
     position = torch.full((batch, 1), context, dtype=torch.long, device=device)
@@ -137,10 +154,12 @@ def _static_rows(model: Llama, shape: str, context: int, batch: int, steps: int,
         model(ids, position, attend, last_only=True)
         position.add_(1)
 
-    eager_ms = median_ms(step, steps, device)
-    rows = [{"shape": shape, "context": context, "batch": batch, "method": "dense", "path": "static-eager",
-             "ms_per_step": eager_ms}]
-    if device.type == "cuda":
+    rows = []
+    if "static-eager" in wanted:
+        ms = median_ms(step, steps, device)
+        rows.append({"shape": shape, "context": context, "batch": batch, "method": "dense", "path": "static-eager",
+                     "ms_per_step": ms, **_busy(step, ms, device)})
+    if device.type == "cuda" and "static-graph" in wanted:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -150,37 +169,48 @@ def _static_rows(model: Llama, shape: str, context: int, batch: int, steps: int,
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
+        ms = median_ms(graph.replay, steps, device)
         rows.append({"shape": shape, "context": context, "batch": batch, "method": "dense",
-                     "path": "static-graph", "ms_per_step": median_ms(graph.replay, steps, device)})
+                     "path": "static-graph", "ms_per_step": ms, **_busy(graph.replay, ms, device)})
     kv_bytes = 2 * c.num_layers * batch * c.num_kv_heads * context * c.head_dim * cache_k.element_size()
     for row in rows:
-        row.update(tokens_per_s=batch * 1e3 / row["ms_per_step"], bytes_per_step=weight_bytes + kv_bytes,
-                   attention_bytes_per_step=kv_bytes,
-                   implied_GBps=(weight_bytes + kv_bytes) / row["ms_per_step"] / 1e6)
+        row.update(bytes_per_step=weight_bytes + kv_bytes, attention_bytes_per_step=kv_bytes)
     return rows
 
 
-def run(cases: list[tuple[str, int, int]], methods: list[str], steps: int, device: torch.device) -> dict:
-    """Every (shape, context, batch) case; returns the JSON-ready report."""
-    report: dict = {**run_header(device), "steps": steps, "rows": []}
+def run(cases: list[tuple[str, int, int]], methods: list[str], steps: int, device: torch.device,
+        paths: set[str] | None = None, dtype: torch.dtype | None = None) -> dict:
+    """Every (shape, context, batch) case on the given paths (default: all), weights and cache in `dtype` (default:
+    bfloat16 on CUDA, float32 on the CPU, whose bfloat16 matmuls are slow); returns the JSON-ready report."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    wanted = set(PATHS) if paths is None else paths
+    copy_Bps = Timer(device, iters=20).copy_bandwidth()
+    report: dict = {**run_header(device), "steps": steps, "dtype": str(dtype).removeprefix("torch."),
+                    "copy_GBps": copy_Bps / 1e9, "rows": []}
+    print(f"device copy bandwidth {copy_Bps / 1e9:.0f} GB/s (read + write)")
     print(f"{'shape':<13} {'ctx':>7} {'B':>3} {'method':<7} {'path':<13} {'ms/step':>8} {'tok/s':>8} "
-          f"{'GB/s':>7} {'vs dense':>8} {'bound':>6} {'vs graph':>8}")
+          f"{'GB/s':>7} {'x bytes':>7} {'busy':>5} {'vs dense':>8} {'bound':>6} {'vs graph':>8}")
     for shape, context, batch in cases:
-        model = random_model(SHAPES[shape], seed=0, dtype=torch.bfloat16, device=device)
+        model = random_model(SHAPES[shape], seed=0, dtype=dtype, device=device)
         weight_bytes = _weight_bytes(model)
-        rows = _static_rows(model, shape, context, batch, steps, device, weight_bytes)
+        rows = _static_rows(model, shape, context, batch, steps, device, weight_bytes, wanted)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        rows += _kvcache_rows(model, shape, context, batch, methods, steps, device, weight_bytes)
+        rows += _kvcache_rows(model, shape, context, batch, methods, steps, device, weight_bytes, wanted)
         dense = {r["path"]: r for r in rows if r["method"] == "dense"}
         for row in rows:
-            base = dense[row["path"] if row["path"] in dense else "planned"]
+            ms, nbytes = row["ms_per_step"], row["bytes_per_step"]
+            row.update(tokens_per_s=batch * 1e3 / ms, implied_GBps=nbytes / ms / 1e6,
+                       # the step's time over its bytes' time at the copy rate (read + write bytes per second)
+                       vs_copy_bound=ms / (nbytes / copy_Bps * 1e3))
+            base = dense.get(row["path"]) or dense.get("planned") or row
             row["speedup_vs_dense"] = base["ms_per_step"] / row["ms_per_step"]  # dense on the same path
             row["bound_vs_dense"] = base["bytes_per_step"] / row["bytes_per_step"]  # what the bytes predict
             if "graph" in dense:  # against what `kvcache generate` runs for dense
                 row["speedup_vs_dense_graph"] = dense["graph"]["ms_per_step"] / row["ms_per_step"]
             print(f"{shape:<13} {context:>7} {batch:>3} {row['method']:<7} {row['path']:<13} "
                   f"{row['ms_per_step']:>8.2f} {row['tokens_per_s']:>8.1f} {row['implied_GBps']:>7.0f} "
+                  f"{row['vs_copy_bound']:>7.2f} {row.get('gpu_busy', float('nan')):>5.2f} "
                   f"{row['speedup_vs_dense']:>8.2f} {row['bound_vs_dense']:>6.2f} "
                   f"{row.get('speedup_vs_dense_graph', float('nan')):>8.2f}")
         report["rows"].extend(rows)
@@ -197,7 +227,8 @@ def main(args) -> int:
     for case in args.cases.split(","):
         shape, context, batch = case.split(":")
         cases.append((shape, int(context), int(batch)))
-    report = run(cases, args.methods.split(","), args.steps, device)
+    report = run(cases, args.methods.split(","), args.steps, device, set(args.paths.split(",")),
+                 getattr(torch, args.dtype) if args.dtype else None)
     write_report(report, args.json)
     return 0
 
@@ -207,6 +238,9 @@ def add_arguments(p) -> None:
     p.add_argument("--cases", default="smollm2-135m:4096:1,smollm2-135m:4096:8,llama-3-8b:32768:1",
                    help="shape:context:batch,... (shapes: " + ", ".join(SHAPES) + ")")
     p.add_argument("--methods", default="dense,sparq,quest,window", help="decode methods, comma-separated")
+    p.add_argument("--paths", default=",".join(PATHS), help="paths to time, comma-separated: " + ", ".join(PATHS))
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per row (median reported)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="weights and cache (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--json", help="write the report here")

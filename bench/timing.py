@@ -98,17 +98,53 @@ def median_ms(fn: Callable[[], object], iters: int, device: torch.device) -> flo
     """Median milliseconds of `iters` calls of fn after one warm-up call: CUDA events around each call on the GPU
     (each waited for), perf_counter on the CPU."""
     fn()
-    times = []
+    return statistics.median(_once_ms(fn, device) for _ in range(iters))
+
+
+def gpu_ms_per_call(fn: Callable[[], object], iters: int, device: torch.device) -> float | None:
+    """Milliseconds of GPU kernel time per call of fn (the profiler's device time of every kernel, summed over
+    `iters` calls), or None off CUDA or where the profiler saw no kernels. Divided by the call's wall time, it is
+    the fraction of the call the GPU is busy."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize(device)
+    # Kernels, copies and memsets each appear once as a device event; their spans are device time.
+    busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    if busy_us == 0:  # profilers that attach device time to the launching host events only
+        busy_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+                      for e in prof.key_averages())
+    return busy_us / 1e3 / iters if busy_us > 0 else None
+
+
+def interleaved_ms(fns: dict, iters: int, device: torch.device) -> dict:
+    """Median milliseconds of each of several zero-argument callables, timed in rounds (one call of each per round,
+    in order, each after one warm-up call), as median_ms times one."""
+    for fn in fns.values():
+        fn()
+    times: dict = {key: [] for key in fns}
     for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            times[key].append(_once_ms(fn, device))
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def _once_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of fn: CUDA events around it (waited for) on the GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3

@@ -8,6 +8,10 @@ from typing import Any
 
 from kvcache.engine.errors import UnsupportedModel
 
+# Prompt positions per prefill chunk: larger chunks read the prompt's K/V fewer times (an 8K CPU prefill's attention
+# took 18 s in chunks of 256 and 13 s in chunks of 1024: docs/engine.md); MInference and the gate score whole chunks.
+PREFILL_CHUNK = 1024
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcache.clients.inprocess import KVCacheClient
+from kvcache.engine.config import PREFILL_CHUNK
 from kvcache.engine.decode import DENSE, AttentionSpec, StepResult, decode_step
 from kvcache.engine.graph_decode import GRAPH_METHODS, GraphDecoder
 from kvcache.engine.model import Llama
-from kvcache.engine.prefill import PrefillAttention, Progress, causal_attention, prefill
+from kvcache.engine.prefill import PrefillAttention, PrefillDtypes, Progress, causal_attention, prefill
 from kvcache.engine.sampling import GREEDY, Sampler
 from kvcache.engine.tokenizer import StreamDecoder, Tokenizer
 
@@ -63,8 +64,9 @@ def generate(
     spec: AttentionSpec = DENSE,
     sampler: Sampler = GREEDY,
     stop_ids: Sequence[int] = (),
-    chunk_size: int = 256,
+    chunk_size: int = PREFILL_CHUNK,
     prefill_attention: PrefillAttention = causal_attention,
+    prefill_dtypes: PrefillDtypes | None = None,
     on_token: TokenCallback | None = None,
     progress: Progress | None = None,
     graph: GraphDecoder | None = None,
@@ -75,8 +77,10 @@ def generate(
 
     At most `max_batch` sequences decode together (None: every prompt): when one finishes, the next prompt is
     prefilled and joins the batch between steps (continuous batching), so the batch stays full. A prompt stops at
-    its first token in `stop_ids`; its sequence is freed from the store as it finishes. With `graph`, steps whose
-    every layer runs one of GRAPH_METHODS are replayed from captured CUDA graphs (engine/graph_decode.py).
+    its first token in `stop_ids`; its sequence is freed from the store as it finishes. Prefill computes in
+    `prefill_dtypes` (default: the model's dtype; engine/prefill.py's prefill_dtypes picks them). With `graph`,
+    steps whose every layer runs one of GRAPH_METHODS are replayed from captured CUDA graphs
+    (engine/graph_decode.py).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
@@ -127,7 +131,7 @@ def generate(
             seq_ids[b] = info.seq_id
             reused += info.cached_tokens
             last_logits.append(prefill(model, client, info.seq_id, prompts[b], info.cached_tokens, chunk_size,
-                                       prefill_attention, progress))
+                                       prefill_attention, progress, prefill_dtypes))
             rows.append(b)
         prefill_seconds += time.perf_counter() - t0
         return take(rows, sampler.sample(torch.stack(last_logits), gen).tolist())

@@ -140,14 +140,23 @@ class Llama(nn.Module):
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn,
                 last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, vocab] (float32) of token ids [B, T] at positions [B, T]; [B, 1, vocab] if last_only."""
+        x = self.hidden_states(ids, positions, attend)
+        return self.logits(x[:, -1:] if last_only else x)
+
+    @torch.inference_mode()
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
+        """The residual stream [B, T, hidden] after the last layer (before the final norm), in the weights' dtype."""
         c = self.config
         x = self.model.embed_tokens(ids)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(i, x, cos, sin, attend)
-        if last_only:
-            x = x[:, -1:]
-        return F.linear(self.model.norm(x), self.output_weight).float()
+        return x
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] (float32) of final hidden states x [B, T, hidden], computed in the weights' dtype."""
+        return F.linear(self.model.norm(x.to(self.dtype)), self.output_weight).float()
 
 
 def random_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,

@@ -8,11 +8,12 @@ from service_support import STORE, serving, store_config
 from test_engine_model import as_gguf, one_torch_thread  # noqa: F401 (an autouse fixture)
 
 from kvcache import InProcessClient
+from kvcache.engine import prefill as prefill_module
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.decode import AttentionSpec, decode_step
 from kvcache.engine.generate import generate
 from kvcache.engine.model import random_model
-from kvcache.engine.prefill import prefill
+from kvcache.engine.prefill import PrefillDtypes, model_in, prefill, prefill_dtypes
 from kvcache.engine.reference import reference_logits
 from kvcache.engine.sampling import Sampler
 from kvcache.methods.sparq import sparq_bytes
@@ -63,6 +64,37 @@ def test_prefill_gives_the_same_logits_and_cache_for_any_chunk_size(model, chunk
     torch.testing.assert_close(logits, one_pass_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, k1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v, v1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtypes", [PrefillDtypes(torch.float32, torch.bfloat16),
+                                    PrefillDtypes(torch.bfloat16, torch.bfloat16)], ids=["bf16-attention", "bf16"])
+def test_a_prefill_in_bfloat16_stays_near_the_float32_one_and_takes_its_logits_from_the_float32_head(model, dtypes):
+    def run(d):
+        c = client()
+        seq = c.create().seq_id
+        logits = prefill(model, c, seq, PROMPTS[2], chunk_size=5, dtypes=d)
+        rows = torch.arange(len(PROMPTS[2])).expand(CONFIG.num_kv_heads, -1)
+        return logits, [c.fetch(seq, layer, "rows", rows).tensors for layer in range(CONFIG.num_layers)]
+
+    exact, exact_kv = run(None)
+    logits, kv = run(dtypes)
+    assert logits.dtype == torch.float32 and not torch.equal(logits, exact)
+    torch.testing.assert_close(logits, exact, rtol=0, atol=0.05 * exact.abs().max().item())
+    if dtypes.weights == torch.float32:  # layer 0's K/V come from float32 projections of the embeddings alone
+        assert all(torch.equal(a, b) for a, b in zip(kv[0], exact_kv[0]))
+    for got, want in zip(kv[-1], exact_kv[-1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
+    if dtypes.weights != torch.float32:
+        assert model_in(model, dtypes.weights) is model_in(model, dtypes.weights)  # one copy, kept
+        assert model_in(model, dtypes.weights).dtype == dtypes.weights and model.dtype == torch.float32
+
+
+def test_prefill_dtypes_take_bfloat16_attention_only_where_the_cpu_multiplies_it_in_hardware(model, monkeypatch):
+    assert prefill_dtypes(model, "float16") == PrefillDtypes(torch.float16, torch.float16)
+    monkeypatch.setattr(prefill_module, "cpu_has_fast_bfloat16", lambda: True)
+    assert prefill_dtypes(model) == PrefillDtypes(torch.float32, torch.bfloat16)
+    monkeypatch.setattr(prefill_module, "cpu_has_fast_bfloat16", lambda: False)
+    assert prefill_dtypes(model) == PrefillDtypes(torch.float32, torch.float32)
 
 
 class RecordingClient:
