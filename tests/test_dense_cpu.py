@@ -1,11 +1,12 @@
-"""The CPU path of dense attention (kvcache.methods.dense_cpu) against the plain torch reference."""
+"""The CPU path of dense attention (kvcache.methods.dense.dense_cpu: the pool read in place, page runs merged by lse)
+against the plain torch reference."""
 
 import pytest
 import torch
 from kernel_support import HKV, assert_matches, poisoned_allocations, scattered_store
 
 from kvcache.methods import dense
-from kvcache.methods.dense import dense_cpu, sequence_rows
+from kvcache.methods.dense import dense_cpu, page_runs
 
 CASES = [  # (lengths, head_dim, page size, G): odd lengths, partly filled and exactly full last pages
     ((37, 11, 61), 64, 8, 4),
@@ -37,14 +38,10 @@ def test_a_scale_is_applied_as_the_reference_applies_it():
     assert_matches(got.out, got.lse, reference, torch.float32)
 
 
-def test_sequence_rows_are_the_appended_rows_in_order():
-    store, ids = scattered_store((21, 40), d=16, page_size=8, dtype=torch.float32, seed=5)
-    csr = store.page_table(ids, 0)
-    for b in range(len(ids)):
-        rows = sequence_rows(store.layer_view(0).k_seq, csr, b)
-        pages = csr.pages_of(b)
-        want = torch.cat([store.layer_view(0).k_seq[p] for p in pages.tolist()], dim=1)[:, : csr.host_lens[b]]
-        assert rows.shape == (HKV, csr.host_lens[b], 16) and torch.equal(rows, want)
+def test_page_runs_split_a_page_list_where_ids_stop_being_consecutive():
+    assert page_runs([]) == []
+    assert page_runs([7]) == [(7, 1)]
+    assert page_runs([3, 4, 5, 9, 10, 2, 8, 9]) == [(3, 3), (9, 2), (2, 1), (8, 2)]
 
 
 def test_bench_dense_cpu_reports_both_paths(tmp_path):

@@ -1,8 +1,8 @@
 """Dense decode attention over every cached position: the exact baseline (docs/sparse-attention.md §4 for its merge).
 
-On a CPU store the whole path is ATen's CPU flash attention over K and V gathered in the store's dtype
-(run_cpu): the reference widens them to float32 first, three copies per call. `kvcache bench dense-cpu`
-times the two in turn (bench/results/README.md).
+On a CPU store the whole path is ATen's CPU flash attention over the pool's pages where they lie, in the store's
+dtype (run_cpu): the reference gathers K and V and widens them to float32 first. `kvcache bench dense-cpu` times the
+two in turn (bench/results/README.md).
 """
 
 from __future__ import annotations
@@ -65,12 +65,15 @@ def dense(
     return AttentionResult(out, lse, dense_bytes(csr.host_lens, Hkv, d, k_seq.element_size()))
 
 
-def sequence_rows(pool: torch.Tensor, csr: PageTableCSR, b: int) -> torch.Tensor:
-    """Rows of sequence b from a sequence-major pool [N, Hkv, P, d] -> [Hkv, S, d] (a strided view of one copy)."""
-    # index_select on dim 0 copies whole pages (one run of Hkv*P*d each); the transpose is a second,
-    # cache-friendly pass. Indexing straight into the transposed order was 4x slower.
-    rows = torch.index_select(pool, 0, csr.pages_of(b)).transpose(0, 1)
-    return rows.reshape(pool.shape[1], -1, pool.shape[3])[:, : csr.host_lens[b]]
+def page_runs(pages: Sequence[int]) -> list[tuple[int, int]]:
+    """(first page id, number of pages) of each run of consecutive ids in `pages`, in order."""
+    runs: list[tuple[int, int]] = []
+    for page in pages:
+        if runs and runs[-1][0] + runs[-1][1] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((page, 1))
+    return runs
 
 
 def dense_cpu(
@@ -82,15 +85,33 @@ def dense_cpu(
 ) -> AttentionResult:
     """Exact attention of q [B, Hq, d] (CPU) over every cached position: out [B, Hq, d] in q's dtype, lse [B, Hq]."""
     B, Hq, d = q.shape
-    Hkv = k_seq.shape[1]
+    Hkv, P = k_seq.shape[1], k_seq.shape[2]
+    G = Hq // Hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq), dtype=torch.float32)
     for b in range(B):
-        k, v = sequence_rows(k_seq, csr, b), sequence_rows(v_seq, csr, b)
-        # A GQA group's G query heads go in as G query positions of its kv head, without a causal mask.
-        o, s = _FLASH_CPU(q[b].view(1, Hkv, Hq // Hkv, d), k[None], v[None], 0.0, False, scale=scale)
-        out[b], lse[b] = o.reshape(Hq, d), s.reshape(Hq)
+        S = csr.host_lens[b]
+        pages = csr.pages_of(b).tolist()
+        full, fill = divmod(S, P)
+        # The pool is read where it lies: each run of consecutive pages [n, Hkv, P, d] is a batch of n pages for
+        # the flash kernel, a GQA group's G query heads its G query positions; the pages' partial outputs are then
+        # merged by their lse (docs/sparse-attention.md §4). Gathering the rows into [Hkv, S, d] first took two
+        # copies, five times the kernel's own time at 8K.
+        chunks = [(k_seq[a : a + n], v_seq[a : a + n]) for a, n in page_runs(pages[:full])]
+        if fill:
+            chunks.append((k_seq[pages[full], None, :, :fill], v_seq[pages[full], None, :, :fill]))
+        if not chunks:
+            out[b], lse[b] = 0, float("-inf")
+            continue
+        qb = q[b].view(1, Hkv, G, d)
+        parts = [_FLASH_CPU(qb.expand(k.shape[0], -1, -1, -1), k, v, 0.0, False, scale=scale) for k, v in chunks]
+        o = torch.cat([o for o, _ in parts]) if len(parts) > 1 else parts[0][0]  # [n, Hkv, G, d]
+        s = torch.cat([s for _, s in parts]) if len(parts) > 1 else parts[0][1]  # [n, Hkv, G]
+        total = torch.logsumexp(s, dim=0)
+        weights = torch.exp(s - total)
+        out[b] = torch.einsum("nhg,nhgd->hgd", weights, o.float()).reshape(Hq, d).to(q.dtype)
+        lse[b] = total.reshape(Hq)
     return AttentionResult(out, lse, dense_bytes(csr.host_lens, Hkv, d, k_seq.element_size()))
 
 
