@@ -15,6 +15,8 @@ BENCH_MODULES = {
     "input-checks": ("kvcache.bench.input_checks", "what refusing NaN/Inf costs per append and attend"),
     "e2e": ("kvcache.bench.e2e", "whole decode steps of a model through kvcache per method, against a static-cache "
             "baseline (graph-captured SDPA) in the same run"),
+    "hf": ("kvcache.bench.hf", "decode steps of a transformers model through its own cache and the kvcache cache "
+           "(dense, SparQ), and the integration's overhead over the engine's own step"),
 }
 
 
