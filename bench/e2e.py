@@ -22,6 +22,8 @@ timed interleaved, one step of each per round.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.nn.functional as F
 
@@ -214,7 +216,8 @@ def run(cases: list[tuple[str, int, int]], methods: list[str], steps: int, devic
                   f"{row['speedup_vs_dense']:>8.2f} {row['bound_vs_dense']:>6.2f} "
                   f"{row.get('speedup_vs_dense_graph', float('nan')):>8.2f}")
         report["rows"].extend(rows)
-        del model
+        del model, rows
+        gc.collect()  # the case's store and captured graphs (their private pools) go before the next case allocates
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return report

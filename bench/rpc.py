@@ -1,4 +1,5 @@
-"""In-process versus gRPC: latency of a decode step's layer calls and steps per second as batches grow.
+"""In-process versus remote: latency of a decode step's layer calls and steps per second as batches grow, over the
+local data plane (a Unix socket, same host), a gRPC stream and unary gRPC calls.
 
 A decode step of a SmolLM2-135M-shaped model (30 layers, 9 q heads, 3 kv heads, d=64): for every
 layer, one attend call carrying the new token's q, k, v for every sequence of the batch.
@@ -106,12 +107,14 @@ def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int =
         local = InProcessClient(config)
         stream = RemoteClient(f"127.0.0.1:{port}")
         unary = RemoteClient(f"127.0.0.1:{port}", use_stream=False)
+        shared = RemoteClient(f"127.0.0.1:{port}", data_plane="shared")
         print(f"{'client':<12} {'batch':>5} {'layer call ms':>14} {'step ms':>9} {'steps/s':>8} {'tokens/s':>9}")
         for batch in batches:
             # The unary client shares the stream client's sequences (same server); unary at batch 1 only.
             local_seqs = fill(local, batch, context, config)
             remote_seqs = fill(stream, batch, context, config)
-            runners = {"in-process": (local, local_seqs), "grpc-stream": (stream, remote_seqs),
+            runners = {"in-process": (local, local_seqs), "shared": (shared, remote_seqs),
+                       "grpc-stream": (stream, remote_seqs),
                        **({"grpc-unary": (unary, remote_seqs)} if batch == 1 else {})}
             timings = {name: ([], []) for name in runners}
             # Steps alternate between the clients, so load from other processes falls on all alike.
@@ -129,10 +132,11 @@ def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int =
                 stream.free(seq)
         stream.close()
         unary.close()
+        shared.close()
         report["rows"].append(_concurrent(port, config, context, steps, engines))
         base = {r["batch"]: r for r in report["rows"] if r["client"] == "in-process"}
         for r in report["rows"]:
-            if r["client"] in ("grpc-stream", "grpc-unary"):
+            if r["client"] in ("shared", "grpc-stream", "grpc-unary"):
                 r["added_ms_per_layer_call"] = r["layer_call_ms"] - base[r["batch"]]["layer_call_ms"]
                 r["step_time_ratio_vs_in_process"] = r["step_ms"] / base[r["batch"]]["step_ms"]
     finally:

@@ -69,9 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="where the model and the in-process store run: cpu (default) or cuda")
     p.add_argument("--json", help="also write the answer and the figures here")
-    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="with --device cuda: replay decode steps (dense, sparq, quest, window) from captured CUDA "
-                   "graphs (default off until its GPU validation, docs/architecture.md)")
+                   "graphs (default on; --no-cuda-graph runs them eagerly; docs/architecture.md)")
     add_prefill_arguments(p)
 
 

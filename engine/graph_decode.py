@@ -2,9 +2,9 @@
 (docs/architecture.md, "Decode steps as CUDA graphs").
 
 Eager, a step of SmolLM2-135M launches hundreds of small kernels from Python (47.8 ms at 4K on an H100 where the
-same model over a static cache replayed as a graph takes 3.3 ms: bench/results/e2e_h100.json). The graphs' GPU
-tests (tests/test_graph_decode.py, `pytest -m gpu`) have not run yet: `kvcache generate` replays graphs only when
-asked (`--cuda-graph`). Captured, the
+same model over a static cache replayed as a graph takes 3.3 ms: bench/results/e2e_h100.json); replayed, 4.2 ms
+(bench/results/e2e_graph_smollm2_h100.json). `kvcache generate --device cuda` replays graphs unless told
+`--no-cuda-graph`. Captured, the
 embedding, every layer's projections, the append of the new K/V rows into the paged store (both key layouts, the
 summaries and the value sums), the paged attention and the head replay as one launch. Everything a step changes
 is written into the graph's static buffers before the replay, outside it:

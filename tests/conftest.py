@@ -284,7 +284,8 @@ def pytest_configure(config):
 # marker, or takes over 5 s without `slow`.
 
 # kernel: runs a Triton kernel (under the interpreter without a GPU, compiled on one).
-KERNEL_MODULES = ("test_kernel_*.py", "test_gate_kernels.py", "test_sparq_edge_cases.py", "test_pdl.py")
+KERNEL_MODULES = ("test_kernel_*.py", "test_gate_kernels.py", "test_sparq_edge_cases.py", "test_pdl.py",
+                  "test_graph_decode.py")
 KERNEL_FIXTURES = {"both_backends"}  # test_dispatch: attends through backend="triton" for every method
 KERNEL_TESTS = {
     "test_gate_prefill.py": {"test_a_small_budget_reads_its_blocks_and_the_kernel_attends_to_exactly_them",
@@ -295,7 +296,7 @@ KERNEL_TESTS = {
 
 # service: starts a `kvcache serve` subprocess, an in-process gRPC server or another subprocess (torchrun, a fresh
 # interpreter), or uses a fixture that did.
-SERVICE_MODULES = ("test_service*.py", "test_*_service.py", "test_bench_rpc.py")
+SERVICE_MODULES = ("test_service*.py", "test_*_service.py", "test_bench_rpc.py", "test_local_plane.py")
 SERVER_FIXTURES = {"server", "servers", "tiered_server", "certificate"}
 SERVICE_TESTS = {
     "test_attend_batcher.py": {"test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone"},
@@ -314,7 +315,8 @@ SERVICE_TESTS = {
     "test_wire.py": {"test_importing_the_client_turns_the_event_engine_tcp_paths_off",
                      "test_an_explicit_grpc_experiments_setting_wins", "test_nothing_is_set_once_grpc_is_loaded"},
 }
-# ... and every test whose `client` or `small_client` is the remote one (test_client_protocol).
+# ... and every test whose `client` or `small_client` is a remote one, over gRPC or the local data plane
+# (test_client_protocol).
 
 # gpu: needs CUDA; each of these skips without it (and no other test does). A name with [..] is that case only.
 GPU_TESTS = {
@@ -342,7 +344,7 @@ GPU_TESTS = {
 # clients for a minute (80-90 s).
 SLOW_MODULES = ("test_engine_smollm2.py", "test_soak.py")
 SLOW_TESTS = {
-    "test_bench_rpc.py": {"test_bench_rpc_reports_both_clients_and_concurrent_engine_processes",  # 3.9-14 s
+    "test_bench_rpc.py": {"test_bench_rpc_reports_every_client_and_concurrent_engine_processes",  # 3.9-14 s
                           "test_bench_rpc_pins_server_and_engines_where_asked",  # 2.8-6.3 s
                           "test_bench_rpc_floor_reports_the_wire_the_host_wait_and_their_sum"},  # 1.4-4.8 s
     "test_decode_step.py": {"test_a_planned_step_equals_the_per_call_path"},  # the Triton cases 3.4-6.5 s
@@ -397,7 +399,7 @@ def pytest_collection_modifyitems(config, items):
                 or KERNEL_FIXTURES.intersection(item.fixturenames)):
             item.add_marker(pytest.mark.kernel)
         shares_a_server = (SERVER_FIXTURES.intersection(item.fixturenames)
-                           or "remote" in (params.get("client"), params.get("small_client")))
+                           or {"remote", "shared"} & {params.get("client"), params.get("small_client")})
         if shares_a_server or _in(item, SERVICE_MODULES) or _named(item, SERVICE_TESTS):
             item.add_marker(pytest.mark.service)
         if _named(item, GPU_TESTS):

@@ -9,18 +9,18 @@ from kvcache.cli import main
 from kvcache.service.serve_cli import pin_process
 
 
-def test_bench_rpc_reports_both_clients_and_concurrent_engine_processes(tmp_path):
+def test_bench_rpc_reports_every_client_and_concurrent_engine_processes(tmp_path):
     out = tmp_path / "rpc.json"
     assert main(["bench", "rpc", "--context", "40", "--batch", "1,2", "--steps", "1", "--engines", "2",
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["client"], r["batch"]) for r in rows] == [
-        ("in-process", 1), ("grpc-stream", 1), ("grpc-unary", 1), ("in-process", 2), ("grpc-stream", 2),
-        ("grpc-stream x2 engine processes", 1)]
+        ("in-process", 1), ("shared", 1), ("grpc-stream", 1), ("grpc-unary", 1), ("in-process", 2), ("shared", 2),
+        ("grpc-stream", 2), ("grpc-stream x2 engine processes", 1)]
     for r in rows:
         assert r["step_ms"] > 0 and r["tokens_per_s"] > 0
-    assert all(r["added_ms_per_layer_call"] == r["layer_call_ms"] - rows[0 if r["batch"] == 1 else 3]["layer_call_ms"]
-               for r in rows if r["client"].startswith("grpc-") and "engine" not in r["client"])
+    assert all(r["added_ms_per_layer_call"] == r["layer_call_ms"] - rows[0 if r["batch"] == 1 else 4]["layer_call_ms"]
+               for r in rows if r["client"] != "in-process" and "engine" not in r["client"])
     assert rows[-1]["engines"] == 2 and rows[-1]["wall_tokens_per_s"] > 0
 
 
@@ -37,7 +37,7 @@ def test_bench_rpc_pins_server_and_engines_where_asked(tmp_path):
         pin_process(sorted(mine))  # every thread of this process, as the bench pinned them all
     report = json.loads(out.read_text())
     assert (report["server_cpus"], report["engine_cpus"]) == (cpu, cpu)
-    assert [r["client"] for r in report["rows"]][:2] == ["in-process", "grpc-stream"]
+    assert [r["client"] for r in report["rows"]][:3] == ["in-process", "shared", "grpc-stream"]
 
 
 def test_bench_rpc_floor_reports_the_wire_the_host_wait_and_their_sum(tmp_path):

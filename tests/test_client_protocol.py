@@ -1,8 +1,9 @@
 """The KVCacheClient protocol, as a specification both implementations meet.
 
 Every test here talks to `client` only through the protocol (create, fork, free, describe, append,
-attend, fetch, stats) and runs twice: against an InProcessClient and against a RemoteClient
-connected to a `kvcache serve` subprocess with the same store config. The two stores live for the
+attend, fetch, stats) and runs three times: against an InProcessClient, and against a RemoteClient
+connected to a `kvcache serve` subprocess with the same store config, its layer calls over gRPC and over the
+server's local data plane (a Unix socket, service/local_plane.py). The two stores live for the
 whole module, so tests free what they create (the `seqs` fixture does) and use token ids of their own.
 """
 
@@ -30,7 +31,7 @@ from kvcache.errors import (
 
 L, HKV, D, P = STORE["num_layers"], STORE["num_kv_heads"], STORE["head_dim"], STORE["page_size"]
 HQ = 2 * HKV  # GQA: two query heads per kv head
-CLIENTS = ["in-process", "remote"]
+CLIENTS = ["in-process", "remote", "shared"]
 SMALL_POOL_PAGES = 8
 
 
@@ -58,6 +59,12 @@ def remote_client(server):
 
 
 @pytest.fixture(scope="module")
+def shared_client(server):
+    with RemoteClient(server.target, timeout=20, data_plane="shared") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
 def in_process_client():
     return InProcessClient(store_config())
 
@@ -65,7 +72,8 @@ def in_process_client():
 @pytest.fixture(params=CLIENTS)
 def client(request):
     """The client under test: the same store config in-process and over gRPC."""
-    return request.getfixturevalue("remote_client" if request.param == "remote" else "in_process_client")
+    return request.getfixturevalue({"remote": "remote_client", "shared": "shared_client"}.get(
+        request.param, "in_process_client"))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +87,8 @@ def small_client(request):
     if request.param == "in-process":
         yield InProcessClient(store_config(device_pages=SMALL_POOL_PAGES))
         return
-    with RemoteClient(request.getfixturevalue("small_server").target, timeout=20) as c:
+    plane = "shared" if request.param == "shared" else "grpc"
+    with RemoteClient(request.getfixturevalue("small_server").target, timeout=20, data_plane=plane) as c:
         yield c
 
 

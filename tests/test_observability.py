@@ -86,7 +86,8 @@ def test_each_metric_family_is_one_block_after_its_type_line():
 
 
 def test_call_latency_is_a_histogram_per_rpc_and_attention_method_with_counts_per_status():
-    with running(metrics_port=0) as server, RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0) as client:
+    with running(metrics_port=0) as server, RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0,
+                                                         data_plane="grpc") as client:
         sid = client.create().seq_id
         client.append(sid, torch.randn((2, 9, 2, 16)), torch.randn((2, 9, 2, 16)))
         for _ in range(3):
@@ -120,7 +121,8 @@ def test_a_fetch_reply_over_the_message_limit_is_refused_and_counted_as_an_error
 
 
 def test_every_attend_stream_request_is_logged_like_a_unary_call(caplog):
-    with running() as server, RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0) as client:
+    with running() as server, RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0,
+                                           data_plane="grpc") as client:
         sid = client.create().seq_id
         client.append(sid, torch.randn((2, 9, 2, 16)), torch.randn((2, 9, 2, 16)))
         with caplog.at_level(logging.INFO, logger="kvcache.service.server"):

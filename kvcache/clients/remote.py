@@ -22,6 +22,7 @@ import torch
 
 from kvcache import errors
 from kvcache.clients.inprocess import FetchKind, FetchResult, PlannedCalls
+from kvcache.clients.local_plane import LocalConnection
 from kvcache.config import KVCacheConfig
 from kvcache.methods import AttentionResult
 from kvcache.prefill.minference_index import BLOCK_SIZE, SparseIndex
@@ -131,6 +132,9 @@ class _Watchdog:
         self._stop.set()
 
 
+DATA_PLANES = ("grpc", "auto", "shared")
+
+
 class RemoteClient:
     """KVCacheClient over a `kvcache serve` at `target` ("host:port")."""
 
@@ -147,6 +151,7 @@ class RemoteClient:
         retries: int = 3,
         max_message_mb: int = 64,
         use_stream: bool = True,
+        data_plane: str = "auto",
     ) -> None:
         limit = max_message_mb * 2**20
         # A connection of its own: the server counts sequences and pages per connection (per-client caps), and
@@ -165,6 +170,13 @@ class RemoteClient:
         self.timeout = timeout
         self.retries = retries
         self.use_stream = use_stream
+        if data_plane not in DATA_PLANES:
+            raise errors.InvalidParameter(f"data_plane={data_plane!r}: expected one of {DATA_PLANES}")
+        # "shared": layer calls over the server's local data plane (a Unix socket, same host only), or an error;
+        # "auto": that where the server offers it and this host can reach it, else gRPC; "grpc": always gRPC.
+        self.data_plane = data_plane
+        self._max_message_bytes = limit
+        self._planes: list[LocalConnection] = []  # every thread's connection, for close()
         self._local = threading.local()
         self._streams: list[_AttendStream] = []  # every open stream, for the watchdog and close()
         self._streams_lock = threading.Lock()
@@ -246,7 +258,13 @@ class RemoteClient:
                                    new_k=None if new_k is None else _wire(new_k, "new_k"),
                                    new_v=None if new_v is None else _wire(new_v, "new_v"),
                                    step_id="" if plan is None else plan.step_id)
-        if self.use_stream:
+        plane = self._plane() if self.data_plane != "grpc" else None
+        if plane is not None:
+            reply = plane.call(request, self.timeout)
+            if reply.error_code:
+                raise _error(_CODE_BY_VALUE.get(reply.error_code, grpc.StatusCode.UNKNOWN), reply.error_message,
+                             reply.error_class)
+        elif self.use_stream:
             reply = self._attend_on_stream(request)
         else:
             reply = self._call("Attend", request, idempotent=new_k is None and new_v is None)
@@ -335,7 +353,9 @@ class RemoteClient:
                                    reply.pairs, reply.causal_pairs)
 
     def close(self) -> None:
-        """Close the streams and the channel."""
+        """Close the streams, the data plane connections and the channel."""
+        for plane in list(self._planes):
+            plane.close()
         if self._watchdog is not None:
             self._watchdog.stop()
         with self._streams_lock:
@@ -364,6 +384,29 @@ class RemoteClient:
                     continue
                 raise _from_rpc_error(exc) from None
         raise AssertionError("unreachable")
+
+    def _plane(self) -> LocalConnection | None:
+        """This thread's connection to the server's local data plane, opened at its first call; None where "auto"
+        found none (then gRPC serves this thread's calls). Each thread holds its own, as it holds its own stream."""
+        plane = getattr(self._local, "plane", None)
+        if plane is not None and not plane.closed:
+            return plane
+        if getattr(self._local, "no_plane", False):
+            return None
+        offer = self._call("OpenDataPlane", pb.DataPlaneRequest())
+        try:
+            if not offer.socket_path:
+                raise ConnectionRefusedError("the server offers no local data plane (kvcache serve --no-local-plane)")
+            plane = LocalConnection(offer.socket_path, offer.ticket, self.timeout, self._max_message_bytes)
+        except (OSError, ValueError) as exc:  # another host (no such socket here), another user, a refusal
+            if self.data_plane == "shared":
+                raise errors.Unavailable(f"data_plane='shared': the server's local data plane cannot be reached "
+                                         f"from here ({exc}) [UNAVAILABLE]") from None
+            self._local.no_plane = True
+            return None
+        self._local.plane = plane
+        self._planes[:] = [p for p in self._planes if not p.closed] + [plane]
+        return plane
 
     def _attend_on_stream(self, request: pb.AttendRequest) -> pb.AttendResponse:
         if getattr(self._local, "unary", False):

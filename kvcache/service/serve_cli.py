@@ -31,7 +31,7 @@ STORE_FLAGS = {  # flag dest -> KVCacheConfig field
 }
 SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
                 "grace_seconds", "torch_threads", "gate", "cpus", "reject_nonfinite", "max_query_heads",
-                "max_call_memory", "max_sequences_per_client", "max_pages_per_client")
+                "max_call_memory", "max_sequences_per_client", "max_pages_per_client", "local_plane")
 STORE_DEFAULTS = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "page_size": 16, "dtype": "float32",
                   "device": "cpu"}
 # The device pool when neither --pages nor --memory (nor the TOML's device_pages or memory) sizes it: 913 pages
@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="live sequences one client connection may hold (default 4096; 0: no cap)")
     p.add_argument("--max-pages-per-client", type=int,
                    help="pages one client connection's sequences may hold (default 0: no cap)")
+    p.add_argument("--local-plane", action=argparse.BooleanOptionalAction, default=None,
+                   help="offer clients on this host a Unix socket for their layer calls, a ticket from the "
+                   "authenticated channel (default: on; docs/wire-protocol.md, \"Local data plane\")")
     p.add_argument("--torch-threads", type=int,
                    help="intra-op threads of the CPU attention (default: torch's); "
                    "1 when engine and server share a few cores")

@@ -41,6 +41,7 @@ from kvcache.service.batcher import AttendBatcher
 from kvcache.service.client_quotas import ClientQuotas
 from kvcache.service.heap_trim import HeapTrimmer
 from kvcache.service.input_limits import InputLimits
+from kvcache.service.local_plane import LocalPlane
 from kvcache.service.locks import SequenceLocks
 from kvcache.service.metrics import CallMetrics, serve_metrics
 from kvcache.stats import Totals
@@ -75,6 +76,7 @@ class ServerOptions:
     max_call_memory: int | None = None  # bytes of working memory one attend may need (None: default_call_memory)
     max_sequences_per_client: int = 4096  # live sequences one connection may hold (0: no cap)
     max_pages_per_client: int = 0  # pages one connection's sequences may hold (0: no cap, the pool is the cap)
+    local_plane: bool = True  # offer same-host clients a Unix socket for their layer calls (service/local_plane.py)
 
 
 @dataclass
@@ -179,6 +181,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         self._streams_lock = threading.Lock()
         self.plans = StepPlans()  # the recent decode steps' plans, by step_id
         self.batcher = AttendBatcher(self._attend_batch)  # attend streams' concurrent requests, merged
+        self.local_plane: LocalPlane | None = None  # the same-host data plane, if the server offers one
 
     @_handler("Create")
     def Create(self, request, context):
@@ -276,28 +279,30 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     def _serve_stream(self, request_iterator, client: str) -> Iterator[pb.AttendResponse]:
         for request in request_iterator:
-            t0 = time.perf_counter()
-            try:
-                self._check_quota(request, client)
-            except KVCacheError as exc:
-                yield _error_response(exc)
-                continue
-            if self.draining.is_set():
-                yield pb.AttendResponse(error_code=grpc.StatusCode.UNAVAILABLE.value[0],
-                                        error_message="server is shutting down", error_class="Unavailable")
-                self.metrics.add("AttendStream", calls=1, errors=1, seconds=time.perf_counter() - t0)
-                self.calls.observe("AttendStream", "UNAVAILABLE", time.perf_counter() - t0, request.method or "dense")
-                continue
+            yield self.serve_streamed(request, client, "AttendStream")
+
+    def serve_streamed(self, request: pb.AttendRequest, client: str, rpc: str) -> pb.AttendResponse:
+        """The answer to one attend of a stream (an AttendStream, or the local data plane's socket) from `client`:
+        its result or its error, never an exception; counted and logged under `rpc`."""
+        t0 = time.perf_counter()
+        try:
+            self._check_quota(request, client)
+        except KVCacheError as exc:
+            return _error_response(exc)
+        if self.draining.is_set():
+            response = pb.AttendResponse(error_code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                         error_message="server is shutting down", error_class="Unavailable")
+        else:
             response = self.batcher.submit(request)
-            seconds = time.perf_counter() - t0
-            code = _CODE_NAMES.get(response.error_code, "UNKNOWN")
-            self.calls.observe("AttendStream", code, seconds, request.method or "dense")
-            self.metrics.add("AttendStream", calls=1, errors=int(response.error_code != 0), seconds=seconds)
-            if log.isEnabledFor(logging.INFO):  # one line per request, as for unary calls
-                log.info(json.dumps({"rpc": "AttendStream", "code": code, "ms": round(seconds * 1e3, 3),
-                                     "method": request.method or "dense", "layer": request.layer,
-                                     "batch": len(request.seq_ids)}))
-            yield response
+        seconds = time.perf_counter() - t0
+        code = _CODE_NAMES.get(response.error_code, "UNKNOWN")
+        self.calls.observe(rpc, code, seconds, request.method or "dense")
+        self.metrics.add(rpc, calls=1, errors=int(response.error_code != 0), seconds=seconds)
+        if log.isEnabledFor(logging.INFO):  # one line per request, as for unary calls
+            log.info(json.dumps({"rpc": rpc, "code": code, "ms": round(seconds * 1e3, 3),
+                                 "method": request.method or "dense", "layer": request.layer,
+                                 "batch": len(request.seq_ids)}))
+        return response
 
     def _attend_batch(self, requests: list) -> list[pb.AttendResponse]:
         """Answers to stream requests that arrived together (AttendBatcher): decoded here, served by the client's
@@ -392,6 +397,12 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     @_handler("Config")
     def Config(self, request, context):
         return config_to_wire(self.client.config)
+
+    @_handler("OpenDataPlane")
+    def OpenDataPlane(self, request, context):
+        if self.local_plane is None:
+            return pb.DataPlaneOffer()
+        return self.local_plane.offer(context.peer())
 
     def stats(self) -> dict:
         """Pool usage, per-method and per-RPC totals, and how attend-stream requests were batched."""
@@ -598,6 +609,10 @@ class Server:
     def start(self) -> None:
         """Start serving; logs the bound address (port 0 picks a free one)."""
         self.trimmer = HeapTrimmer(slack=self.options.max_message_mb * 2**20)  # the store is allocated by now
+        if self.options.local_plane:
+            self.servicer.local_plane = LocalPlane(
+                lambda request, client: self.servicer.serve_streamed(request, client, "AttendLocal"),
+                self.options.max_message_mb * 2**20, ticket_seconds=30.0)
         self.grpc.start()
         self._reaper = threading.Thread(target=self._reap_leases, daemon=True, name="kvcache-leases")
         self._reaper.start()
@@ -640,6 +655,8 @@ class Server:
         self._reaper_stop.set()
         self._reaper.join(timeout=5)
         self.grpc.stop(0 if idle else 1).wait()
+        if self.servicer.local_plane is not None:
+            self.servicer.local_plane.close()
         if self.metrics_http:
             self.metrics_http.shutdown()
         recorded = self.servicer.client.store.close()

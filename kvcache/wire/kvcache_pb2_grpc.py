@@ -119,6 +119,11 @@ class KVCacheStub:
                 request_serializer=kvcache__pb2.ConfigRequest.SerializeToString,
                 response_deserializer=kvcache__pb2.StoreConfig.FromString,
                 _registered_method=True)
+        self.OpenDataPlane = channel.unary_unary(
+                '/kvcache.v1.KVCache/OpenDataPlane',
+                request_serializer=kvcache__pb2.DataPlaneRequest.SerializeToString,
+                response_deserializer=kvcache__pb2.DataPlaneOffer.FromString,
+                _registered_method=True)
 
 
 class KVCacheServicer:
@@ -231,6 +236,12 @@ class KVCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenDataPlane(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -318,6 +329,11 @@ def add_KVCacheServicer_to_server(servicer, server):
                     servicer.Config,
                     request_deserializer=kvcache__pb2.ConfigRequest.FromString,
                     response_serializer=kvcache__pb2.StoreConfig.SerializeToString,
+            ),
+            'OpenDataPlane': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenDataPlane,
+                    request_deserializer=kvcache__pb2.DataPlaneRequest.FromString,
+                    response_serializer=kvcache__pb2.DataPlaneOffer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -779,6 +795,33 @@ class KVCache:
             '/kvcache.v1.KVCache/Config',
             kvcache__pb2.ConfigRequest.SerializeToString,
             kvcache__pb2.StoreConfig.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenDataPlane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcache.v1.KVCache/OpenDataPlane',
+            kvcache__pb2.DataPlaneRequest.SerializeToString,
+            kvcache__pb2.DataPlaneOffer.FromString,
             options,
             channel_credentials,
             insecure,
