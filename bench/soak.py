@@ -392,7 +392,8 @@ def run(clients: int = 32, seconds: float = 60.0, processes: int = 4, seed: int 
         faults["stalled_append_streams"] = totals.pop("stalls", 0)
         faults["bad_inputs"] = totals.get("bad_inputs_refused", 0)
         time.sleep(LEASE_SECONDS + 1.5)  # the killed clients' leases run out, and the reaper frees them
-        pool1 = control.stats()["pool"]
+        stats1 = control.stats()
+        pool1 = stats1["pool"]
         rss1 = _rss_bytes(server.process.pid)
         verify = control.verify()
         control.close()
@@ -405,6 +406,9 @@ def run(clients: int = 32, seconds: float = 60.0, processes: int = 4, seed: int 
             pool_after={k: pool1[k] for k in ("pages_free", "sequences", "pages_total", "sequences_expired",
                                                "pages_quarantined")},
             scrub={"pages_checked": verify["pages_checked"], "corrupted_pages": len(verify["corrupted_pages"])},
+            # where the attends went: the clients' default data plane is the local socket on this host
+            attends_by_transport={rpc: int(stats1["rpcs"].get(rpc, {}).get("calls", 0))
+                                  for rpc in ("AttendLocal", "AttendStream", "Attend")},
         )
     finally:
         report["server_exit_code"] = server.stop()
