@@ -12,6 +12,8 @@ ratio to dense beside what the bytes predict. Paths:
 - `planned`: the engine's decode step eagerly (client.begin_step: the step checked and planned once, each layer's
   call device work and launches only);
 - `per-call`: the same step with every layer's call an attend(..., plan=) (validation in every call), eager;
+- `remote-local`, `remote-grpc`: the planned step of an engine whose store is a `kvcache serve` on this host, its
+  layer calls over the server's local data plane (a Unix socket) or over gRPC;
 - `static-graph`, `static-eager`: the baseline, a contiguous [B, Hkv, S, d] cache per layer read by SDPA with the
   step captured as one CUDA graph (as gpt-fast does), and the same eagerly.
 
@@ -22,14 +24,19 @@ timed interleaved, one step of each per round.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import tempfile
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from kvcache import InProcessClient, KVCacheConfig
+from kvcache.bench.server_process import ServerProcess
 from kvcache.bench.timing import Timer, gpu_ms_per_call, interleaved_ms, median_ms, run_header, write_report
 from kvcache.clients.inprocess import PlannedCalls
+from kvcache.clients.remote import RemoteClient
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.decode import AttentionSpec, decode_step
 from kvcache.engine.graph_decode import GRAPH_METHODS, GraphDecoder, graph_unsupported
@@ -45,7 +52,9 @@ SHAPES = {
     "tiny": ModelConfig(256, 64, 128, 2, 4, 2, 16, max_position_embeddings=1 << 20),  # for the CPU test
 }
 P = 16
-PATHS = ("static-graph", "static-eager", "graph", "planned", "per-call")
+PATHS = ("static-graph", "static-eager", "graph", "planned", "per-call", "remote-local", "remote-grpc")
+# The remote paths' data planes: a `kvcache serve` on this host, reached over its local socket or over gRPC.
+REMOTE_PATHS = {"remote-local": "shared", "remote-grpc": "grpc"}
 
 
 def _method_params(method: str, context: int, head_dim: int) -> dict:
@@ -83,53 +92,98 @@ def _busy(fn, ms: float, device: torch.device) -> dict:
     return {"gpu_busy": min(1.0, gpu_ms / ms)} if gpu_ms else {}
 
 
-def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: list[str], steps: int,
-                  device: torch.device, weight_bytes: int, wanted: set[str]) -> list[dict]:
-    """Every (method, path) over one store, interleaved: each round times one step of each, so that a machine's
-    drift (clocks, other tenants) falls on all of them alike; the median per row."""
+def _fill(client, batch: int, context: int, model: Llama, device: torch.device) -> list[str]:
+    """`batch` new sequences of `context` random positions in every layer, through `client`."""
     c = model.config
-    pairs = [(method, path) for method in methods for path in ("graph", "planned", "per-call") if path in wanted]
-    grown = (len(pairs) + 1) * (steps + 8)  # every timed or profiled step appends a position
-    pages = batch * ((context + grown) // P + 2)
-    client = InProcessClient(KVCacheConfig(c.num_layers, c.num_kv_heads, c.head_dim, page_size=P,
-                                           dtype=model.dtype, device=device, device_pages=pages))
     gen = torch.Generator(device=device).manual_seed(0)
     seqs = []
     for _ in range(batch):
         sid = client.create().seq_id
-        for s0 in range(0, context, 4096):
-            n = min(4096, context - s0)
+        for s0 in range(0, context, 1024):  # 1024 positions of the 8B shape in bfloat16: 64 MiB, gRPC's limit
+            n = min(1024, context - s0)
             kv = torch.randn((2, c.num_layers, n, c.num_kv_heads, c.head_dim), generator=gen, device=device)
             client.append(sid, kv[0].to(model.dtype), kv[1].to(model.dtype))
         seqs.append(sid)
+    return seqs
+
+
+@contextlib.contextmanager
+def _remote_clients(config: KVCacheConfig, wanted: set[str]) -> Iterator[dict[str, RemoteClient]]:
+    """A `kvcache serve` subprocess with `config`'s store and a client per remote path in `wanted` (none: no
+    server), closed and stopped on exit. The server computes on one thread: with as many as the engine (2 on the
+    2-core machine) the engine's idle OpenMP workers and the server's fought for the cores, and steps took 6% longer."""
+    paths = [path for path in REMOTE_PATHS if path in wanted]
+    if not paths:
+        yield {}
+        return
+    flags = ["--layers", str(config.num_layers), "--kv-heads", str(config.num_kv_heads), "--head-dim",
+             str(config.head_dim), "--page-size", str(config.page_size), "--dtype",
+             str(config.dtype).removeprefix("torch."), "--device", str(config.device), "--pages",
+             str(config.device_pages), "--torch-threads", "1"]
+    with tempfile.NamedTemporaryFile(prefix="kvcache-e2e-serve-", suffix=".log") as log:
+        server = ServerProcess(flags, log.name)
+        clients = {path: RemoteClient(server.target, data_plane=REMOTE_PATHS[path]) for path in paths}
+        try:
+            yield clients
+        finally:
+            for client in clients.values():
+                client.close()
+            server.stop()
+
+
+def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: list[str], steps: int,
+                  device: torch.device, weight_bytes: int, wanted: set[str]) -> list[dict]:
+    """Every (method, path) interleaved: each round times one step of each, so that a machine's drift (clocks, other
+    tenants) falls on all of them alike; the median per row. The in-process paths share one store, the remote ones
+    one `kvcache serve` with the same store."""
+    c = model.config
+    pairs = [(method, path) for method in methods for path in PATHS[2:] if path in wanted]
+    grown = (len(pairs) + 1) * (steps + 8)  # every timed or profiled step appends a position
+    config = KVCacheConfig(c.num_layers, c.num_kv_heads, c.head_dim, page_size=P, dtype=model.dtype, device=device,
+                           device_pages=batch * ((context + grown) // P + 2))
+    client = InProcessClient(config)
+    seqs = _fill(client, batch, context, model, device)
     tokens = [1] * batch
     graphs = graph_unsupported(client, model) is None
-    steps_of = {}
-    for method, path in pairs:
-        if path == "graph" and not (graphs and method in GRAPH_METHODS):
-            continue
-        target = GraphDecoder(model, client) if path == "graph" else client if path == "planned" else _PerCall(client)
-        spec = AttentionSpec(method, _method_params(method, context, c.head_dim))
-
-        def one_step(target=target, spec=spec):
-            positions = [client.describe(s).length for s in seqs]
-            if isinstance(target, GraphDecoder):
-                target.step(seqs, tokens, positions, spec.method, spec.params)
+    with _remote_clients(config, wanted) as remotes:
+        remote_seqs = _fill(next(iter(remotes.values())), batch, context, model, device) if remotes else []
+        steps_of = {}
+        for method, path in pairs:
+            if path == "graph" and not (graphs and method in GRAPH_METHODS):
+                continue
+            if path in remotes:
+                target, ids = remotes[path], remote_seqs
             else:
-                decode_step(model, target, seqs, tokens, positions, spec)
+                target = {"graph": lambda: GraphDecoder(model, client), "planned": lambda: client,
+                          "per-call": lambda: _PerCall(client)}[path]()
+                ids = seqs
+            spec = AttentionSpec(method, _method_params(method, context, c.head_dim))
 
-        steps_of[(method, path)] = one_step
-    times = interleaved_ms(steps_of, steps, device)
-    rows = []
-    for (method, path), one_step in steps_of.items():
-        params = _method_params(method, context, c.head_dim)
-        attention = lookup(method).bytes_read(client.config, [context] * batch, lookup(method).parse(params))
-        ms = times[(method, path)]
-        rows.append({"shape": shape, "context": context, "batch": batch, "method": method, "params": params,
-                     "path": path, "ms_per_step": ms, **_busy(one_step, ms, device),
-                     "bytes_per_step": weight_bytes + attention * c.num_layers,
-                     "attention_bytes_per_step": attention * c.num_layers})
+            def one_step(target=target, spec=spec, ids=ids):
+                positions = _lengths(target, ids)
+                if isinstance(target, GraphDecoder):
+                    target.step(ids, tokens, positions, spec.method, spec.params)
+                else:
+                    decode_step(model, target, ids, tokens, positions, spec)
+
+            steps_of[(method, path)] = one_step
+        times = interleaved_ms(steps_of, steps, device)
+        rows = []
+        for (method, path), one_step in steps_of.items():
+            params = _method_params(method, context, c.head_dim)
+            attention = lookup(method).bytes_read(config, [context] * batch, lookup(method).parse(params))
+            ms = times[(method, path)]
+            rows.append({"shape": shape, "context": context, "batch": batch, "method": method, "params": params,
+                         "path": path, "ms_per_step": ms, **_busy(one_step, ms, device),
+                         "bytes_per_step": weight_bytes + attention * c.num_layers,
+                         "attention_bytes_per_step": attention * c.num_layers})
     return rows
+
+
+def _lengths(target, seq_ids: list[str]) -> list[int]:
+    """Cached positions of each sequence, through whichever client or decoder `target` is."""
+    client = target.client if isinstance(target, (GraphDecoder, _PerCall)) else target
+    return [client.describe(s).length for s in seq_ids]
 
 
 def _static_rows(model: Llama, shape: str, context: int, batch: int, steps: int, device: torch.device,

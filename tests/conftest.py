@@ -296,7 +296,8 @@ KERNEL_TESTS = {
 
 # service: starts a `kvcache serve` subprocess, an in-process gRPC server or another subprocess (torchrun, a fresh
 # interpreter), or uses a fixture that did.
-SERVICE_MODULES = ("test_service*.py", "test_*_service.py", "test_bench_rpc.py", "test_local_plane.py")
+SERVICE_MODULES = ("test_service*.py", "test_*_service.py", "test_bench_rpc.py", "test_local_plane.py",
+                   "test_bench_e2e.py")
 SERVER_FIXTURES = {"server", "servers", "tiered_server", "certificate"}
 SERVICE_TESTS = {
     "test_attend_batcher.py": {"test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone"},
