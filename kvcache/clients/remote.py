@@ -393,7 +393,13 @@ class RemoteClient:
             return plane
         if getattr(self._local, "no_plane", False):
             return None
-        offer = self._call("OpenDataPlane", pb.DataPlaneRequest())
+        try:
+            offer = self._call("OpenDataPlane", pb.DataPlaneRequest())
+        except errors.KVCacheError:
+            if self.data_plane == "shared":
+                raise
+            self._local.no_plane = True  # a server without the RPC (UNIMPLEMENTED): gRPC answers, or says why not
+            return None
         try:
             if not offer.socket_path:
                 raise ConnectionRefusedError("the server offers no local data plane (kvcache serve --no-local-plane)")
