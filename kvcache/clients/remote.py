@@ -395,9 +395,9 @@ class RemoteClient:
             return None
         try:
             offer = self._call("OpenDataPlane", pb.DataPlaneRequest())
-        except errors.KVCacheError:
-            if self.data_plane == "shared":
-                raise
+        except errors.KVCacheError as exc:
+            if self.data_plane == "shared" or isinstance(exc, errors.Unavailable):
+                raise  # a server away now may offer the plane when it is back: ask again at the next call
             self._local.no_plane = True  # a server without the RPC (UNIMPLEMENTED): gRPC answers, or says why not
             return None
         try:
