@@ -147,24 +147,26 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
     graphs = graph_unsupported(client, model) is None
     with _remote_clients(config, wanted) as remotes:
         remote_seqs = _fill(next(iter(remotes.values())), batch, context, model, device) if remotes else []
+        local_positions, remote_positions = [context] * batch, [context] * batch  # shared by their paths' steps
         steps_of = {}
         for method, path in pairs:
             if path == "graph" and not (graphs and method in GRAPH_METHODS):
                 continue
             if path in remotes:
-                target, ids = remotes[path], remote_seqs
+                target, ids, positions = remotes[path], remote_seqs, remote_positions
+            elif path == "graph":
+                target, ids, positions = GraphDecoder(model, client), seqs, local_positions
             else:
-                target = {"graph": lambda: GraphDecoder(model, client), "planned": lambda: client,
-                          "per-call": lambda: _PerCall(client)}[path]()
-                ids = seqs
+                target, ids, positions = (client if path == "planned" else _PerCall(client)), seqs, local_positions
             spec = AttentionSpec(method, _method_params(method, context, c.head_dim))
 
-            def one_step(target=target, spec=spec, ids=ids):
-                positions = _lengths(target, ids)
+            # The sequences' lengths are kept here, as an engine keeps them, not asked of the store every step.
+            def one_step(target=target, spec=spec, ids=ids, positions=positions):
                 if isinstance(target, GraphDecoder):
                     target.step(ids, tokens, positions, spec.method, spec.params)
                 else:
                     decode_step(model, target, ids, tokens, positions, spec)
+                positions[:] = [n + 1 for n in positions]
 
             steps_of[(method, path)] = one_step
         times = interleaved_ms(steps_of, steps, device)
@@ -178,12 +180,6 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
                          "bytes_per_step": weight_bytes + attention * c.num_layers,
                          "attention_bytes_per_step": attention * c.num_layers})
     return rows
-
-
-def _lengths(target, seq_ids: list[str]) -> list[int]:
-    """Cached positions of each sequence, through whichever client or decoder `target` is."""
-    client = target.client if isinstance(target, (GraphDecoder, _PerCall)) else target
-    return [client.describe(s).length for s in seq_ids]
 
 
 def _static_rows(model: Llama, shape: str, context: int, batch: int, steps: int, device: torch.device,

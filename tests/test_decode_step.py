@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from twin_stores import twin_clients
 
-from kvcache import InProcessClient, KVCacheConfig, ShapeMismatch
+from kvcache import ShapeMismatch
 from kvcache.errors import DTypeMismatch, PlanStale
-from kvcache.methods.gate_model import GateShape, PageGate
-from kvcache.methods.gate_store import attach_gate
+from kvcache.methods.gate_model import GateShape
 
 L, HKV, G, D, P = 2, 2, 2, 16, 4
 METHODS = [("dense", {}), ("sparq", {"r": 8, "k": 6}), ("quest", {"top_pages": 2}), ("gate", {"budget": 8}),
@@ -20,20 +20,7 @@ METHODS = [("dense", {}), ("sparq", {"r": 8, "k": 6}), ("quest", {"top_pages": 2
 
 def _twin_clients(lengths, seed=0):
     """Two stores holding the same sequences (one per length), and their ids."""
-    gate = PageGate(GateShape(L, HKV, G, D, P, gate_dim=8, rope_base=100.0), seed=seed)
-    clients, ids = [], []
-    for _ in range(2):
-        gen = torch.Generator().manual_seed(seed)
-        client = InProcessClient(KVCacheConfig(L, HKV, D, page_size=P, dtype=torch.float32, device_pages=128))
-        attach_gate(client.store, gate)
-        seqs = []
-        for n in lengths:
-            sid = client.create().seq_id
-            client.append(sid, torch.randn((L, n, HKV, D), generator=gen), torch.randn((L, n, HKV, D), generator=gen))
-            seqs.append(sid)
-        clients.append(client)
-        ids.append(seqs)
-    return clients, ids
+    return twin_clients(GateShape(L, HKV, G, D, P, gate_dim=8, rope_base=100.0), lengths, seed, gate_seed=seed)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

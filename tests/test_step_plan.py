@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from service_support import DEFAULT_STORE_FLAGS, serving, store_config
+from twin_stores import twin_clients
 
-from kvcache import InProcessClient, InvalidParameter, KVCacheConfig, RemoteClient
+from kvcache import InProcessClient, InvalidParameter, RemoteClient
 from kvcache.errors import PlanStale
-from kvcache.methods.gate_model import GateShape, PageGate
-from kvcache.methods.gate_store import attach_gate
+from kvcache.methods.gate_model import GateShape
 from kvcache.store import kv_store
 
 L, HKV, D, P, G = 3, 2, 16, 4, 2
@@ -24,24 +24,9 @@ METHODS = [
 ]
 
 
-def _twin_clients(lengths, seed=0, backend_pages=128):
+def _twin_clients(lengths, seed=0):
     """Two stores holding the same K/V: one decodes planned, the other per call."""
-    config = KVCacheConfig(num_layers=L, num_kv_heads=HKV, head_dim=D, page_size=P, dtype=torch.float32,
-                           device="cpu", device_pages=backend_pages)
-    gate = PageGate(GateShape(L, HKV, G, D, P), seed=1)
-    clients, ids = [], []
-    for _ in range(2):
-        c = InProcessClient(config)
-        attach_gate(c.store, gate)
-        gen = torch.Generator().manual_seed(seed)
-        row = []
-        for n in lengths:
-            s = c.create().seq_id
-            c.append(s, torch.randn((L, n, HKV, D), generator=gen), torch.randn((L, n, HKV, D), generator=gen))
-            row.append(s)
-        clients.append(c)
-        ids.append(row)
-    return clients, ids
+    return twin_clients(GateShape(L, HKV, G, D, P), lengths, seed, gate_seed=1)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

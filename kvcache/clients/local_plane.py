@@ -21,7 +21,7 @@ class LocalConnection:
             self._sock.settimeout(timeout)
             self._sock.connect(path)  # FileNotFoundError on another host: the path is the server's, not ours
             write_frame(self._sock, pb.LocalHello(ticket=ticket).SerializeToString())
-            reply = self._reply(timeout)
+            reply = self._reply()
         except BaseException:
             self._sock.close()
             raise
@@ -36,15 +36,15 @@ class LocalConnection:
         try:
             self._sock.settimeout(timeout)
             write_frame(self._sock, request.SerializeToString())
-            return self._reply(timeout)
+            return self._reply()
         except TimeoutError:
             self.close()
             raise errors.Unavailable(f"no attend reply within {timeout} s [DEADLINE_EXCEEDED]") from None
-        except (OSError, ConnectionError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ConnectionError is an OSError
             self.close()
             raise errors.Unavailable(f"the server's data plane closed ({exc}) [UNAVAILABLE]") from None
 
-    def _reply(self, timeout: float | None) -> pb.AttendResponse:
+    def _reply(self) -> pb.AttendResponse:
         frame = read_frame(self._sock, self.max_message_bytes)
         if frame is None:
             raise ConnectionError("the server closed the connection")

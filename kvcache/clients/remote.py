@@ -260,10 +260,7 @@ class RemoteClient:
                                    step_id="" if plan is None else plan.step_id)
         plane = self._plane() if self.data_plane != "grpc" else None
         if plane is not None:
-            reply = plane.call(request, self.timeout)
-            if reply.error_code:
-                raise _error(_CODE_BY_VALUE.get(reply.error_code, grpc.StatusCode.UNKNOWN), reply.error_message,
-                             reply.error_class)
+            reply = _raise_if_error(plane.call(request, self.timeout))
         elif self.use_stream:
             reply = self._attend_on_stream(request)
         else:
@@ -432,10 +429,7 @@ class RemoteClient:
         except errors.Unavailable:
             self._drop_stream(stream)
             raise
-        if reply.error_code:
-            raise _error(_CODE_BY_VALUE.get(reply.error_code, grpc.StatusCode.UNKNOWN), reply.error_message,
-                         reply.error_class)
-        return reply
+        return _raise_if_error(reply)
 
     def _open_stream(self) -> _AttendStream:
         old = getattr(self._local, "stream", None)
@@ -456,6 +450,14 @@ class RemoteClient:
                 self._streams.remove(stream)
         if getattr(self._local, "stream", None) is stream:
             self._local.stream = None
+
+
+def _raise_if_error(reply: pb.AttendResponse) -> pb.AttendResponse:
+    """`reply`, or the error it carries instead of a result (a streamed or local-plane attend) raised."""
+    if reply.error_code:
+        raise _error(_CODE_BY_VALUE.get(reply.error_code, grpc.StatusCode.UNKNOWN), reply.error_message,
+                     reply.error_class)
+    return reply
 
 
 def _ids(token_ids: Sequence[int] | torch.Tensor | None) -> list[int]:

@@ -125,7 +125,7 @@ class LocalPlane:
             if client is not None:
                 log.info(json.dumps({"event": "data_plane_open", "peer": client}))
                 self._serve(conn, client)
-        except (OSError, ConnectionError):
+        except OSError:  # ConnectionError and socket timeouts included
             pass  # the client went away: its sequences live on under their leases
         finally:
             with self._lock:

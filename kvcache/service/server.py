@@ -41,7 +41,7 @@ from kvcache.service.batcher import AttendBatcher
 from kvcache.service.client_quotas import ClientQuotas
 from kvcache.service.heap_trim import HeapTrimmer
 from kvcache.service.input_limits import InputLimits
-from kvcache.service.local_plane import LocalPlane
+from kvcache.service.local_plane import LocalPlane, error_reply
 from kvcache.service.locks import SequenceLocks
 from kvcache.service.metrics import CallMetrics, serve_metrics
 from kvcache.stats import Totals
@@ -290,8 +290,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         except KVCacheError as exc:
             return _error_response(exc)
         if self.draining.is_set():
-            response = pb.AttendResponse(error_code=grpc.StatusCode.UNAVAILABLE.value[0],
-                                         error_message="server is shutting down", error_class="Unavailable")
+            response = error_reply(grpc.StatusCode.UNAVAILABLE, "server is shutting down", "Unavailable")
         else:
             response = self.batcher.submit(request)
         seconds = time.perf_counter() - t0
@@ -515,10 +514,8 @@ def bounded(text: str) -> str:
 def _error_response(exc: Exception) -> pb.AttendResponse:
     """An attend stream's answer to a failed request: kvcache errors by their status code, anything else INTERNAL."""
     if isinstance(exc, KVCacheError):
-        return pb.AttendResponse(error_code=getattr(grpc.StatusCode, exc.grpc_code).value[0],
-                                 error_message=bounded(str(exc)), error_class=type(exc).__name__)
-    return pb.AttendResponse(error_code=grpc.StatusCode.INTERNAL.value[0],
-                             error_message=f"internal error ({type(exc).__name__})", error_class="RemoteError")
+        return error_reply(getattr(grpc.StatusCode, exc.grpc_code), bounded(str(exc)), type(exc).__name__)
+    return error_reply(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})", "RemoteError")
 
 
 def _sparse_chunk(request) -> tuple:
