@@ -1,14 +1,15 @@
 """`kvcache bench e2e`: whole decode steps of a Llama-architecture model through kvcache, per method, against a plain
 static-cache baseline of the same model in the same run.
 
-Per row (model shape, context, batch, method, path): milliseconds per decode step (CUDA events around each step,
-median), tokens per second, the bytes one step must read (the weights once, plus the method's attention bytes over
-every layer), the bandwidth that implies, that time over the bytes' time at the device's copy rate (measured in the
+Per row (model shape, context, batch, method, path): milliseconds per decode step (CUDA events around a burst of
+back-to-back steps, nothing waited for between them as in an engine's loop; the median over rounds), tokens per
+second, the bytes one step must read (the weights once, plus the method's attention bytes over every layer), the
+bandwidth that implies, that time over the bytes' time at the device's copy rate (measured in the
 same run), the fraction of the step the GPU is busy (kernel time from the profiler over the step's time) and the
 ratio to dense beside what the bytes predict. Paths:
 
 - `graph`: the engine's whole step replayed from a captured CUDA graph (engine/graph_decode.py), with its planning,
-  buffer loads and bookkeeping on the host included, as `kvcache generate --device cuda` runs it;
+  buffer loads and bookkeeping on the host included, each step fed the previous one's greedy token on the device;
 - `planned`: the engine's decode step eagerly (client.begin_step: the step checked and planned once, each layer's
   call device work and launches only);
 - `per-call`: the same step with every layer's call an attend(..., plan=) (validation in every call), eager;
@@ -19,7 +20,7 @@ ratio to dense beside what the bytes predict. Paths:
 
 Models have random weights, bfloat16 on CUDA and float32 on the CPU (the timings do not depend on the values); the
 cache of every sequence is filled with random K/V up to the context before the timed steps. The kvcache rows are
-timed interleaved, one step of each per round.
+timed interleaved, one burst of each per round.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ P = 16
 PATHS = ("static-graph", "static-eager", "graph", "planned", "per-call", "remote-local", "remote-grpc")
 # The remote paths' data planes: a `kvcache serve` on this host, reached over its local socket or over gRPC.
 REMOTE_PATHS = {"remote-local": "shared", "remote-grpc": "grpc"}
+BURST = 4  # back-to-back steps per timing: one step's host work overlaps the previous step's GPU work
 
 
 def _method_params(method: str, context: int, head_dim: int) -> dict:
@@ -138,7 +140,7 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
     one `kvcache serve` with the same store."""
     c = model.config
     pairs = [(method, path) for method in methods for path in PATHS[2:] if path in wanted]
-    grown = (len(pairs) + 1) * (steps + 8)  # every timed or profiled step appends a position
+    grown = (len(pairs) + 1) * (steps * BURST + 8)  # every timed or profiled step appends a position
     config = KVCacheConfig(c.num_layers, c.num_kv_heads, c.head_dim, page_size=P, dtype=model.dtype, device=device,
                            device_pages=batch * ((context + grown) // P + 2))
     client = InProcessClient(config)
@@ -162,14 +164,15 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
 
             # The sequences' lengths are kept here, as an engine keeps them, not asked of the store every step.
             def one_step(target=target, spec=spec, ids=ids, positions=positions):
-                if isinstance(target, GraphDecoder):
-                    target.step(ids, tokens, positions, spec.method, spec.params)
+                if isinstance(target, GraphDecoder):  # a greedy loop: the last step's tokens stay on the device
+                    target.step(ids, tokens if target.greedy is None or len(target.greedy) != len(ids)
+                                else target.greedy, positions, spec.method, spec.params)
                 else:
                     decode_step(model, target, ids, tokens, positions, spec)
                 positions[:] = [n + 1 for n in positions]
 
             steps_of[(method, path)] = one_step
-        times = interleaved_ms(steps_of, steps, device)
+        times = interleaved_ms(steps_of, steps, device, BURST)
         rows = []
         for (method, path), one_step in steps_of.items():
             params = _method_params(method, context, c.head_dim)
@@ -186,7 +189,7 @@ def _static_rows(model: Llama, shape: str, context: int, batch: int, steps: int,
                  weight_bytes: int, wanted: set[str]) -> list[dict]:
     """The baseline: a contiguous cache per layer, SDPA over the positions written, graph-captured and eager."""
     c = model.config
-    S = context + 4 * steps + 16
+    S = context + 4 * steps * BURST + 16
     cache_k = torch.randn((c.num_layers, batch, c.num_kv_heads, S, c.head_dim), device=device).to(model.dtype)
     cache_v = torch.randn_like(cache_k)
     position = torch.full((batch, 1), context, dtype=torch.long, device=device)
@@ -208,7 +211,7 @@ def _static_rows(model: Llama, shape: str, context: int, batch: int, steps: int,
 
     rows = []
     if "static-eager" in wanted:
-        ms = median_ms(step, steps, device)
+        ms = median_ms(step, steps, device, BURST)
         rows.append({"shape": shape, "context": context, "batch": batch, "method": "dense", "path": "static-eager",
                      "ms_per_step": ms, **_busy(step, ms, device)})
     if device.type == "cuda" and "static-graph" in wanted:
@@ -221,7 +224,7 @@ def _static_rows(model: Llama, shape: str, context: int, batch: int, steps: int,
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        ms = median_ms(graph.replay, steps, device)
+        ms = median_ms(graph.replay, steps, device, BURST)
         rows.append({"shape": shape, "context": context, "batch": batch, "method": "dense",
                      "path": "static-graph", "ms_per_step": ms, **_busy(graph.replay, ms, device)})
     kv_bytes = 2 * c.num_layers * batch * c.num_kv_heads * context * c.head_dim * cache_k.element_size()
@@ -244,6 +247,8 @@ def run(cases: list[tuple[str, int, int]], methods: list[str], steps: int, devic
           f"{'GB/s':>7} {'x bytes':>7} {'busy':>5} {'vs dense':>8} {'bound':>6} {'vs graph':>8}")
     for shape, context, batch in cases:
         model = random_model(SHAPES[shape], seed=0, dtype=dtype, device=device)
+        if device.type == "cuda":
+            model.fuse_projections()
         weight_bytes = _weight_bytes(model)
         rows = _static_rows(model, shape, context, batch, steps, device, weight_bytes, wanted)
         if device.type == "cuda":
@@ -292,7 +297,8 @@ def add_arguments(p) -> None:
                    help="shape:context:batch,... (shapes: " + ", ".join(SHAPES) + ")")
     p.add_argument("--methods", default="dense,sparq,quest,window", help="decode methods, comma-separated")
     p.add_argument("--paths", default=",".join(PATHS), help="paths to time, comma-separated: " + ", ".join(PATHS))
-    p.add_argument("--steps", type=int, default=20, help="timed decode steps per row (median reported)")
+    p.add_argument("--steps", type=int, default=20, help=f"timed bursts of {BURST} decode steps per row (median "
+                   "reported)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="weights and cache (default: bfloat16 on CUDA, float32 on the CPU)")

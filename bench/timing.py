@@ -94,11 +94,11 @@ def write_report(report: dict, path: str | None) -> None:
         print(f"wrote {path}")
 
 
-def median_ms(fn: Callable[[], object], iters: int, device: torch.device) -> float:
-    """Median milliseconds of `iters` calls of fn after one warm-up call: CUDA events around each call on the GPU
-    (each waited for), perf_counter on the CPU."""
+def median_ms(fn: Callable[[], object], iters: int, device: torch.device, burst: int = 1) -> float:
+    """Median milliseconds per call of `iters` timings of `burst` back-to-back calls of fn, after one warm-up call:
+    CUDA events around each burst on the GPU (waited for at its end), perf_counter on the CPU."""
     fn()
-    return statistics.median(_once_ms(fn, device) for _ in range(iters))
+    return statistics.median(_once_ms(fn, device, burst) for _ in range(iters))
 
 
 def gpu_ms_per_call(fn: Callable[[], object], iters: int, device: torch.device) -> float | None:
@@ -124,27 +124,33 @@ def gpu_ms_per_call(fn: Callable[[], object], iters: int, device: torch.device) 
     return busy_us / 1e3 / iters if busy_us > 0 else None
 
 
-def interleaved_ms(fns: dict, iters: int, device: torch.device) -> dict:
-    """Median milliseconds of each of several zero-argument callables, timed in rounds (one call of each per round,
-    in order, each after one warm-up call), as median_ms times one."""
+def interleaved_ms(fns: dict, iters: int, device: torch.device, burst: int = 1) -> dict:
+    """Median milliseconds per call of each of several zero-argument callables, timed in rounds (in each round,
+    `burst` back-to-back calls of each, in order, each callable after one warm-up call), as median_ms times one.
+
+    With burst > 1 nothing waits for the GPU between a callable's calls: a decode loop's host work for one step
+    overlaps the GPU's work on the one before, as it does in an engine, and the time is the loop's per step."""
     for fn in fns.values():
         fn()
     times: dict = {key: [] for key in fns}
     for _ in range(iters):
         for key, fn in fns.items():
-            times[key].append(_once_ms(fn, device))
+            times[key].append(_once_ms(fn, device, burst))
     return {key: statistics.median(t) for key, t in times.items()}
 
 
-def _once_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of one call of fn: CUDA events around it (waited for) on the GPU, perf_counter on the CPU."""
+def _once_ms(fn: Callable[[], object], device: torch.device, burst: int = 1) -> float:
+    """Milliseconds per call of `burst` back-to-back calls of fn: CUDA events around them (waited for once, at the
+    end) on the GPU, perf_counter on the CPU."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(burst):
+            fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end) / burst
     t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    for _ in range(burst):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / burst

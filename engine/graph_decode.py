@@ -38,6 +38,7 @@ from kvcache.methods.base import AttentionMethod, Params
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.registry import lookup
 from kvcache.methods.selection_attention import attend_triton
+from kvcache.store.host_copy import ints_to_device
 from kvcache.store.step_plan import StepRows
 
 MIN_CAPACITY = 1024  # positions per sequence of the smallest graph
@@ -109,18 +110,26 @@ class _Graph:
 
         self._step = lambda: model(self.ids, self.positions, attend, last_only=True)[:, 0]
 
-    def load(self, token_ids: Sequence[int], positions: Sequence[int], rows: StepRows) -> None:
-        """Write one step's inputs into the static buffers (host-to-device copies, no sync)."""
+    def load(self, token_ids: Sequence[int] | torch.Tensor, positions: Sequence[int], rows: StepRows) -> None:
+        """Write one step's inputs into the static buffers: copies queued on the stream, none waited for, so the
+        host plans the next step while the GPU replays this one. token_ids may be a device tensor [B] (the
+        previous step's `greedy`), which then never visits the host."""
         csr = rows.plan.csr
-        self.ids.copy_(torch.tensor(token_ids, dtype=torch.long).view(-1, 1), non_blocking=True)
-        self.positions.copy_(torch.tensor(positions, dtype=torch.long).view(-1, 1), non_blocking=True)
+        B = self.batch
+        starts = rows.plan.start_lengths
+        if isinstance(token_ids, torch.Tensor):
+            host = ints_to_device([*positions, *(n + 1 for n in starts)], self.ids.device)
+            self.ids.copy_(token_ids.view(B, 1))
+        else:
+            host = ints_to_device([*positions, *(n + 1 for n in starts), *token_ids], self.ids.device)
+            self.ids.copy_(host[2 * B :].view(B, 1))
+        self.positions.copy_(host[:B].view(B, 1))
+        self.lengths.copy_(host[B : 2 * B])
         self.indptr.copy_(csr.indptr)
         self.indices[: csr.indices.numel()].copy_(csr.indices)
         self.last_len.copy_(csr.last_page_len)
         self.tables.copy_(rows.tables)
         torch.stack([seq.value_sum for seq in rows.seqs], out=self.sums)
-        self.lengths.copy_(torch.tensor([n + 1 for n in rows.plan.start_lengths], dtype=torch.float32),
-                           non_blocking=True)
 
     def capture(self) -> None:
         """Warm up (Triton compiles, cuBLAS picks its kernels) and capture, over the loaded step's pages, with the
@@ -142,6 +151,7 @@ class _Graph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._step()
+            self.greedy = self.logits.argmax(dim=-1)
         torch.cuda.current_stream(dev).synchronize()  # the scratch row is written before its buffer goes
         self.tables.copy_(real)
 
@@ -153,10 +163,12 @@ class GraphDecoder:
         why = graph_unsupported(client, model)
         if why is not None:
             raise ValueError(f"a decode step cannot be captured as a CUDA graph: {why}")
-        self.model = model
+        self.model = model.fuse_projections() if not model.projections_fused else model
         self.client = client
         self._graphs: dict[tuple, _Graph] = {}
         self.captures = 0
+        # The last step's argmax tokens [B] (int64, on the device): the next step's input in a greedy loop.
+        self.greedy: torch.Tensor | None = None
 
     def _graph(self, batch: int, longest: int, m: AttentionMethod, p: Params) -> _Graph:
         capacity = max(MIN_CAPACITY, 1 << (longest - 1).bit_length())
@@ -168,10 +180,13 @@ class GraphDecoder:
             self._graphs[key] = _Graph(self.model, self.client, batch, capacity, m, p)
         return self._graphs[key]
 
-    def step(self, seq_ids: Sequence[str], token_ids: Sequence[int], positions: Sequence[int],
+    def step(self, seq_ids: Sequence[str], token_ids: Sequence[int] | torch.Tensor, positions: Sequence[int],
              method: str = "dense", params: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, int]:
         """Feed token_ids[b] at positions[b] to seq_ids[b] (holding positions[b] entries), attending by `method`
-        (one of GRAPH_METHODS): logits [B, vocab] float32 (a copy) and the attention bytes the step read."""
+        (one of GRAPH_METHODS): logits [B, vocab] float32 (a copy) and the attention bytes the step read.
+
+        Nothing here waits for the GPU: the step is queued and the host returns. token_ids may be the previous
+        step's `greedy` (a device tensor), so that a greedy loop reads tokens back only when it wants them."""
         if method not in GRAPH_METHODS:
             raise ValueError(f"method {method!r} is not replayed from graphs; these are: {GRAPH_METHODS}")
         store = self.client.store
@@ -192,6 +207,7 @@ class GraphDecoder:
                 self.captures += 1
             graph.graph.replay()
             logits = graph.logits.clone()
+            self.greedy = graph.greedy.clone()
             store.commit_rows(rows)
         nbytes = m.bytes_read(c, lengths, p) * c.num_layers
         self.client.counters.add(method, calls=c.num_layers, bytes_read=nbytes)

@@ -1,8 +1,13 @@
-"""A Llama-architecture decoder in plain torch: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+"""A Llama-architecture decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
 
 Parameter names are those of Hugging Face's LlamaForCausalLM, so a safetensors checkpoint loads
 as it is. The model holds no KV cache: each layer's attention is a function the caller passes
 (exact causal attention during prefill, a KVCacheClient.attend call during decode).
+
+On the CPU every op is plain torch. On a GPU a decode step is a few hundred kernels too small for their
+bytes, so their count is its cost (docs/engine.md): after `fuse_projections` the Q/K/V and the
+gate/up projections are one matmul each, and the residual add with the next RMSNorm, the rotation of
+q and k, and SiLU(gate) * up are one Triton kernel each (kvcache.kernels.rms_norm, .rope, .swiglu).
 """
 
 from __future__ import annotations
@@ -14,10 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvcache.engine.config import ModelConfig
+from kvcache.kernels.rms_norm import add_rms_norm
+from kvcache.kernels.rope import rope_qk
+from kvcache.kernels.swiglu import silu_mul
 
 # (layer, q [B, T, Hq, d], k [B, T, Hkv, d], v [B, T, Hkv, d]) -> attention output [B, T, Hq, d];
 # q and k are already rotated, so whatever stores k stores it post-RoPE.
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """Whether the fused Triton kernels run the ops around attention for activations x (on a GPU)."""
+    return x.is_cuda
 
 
 class RMSNorm(nn.Module):
@@ -49,6 +62,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def _fused(parts: list[nn.Linear], fused: torch.Tensor | None) -> torch.Tensor | None:
+    """`fused` if the parts' weights are still its row blocks (a later .to() gives each its own storage)."""
+    if fused is None or parts[0].weight.data_ptr() != fused.data_ptr() or parts[0].weight.device != fused.device:
+        return None
+    return fused
+
+
+def _fuse(parts: list[nn.Linear]) -> torch.Tensor:
+    """One weight of the parts' rows, stacked; each part's weight becomes a view of its block, so the state dict,
+    its names and the memory stay as they were."""
+    with torch.no_grad():
+        fused = torch.cat([p.weight.detach() for p in parts])
+        at = 0
+        for p in parts:
+            n = p.weight.shape[0]
+            p.weight.data = fused[at : at + n]
+            at += n
+    return fused
+
+
 class Attention(nn.Module):
     """Q/K/V/O projections; the attention itself is the caller's AttentionFn."""
 
@@ -59,16 +92,33 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.qkv: torch.Tensor | None = None  # [q; k; v] rows, set by fuse_projections
 
     def forward(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend: AttentionFn) -> torch.Tensor:
         B, T, _ = x.shape
         c = self.c
-        q = apply_rope(self.q_proj(x).view(B, T, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
-        v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+        qkv = _fused([self.q_proj, self.k_proj, self.v_proj], self.qkv)
+        if qkv is None:
+            q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim)
+            k = self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+            v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+        else:
+            q, k, v = F.linear(x, qkv).split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
+                                              c.num_kv_heads * c.head_dim], dim=-1)
+            q = q.view(B, T, c.num_heads, c.head_dim)
+            k = k.view(B, T, c.num_kv_heads, c.head_dim)
+            v = v.view(B, T, c.num_kv_heads, c.head_dim)
+        if use_kernels(x):
+            q, k = rope_qk(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attend(layer, q, k, v)  # [B, T, Hq, d]
         return self.o_proj(out.reshape(B, T, c.num_heads * c.head_dim).to(x.dtype))
+
+    def fuse_projections(self) -> None:
+        """Make the Q/K/V projections one matmul (their weights become views of one tensor)."""
+        self.qkv = _fuse([self.q_proj, self.k_proj, self.v_proj])
 
 
 class MLP(nn.Module):
@@ -79,9 +129,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_up: torch.Tensor | None = None  # [gate; up] rows, set by fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = _fused([self.gate_proj, self.up_proj], self.gate_up)
+        if gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.linear(x, gate_up)
+        if use_kernels(x):
+            return self.down_proj(silu_mul(h))
+        gate, up = h.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+    def fuse_projections(self) -> None:
+        """Make the gate and up projections one matmul (their weights become views of one tensor)."""
+        self.gate_up = _fuse([self.gate_proj, self.up_proj])
 
 
 class DecoderLayer(nn.Module):
@@ -98,6 +160,17 @@ class DecoderLayer(nn.Module):
                 attend: AttentionFn) -> torch.Tensor:
         x = x + self.self_attn(layer, self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, layer: int, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                      sin: torch.Tensor, attend: AttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward on a GPU with the residual adds folded into the norms: takes and returns the block output h and
+        the residual stream before h is added (None before the first layer: h is then the embedding)."""
+        norm = self.input_layernorm
+        x, residual = add_rms_norm(h, residual, norm.weight, norm.eps)
+        h = self.self_attn(layer, x, cos, sin, attend)
+        norm = self.post_attention_layernorm
+        x, residual = add_rms_norm(h, residual, norm.weight, norm.eps)
+        return self.mlp(x), residual
 
 
 class LlamaBody(nn.Module):
@@ -149,9 +222,29 @@ class Llama(nn.Module):
         c = self.config
         x = self.model.embed_tokens(ids)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, x.dtype)
+        if not use_kernels(x):
+            for i, layer in enumerate(self.model.layers):
+                x = layer(i, x, cos, sin, attend)
+            return x
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(i, x, cos, sin, attend)
-        return x
+            x, residual = layer.forward_fused(i, x, residual, cos, sin, attend)
+        return x + residual
+
+    @property
+    def projections_fused(self) -> bool:
+        """Whether every layer's Q/K/V and gate/up projections run as one matmul each (fuse_projections)."""
+        return all(_fused([a.q_proj, a.k_proj, a.v_proj], a.qkv) is not None
+                   and _fused([m.gate_proj, m.up_proj], m.gate_up) is not None
+                   for a, m in ((layer.self_attn, layer.mlp) for layer in self.model.layers))
+
+    def fuse_projections(self) -> Llama:
+        """Q/K/V and gate/up as one matmul each, in every layer: fewer, larger kernels per step. Call it after the
+        weights are loaded and moved (a later .to() undoes it, harmlessly); the state dict is unchanged."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+        return self
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -71,3 +71,23 @@ def test_graph_steps_give_the_eager_tokens_and_recapture_past_their_capacity(len
         index = torch.arange(n).expand(CONFIG.num_kv_heads, n)
         got, want = graphed.fetch(b, 2, "rows", index).tensors, eager.fetch(a, 2, "rows", index).tensors
         assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(got, want))
+
+
+@NO_CUDA
+def test_a_greedy_loop_fed_its_own_tokens_on_the_device_gives_the_host_fed_tokens():
+    model = random_model(CONFIG, seed=2, device="cuda")
+    lengths = [1000, 300]
+    by_host, by_device = _client("cuda"), _client("cuda")
+    ids_h, ids_d = _prefilled(by_host, lengths), _prefilled(by_device, lengths)
+    host_decoder, device_decoder = GraphDecoder(model, by_host), GraphDecoder(model, by_device)
+    last, positions, host_tokens, device_tokens = [5, 9], list(lengths), [], []
+    for _ in range(30):  # crosses 1024 positions: the device tokens pass from one captured graph to the next
+        logits, _ = host_decoder.step(ids_h, last, positions, "dense")
+        last = logits.argmax(-1).tolist()
+        host_tokens.append(last)
+        device_decoder.step(ids_d, [5, 9] if device_decoder.greedy is None else device_decoder.greedy, positions,
+                            "dense")
+        device_tokens.append(device_decoder.greedy)  # read back only at the end, as a pipelined loop does
+        positions = [p + 1 for p in positions]
+    assert [t.tolist() for t in device_tokens] == host_tokens
+    assert device_decoder.captures == 2

@@ -318,8 +318,9 @@ class KVStore:
             tables = None
             if self.config.device.type == "cuda" and self.triton_append and self.tiers is None:
                 L = self.config.num_layers
-                tables = torch.tensor([self._append_columns(layer, seqs, rows) for layer in range(L)],
-                                      dtype=torch.int64).view(L, 4, len(seqs)).to(self.config.device)
+                flat = [x for layer in range(L) for x in self._append_columns(layer, seqs, rows)]
+                # Pinned and sent without blocking: a pageable copy would wait for the previous step's replay.
+                tables = ints_to_device(flat, self.config.device).view(L, 4, len(seqs))
             page_ids = torch.tensor([r[0] for r in rows], dtype=torch.int64)
             return StepRows(plan, seqs, rows, page_ids, tables, [False] * self.config.num_layers)
 
