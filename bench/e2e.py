@@ -42,6 +42,8 @@ from kvcache.engine.config import ModelConfig
 from kvcache.engine.decode import AttentionSpec, decode_step
 from kvcache.engine.graph_decode import GRAPH_METHODS, GraphDecoder, graph_unsupported
 from kvcache.engine.model import Llama, random_model
+from kvcache.methods.gate_model import GateShape, PageGate
+from kvcache.methods.gate_store import attach_gate
 from kvcache.methods.registry import lookup
 
 SHAPES = {
@@ -67,6 +69,8 @@ def _method_params(method: str, context: int, head_dim: int) -> dict:
         return {"top_pages": max(2, context // 16 // P)}
     if method == "window":
         return {"window": context // 16, "sinks": 4}
+    if method == "gate":  # SeerAttention's decode budget (docs/sparse-attention.md §3), S/16 at short contexts
+        return {"budget": min(4096, context // 16)}
     return {}
 
 
@@ -144,6 +148,9 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
     config = KVCacheConfig(c.num_layers, c.num_kv_heads, c.head_dim, page_size=P, dtype=model.dtype, device=device,
                            device_pages=batch * ((context + grown) // P + 2))
     client = InProcessClient(config)
+    if "gate" in methods:  # random weights: a gate's cost does not depend on what it learned
+        attach_gate(client.store, PageGate(GateShape(c.num_layers, c.num_kv_heads, c.num_heads // c.num_kv_heads,
+                                                     c.head_dim, P, model_rope_base=c.rope_theta)))
     seqs = _fill(client, batch, context, model, device)
     tokens = [1] * batch
     graphs = graph_unsupported(client, model) is None
@@ -152,8 +159,8 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
         local_positions, remote_positions = [context] * batch, [context] * batch  # shared by their paths' steps
         steps_of = {}
         for method, path in pairs:
-            if path == "graph" and not (graphs and method in GRAPH_METHODS):
-                continue
+            if path == "graph" and not (graphs and method in GRAPH_METHODS) or path in remotes and method == "gate":
+                continue  # the remote paths' server holds no gate
             if path in remotes:
                 target, ids, positions = remotes[path], remote_seqs, remote_positions
             elif path == "graph":
@@ -295,7 +302,7 @@ def add_arguments(p) -> None:
     """Flags of `kvcache bench e2e`."""
     p.add_argument("--cases", default="smollm2-135m:4096:1,smollm2-135m:4096:8,llama-3-8b:32768:1",
                    help="shape:context:batch,... (shapes: " + ", ".join(SHAPES) + ")")
-    p.add_argument("--methods", default="dense,sparq,quest,window", help="decode methods, comma-separated")
+    p.add_argument("--methods", default="dense,sparq,quest,window,gate", help="decode methods, comma-separated")
     p.add_argument("--paths", default=",".join(PATHS), help="paths to time, comma-separated: " + ", ".join(PATHS))
     p.add_argument("--steps", type=int, default=20, help=f"timed bursts of {BURST} decode steps per row (median "
                    "reported)")

@@ -12,7 +12,9 @@ is written into the graph's static buffers before the replay, outside it:
 - the token ids and positions;
 - the batch's page table (indptr, page ids, last-page fills), padded to the graph's capacity in positions;
 - where each sequence's new row goes in every layer (KVStore.plan_rows' tables);
-- the sequences' value sums and new lengths, from which SparQ's mean value is computed in the graph.
+- the sequences' value sums and new lengths, from which SparQ's mean value is computed in the graph;
+- the page index and fill of each sequence's last page, from which a page gate's key of that page is recomputed
+  in the graph (GateKeyCache.update_step), whatever the step's method, so the gate's keys stay current.
 
 A graph is captured per (batch size, capacity, method, parameters), the capacity a power of two of positions per
 sequence: the kernels' buffers and splits are sized by it, and each program reads the actual lengths from the page
@@ -35,6 +37,7 @@ from kvcache.kernels.csr import PageTableCSR
 from kvcache.kernels.paged_decode import MODE_DENSE, attend_partial, merge_partials, plan_splits
 from kvcache.kernels.tuning import TUNING
 from kvcache.methods.base import AttentionMethod, Params
+from kvcache.methods.gate_store import attached_gate_keys
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.registry import lookup
 from kvcache.methods.selection_attention import attend_triton
@@ -43,8 +46,8 @@ from kvcache.store.step_plan import StepRows
 
 MIN_CAPACITY = 1024  # positions per sequence of the smallest graph
 # Methods whose selection on the GPU reads lengths from the page table on the device and needs nothing of the host
-# per layer (the gate's keys are updated on the host; the oracle is an evaluation bound).
-GRAPH_METHODS = ("dense", "sparq", "quest", "window")
+# per layer (the oracle, an evaluation bound, reads true attention scores on the host).
+GRAPH_METHODS = ("dense", "sparq", "quest", "window", "gate")
 
 
 def graph_unsupported(client: object, model: Llama) -> str | None:
@@ -59,8 +62,9 @@ def graph_unsupported(client: object, model: Llama) -> str | None:
         return "a tiered store moves pages between steps"
     if not store.triton_append:
         return f"head_dim {c.head_dim} is not a power of two"
-    if store.summary_listeners:
-        return "a page gate is attached (its keys are updated on the host)"
+    gate_keys = attached_gate_keys(store)
+    if any(gate_keys is None or listener != gate_keys.update for listener in store.summary_listeners):
+        return "a listener of page summary changes other than the page gate's is attached"
     return None
 
 
@@ -82,6 +86,9 @@ class _Graph:
         self.indices = torch.zeros(batch * max_pages, dtype=torch.int32, device=dev)
         self.last_len = torch.ones(batch, dtype=torch.int32, device=dev)
         self.tables = torch.zeros((c.num_layers, 4, batch), dtype=torch.int64, device=dev)
+        self.page_index = torch.zeros(batch, dtype=torch.int64, device=dev)  # of each sequence's last page
+        self.fills = torch.ones(batch, dtype=torch.int64, device=dev)  # rows that page holds after the step
+        gate_keys = self.gate_keys = attached_gate_keys(store)
         self.sums = torch.zeros((batch, c.num_layers, c.num_kv_heads, c.head_dim), dtype=torch.float32, device=dev)
         self.lengths = torch.ones(batch, dtype=torch.float32, device=dev)
         self.csr = PageTableCSR(self.indptr, self.indices, self.last_len, c.page_size, (capacity,) * batch)
@@ -96,6 +103,8 @@ class _Graph:
             new_v = v[:, 0].to(dtype).contiguous()
             append_rows_triton(view.k_seq, view.v_seq, view.k_dim, view.k_summary, k[:, 0].to(dtype).contiguous(),
                                new_v, self.tables[layer])
+            if gate_keys is not None:
+                gate_keys.update_step(layer, view.k_seq, self.tables[layer, 0], self.page_index, self.fills)
             qs = q[:, 0].to(dtype).contiguous()
             if m.name == "dense":
                 parts = attend_partial(qs, view.k_seq, view.v_seq, self.csr, capacity, MODE_DENSE,
@@ -115,16 +124,19 @@ class _Graph:
         host plans the next step while the GPU replays this one. token_ids may be a device tensor [B] (the
         previous step's `greedy`), which then never visits the host."""
         csr = rows.plan.csr
-        B = self.batch
+        B, P = self.batch, self.store.config.page_size
         starts = rows.plan.start_lengths
+        ints = [*positions, *(n + 1 for n in starts), *(n // P for n in starts), *(n % P + 1 for n in starts)]
         if isinstance(token_ids, torch.Tensor):
-            host = ints_to_device([*positions, *(n + 1 for n in starts)], self.ids.device)
+            host = ints_to_device(ints, self.ids.device)
             self.ids.copy_(token_ids.view(B, 1))
         else:
-            host = ints_to_device([*positions, *(n + 1 for n in starts), *token_ids], self.ids.device)
-            self.ids.copy_(host[2 * B :].view(B, 1))
+            host = ints_to_device([*ints, *token_ids], self.ids.device)
+            self.ids.copy_(host[4 * B :].view(B, 1))
         self.positions.copy_(host[:B].view(B, 1))
         self.lengths.copy_(host[B : 2 * B])
+        self.page_index.copy_(host[2 * B : 3 * B])
+        self.fills.copy_(host[3 * B : 4 * B])
         self.indptr.copy_(csr.indptr)
         self.indices[: csr.indices.numel()].copy_(csr.indices)
         self.last_len.copy_(csr.last_page_len)
@@ -172,7 +184,8 @@ class GraphDecoder:
 
     def _graph(self, batch: int, longest: int, m: AttentionMethod, p: Params) -> _Graph:
         capacity = max(MIN_CAPACITY, 1 << (longest - 1).bit_length())
-        key = (batch, capacity, m.name, tuple(sorted(p.as_dict().items())))
+        # A gate attached (or replaced) since a capture changes what the graph must update: another key.
+        key = (batch, capacity, m.name, tuple(sorted(p.as_dict().items())), id(attached_gate_keys(self.client.store)))
         if key not in self._graphs:
             # A longer capacity replaces the shorter ones of the same batch and method: their memory comes back.
             for old in [k for k in self._graphs if k[0] == batch and k[2:] == key[2:]]:

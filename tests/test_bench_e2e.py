@@ -10,11 +10,12 @@ from kvcache.bench.e2e import run
 
 
 def test_every_method_and_path_gives_a_row_with_its_bytes_and_bound():
-    report = run([("tiny", 64, 2)], ["dense", "sparq", "quest", "window"], steps=2, device=torch.device("cpu"))
+    report = run([("tiny", 64, 2)], ["dense", "sparq", "quest", "window", "gate"], steps=2, device=torch.device("cpu"))
     rows = report["rows"]
     paths = {(r["method"], r["path"]) for r in rows}
     assert paths == {("dense", "static-eager")} | {(m, p) for m in ("dense", "sparq", "quest", "window")
-                                                   for p in ("planned", "per-call", "remote-local", "remote-grpc")}
+                                                   for p in ("planned", "per-call", "remote-local", "remote-grpc")} | {
+                         ("gate", "planned"), ("gate", "per-call")}  # the remote paths' server holds no gate
     by = {(r["method"], r["path"]): r for r in rows}
     assert by[("sparq", "planned")]["attention_bytes_per_step"] < by[("dense", "planned")]["attention_bytes_per_step"]
     assert by[("sparq", "planned")]["bound_vs_dense"] > 1.0

@@ -207,3 +207,28 @@ def test_a_gate_attached_to_a_tiered_store_reads_the_rows_of_pages_off_the_devic
         lg = gate.layer(layer)
         want = gate_keys(lg, gate_pooled(lg, store.layer_view(layer).k_summary[pages], k[layer].transpose(0, 1)))
         torch.testing.assert_close(gate_key_cache(store).keys[layer, pages], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decode_steps_device_update_equals_the_host_update():
+    """update_step (what a captured CUDA graph replays) recomputes the step's last pages as update() does."""
+    store = _store()
+    gate = _gate()
+    attach_gate(store, gate)
+    gen = torch.Generator().manual_seed(11)
+    lengths = (6, 9, 3)  # the last pages hold 2, 1 and 3 of their 4 rows
+    ids = []
+    for n in lengths:
+        sid = store.create().seq_id
+        store.append(sid, *_kv(gen, n))
+        ids.append(sid)
+    cache = gate_key_cache(store)
+    want = cache.keys.clone()
+    cache.keys.zero_()
+    for layer in range(L):
+        csr = store.page_table(ids, layer)
+        last = csr.indptr[1:].long() - 1
+        page_ids = csr.indices.long()[last]
+        indexes = torch.tensor([(n - 1) // P for n in lengths])
+        fills = torch.tensor([(n - 1) % P + 1 for n in lengths])
+        cache.update_step(layer, store.layer_view(layer).k_seq, page_ids, indexes, fills)
+        torch.testing.assert_close(cache.keys[layer, page_ids], want[layer, page_ids], rtol=1e-5, atol=1e-5)

@@ -41,22 +41,39 @@ def _prefilled(client, lengths, seed=0):
     return ids
 
 
+def _gate():
+    from kvcache.methods.gate_model import GateShape, PageGate
+
+    # Random weights, pre-RoPE as `kvcache train-gate` makes them: the page keys are read back from the pool.
+    return PageGate(GateShape(CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.num_heads // CONFIG.num_kv_heads,
+                              CONFIG.head_dim, 16, model_rope_base=CONFIG.rope_theta), seed=3)
+
+
 @NO_CUDA
 @pytest.mark.parametrize("method,params", [("dense", {}), ("sparq", {"r": 8, "k": 32, "local_window": 8}),
-                                           ("quest", {"top_pages": 4}), ("window", {"window": 24, "sinks": 4})],
-                         ids=["dense", "sparq", "quest", "window"])
+                                           ("quest", {"top_pages": 4}), ("window", {"window": 24, "sinks": 4}),
+                                           ("gate", {"budget": 64})],
+                         ids=["dense", "sparq", "quest", "window", "gate"])
 @pytest.mark.parametrize("lengths", [[1000], [1020, 37, 500]], ids=["one", "three"])
 def test_graph_steps_give_the_eager_tokens_and_recapture_past_their_capacity(lengths, method, params):
+    from kvcache.methods.gate_store import attach_gate, gate_key_cache
+
     model = random_model(CONFIG, seed=1, device="cuda")
     eager, graphed = _client("cuda"), _client("cuda")
     ids_e, ids_g = _prefilled(eager, lengths), _prefilled(graphed, lengths)
+    if method == "gate":
+        gate = _gate()
+        attach_gate(eager.store, gate)
+        attach_gate(graphed.store, gate)
     decoder = GraphDecoder(model, graphed)
     tokens = [[7] for _ in lengths]
     positions = list(lengths)
-    spec = AttentionSpec(method, params)
-    for _ in range(40):  # the longest sequence passes 1024 positions: a second graph is captured
+    for i in range(40):  # the longest sequence passes 1024 positions: a second graph is captured
+        # With a gate, every third step runs dense: its graph too must keep the gate's page keys current.
+        name = "dense" if method == "gate" and i % 3 == 0 else method
+        spec = AttentionSpec(name, params if name == method else {})
         want = decode_step(model, eager, ids_e, [t[-1] for t in tokens], positions, spec).logits
-        got, nbytes = decoder.step(ids_g, [t[-1] for t in tokens], positions, method, params)
+        got, nbytes = decoder.step(ids_g, [t[-1] for t in tokens], positions, spec.method, spec.params)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
         chosen = want.argmax(-1).tolist()
         assert got.argmax(-1).tolist() == chosen
@@ -64,7 +81,14 @@ def test_graph_steps_give_the_eager_tokens_and_recapture_past_their_capacity(len
         for t, c in zip(tokens, chosen):
             t.append(c)
         positions = [p + 1 for p in positions]
-    assert decoder.captures == (2 if max(lengths) + 40 > 1024 else 1)
+    assert decoder.captures == (2 if max(lengths) + 40 > 1024 else 1) * (2 if method == "gate" else 1)
+    if method == "gate":  # the page keys the graphs wrote are those the eager steps' store computed
+        for a, b in zip(ids_e, ids_g):
+            for layer in range(CONFIG.num_layers):
+                pe = eager.store.page_table([a], layer).indices.long()
+                pg = graphed.store.page_table([b], layer).indices.long()
+                torch.testing.assert_close(gate_key_cache(graphed.store).keys[layer, pg],
+                                           gate_key_cache(eager.store).keys[layer, pe], rtol=1e-4, atol=1e-4)
     for a, b in zip(ids_e, ids_g):
         assert eager.describe(a).lengths == graphed.describe(b).lengths
         n = eager.describe(a).length

@@ -149,6 +149,23 @@ class GateKeyCache:
                     pooled = pooled_keys(self.summary[layer, ids])
                 self.keys[layer, ids] = gate_keys(self.gate.layer(layer), pooled, positions).to(self.keys.dtype)
 
+    def update_step(self, layer: int, k_seq: torch.Tensor, page_ids: torch.Tensor, indexes: torch.Tensor,
+                    fills: torch.Tensor) -> None:
+        """update() of one decode step's pages at `layer`, from device tensors only (no host sync, no host tensor:
+        a captured CUDA graph replays it): page_ids [B] int64 (their K at slots page_ids of k_seq [N, Hkv, P, d],
+        the layer's pool: an untiered store), at page indexes [B] of their sequences, holding fills [B] rows."""
+        with torch.no_grad():
+            if self.gate.shape.pre_rope:
+                P = self.gate.shape.page_size
+                rows = torch.arange(P, device=page_ids.device)
+                at = (indexes[:, None] * P + rows)[:, None, :]  # [B, 1, P] positions of the pages' rows
+                back = unrotate(k_seq[page_ids], at, self.gate.shape.model_rope_base)
+                pooled = pooled_keys(page_summaries(back, rows[None, :] < fills[:, None]))
+            else:
+                pooled = pooled_keys(self.summary[layer, page_ids])
+            keys = gate_keys(self.gate.layer(layer), pooled, indexes).to(self.keys.dtype)
+            self.keys[layer].index_copy_(0, page_ids, keys)
+
     def _held_rows(self, fills: list[int], dev: torch.device) -> torch.Tensor:
         """[n, P] bool: the rows each page holds; one page (a decode step) compares against an int, copying nothing."""
         rows = torch.arange(self.gate.shape.page_size, device=dev)
@@ -223,6 +240,12 @@ def layer_gate_of(store, layer: int) -> LayerGate:
     """The store's gate for `layer` with its cached gate keys (what the attention methods take)."""
     gate = gate_of(store)
     return gate.layer(layer).with_keys(_GATES[store][1].layer(layer))
+
+
+def attached_gate_keys(store) -> GateKeyCache | None:
+    """The gate key cache of the store's gate, or None if it holds no gate."""
+    held = _GATES.get(store)
+    return None if held is None else held[1]
 
 
 def gate_key_cache(store) -> GateKeyCache:
