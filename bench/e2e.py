@@ -5,7 +5,8 @@ Per row (model shape, context, batch, method, path): milliseconds per decode ste
 back-to-back steps, nothing waited for between them as in an engine's loop; the median over rounds), tokens per
 second, the bytes one step must read (the weights once, plus the method's attention bytes over every layer), the
 bandwidth that implies, that time over the bytes' time at the device's copy rate (measured in the
-same run), the fraction of the step the GPU is busy (kernel time from the profiler over the step's time) and the
+same run), the fraction of the step the GPU is busy (kernel time from the profiler over the step's time), the host's
+time in one step's call (`host_ms`: where it exceeds the GPU's, the loop is bound by the host) and the
 ratio to dense beside what the bytes predict. Paths:
 
 - `graph`: the engine's whole step replayed from a captured CUDA graph (engine/graph_decode.py), with its planning,
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import statistics
 import tempfile
+import time
 from collections.abc import Iterator
 
 import torch
@@ -138,17 +141,17 @@ def _remote_clients(config: KVCacheConfig, wanted: set[str]) -> Iterator[dict[st
 
 
 def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: list[str], steps: int,
-                  device: torch.device, weight_bytes: int, wanted: set[str]) -> list[dict]:
-    """Every (method, path) interleaved: each round times one step of each, so that a machine's drift (clocks, other
-    tenants) falls on all of them alike; the median per row. The in-process paths share one store, the remote ones
-    one `kvcache serve` with the same store."""
+                  device: torch.device, weight_bytes: int, wanted: set[str], gate: bool = False) -> list[dict]:
+    """Every (method, path) interleaved: each round times one burst of each, so that a machine's drift (clocks, other
+    tenants) falls on all of them alike; the median per row. The in-process paths share one store (with a page gate
+    of random weights if `gate`), the remote ones one `kvcache serve` with the same store."""
     c = model.config
     pairs = [(method, path) for method in methods for path in PATHS[2:] if path in wanted]
     grown = (len(pairs) + 1) * (steps * BURST + 8)  # every timed or profiled step appends a position
     config = KVCacheConfig(c.num_layers, c.num_kv_heads, c.head_dim, page_size=P, dtype=model.dtype, device=device,
                            device_pages=batch * ((context + grown) // P + 2))
     client = InProcessClient(config)
-    if "gate" in methods:  # random weights: a gate's cost does not depend on what it learned
+    if gate:  # random weights: a gate's cost does not depend on what it learned
         attach_gate(client.store, PageGate(GateShape(c.num_layers, c.num_kv_heads, c.num_heads // c.num_kv_heads,
                                                      c.head_dim, P, model_rope_base=c.rope_theta)))
     seqs = _fill(client, batch, context, model, device)
@@ -157,7 +160,7 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
     with _remote_clients(config, wanted) as remotes:
         remote_seqs = _fill(next(iter(remotes.values())), batch, context, model, device) if remotes else []
         local_positions, remote_positions = [context] * batch, [context] * batch  # shared by their paths' steps
-        steps_of = {}
+        steps_of, host_ms = {}, {}
         for method, path in pairs:
             if path == "graph" and not (graphs and method in GRAPH_METHODS) or path in remotes and method == "gate":
                 continue  # the remote paths' server holds no gate
@@ -169,13 +172,17 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
                 target, ids, positions = (client if path == "planned" else _PerCall(client)), seqs, local_positions
             spec = AttentionSpec(method, _method_params(method, context, c.head_dim))
 
+            host_ms[(method, path)] = []
+
             # The sequences' lengths are kept here, as an engine keeps them, not asked of the store every step.
-            def one_step(target=target, spec=spec, ids=ids, positions=positions):
+            def one_step(target=target, spec=spec, ids=ids, positions=positions, host=host_ms[(method, path)]):
+                t0 = time.perf_counter()
                 if isinstance(target, GraphDecoder):  # a greedy loop: the last step's tokens stay on the device
                     target.step(ids, tokens if target.greedy is None or len(target.greedy) != len(ids)
                                 else target.greedy, positions, spec.method, spec.params)
                 else:
                     decode_step(model, target, ids, tokens, positions, spec)
+                host.append((time.perf_counter() - t0) * 1e3)
                 positions[:] = [n + 1 for n in positions]
 
             steps_of[(method, path)] = one_step
@@ -186,7 +193,8 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
             attention = lookup(method).bytes_read(config, [context] * batch, lookup(method).parse(params))
             ms = times[(method, path)]
             rows.append({"shape": shape, "context": context, "batch": batch, "method": method, "params": params,
-                         "path": path, "ms_per_step": ms, **_busy(one_step, ms, device),
+                         "path": path, "ms_per_step": ms, "host_ms": statistics.median(host_ms[(method, path)]),
+                         **_busy(one_step, ms, device),
                          "bytes_per_step": weight_bytes + attention * c.num_layers,
                          "attention_bytes_per_step": attention * c.num_layers})
     return rows
@@ -251,7 +259,7 @@ def run(cases: list[tuple[str, int, int]], methods: list[str], steps: int, devic
                     "copy_GBps": copy_Bps / 1e9, "rows": []}
     print(f"device copy bandwidth {copy_Bps / 1e9:.0f} GB/s (read + write)")
     print(f"{'shape':<13} {'ctx':>7} {'B':>3} {'method':<7} {'path':<13} {'ms/step':>8} {'tok/s':>8} "
-          f"{'GB/s':>7} {'x bytes':>7} {'busy':>5} {'vs dense':>8} {'bound':>6} {'vs graph':>8}")
+          f"{'GB/s':>7} {'x bytes':>7} {'busy':>5} {'host ms':>7} {'vs dense':>8} {'bound':>6} {'vs graph':>8}")
     for shape, context, batch in cases:
         model = random_model(SHAPES[shape], seed=0, dtype=dtype, device=device)
         if device.type == "cuda":
@@ -260,7 +268,15 @@ def run(cases: list[tuple[str, int, int]], methods: list[str], steps: int, devic
         rows = _static_rows(model, shape, context, batch, steps, device, weight_bytes, wanted)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        rows += _kvcache_rows(model, shape, context, batch, methods, steps, device, weight_bytes, wanted)
+        rows += _kvcache_rows(model, shape, context, batch, [m for m in methods if m != "gate"], steps, device,
+                              weight_bytes, wanted)
+        if "gate" in methods:
+            # On a store of its own, after the others' is gone: an attached gate recomputes the page key of each
+            # sequence's last page in every step of every method, which a store without a gate does not pay.
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows += _kvcache_rows(model, shape, context, batch, ["gate"], steps, device, weight_bytes, wanted, True)
         dense = {r["path"]: r for r in rows if r["method"] == "dense"}
         for row in rows:
             ms, nbytes = row["ms_per_step"], row["bytes_per_step"]
@@ -275,6 +291,7 @@ def run(cases: list[tuple[str, int, int]], methods: list[str], steps: int, devic
             print(f"{shape:<13} {context:>7} {batch:>3} {row['method']:<7} {row['path']:<13} "
                   f"{row['ms_per_step']:>8.2f} {row['tokens_per_s']:>8.1f} {row['implied_GBps']:>7.0f} "
                   f"{row['vs_copy_bound']:>7.2f} {row.get('gpu_busy', float('nan')):>5.2f} "
+                  f"{row.get('host_ms', float('nan')):>7.2f} "
                   f"{row['speedup_vs_dense']:>8.2f} {row['bound_vs_dense']:>6.2f} "
                   f"{row.get('speedup_vs_dense_graph', float('nan')):>8.2f}")
         report["rows"].extend(rows)
