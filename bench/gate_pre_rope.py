@@ -39,13 +39,13 @@ def main() -> int:
     p.add_argument("--rotated-gate", default="smollm2-135m-rotated",
                    help="the gate on rotated vectors to compare (kvcache train-gate --gate-dim 64 --inputs rotated)")
     args = p.parse_args()
-    from kvcache.engine.eval_data import long_text
+    from kvcache.engine.eval_data import calibration_text
     from kvcache.engine.load import load_model
     from kvcache.methods.gate_store import load_gate
 
     t0 = time.perf_counter()
     model, tok = load_model(None)
-    ids = tok.encode(long_text())
+    ids = tok.encode(calibration_text())
     gate, rotated_gate = load_gate(args.gate), load_gate(args.rotated_gate)
     if not gate.shape.pre_rope or rotated_gate.shape.pre_rope:
         raise SystemExit("--gate must be a pre-RoPE gate and --rotated-gate one on rotated vectors")

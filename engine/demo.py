@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kvcache.engine.decode import AttentionSpec
-from kvcache.engine.eval_data import long_text
+from kvcache.engine.eval_data import calibration_text
 
 QUESTION = "In one sentence: what does the passage above explain?"
 # About 8K tokens of the Python docs: there the cache is 40% of the bytes a dense step reads (the rest is the
@@ -61,7 +61,7 @@ def main() -> int:
     print("loading SmolLM2-135M-Instruct from its GGUF file ...", flush=True)
     model, tok = load_model()
     c = model.config
-    passage = long_text()[:PASSAGE_CHARS]
+    passage = calibration_text()[:PASSAGE_CHARS]
     prompt = [{"role": "user", "content": f"{passage}\n\n{QUESTION}"}]
     n_prompt = len(tok.prompt_ids(prompt, chat=True))
     k = max(64, n_prompt // 8)

@@ -1,5 +1,11 @@
 """`kvcache eval`: perplexity, greedy agreement and passkey retrieval of each decode method against dense,
-with the attention bytes per token each one read; JSON and a plot under bench/results/."""
+with the attention bytes per token each one read; JSON and a plot under bench/results/.
+
+Perplexity is scored on the evaluation text (engine/eval_data.py: stdlib docstrings), never on the calibration text
+that gates and prefill patterns are fitted to. With several windows per context the rows are pooled with bootstrap
+intervals over windows (engine/eval_stats.py); `--heldout` is the setting to report: 16 disjoint windows spread over
+the text, and StreamingLLM's window at each method's bytes as the floor a method must beat.
+"""
 
 from __future__ import annotations
 
@@ -17,17 +23,23 @@ from typing import Any
 
 import torch
 
+from kvcache.config import KVCacheConfig
+from kvcache.engine import eval_stats
 from kvcache.engine.cli import add_prefill_arguments
 from kvcache.engine.decode import AttentionSpec, parse_layers
-from kvcache.engine.eval_data import long_text, passkey_prompt
+from kvcache.engine.eval_data import CALIBRATION_SOURCE, EVALUATION_SOURCE, evaluation_text, passkey_prompt
 from kvcache.engine.evaluation import Encoder, greedy_methods, perplexity, teacher_force
 from kvcache.engine.prefill import PrefillAttention, causal_attention
 from kvcache.engine.star_eval import StarEncoder, parse_settings, shard_clients
+from kvcache.errors import InvalidParameter
 from kvcache.methods.gate import gate_budget_for_share
 from kvcache.methods.gate_model import GATE_DIM
 from kvcache.methods.gate_store import load_gate
 from kvcache.methods.quest import quest_pages_for_share
 from kvcache.methods.registry import METHODS
+
+HELDOUT_WINDOWS = 16  # --heldout's windows per context
+EQUAL_BYTES = 0.1  # a floor row within this relative difference of a method's bytes reads "equal bytes"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,10 +47,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a .gguf file or a Hugging Face checkpoint directory (default: SmolLM2-135M)")
     p.add_argument("--contexts", default="1024,2048,4096,8192", help="perplexity contexts in tokens")
     p.add_argument("--eval-tokens", type=int, default=64, help="tokens scored at the end of each context")
-    p.add_argument("--windows", type=int, default=1,
+    p.add_argument("--heldout", action="store_true",
+                   help=f"the evaluation to report: {HELDOUT_WINDOWS} disjoint windows per context spread over the "
+                        "evaluation text (unless --windows/--window-stride say otherwise), the window floor rows "
+                        "(--floor auto) and bootstrap intervals")
+    p.add_argument("--windows", type=int, default=None,
                    help="text windows per context, starting --window-stride tokens apart; with more than one, "
-                        "perplexity_mean pools them (one window is one stretch of text, not an average)")
-    p.add_argument("--window-stride", type=int, default=0, help="tokens between window starts (default: the context)")
+                        "perplexity_mean pools them with bootstrap intervals (one window is one stretch of text, not "
+                        f"an average) (default 1; {HELDOUT_WINDOWS} with --heldout)")
+    p.add_argument("--window-stride", type=int, default=0,
+                   help="tokens between window starts (default: the context; with --heldout the text's tokens / "
+                        "windows, at least the context)")
+    p.add_argument("--floor", default=None,
+                   help="StreamingLLM window rows (sinks + recent window) to compare every method with at equal bytes: "
+                        "auto = one at each other row's bytes at each context, or f,... = window rows reading 1/f "
+                        "of dense bytes, or '' for none (default: auto with --heldout, else none)")
+    p.add_argument("--bootstrap", type=int, default=eval_stats.RESAMPLES,
+                   help="bootstrap resamples of the windows for the intervals (default %(default)s)")
+    p.add_argument("--bootstrap-seed", type=int, default=eval_stats.SEED,
+                   help="seed of the bootstrap draws (default %(default)s): every method is resampled alike")
     p.add_argument("--agree-tokens", type=int, default=32, help="free-running greedy tokens compared with dense")
     p.add_argument("--passkey-lengths", default="1024,2048,4096,8000", help="passkey prompt lengths in tokens")
     p.add_argument("--depths", default="0.1,0.5,0.9", help="relative depths of the key in the filler")
@@ -176,6 +203,53 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
     return grid
 
 
+def nominal_share(spec: AttentionSpec, context: int, config: KVCacheConfig) -> float | None:
+    """The share of dense attention's bytes a grid row reads at `context` positions by its method's formula; None
+    where the formula does not say (a gate by threshold reads what the data asks, a row with per-layer methods)."""
+    if spec.layers or (spec.method == "gate" and spec.params.get("threshold") is not None):
+        return None
+    method, dense = METHODS[spec.method], METHODS["dense"]
+    try:
+        return method.bytes_read(config, [context], method.parse(spec.params)) / dense.bytes_read(
+            config, [context], dense.parse({}))
+    except (InvalidParameter, ValueError):  # no formula for these parameters at this length
+        return None
+
+
+def floor_grid(grid: list[tuple[str, AttentionSpec]], context: int, config: KVCacheConfig, floor: str,
+               length: int | None = None) -> list[tuple[str, AttentionSpec]]:
+    """StreamingLLM window rows (4 sinks and a recent window) that `grid` lacks: with floor "auto" one at each
+    row's nominal share of dense bytes at `length` cached positions (default `context`; the middle of the scored
+    tokens reads what the steps read on average), reading that share of them; with "f,..." one at 1/f of dense
+    bytes at `context` (the same as --at-bytes window:f); with "" none."""
+    window = METHODS["window"]
+    have = {window.parse(s.params) for _, s in grid if s.method == "window" and not s.layers}
+    rows: list[tuple[str, AttentionSpec]] = []
+
+    def add(label: str, params: dict) -> None:
+        if window.parse(params) not in have:  # a window row the grid has already (--at-bytes window:f)
+            have.add(window.parse(params))
+            rows.append((label, AttentionSpec("window", params)))
+
+    if floor.strip() == "auto":
+        at = length or context
+        shares = (nominal_share(spec, at, config) for _, spec in grid if spec.method not in ("dense", "window"))
+        for share in sorted({s for s in shares if s is not None and s < 1}, reverse=True):
+            total = round(share * at)  # positions read: sinks + window
+            sinks = min(4, total - 1)
+            if sinks >= 0:
+                add(f"window floor {share:.3g}", {"window": total - sinks, "sinks": sinks})
+        return rows
+    for item in filter(None, (x.strip() for x in floor.split(","))):
+        if not item.isdigit() or int(item) < 1:
+            raise ValueError(f"--floor takes auto or integers f >= 1; got {item!r}")
+        params = window.params_for_share(context, 1 / int(item), config.page_size, config.head_dim, config.itemsize)
+        if params is None:
+            raise ValueError(f"window has no parameters that read 1/{item} of dense bytes at {context} tokens")
+        add(f"window bytes/{item}", params.given())
+    return rows
+
+
 @dataclass
 class Encoding:
     """One way the harness puts a prompt into a store: a prefill attention (dense causal, or MInference), or
@@ -279,22 +353,38 @@ def main(args: argparse.Namespace) -> int:
                  "gate_dense_layers": args.gate_dense_layers if args.gate else "",
                  "gate_oracle_layers": args.gate_oracle_layers if args.gate else "",
                  "num_layers": model.config.num_layers, "at_bytes": args.at_bytes}
-    text_ids = tok.encode(long_text())
-    if args.windows < 1 or args.window_stride < 0:
-        raise SystemExit("--windows must be at least 1 and --window-stride not negative")
-    windows = [(C, j * (args.window_stride or C)) for C in contexts for j in range(args.windows)]
-    for C, start in windows:  # all checked before the first is scored
-        if start + C > len(text_ids):
-            raise SystemExit(f"a window of {C} tokens at {start} passes the end of the text ({len(text_ids)} tokens)")
-    for n in contexts + lengths:  # and every setting at every length (a c/n threshold depends on it)
+    heldout = getattr(args, "heldout", False)
+    floor = getattr(args, "floor", None)
+    floor = ("auto" if heldout else "") if floor is None else floor
+    n_windows = args.windows if args.windows is not None else HELDOUT_WINDOWS if heldout else 1
+    config = encs[0].client.config
+
+    def grid_at(n: int, scored: int = 0) -> list[tuple[str, AttentionSpec]]:
+        """The rows at `n` tokens, the floor matched to the bytes read while `scored` last tokens are scored."""
+        full = method_grid(n, args.page_size, args.sparq, args.quest, *gate_grid, **grid_cost)
+        return full + floor_grid(full, n, config, floor, n - scored // 2)
+
+    text_ids = tok.encode(evaluation_text())
+    try:
+        starts = window_starts(len(text_ids), contexts, n_windows, args.window_stride, disjoint=heldout)
+    except ValueError as exc:
+        raise SystemExit(f"kvcache eval: {exc}") from None
+    report["text"] = {"evaluation": EVALUATION_SOURCE, "evaluation_tokens": len(text_ids),
+                      "calibration": CALIBRATION_SOURCE, "calibration_use": "train-gate, search-patterns (not scored)"}
+    report["windows"] = n_windows
+    report["window_starts"] = {str(C): starts[C] for C in contexts}
+    report["floor"] = floor
+    report["bootstrap"] = {"resamples": args.bootstrap, "seed": args.bootstrap_seed, "level": eval_stats.LEVEL,
+                           "unit": "window", "paired": True}
+    for n in contexts + lengths:  # every setting at every length, before the first is scored (c/n depends on it)
         try:
-            method_grid(n, args.page_size, args.sparq, args.quest, *gate_grid, **grid_cost)
+            grid_at(n, args.eval_tokens if n in contexts else 0)
         except ValueError as exc:
             raise SystemExit(f"kvcache eval: a setting does not apply at {n} tokens: {exc}") from None
-    for C, start in windows:
+    for C, start in [(c, start) for c in contexts for start in starts[c]]:
         window = text_ids[start : start + C]
-        full = method_grid(C, args.page_size, args.sparq, args.quest, *gate_grid, **grid_cost)
         M = args.eval_tokens
+        full = grid_at(C, M)
         base = None  # dense prefill, dense decode: (perplexity, forced argmax, free-running tokens, bytes)
         for enc in encs:
             grid = enc.grid(full)
@@ -318,29 +408,30 @@ def main(args: argparse.Namespace) -> int:
                        **enc.fields(C - M),
                        "perplexity": ppl[i], "vs_dense": ppl[i] / base[0] - 1,
                        "bytes_per_token": run.bytes_per_token[i],
-                       "bytes_vs_dense": run.bytes_per_token[i] / base[3], "top1_agreement_forced": agree[i]}
+                       "bytes_vs_dense": run.bytes_per_token[i] / base[3], "top1_agreement_forced": agree[i],
+                       # what the pooled statistics sum over windows: nats, and positions scored
+                       "nll_sum": float(run.nll[i].double().sum()), "scored_tokens": run.nll.shape[1],
+                       "top1_matches": eval_stats.top1_matches(run.argmax[i], base[1])}
                 if density is not None:
                     row["prefill_density"] = density
                 report["perplexity"].append(row)
                 report["agreement"].append({"context": C, "window_start": start, "method": name, "prefill": enc.kind,
                                             **enc.fields(len(prompt)), "greedy_tokens_equal_to_dense_until": same,
                                             "greedy_tokens_equal_share": equal, "of": len(base[2])})
-                print(f"ppl C={C:>5}{f' @{start}' if args.windows > 1 else ''} {name:<24} {ppl[i]:8.3f} "
+                print(f"ppl C={C:>5}{f' @{start}' if n_windows > 1 else ''} {name:<24} {ppl[i]:8.3f} "
                       f"({ppl[i] / base[0] - 1:+.2%}) bytes/token "
                       f"{run.bytes_per_token[i]:>12,.0f} ({row['bytes_vs_dense']:.3f}x) "
                       f"top-1 agree {agree[i]:.3f}  free-run same for {same}/{len(base[2])} ({equal:.0%} equal)"
                       + ("" if density is None else f"  prefill density {density:.3f}"), flush=True)
             print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if args.windows > 1:
-        report["perplexity_mean"] = pooled_windows(report["perplexity"], report["agreement"])
+    if n_windows > 1 or heldout:
+        report["perplexity_mean"] = pooled_windows(report["perplexity"], report["agreement"], args.bootstrap,
+                                                   args.bootstrap_seed)
         for r in report["perplexity_mean"]:
-            print(f"mean of {r['windows']} windows C={r['context']:>5} {r['method']:<24} {r['perplexity']:8.3f} "
-                  f"({r['vs_dense']:+.2%}) top-1 agree {r['top1_agreement_forced']:.3f}  free-run "
-                  f"{r['greedy_tokens_equal_share']:.0%} equal (worst window {r['worst_window_vs_dense']:+.2%})",
-                  flush=True)
+            print(_pooled_line(r), flush=True)
     depths = [float(x) for x in args.depths.split(",")]
     for n in lengths:
-        full = method_grid(n, args.page_size, args.sparq, args.quest, *gate_grid, **grid_cost)
+        full = grid_at(n)
         for depth in sorted(depths, reverse=True):
             for trial in range(args.trials):
                 prompt = passkey_prompt(tok, n, depth, seed=hash((n, depth, trial)) % 2**31)
@@ -372,27 +463,115 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def pooled_windows(perplexity: list[dict], agreement: list[dict]) -> list[dict]:
+def window_starts(n_tokens: int, contexts: list[int], windows: int, stride: int,
+                  disjoint: bool = False) -> dict[int, list[int]]:
+    """Token offsets of each context's windows in a text of `n_tokens` tokens: `windows` of them, `stride` apart
+    (0: the context apart; with `disjoint`, spread over the whole text, n_tokens / windows apart, and a stride
+    shorter than the context refused). ValueError if a window passes the end of the text."""
+    if windows < 1 or stride < 0:
+        raise ValueError("--windows must be at least 1 and --window-stride not negative")
+    starts = {}
+    for C in contexts:
+        step = stride or (max(C, n_tokens // windows) if disjoint else C)
+        if disjoint and step < C:
+            raise ValueError(f"windows of {C} tokens {step} apart overlap; held-out windows must be disjoint")
+        starts[C] = [j * step for j in range(windows)]
+        if starts[C][-1] + C > n_tokens:
+            raise ValueError(f"a window of {C} tokens at {starts[C][-1]} passes the end of the text "
+                             f"({n_tokens} tokens)")
+    return starts
+
+
+def pooled_windows(perplexity: list[dict], agreement: list[dict], resamples: int = eval_stats.RESAMPLES,
+                   seed: int = eval_stats.SEED) -> list[dict]:
     """Per (context, method), the windows pooled: perplexity over all their scored tokens (windows score equally
-    many, so the geometric mean), its change against pooled dense, mean agreement, and the worst window."""
+    many, so the geometric mean), its change against pooled dense, mean agreement, and the worst window; where the
+    rows carry their sums (nll_sum, scored_tokens, top1_matches), the perplexity ratio to dense and the top-1
+    agreement with paired bootstrap intervals over windows, and the comparison with the window floor."""
     pooled = []
     for key in dict.fromkeys((r["context"], r["method"]) for r in perplexity):
-        rows = [r for r in perplexity if (r["context"], r["method"]) == key]
-        dense = [r for r in perplexity if r["context"] == key[0] and r["method"] == "dense"]
+        rows = _windows_of(perplexity, *key)
+        dense = _windows_of(perplexity, key[0], "dense")
         free = [r["greedy_tokens_equal_share"] for r in agreement if (r["context"], r["method"]) == key]
         ppl = math.exp(sum(math.log(r["perplexity"]) for r in rows) / len(rows))
         base = math.exp(sum(math.log(r["perplexity"]) for r in dense) / len(dense))
         per_window = {"window_start", "perplexity", "vs_dense", "bytes_per_token", "top1_agreement_forced",
-                      "prefill_density"}
-        pooled.append({
+                      "prefill_density", "nll_sum", "scored_tokens", "top1_matches"}
+        entry = {
             **{k: v for k, v in rows[0].items() if k not in per_window}, "windows": len(rows),
             "window_starts": [r["window_start"] for r in rows], "perplexity": ppl, "vs_dense": ppl / base - 1,
             "top1_agreement_forced": sum(r["top1_agreement_forced"] for r in rows) / len(rows),
             "greedy_tokens_equal_share": sum(free) / len(free),
             "worst_window_vs_dense": max(r["vs_dense"] for r in rows),
             "bytes_vs_dense": sum(r["bytes_vs_dense"] for r in rows) / len(rows),
-        })
+        }
+        if all("nll_sum" in r for r in rows + dense):
+            entry.update(_intervals(rows, dense, resamples, seed))
+        pooled.append(entry)
+    if all("nll_sum" in r for r in perplexity):
+        for entry in pooled:
+            entry.update(_floor_fields(entry, pooled, perplexity, resamples, seed))
     return pooled
+
+
+def _windows_of(perplexity: list[dict], context: int, method: str) -> list[dict]:
+    """The per-window rows of one (context, method), in window order."""
+    return sorted((r for r in perplexity if (r["context"], r["method"]) == (context, method)),
+                  key=lambda r: r["window_start"])
+
+
+def _intervals(rows: list[dict], dense: list[dict], resamples: int, seed: int) -> dict:
+    """Pooled perplexity ratio to dense and top-1 agreement, with paired bootstrap intervals over windows, the
+    per-window ratios' median and range, and mean attention bytes per token."""
+    if [r["window_start"] for r in rows] != [r["window_start"] for r in dense]:
+        raise ValueError("a method and dense must be scored on the same windows")
+    tokens = [r["scored_tokens"] for r in rows]
+    nll, nll_dense = [r["nll_sum"] for r in rows], [r["nll_sum"] for r in dense]
+    ratio = eval_stats.perplexity_ratio(nll, nll_dense, tokens, resamples, seed)
+    top1 = eval_stats.agreement([r["top1_matches"] for r in rows], tokens, resamples, seed)
+    return {"scored_tokens": sum(tokens), "ppl_ratio": ratio.point, "ppl_ratio_ci95": ratio.bounds(),
+            "ppl_ratio_windows": eval_stats.spread(eval_stats.window_ratios(nll, nll_dense, tokens)),
+            "top1_agreement_forced": top1.point, "top1_agreement_ci95": top1.bounds(),
+            "bytes_per_token": sum(r["bytes_per_token"] for r in rows) / len(rows)}
+
+
+def _floor_fields(entry: dict, pooled: list[dict], perplexity: list[dict], resamples: int, seed: int) -> dict:
+    """A pooled row's comparison with the window row (same context and prefill) nearest its bytes: log(ppl_method /
+    ppl_window) with its paired bootstrap interval, the verdict, and whether it beats the window at equal bytes
+    (within EQUAL_BYTES; None where no window row is that close, or for dense and window rows)."""
+    floors = [f for f in pooled if f["attention"] == "window" and not f.get("layers")
+              and (f["context"], f["prefill"]) == (entry["context"], entry["prefill"])]
+    if entry["attention"] in ("dense", "window") or not floors:
+        return {"floor": None, "beats_floor": None}
+    floor = min(floors, key=lambda f: abs(math.log(f["bytes_vs_dense"] / entry["bytes_vs_dense"])))
+    rows = _windows_of(perplexity, entry["context"], entry["method"])
+    under = _windows_of(perplexity, floor["context"], floor["method"])
+    diff = eval_stats.log_ratio([r["nll_sum"] for r in rows], [r["nll_sum"] for r in under],
+                                [r["scored_tokens"] for r in rows], resamples, seed)
+    equal = abs(floor["bytes_vs_dense"] / entry["bytes_vs_dense"] - 1) <= EQUAL_BYTES
+    verdict = eval_stats.verdict(diff)
+    return {"floor": {"method": floor["method"], "bytes_vs_dense": floor["bytes_vs_dense"], "equal_bytes": equal,
+                      "log_ppl_diff": diff.point, "log_ppl_diff_ci95": diff.bounds(), "verdict": verdict},
+            "beats_floor": verdict == "better" if equal else None}
+
+
+def _pooled_line(r: dict) -> str:
+    """One printed line of a pooled row."""
+    line = (f"mean of {r['windows']} windows C={r['context']:>5} {r['method']:<24} {r['perplexity']:8.3f} "
+            f"({r['vs_dense']:+.2%})")
+    if "ppl_ratio_ci95" in r:
+        lo, hi = r["ppl_ratio_ci95"]
+        w = r["ppl_ratio_windows"]
+        a_lo, a_hi = r["top1_agreement_ci95"]
+        line += (f" ratio {r['ppl_ratio']:.4f} [{lo:.4f}, {hi:.4f}] (windows {w['median']:.4f}, "
+                 f"{w['min']:.4f}..{w['max']:.4f}) top-1 {r['top1_agreement_forced']:.3f} [{a_lo:.3f}, {a_hi:.3f}] "
+                 f"bytes {r['bytes_vs_dense']:.3f}x")
+        if r.get("floor"):
+            f = r["floor"]
+            line += f"  vs {f['method']} ({f['bytes_vs_dense']:.3f}x): {f['verdict']}"
+        return line
+    return line + (f" top-1 agree {r['top1_agreement_forced']:.3f}  free-run {r['greedy_tokens_equal_share']:.0%} "
+                   f"equal (worst window {r['worst_window_vs_dense']:+.2%})")
 
 
 def _pairs(attention) -> tuple[int, int] | None:
@@ -418,15 +597,21 @@ def _spec(spec: AttentionSpec) -> dict:
 
 def _series(row: dict) -> str:
     """The plot's series of a perplexity row: its attention method, gate rows by threshold or per-layer methods
-    apart."""
+    apart, and a non-dense prefill's rows apart."""
     if row["attention"] == "gate" and row.get("layers"):
-        return "gate+layers"
-    thresholded = row["attention"] == "gate" and row.get("params", {}).get("threshold") is not None
-    return "gate thr" if thresholded else row["attention"]
+        series = "gate+layers"
+    else:
+        thresholded = row["attention"] == "gate" and row.get("params", {}).get("threshold") is not None
+        series = "gate thr" if thresholded else row["attention"]
+    return series if row.get("prefill", "dense") == "dense" else f"{row['prefill']}+{series}"
+
+
+MARKERS = {"sparq": "o", "quest": "s", "gate": "^", "gate thr": "v", "gate+layers": "D", "oracle": "*", "window": "x"}
 
 
 def plot(report: dict, path: str) -> bool:
-    """Perplexity change against attention bytes per token (relative to dense) of the decode methods, against the
+    """Perplexity against attention bytes per token (relative to dense) of the decode methods (with intervals: the
+    ratio and its bootstrap interval, one panel per context, the window floor as one more series), against the
     anchor's share of the block for Star Attention rows, and passkey accuracy; a panel only where there are rows
     (False, and no file, with none)."""
     import matplotlib
@@ -436,22 +621,25 @@ def plot(report: dict, path: str) -> bool:
 
     scored = report.get("perplexity_mean", report["perplexity"])  # several windows: one point per setting
     sparse = [r for r in scored if r["attention"] != "dense"]
+    intervals = bool(sparse) and all("ppl_ratio_ci95" in r for r in sparse)
+    contexts = sorted({r["context"] for r in sparse})
     star = [r for r in scored if r["prefill"] == "star"]
     passkeys = report.get("passkey", [])
-    panels = bool(sparse) + bool(star) + bool(passkeys)
+    panels = (len(contexts) if intervals else bool(sparse)) + bool(star) + bool(passkeys)
     if not panels:
         return False
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     axes = list(axes[0])
-    if sparse:
+    if intervals:
+        for C in contexts:
+            _ratio_panel(axes.pop(0), [r for r in sparse if r["context"] == C], C, report)
+    elif sparse:
         left = axes.pop(0)
-        for C in sorted({r["context"] for r in sparse}):
+        for C in contexts:
             rows = [r for r in sparse if r["context"] == C]
-            for attention, marker in (("sparq", "o"), ("quest", "s"), ("gate", "^"), ("gate thr", "v"),
-                                      ("gate+layers", "D"), ("oracle", "*")):
-                pts = sorted((r["bytes_vs_dense"], 100 * r["vs_dense"]) for r in rows if _series(r) == attention)
-                if pts:
-                    left.plot(*zip(*pts), marker=marker, label=f"{attention} C={C}")
+            for series in dict.fromkeys(_series(r) for r in rows):
+                pts = sorted((r["bytes_vs_dense"], 100 * r["vs_dense"]) for r in rows if _series(r) == series)
+                left.plot(*zip(*pts), marker=MARKERS.get(series.rsplit("+", 1)[-1], "."), label=f"{series} C={C}")
         left.set_xscale("log", base=2)
         left.set_yscale("symlog", linthresh=10)  # a few % near dense and thousands of % at 1/16 on one axis
         left.set_xlabel("attention bytes per token / dense")
@@ -481,3 +669,29 @@ def plot(report: dict, path: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
+
+
+def _ratio_panel(ax, rows: list[dict], context: int, report: dict) -> None:
+    """One context's pooled rows: perplexity ratio to dense with its bootstrap interval against bytes / dense, a
+    line per series (the window floor dashed)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    for series in dict.fromkeys(_series(r) for r in rows if r["prefill"] != "star"):
+        pts = sorted((r["bytes_vs_dense"], r["ppl_ratio"], *r["ppl_ratio_ci95"]) for r in rows if _series(r) == series)
+        x, y, lo, hi = (list(v) for v in zip(*pts))
+        floor = series.rsplit("+", 1)[-1] == "window"
+        ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]], capsize=3,
+                    marker=MARKERS.get(series.rsplit("+", 1)[-1], "."), ls="--" if floor else "-",
+                    color="gray" if floor else None, label="window (floor)" if floor else series)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # ratios from a fraction of a percent to several times dense's perplexity
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    low, high = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())  # within a decade: every tick
+    ax.axhline(1, color="gray", lw=0.5)
+    ax.set_xlabel("attention bytes per token / dense")
+    level = report.get("bootstrap", {}).get("level", eval_stats.LEVEL)
+    ax.set_ylabel(f"perplexity / dense ({100 * level:.0f}% bootstrap interval over windows)")
+    ax.set_title(f"C={context}, {report.get('windows')} windows", fontsize=9)
+    ax.legend(fontsize=7)

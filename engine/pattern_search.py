@@ -209,10 +209,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def calibration_ids(tok, length: int) -> list[int]:
-    """`length` tokens of the Python docs' second half (the eval harness reads the text from its start)."""
-    from kvcache.engine.eval_data import long_text
+    """`length` tokens of the calibration text's second half (the Python docs' topic pages; `kvcache eval` scores
+    another text, and the second half keeps the saved patterns reproducible from when it read this one)."""
+    from kvcache.engine.eval_data import calibration_text
 
-    text = long_text()
+    text = calibration_text()
     half = text[len(text) // 2 :]
     chars = 8 * length
     while True:
@@ -250,7 +251,7 @@ def main(args: argparse.Namespace) -> int:
     config = search_patterns(model, ids, name=name, candidates=candidates, budget=args.budget,
                              tolerance=args.tolerance, block_size=args.block_size,
                              reference_length=args.reference_length, progress=progress)
-    config.search["text"] = "pydoc_data.topics (kvcache.engine.eval_data.long_text), second half"
+    config.search["text"] = "pydoc_data.topics (kvcache.engine.eval_data.calibration_text), second half"
     config.save(out)
     flat = [(p.label, s) for row, srow in zip(config.layers, config.scores) for p, s in zip(row, srow)]
     print(f"{'pattern':<32} {'heads':>5} {'recall':>8} {'density':>8}")

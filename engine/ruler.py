@@ -6,9 +6,10 @@ Four tasks, each item generated offline and deterministically from a seed and a 
   multi_value        one key with several numbers at different depths; asked for all of them.
   variable_tracking  chains of assignments ("VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE.") spread through
                      the haystack; asked which variables hold a given value.
-The haystack is consecutive prose sentences of the Python documentation's topic pages (`pydoc_data.topics`,
-shipped with CPython), from a seeded start. A prompt is assembled from the token lists of its pieces (intro,
-sentences, inserted statements, question), the last sentence cut so the prompt is exactly the target length.
+The haystack is consecutive prose sentences of the evaluation text (the standard library's docstrings, never
+the calibration text a gate or a pattern search learned from: kvcache.engine.eval_data), from a seeded start.
+A prompt is assembled from the token lists of its pieces (intro, sentences, inserted statements, question), the
+last sentence cut so the prompt is exactly the target length.
 
 The score of a decode attention method is not whether the model answers correctly (a small model such as
 SmolLM2-135M often does not) but whether the method changes the answer: an item agrees when the method's greedy
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvcache.engine.decode import AttentionSpec
+from kvcache.engine.eval_data import evaluation_text
 from kvcache.engine.evaluation import greedy_methods
 from kvcache.engine.model import Llama
 from kvcache.engine.prefill import PrefillAttention, causal_attention
@@ -86,18 +88,15 @@ NOUNS = ("anchor apple badger banjo beacon bison bucket candle canyon cactus com
 
 @functools.lru_cache(maxsize=1)
 def haystack_sentences() -> tuple[str, ...]:
-    """The prose sentences of the Python docs' topic pages, in document order, each once (about 1,100)."""
-    from pydoc_data.topics import topics
-
+    """The prose sentences of the evaluation text (kvcache.engine.eval_data), in its order, each once."""
     seen: dict[str, None] = {}
-    for name in sorted(topics):
-        for paragraph in re.split(r"\n\s*\n", topics[name]):
-            if paragraph.startswith(" "):  # indented: code, grammar or a table, not prose
-                continue
-            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(paragraph.split())):
-                # No digits (they would be confused with the needles' numbers), no '=' (nor with assignments).
-                if 30 <= len(sentence) <= 300 and re.fullmatch(r"[A-Z][^0-9=<>{}|\\]*\.", sentence):
-                    seen.setdefault(sentence)
+    for paragraph in re.split(r"\n\s*\n", evaluation_text()):
+        if paragraph.startswith(" ") or ">>>" in paragraph:  # indented or a session: code, not prose
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(paragraph.split())):
+            # No digits (they would be confused with the needles' numbers), no '=' (nor with assignments).
+            if 30 <= len(sentence) <= 300 and re.fullmatch(r"[A-Z][^0-9=<>{}|\\]*\.", sentence):
+                seen.setdefault(sentence)
     return tuple(seen)
 
 

@@ -21,10 +21,11 @@ own attention on real text; the model stays frozen.
    restricted to pages 1 .. page(t)-1 and renormalised there; loss KL(gt || gate), averaged over
    rows, summed over layers (the layers' gates are independent). Adam on all layers at once.
 3. Held out. Windows of the text the gate never trains on give the held-out KL, logged with the
-   training loss; the eval harness (engine/eval_cli.py) scores the text's first tokens (as many as its
-   context, at most the model's 8192), so the training windows start after them (`--skip`) and the
-   held-out windows follow the training ones. (`kvcache eval --windows` scores later windows too: those
-   lie in this training text, so a gate's rows there are not held out.)
+   training loss; they follow the training ones. The text is the calibration text
+   (engine/eval_data.py calibration_text: the Python docs' topic pages); `kvcache eval` scores another,
+   the stdlib's docstrings, so its rows are held out from any gate trained here. The training windows
+   still start after the text's first 8192 tokens (`--skip`), which the eval harness scored when it read
+   this text too: the default keeps the gates trained before reproducible.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from kvcache.engine.model import Llama
 from kvcache.engine.prefill import causal_attention
 from kvcache.methods.gate_model import GATE_DIM, GateShape, PageGate, gate_rope, unrotate
 
-EVAL_TOKENS = 8192  # the text's first tokens, which kvcache eval scores at contexts up to the model's 8192
+EVAL_TOKENS = 8192  # the calibration text's first tokens, which kvcache eval scored when it read that text
 
 
 @dataclass
@@ -269,7 +270,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=24, help="training windows (after the first --skip tokens)")
     p.add_argument("--held-out", type=int, default=1, help="held-out windows (after the training ones)")
     p.add_argument("--skip", type=int, default=EVAL_TOKENS,
-                   help="first tokens of the text left out: kvcache eval scores them (contexts up to this long)")
+                   help="first tokens of the calibration text left out (kvcache eval scored them before it read "
+                        "a text of its own; the default reproduces the gates trained then)")
     p.add_argument("--queries", type=int, default=512, help="query positions sampled per window")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=256, help="query rows per step (all layers)")
@@ -291,13 +293,13 @@ def main(args: argparse.Namespace) -> int:
     import platform
     import sys
 
-    from kvcache.engine.eval_data import long_text
+    from kvcache.engine.eval_data import calibration_text
     from kvcache.engine.load import load_model
     from kvcache.methods.gate_store import save_gate
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
-    ids = tok.encode(long_text())
+    ids = tok.encode(calibration_text())
     start = args.skip
     texts = windows(ids, args.context, args.windows + args.held_out, start)
     print(f"text: {len(ids)} tokens; {args.windows} training + {args.held_out} held-out windows of {args.context} "
