@@ -32,6 +32,9 @@ from kvcache.engine.evaluation import Encoder, greedy_methods, perplexity, teach
 from kvcache.engine.prefill import PrefillAttention, causal_attention
 from kvcache.engine.star_eval import StarEncoder, parse_settings, shard_clients
 from kvcache.errors import InvalidParameter
+from kvcache.methods.base import AttentionMethod
+from kvcache.methods.byte_allocation import ByteAllocation, load_allocation
+from kvcache.methods.byte_budget import least_share
 from kvcache.methods.gate import gate_budget_for_share
 from kvcache.methods.gate_model import GATE_DIM
 from kvcache.methods.gate_store import load_gate
@@ -99,6 +102,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--at-bytes", default="",
                    help="METHOD:f,...: any method with the parameters that read 1/f of dense bytes at each context "
                         "(AttentionMethod.params_for_share), e.g. window:8,sparq:8")
+    p.add_argument("--allocation",
+                   help="a byte allocation (`kvcache calibrate-bytes`; a name under kvcache/methods/allocations/ or "
+                        "a path): each --at-bytes METHOD:f row gets a twin spending the same mean share per layer "
+                        "by it")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--server", help="host:port of a `kvcache serve` to decode through (default: in-process)")
     p.add_argument("--star", action="store_true",
@@ -140,7 +147,7 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
                 quest_bytes: str = "", oracle_bytes: str = "",
                 gate_threshold: str = "", oracle_share: str = "", gate_dense_layers: str = "",
                 gate_oracle_layers: str = "", num_layers: int | None = None,
-                at_bytes: str = "") -> list[tuple[str, AttentionSpec]]:
+                at_bytes: str = "", allocation: ByteAllocation | None = None) -> list[tuple[str, AttentionSpec]]:
     """(label, spec) of dense and every SparQ, Quest, gate and oracle setting at a context of `context` positions
     (a store of `itemsize`-byte K/V of `head_dim`; gate keys of `gate_dim` in the same dtype; `num_layers` layers,
     needed for the per-layer gate rows)."""
@@ -200,6 +207,10 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
         if params is None:
             raise ValueError(f"{name} has no parameters that read 1/{f} of dense bytes at {context} tokens")
         grid.append((f"{name} bytes/{f}", AttentionSpec(name, params.given())))
+        if allocation is not None:  # the same mean share, spent per layer by the calibrated allocation
+            grid.append((f"{name} bytes/{f} calibrated", calibrated_spec(METHODS[name], context, 1 / int(f),
+                                                                           page_size, head_dim, itemsize,
+                                                                           allocation)))
     return grid
 
 
@@ -234,7 +245,11 @@ def floor_grid(grid: list[tuple[str, AttentionSpec]], context: int, config: KVCa
     if floor.strip() == "auto":
         at = length or context
         shares = (nominal_share(spec, at, config) for _, spec in grid if spec.method not in ("dense", "window"))
+        kept: list[float] = []
         for share in sorted({s for s in shares if s is not None and s < 1}, reverse=True):
+            if kept and share > kept[-1] * (1 - EQUAL_BYTES / 2):  # one floor row serves shares this close
+                continue
+            kept.append(share)
             total = round(share * at)  # positions read: sinks + window
             sinks = min(4, total - 1)
             if sinks >= 0:
@@ -248,6 +263,19 @@ def floor_grid(grid: list[tuple[str, AttentionSpec]], context: int, config: KVCa
             raise ValueError(f"window has no parameters that read 1/{item} of dense bytes at {context} tokens")
         add(f"window bytes/{item}", params.given())
     return rows
+
+
+def calibrated_spec(m: AttentionMethod, context: int, share: float, page_size: int, head_dim: int, itemsize: int,
+                    allocation: ByteAllocation) -> AttentionSpec:
+    """Method `m` reading a mean `share` of dense bytes at `context` positions, each layer its allocation's share."""
+    floor = least_share(m, context, page_size, head_dim, itemsize)
+    layers = {}
+    for layer, s in enumerate(allocation.shares(share, floor)):
+        p = m.params_for_share(context, s, page_size, head_dim, itemsize)
+        if p is None:
+            raise ValueError(f"{m.name} has no parameters that read {s:.4g} of dense bytes at {context} tokens")
+        layers[layer] = (m.name, p.given())
+    return AttentionSpec(m.name, layers[0][1], layers)
 
 
 @dataclass
@@ -352,7 +380,8 @@ def main(args: argparse.Namespace) -> int:
                  "gate_threshold": args.gate_threshold if args.gate else "",
                  "gate_dense_layers": args.gate_dense_layers if args.gate else "",
                  "gate_oracle_layers": args.gate_oracle_layers if args.gate else "",
-                 "num_layers": model.config.num_layers, "at_bytes": args.at_bytes}
+                 "num_layers": model.config.num_layers, "at_bytes": args.at_bytes,
+                 "allocation": load_allocation(args.allocation) if args.allocation else None}
     heldout = getattr(args, "heldout", False)
     floor = getattr(args, "floor", None)
     floor = ("auto" if heldout else "") if floor is None else floor

@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     from kvcache.engine.train_gate import add_arguments as add_train_gate_arguments
 
     add_train_gate_arguments(train_gate)
+    calibrate = sub.add_parser("calibrate-bytes",
+                               help="measure how a model's layers spend attention mass and save its byte allocation")
+    from kvcache.engine.byte_calibration import add_arguments as add_calibrate_arguments
+
+    add_calibrate_arguments(calibrate)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     decode = bench_sub.add_parser("decode", help="decode attention time, bytes and bandwidth per method vs SDPA")
@@ -154,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvcache.engine.pattern_search import main as search_main
 
         return search_main(args)
+    elif args.command == "calibrate-bytes":
+        from kvcache.engine.byte_calibration import main as calibrate_main
+
+        return calibrate_main(args)
     elif args.command == "train-gate":
         from kvcache.engine.train_gate import main as train_gate_main
 

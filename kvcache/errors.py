@@ -107,3 +107,9 @@ class GateFileInvalid(KVCacheError, ValueError):
     """A gate weights file is corrupt, truncated, or made for another model shape; nothing was loaded."""
 
     grpc_code = "INVALID_ARGUMENT"
+
+
+class AllocationInvalid(KVCacheError, ValueError):
+    """A byte allocation file is missing, malformed, or measured for another model shape; nothing was attached."""
+
+    grpc_code = "INVALID_ARGUMENT"

@@ -22,6 +22,7 @@ def test_the_wheel_holds_only_the_kvcache_namespace_with_its_data(tmp_path):
     assert {n.split("/")[0] for n in names} == {"kvcache", wheel.name.split("-py3")[0] + ".dist-info"}
     for module in ("kvcache/kernels/paged_decode.py", "kvcache/engine/model.py", "kvcache/bench/decode.py",
                    "kvcache/methods/window.py", "kvcache/engine/patterns/smollm2-135m.json",
-                   "kvcache/methods/gates/smollm2-135m.safetensors", "kvcache/integrations/hf/cache.py",
+                   "kvcache/methods/gates/smollm2-135m.safetensors", "kvcache/methods/allocations/smollm2-135m.json",
+                   "kvcache/integrations/hf/cache.py",
                    "kvcache/service/local_plane.py", "kvcache/wire/frames.py"):
         assert module in names, module

@@ -13,12 +13,15 @@ from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import InvalidParameter, KVCacheError, PositionOutOfRange, ShapeMismatch
 from kvcache.methods import AttentionResult
 from kvcache.methods.attend import check_new_rows, run_validated, validate
+from kvcache.methods.byte_budget import BYTES
+from kvcache.methods.coverage import sequence_coverage
 from kvcache.methods.decode_step import DecodeStep
+from kvcache.methods.dense import DENSE
 from kvcache.methods.gather import gather_key_dims
 from kvcache.methods.registry import METHODS
 from kvcache.prefill.minference_index import BLOCK_SIZE, SparseIndex
 from kvcache.prefill.serving import HeadPattern, SparsePrefillResult, served_index, served_prefill
-from kvcache.stats import Totals
+from kvcache.stats import CoverageTotals, Totals
 from kvcache.store import KVStore, SequenceInfo
 from kvcache.store.step_plan import StepPlan
 
@@ -76,17 +79,18 @@ class PlannedCalls:
 
 
 class _CountedStep:
-    """A DecodeStep whose calls count in the in-process client's per-method totals."""
+    """A DecodeStep whose calls count in the in-process client's per-method totals and coverage stats."""
 
-    def __init__(self, step: DecodeStep, counters: Totals) -> None:
+    def __init__(self, step: DecodeStep, client: InProcessClient) -> None:
         self.step = step
-        self.counters = counters
+        self.client = client
 
     def attend(self, layer: int, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor) -> AttentionResult:
         t0 = time.perf_counter()
         result = self.step.attend(layer, q, new_k, new_v)
-        self.counters.add(self.step.method_name(layer), calls=1, bytes_read=result.bytes_read,
-                          seconds=time.perf_counter() - t0)
+        method = self.step.method_name(layer)
+        self.client.counters.add(method, calls=1, bytes_read=result.bytes_read, seconds=time.perf_counter() - t0)
+        self.client.count_host_coverage(method, layer, result)
         return result
 
 
@@ -153,7 +157,8 @@ class KVCacheClient(Protocol):
         """Bring pages (indexes into the sequence's page table; all if None) to the device ahead of use."""
 
     def stats(self) -> dict[str, Any]:
-        """Pool usage (pages per tier), per-method calls, bytes read and seconds, bytes moved between tiers."""
+        """Pool usage (pages per tier), per-method calls, bytes read and seconds, bytes moved between tiers, and per
+        method and layer the coverage estimates and dense fallbacks (kvcache.stats.CoverageTotals)."""
 
     def sparse_index(
         self,
@@ -185,6 +190,7 @@ class InProcessClient:
     def __init__(self, store_or_config: KVStore | KVCacheConfig) -> None:
         self.store = store_or_config if isinstance(store_or_config, KVStore) else KVStore(store_or_config)
         self.counters = Totals(("calls", "bytes_read", "seconds"))  # per attention method
+        self.coverage = CoverageTotals()  # per attention method and layer
 
     @property
     def config(self) -> KVCacheConfig:
@@ -255,7 +261,20 @@ class InProcessClient:
         t0 = time.perf_counter()
         result = run_validated(self.store, seq_ids, layer, m, q, p, backend, plan)
         self.counters.add(method, calls=1, bytes_read=result.bytes_read, seconds=time.perf_counter() - t0)
+        self.count_host_coverage(method, layer, result)
         return result
+
+    def count_host_coverage(self, method: str, layer: int, result: AttentionResult) -> None:
+        """Count a result's coverage in the stats if it is on the host. A device result is not read back here: that
+        would be a sync per call; the server counts it when it copies the reply out (count_coverage)."""
+        if result.coverage is not None and result.coverage.device.type == "cpu":
+            self.count_coverage(method, layer, result.coverage, result.fallback)
+
+    def count_coverage(self, method: str, layer: int, coverage: torch.Tensor, fallback: torch.Tensor | None) -> None:
+        """Count one call's coverage [B, Hq] (on the host) and fallbacks [B] in the stats, one estimate per
+        sequence (its least covered query head's)."""
+        fell = 0 if fallback is None else int(fallback.sum())
+        self.coverage.add(method, layer, sequence_coverage(coverage).tolist(), fell)
 
     def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
         """Plan a decode step: every layer's attend(..., plan=) of these sequences then reuses one page table."""
@@ -266,8 +285,7 @@ class InProcessClient:
                    layer_methods: Mapping[int, tuple[str, Mapping[str, Any] | None]] | None = None) -> StepCalls:
         """A decode step checked and planned once (kvcache.methods.decode_step): each layer's attend(layer, q,
         new_k, new_v) only writes the new rows and attends."""
-        return _CountedStep(DecodeStep(self.store, seq_ids, q_heads, method, params, backend, layer_methods),
-                            self.counters)
+        return _CountedStep(DecodeStep(self.store, seq_ids, q_heads, method, params, backend, layer_methods), self)
 
     def attend_many(self, calls: Sequence[AttendCall]) -> tuple[list[AttentionResult | Exception], list[int]]:
         """Answers to several attend calls that arrived together, each its result or the error it raised, and the
@@ -302,7 +320,9 @@ class InProcessClient:
         """Calls with equal keys may share one store call; a call that may not gets a key of its own."""
         ids = list(call.seq_ids)
         method = METHODS.get(call.method)
+        # A byte budget's parameters follow from the batch's lengths: shared with other calls, they would change.
         if (method is None or not method.batchable or self.config.tiered or call.plan is not None or not ids
+                or BYTES in (call.params or {})
                 or len(set(ids)) != len(ids)
                 or not all(isinstance(t, torch.Tensor) for t in (call.q, call.new_k, call.new_v) if t is not None)):
             return ("alone", i)
@@ -345,8 +365,15 @@ class InProcessClient:
         row = 0
         for c in calls:
             n = len(c.seq_ids)
-            nbytes = method.bytes_read(self.config, lens[row:row + n], params)
-            answers.append(AttentionResult(result.out[row:row + n], result.lse[row:row + n], nbytes))
+            rows = slice(row, row + n)
+            nbytes = method.bytes_read(self.config, lens[rows], params)
+            fallback = None if result.fallback is None else result.fallback[rows]
+            if fallback is not None:  # those sequences were read densely too
+                fell = [S for S, f in zip(lens[rows], fallback.tolist()) if f]
+                nbytes += DENSE.bytes_read(self.config, fell, DENSE.Params())
+            coverage = None if result.coverage is None else result.coverage[rows]
+            answers.append(AttentionResult(result.out[rows], result.lse[rows], nbytes, coverage=coverage,
+                                           fallback=fallback))
             row += n
         return answers
 
@@ -385,9 +412,10 @@ class InProcessClient:
         return self.store.prefetch(seq_id, pages)
 
     def stats(self) -> dict[str, Any]:
-        """Pool usage (pages per tier), per-method calls, bytes read and seconds, bytes moved between tiers."""
+        """Pool usage (pages per tier), per-method calls, bytes read and seconds, bytes moved between tiers, and per
+        method and layer the coverage estimates and dense fallbacks (kvcache.stats.CoverageTotals)."""
         return {"pool": self.store.pool_usage(), "methods": self.counters.snapshot(),
-                "bytes_moved": self.store.bytes_moved()}
+                "bytes_moved": self.store.bytes_moved(), "coverage": self.coverage.snapshot()}
 
     def sparse_index(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,6 +19,9 @@ import torch
 from kvcache.config import KVCacheConfig
 from kvcache.errors import CallTooLarge, DTypeMismatch, InvalidParameter, PositionOutOfRange, ShapeMismatch
 from kvcache.methods.base import AttentionMethod, Params, scale_of
+from kvcache.methods.byte_budget import budget_of, budget_params
+from kvcache.methods.coverage import selection_coverage, sequence_coverage
+from kvcache.methods.dense import DENSE
 from kvcache.methods.gate_store import gate_of
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.registry import lookup
@@ -93,7 +97,8 @@ def validate(
     m = lookup(method)
     if backend not in BACKENDS:
         raise InvalidParameter(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    p = m.parse(params)
+    share, given = budget_of(params)
+    p = m.parse(params) if share is None else None  # a byte budget's parameters follow from the lengths
     c = store.config
     check_query(c, q, len(seq_ids))
     check_sequences(seq_ids)
@@ -105,6 +110,8 @@ def validate(
     empty = [s for s, n in zip(seq_ids, lens) if n == 0]
     if empty:
         raise PositionOutOfRange(f"sequence {empty[0]} has no cached positions at layer {layer}")
+    if p is None:
+        p = m.parse(budget_params(store, m, share, given, layer, lens))
     m.check(c, lens, p)
     check_work(store, m, lens, q.shape[1], p)
     if m.needs_gate:
@@ -153,15 +160,44 @@ def run_validated(store: KVStore, seq_ids: Sequence[str], layer: int, m: Attenti
         if not gpu and backend == "auto" and store.tiers is None and q.device.type == "cpu":
             fast = m.run_cpu(q, inputs, p)
             if fast is not None:
-                return fast
+                return with_fallback(store, seq_ids, layer, m, q, p, backend, fast)
         if gpu:
             sel = m.select_gpu(q, inputs, p)
-            out, lse = attend_triton(q, inputs, sel, p.scale)
+            out, lse, alpha = attend_triton(q, inputs, sel, p.scale, with_alpha=True)
         else:
             sel = m.select(q, inputs, p)
             out, lse = attend_torch(q, inputs, sel, scale_of(p, q.shape[-1]))
+            alpha = sel.alpha
         nbytes = sel.bytes_read if sel.bytes_read is not None else m.bytes_read(c, csr.host_lens, p)
-        return AttentionResult(out, lse, nbytes, dict(inputs.moves.bytes))
+        coverage = selection_coverage(sel, alpha, q.shape[0], q.shape[1], q.device)  # on the device: no sync
+        result = AttentionResult(out, lse, nbytes, dict(inputs.moves.bytes), coverage=coverage)
+        return with_fallback(store, seq_ids, layer, m, q, p, backend, result)
+
+
+def with_fallback(store: KVStore, seq_ids: Sequence[str], layer: int, m: AttentionMethod, q: torch.Tensor,
+                  p: Params, backend: str, result: AttentionResult) -> AttentionResult:
+    """`result` of method m, with the sequences whose coverage estimate (their least covered query head's) falls
+    below p.min_coverage attended densely instead, their bytes added as dense's (docs/sparse-attention.md,
+    "Coverage"). Deciding reads the estimate back to the host: a sync, made only when min_coverage is given."""
+    if p.min_coverage is None:
+        return result
+    if m is DENSE:  # it covers every position: nothing falls back, and there is nothing to read back
+        return replace(result, fallback=torch.zeros(q.shape[0], dtype=torch.bool))
+    if result.coverage is None:  # methods without an estimate refuse min_coverage in their check
+        raise InvalidParameter(f"{m.name}: min_coverage needs a coverage estimate and this method has none")
+    fell = (sequence_coverage(result.coverage) < p.min_coverage).cpu()
+    if not fell.any():
+        return replace(result, fallback=fell)
+    rows = torch.nonzero(fell).flatten()
+    again = run_validated(store, [seq_ids[b] for b in rows.tolist()], layer, DENSE, q[rows.to(q.device)],
+                          DENSE.Params(scale=p.scale), backend)
+    at = rows.to(result.out.device)
+    moved = dict(result.bytes_moved)
+    for key, n in again.bytes_moved.items():
+        moved[key] = moved.get(key, 0) + n
+    return AttentionResult(result.out.index_copy(0, at, again.out.to(result.out.dtype)),
+                           result.lse.index_copy(0, at, again.lse), result.bytes_read + again.bytes_read, moved,
+                           coverage=result.coverage, fallback=fell)
 
 
 def triton_unsupported(config: KVCacheConfig) -> str | None:

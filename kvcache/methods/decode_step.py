@@ -18,6 +18,7 @@ import torch
 from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, ShapeMismatch
 from kvcache.methods.attend import BACKENDS, check_sequences, check_work, run_validated, triton_unsupported
 from kvcache.methods.base import AttentionMethod, Params
+from kvcache.methods.byte_budget import budget_of, budget_params
 from kvcache.methods.gate_store import gate_of
 from kvcache.methods.registry import lookup
 from kvcache.methods.result import AttentionResult
@@ -47,8 +48,13 @@ class DecodeStep:
         for layer in choices:
             if layer is not None and not (isinstance(layer, int) and 0 <= layer < c.num_layers):
                 raise PositionOutOfRange(f"layer {layer!r} out of range [0, {c.num_layers})")
-        parsed = {key: (lookup(name), lookup(name).parse(values)) for key, (name, values) in choices.items()}
         lens = [n + 1 for n in store.lengths(seq_ids, 0)]  # checked before any page is taken
+        share, given = budget_of(params)
+        if share is not None:  # a byte budget: each layer's own parameters, from its share at these lengths
+            m = lookup(method)
+            own = {layer: (method, budget_params(store, m, share, given, layer, lens)) for layer in range(c.num_layers)}
+            choices = {**own, **{k: v for k, v in choices.items() if k is not None}, None: own[0]}
+        parsed = {key: (lookup(name), lookup(name).parse(values)) for key, (name, values) in choices.items()}
         for m, p in parsed.values():
             m.check(c, lens, p)
             check_work(store, m, lens, q_heads, p)

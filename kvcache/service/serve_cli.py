@@ -30,7 +30,7 @@ STORE_FLAGS = {  # flag dest -> KVCacheConfig field
     "eviction": "eviction", "verify_host_reads": "verify_host_reads", "disk_namespace": "disk_namespace",
 }
 SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
-                "grace_seconds", "torch_threads", "gate", "cpus", "reject_nonfinite", "max_query_heads",
+                "grace_seconds", "torch_threads", "gate", "allocation", "cpus", "reject_nonfinite", "max_query_heads",
                 "max_call_memory", "max_sequences_per_client", "max_pages_per_client", "local_plane")
 STORE_DEFAULTS = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "page_size": 16, "dtype": "float32",
                   "device": "cpu"}
@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate", help="page-gate weights for method 'gate': a .safetensors path or a name under "
                    "kvcache/methods/gates/ (`kvcache train-gate` makes them); "
                    "without one, 'gate' gets FAILED_PRECONDITION")
+    p.add_argument("--allocation", help="byte allocation for calls that ask for bytes=share: a .json path or a name "
+                   "under kvcache/methods/allocations/ (`kvcache calibrate-bytes` makes them); without one, a budget "
+                   "is spent alike in every layer")
     p.add_argument("--layers", type=int, help="model layers (default 30)")
     p.add_argument("--kv-heads", type=int, help="kv heads (default 3)")
     p.add_argument("--head-dim", type=int, help="head dim (default 64)")
@@ -350,11 +353,11 @@ def main(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(options.torch_threads)
-    from kvcache.errors import GateFileInvalid, GateMissing
+    from kvcache.errors import AllocationInvalid, GateFileInvalid, GateMissing
 
     try:
         serve(config, options)
-    except (GateMissing, GateFileInvalid, InvalidParameter, StoreFull) as exc:
+    except (GateMissing, GateFileInvalid, AllocationInvalid, InvalidParameter, StoreFull) as exc:
         print(f"kvcache serve: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -32,6 +32,8 @@ from kvcache.clients.inprocess import AttendCall, InProcessClient
 from kvcache.config import KVCacheConfig
 from kvcache.errors import InvalidParameter, KVCacheError, MessageTooLarge, PlanStale, ShapeMismatch
 from kvcache.methods.attend import check_work
+from kvcache.methods.byte_allocation import attach_allocation
+from kvcache.methods.byte_budget import resolved_params
 from kvcache.methods.gate_store import attach_gate
 from kvcache.methods.registry import lookup
 from kvcache.methods.result import AttentionResult
@@ -49,7 +51,7 @@ from kvcache.store.step_plan import StepPlan
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
 from kvcache.wire.codec import ERROR_CLASS_KEY, from_wire, to_wire
-from kvcache.wire.messages import config_to_wire, info_to_wire, params_from_wire
+from kvcache.wire.messages import config_to_wire, coverage_to_wire, info_to_wire, params_from_wire
 
 log = logging.getLogger("kvcache.service.server")
 
@@ -71,6 +73,7 @@ class ServerOptions:
     torch_threads: int | None = None  # intra-op threads of each RPC thread's torch ops
     cpus: list[int] | None = None  # CPU ids the process runs on (serve_cli.pin_process); None: all
     gate: str | None = None  # page-gate weights (a path or a name under kvcache/methods/gates/) for method "gate"
+    allocation: str | None = None  # byte allocation (a path or a name under kvcache/methods/allocations/)
     reject_nonfinite: bool = True  # NaN or Inf in q, k or v is INVALID_ARGUMENT (service/input_limits.py)
     max_query_heads: int | None = None  # query heads one attend may bring (None: 16 per kv head)
     max_call_memory: int | None = None  # bytes of working memory one attend may need (None: default_call_memory)
@@ -324,7 +327,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                 log.error("internal error in AttendStream", exc_info=result)
             if not isinstance(result, Exception):
                 try:
-                    answers[i] = self._attend_response(result)
+                    answers[i] = self._attend_response(result, calls[i])
                     continue
                 except KVCacheError as exc:
                     result = exc
@@ -387,6 +390,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                   for r, t in s["rpcs"].items()},
             bytes_moved=s["bytes_moved"],
             batching=s["batching"],
+            coverage=coverage_to_wire(s["coverage"]),
         )
 
     @_handler("Health", while_draining=True)
@@ -428,7 +432,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     def _attend(self, request) -> pb.AttendResponse:
         c = self._attend_call(request)
         return self._attend_response(self.client.attend(c.seq_ids, c.layer, c.q, c.method, c.params, c.new_k,
-                                                        c.new_v, c.backend, c.plan))
+                                                        c.new_v, c.backend, c.plan), c)
 
     def _attend_call(self, request) -> AttendCall:
         """An AttendRequest's arguments, decoded and checked against the server's input limits (ShapeMismatch or
@@ -457,14 +461,21 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         self.limits.check_query_shape(shape, self.client.config)
         store = self.client.store
         m = lookup(request.method or "dense")
-        p = m.parse(params_from_wire(request.params))
-        check_work(store, m, store.lengths(list(request.seq_ids), request.layer), shape[1], p)
+        lens = store.lengths(list(request.seq_ids), request.layer)
+        p = m.parse(resolved_params(store, m, params_from_wire(request.params), request.layer, [n + 1 for n in lens]))
+        check_work(store, m, lens, shape[1], p)
 
-    def _attend_response(self, result: AttentionResult) -> pb.AttendResponse:
+    def _attend_response(self, result: AttentionResult, call: AttendCall) -> pb.AttendResponse:
         out, lse = result.out.cpu(), result.lse.cpu()
         self.limits.check_result(out, lse)
+        coverage = None if result.coverage is None else result.coverage.cpu()
+        if coverage is not None and not result.coverage.is_cpu:
+            # Read back with the reply, which syncs anyway; a host result was counted by the client already.
+            self.client.count_coverage(call.method, call.layer, coverage, result.fallback)
+        fallback = [] if result.fallback is None else result.fallback.tolist()
         return pb.AttendResponse(out=to_wire(out), lse=to_wire(lse), bytes_read=result.bytes_read,
-                                 bytes_moved=result.bytes_moved)
+                                 bytes_moved=result.bytes_moved,
+                                 coverage=None if coverage is None else to_wire(coverage), fallback=fallback)
 
 
 class StepPlans:
@@ -580,6 +591,8 @@ class Server:
                                                             options.max_pages_per_client))
         if options.gate:
             attach_gate(self.servicer.client.store, options.gate)  # GateMissing / GateFileInvalid: no server
+        if options.allocation:
+            attach_allocation(self.servicer.client.store, options.allocation)  # AllocationInvalid: no server
         limit = options.max_message_mb * 2**20
         interceptors = [_BearerToken(options.token, self._refused)] if options.token else []
         # torch.set_num_threads is per thread for OpenMP: set it in every RPC thread, not only main.
