@@ -80,6 +80,15 @@ def quest_select(
     q: torch.Tensor, k_summary: torch.Tensor, csr: PageTableCSR, top_pages: int, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group's chosen pages by the Quest bound (§3): page indexes [B*Hkv, t] int32 and their count [B*Hkv]."""
+    chosen, list_len, _ = quest_select_scored(q, k_summary, csr, top_pages, scale)
+    return chosen, list_len
+
+
+def quest_select_scored(
+    q: torch.Tensor, k_summary: torch.Tensor, csr: PageTableCSR, top_pages: int, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quest_select, and each query head's scaled bounds [B*Hkv, G, max_pages] float32 (scale * bound per page;
+    entries past a sequence's pages are not written) from which they were chosen."""
     B, Hq, D = q.shape
     Hkv = k_summary.shape[1]
     G = Hq // Hkv
@@ -111,7 +120,7 @@ def quest_select(
     list_len = counts["k"]
     chosen = select_topk(scores, list_len, counts["n_valid"], counts["n_total"], max_pages, ws, hist0_done=True,
                          k_max=t, in_registers=in_registers)
-    return chosen, list_len
+    return chosen, list_len, logits
 
 
 def quest_decode(

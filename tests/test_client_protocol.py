@@ -473,6 +473,48 @@ def test_stats_count_attend_calls_and_their_bytes(client, seqs):
     assert results[3].bytes_read < results[0].bytes_read  # quest read 1 page of 3
 
 
+def test_attend_reports_coverage_and_the_dense_fallback(client, seqs):
+    gen = torch.Generator().manual_seed(13)
+    local = InProcessClient(store_config())  # the same calls in-process, fed identical inputs
+    ids, local_ids = [], []
+    for n in (17, 10):
+        k, v = kv(gen, L, n, HKV, D)
+        ids.append(seqs.create().seq_id)
+        client.append(ids[-1], k, v)
+        local_ids.append(local.create().seq_id)
+        local.append(local_ids[-1], k, v)
+    q = torch.randn((2, HQ, D), generator=gen)
+    sparq = {"r": 4, "k": 6}
+    lows = local.attend(local_ids, 1, q, "sparq", sparq).coverage.amin(dim=1).tolist()
+    cases = [("dense", {}), ("sparq", sparq), ("window", {"window": 4}),
+             ("sparq", {**sparq, "min_coverage": sum(lows) / 2}),  # the sequence with the lower estimate falls back
+             ("quest", {"top_pages": 2, "min_coverage": 1.0})]
+    before = client.stats()["coverage"]
+    for method, params in cases:
+        got = client.attend(ids, 1, q, method, params)
+        want = local.attend(local_ids, 1, q, method, params)
+        assert (got.coverage is None) == (want.coverage is None) == (method == "window")
+        if want.coverage is not None:
+            assert got.coverage.shape == (2, HQ) and got.coverage.dtype == torch.float32
+            torch.testing.assert_close(got.coverage, want.coverage, rtol=1e-6, atol=1e-6)
+        assert (got.fallback is None) == ("min_coverage" not in params)
+        if got.fallback is not None:
+            assert got.fallback.dtype == torch.bool and got.fallback.tolist() == want.fallback.tolist()
+        torch.testing.assert_close(got.out, want.out, rtol=1e-6, atol=1e-6)
+        assert got.bytes_read == want.bytes_read
+    assert local.attend(local_ids, 1, q, *cases[3]).fallback.tolist() == [lows[0] < lows[1], lows[1] < lows[0]]
+    after = client.stats()["coverage"]
+
+    def counted(method: str, key: str):
+        return after[method][1][key] - before.get(method, {}).get(1, {}).get(key, 0)
+
+    assert counted("sparq", "count") == 4 and counted("sparq", "fallbacks") == 1
+    assert counted("quest", "count") == 2 and counted("quest", "fallbacks") == 2
+    assert counted("dense", "count") == 2
+    assert "window" not in after  # no estimate, nothing counted
+    assert after["dense"][1]["buckets"]["1.0"] == after["dense"][1]["count"]
+
+
 def test_stats_count_pages_and_sequences(client, seqs):
     before = pool(client)
     seqs.new(9)  # 3 pages

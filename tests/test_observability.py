@@ -100,6 +100,21 @@ def test_call_latency_is_a_histogram_per_rpc_and_attention_method_with_counts_pe
         assert 'kvcache_rpc_status_total{code="OK",rpc="Append"} 1.0' in text
 
 
+def test_coverage_estimates_and_dense_fallbacks_are_scraped_per_method_and_layer():
+    with running(metrics_port=0) as server, RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0) as client:
+        sid = client.create().seq_id
+        client.append(sid, torch.randn((2, 9, 2, 16)), torch.randn((2, 9, 2, 16)))
+        got = client.attend([sid], 1, torch.randn((1, 4, 16)), "quest", {"top_pages": 1, "min_coverage": 1.0})
+        assert got.fallback.tolist() == [True]
+        estimate = float(got.coverage.min())
+        text = _scrape(server)
+        assert 'kvcache_attention_coverage_count{layer="1",method="quest"} 1.0' in text
+        assert 'kvcache_attention_coverage_bucket{layer="1",le="1.0",method="quest"} 1.0' in text
+        assert 'kvcache_attention_fallbacks_total{layer="1",method="quest"} 1.0' in text
+        entry = client.stats()["coverage"]["quest"][1]
+        assert entry["count"] == 1 and entry["fallbacks"] == 1 and entry["sum"] == pytest.approx(estimate)
+
+
 def test_an_error_about_a_huge_sequence_id_stays_small():
     with running() as server, RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0) as client:
         with pytest.raises(SequenceNotFound) as excinfo:

@@ -436,6 +436,7 @@ def test_attention_equals_plain_store(tmp_path, monkeypatch, tiering, backend):
                 torch.testing.assert_close(got.out, want.out, rtol=1e-5, atol=1e-5, msg=what)
                 torch.testing.assert_close(got.lse, want.lse, rtol=1e-5, atol=1e-5, msg=what)
                 assert got.bytes_read == want.bytes_read, what
+                torch.testing.assert_close(got.coverage, want.coverage, rtol=1e-5, atol=1e-6, msg=what)
                 assert not want.bytes_moved, f"{what}: a plain store moves nothing"
                 moved[method, G, layer] = got.bytes_moved
     # Attention reads pages where they are: none moved between tiers.

@@ -32,7 +32,7 @@ from kvcache.store.step_plan import StepPlan
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
 from kvcache.wire.codec import ERROR_CLASS_KEY, from_wire, to_wire
-from kvcache.wire.messages import config_from_wire, info_from_wire, params_to_wire
+from kvcache.wire.messages import config_from_wire, coverage_from_wire, info_from_wire, params_to_wire
 
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidParameter,
@@ -266,7 +266,10 @@ class RemoteClient:
         else:
             reply = self._call("Attend", request, idempotent=new_k is None and new_v is None)
         return AttentionResult(from_wire(reply.out, "out"), from_wire(reply.lse, "lse"), reply.bytes_read,
-                               dict(reply.bytes_moved))
+                               dict(reply.bytes_moved),
+                               coverage=from_wire(reply.coverage, "coverage") if reply.HasField("coverage") else None,
+                               fallback=torch.tensor(list(reply.fallback), dtype=torch.bool) if reply.fallback
+                               else None)
 
     def begin_step(self, seq_ids: Sequence[str], q_heads: int, method: str = "dense",
                    params: Mapping[str, Any] | None = None, backend: str = "auto",
@@ -288,7 +291,8 @@ class RemoteClient:
         return FetchResult(tuple(from_wire(t) for t in reply.tensors), reply.bytes_read)
 
     def stats(self) -> dict[str, Any]:
-        """Pool usage, per-method and per-RPC calls, bytes read and seconds, attend-stream batching."""
+        """Pool usage, per-method and per-RPC calls, bytes read and seconds, attend-stream batching, and per method
+        and layer the coverage estimates and dense fallbacks the server counted."""
         s = self._call("Stats", pb.StatsRequest())
         return {
             "pool": dict(s.pool),
@@ -297,6 +301,7 @@ class RemoteClient:
             "rpcs": {r: {"calls": t.calls, "errors": t.errors, "seconds": t.seconds} for r, t in s.rpcs.items()},
             "bytes_moved": dict(s.bytes_moved),
             "batching": dict(s.batching),  # the server's attend streams (AttendBatcher)
+            "coverage": coverage_from_wire(s.coverage),
         }
 
     def verify(self) -> dict[str, Any]:

@@ -73,7 +73,9 @@ from kvcache.clients.inprocess import FetchKind, FetchResult, KVCacheClient, Pla
 from kvcache.config import KVCacheConfig
 from kvcache.methods import AttentionResult, merge_lse
 from kvcache.methods.attend import check_new_rows, check_query, check_sequences
+from kvcache.methods.coverage import merged_coverage
 from kvcache.methods.registry import METHODS
+from kvcache.stats import merge_coverage
 from kvcache.store import SequenceInfo
 from kvcache.store.step_plan import StepPlan
 
@@ -302,7 +304,9 @@ class ShardedClient:
             for key, n in res.bytes_moved.items():
                 moved[key] = moved.get(key, 0) + n
         out, lse = merge_lse(outs, lses)
-        return AttentionResult(out, lse, sum(r.bytes_read for r in results.values()), moved)
+        coverage, fallback = _merged_estimates(results, rows_of, lses, q)
+        return AttentionResult(out, lse, sum(r.bytes_read for r in results.values()), moved, coverage=coverage,
+                               fallback=fallback)
 
     def begin_step(self, seq_ids: Sequence[str], q_heads: int, method: str = "dense",
                    params: Mapping[str, Any] | None = None, backend: str = "auto",
@@ -396,7 +400,8 @@ class ShardedClient:
         return self.describe(seq_id)
 
     def stats(self) -> dict[str, Any]:
-        """Every shard's stats under "shards", and their sums under "pool", "methods" and "bytes_moved"."""
+        """Every shard's stats under "shards", and their sums under "pool", "methods", "bytes_moved" and "coverage"
+        (each shard's estimates of its own part of the sequences)."""
         got = self._fan({i: (lambda c=c: c.stats()) for i, c in enumerate(self.shards)})
         per = [got[i] for i in range(self.num_shards)]
         pool: dict[str, Any] = {}
@@ -412,7 +417,8 @@ class ShardedClient:
                     into[f] = into.get(f, 0) + n
             for key, n in s.get("bytes_moved", {}).items():
                 moved[key] = moved.get(key, 0) + n
-        return {"shards": per, "pool": pool, "methods": methods, "bytes_moved": moved}
+        return {"shards": per, "pool": pool, "methods": methods, "bytes_moved": moved,
+                "coverage": merge_coverage([s.get("coverage", {}) for s in per])}
 
     def sparse_index(self, seq_id: str, layer: int, *args: Any, **kwargs: Any) -> Any:
         """MInference indices are not served over shards (a chunk's index needs every shard's keys)."""
@@ -623,3 +629,21 @@ def _shape_of(c: KVCacheConfig) -> tuple:
 def _union(seq_id: str, infos: Sequence[SequenceInfo]) -> SequenceInfo:
     lengths = tuple(sum(info.lengths[layer_idx] for info in infos) for layer_idx in range(len(infos[0].lengths)))
     return SequenceInfo(seq_id, lengths, sum(info.num_pages for info in infos), infos[0].cached_tokens)
+
+
+def _merged_estimates(results: Mapping[int, AttentionResult], rows_of: Mapping[int, list[int]], lses: torch.Tensor,
+                      q: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The shards' coverage [B, Hq] merged (merged_coverage; None if a shard had no estimate) and fallback [B]: set
+    where any shard fell back (None if none was asked)."""
+    covers = torch.ones_like(lses)
+    fallback = None
+    for i, res in results.items():
+        if res.coverage is None:
+            return None, None
+        idx = torch.tensor(rows_of[i], device=q.device)
+        covers[i, idx] = res.coverage.to(q.device, torch.float32)
+        if res.fallback is not None:
+            fallback = torch.zeros(q.shape[0], dtype=torch.bool) if fallback is None else fallback
+            fallback[torch.tensor(rows_of[i])] |= res.fallback.cpu()
+    return merged_coverage(lses, covers), fallback
+

@@ -8,7 +8,7 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,6 +55,8 @@ class Params:
     """Parameters every method takes; a method's own dataclass adds its fields."""
 
     scale: float | None = param(None, doc="softmax scale (None: 1/sqrt(d))", positive=True, hi=MAX_SCALE)
+    min_coverage: float | None = param(None, doc="least estimated share of attention mass a sequence's rows must "
+                                                 "cover, else it is attended densely (None: never)", lo=0, hi=1)
 
     @classmethod
     def specs(cls) -> list[ParamSpec]:
@@ -162,6 +164,12 @@ class Selection:
     MODE_ROWS (items are positions), as kvcache.kernels.paged_decode takes them. Entries of a row past count[row]
     are padding and are not read. alpha [B*Hkv, G] (torch) or alpha_inputs (the GPU's stage-1 statistics) asks for
     mean-value reallocation (docs/sparse-attention.md §1 step 7) after the rows are attended to.
+
+    Coverage (docs/sparse-attention.md, "Coverage"): `estimate` gives the share of attention mass the selection
+    covers [B*Hkv, G] float32, called once the attention is launched (its kernels then never sit between the
+    selection's and the attention's); coverage_inputs are stage-1 statistics from which the attention kernel sums
+    SparQ's alpha for the estimate alone, without reallocation. A selection with neither (and no alpha) has no
+    estimate, except MODE_DENSE, which covers everything.
     """
 
     mode: int
@@ -169,6 +177,8 @@ class Selection:
     count: torch.Tensor | None = None  # [B*Hkv] int32; None: every row uses all t
     alpha: torch.Tensor | None = None
     alpha_inputs: tuple[torch.Tensor, ...] | None = None
+    estimate: Callable[[], torch.Tensor] | None = None
+    coverage_inputs: tuple[torch.Tensor, ...] | None = None
     bytes_read: int | None = None  # set when the bytes depend on the data; else the method's formula
     launch: Launch | None = None  # the attention kernel's launch parameters, if the method tunes them
     pdl: bool = False  # the attention kernels may launch dependent on the selection's (kvcache.kernels.pdl)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,6 +17,7 @@ from kvcache.config import KVCacheConfig
 from kvcache.kernels.csr import PageTableCSR
 from kvcache.kernels.paged_decode import MODE_DENSE
 from kvcache.methods.base import AttentionMethod, Params, Selection, scale_of
+from kvcache.methods.coverage import full_coverage
 from kvcache.methods.gather import gather_sequence
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.result import AttentionResult
@@ -62,7 +63,8 @@ def dense(
         v = gather_sequence(v_seq, csr, b)
         o, s = attend_rows(q[b].view(Hkv, Hq // Hkv, d), k, v, scale)
         out[b], lse[b] = o.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
-    return AttentionResult(out, lse, dense_bytes(csr.host_lens, Hkv, d, k_seq.element_size()))
+    return AttentionResult(out, lse, dense_bytes(csr.host_lens, Hkv, d, k_seq.element_size()),
+                           coverage=full_coverage(q))
 
 
 def page_runs(pages: Sequence[int]) -> list[tuple[int, int]]:
@@ -139,7 +141,8 @@ class Dense(AttentionMethod):
 
     def run_cpu(self, q: torch.Tensor, inputs: LayerInputs, p: Params) -> AttentionResult | None:
         view = inputs.view
-        return dense_cpu(q, view.k_seq, view.v_seq, inputs.csr, scale_of(p, q.shape[-1]))
+        return replace(dense_cpu(q, view.k_seq, view.v_seq, inputs.csr, scale_of(p, q.shape[-1])),
+                       coverage=full_coverage(q))
 
     def params_for_share(self, context: int, share: float, page_size: int, head_dim: int,
                          itemsize: int) -> Params | None:

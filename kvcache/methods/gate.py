@@ -24,12 +24,13 @@ from kvcache.kernels.gate_score import gate_queries_triton, gate_scores_triton, 
 from kvcache.kernels.paged_decode import MODE_PAGES, attend_partial_and_merge
 from kvcache.kernels.pdl import pdl_for_rows
 from kvcache.methods.base import AttentionMethod, Params, Selection, param
+from kvcache.methods.coverage import chosen_mass, reference_args
 from kvcache.methods.dense import DenseParams, attend_rows
 from kvcache.methods.gate_model import (
     GATE_DIM,
     LayerGate,
     gate_keys,
-    gate_page_scores,
+    gate_logits,
     gate_pooled,
     gate_select,
     gate_select_rows,
@@ -98,19 +99,30 @@ def check_gate_params(budget: int | None, threshold: float | None) -> None:
         raise InvalidParameter(f"gate: threshold={threshold!r} must be a number in [0, 1]")
 
 
+def gate_pick(layer_gate: LayerGate, qg: torch.Tensor, summary: torch.Tensor | None, keys: torch.Tensor | None,
+              page_size: int, budget: int | None, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """One sequence's choice (gate_select: chosen [Hkv, t], count [Hkv]) for its groups qg [Hkv, G, d], and each
+    query head's coverage estimate [Hkv, G]: the gate's softmax over all the sequence's pages summed over the chosen
+    ones (what the gate was trained to predict: the group's attention mass per page)."""
+    logits = gate_logits(layer_gate, qg, summary, keys)  # [Hkv, n]
+    chosen, count = gate_select(torch.softmax(logits, dim=-1), page_size, budget, threshold)
+    # Detached: the gate's weights may be trainable parameters, and the estimate is a reading, not a loss.
+    return chosen, count, chosen_mass(logits.detach()[:, None, :], chosen, count).expand(-1, qg.shape[1])
+
+
 def gate_choose(q: torch.Tensor, k_summary: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR,
                 budget: int | None, threshold: float | None,
-                k_seq: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(chosen [Hkv, t], count [Hkv]) of every sequence of q [B, Hq, d] (a pre-RoPE gate reads the pages' keys,
-    k_seq [N, Hkv, P, d])."""
+                k_seq: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """gate_pick's (chosen [Hkv, t], count [Hkv], coverage [Hkv, G]) of every sequence of q [B, Hq, d] (a pre-RoPE
+    gate reads the pages' keys, k_seq [N, Hkv, P, d])."""
     B, Hq, d = q.shape
     Hkv = k_summary.shape[1]
     picks = []
     for b in range(B):
         qg = q[b].view(Hkv, Hq // Hkv, d)
         keys = gather_sequence(k_seq, csr, b) if layer_gate.shape.pre_rope else None
-        scores = gate_page_scores(layer_gate, qg, k_summary[csr.pages_of(b)], keys)
-        picks.append(gate_select(scores, csr.page_size, budget, threshold))
+        picks.append(gate_pick(layer_gate, qg, k_summary[csr.pages_of(b)], keys, csr.page_size, budget, threshold))
     return picks
 
 
@@ -152,14 +164,16 @@ def gate(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    coverage = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
     counts = []
-    for b, (chosen, count) in enumerate(gate_choose(q, k_summary, layer_gate, csr, budget, threshold, k_seq)):
+    for b, (chosen, count, mass) in enumerate(gate_choose(q, k_summary, layer_gate, csr, budget, threshold, k_seq)):
         out[b], lse[b] = attend_chosen_pages(q[b], k_seq, v_seq, csr, b, chosen, count, scale)
+        coverage[b] = mass.reshape(Hq).clamp(0.0, 1.0)
         counts.append(count.tolist())
     itemsize = k_seq.element_size()
     nbytes = gate_bytes(csr.host_lens, P, counts, d, itemsize, layer_gate.shape.gate_dim,
                         layer_gate.key_itemsize(itemsize))
-    return AttentionResult(out, lse, nbytes)
+    return AttentionResult(out, lse, nbytes, coverage=coverage)
 
 
 def keys_for(layer_gate: LayerGate, k_summary: torch.Tensor, csr: PageTableCSR,
@@ -187,6 +201,16 @@ def gate_choose_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group's chosen page indexes [B*Hkv, t] int32 and their count [B*Hkv] int32 (§3 selection). With
     `pdl` (kvcache.kernels.pdl) its kernels launch as one dependent chain."""
+    chosen, count, _ = gate_choose_triton_scored(q, k_summary, layer_gate, csr, budget, threshold, pdl, k_seq)
+    return chosen, count
+
+
+def gate_choose_triton_scored(
+    q: torch.Tensor, k_summary: torch.Tensor, layer_gate: LayerGate, csr: PageTableCSR, budget: int | None,
+    threshold: float | None = None, pdl: bool = False, k_seq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate_choose_triton, and the gate logits [B*Hkv, max_pages] float32 the pages were chosen by (entries past a
+    sequence's pages are not written)."""
     Hkv = k_summary.shape[1]
     P = csr.page_size
     max_pages = max(1, triton.cdiv(csr.max_len, P))
@@ -197,10 +221,10 @@ def gate_choose_triton(
     logits, sel, counts, ws = gate_scores_triton(qg, keys, csr, budget_pages, ws, pdl=pdl)
     if threshold is None:
         chosen = select_pages(sel, counts, ws, gate_budget_pages(csr.max_len, P, budget), pdl=pdl)
-        return chosen, counts["list_len"]
+        return chosen, counts["list_len"], logits
     # The count per group is data-dependent; all groups are chosen at once, still without a sync.
     chosen, count = gate_select_rows(logits, csr.page_counts().repeat_interleave(Hkv), P, budget, threshold)
-    return chosen.to(torch.int32), count.to(torch.int32)
+    return chosen.to(torch.int32), count.to(torch.int32), logits
 
 
 def gate_decode(
@@ -266,7 +290,7 @@ class Gate(AttentionMethod):
 
     def reference(self, q: torch.Tensor, inputs: LayerInputs, p: GateParams) -> AttentionResult:
         view = inputs.view
-        return gate(q, view.k_seq, view.v_seq, view.k_summary, inputs.layer_gate, inputs.csr, **p.as_dict())
+        return gate(q, view.k_seq, view.v_seq, view.k_summary, inputs.layer_gate, inputs.csr, **reference_args(p))
 
     def select(self, q: torch.Tensor, inputs: LayerInputs, p: GateParams) -> Selection:
         B, Hq, d = q.shape
@@ -275,18 +299,18 @@ class Gate(AttentionMethod):
         picks = []
         for b in range(B):
             keys = inputs.keys(b) if layer_gate.shape.pre_rope else None
-            scores = gate_page_scores(layer_gate, q[b].view(Hkv, Hq // Hkv, d),
-                                      inputs.view.k_summary[csr.pages_of(b)], keys)
-            picks.append(gate_select(scores, csr.page_size, p.budget, p.threshold))
-        width = max(chosen.shape[1] for chosen, _ in picks)
+            picks.append(gate_pick(layer_gate, q[b].view(Hkv, Hq // Hkv, d), inputs.view.k_summary[csr.pages_of(b)],
+                                   keys, csr.page_size, p.budget, p.threshold))
+        width = max(chosen.shape[1] for chosen, _, _ in picks)
         items = torch.zeros((B * Hkv, width), dtype=torch.long, device=q.device)
-        for b, (chosen, _) in enumerate(picks):
+        for b, (chosen, _, _) in enumerate(picks):
             items[b * Hkv : (b + 1) * Hkv, : chosen.shape[1]] = chosen
-        count = torch.cat([c for _, c in picks]).to(torch.int32)
+        count = torch.cat([c for _, c, _ in picks]).to(torch.int32)
+        mass = torch.cat([m for _, _, m in picks])
         itemsize = inputs.store.config.itemsize
-        nbytes = gate_bytes(csr.host_lens, csr.page_size, [c.tolist() for _, c in picks], d, itemsize,
+        nbytes = gate_bytes(csr.host_lens, csr.page_size, [c.tolist() for _, c, _ in picks], d, itemsize,
                             layer_gate.shape.gate_dim, layer_gate.key_itemsize(itemsize))
-        return Selection(MODE_PAGES, items, count, bytes_read=nbytes)
+        return Selection(MODE_PAGES, items, count, bytes_read=nbytes, estimate=lambda: mass)
 
     def select_gpu(self, q: torch.Tensor, inputs: LayerInputs, p: GateParams) -> Selection:
         csr, layer_gate = inputs.csr, inputs.layer_gate
@@ -294,8 +318,8 @@ class Gate(AttentionMethod):
         P = csr.page_size
         pdl = p.threshold is None and inputs.store.tiers is None and pdl_for_rows(q.device, q.shape[0] * Hkv)
         k_seq = None if inputs.tiered else inputs.view.k_seq
-        chosen, list_len = gate_choose_triton(q, inputs.view.k_summary, layer_gate, csr, p.budget, p.threshold,
-                                              pdl, k_seq)
+        chosen, list_len, logits = gate_choose_triton_scored(q, inputs.view.k_summary, layer_gate, csr, p.budget,
+                                                             p.threshold, pdl, k_seq)
         if p.threshold is None:  # the count follows from the budget: no device sync
             counts = [[gate_budget_pages(S, P, p.budget)] * Hkv for S in csr.host_lens]
         else:
@@ -303,7 +327,10 @@ class Gate(AttentionMethod):
         itemsize = inputs.store.config.itemsize
         nbytes = gate_bytes(csr.host_lens, P, counts, q.shape[2], itemsize, layer_gate.shape.gate_dim,
                             layer_gate.key_itemsize(itemsize))
-        return Selection(MODE_PAGES, chosen, list_len, bytes_read=nbytes, pdl=pdl)
+        pages = csr.page_counts().repeat_interleave(Hkv)
+        G = q.shape[1] // Hkv
+        return Selection(MODE_PAGES, chosen, list_len, bytes_read=nbytes, pdl=pdl,
+                         estimate=lambda: chosen_mass(logits[:, None, :], chosen, list_len, pages).expand(-1, G))
 
     def shard(self, p: GateParams, held: Sequence[int], totals: Sequence[int], starts: Sequence[int], is_last: bool,
               page_size: int) -> tuple[str, Params] | None:

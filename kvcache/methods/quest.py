@@ -13,8 +13,9 @@ from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.errors import InvalidParameter
 from kvcache.kernels.csr import SUMMARY_MAX, SUMMARY_MIN, PageTableCSR
 from kvcache.kernels.paged_decode import MODE_PAGES
-from kvcache.kernels.quest import quest_select
+from kvcache.kernels.quest import quest_select_scored
 from kvcache.methods.base import REQUIRED, AttentionMethod, Params, Selection, param, scale_of
+from kvcache.methods.coverage import chosen_mass, reference_args
 from kvcache.methods.dense import DenseParams, attend_rows
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.result import AttentionResult
@@ -43,6 +44,15 @@ def quest_pages_for_share(context: int, page_size: int, share: float, d: int, it
     return max(2, int(context * (share - scoring)) // page_size)
 
 
+def quest_head_logits(q: torch.Tensor, summary: torch.Tensor, scale: float) -> torch.Tensor:
+    """§5 step 1 at the attention scale: scale * bound_g(p) of q [Hkv, G, d] over summary [n, Hkv, 3, d] ->
+    [Hkv, G, n] float32, where bound_g(p) = sum_j max(q_j * max_j, q_j * min_j) bounds q.k over page p's keys."""
+    kmin = summary[:, :, SUMMARY_MIN].float().transpose(0, 1)  # [Hkv, n, d]
+    kmax = summary[:, :, SUMMARY_MAX].float().transpose(0, 1)
+    qf = q.float()[:, :, None, :]  # [Hkv, G, 1, d]
+    return torch.maximum(qf * kmax[:, None], qf * kmin[:, None]).sum(-1) * scale
+
+
 def quest_page_scores(q: torch.Tensor, summary: torch.Tensor, scale: float) -> torch.Tensor:
     """Page scores of a GQA group: q [Hkv, G, d], summary [n, Hkv, 3, d] -> [Hkv, n].
 
@@ -52,11 +62,17 @@ def quest_page_scores(q: torch.Tensor, summary: torch.Tensor, scale: float) -> t
     the demo's data this covers more of every head's attention mass than the max or the sum of
     raw bounds, which let one head's large logits outvote the others.
     """
-    kmin = summary[:, :, SUMMARY_MIN].float().transpose(0, 1)  # [Hkv, n, d]
-    kmax = summary[:, :, SUMMARY_MAX].float().transpose(0, 1)
-    qf = q.float()[:, :, None, :]  # [Hkv, G, 1, d]
-    bound = torch.maximum(qf * kmax[:, None], qf * kmin[:, None]).sum(-1)  # [Hkv, G, n]
-    return torch.softmax(bound * scale, dim=-1).sum(dim=1)
+    return torch.softmax(quest_head_logits(q, summary, scale), dim=-1).sum(dim=1)
+
+
+def quest_choose(q: torch.Tensor, summary: torch.Tensor, scale: float, top_pages: int) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """One sequence's choice: page indexes [Hkv, t] (select_pages) and each query head's coverage estimate
+    [Hkv, G], the share of the softmax of its bounds over all pages that the chosen pages hold (a heuristic: the
+    bounds overstate q.k, most on pages whose keys spread widely)."""
+    logits = quest_head_logits(q, summary, scale)
+    chosen = select_pages(torch.softmax(logits, dim=-1).sum(dim=1), top_pages)
+    return chosen, chosen_mass(logits, chosen)
 
 
 def select_pages(scores: torch.Tensor, top_pages: int) -> torch.Tensor:
@@ -92,10 +108,12 @@ def quest(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    coverage = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
     for b, S in enumerate(csr.host_lens):
         qg = q[b].view(Hkv, Hq // Hkv, d)
         pages = csr.pages_of(b)
-        chosen = select_pages(quest_page_scores(qg, k_summary[pages], scale), top_pages)  # [Hkv, t]
+        chosen, mass = quest_choose(qg, k_summary[pages], scale, top_pages)  # [Hkv, t], [Hkv, G]
+        coverage[b] = mass.reshape(Hq).clamp(0.0, 1.0)
         # Rows of the chosen pages only; rows past S (in the last page) are masked out.
         page_ids = pages[chosen]  # [Hkv, t]
         heads = torch.arange(Hkv, device=q.device)[:, None]
@@ -105,7 +123,8 @@ def quest(
         valid = positions < S
         y, s = attend_rows(qg, k_rows, v_rows, scale, mask=valid)
         out[b], lse[b] = y.reshape(Hq, d).to(q.dtype), s.reshape(Hq)
-    return AttentionResult(out, lse, quest_bytes(csr.host_lens, P, top_pages, Hkv, d, k_seq.element_size()))
+    return AttentionResult(out, lse, quest_bytes(csr.host_lens, P, top_pages, Hkv, d, k_seq.element_size()),
+                           coverage=coverage)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,7 +152,7 @@ class Quest(AttentionMethod):
 
     def reference(self, q: torch.Tensor, inputs: LayerInputs, p: QuestParams) -> AttentionResult:
         view = inputs.view
-        return quest(q, view.k_seq, view.v_seq, view.k_summary, inputs.csr, **p.as_dict())
+        return quest(q, view.k_seq, view.v_seq, view.k_summary, inputs.csr, **reference_args(p))
 
     def select(self, q: torch.Tensor, inputs: LayerInputs, p: QuestParams) -> Selection:
         B, Hq, d = q.shape
@@ -143,17 +162,21 @@ class Quest(AttentionMethod):
         width = min(p.top_pages, max(-(-S // csr.page_size) for S in csr.host_lens))
         items = torch.zeros((B * Hkv, width), dtype=torch.long, device=q.device)
         count = torch.empty((B * Hkv,), dtype=torch.int32, device=q.device)
+        mass = torch.empty((B * Hkv, Hq // Hkv), dtype=torch.float32, device=q.device)
         for b in range(B):
             pages = csr.pages_of(b)
-            chosen = select_pages(quest_page_scores(q[b].view(Hkv, Hq // Hkv, d), inputs.view.k_summary[pages],
-                                                    scale), p.top_pages)  # [Hkv, t]
-            items[b * Hkv : (b + 1) * Hkv, : chosen.shape[1]] = chosen
-            count[b * Hkv : (b + 1) * Hkv] = chosen.shape[1]
-        return Selection(MODE_PAGES, items, count)
+            rows = slice(b * Hkv, (b + 1) * Hkv)
+            chosen, mass[rows] = quest_choose(q[b].view(Hkv, Hq // Hkv, d), inputs.view.k_summary[pages], scale,
+                                              p.top_pages)  # [Hkv, t], [Hkv, G]
+            items[rows, : chosen.shape[1]] = chosen
+            count[rows] = chosen.shape[1]
+        return Selection(MODE_PAGES, items, count, estimate=lambda: mass)
 
     def select_gpu(self, q: torch.Tensor, inputs: LayerInputs, p: QuestParams) -> Selection:
-        items, count = quest_select(q, inputs.view.k_summary, inputs.csr, p.top_pages, p.scale)
-        return Selection(MODE_PAGES, items, count)
+        csr = inputs.csr
+        items, count, logits = quest_select_scored(q, inputs.view.k_summary, csr, p.top_pages, p.scale)
+        pages = csr.page_counts().repeat_interleave(inputs.num_kv_heads)
+        return Selection(MODE_PAGES, items, count, estimate=lambda: chosen_mass(logits, items, count, pages))
 
     def shard(self, p: QuestParams, held: Sequence[int], totals: Sequence[int], starts: Sequence[int], is_last: bool,
               page_size: int) -> tuple[str, Params] | None:

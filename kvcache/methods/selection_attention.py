@@ -25,7 +25,6 @@ from kvcache.kernels.paged_decode import (
     MODE_ROWS,
     Partials,
     attend_partial,
-    attend_partial_and_merge,
     merge_partials,
 )
 from kvcache.methods.base import Selection
@@ -151,9 +150,11 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
-def attend_triton(q: torch.Tensor, inputs: LayerInputs, sel: Selection, scale: float | None) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """out, lse of q over the selected rows by the paged kernels: device pools, and pinned host pages in place."""
+def attend_triton(q: torch.Tensor, inputs: LayerInputs, sel: Selection, scale: float | None,
+                  with_alpha: bool = False) -> tuple[torch.Tensor, ...]:
+    """out, lse of q over the selected rows by the paged kernels: device pools, and pinned host pages in place. With
+    `with_alpha`, also the alpha [B*Hkv, G] the attention summed (SparQ's stage-1 mass of the rows read, from
+    sel.alpha_inputs or sel.coverage_inputs; None without either): a reduction on the device, no sync."""
     store, csr, view = inputs.store, inputs.csr, inputs.view
     Hkv = inputs.num_kv_heads
     BH = q.shape[0] * Hkv
@@ -163,19 +164,31 @@ def attend_triton(q: torch.Tensor, inputs: LayerInputs, sel: Selection, scale: f
         sel = replace(sel, items=sel.items.to(torch.int32))
     if sel.count is not None and sel.count.dtype != torch.int32:
         sel = replace(sel, count=sel.count.to(torch.int32))
+    stats = sel.alpha_inputs if sel.alpha_inputs is not None else sel.coverage_inputs
     if store.tiers is None:
         if sel.mode == MODE_DENSE:
             max_items = csr.max_len
         else:
             max_items = sel.items.shape[1] * (csr.page_size if sel.mode == MODE_PAGES else 1)
-        return attend_partial_and_merge(q, view.k_seq, view.v_seq, csr, max_items, sel.mode, item_list=sel.items,
-                                        list_len=sel.count, alpha_inputs=sel.alpha_inputs, value_mean=vbar,
-                                        scale=scale, launch=sel.launch, pdl=sel.pdl)
-    return _attend_tiered(q, inputs, sel, scale, vbar)
+        parts = attend_partial(q, view.k_seq, view.v_seq, csr, max_items, sel.mode, item_list=sel.items,
+                               list_len=sel.count, alpha_inputs=stats, scale=scale, launch=sel.launch, pdl=sel.pdl)
+        out, lse = merge_partials(q, _reallocating(parts, sel), Hkv, vbar, pdl=sel.pdl)
+    else:
+        parts, (out, lse) = _attend_tiered(q, inputs, sel, scale, vbar, stats)
+    if not with_alpha:
+        return out, lse
+    # Summed after the merge is launched, so the merge still follows the partial kernel directly (PDL).
+    return out, lse, None if parts.alpha is None else parts.alpha.sum(dim=1)
+
+
+def _reallocating(parts: Partials, sel: Selection) -> Partials:
+    """parts as the merge takes them: alpha summed for the coverage alone (coverage_inputs) must not reallocate."""
+    return parts if sel.alpha_inputs is not None or parts.alpha is None else replace(parts, alpha=None)
 
 
 def _attend_tiered(q: torch.Tensor, inputs: LayerInputs, sel: Selection, scale: float | None,
-                   vbar: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   vbar: torch.Tensor | None, stats: tuple[torch.Tensor, ...] | None) -> tuple[
+        Partials, tuple[torch.Tensor, torch.Tensor]]:
     store, csr, layer, view = inputs.store, inputs.csr, inputs.layer, inputs.view
     tiers: TierManager = store.tiers
     Hkv, P = inputs.num_kv_heads, csr.page_size
@@ -227,7 +240,7 @@ def _attend_tiered(q: torch.Tensor, inputs: LayerInputs, sel: Selection, scale: 
             order = torch.sort((~mine[tier]).to(torch.int8), dim=1, stable=True).indices
             mine_items = torch.gather(items, 1, order).to(torch.int32).contiguous()
             parts.append(attend_partial(q, k_pool, v_pool, slot_csr, items.shape[1] * item_bytes, mode,
-                                        item_list=mine_items, list_len=counts[tier], alpha_inputs=sel.alpha_inputs,
+                                        item_list=mine_items, list_len=counts[tier], alpha_inputs=stats,
                                         scale=scale, row_sums=checks.get(tier)))
             if cuda and tier != DEVICE:
                 for t in (parts[-1].out, parts[-1].lse, parts[-1].alpha):
@@ -240,11 +253,12 @@ def _attend_tiered(q: torch.Tensor, inputs: LayerInputs, sel: Selection, scale: 
             inputs.moves.add(tier, totals[tier] * item_bytes * row_bytes)
     for done in joins:
         main.wait_event(done)
-    out = merge_partials(q, Partials.concat(parts), Hkv, vbar)
+    merged = Partials.concat(parts)
+    out = merge_partials(q, _reallocating(merged, sel), Hkv, vbar)
     for tier, (_, _, bad) in checks.items():
         if totals[tier] and int(bad):  # a host sync, only when the tier was read: no result leaves unchecked
             raise _failed_rows(tiers, tier, page_ids[mine[tier]])
-    return out
+    return merged, out
 
 
 def _failed_rows(tiers: TierManager, tier: int, pages: torch.Tensor) -> Exception:

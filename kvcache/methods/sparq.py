@@ -16,6 +16,7 @@ from kvcache.kernels.paged_decode import MODE_ROWS
 from kvcache.kernels.sparq import sparq_select, sparq_stage1
 from kvcache.kernels.tuning import TUNING
 from kvcache.methods.base import REQUIRED, AttentionMethod, Params, Selection, param, scale_of
+from kvcache.methods.coverage import reference_args
 from kvcache.methods.dense import DenseParams, attend_rows
 from kvcache.methods.gather import gather_key_dims, gather_rows
 from kvcache.methods.inputs import LayerInputs
@@ -121,9 +122,11 @@ def sparq(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    coverage = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
     for b, S in enumerate(seq_lens):
         qg = q[b].view(Hkv, G, d).float()
         i2, alpha = select_rows(qg, gather_key_dims(k_dim, csr, b, i1_of(qg, r)), r, S, k, local_window, scale)
+        coverage[b] = alpha.reshape(Hq).clamp(0.0, 1.0)  # the estimate, whether or not it reallocates
         if not reallocate:
             alpha = torch.ones_like(alpha)
         # 6. exact softmax over the k chosen rows (sequence-major reads).
@@ -131,7 +134,8 @@ def sparq(
         v_rows = gather_rows(v_seq, csr, b, i2)
         y, s = attend_rows(qg, k_rows, v_rows, scale)
         out[b], lse[b] = reallocate_mean(y, alpha, value_mean[b]).reshape(Hq, d).to(q.dtype), s.reshape(Hq)
-    return AttentionResult(out, lse, sparq_bytes(csr.host_lens, Hkv, d, r, k, k_seq.element_size()))
+    return AttentionResult(out, lse, sparq_bytes(csr.host_lens, Hkv, d, r, k, k_seq.element_size()),
+                           coverage=coverage)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,7 +165,7 @@ class Sparq(AttentionMethod):
 
     def reference(self, q: torch.Tensor, inputs: LayerInputs, p: SparqParams) -> AttentionResult:
         view = inputs.view
-        return sparq(q, view.k_seq, view.k_dim, view.v_seq, inputs.value_mean, inputs.csr, **p.as_dict())
+        return sparq(q, view.k_seq, view.k_dim, view.v_seq, inputs.value_mean, inputs.csr, **reference_args(p))
 
     def select(self, q: torch.Tensor, inputs: LayerInputs, p: SparqParams) -> Selection:
         B, Hq, d = q.shape
@@ -174,14 +178,20 @@ class Sparq(AttentionMethod):
             i2, alpha = select_rows(qg, k_i1, p.r, S, p.k, p.local_window, scale)
             items.append(i2)
             alphas.append(alpha)
-        return Selection(MODE_ROWS, torch.cat(items), alpha=torch.cat(alphas) if p.reallocate else None)
+        alpha = torch.cat(alphas)
+        if p.reallocate:
+            return Selection(MODE_ROWS, torch.cat(items), alpha=alpha)
+        return Selection(MODE_ROWS, torch.cat(items), estimate=lambda: alpha)  # alpha for the coverage only
 
     def select_gpu(self, q: torch.Tensor, inputs: LayerInputs, p: SparqParams) -> Selection:
         csr = inputs.csr
         s1 = sparq_stage1(q, inputs.view.k_dim, csr, p.r, scale=p.scale)
         items = sparq_select(s1, csr, inputs.num_kv_heads, p.k, p.local_window)
-        alpha_inputs = (s1.logits, s1.stat_m, s1.stat_l, s1.num_splits) if p.reallocate else None
-        return Selection(MODE_ROWS, items, alpha_inputs=alpha_inputs, launch=TUNING["rows"])
+        stats = (s1.logits, s1.stat_m, s1.stat_l, s1.num_splits)
+        # Without reallocation the attention kernel still sums alpha (G floats per row read): the coverage estimate.
+        if p.reallocate:
+            return Selection(MODE_ROWS, items, alpha_inputs=stats, launch=TUNING["rows"])
+        return Selection(MODE_ROWS, items, coverage_inputs=stats, launch=TUNING["rows"])
 
     def shard(self, p: SparqParams, held: Sequence[int], totals: Sequence[int], starts: Sequence[int], is_last: bool,
               page_size: int) -> tuple[str, Params] | None:

@@ -17,6 +17,7 @@ from kvcache.errors import InvalidParameter
 from kvcache.kernels.csr import PageTableCSR
 from kvcache.kernels.paged_decode import MODE_ROWS
 from kvcache.methods.base import REQUIRED, AttentionMethod, Params, Selection, csr_rows, param
+from kvcache.methods.coverage import reference_args
 from kvcache.methods.dense import attend_rows
 from kvcache.methods.gather import gather_rows
 from kvcache.methods.inputs import LayerInputs
@@ -81,13 +82,16 @@ class Window(AttentionMethod):
     def check(self, config: KVCacheConfig, lens: Sequence[int], p: WindowParams) -> None:
         if p.sinks + p.window < 1:
             raise InvalidParameter("window: sinks + window must be at least 1 (it would read nothing)")
+        if p.min_coverage is not None:
+            raise InvalidParameter("window: min_coverage cannot apply: the window has no estimate of the attention "
+                                   "mass it leaves out (that needs every key read); use sparq, quest or gate")
 
     def bytes_read(self, config: KVCacheConfig, lens: Sequence[int], p: WindowParams) -> int:
         return window_bytes(lens, config.num_kv_heads, config.head_dim, config.itemsize, p.sinks, p.window)
 
     def reference(self, q: torch.Tensor, inputs: LayerInputs, p: WindowParams) -> AttentionResult:
         view = inputs.view
-        return window_attention(q, view.k_seq, view.v_seq, inputs.csr, **p.as_dict())
+        return window_attention(q, view.k_seq, view.v_seq, inputs.csr, **reference_args(p))
 
     def select(self, q: torch.Tensor, inputs: LayerInputs, p: WindowParams) -> Selection:
         positions, count = window_positions(csr_rows(inputs.csr, inputs.num_kv_heads), p.sinks, p.window)

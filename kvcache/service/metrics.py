@@ -1,6 +1,6 @@
 """Prometheus metrics of a server (prometheus_client): call latency histograms per RPC and attention method, calls
 per status code, and the stats snapshot (pool, per-method totals, bytes moved between tiers, batching, sequences
-expired), served over HTTP."""
+expired, coverage estimates and dense fallbacks per method and layer), served over HTTP."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 # Seconds: a decode layer call takes tens of microseconds to milliseconds; a long prefill chunk, seconds.
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -78,7 +78,23 @@ def stats_families(stats: dict) -> list[Metric]:
                                      labels=["reason"])
         family.add_metric(["lease"], expired)
         families.append(family)
+    families.extend(coverage_families(stats.get("coverage", {})))
     return families
+
+
+def coverage_families(coverage: dict[str, dict[int, dict]]) -> list[Metric]:
+    """The coverage snapshot (kvcache.stats.CoverageTotals.snapshot) as a histogram of the per-sequence estimates and
+    a counter of dense fallbacks, per method and layer."""
+    histogram = HistogramMetricFamily("kvcache_attention_coverage", "Estimated share of attention mass the rows read "
+                                      "cover, one observation per sequence and call", labels=["method", "layer"])
+    fallbacks = CounterMetricFamily("kvcache_attention_fallbacks", "Sequences attended densely because their "
+                                    "coverage estimate was below min_coverage", labels=["method", "layer"])
+    for method, layers in sorted(coverage.items()):
+        for layer, e in sorted(layers.items()):
+            buckets = [*e["buckets"].items(), ("+Inf", e["count"])]
+            histogram.add_metric([method, str(layer)], buckets, sum_value=e["sum"])
+            fallbacks.add_metric([method, str(layer)], e["fallbacks"])
+    return [histogram, fallbacks]
 
 
 def prometheus_text(stats: dict) -> str:

@@ -6,6 +6,7 @@ from typing import Any
 
 from kvcache.config import KVCacheConfig
 from kvcache.errors import InvalidParameter
+from kvcache.stats import coverage_entry
 from kvcache.store import SequenceInfo
 from kvcache.wire import kvcache_pb2 as pb
 
@@ -59,3 +60,19 @@ def config_from_wire(m: pb.StoreConfig, device: str = "cpu") -> KVCacheConfig:
     return KVCacheConfig(num_layers=m.num_layers, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
                          page_size=m.page_size, dtype=m.dtype, device=device, device_pages=m.device_pages,
                          host_pages=m.host_pages, disk_pages=m.disk_pages)
+
+
+def coverage_to_wire(snapshot: dict[str, dict[int, dict]]) -> list[pb.CoverageStats]:
+    """A coverage snapshot (kvcache.stats.CoverageTotals.snapshot) -> CoverageStats messages."""
+    return [pb.CoverageStats(method=method, layer=layer, count=e["count"], sum=e["sum"], fallbacks=e["fallbacks"],
+                             bounds=[float(b) for b in e["buckets"]], cumulative=list(e["buckets"].values()))
+            for method, layers in snapshot.items() for layer, e in layers.items()]
+
+
+def coverage_from_wire(messages) -> dict[str, dict[int, dict]]:
+    """CoverageStats messages -> a coverage snapshot, as kvcache.stats.CoverageTotals.snapshot gives it."""
+    out: dict[str, dict[int, dict]] = {}
+    for m in messages:
+        buckets = {str(b): n for b, n in zip(m.bounds, m.cumulative)}
+        out.setdefault(m.method, {})[m.layer] = coverage_entry(m.count, m.sum, m.fallbacks, buckets)
+    return out
