@@ -16,7 +16,7 @@ import torch
 from kvcache.clients.inprocess import KVCacheClient
 from kvcache.engine.config import PREFILL_CHUNK
 from kvcache.engine.decode import DENSE, AttentionSpec, StepResult, decode_step
-from kvcache.engine.graph_decode import GRAPH_METHODS, GraphDecoder
+from kvcache.engine.graph_decode import GraphDecoder, replayable
 from kvcache.engine.model import Llama
 from kvcache.engine.prefill import PrefillAttention, PrefillDtypes, Progress, causal_attention, prefill
 from kvcache.engine.sampling import GREEDY, Sampler
@@ -79,8 +79,8 @@ def generate(
     prefilled and joins the batch between steps (continuous batching), so the batch stays full. A prompt stops at
     its first token in `stop_ids`; its sequence is freed from the store as it finishes. Prefill computes in
     `prefill_dtypes` (default: the model's dtype; engine/prefill.py's prefill_dtypes picks them). With `graph`,
-    steps whose every layer runs one of GRAPH_METHODS are replayed from captured CUDA graphs
-    (engine/graph_decode.py).
+    steps whose every layer runs one method that graph_decode.replayable allows are replayed from captured CUDA
+    graphs (engine/graph_decode.py).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
@@ -150,7 +150,7 @@ def generate(
             last, at = [tokens[b][-1] for b in active], [positions[b] for b in active]
             method, params = spec.for_length(min(at) + 1)
             ran[method] = ran.get(method, 0) + 1
-            if graph is not None and not spec.layers and method in GRAPH_METHODS:
+            if graph is not None and not spec.layers and replayable(method, params) is None:
                 step = StepResult(*graph.step(rows, last, at, method, params))
                 graph_steps += 1
             else:

@@ -115,3 +115,12 @@ def test_a_greedy_loop_fed_its_own_tokens_on_the_device_gives_the_host_fed_token
         positions = [p + 1 for p in positions]
     assert [t.tolist() for t in device_tokens] == host_tokens
     assert device_decoder.captures == 2
+
+
+def test_steps_a_graph_cannot_replay_say_why():
+    from kvcache.engine.graph_decode import replayable
+
+    assert replayable("sparq", {"r": 8, "k": 32}) is None
+    assert "not replayed" in replayable("oracle", {})
+    assert "byte budget" in replayable("sparq", {"bytes": 0.125})
+    assert "min_coverage" in replayable("quest", {"top_pages": 4, "min_coverage": 0.9})
