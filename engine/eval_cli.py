@@ -106,6 +106,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a byte allocation (`kvcache calibrate-bytes`; a name under kvcache/methods/allocations/ or "
                         "a path): each --at-bytes METHOD:f row gets a twin spending the same mean share per layer "
                         "by it")
+    p.add_argument("--min-coverage", default="",
+                   help="values c,...: every sparse --at-bytes row (and its calibrated twin) again with "
+                        "min_coverage=c, a sequence's layer read densely when its coverage estimate is below c "
+                        "(the bytes counted)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--server", help="host:port of a `kvcache serve` to decode through (default: in-process)")
     p.add_argument("--star", action="store_true",
@@ -147,7 +151,8 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
                 quest_bytes: str = "", oracle_bytes: str = "",
                 gate_threshold: str = "", oracle_share: str = "", gate_dense_layers: str = "",
                 gate_oracle_layers: str = "", num_layers: int | None = None,
-                at_bytes: str = "", allocation: ByteAllocation | None = None) -> list[tuple[str, AttentionSpec]]:
+                at_bytes: str = "", allocation: ByteAllocation | None = None,
+                min_coverage: str = "") -> list[tuple[str, AttentionSpec]]:
     """(label, spec) of dense and every SparQ, Quest, gate and oracle setting at a context of `context` positions
     (a store of `itemsize`-byte K/V of `head_dim`; gate keys of `gate_dim` in the same dtype; `num_layers` layers,
     needed for the per-layer gate rows)."""
@@ -211,6 +216,12 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
             grid.append((f"{name} bytes/{f} calibrated", calibrated_spec(METHODS[name], context, 1 / int(f),
                                                                            page_size, head_dim, itemsize,
                                                                            allocation)))
+    for value in filter(None, (x.strip() for x in min_coverage.split(","))):
+        # Each sparse --at-bytes row again, a sequence's layer read densely where its coverage is below `value`.
+        for label, spec in [(label, spec) for label, spec in grid if " bytes/" in label and spec.method != "window"]:
+            layers = {layer: (m, {**p, "min_coverage": float(value)}) for layer, (m, p) in spec.layers.items()}
+            grid.append((f"{label} cov>={value}", AttentionSpec(spec.method, {**spec.params, "min_coverage":
+                                                                              float(value)}, layers)))
     return grid
 
 
@@ -381,7 +392,8 @@ def main(args: argparse.Namespace) -> int:
                  "gate_dense_layers": args.gate_dense_layers if args.gate else "",
                  "gate_oracle_layers": args.gate_oracle_layers if args.gate else "",
                  "num_layers": model.config.num_layers, "at_bytes": args.at_bytes,
-                 "allocation": load_allocation(args.allocation) if args.allocation else None}
+                 "allocation": load_allocation(args.allocation) if args.allocation else None,
+                 "min_coverage": args.min_coverage}
     heldout = getattr(args, "heldout", False)
     floor = getattr(args, "floor", None)
     floor = ("auto" if heldout else "") if floor is None else floor

@@ -86,6 +86,9 @@ def test_a_planned_step_spends_the_budget_per_layer_by_the_allocation():
     dense = [client.attend([sid], layer, q).bytes_read for layer in range(L)]
     assert got[0] > got[1]  # the layer whose attention is spread gets more
     assert sum(got) / sum(dense) == pytest.approx(0.25, rel=0.05)
+    # Quest's pages gained nothing from the allocation where it was measured: its budget stays uniform.
+    step = client.begin_step([sid], 4, "quest", {"bytes": 0.25})
+    assert len({step.attend(layer, q, k, v).bytes_read for layer in range(L)}) == 1
 
 
 def test_allocations_round_trip_and_bad_files_are_refused(tmp_path):

@@ -202,3 +202,11 @@ def test_eval_heldout_writes_intervals_and_the_floor(texts, tmp_path, monkeypatc
         assert row["beats_floor"] == (floor["verdict"] == "better")
     assert all(f["floor"] is None and f["beats_floor"] is None for f in floors)
     assert (tmp_path / "eval.png").stat().st_size > 0
+
+
+def test_min_coverage_rows_repeat_every_sparse_budget_row_with_the_threshold():
+    from kvcache.engine.eval_cli import method_grid
+
+    grid = dict(method_grid(2048, 16, "", "", at_bytes="sparq:8,window:8", min_coverage="0.75", num_layers=30))
+    assert grid["sparq bytes/8 cov>=0.75"].params == {**grid["sparq bytes/8"].params, "min_coverage": 0.75}
+    assert "window bytes/8 cov>=0.75" not in grid  # the window has no coverage estimate

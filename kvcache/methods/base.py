@@ -194,6 +194,9 @@ class AttentionMethod:
     needs_value_mean: ClassVar[bool] = False
     needs_gate: ClassVar[bool] = False  # takes the store's page gate (kvcache.methods.gate_store)
     evaluation_only: ClassVar[bool] = False  # reads every position to choose: a bound, not a way to serve
+    # A byte budget follows the store's calibrated allocation (kvcache.methods.byte_allocation) only for methods
+    # measured to gain from it; the rest spread it alike over layers.
+    follows_allocation: ClassVar[bool] = False
     doc: ClassVar[str] = ""  # one line, for CLIs and docs
 
     def parse(self, values: Mapping[str, Any] | None) -> Params:

@@ -157,10 +157,10 @@ def allocation_of(store) -> ByteAllocation | None:
     return _ALLOCATIONS.get(store)
 
 
-def layer_shares(store, share: float, floor: float = 0.0) -> tuple[float, ...]:
-    """Each layer's share of dense bytes for a mean `share`, by the store's allocation (none below `floor`) or
-    uniformly."""
+def layer_shares(store, share: float, floor: float, num_layers: int) -> tuple[float, ...]:
+    """Each of `num_layers` layers' share of dense bytes for a mean `share`: by the store's allocation (none below
+    `floor`) if it holds one, else (or with no store) uniformly."""
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
         raise InvalidParameter(f"bytes={share!r} must be a share of dense attention's bytes in (0, 1]")
-    a = allocation_of(store)
-    return uniform_shares(float(share), store.config.num_layers) if a is None else a.shares(float(share), floor)
+    a = None if store is None else allocation_of(store)
+    return uniform_shares(float(share), num_layers) if a is None else a.shares(float(share), floor)

@@ -32,7 +32,8 @@ def budget_params(store, m: AttentionMethod, share: float, given: Mapping[str, A
     layers) for sequences of `lens` cached positions; InvalidParameter where the method has no rule for it."""
     c = store.config
     context = min(lens)
-    layer_share = layer_shares(store, share, least_share(m, context, c.page_size, c.head_dim, c.itemsize))[layer]
+    floor = least_share(m, context, c.page_size, c.head_dim, c.itemsize)
+    layer_share = layer_shares(store if m.follows_allocation else None, share, floor, c.num_layers)[layer]
     p = m.params_for_share(context, layer_share, c.page_size, c.head_dim, c.itemsize)
     if p is None:
         raise InvalidParameter(f"{m.name}: no parameters read {layer_share:.4g} of dense attention's bytes at "

@@ -153,6 +153,8 @@ class Sparq(AttentionMethod):
 
     name = "sparq"
     Params = SparqParams
+    # Its k spends the budget on rows, as the allocation's curves measure (docs/methods.md, "Byte budgets").
+    follows_allocation = True
     exact = False  # each part chooses its rows and reallocates its mean value on its own positions
     needs_value_mean = True
     doc = "SparQ: r query components score every position, exact attention over the best k"
