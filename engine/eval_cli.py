@@ -30,6 +30,8 @@ from kvcache.engine.decode import AttentionSpec, parse_layers
 from kvcache.engine.eval_data import CALIBRATION_SOURCE, EVALUATION_SOURCE, evaluation_text, passkey_prompt
 from kvcache.engine.evaluation import Encoder, greedy_methods, perplexity, teacher_force
 from kvcache.engine.prefill import PrefillAttention, causal_attention
+from kvcache.engine.ruler import ruler_agreement, ruler_suite
+from kvcache.engine.ruler import summarize as ruler_summary
 from kvcache.engine.star_eval import StarEncoder, parse_settings, shard_clients
 from kvcache.errors import InvalidParameter
 from kvcache.methods.base import AttentionMethod
@@ -73,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passkey-lengths", default="1024,2048,4096,8000", help="passkey prompt lengths in tokens")
     p.add_argument("--depths", default="0.1,0.5,0.9", help="relative depths of the key in the filler")
     p.add_argument("--trials", type=int, default=1, help="keys per (length, depth)")
+    p.add_argument("--ruler-lengths", default="",
+                   help="lengths in tokens of the RULER-style suite (engine/ruler.py: single and multi-key needle, "
+                        "multi-value, variable tracking), scored as agreement with dense's answers ('' for none)")
+    p.add_argument("--ruler-items", type=int, default=4, help="RULER-style items per task and length")
+    p.add_argument("--ruler-seed", type=int, default=0, help="seed of the RULER-style items")
     p.add_argument("--sparq", default="16:8,8:16,4:32,2:64",
                    help="SparQ settings r:f with k = S/f (local window k/4): default 1/4 .. 1/32 of dense bytes")
     p.add_argument("--quest", default="4,8", help="Quest settings f with top_pages = pages/f")
@@ -361,7 +368,8 @@ def main(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     contexts = sorted((int(c) for c in args.contexts.split(",") if c.strip()), reverse=True)  # longest first
     lengths = sorted((int(n) for n in args.passkey_lengths.split(",") if n.strip()), reverse=True)
-    encs = encodings(args, model, max(contexts + lengths, default=1))
+    ruler_lengths = [int(n) for n in getattr(args, "ruler_lengths", "").split(",") if n.strip()]
+    encs = encodings(args, model, max(contexts + lengths + ruler_lengths, default=1))
     report: dict = {"model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)", "torch": torch.__version__,
                     "python": platform.python_version(), "command": " ".join(sys.argv), "perplexity": [],
                     "agreement": [], "passkey": []}
@@ -496,6 +504,18 @@ def main(args: argparse.Namespace) -> int:
                     print(f"passkey n={prompt.length} depth={depth} key={prompt.key} prefill={enc.name}: " +
                           ", ".join(f"{enc.label(lb)}={'ok' if r['correct'] else 'no'}"
                                     for lb, r in zip(labels, report["passkey"][-len(labels):])), flush=True)
+    if ruler_lengths:
+        report["ruler"], report["ruler_summary"] = [], []
+        for n in sorted(ruler_lengths, reverse=True):
+            grid = encs[0].grid(grid_at(n))
+            items = ruler_suite(tok, [n], per_task=args.ruler_items, seed=args.ruler_seed)
+            rows = ruler_agreement(model, encs[0].client, grid, items, tok, encs[0].attention,
+                                   log=lambda line: print("ruler " + line, flush=True))
+            report["ruler"] += rows
+            report["ruler_summary"] += ruler_summary(rows)
+        for r in report["ruler_summary"]:
+            print(f"ruler n={r['length']} {r['method']:<30} agrees with dense on {r['agreement']:.0%} of "
+                  f"{r['items']} items", flush=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {args.json}")

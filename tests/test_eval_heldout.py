@@ -210,3 +210,21 @@ def test_min_coverage_rows_repeat_every_sparse_budget_row_with_the_threshold():
     grid = dict(method_grid(2048, 16, "", "", at_bytes="sparq:8,window:8", min_coverage="0.75", num_layers=30))
     assert grid["sparq bytes/8 cov>=0.75"].params == {**grid["sparq bytes/8"].params, "min_coverage": 0.75}
     assert "window bytes/8 cov>=0.75" not in grid  # the window has no coverage estimate
+
+
+def test_eval_scores_the_ruler_suite_as_agreement_with_dense(texts, tmp_path, monkeypatch):
+    from kvcache.cli import main
+    from kvcache.engine import load
+
+    model = random_model(CONFIG, seed=7)
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--contexts", "64", "--eval-tokens", "9", "--agree-tokens", "0", "--passkey-lengths", "",
+                 "--sparq", "4:8", "--quest", "", "--page-size", "8", "--ruler-lengths", "1000", "--ruler-items", "1",
+                 "--json", str(out), "--plot", ""]) == 0
+    report = json.loads(out.read_text())
+    tasks = {r["task"] for r in report["ruler"]}
+    assert tasks == {"single_needle", "multi_key_needle", "multi_value", "variable_tracking"}
+    summary = {r["method"]: r for r in report["ruler_summary"]}
+    assert summary["dense"]["agreement"] == 1.0 and summary["dense"]["items"] == 4
+    assert 0 <= summary["sparq r=4 k=S/8"]["agreement"] <= 1
