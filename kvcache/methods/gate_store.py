@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from kvcache.errors import GateFileInvalid, GateMissing
+from kvcache.kernels.gate_keys import gate_page_keys_triton, rope_inverse_frequencies
 from kvcache.methods.gate_model import GateShape, LayerGate, PageGate, gate_keys, page_summaries, pooled_keys, unrotate
 
 FORMAT = "kvcache-page-gate/1"
@@ -125,6 +126,12 @@ class GateKeyCache:
         self.summary = summary  # the pool's k_summary [L, N, Hkv, 3, d] (a reference: no store cycle)
         self.page_keys = page_keys  # the store's page_keys (a weak method): a pre-RoPE gate pools rows, not summaries
         self.keys = torch.zeros((L, N, H, gate.shape.gate_dim), dtype=dtype, device=summary.device)
+        shape = gate.shape
+        # update_step's one-launch kernel (kvcache.kernels.gate_keys) takes power-of-two tiles; else torch runs it.
+        self._step_kernel = all(n & (n - 1) == 0 for n in (shape.page_size, shape.head_dim // 2, shape.gate_dim // 2))
+        self._model_inv = (rope_inverse_frequencies(shape.head_dim, shape.model_rope_base, summary.device)
+                           if shape.pre_rope else None)
+        self._gate_inv = rope_inverse_frequencies(shape.gate_dim, shape.rope_base, summary.device)
 
     def update(self, layers: list[int], page_ids: torch.Tensor, indexes: torch.Tensor, fills: list[int]) -> None:
         """Recompute the keys of pages page_ids [n] (at page indexes [n] of their sequences, holding their first
@@ -154,9 +161,15 @@ class GateKeyCache:
         """update() of one decode step's pages at `layer`, from device tensors only (no host sync, no host tensor:
         a captured CUDA graph replays it): page_ids [B] int64 (their K at slots page_ids of k_seq [N, Hkv, P, d],
         the layer's pool: an untiered store), at page indexes [B] of their sequences, holding fills [B] rows."""
+        shape = self.gate.shape
+        if self._step_kernel and k_seq.is_cuda:
+            g = self.gate.layer(layer)
+            gate_page_keys_triton(k_seq, self.summary[layer], g.k_weight, self.keys[layer], page_ids, indexes, fills,
+                                  self._model_inv, self._gate_inv)
+            return
         with torch.no_grad():
-            if self.gate.shape.pre_rope:
-                P = self.gate.shape.page_size
+            if shape.pre_rope:
+                P = shape.page_size
                 rows = torch.arange(P, device=page_ids.device)
                 at = (indexes[:, None] * P + rows)[:, None, :]  # [B, 1, P] positions of the pages' rows
                 back = unrotate(k_seq[page_ids], at, self.gate.shape.model_rope_base)
