@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from byte_tokenizer import ByteTokenizer
 
 from kvcache.engine import eval_stats
 from kvcache.engine.config import ModelConfig
@@ -151,22 +152,12 @@ def test_the_floor_rows_read_each_method_s_share_of_the_bytes():
 # ---- end to end ----------------------------------------------------------------------------------------------
 
 
-class ByteTokenizer:
-    """Token = byte mod the vocabulary."""
-
-    def encode(self, text: str) -> list[int]:
-        return [b % CONFIG.vocab_size for b in text.encode()]
-
-    def decode(self, ids) -> str:
-        return "".join(str(t % 10) for t in ids)
-
-
 def test_eval_heldout_writes_intervals_and_the_floor(texts, tmp_path, monkeypatch):
     from kvcache.cli import main
     from kvcache.engine import load
 
     model = random_model(CONFIG, seed=7)
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
     out = tmp_path / "eval.json"
     assert main(["eval", "--heldout", "--windows", "3", "--contexts", "64", "--eval-tokens", "9", "--agree-tokens",
                  "4", "--passkey-lengths", "", "--sparq", "4:8", "--quest", "2", "--page-size", "8",
@@ -217,7 +208,7 @@ def test_eval_scores_the_ruler_suite_as_agreement_with_dense(texts, tmp_path, mo
     from kvcache.engine import load
 
     model = random_model(CONFIG, seed=7)
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
     out = tmp_path / "eval.json"
     assert main(["eval", "--contexts", "64", "--eval-tokens", "9", "--agree-tokens", "0", "--passkey-lengths", "",
                  "--sparq", "4:8", "--quest", "", "--page-size", "8", "--ruler-lengths", "1000", "--ruler-items", "1",

@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from byte_tokenizer import ByteTokenizer
 from service_support import (
     STORE,
     in_process_shards,
@@ -144,21 +145,11 @@ def test_the_shards_can_be_kvcache_serve_processes(model):
 # ---- `kvcache eval --star` -------------------------------------------------------------------
 
 
-class ByteTokenizer:
-    """Token = byte mod the vocabulary; decodes to digits, so a passkey answer is some 5-digit string."""
-
-    def encode(self, text: str) -> list[int]:
-        return [b % CONFIG.vocab_size for b in text.encode()]
-
-    def decode(self, ids) -> str:
-        return "".join(str(t % 10) for t in ids)
-
-
 def test_eval_star_writes_rows_for_every_setting(model, tmp_path, monkeypatch):
     from kvcache.cli import main
     from kvcache.engine import load
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
     out = tmp_path / "eval.json"
     assert main(["eval", "--star", "--shards", "1,2", "--star-anchors", "1,0", "--contexts", "96", "--eval-tokens",
                  "12", "--agree-tokens", "6", "--passkey-lengths", "400", "--depths", "0.5", "--sparq", "",
@@ -181,7 +172,8 @@ def test_eval_star_writes_rows_for_every_setting(model, tmp_path, monkeypatch):
     assert two["bytes_vs_dense"] == pytest.approx(1.0, abs=0.02)  # Star reads every position, as dense does
     assert abs(two["vs_dense"]) > 1e-4  # anchor 0 over 2 shards is not dense
     key = report["passkey"][-1]
-    assert key["star_query_tokens"] == len(ByteTokenizer().encode("\nWhat is the pass key? The pass key is"))
+    question = "\nWhat is the pass key? The pass key is"
+    assert key["star_query_tokens"] == len(ByteTokenizer(CONFIG.vocab_size).encode(question))
     assert report["star"]["settings"] == methods[2:]
     assert (tmp_path / "eval.png").stat().st_size > 0
 
@@ -190,7 +182,7 @@ def test_bench_star_accuracy_is_the_harness_without_passkey(model, tmp_path, mon
     from kvcache.cli import main
     from kvcache.engine import load
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
     out = tmp_path / "bench.json"
     assert main(["bench", "star", "--accuracy", "--shards", "2", "--anchors", "1/2,0", "--contexts", "64",
                  "--eval-tokens", "8", "--json", str(out)]) == 0
@@ -206,7 +198,7 @@ def test_eval_over_several_windows_scores_each_and_pools_them(model, tmp_path, m
     from kvcache.cli import main
     from kvcache.engine import load
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
     out = tmp_path / "eval.json"
     assert main(["eval", "--star", "--shards", "2", "--star-anchors", "0", "--contexts", "64", "--eval-tokens", "8",
                  "--agree-tokens", "4", "--windows", "3", "--window-stride", "500", "--passkey-lengths", "",
@@ -232,7 +224,7 @@ def test_a_window_past_the_end_of_the_text_is_refused(model, tmp_path, monkeypat
     from kvcache.cli import main
     from kvcache.engine import load
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
     with pytest.raises(SystemExit, match="passes the end of the text"):
         main(["eval", "--contexts", "64", "--windows", "2", "--window-stride", "10000000", "--passkey-lengths", "",
               "--sparq", "", "--quest", "", "--json", str(tmp_path / "e.json"), "--plot", ""])
@@ -242,7 +234,7 @@ def test_eval_scores_the_oracle_page_choice(model, tmp_path, monkeypatch):
     from kvcache.cli import main
     from kvcache.engine import load
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
     out = tmp_path / "eval.json"
     assert main(["eval", "--contexts", "128", "--eval-tokens", "8", "--agree-tokens", "4", "--passkey-lengths", "",
                  "--sparq", "", "--quest", "", "--oracle-bytes", "2", "--page-size", "8", "--json", str(out),
@@ -264,7 +256,7 @@ def _tiny_gate_eval(model, tmp_path, monkeypatch, context: int, gate_bytes: str)
     from kvcache.methods.gate_model import GateShape, PageGate
     from kvcache.methods.gate_store import save_gate
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
     G = CONFIG.num_heads // CONFIG.num_kv_heads
     gate = save_gate(PageGate(GateShape(CONFIG.num_layers, CONFIG.num_kv_heads, G, CONFIG.head_dim, 8, gate_dim=16),
                               seed=3), tmp_path / "tiny.safetensors")
