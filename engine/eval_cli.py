@@ -223,9 +223,10 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
             grid.append((f"{name} bytes/{f} calibrated", calibrated_spec(METHODS[name], context, 1 / int(f),
                                                                            page_size, head_dim, itemsize,
                                                                            allocation)))
+    budget_rows = [(label, spec) for label, spec in grid if " bytes/" in label and spec.method != "window"]
     for value in filter(None, (x.strip() for x in min_coverage.split(","))):
         # Each sparse --at-bytes row again, a sequence's layer read densely where its coverage is below `value`.
-        for label, spec in [(label, spec) for label, spec in grid if " bytes/" in label and spec.method != "window"]:
+        for label, spec in budget_rows:
             layers = {layer: (m, {**p, "min_coverage": float(value)}) for layer, (m, p) in spec.layers.items()}
             grid.append((f"{label} cov>={value}", AttentionSpec(spec.method, {**spec.params, "min_coverage":
                                                                               float(value)}, layers)))

@@ -198,8 +198,11 @@ def test_eval_heldout_writes_intervals_and_the_floor(texts, tmp_path, monkeypatc
 def test_min_coverage_rows_repeat_every_sparse_budget_row_with_the_threshold():
     from kvcache.engine.eval_cli import method_grid
 
-    grid = dict(method_grid(2048, 16, "", "", at_bytes="sparq:8,window:8", min_coverage="0.75", num_layers=30))
+    rows = method_grid(2048, 16, "", "", at_bytes="sparq:8,window:8", min_coverage="0.75,0.9", num_layers=30)
+    grid = dict(rows)
+    assert len(grid) == len(rows) == 5  # dense, the two budget rows, SparQ's at each threshold
     assert grid["sparq bytes/8 cov>=0.75"].params == {**grid["sparq bytes/8"].params, "min_coverage": 0.75}
+    assert grid["sparq bytes/8 cov>=0.9"].params == {**grid["sparq bytes/8"].params, "min_coverage": 0.9}
     assert "window bytes/8 cov>=0.75" not in grid  # the window has no coverage estimate
 
 
