@@ -9,8 +9,10 @@ from typing import Any
 import torch
 
 from kvcache.clients.inprocess import KVCacheClient
+from kvcache.config import KVCacheConfig
 from kvcache.engine.model import Llama
 from kvcache.methods import lookup
+from kvcache.methods.byte_budget import BYTES, least_share
 
 
 @dataclass(frozen=True)
@@ -24,12 +26,20 @@ class AttentionSpec:
     # choice was measured to cost the most perplexity read every page.
     layers: Mapping[int, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
 
-    def for_length(self, shortest: int) -> tuple[str, dict[str, Any]]:
-        """Method and parameters for a step whose shortest sequence holds `shortest` positions (new token included).
+    def for_length(self, shortest: int, config: KVCacheConfig | None = None) -> tuple[str, dict[str, Any]]:
+        """Method and parameters for a step whose shortest sequence holds `shortest` positions (new token included)
+        in a store of `config`.
 
         Each method's own rule (AttentionMethod.fit): SparQ, for one, runs dense while a sequence is shorter than k.
+        A byte budget runs dense while the method has no parameters that read so little at that length.
         """
         method = lookup(self.method)
+        share = self.params.get(BYTES)
+        if share is not None:
+            if config is None:
+                raise ValueError("a byte budget's step needs the store's config to know what the method can read")
+            floor = least_share(method, shortest, config.page_size, config.head_dim, config.itemsize)
+            return (self.method, dict(self.params)) if floor <= share else ("dense", {})
         name, params = method.fit(method.parse(self.params), shortest)
         return name, params.like(self.params)
 
@@ -78,7 +88,7 @@ def decode_step(
     per layer one call appends the tokens' K/V and returns the attention output.
     """
     store_dtype = client.config.dtype
-    method, params = spec.for_length(min(positions) + 1)
+    method, params = spec.for_length(min(positions) + 1, client.config)
     step = client.begin_step(seq_ids, model.config.num_heads, method, params,
                              layer_methods={layer: (m, dict(p)) for layer, (m, p) in spec.layers.items()})
     bytes_read = 0

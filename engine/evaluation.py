@@ -57,7 +57,7 @@ def step_methods(model: Llama, client: KVCacheClient, seq_ids: Sequence[str], sp
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
         for b, (seq, spec) in enumerate(zip(seq_ids, specs)):
-            method, params = spec.at_layer(layer, *spec.for_length(position + 1))
+            method, params = spec.at_layer(layer, *spec.for_length(position + 1, client.config))
             r = client.attend([seq], layer, q[b : b + 1, 0].to(dtype), method=method, params=params,
                               new_k=k[b : b + 1, 0].to(dtype), new_v=v[b : b + 1, 0].to(dtype))
             out[b, 0] = r.out[0].to(q.dtype)

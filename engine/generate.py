@@ -148,7 +148,7 @@ def generate(
                     continue
             rows = [seq_ids[b] for b in active]
             last, at = [tokens[b][-1] for b in active], [positions[b] for b in active]
-            method, params = spec.for_length(min(at) + 1)
+            method, params = spec.for_length(min(at) + 1, client.config)
             ran[method] = ran.get(method, 0) + 1
             if graph is not None and not spec.layers and replayable(method, params) is None:
                 step = StepResult(*graph.step(rows, last, at, method, params))

@@ -33,6 +33,10 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             p.add_argument(flag, type=spec.kind, default=None, help=text)
+    p.add_argument("--bytes", type=float, default=None,
+                   help="a share of dense attention's bytes to read instead of the method's own parameters (e.g. "
+                        "0.125): each layer's parameters follow from it at the step's length (docs/methods.md, "
+                        "\"Byte budgets\"); dense while the method has none that read so little")
 
 
 def attention_spec(args: argparse.Namespace, num_layers: int | None = None) -> AttentionSpec:
@@ -49,6 +53,10 @@ def method_spec(args: argparse.Namespace) -> AttentionSpec:
     """--method with the flags of its parameters: those given, the command line's defaults for required ones, and
     what the method derives from them (AttentionMethod.from_flags)."""
     m = METHODS[args.method]
+    if getattr(args, "bytes", None) is not None:
+        given = {spec.name: getattr(args, spec.name) for spec in m.Params.specs()
+                 if getattr(args, spec.name, None) is not None}
+        return AttentionSpec(m.name, {"bytes": args.bytes, **given})
     values = {}
     for spec in m.Params.specs():
         value = getattr(args, spec.name, None)

@@ -169,6 +169,17 @@ def test_sparq_runs_dense_while_the_context_is_shorter_than_k():
     assert AttentionSpec("quest", {"top_pages": 2}).for_length(1) == ("quest", {"top_pages": 2})
 
 
+def test_a_byte_budget_runs_dense_until_the_method_can_read_so_little_then_reads_about_its_share(model):
+    c = client()
+    spec = AttentionSpec("sparq", {"bytes": 0.25})
+    assert spec.for_length(2, c.config) == ("dense", {})  # k would be below one row
+    assert spec.for_length(64, c.config) == ("sparq", {"bytes": 0.25})
+    prompt = PROMPTS[2] * 4
+    budget = generate(model, c, [prompt], max_new_tokens=4, spec=spec)
+    dense = generate(model, client(), [prompt], max_new_tokens=4)
+    assert budget.attention_bytes / dense.attention_bytes == pytest.approx(0.25, rel=0.1)
+
+
 def test_sparq_with_k_beyond_the_context_decodes_exactly_as_dense(model):
     dense = generate(model, client(), PROMPTS, max_new_tokens=8)
     sparq = generate(model, client(), PROMPTS, max_new_tokens=8,
