@@ -301,6 +301,7 @@ SERVICE_MODULES = ("test_service*.py", "test_*_service.py", "test_bench_rpc.py",
 SERVER_FIXTURES = {"server", "servers", "tiered_server", "certificate"}
 SERVICE_TESTS = {
     "test_attend_batcher.py": {"test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone"},
+    "test_byte_budget.py": {"test_a_remote_call_asks_for_bytes_as_an_in_process_one"},
     "test_engine_generate.py": {"test_generation_over_grpc_equals_in_process"},
     "test_engine_gguf.py": {"test_generate_command_against_a_server_gives_the_in_process_answer"},
     "test_engine_minference.py": {"test_over_grpc_the_served_variants_give_the_in_process_answer"},

@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from byte_tokenizer import ByteTokenizer
 from kernel_support import HKV, assert_matches, scattered_store
 from service_support import DEFAULT_STORE_FLAGS, STORE, serving, store_config
 from test_engine_gguf import run_generate, tiny  # noqa: F401 (a fixture)
-from test_star_eval import ByteTokenizer, model  # noqa: F401 (a fixture)
+from test_star_eval import model  # noqa: F401 (a fixture)
 
 from kvcache import InProcessClient, InvalidParameter, KVCacheConfig, RemoteClient
 from kvcache.clients.sharded import ShardedClient, shard_budget
@@ -185,7 +186,7 @@ def test_eval_command_scores_the_window_rows(model, tmp_path, monkeypatch):  # n
     from kvcache.cli import main as kvcache_main
     from kvcache.engine import load
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer()))
+    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(model.config.vocab_size)))
     out = tmp_path / "eval.json"
     assert kvcache_main(["eval", "--contexts", "128", "--eval-tokens", "8", "--agree-tokens", "4",
                          "--passkey-lengths", "", "--sparq", "", "--quest", "", "--gate-bytes", "", "--gate-pages", "",
