@@ -29,6 +29,7 @@ def layer_curves(model: Llama, windows: list[list[int]], queries: int, grid: tup
     c = model.config
     G = c.num_heads // c.num_kv_heads
     sums = torch.zeros((c.num_layers, len(grid)), dtype=torch.float64)
+    fractions = torch.tensor(grid, dtype=torch.float64)
     counts = [0] * c.num_layers
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -42,9 +43,8 @@ def layer_curves(model: Llama, windows: list[list[int]], queries: int, grid: tup
         group = probs.view(c.num_kv_heads, G, t, T).mean(1)  # [Hkv, t, T]
         cum = group.sort(dim=-1, descending=True).values.cumsum(-1)
         n = seen.sum(-1)  # [t] positions each query sees
-        for i, f in enumerate(grid):
-            at = (torch.ceil(f * n).long() - 1).clamp(0, T - 1)  # [t]
-            sums[layer, i] += cum.gather(-1, at[None, :, None].expand(c.num_kv_heads, t, 1)).sum().item()
+        at = (torch.ceil(fractions[None, :] * n[:, None]).long() - 1).clamp(0, T - 1)  # [t, F]
+        sums[layer] += cum.gather(-1, at.expand(c.num_kv_heads, t, len(grid))).sum((0, 1)).double()
         counts[layer] += c.num_kv_heads * t
         return torch.stack([causal_attention(q[b], k[b], v[b]) for b in range(q.shape[0])])
 

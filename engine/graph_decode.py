@@ -36,6 +36,7 @@ from kvcache.kernels.csr import PageTableCSR
 from kvcache.kernels.paged_decode import MODE_DENSE, attend_partial, merge_partials, plan_splits
 from kvcache.kernels.tuning import TUNING
 from kvcache.methods.base import AttentionMethod, Params
+from kvcache.methods.byte_budget import BYTES
 from kvcache.methods.gate_store import attached_gate_keys
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.registry import lookup
@@ -54,7 +55,7 @@ def replayable(method: str, params: Mapping[str, Any] | None) -> str | None:
     layer parameters of its own, and min_coverage reads each layer's estimate back on the host."""
     if method not in GRAPH_METHODS:
         return f"method {method!r} is not replayed from graphs; these are: {GRAPH_METHODS}"
-    if "bytes" in (params or {}):
+    if BYTES in (params or {}):
         return "a byte budget gives every layer parameters of its own"
     if (params or {}).get("min_coverage") is not None:
         return "min_coverage reads every layer's coverage back on the host"

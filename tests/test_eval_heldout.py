@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from byte_tokenizer import ByteTokenizer
+from eval_support import use_model
 
 from kvcache.engine import eval_stats
 from kvcache.engine.config import ModelConfig
@@ -154,10 +154,9 @@ def test_the_floor_rows_read_each_method_s_share_of_the_bytes():
 
 def test_eval_heldout_writes_intervals_and_the_floor(texts, tmp_path, monkeypatch):
     from kvcache.cli import main
-    from kvcache.engine import load
 
     model = random_model(CONFIG, seed=7)
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
+    use_model(monkeypatch, model)
     out = tmp_path / "eval.json"
     assert main(["eval", "--heldout", "--windows", "3", "--contexts", "64", "--eval-tokens", "9", "--agree-tokens",
                  "4", "--passkey-lengths", "", "--sparq", "4:8", "--quest", "2", "--page-size", "8",
@@ -208,10 +207,9 @@ def test_min_coverage_rows_repeat_every_sparse_budget_row_with_the_threshold():
 
 def test_eval_scores_the_ruler_suite_as_agreement_with_dense(texts, tmp_path, monkeypatch):
     from kvcache.cli import main
-    from kvcache.engine import load
 
     model = random_model(CONFIG, seed=7)
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
+    use_model(monkeypatch, model)
     out = tmp_path / "eval.json"
     assert main(["eval", "--contexts", "64", "--eval-tokens", "9", "--agree-tokens", "0", "--passkey-lengths", "",
                  "--sparq", "4:8", "--quest", "", "--page-size", "8", "--ruler-lengths", "1000", "--ruler-items", "1",

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from byte_tokenizer import ByteTokenizer
+from eval_support import ByteTokenizer, use_model
 from service_support import (
     STORE,
     in_process_shards,
@@ -147,9 +147,8 @@ def test_the_shards_can_be_kvcache_serve_processes(model):
 
 def test_eval_star_writes_rows_for_every_setting(model, tmp_path, monkeypatch):
     from kvcache.cli import main
-    from kvcache.engine import load
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
+    use_model(monkeypatch, model)
     out = tmp_path / "eval.json"
     assert main(["eval", "--star", "--shards", "1,2", "--star-anchors", "1,0", "--contexts", "96", "--eval-tokens",
                  "12", "--agree-tokens", "6", "--passkey-lengths", "400", "--depths", "0.5", "--sparq", "",
@@ -180,9 +179,8 @@ def test_eval_star_writes_rows_for_every_setting(model, tmp_path, monkeypatch):
 
 def test_bench_star_accuracy_is_the_harness_without_passkey(model, tmp_path, monkeypatch):
     from kvcache.cli import main
-    from kvcache.engine import load
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
+    use_model(monkeypatch, model)
     out = tmp_path / "bench.json"
     assert main(["bench", "star", "--accuracy", "--shards", "2", "--anchors", "1/2,0", "--contexts", "64",
                  "--eval-tokens", "8", "--json", str(out)]) == 0
@@ -196,9 +194,8 @@ def test_eval_over_several_windows_scores_each_and_pools_them(model, tmp_path, m
     import math
 
     from kvcache.cli import main
-    from kvcache.engine import load
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
+    use_model(monkeypatch, model)
     out = tmp_path / "eval.json"
     assert main(["eval", "--star", "--shards", "2", "--star-anchors", "0", "--contexts", "64", "--eval-tokens", "8",
                  "--agree-tokens", "4", "--windows", "3", "--window-stride", "500", "--passkey-lengths", "",
@@ -222,9 +219,8 @@ def test_eval_over_several_windows_scores_each_and_pools_them(model, tmp_path, m
 
 def test_a_window_past_the_end_of_the_text_is_refused(model, tmp_path, monkeypatch):
     from kvcache.cli import main
-    from kvcache.engine import load
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
+    use_model(monkeypatch, model)
     with pytest.raises(SystemExit, match="passes the end of the text"):
         main(["eval", "--contexts", "64", "--windows", "2", "--window-stride", "10000000", "--passkey-lengths", "",
               "--sparq", "", "--quest", "", "--json", str(tmp_path / "e.json"), "--plot", ""])
@@ -232,9 +228,8 @@ def test_a_window_past_the_end_of_the_text_is_refused(model, tmp_path, monkeypat
 
 def test_eval_scores_the_oracle_page_choice(model, tmp_path, monkeypatch):
     from kvcache.cli import main
-    from kvcache.engine import load
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
+    use_model(monkeypatch, model)
     out = tmp_path / "eval.json"
     assert main(["eval", "--contexts", "128", "--eval-tokens", "8", "--agree-tokens", "4", "--passkey-lengths", "",
                  "--sparq", "", "--quest", "", "--oracle-bytes", "2", "--page-size", "8", "--json", str(out),
@@ -252,11 +247,10 @@ def test_eval_scores_the_oracle_page_choice(model, tmp_path, monkeypatch):
 
 def _tiny_gate_eval(model, tmp_path, monkeypatch, context: int, gate_bytes: str) -> list[str]:
     """`kvcache eval` flags scoring the tiny model with a random gate of pages of 8 (no SparQ, Quest or passkeys)."""
-    from kvcache.engine import load
     from kvcache.methods.gate_model import GateShape, PageGate
     from kvcache.methods.gate_store import save_gate
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(CONFIG.vocab_size)))
+    use_model(monkeypatch, model)
     G = CONFIG.num_heads // CONFIG.num_kv_heads
     gate = save_gate(PageGate(GateShape(CONFIG.num_layers, CONFIG.num_kv_heads, G, CONFIG.head_dim, 8, gate_dim=16),
                               seed=3), tmp_path / "tiny.safetensors")

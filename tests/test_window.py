@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from byte_tokenizer import ByteTokenizer
+from eval_support import use_model
 from kernel_support import HKV, assert_matches, scattered_store
 from service_support import DEFAULT_STORE_FLAGS, STORE, serving, store_config
 from test_engine_gguf import run_generate, tiny  # noqa: F401 (a fixture)
@@ -184,9 +184,8 @@ def test_eval_grid_window_rows_read_the_asked_share_of_dense_bytes():
 
 def test_eval_command_scores_the_window_rows(model, tmp_path, monkeypatch):  # noqa: F811 (the fixture)
     from kvcache.cli import main as kvcache_main
-    from kvcache.engine import load
 
-    monkeypatch.setattr(load, "load_model", lambda path=None: (model, ByteTokenizer(model.config.vocab_size)))
+    use_model(monkeypatch, model)
     out = tmp_path / "eval.json"
     assert kvcache_main(["eval", "--contexts", "128", "--eval-tokens", "8", "--agree-tokens", "4",
                          "--passkey-lengths", "", "--sparq", "", "--quest", "", "--gate-bytes", "", "--gate-pages", "",

@@ -20,10 +20,12 @@ from kvcache.methods.byte_allocation import layer_shares
 BYTES = "bytes"
 
 
-def budget_of(params: Mapping[str, Any] | None) -> tuple[float | None, dict[str, Any]]:
+def budget_of(params: Mapping[str, Any] | None) -> tuple[float | None, Mapping[str, Any]]:
     """The share asked for by `params` (None: none) and the other parameters given with it."""
-    rest = dict(params or {})
-    return rest.pop(BYTES, None), rest
+    if not params or BYTES not in params:  # every attend call asks: no copy unless there is a budget
+        return None, params or {}
+    rest = dict(params)
+    return rest.pop(BYTES), rest
 
 
 def budget_params(store, m: AttentionMethod, share: float, given: Mapping[str, Any], layer: int,

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from kvcache.kernels.csr import SUMMARY_MAX, SUMMARY_MEAN, SUMMARY_MIN
+from kvcache.kernels.gate_keys import rope_inverse_frequencies
 
 GATE_DIM = 128
 
@@ -107,7 +108,7 @@ class LayerGate:
 def gate_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     """Rotate x [..., dg] at integer `positions` (broadcast against x[..., 0]) in the half-split layout."""
     dg = x.shape[-1]
-    inv_freq = base ** (-torch.arange(0, dg, 2, dtype=torch.float32, device=x.device) / dg)
+    inv_freq = rope_inverse_frequencies(dg, base, x.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., dg/2]
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
     half = dg // 2
