@@ -25,7 +25,7 @@ from .tuning import TUNING
 def _group_scores_kernel(
     logits_ptr, stat_m_ptr, stat_l_ptr, indptr_ptr, last_len_ptr,
     f_ptr, n_valid_ptr, n_total_ptr, k_ptr, hist_ptr,
-    tail, k_cap, items_per_split, num_stat_splits, s_lrow, s_frow,
+    tail, k_cap, items_per_split, num_stat_splits, s_lbh, s_lg, s_ln, s_frow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr, PAGES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_STAT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
     WITH_HIST: tl.constexpr,
@@ -57,7 +57,7 @@ def _group_scores_kernel(
     for it in range(start, end, BLOCK_N):
         offs_n = it + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        x = tl.load(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_lrow + offs_n[None, :],
+        x = tl.load(logits_ptr + pid_bh * s_lbh + offs_g[:, None] * s_lg + offs_n[None, :] * s_ln,
                     mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
         f = tl.sum(tl.exp(x - glob_m[:, None]) * inv_l[:, None], axis=0)
         tl.store(f_ptr + pid_bh * s_frow + offs_n, f, mask=mask_n)
@@ -74,7 +74,7 @@ def group_scores(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scores f [B*Hkv, S_pad] float32 and per-row int32 counts {n_valid, n_total (, k)} of each row's items.
 
-    logits [B*Hkv, G, S_pad] and stat_m / stat_l [B*Hkv, splits, G] come from a kernel that split each
+    logits [B*Hkv, G, S_pad] (any strides) and stat_m / stat_l [B*Hkv, splits, G] come from a kernel that split each
     row into splits of items_per_split items. Items are positions, or pages when `pages` (then 'k' =
     min(pages, k_cap) is written too). The last `tail` items of a row are left out of the histogram
     (hist0 [B*Hkv, 256] int32, zeroed: kvcache.kernels.topk's level 0, filled by atomics); without `with_hist`, for a
@@ -92,7 +92,7 @@ def group_scores(
     _group_scores_kernel[(BH, num_splits)](
         logits, stat_m, stat_l, csr.indptr, csr.last_page_len,
         f, counts["n_valid"], counts["n_total"], counts.get("k", counts["n_valid"]), hist0,
-        tail, k_cap, items_per_split, num_splits, logits.stride(1), f.stride(0),
+        tail, k_cap, items_per_split, num_splits, *logits.stride(), f.stride(0),
         HKV=num_kv_heads, G=G, BLOCK_G=triton.next_power_of_2(G), P=csr.page_size, PAGES=pages,
         BLOCK_N=block_n, BLOCK_STAT=triton.next_power_of_2(num_splits), SHIFT=shift, NBINS=1 << bits,
         WITH_HIST=with_hist, num_warps=launch.num_warps,

@@ -50,7 +50,7 @@ def _attend_partial_kernel(
     q_ptr, k_ptr, v_ptr,
     indptr_ptr, indices_ptr, last_len_ptr,
     list_ptr, list_len_ptr,
-    logits_ptr, stat_m_ptr, stat_l_ptr, s_lrow,
+    logits_ptr, stat_m_ptr, stat_l_ptr, s_lbh, s_lg, s_ln,
     out_ptr, lse_ptr, alpha_ptr,
     ksum_ptr, vsum_ptr, bad_ptr, s_sn, s_sh,
     sm_scale, items_per_split, num_stat_splits, list_items,
@@ -132,7 +132,7 @@ def _attend_partial_kernel(
         m_i = m_new
 
         if WITH_ALPHA:
-            approx = tl.load(logits_ptr + (pid_bh.to(tl.int64) * G + offs_g)[:, None] * s_lrow + pos[None, :],
+            approx = tl.load(logits_ptr + pid_bh.to(tl.int64) * s_lbh + offs_g[:, None] * s_lg + pos[None, :] * s_ln,
                              mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
             alpha_acc += tl.sum(tl.exp(approx - glob_m[:, None]) / glob_l[:, None], axis=1)
 
@@ -269,7 +269,7 @@ def attend_partial(
     if with_alpha:
         logits, stat_m, stat_l, stat_splits = alpha_inputs
     else:
-        logits, stat_m, stat_l, stat_splits = part_lse[:, :, None], part_lse, part_lse, 1
+        logits, stat_m, stat_l, stat_splits = part_lse, part_lse, part_lse, 1
     dummy = csr.indptr
     item_list = dummy if item_list is None else item_list
     has_list_len = list_len is not None
@@ -287,7 +287,7 @@ def attend_partial(
         q, k_seq, v_seq,
         csr.indptr, csr.indices, csr.last_page_len,
         item_list, list_len,
-        logits, stat_m, stat_l, logits.stride(1),
+        logits, stat_m, stat_l, *logits.stride(),
         part_out, part_lse, part_alpha,
         k_sums, v_sums, bad, k_sums.stride(0) if verify else 0, k_sums.stride(1) if verify else 0,
         scale, items, stat_splits, max_items,

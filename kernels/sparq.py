@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .csr import PageTableCSR
 from .group_scores import group_scores
+from .group_topk import group_topk
 from .paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
 from .softmax_stats import running_softmax_stats
 from .topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
@@ -62,7 +63,7 @@ def _stage1_kernel(
     q_ptr, kdim_ptr, indptr_ptr, indices_ptr, last_len_ptr,
     logits_ptr, stat_m_ptr, stat_l_ptr, hist0_ptr, hist1_ptr, counters_ptr,
     scale, items_per_split,
-    s_qb, s_qh, s_kn, s_kh, s_kd, s_lrow,
+    s_qb, s_qh, s_kn, s_kh, s_kd, s_lbh, s_lg, s_ln,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_DOT: tl.constexpr, WS_B0: tl.constexpr, WS_B1: tl.constexpr,
@@ -112,7 +113,7 @@ def _stage1_kernel(
         offs_n = it + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         x = tl.where(mask_n[None, :], x, float("-inf"))
-        tl.store(logits_ptr + (pid_bh * G + offs_g)[:, None] * s_lrow + offs_n[None, :], x,
+        tl.store(logits_ptr + pid_bh * s_lbh + offs_g[:, None] * s_lg + offs_n[None, :] * s_ln, x,
                  mask=mask_g[:, None] & mask_n[None, :])
         m_i, l_i = running_softmax_stats(m_i, l_i, x)
     stat = (pid_bh * num_splits + split) * G + offs_g
@@ -124,7 +125,7 @@ def _stage1_kernel(
 class Stage1Result:
     """What stage 1 leaves for the selection and stage 2 (all on the device)."""
 
-    logits: torch.Tensor  # [B*Hkv, G, S_pad] float32 approximate logits x_g
+    logits: torch.Tensor  # [B*Hkv, G, S_pad] float32 approximate logits x_g, a view of position-major memory
     stat_m: torch.Tensor  # [B*Hkv, splits, G] per-split softmax max of x_g
     stat_l: torch.Tensor  # [B*Hkv, splits, G] per-split softmax sum
     items_per_split: int
@@ -154,7 +155,9 @@ def sparq_stage1(
     res = Stage1Result(
         # float32: fp16 logits were tried (half the traffic) and made the selection slower on an H200, as
         # rounding ties many scores on the radix's top 16 bits and the tied candidates are finished serially.
-        logits=torch.empty((BH, G, row_len), dtype=torch.float32, device=dev),
+        # Position-major ([B*Hkv, S_pad, G] in memory): stage 2 reads the G logits of each chosen row for alpha,
+        # one 16-byte run where head-major rows cost G sectors a row.
+        logits=torch.empty((BH, row_len, G), dtype=torch.float32, device=dev).transpose(1, 2),
         stat_m=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
         stat_l=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
         items_per_split=items,
@@ -167,7 +170,7 @@ def sparq_stage1(
         res.logits, res.stat_m, res.stat_l,
         res.workspace["hist0"], res.workspace["hist1"], res.workspace["counters"],
         1.0 / math.sqrt(D) if scale is None else scale, items,
-        q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), res.logits.stride(1),
+        q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), *res.logits.stride(),
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, R=r, BLOCK_R=block_r, BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype), USE_DOT=use_dot, WS_B0=LEVELS[0][1], WS_B1=LEVELS[1][1],
         num_warps=launch.num_warps,
@@ -183,11 +186,12 @@ def sparq_select(
     BH = s1.logits.shape[0]
     # The selection fills its workspace: only the first one after stage 1 finds it zeroed.
     ws, s1.workspace = (s1.workspace if s1.workspace is not None else topk_workspace(BH, s1.logits.device)), None
-    in_registers = selects_in_registers(csr.max_len, BH)
+    if not selects_in_registers(csr.max_len, BH):  # long rows: scores and top-k in one launch
+        return group_topk(s1.logits, s1.stat_m, s1.stat_l, csr, num_kv_heads, k, local_window, ws)
     scores, counts = group_scores(s1.logits, s1.stat_m, s1.stat_l, s1.items_per_split, csr, num_kv_heads,
-                                  local_window, ws["hist0"], block_n=block_n, with_hist=not in_registers)
+                                  local_window, ws["hist0"], block_n=block_n, with_hist=False)
     return select_topk(scores, k, counts["n_valid"], counts["n_total"], csr.max_len, ws, block=topk_block,
-                       hist0_done=True, in_registers=in_registers)
+                       in_registers=True)
 
 
 def sparq_stage2(

@@ -329,6 +329,7 @@ GPU_TESTS = {
                              "test_a_greedy_loop_fed_its_own_tokens_on_the_device_gives_the_host_fed_tokens"},
     "test_gate_kernels.py": {"test_the_gate_step_on_cuda_bfloat16_matches_the_reference"},
     "test_gate_prefill.py": {"test_bfloat16_gate_prefill_on_the_gpu"},
+    "test_kernel_group_topk.py": {"test_one_launch_chooses_what_the_phased_launches_choose_on_the_gpu"},
     "test_kernel_paged_decode.py": {"test_bfloat16_matches_dense_on_the_gpu"},
     "test_kernel_quest.py": {"test_bfloat16_matches_the_reference_on_the_gpu"},
     "test_kernel_sparq.py": {"test_bfloat16_matches_the_reference_on_the_gpu"},
