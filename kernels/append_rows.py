@@ -26,7 +26,7 @@ def _append_rows_kernel(
     D: tl.constexpr,
 ):
     b = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # h * s_dim_h passes 2^31 in a large pool (k_dim's head axis is outermost)
     # rows [4, B] int64: page id, device slot of the page's K/V, row within the page, value sum address
     page = tl.load(rows_ptr + b)
     kv_slot = tl.load(rows_ptr + B + b)

@@ -16,13 +16,19 @@ class PagePool:
 
     Layouts (docs/architecture.md):
       k_seq     [L, Nkv, Hkv, P, d]  sequence-major keys (stage-2 rows, dense attention)
-      k_dim     [L, N, Hkv, d, P]    dim-major keys (SparQ stage 1 reads r runs of P)
+      k_dim     [L, N, Hkv, d, P]    dim-major keys (SparQ stage 1 reads r runs of P), a view of [L, Hkv, d, N, P]
+                                     memory: one key dim of consecutive page ids is one run
       v_seq     [L, Nkv, Hkv, P, d]
       k_summary [L, N, Hkv, 3, d]    float32 min / max / mean of the page's filled key rows
 
     k_dim and k_summary are indexed by page id (N = config.total_pages: they stay on the device
     whatever tier holds the page); k_seq and v_seq by device slot (Nkv = config.device_pages). A
     store without lower tiers uses slot = page id.
+
+    k_dim's memory puts the page axis next to the positions: a sequence whose pages have consecutive ids
+    (a prefill's pages do, see PageAllocator.allocate) has each key dim in one run of P * pages values, so
+    stage 1 reads long runs at any page size, where a page-major layout gave runs of P (32 bytes at
+    P=16 in bf16; docs/architecture.md, "Key layouts").
     """
 
     def __init__(self, config: KVCacheConfig) -> None:
@@ -30,11 +36,11 @@ class PagePool:
         dev = c.device
         num_pages, kv_slots = c.total_pages, c.device_pages
         shape_seq = (c.num_layers, kv_slots, c.num_kv_heads, c.page_size, c.head_dim)
-        shape_dim = (c.num_layers, num_pages, c.num_kv_heads, c.head_dim, c.page_size)
+        shape_dim = (c.num_layers, c.num_kv_heads, c.head_dim, num_pages, c.page_size)  # memory order
         self.config = c
         self.num_pages = num_pages
         self.k_seq = torch.zeros(shape_seq, dtype=c.dtype, device=dev)
-        self.k_dim = torch.zeros(shape_dim, dtype=c.dtype, device=dev)
+        self.k_dim = torch.zeros(shape_dim, dtype=c.dtype, device=dev).permute(0, 3, 1, 2, 4)
         self.v_seq = torch.zeros(shape_seq, dtype=c.dtype, device=dev)
         self.k_summary = torch.zeros(
             (c.num_layers, num_pages, c.num_kv_heads, 3, c.head_dim), dtype=SUMMARY_DTYPE, device=dev
