@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .csr import PageTableCSR
 from .group_scores import group_scores
 from .group_topk import group_topk
@@ -186,12 +187,13 @@ def sparq_select(
     BH = s1.logits.shape[0]
     # The selection fills its workspace: only the first one after stage 1 finds it zeroed.
     ws, s1.workspace = (s1.workspace if s1.workspace is not None else topk_workspace(BH, s1.logits.device)), None
-    if not selects_in_registers(csr.max_len, BH):  # long rows: scores and top-k in one launch
+    in_registers = selects_in_registers(csr.max_len, BH)
+    if not in_registers and tuning.SELECT_IN_ONE_LAUNCH:  # long rows: scores and top-k in one launch
         return group_topk(s1.logits, s1.stat_m, s1.stat_l, csr, num_kv_heads, k, local_window, ws)
     scores, counts = group_scores(s1.logits, s1.stat_m, s1.stat_l, s1.items_per_split, csr, num_kv_heads,
-                                  local_window, ws["hist0"], block_n=block_n, with_hist=False)
+                                  local_window, ws["hist0"], block_n=block_n, with_hist=not in_registers)
     return select_topk(scores, k, counts["n_valid"], counts["n_total"], csr.max_len, ws, block=topk_block,
-                       in_registers=True)
+                       hist0_done=True, in_registers=in_registers)
 
 
 def sparq_stage2(

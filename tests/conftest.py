@@ -256,13 +256,15 @@ def assert_unchanged():
     return _assert_snapshot_equal
 
 
-@pytest.fixture(params=["in_registers", "radix_levels"])
+@pytest.fixture(params=["in_registers", "radix_levels", "one_launch"])
 def select_path(request, monkeypatch):
-    """The top-k by one program per row (what rows this short get) or, forced, by kvcache.kernels.topk's radix
-    levels."""
-    if request.param == "radix_levels":
+    """The top-k by one program per row (what rows this short get) or, forced as for long rows, by
+    kvcache.kernels.topk's radix levels or (SparQ's selection) by kvcache.kernels.group_topk's one launch; Quest
+    takes the radix levels for both."""
+    if request.param != "in_registers":
         monkeypatch.setattr("kvcache.kernels.topk.ROW_SELECT_MAX", 0)
         monkeypatch.setattr("kvcache.kernels.topk.ROW_SELECT_MAX_MANY", 0)
+    monkeypatch.setattr("kvcache.kernels.tuning.SELECT_IN_ONE_LAUNCH", request.param == "one_launch")
     return request.param
 
 
