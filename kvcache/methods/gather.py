@@ -36,7 +36,8 @@ def gather_key_dims(k_dim: torch.Tensor, csr: PageTableCSR, b: int, dims: torch.
     # but the positions' is a multiple of P), listed head, dim, page: one index_select of whole runs lands them as
     # [Hkv, r, n * P] with no copy after it (indexing with three index tensors went element by element: 1.5 ms
     # against 0.2 ms at 8K positions on the CPU; listing by page first cost a permuting copy).
-    start = k_dim.storage_offset() + pages[None, None, :] * s_page + heads * s_head + dims.long()[:, :, None] * s_dim
+    run = (k_dim.storage_offset() // P + pages[None, None, :] * (s_page // P) + heads * (s_head // P)
+           + dims.long()[:, :, None] * (s_dim // P))  # divided by P before the sums: no tensor division
     rows = k_dim.untyped_storage().nbytes() // (k_dim.element_size() * P)
-    runs = k_dim.as_strided((rows, P), (P, 1), 0).index_select(0, (start // P).flatten())
+    runs = k_dim.as_strided((rows, P), (P, 1), 0).index_select(0, run.flatten())
     return runs.view(dims.shape[0], dims.shape[1], -1)[:, :, :S]
