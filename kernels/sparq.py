@@ -21,10 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning
 from .csr import PageTableCSR
 from .group_scores import group_scores
-from .group_topk import group_topk
 from .paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
 from .softmax_stats import running_softmax_stats
 from .topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
@@ -157,7 +155,8 @@ def sparq_stage1(
         # float32: fp16 logits were tried (half the traffic) and made the selection slower on an H200, as
         # rounding ties many scores on the radix's top 16 bits and the tied candidates are finished serially.
         # Position-major ([B*Hkv, S_pad, G] in memory): stage 2 reads the G logits of each chosen row for alpha,
-        # one 16-byte run where head-major rows cost G sectors a row.
+        # one 16-byte run where head-major rows cost G sectors a row (stage 2 at 128K x 1 on an H100: 36.0 ->
+        # 33.0 us, bench/results/sparq_layouts_ab_h100.json).
         logits=torch.empty((BH, row_len, G), dtype=torch.float32, device=dev).transpose(1, 2),
         stat_m=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
         stat_l=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
@@ -188,8 +187,6 @@ def sparq_select(
     # The selection fills its workspace: only the first one after stage 1 finds it zeroed.
     ws, s1.workspace = (s1.workspace if s1.workspace is not None else topk_workspace(BH, s1.logits.device)), None
     in_registers = selects_in_registers(csr.max_len, BH)
-    if not in_registers and tuning.SELECT_IN_ONE_LAUNCH:  # long rows: scores and top-k in one launch
-        return group_topk(s1.logits, s1.stat_m, s1.stat_l, csr, num_kv_heads, k, local_window, ws)
     scores, counts = group_scores(s1.logits, s1.stat_m, s1.stat_l, s1.items_per_split, csr, num_kv_heads,
                                   local_window, ws["hist0"], block_n=block_n, with_hist=not in_registers)
     return select_topk(scores, k, counts["n_valid"], counts["n_total"], csr.max_len, ws, block=topk_block,

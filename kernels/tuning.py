@@ -18,12 +18,6 @@ class Launch:
     programs: int
 
 
-# SparQ's selection over rows too long for one program: one launch whose programs meet at in-kernel barriers
-# (kvcache.kernels.group_topk) or the scoring pass and the radix levels (kvcache.kernels.group_scores and
-# kvcache.kernels.topk, three launches). The one launch is checked against its phased launches in tests, and on a
-# GPU by tests/test_kernel_group_topk.py's GPU test.
-SELECT_IN_ONE_LAUNCH = True
-
 TUNING: dict[str, Launch] = {
     "decode": Launch(block_n=128, num_warps=4, programs=264),  # paged_decode partial kernel (all modes)
     "rows": Launch(block_n=128, num_warps=4, programs=264),  # paged_decode over SparQ's chosen rows (stage 2)

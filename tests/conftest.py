@@ -256,15 +256,13 @@ def assert_unchanged():
     return _assert_snapshot_equal
 
 
-@pytest.fixture(params=["in_registers", "radix_levels", "one_launch"])
+@pytest.fixture(params=["in_registers", "radix_levels"])
 def select_path(request, monkeypatch):
-    """The top-k by one program per row (what rows this short get) or, forced as for long rows, by
-    kvcache.kernels.topk's radix levels or (SparQ's selection) by kvcache.kernels.group_topk's one launch; Quest
-    takes the radix levels for both."""
-    if request.param != "in_registers":
+    """The top-k by one program per row (what rows this short get) or, forced, by kvcache.kernels.topk's radix
+    levels."""
+    if request.param == "radix_levels":
         monkeypatch.setattr("kvcache.kernels.topk.ROW_SELECT_MAX", 0)
         monkeypatch.setattr("kvcache.kernels.topk.ROW_SELECT_MAX_MANY", 0)
-    monkeypatch.setattr("kvcache.kernels.tuning.SELECT_IN_ONE_LAUNCH", request.param == "one_launch")
     return request.param
 
 
@@ -331,7 +329,6 @@ GPU_TESTS = {
                              "test_a_greedy_loop_fed_its_own_tokens_on_the_device_gives_the_host_fed_tokens"},
     "test_gate_kernels.py": {"test_the_gate_step_on_cuda_bfloat16_matches_the_reference"},
     "test_gate_prefill.py": {"test_bfloat16_gate_prefill_on_the_gpu"},
-    "test_kernel_group_topk.py": {"test_one_launch_chooses_what_the_phased_launches_choose_on_the_gpu"},
     "test_kernel_paged_decode.py": {"test_bfloat16_matches_dense_on_the_gpu"},
     "test_kernel_quest.py": {"test_bfloat16_matches_the_reference_on_the_gpu"},
     "test_kernel_sparq.py": {"test_bfloat16_matches_the_reference_on_the_gpu"},
@@ -353,6 +350,7 @@ SLOW_TESTS = {
     "test_bench_rpc.py": {"test_bench_rpc_reports_every_client_and_concurrent_engine_processes",  # 3.9-14 s
                           "test_bench_rpc_pins_server_and_engines_where_asked",  # 2.8-6.3 s
                           "test_bench_rpc_floor_reports_the_wire_the_host_wait_and_their_sum"},  # 1.4-4.8 s
+    "test_bench_e2e.py": {"test_every_method_and_path_gives_a_row_with_its_bytes_and_bound"},  # 5.9 s alone
     "test_decode_step.py": {"test_a_planned_step_equals_the_per_call_path"},  # the Triton cases 3.4-6.5 s
     "test_faults.py": {"test_the_oversized_quest_attend_is_refused_and_the_server_s_memory_is_unchanged"},  # 3-6 s
     "test_leases.py": {"test_the_sequences_of_a_client_killed_mid_stream_are_reclaimed_within_the_lease_and_a_second"},
