@@ -81,7 +81,7 @@ def select_rows(
     m = torch.zeros(S, device=qg.device)
     if local_window:
         m[S - local_window :] = 2.0
-    i2 = torch.topk(shat.mean(dim=1) + m, k, dim=-1).indices  # [Hkv, k]
+    i2 = torch.topk(shat.mean(dim=1) + m, k, dim=-1, sorted=False).indices  # [Hkv, k]; any order: a set
     # 5. alpha per query head: approximate attention mass the chosen rows cover.
     alpha = torch.gather(shat, 2, i2[:, None, :].expand(Hkv, G, k)).sum(-1)  # [Hkv, G]
     return i2, alpha
