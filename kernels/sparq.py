@@ -28,6 +28,9 @@ from .softmax_stats import running_softmax_stats
 from .topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
 from .tuning import TUNING
 
+# Stage 1's logits in position-major memory ([B*Hkv, S_pad, G]; else head-major [B*Hkv, G, S_pad]).
+LOGITS_POSITION_MAJOR = True
+
 
 @triton.jit
 def _group_query(
@@ -157,7 +160,8 @@ def sparq_stage1(
         # Position-major ([B*Hkv, S_pad, G] in memory): stage 2 reads the G logits of each chosen row for alpha,
         # one 16-byte run where head-major rows cost G sectors a row (stage 2 at 128K x 1 on an H100: 36.0 ->
         # 33.0 us, bench/results/sparq_layouts_ab_h100.json).
-        logits=torch.empty((BH, row_len, G), dtype=torch.float32, device=dev).transpose(1, 2),
+        logits=(torch.empty((BH, row_len, G), dtype=torch.float32, device=dev).transpose(1, 2)
+                if LOGITS_POSITION_MAJOR else torch.empty((BH, G, row_len), dtype=torch.float32, device=dev)),
         stat_m=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
         stat_l=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
         items_per_split=items,

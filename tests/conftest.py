@@ -333,6 +333,7 @@ GPU_TESTS = {
     "test_kernel_quest.py": {"test_bfloat16_matches_the_reference_on_the_gpu"},
     "test_kernel_sparq.py": {"test_bfloat16_matches_the_reference_on_the_gpu"},
     "test_kernel_sparse_prefill.py": {"test_bfloat16_matches_the_reference_on_the_gpu"},
+    "test_kernel_topk.py": {"test_long_rows_on_the_gpu_give_the_torch_topk"},
     "test_oracle.py": {"test_on_cuda_the_oracle_runs_the_reference_on_the_device"},
     "test_pdl.py": {"test_pdl_only_for_small_steps",
                     "test_the_gate_step_as_a_dependent_chain_equals_it_launched_in_turn"},

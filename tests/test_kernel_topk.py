@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from kernel_support import poisoned_allocations
+from kernel_support import INTERPRETED, poisoned_allocations
 
 from kvcache.kernels.topk import select_topk
 
@@ -161,3 +161,18 @@ def test_many_tied_candidates_are_finished_over_several_loop_steps():
     positions = run_topk(values, 1500, [n, n], block=512)
     assert_is_topk(values, positions, 1500, [n, n])
 
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="long rows over many concurrent GPU programs")
+@pytest.mark.parametrize("softmax", [False, True])
+def test_long_rows_on_the_gpu_give_the_torch_topk(softmax):
+    # The interpreter runs a row's programs one after another; here they race for the row's counters and the
+    # last one finishes the candidates, as in a decode step (SparQ at 128K: rows of 131072, k = S/16).
+    gen = torch.Generator(device="cuda").manual_seed(10)
+    logits = 2 * torch.randn((8, 131072), generator=gen, device="cuda")
+    values = torch.softmax(logits, dim=1) if softmax else torch.exp(logits)
+    n_valid = [131072 - 2048] * 7 + [70000]
+    n_total = [131072] * 7 + [71000]
+    k = 8192
+    positions = select_topk(values, k, torch.tensor(n_valid, dtype=torch.int32, device="cuda"),
+                            torch.tensor(n_total, dtype=torch.int32, device="cuda"), in_registers=False)
+    assert_is_topk(values.cpu(), positions.long().cpu(), k, n_valid, n_total)
