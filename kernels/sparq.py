@@ -29,7 +29,7 @@ from .topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zer
 from .tuning import TUNING
 
 # Stage 1's logits in position-major memory ([B*Hkv, S_pad, G]; else head-major [B*Hkv, G, S_pad]).
-LOGITS_POSITION_MAJOR = True
+LOGITS_POSITION_MAJOR = False
 
 
 @triton.jit
