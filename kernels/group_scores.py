@@ -20,8 +20,6 @@ from .softmax_stats import merged_softmax_stats
 from .topk import LEVELS, add_histogram, digit_histogram
 from .tuning import TUNING
 
-PER_HEAD = False  # the scoring pass loads each head's logits apart, not as one [G, block] tile
-
 
 @triton.jit
 def _group_scores_kernel(
@@ -30,7 +28,7 @@ def _group_scores_kernel(
     tail, k_cap, items_per_split, num_stat_splits, s_lbh, s_lg, s_ln, s_frow,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr, PAGES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_STAT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
-    WITH_HIST: tl.constexpr, PER_HEAD: tl.constexpr,
+    WITH_HIST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -59,17 +57,15 @@ def _group_scores_kernel(
     for it in range(start, end, BLOCK_N):
         offs_n = it + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        if PER_HEAD:  # one [BLOCK_N] load per head
-            f = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for g in tl.static_range(G):
-                m_g = tl.sum(tl.where(offs_g == g, glob_m, 0.0), axis=0)
-                inv_l_g = tl.sum(tl.where(offs_g == g, inv_l, 0.0), axis=0)
-                x = tl.load(logits_ptr + pid_bh * s_lbh + g * s_lg + offs_n * s_ln, mask=mask_n, other=float("-inf"))
-                f += tl.exp(x - m_g) * inv_l_g
-        else:
-            x = tl.load(logits_ptr + pid_bh * s_lbh + offs_g[:, None] * s_lg + offs_n[None, :] * s_ln,
-                        mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
-            f = tl.sum(tl.exp(x - glob_m[:, None]) * inv_l[:, None], axis=0)
+        # One [BLOCK_N] load per head rather than one [G, BLOCK_N] tile: on SparQ's position-major logits the tile
+        # made this pass 2.4x slower (H100, 128K x 8: 219.7 against 99.0 us; head-major tiles: 89.1 us;
+        # bench/results/sparq_scores_loads_ab_h100.json).
+        f = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for g in tl.static_range(G):
+            m_g = tl.sum(tl.where(offs_g == g, glob_m, 0.0), axis=0)
+            inv_l_g = tl.sum(tl.where(offs_g == g, inv_l, 0.0), axis=0)
+            x = tl.load(logits_ptr + pid_bh * s_lbh + g * s_lg + offs_n * s_ln, mask=mask_n, other=float("-inf"))
+            f += tl.exp(x - m_g) * inv_l_g
         tl.store(f_ptr + pid_bh * s_frow + offs_n, f, mask=mask_n)
         if WITH_HIST:
             hist += digit_histogram(f, mask_n, SHIFT, NBINS)
@@ -105,6 +101,6 @@ def group_scores(
         tail, k_cap, items_per_split, num_splits, *logits.stride(), f.stride(0),
         HKV=num_kv_heads, G=G, BLOCK_G=triton.next_power_of_2(G), P=csr.page_size, PAGES=pages,
         BLOCK_N=block_n, BLOCK_STAT=triton.next_power_of_2(num_splits), SHIFT=shift, NBINS=1 << bits,
-        WITH_HIST=with_hist, PER_HEAD=PER_HEAD, num_warps=launch.num_warps,
+        WITH_HIST=with_hist, num_warps=launch.num_warps,
     )
     return f, counts

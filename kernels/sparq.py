@@ -28,9 +28,6 @@ from .softmax_stats import running_softmax_stats
 from .topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
 from .tuning import TUNING
 
-# Stage 1's logits in position-major memory ([B*Hkv, S_pad, G]; else head-major [B*Hkv, G, S_pad]).
-LOGITS_POSITION_MAJOR = False
-
 
 @triton.jit
 def _group_query(
@@ -158,10 +155,10 @@ def sparq_stage1(
         # float32: fp16 logits were tried (half the traffic) and made the selection slower on an H200, as
         # rounding ties many scores on the radix's top 16 bits and the tied candidates are finished serially.
         # Position-major ([B*Hkv, S_pad, G] in memory): stage 2 reads the G logits of each chosen row for alpha,
-        # one 16-byte run where head-major rows cost G sectors a row (stage 2 at 128K x 1 on an H100: 36.0 ->
-        # 33.0 us, bench/results/sparq_layouts_ab_h100.json).
-        logits=(torch.empty((BH, row_len, G), dtype=torch.float32, device=dev).transpose(1, 2)
-                if LOGITS_POSITION_MAJOR else torch.empty((BH, G, row_len), dtype=torch.float32, device=dev)),
+        # one 16-byte run where head-major rows cost G sectors a row, and the scoring pass loads each head's
+        # logits apart (kvcache.kernels.group_scores). H100, 128K x 8, r=16: step 539-542 us against 559-563 us
+        # head-major; 128K x 1 alike (bench/results/sparq_scores_loads_ab_h100.json).
+        logits=torch.empty((BH, row_len, G), dtype=torch.float32, device=dev).transpose(1, 2),
         stat_m=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
         stat_l=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
         items_per_split=items,

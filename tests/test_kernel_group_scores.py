@@ -41,9 +41,7 @@ def run(items, G, items_per_split, tail, pages, k_cap=0, seed=0):
 
 @pytest.mark.parametrize("G", [1, 4, 3])
 @pytest.mark.parametrize("pages", [False, True], ids=["positions", "pages"])
-@pytest.mark.parametrize("per_head", [False, True], ids=["tile", "per_head"])
-def test_scores_counts_and_histogram_match_torch(G, pages, per_head, monkeypatch):
-    monkeypatch.setattr("kvcache.kernels.group_scores.PER_HEAD", per_head)
+def test_scores_counts_and_histogram_match_torch(G, pages):
     items = [-(-L // PAGE) for L in LENGTHS] if pages else list(LENGTHS)
     tail = 1 if pages else 6
     logits, n, f, counts, hist0 = run(items, G, 32, tail, pages, k_cap=6)
