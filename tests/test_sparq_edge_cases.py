@@ -90,3 +90,14 @@ def test_the_triton_backend_refuses_a_head_dim_its_kernels_cannot_tile():
     with pytest.raises(InvalidParameter, match="head_dim 24"):
         client.attend([seq], 0, q, "dense", backend="triton")
     assert client.attend([seq], 0, q, "dense").out.shape == (1, 1, 24)  # auto: the reference serves it
+
+
+@pytest.mark.parametrize("n", [0, 1, 37, 99, 100])
+def test_the_top_positions_are_the_torch_topk_set(n):
+    from kvcache.methods.sparq import top_positions
+
+    scores = torch.rand((3, 100), generator=torch.Generator().manual_seed(11))
+    got = top_positions(scores, n)
+    assert got.shape == (3, n) and got.dtype == torch.int64
+    want = torch.topk(scores, n, dim=-1).indices
+    assert [sorted(row) for row in got.tolist()] == [sorted(row) for row in want.tolist()]

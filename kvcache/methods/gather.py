@@ -17,9 +17,20 @@ def gather_sequence(pool: torch.Tensor, csr: PageTableCSR, b: int) -> torch.Tens
 
 def gather_rows(pool: torch.Tensor, csr: PageTableCSR, b: int, positions: torch.Tensor) -> torch.Tensor:
     """Rows at `positions` [Hkv, k] of sequence b from a sequence-major pool -> [Hkv, k, d]."""
-    pages = csr.pages_of(b)[positions // csr.page_size]  # [Hkv, k]
-    heads = torch.arange(pool.shape[1], device=pool.device)[:, None]
-    return pool[pages, heads, positions % csr.page_size]
+    pages = csr.pages_of(b)[positions // csr.page_size].long()  # [Hkv, k]
+    Hkv, d = pool.shape[1], pool.shape[3]
+    heads = torch.arange(Hkv, device=pool.device)[:, None]
+    slots = positions % csr.page_size
+    strides = pool.stride()
+    if strides[3] != 1 or any(st % d for st in strides[:3]) or pool.storage_offset() % d:
+        return pool[pages, heads, slots]
+    # Rows by their index in a [rows, d] view of the pool's memory, one index_select of whole rows, where indexing
+    # with three index tensors goes element by element (3 x 512 rows of 64 floats on the 2-core CPU: 60 against
+    # 81 us).
+    row = (pool.storage_offset() // d + pages * (strides[0] // d) + heads * (strides[1] // d)
+           + slots.long() * (strides[2] // d))
+    rows = pool.untyped_storage().nbytes() // (pool.element_size() * d)
+    return pool.as_strided((rows, d), (d, 1), 0).index_select(0, row.flatten()).view(Hkv, -1, d)
 
 
 def gather_key_dims(k_dim: torch.Tensor, csr: PageTableCSR, b: int, dims: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
@@ -75,16 +76,24 @@ def select_rows(
     tau = torch.sqrt(ratio) / scale  # [Hkv, G]
     # 3. shat over all S positions from the r chosen key components.
     shat = torch.softmax(torch.einsum("hgr,hrs->hgs", q_i1, k_i1.float()) / tau[..., None], dim=-1)
-    # 4. i2: top-k of the group's shat plus the local-window mask. Ranking by the group mean
-    # (same order as the sum) keeps shat <= 1; m = 2 rather than 1 so that a saturated
-    # shat of exactly 1.0 outside the window cannot tie with a window row.
-    m = torch.zeros(S, device=qg.device)
-    if local_window:
-        m[S - local_window :] = 2.0
-    i2 = torch.topk(shat.mean(dim=1) + m, k, dim=-1, sorted=False).indices  # [Hkv, k]; any order: a set
+    # 4. i2: the local window, and the top k - l of the group's shat before it. Ranking by the group
+    # mean (same order as the sum) keeps shat <= 1; the window is always taken, so it is not ranked.
+    free = S - local_window
+    window = torch.arange(free, S, device=qg.device).expand(Hkv, local_window)
+    i2 = torch.cat([top_positions(shat[:, :, :free].mean(dim=1), k - local_window), window], dim=1)  # [Hkv, k]
     # 5. alpha per query head: approximate attention mass the chosen rows cover.
     alpha = torch.gather(shat, 2, i2[:, None, :].expand(Hkv, G, k)).sum(-1)  # [Hkv, G]
     return i2, alpha
+
+
+def top_positions(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions [R, n] (int64, any order) of the n largest of each row of scores [R, S]; ties broken arbitrarily."""
+    if n <= 0:
+        return torch.empty((scores.shape[0], 0), dtype=torch.int64, device=scores.device)
+    if scores.device.type != "cpu" or n >= scores.shape[1]:
+        return torch.topk(scores, n, dim=-1, sorted=False).indices
+    # numpy's introselect: 35 us for 3 rows of 8192 at n = 372, where torch.topk took 129 us (the 2-core CPU).
+    return torch.from_numpy(np.argpartition(-scores.float().numpy(), n - 1, axis=1)[:, :n])
 
 
 def reallocate_mean(y: torch.Tensor, alpha: torch.Tensor, value_mean: torch.Tensor) -> torch.Tensor:
