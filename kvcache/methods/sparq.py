@@ -87,7 +87,8 @@ def select_rows(
 
 
 def top_positions(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Positions [R, n] (int64, any order) of the n largest of each row of scores [R, S]; ties broken arbitrarily."""
+    """Positions [R, n] (int64, any order) of the n largest of each row of scores [R, S]; ties broken arbitrarily
+    (a NaN ranks last on the CPU, first elsewhere: scores of finite inputs have none)."""
     if n <= 0:
         return torch.empty((scores.shape[0], 0), dtype=torch.int64, device=scores.device)
     if scores.device.type != "cpu" or n >= scores.shape[1]:
