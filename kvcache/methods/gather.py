@@ -29,8 +29,7 @@ def gather_rows(pool: torch.Tensor, csr: PageTableCSR, b: int, positions: torch.
     # 81 us).
     row = (pool.storage_offset() // d + pages * (strides[0] // d) + heads * (strides[1] // d)
            + slots.long() * (strides[2] // d))
-    rows = pool.untyped_storage().nbytes() // (pool.element_size() * d)
-    return pool.as_strided((rows, d), (d, 1), 0).index_select(0, row.flatten()).view(Hkv, -1, d)
+    return _select_runs(pool, d, row).view(Hkv, -1, d)
 
 
 def gather_key_dims(k_dim: torch.Tensor, csr: PageTableCSR, b: int, dims: torch.Tensor) -> torch.Tensor:
@@ -49,6 +48,11 @@ def gather_key_dims(k_dim: torch.Tensor, csr: PageTableCSR, b: int, dims: torch.
     # against 0.2 ms at 8K positions on the CPU; listing by page first cost a permuting copy).
     run = (k_dim.storage_offset() // P + pages[None, None, :] * (s_page // P) + heads * (s_head // P)
            + dims.long()[:, :, None] * (s_dim // P))  # divided by P before the sums: no tensor division
-    rows = k_dim.untyped_storage().nbytes() // (k_dim.element_size() * P)
-    runs = k_dim.as_strided((rows, P), (P, 1), 0).index_select(0, run.flatten())
-    return runs.view(dims.shape[0], dims.shape[1], -1)[:, :, :S]
+    return _select_runs(k_dim, P, run).view(dims.shape[0], dims.shape[1], -1)[:, :, :S]
+
+
+def _select_runs(pool: torch.Tensor, width: int, runs: torch.Tensor) -> torch.Tensor:
+    """Runs of `width` contiguous values of pool's memory, by their row index in a [rows, width] view of the whole
+    storage (its offset included): [runs.numel(), width], one index_select."""
+    rows = pool.untyped_storage().nbytes() // (pool.element_size() * width)
+    return pool.as_strided((rows, width), (width, 1), 0).index_select(0, runs.flatten())
