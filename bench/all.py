@@ -1,9 +1,9 @@
-"""`kvcache bench all`: the benchmarks behind the README's headline table, in one run.
+"""`kvcache bench all`: the benchmarks behind the headline table of docs/methods.md, in one run.
 
 On a GPU (minutes): decode attention of every servable method at 128K positions x 1 sequence (Llama-3-8B's
 attention shape, bfloat16, pages of 16) against SDPA on contiguous K/V, and the MInference prefill of one layer at
 128K against causal SDPA. Writes bench/results/headline_<card>.json (both reports, the device and versions, the
-command) and prints the README's table as kvcache.bench.readme_table renders it from that file; the accuracy rows
+command) and prints that table as kvcache.bench.readme_table renders it from that file; the accuracy rows
 come from `kvcache eval` reports (CPU, the SmolLM2 weights), which this command does not run.
 """
 

@@ -1,11 +1,11 @@
-"""The README's table of methods, rendered from the results files under bench/results/.
+"""The headline table of methods in docs/methods.md, rendered from the results files under bench/results/.
 
-    python -m kvcache.bench.readme_table          # rewrite the table's block in README.md
-    python -m kvcache.bench.readme_table --check  # exit 1 (and say so) if README.md's block is stale
+    python -m kvcache.bench.readme_table          # rewrite the table's block in docs/methods.md
+    python -m kvcache.bench.readme_table --check  # exit 1 (and say so) if the block is stale
 
 The block lies between `<!-- methods-table:start -->` and `<!-- methods-table:end -->`. Every figure in it
 is read from a JSON report here (bench/results/README.md says how each was made): one headline per
-method, with the file it came from. Change a figure by rerunning its benchmark, never by editing the README.
+method, with the file it came from. Change a figure by rerunning its benchmark, never by editing the table.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-README = REPO / "README.md"
+TABLE_FILE = REPO / "docs" / "methods.md"
 START, END = "<!-- methods-table:start -->", "<!-- methods-table:end -->"
 
 # The kernels' headlines, from one `kvcache bench all --device cuda` run: decode at 128K positions x 1 sequence
@@ -127,10 +127,10 @@ def headlines(results: pathlib.Path = RESULTS, headline: str | pathlib.Path = HE
 
 
 def render(results: pathlib.Path = RESULTS, headline: str | pathlib.Path = HEADLINE_FILE) -> str:
-    """The markdown table (no markers), links relative to the repository root."""
+    """The markdown table (no markers), links relative to docs/."""
     lines = ["| method | phase | reads | headline figure | measured in |", "| --- | --- | --- | --- | --- |"]
     for h in headlines(results, headline):
-        source = f"[`{h.source}`](bench/results/{h.source})" if h.source else "—"
+        source = f"[`{h.source}`](../bench/results/{h.source})" if h.source else "—"
         lines.append(f"| {h.method} | {h.phase} | {h.reads} | {h.figure} | {source} |")
     return "\n".join(lines) + "\n"
 
@@ -139,19 +139,20 @@ def replace_block(text: str, table: str) -> str:
     """`text` with the lines between the START and END markers replaced by `table`."""
     start, end = text.find(START), text.find(END)
     if start < 0 or end < start:
-        raise ValueError(f"README has no {START} ... {END} block")
+        raise ValueError(f"no {START} ... {END} block")
     head = text[: start + len(START)]
     return f"{head}\n{table}{text[end:]}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Rewrite README.md's methods table from the results files; with --check, only say whether it is stale."""
+    """Rewrite docs/methods.md's headline table from the results files; with --check, only say whether it is stale."""
     parser = argparse.ArgumentParser(prog="python -m kvcache.bench.readme_table", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README's block differs; change nothing")
-    parser.add_argument("--readme", type=pathlib.Path, default=README, help=f"the file to update (default {README})")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file's block differs; change nothing")
+    parser.add_argument("--file", type=pathlib.Path, default=TABLE_FILE,
+                        help=f"the file to update (default {TABLE_FILE})")
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS, help="the results folder")
     args = parser.parse_args(argv)
-    text = args.readme.read_text()
+    text = args.file.read_text()
     try:
         updated = replace_block(text, render(args.results))
     except ValueError as exc:
@@ -159,12 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.check:
         if updated != text:
-            print(f"{args.readme}: the methods table is stale; run {parser.prog}", file=sys.stderr)
+            print(f"{args.file}: the methods table is stale; run {parser.prog}", file=sys.stderr)
             return 1
         return 0
     if updated != text:
-        args.readme.write_text(updated)
-        print(f"{args.readme}: methods table rewritten")
+        args.file.write_text(updated)
+        print(f"{args.file}: methods table rewritten")
     return 0
 
 

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvcache.bench.star_phase1 import add_arguments as add_star_phase1_arguments
 
     add_star_phase1_arguments(star_phase1)
-    bench_all = bench_sub.add_parser("all", help="the benchmarks behind the README's headline table in one run "
+    bench_all = bench_sub.add_parser("all", help="the benchmarks behind docs/methods.md's headline table in one run "
                                                  "(a GPU run of minutes); writes bench/results/headline_<card>.json")
     from kvcache.bench.all import add_arguments as add_all_arguments
 

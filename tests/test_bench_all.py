@@ -1,4 +1,4 @@
-"""`kvcache bench all`: one run writes the report the README's table is rendered from."""
+"""`kvcache bench all`: one run writes the report docs/methods.md's headline table is rendered from."""
 
 import json
 

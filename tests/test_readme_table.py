@@ -1,4 +1,4 @@
-"""The README's methods table is what bench/readme_table.py renders from the committed results files."""
+"""The headline table of docs/methods.md is what bench/readme_table.py renders from the committed results files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kvcache.bench import readme_table
 from kvcache.bench.readme_table import END, START, main, render, replace_block
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-README = REPO_ROOT / "README.md"
+TABLE_FILE = REPO_ROOT / "docs" / "methods.md"
 
 
 def _block(text: str) -> str:
@@ -20,12 +20,12 @@ def _block(text: str) -> str:
     return text[start:end].strip("\n")
 
 
-def test_readme_block_equals_the_rendered_table():
-    assert _block(README.read_text()) == render().strip("\n"), (
-        "README.md's methods table is stale: run python -m kvcache.bench.readme_table")
+def test_the_docs_block_equals_the_rendered_table():
+    assert _block(TABLE_FILE.read_text()) == render().strip("\n"), (
+        "docs/methods.md's headline table is stale: run python -m kvcache.bench.readme_table")
 
 
-def test_check_passes_on_the_committed_readme():
+def test_check_passes_on_the_committed_docs():
     assert main(["--check"]) == 0
 
 
@@ -46,12 +46,12 @@ def test_the_table_follows_the_results(tmp_path):
     assert "0.50x SDPA's speed" in render(results)
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{START}\nold\n{END}\n\nrest\n")
-    assert main(["--check", "--readme", str(readme), "--results", str(results)]) == 1
-    assert main(["--readme", str(readme), "--results", str(results)]) == 0
+    assert main(["--check", "--file", str(readme), "--results", str(results)]) == 1
+    assert main(["--file", str(readme), "--results", str(results)]) == 0
     text = readme.read_text()
     assert text.startswith(f"# x\n\n{START}\n| method |") and text.endswith(f"{END}\n\nrest\n")
     assert "0.50x SDPA's speed" in _block(text)
-    assert main(["--check", "--readme", str(readme), "--results", str(results)]) == 0
+    assert main(["--check", "--file", str(readme), "--results", str(results)]) == 0
 
 
 def test_a_readme_without_the_markers_is_an_error(tmp_path):
@@ -59,4 +59,4 @@ def test_a_readme_without_the_markers_is_an_error(tmp_path):
         replace_block("# no block here\n", "| a |\n")
     readme = tmp_path / "README.md"
     readme.write_text("# no block here\n")
-    assert main(["--check", "--readme", str(readme)]) == 2
+    assert main(["--check", "--file", str(readme)]) == 2
