@@ -14,8 +14,10 @@ ratio to dense beside what the bytes predict. Paths:
 - `planned`: the engine's decode step eagerly (client.begin_step: the step checked and planned once, each layer's
   call device work and launches only);
 - `per-call`: the same step with every layer's call an attend(..., plan=) (validation in every call), eager;
-- `remote-local`, `remote-grpc`: the planned step of an engine whose store is a `kvcache serve` on this host, its
-  layer calls over the server's local data plane (a Unix socket) or over gRPC;
+- `remote-pool`, `remote-local`, `remote-grpc`: the step of an engine whose store is a `kvcache serve` on this host:
+  leased on the server's shared page pool (`--share-pool`) and run in the engine, replayed from its captured graph
+  where the `graph` path is (else planned); or planned, with every layer call sent to the server over its local data
+  plane (a Unix socket) or over gRPC;
 - `static-graph`, `static-eager`: the baseline, a contiguous [B, Hkv, S, d] cache per layer read by SDPA with the
   step captured as one CUDA graph (as gpt-fast does), and the same eagerly.
 
@@ -43,7 +45,7 @@ from kvcache.clients.inprocess import PlannedCalls
 from kvcache.clients.remote import RemoteClient
 from kvcache.engine.config import ModelConfig
 from kvcache.engine.decode import AttentionSpec, decode_step
-from kvcache.engine.graph_decode import GRAPH_METHODS, GraphDecoder, graph_unsupported
+from kvcache.engine.graph_decode import GRAPH_METHODS, GraphDecoder, LeasedGraphDecoder, graph_unsupported
 from kvcache.engine.model import Llama, random_model
 from kvcache.methods.gate_model import GateShape, PageGate
 from kvcache.methods.gate_store import attach_gate
@@ -58,9 +60,10 @@ SHAPES = {
     "tiny": ModelConfig(256, 64, 128, 2, 4, 2, 16, max_position_embeddings=1 << 20),  # for the CPU test
 }
 P = 16
-PATHS = ("static-graph", "static-eager", "graph", "planned", "per-call", "remote-local", "remote-grpc")
+PATHS = ("static-graph", "static-eager", "graph", "planned", "per-call", "remote-pool", "remote-local", "remote-grpc")
 # The remote paths' data planes: a `kvcache serve` on this host, reached over its local socket or over gRPC.
-REMOTE_PATHS = {"remote-local": "shared", "remote-grpc": "grpc"}
+# (data_plane, share_pool) of each remote path's client.
+REMOTE_PATHS = {"remote-pool": ("shared", True), "remote-local": ("shared", False), "remote-grpc": ("grpc", False)}
 BURST = 4  # back-to-back steps per timing: one step's host work overlaps the previous step's GPU work
 
 
@@ -129,9 +132,12 @@ def _remote_clients(config: KVCacheConfig, wanted: set[str]) -> Iterator[dict[st
              str(config.head_dim), "--page-size", str(config.page_size), "--dtype",
              str(config.dtype).removeprefix("torch."), "--device", str(config.device), "--pages",
              str(config.device_pages), "--torch-threads", "1"]
+    if "remote-pool" in paths:
+        flags.append("--share-pool")
     with tempfile.NamedTemporaryFile(prefix="kvcache-e2e-serve-", suffix=".log") as log:
         server = ServerProcess(flags, log.name)
-        clients = {path: RemoteClient(server.target, data_plane=REMOTE_PATHS[path]) for path in paths}
+        clients = {path: RemoteClient(server.target, data_plane=REMOTE_PATHS[path][0], share_pool=REMOTE_PATHS[path][1])
+                   for path in paths}
         try:
             yield clients
         finally:
@@ -164,7 +170,11 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
         for method, path in pairs:
             if path == "graph" and not (graphs and method in GRAPH_METHODS) or path in remotes and method == "gate":
                 continue  # the remote paths' server holds no gate
-            if path in remotes:
+            if path in REMOTE_PATHS and path not in remotes:
+                continue
+            if path == "remote-pool" and graphs and method in GRAPH_METHODS:  # the engine's graph, on the mapped pool
+                target, ids, positions = LeasedGraphDecoder(model, remotes[path]), remote_seqs, remote_positions
+            elif path in remotes:
                 target, ids, positions = remotes[path], remote_seqs, remote_positions
             elif path == "graph":
                 target, ids, positions = GraphDecoder(model, client), seqs, local_positions
@@ -177,7 +187,7 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
             # The sequences' lengths are kept here, as an engine keeps them, not asked of the store every step.
             def one_step(target=target, spec=spec, ids=ids, positions=positions, host=host_ms[(method, path)]):
                 t0 = time.perf_counter()
-                if isinstance(target, GraphDecoder):  # a greedy loop: the last step's tokens stay on the device
+                if isinstance(target, GraphDecoder | LeasedGraphDecoder):  # a greedy loop: tokens stay on the device
                     target.step(ids, tokens if target.greedy is None or len(target.greedy) != len(ids)
                                 else target.greedy, positions, spec.method, spec.params)
                 else:

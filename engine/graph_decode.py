@@ -25,7 +25,7 @@ page. The store's own bookkeeping (lengths, prefix-cache hashing) is done by KVS
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +43,9 @@ from kvcache.methods.registry import lookup
 from kvcache.methods.selection_attention import attend_triton
 from kvcache.store.host_copy import ints_to_device
 from kvcache.store.step_plan import StepRows
+
+if TYPE_CHECKING:  # grpc is imported only where a remote client is made
+    from kvcache.clients.remote import RemoteClient
 
 MIN_CAPACITY = 1024  # positions per sequence of the smallest graph
 # Methods whose selection on the GPU reads lengths from the page table on the device and needs nothing of the host
@@ -238,3 +241,29 @@ class GraphDecoder:
         nbytes = m.bytes_read(c, lengths, p) * c.num_layers
         self.client.counters.add(method, calls=c.num_layers, bytes_read=nbytes)
         return logits, nbytes
+
+
+class LeasedGraphDecoder:
+    """GraphDecoder's steps over a server's shared GPU pool (kvcache serve --share-pool): each step leased from the
+    server, replayed in this process on the mapped pool, and committed; the server keeps every page's bookkeeping."""
+
+    def __init__(self, model: Llama, client: RemoteClient) -> None:
+        plane = client.pool_plane()
+        if plane is None:
+            raise ValueError("the server shares no page pool that this process can map (kvcache serve --share-pool)")
+        self.plane = plane
+        self.decoder = GraphDecoder(model, plane.client)
+
+    @property
+    def greedy(self) -> torch.Tensor | None:
+        """The last step's argmax tokens [B] on the device (GraphDecoder.greedy)."""
+        return self.decoder.greedy
+
+    def step(self, seq_ids: Sequence[str], token_ids: Sequence[int] | torch.Tensor, positions: Sequence[int],
+             method: str = "dense", params: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, int]:
+        """GraphDecoder.step of a leased step: logits [B, vocab] float32 and the attention bytes read."""
+        self.plane.lease(seq_ids)
+        try:
+            return self.decoder.step(seq_ids, token_ids, positions, method, params)
+        finally:
+            self.plane.flush()  # committed once the replay's rows are recorded, else aborted

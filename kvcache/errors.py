@@ -97,6 +97,13 @@ class PlanStale(KVCacheError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class SequenceLeased(KVCacheError):
+    """The sequence is in a decode step leased to an engine that writes its rows in the shared pool: no other call
+    may change it until that step is committed, aborted or its lease runs out."""
+
+    grpc_code = "ABORTED"
+
+
 class GateMissing(KVCacheError, LookupError):
     """Method `gate` was asked of a store that holds no trained page gate (train one, then serve with --gate)."""
 

@@ -338,6 +338,8 @@ GPU_TESTS = {
     "test_pdl.py": {"test_pdl_only_for_small_steps",
                     "test_the_gate_step_as_a_dependent_chain_equals_it_launched_in_turn"},
     "test_service.py": {"test_a_cuda_server_attends_as_the_in_process_cuda_store_does"},
+    "test_shared_pool_service.py": {
+        "test_a_cuda_server_s_pool_serves_an_engine_s_eager_and_graph_steps_as_its_own_store"},
 }
 
 # slow: over ~2 s for the test itself (its call and function-scoped setup; a module fixture's one-off setup is not
@@ -404,7 +406,7 @@ def pytest_collection_modifyitems(config, items):
                 or KERNEL_FIXTURES.intersection(item.fixturenames)):
             item.add_marker(pytest.mark.kernel)
         shares_a_server = (SERVER_FIXTURES.intersection(item.fixturenames)
-                           or {"remote", "shared"} & {params.get("client"), params.get("small_client")})
+                           or {"remote", "shared", "pool"} & {params.get("client"), params.get("small_client")})
         if shares_a_server or _in(item, SERVICE_MODULES) or _named(item, SERVICE_TESTS):
             item.add_marker(pytest.mark.service)
         if _named(item, GPU_TESTS):

@@ -1,9 +1,10 @@
 """The KVCacheClient protocol, as a specification both implementations meet.
 
 Every test here talks to `client` only through the protocol (create, fork, free, describe, append,
-attend, fetch, stats) and runs three times: against an InProcessClient, and against a RemoteClient
+attend, fetch, stats) and runs four times: against an InProcessClient, and against a RemoteClient
 connected to a `kvcache serve` subprocess with the same store config, its layer calls over gRPC and over the
-server's local data plane (a Unix socket, service/local_plane.py). The two stores live for the
+server's local data plane (a Unix socket, service/local_plane.py), and its decode steps leased on a server's shared
+page pool (`--share-pool`, service/pool_sessions.py). The two stores live for the
 whole module, so tests free what they create (the `seqs` fixture does) and use token ids of their own.
 """
 
@@ -31,7 +32,7 @@ from kvcache.errors import (
 
 L, HKV, D, P = STORE["num_layers"], STORE["num_kv_heads"], STORE["head_dim"], STORE["page_size"]
 HQ = 2 * HKV  # GQA: two query heads per kv head
-CLIENTS = ["in-process", "remote", "shared"]
+CLIENTS = ["in-process", "remote", "shared", "pool"]
 SMALL_POOL_PAGES = 8
 
 
@@ -42,7 +43,9 @@ SMALL_POOL_PAGES = 8
 def servers():
     """`kvcache serve` with the default small store (the config of store_config()), and one whose pool
     holds only SMALL_POOL_PAGES pages; started together."""
-    started = start_servers({"main": ((), {}), "small": (("--pages", str(SMALL_POOL_PAGES)), {})})
+    started = start_servers({"main": ((), {}), "small": (("--pages", str(SMALL_POOL_PAGES)), {}),
+                             "pooled": (("--share-pool",), {}),
+                             "small_pooled": (("--pages", str(SMALL_POOL_PAGES), "--share-pool"), {})})
     yield started
     stop_servers(list(started.values()))
 
@@ -65,6 +68,12 @@ def shared_client(server):
 
 
 @pytest.fixture(scope="module")
+def pool_client(servers):
+    with RemoteClient(servers["pooled"].target, timeout=20, data_plane="shared") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
 def in_process_client():
     return InProcessClient(store_config())
 
@@ -72,7 +81,7 @@ def in_process_client():
 @pytest.fixture(params=CLIENTS)
 def client(request):
     """The client under test: the same store config in-process and over gRPC."""
-    return request.getfixturevalue({"remote": "remote_client", "shared": "shared_client"}.get(
+    return request.getfixturevalue({"remote": "remote_client", "shared": "shared_client", "pool": "pool_client"}.get(
         request.param, "in_process_client"))
 
 
@@ -87,8 +96,9 @@ def small_client(request):
     if request.param == "in-process":
         yield InProcessClient(store_config(device_pages=SMALL_POOL_PAGES))
         return
-    plane = "shared" if request.param == "shared" else "grpc"
-    with RemoteClient(request.getfixturevalue("small_server").target, timeout=20, data_plane=plane) as c:
+    plane = "grpc" if request.param == "remote" else "shared"
+    server = request.getfixturevalue("servers")["small_pooled" if request.param == "pool" else "small"]
+    with RemoteClient(server.target, timeout=20, data_plane=plane) as c:
         yield c
 
 
@@ -455,6 +465,31 @@ def test_attend_with_new_kv_appends_to_every_sequence_of_the_batch(client, seqs)
     assert_holds(client, b, torch.cat((kb[0], new_k[1:])), torch.cat((vb[0], new_v[1:])), layer=0)
 
 
+@pytest.mark.parametrize("method, params", [("dense", None), ("sparq", {"r": 4, "k": 4})])
+def test_a_decode_step_begun_once_equals_its_layer_calls_made_one_by_one(client, seqs, method, params):
+    gen = torch.Generator().manual_seed(12)
+    lengths = [P - 1, 2 * P]  # the steps open a page for one and fill the last of the other
+    stepped = [seqs.new(n, torch.Generator().manual_seed(n))[0] for n in lengths]
+    by_call = [seqs.new(n, torch.Generator().manual_seed(n))[0] for n in lengths]
+    for _ in range(3):
+        step = client.begin_step(stepped, HQ, method, params)
+        for layer in range(L):
+            q = torch.randn((2, HQ, D), generator=gen)
+            new_k, new_v = kv(gen, 2, HKV, D)
+            got = step.attend(layer, q, new_k, new_v)
+            want = client.attend(by_call, layer, q, method, params, new_k=new_k, new_v=new_v)
+            torch.testing.assert_close(got.out, want.out, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got.lse, want.lse, rtol=1e-6, atol=1e-6)
+    assert [client.describe(s).lengths for s in stepped] == [(n + 3,) * L for n in lengths]
+    for a, b in zip(stepped, by_call):
+        for layer in range(L):
+            rows = torch.arange(lengths[0] + 3).expand(HKV, -1)
+            ka, va = client.fetch(a, layer, "rows", rows).tensors
+            kb, vb = client.fetch(b, layer, "rows", rows).tensors
+            assert torch.equal(ka, kb) and torch.equal(va, vb)
+        assert torch.allclose(client.fetch(a, 0, "value_mean").tensors[0], client.fetch(b, 0, "value_mean").tensors[0])
+
+
 def test_stats_count_attend_calls_and_their_bytes(client, seqs):
     seq_id, _, _ = seqs.new(12)
     q = torch.randn((1, HQ, D), generator=torch.Generator().manual_seed(12))
@@ -695,6 +730,20 @@ def test_asking_for_more_pages_than_free_raises_store_full_and_changes_nothing(s
         assert pool(client) == pool_before
         info = client.append(empty, *kv(gen, L, 3 * P, HKV, D))  # what fits still fits
         assert info.num_pages == 3
+    finally:
+        seqs.free_all()
+
+
+def test_a_decode_step_that_needs_a_page_of_a_full_store_raises_store_full_and_changes_nothing(small_client):
+    client = small_client
+    gen = torch.Generator().manual_seed(15)
+    seqs = Sequences(client)
+    try:
+        full, _, _ = seqs.new(8 * P, gen)  # every page of the pool, each full
+        before = observe(client, full)
+        with pytest.raises(StoreFull):
+            client.begin_step([full], HQ)
+        assert_same_observation(before, observe(client, full))
     finally:
         seqs.free_all()
 

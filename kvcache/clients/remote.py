@@ -23,6 +23,7 @@ import torch
 from kvcache import errors
 from kvcache.clients.inprocess import FetchKind, FetchResult, PlannedCalls
 from kvcache.clients.local_plane import LocalConnection
+from kvcache.clients.pool_plane import PoolPlane, pool_runs
 from kvcache.config import KVCacheConfig
 from kvcache.methods import AttentionResult
 from kvcache.prefill.minference_index import BLOCK_SIZE, SparseIndex
@@ -139,6 +140,7 @@ class RemoteClient:
     """KVCacheClient over a `kvcache serve` at `target` ("host:port")."""
 
     IDEMPOTENT = {"Describe", "Fetch", "Stats", "Health", "Config"}
+    CHANGING = {"Fork", "Free", "Append", "Plan"}  # calls that a step's lease on their sequences would refuse
 
     def __init__(
         self,
@@ -152,6 +154,7 @@ class RemoteClient:
         max_message_mb: int = 64,
         use_stream: bool = True,
         data_plane: str = "auto",
+        share_pool: bool = True,
     ) -> None:
         limit = max_message_mb * 2**20
         # A connection of its own: the server counts sequences and pages per connection (per-client caps), and
@@ -175,6 +178,8 @@ class RemoteClient:
         # "shared": layer calls over the server's local data plane (a Unix socket, same host only), or an error;
         # "auto": that where the server offers it and this host can reach it, else gRPC; "grpc": always gRPC.
         self.data_plane = data_plane
+        # Where the data plane is local and the server shares its page pool: decode steps run here on the mapped pool.
+        self.share_pool = share_pool
         self._max_message_bytes = limit
         self._planes: list[LocalConnection] = []  # every thread's connection, for close()
         self._local = threading.local()
@@ -227,6 +232,7 @@ class RemoteClient:
     ) -> SequenceInfo:
         """A long prefill as one client stream of (k, v) chunks, appended in order (chunk by chunk with unary calls
         when the server has no stream to spare: it refused the stream before reading any chunk)."""
+        self._end_pool_step(pb.SequenceRef(seq_id=seq_id))
         requests = (_append_request(seq_id, k, v, layer, None, None) for k, v in chunks)
         try:
             reply = self._stub.AppendStream(requests, timeout=self.timeout, metadata=self._metadata)
@@ -258,6 +264,8 @@ class RemoteClient:
                                    new_k=None if new_k is None else _wire(new_k, "new_k"),
                                    new_v=None if new_v is None else _wire(new_v, "new_v"),
                                    step_id="" if plan is None else plan.step_id)
+        if new_k is not None:
+            self._end_pool_step(request)
         plane = self._plane() if self.data_plane != "grpc" else None
         if plane is not None:
             reply = _raise_if_error(plane.call(request, self.timeout))
@@ -274,8 +282,19 @@ class RemoteClient:
     def begin_step(self, seq_ids: Sequence[str], q_heads: int, method: str = "dense",
                    params: Mapping[str, Any] | None = None, backend: str = "auto",
                    layer_methods: Mapping[int, tuple[str, Mapping[str, Any] | None]] | None = None) -> PlannedCalls:
-        """A decode step planned once: each layer's attend(layer, q, new_k, new_v) is an attend with its plan."""
+        """A decode step planned once: each layer's attend(layer, q, new_k, new_v) is an attend with its plan. Over a
+        server's shared pool (data_plane "auto" or "shared" where it shares one) the step is leased instead, and its
+        layers append and attend in this process on the mapped pool."""
+        pool = self.pool_plane() if pool_runs(method, params, layer_methods) else None
+        if pool is not None:
+            return pool.begin_step(seq_ids, q_heads, method, params, backend, layer_methods)
         return PlannedCalls(self, seq_ids, method, params, backend, layer_methods)
+
+    def end_step(self) -> None:
+        """End this thread's step on the shared pool if it is still open: committed if every layer ran, else aborted
+        (its sequences keep their lengths). A change to its sequences does it first; a step whose last layer ran is
+        committed already."""
+        self._end_pool_step()
 
     def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
         """Plan a decode step on the server: a handle whose step_id every layer's attend(..., plan=) sends."""
@@ -375,6 +394,8 @@ class RemoteClient:
     # ---- internals -------------------------------------------------------------------------
 
     def _call(self, rpc: str, request, idempotent: bool | None = None):
+        if rpc in self.CHANGING or rpc == "Attend" and request.HasField("new_k"):
+            self._end_pool_step(request)
         idempotent = rpc in self.IDEMPOTENT if idempotent is None else idempotent
         attempts = 1 + (self.retries if idempotent else 0)
         for attempt in range(attempts):
@@ -386,6 +407,41 @@ class RemoteClient:
                     continue
                 raise _from_rpc_error(exc) from None
         raise AssertionError("unreachable")
+
+    def _end_pool_step(self, request=None) -> None:
+        """End this thread's open step on the shared pool if the change about to be made names any of its sequences
+        (any change, without `request`): its lease would refuse the call. Reads go on beside a step."""
+        pool = getattr(self._local, "pool", None)
+        if pool is None or pool.closed:
+            return
+        if request is None or pool.holds([*getattr(request, "seq_ids", ()), getattr(request, "seq_id", "")]):
+            pool.flush()
+
+    def pool_plane(self) -> PoolPlane | None:
+        """This thread's connection to the server's shared pool, opened at its first step; None where the server
+        shares none or data_plane is "grpc" (then layer calls are messages). An engine that replays captured steps
+        leases them through it (engine/graph_decode.py, LeasedGraphDecoder)."""
+        pool = getattr(self._local, "pool", None)
+        if pool is not None and not pool.closed:
+            return pool
+        if self.data_plane == "grpc" or not self.share_pool or getattr(self._local, "no_pool", False):
+            return None
+        config = self.config
+        try:
+            offer = self._call("OpenDataPlane", pb.DataPlaneRequest())
+        except errors.NotSupported:
+            self._local.no_pool = True
+            return None
+        try:
+            if not offer.socket_path:
+                raise ConnectionRefusedError("the server offers no local data plane")
+            pool = PoolPlane(offer.socket_path, offer.ticket, self.timeout, self._max_message_bytes, config)
+        except (OSError, errors.NotSupported):  # another host, another user, or a pool that is not shared
+            self._local.no_pool = True
+            return None
+        self._local.pool = pool
+        self._planes[:] = [p for p in self._planes if not p.closed] + [pool]
+        return pool
 
     def _plane(self) -> LocalConnection | None:
         """This thread's connection to the server's local data plane, opened at its first call; None where "auto"

@@ -6,6 +6,10 @@ AttendRequest and AttendResponse messages framed by a length: a round trip of ab
 A client reaches the socket only with a ticket handed out over the authenticated gRPC channel (OpenDataPlane), one
 use and short-lived, and only as the user the server runs as; the connection then acts as the gRPC connection that
 asked for it (its per-client caps, its sequences). Control calls (create, fork, free, plan, stats) stay on gRPC.
+
+A server that shares its page pool (`kvcache serve --share-pool`) serves a second kind of connection, asked for in
+the hello: the engine gets the pool's shared memory and leases each decode step's pages, one LeaseRequest frame per
+step, then appends and attends itself (kvcache/service/pool_sessions.py).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from collections.abc import Callable
 
 import grpc
 
+from kvcache.service.pool_sessions import PoolSession
 from kvcache.wire import kvcache_pb2 as pb
-from kvcache.wire.frames import read_frame, write_frame
+from kvcache.wire.frames import read_frame, write_frame, write_frame_with_fds
 
 log = logging.getLogger("kvcache.service.local_plane")
 
@@ -42,8 +47,10 @@ class LocalPlane:
     """A Unix socket that serves AttendRequest frames with `serve(request, client)` for clients holding a ticket."""
 
     def __init__(self, serve: Callable[[pb.AttendRequest, str], pb.AttendResponse], max_message_bytes: int,
-                 max_connections: int = 64, ticket_seconds: float = 30.0) -> None:
+                 max_connections: int = 64, ticket_seconds: float = 30.0,
+                 pool: Callable[[str], PoolSession | None] | None = None) -> None:
         self._serve_request = serve
+        self._pool = pool  # a new connection's PoolSession, for a client; None where the pool is not shared
         self.max_message_bytes = max_message_bytes
         self.max_connections = max_connections
         self.ticket_seconds = ticket_seconds
@@ -121,10 +128,14 @@ class LocalPlane:
 
     def _connection(self, conn: socket.socket) -> None:
         try:
-            client = self._admit(conn)
-            if client is not None:
-                log.info(json.dumps({"event": "data_plane_open", "peer": client}))
-                self._serve(conn, client)
+            admitted = self._admit(conn)
+            if admitted is not None:
+                client, pool = admitted
+                log.info(json.dumps({"event": "data_plane_open", "peer": client, "pool": pool}))
+                if pool:
+                    self._serve_pool(conn, client)
+                else:
+                    self._serve(conn, client)
         except OSError:  # ConnectionError and socket timeouts included
             pass  # the client went away: its sequences live on under their leases
         finally:
@@ -133,9 +144,9 @@ class LocalPlane:
                 self._threads.discard(threading.current_thread())
             conn.close()
 
-    def _admit(self, conn: socket.socket) -> str | None:
-        """The gRPC peer this connection stands for, after its hello; None (refused and answered) if its user or
-        ticket is wrong."""
+    def _admit(self, conn: socket.socket) -> tuple[str, bool] | None:
+        """The gRPC peer this connection stands for and whether it asks for the shared pool, after its hello; None
+        (refused and answered) if its user or ticket is wrong."""
         uid = _peer_uid(conn)
         if uid is not None and uid != os.getuid():
             self._refuse(conn, grpc.StatusCode.PERMISSION_DENIED, "PermissionDenied",
@@ -153,8 +164,37 @@ class LocalPlane:
                          "no such data plane ticket (each is good once, for a short while): ask OpenDataPlane again")
             return None
         conn.settimeout(None)
-        write_frame(conn, pb.AttendResponse().SerializeToString())
-        return client
+        if not hello.pool:
+            write_frame(conn, pb.AttendResponse().SerializeToString())
+        return client, hello.pool
+
+    def _serve_pool(self, conn: socket.socket, client: str) -> None:
+        session = self._pool(client) if self._pool is not None else None
+        if session is None:
+            self._refuse(conn, grpc.StatusCode.FAILED_PRECONDITION, "NotSupported",
+                         "the server does not share its page pool (kvcache serve --share-pool)")
+            return
+        try:
+            offer, fds = session.offer()
+            write_frame_with_fds(conn, offer.SerializeToString(), fds)
+            while True:
+                try:
+                    frame = read_frame(conn, self.max_message_bytes)
+                except ValueError as exc:
+                    self._refuse(conn, grpc.StatusCode.RESOURCE_EXHAUSTED, "MessageTooLarge", str(exc))
+                    return
+                if frame is None:
+                    return
+                try:
+                    request = pb.LeaseRequest.FromString(frame)
+                except Exception:  # protobuf's DecodeError
+                    reply = pb.LeaseReply(error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                          error_message="the frame is not a LeaseRequest", error_class="ShapeMismatch")
+                else:
+                    reply = session.serve(request)
+                write_frame(conn, reply.SerializeToString())
+        finally:
+            session.close()  # the engine went away (or the server closes): its step is aborted now
 
     def _serve(self, conn: socket.socket, client: str) -> None:
         while True:

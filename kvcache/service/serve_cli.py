@@ -31,7 +31,8 @@ STORE_FLAGS = {  # flag dest -> KVCacheConfig field
 }
 SERVER_FLAGS = ("host", "port", "workers", "max_message_mb", "token_file", "tls_cert", "tls_key", "metrics_port",
                 "grace_seconds", "torch_threads", "gate", "allocation", "cpus", "reject_nonfinite", "max_query_heads",
-                "max_call_memory", "max_sequences_per_client", "max_pages_per_client", "local_plane")
+                "max_call_memory", "max_sequences_per_client", "max_pages_per_client", "local_plane", "share_pool",
+                "step_lease_seconds")
 STORE_DEFAULTS = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "page_size": 16, "dtype": "float32",
                   "device": "cpu"}
 # The device pool when neither --pages nor --memory (nor the TOML's device_pages or memory) sizes it: 913 pages
@@ -69,6 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-plane", action=argparse.BooleanOptionalAction, default=None,
                    help="offer clients on this host a Unix socket for their layer calls, a ticket from the "
                    "authenticated channel (default: on; docs/wire-protocol.md, \"Local data plane\")")
+    p.add_argument("--share-pool", action=argparse.BooleanOptionalAction, default=None,
+                   help="put the page pool in shared memory: an engine on this host maps it over the local data plane "
+                   "and runs each decode step's attention itself, leasing the step's pages from the server "
+                   "(untiered CPU stores; every engine given the pool can read all of it: docs/wire-protocol.md, "
+                   "\"Shared pool\")")
+    p.add_argument("--step-lease-seconds", type=float,
+                   help="a decode step leased on the shared pool and not ended within this is aborted (default 10)")
     p.add_argument("--torch-threads", type=int,
                    help="intra-op threads of the CPU attention (default: torch's); "
                    "1 when engine and server share a few cores")

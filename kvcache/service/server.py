@@ -30,7 +30,7 @@ import torch
 
 from kvcache.clients.inprocess import AttendCall, InProcessClient
 from kvcache.config import KVCacheConfig
-from kvcache.errors import InvalidParameter, KVCacheError, MessageTooLarge, PlanStale, ShapeMismatch
+from kvcache.errors import InvalidParameter, KVCacheError, MessageTooLarge, PlanStale, ShapeMismatch, Unavailable
 from kvcache.methods.attend import check_work
 from kvcache.methods.byte_allocation import attach_allocation
 from kvcache.methods.byte_budget import resolved_params
@@ -46,7 +46,11 @@ from kvcache.service.input_limits import InputLimits
 from kvcache.service.local_plane import LocalPlane, error_reply
 from kvcache.service.locks import SequenceLocks
 from kvcache.service.metrics import CallMetrics, serve_metrics
+from kvcache.service.pool_sessions import PoolSession
 from kvcache.stats import Totals
+from kvcache.store import KVStore
+from kvcache.store.page_pool import PagePool
+from kvcache.store.shared_segment import CudaSegment, SharedSegment
 from kvcache.store.step_plan import StepPlan
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
@@ -80,6 +84,8 @@ class ServerOptions:
     max_sequences_per_client: int = 4096  # live sequences one connection may hold (0: no cap)
     max_pages_per_client: int = 0  # pages one connection's sequences may hold (0: no cap, the pool is the cap)
     local_plane: bool = True  # offer same-host clients a Unix socket for their layer calls (service/local_plane.py)
+    share_pool: bool = False  # the page pool in shared memory: local-plane engines lease steps and attend themselves
+    step_lease_seconds: float = 10.0  # a step leased on the shared pool and not ended within this is aborted
 
 
 @dataclass
@@ -185,6 +191,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         self.plans = StepPlans()  # the recent decode steps' plans, by step_id
         self.batcher = AttendBatcher(self._attend_batch)  # attend streams' concurrent requests, merged
         self.local_plane: LocalPlane | None = None  # the same-host data plane, if the server offers one
+        self.step_lease_seconds = 10.0  # ServerOptions.step_lease_seconds
 
     @_handler("Create")
     def Create(self, request, context):
@@ -401,6 +408,27 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     def Config(self, request, context):
         return config_to_wire(self.client.config)
 
+    def pool_session(self, client: str) -> PoolSession | None:
+        """A new engine connection's leases on the shared pool; None if the pool is not shared."""
+        store = self.client.store
+        if store.pool.segment is None:
+            return None
+        return PoolSession(store, store.pool.segment, client, self.step_lease_seconds, self._pool_guard,
+                           self._count_pool_reads)
+
+    @contextlib.contextmanager
+    def _pool_guard(self, client: str, seq_ids: list[str], new_pages: int) -> Iterator[None]:
+        """Admit a lease call of `client` on `seq_ids`, as a unary call on them is admitted."""
+        if self.draining.is_set():
+            raise Unavailable("server is shutting down")
+        if new_pages:
+            self.quotas.admit_pages(client, new_pages)
+        with self.in_flight, self.locks.hold(seq_ids):
+            yield
+
+    def _count_pool_reads(self, method: str, stats: pb.MethodStats) -> None:
+        self.client.counters.add(method[:64], calls=stats.calls, bytes_read=stats.bytes_read, seconds=stats.seconds)
+
     @_handler("OpenDataPlane")
     def OpenDataPlane(self, request, context):
         if self.local_plane is None:
@@ -581,7 +609,15 @@ class Server:
     def __init__(self, config: KVCacheConfig, options: ServerOptions) -> None:
         self.options = options
         self.draining = threading.Event()
-        client = InProcessClient(config)
+        pool = None
+        if options.share_pool:
+            if config.tiered or not options.local_plane:
+                raise ValueError("--share-pool needs an untiered store and the local data plane")
+            nbytes = PagePool.regions(config)[1]
+            segment = (CudaSegment(nbytes, config.device) if config.device.type == "cuda"
+                       else SharedSegment(nbytes, name="kvcache-pool"))
+            pool = PagePool(config, segment)
+        client = InProcessClient(KVStore(config, pool))
         client.store.max_call_bytes = options.max_call_memory or default_call_memory(config)
         self.servicer = KVCacheServicer(client, self.draining,
                                         max_streams=max(1, options.workers // 2),
@@ -589,6 +625,7 @@ class Server:
                                         max_message_bytes=options.max_message_mb * 2**20,
                                         quotas=ClientQuotas(client.store, options.max_sequences_per_client,
                                                             options.max_pages_per_client))
+        self.servicer.step_lease_seconds = options.step_lease_seconds
         if options.gate:
             attach_gate(self.servicer.client.store, options.gate)  # GateMissing / GateFileInvalid: no server
         if options.allocation:
@@ -622,7 +659,7 @@ class Server:
         if self.options.local_plane:
             self.servicer.local_plane = LocalPlane(
                 lambda request, client: self.servicer.serve_streamed(request, client, "AttendLocal"),
-                self.options.max_message_mb * 2**20, ticket_seconds=30.0)
+                self.options.max_message_mb * 2**20, ticket_seconds=30.0, pool=self.servicer.pool_session)
         self.grpc.start()
         self._reaper = threading.Thread(target=self._reap_leases, daemon=True, name="kvcache-leases")
         self._reaper.start()
@@ -635,6 +672,10 @@ class Server:
         flight on it renewed the lease, so it stays), and give freed heap memory back if the server has grown."""
         store = self.servicer.client.store
         while not self._reaper_stop.wait(LEASE_CHECK_SECONDS):
+            for lease in store.leases.overdue():
+                with self.servicer.locks.hold(list(lease.plan.seq_ids)):
+                    store.abort_lease(lease)
+                log.info(json.dumps({"event": "step_lease_expired", "step_id": lease.step_id}))
             for seq_id in store.expired():
                 with self.servicer.locks.hold([seq_id]):
                     if store.free_if_expired(seq_id):

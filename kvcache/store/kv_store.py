@@ -35,6 +35,7 @@ from kvcache.store.page_pool import PagePool
 from kvcache.store.page_table import PageTableCSR, SequenceState, build_csr
 from kvcache.store.prefix_cache import acquire_prefix, register_full_pages
 from kvcache.store.row_reads import Moves, page_keys, read_positions
+from kvcache.store.step_leases import StepLease, StepLeases, leased_error
 from kvcache.store.step_plan import StepPlan, StepRows
 from kvcache.store.tier_manager import TierManager
 from kvcache.store.tiers import DEVICE
@@ -69,9 +70,9 @@ class LayerView:
 class KVStore:
     """A paged KV cache for one model: every public method validates its input before changing state."""
 
-    def __init__(self, config: KVCacheConfig) -> None:
+    def __init__(self, config: KVCacheConfig, pool: PagePool | None = None) -> None:
         self.config = config
-        self.pool = PagePool(config)
+        self.pool = PagePool(config) if pool is None else pool  # a pool in shared memory: kvcache serve's
         p = self.pool  # made once: four tensor views per layer call otherwise
         self._views = [LayerView(p.k_seq[i], p.k_dim[i], p.v_seq[i], p.k_summary[i]) for i in range(config.num_layers)]
         # Decode rows are written by kvcache.kernels.append_rows on CUDA (it takes d as one power-of-two block);
@@ -88,6 +89,7 @@ class KVStore:
             adopted, self.pages_dropped_at_start = restore_prefix_pages(self.allocator, self.pool, self.tiers)
             self.pages_restored = len(adopted)
         self._seqs: dict[str, SequenceState] = {}
+        self.leases = StepLeases()  # steps whose rows an engine writes in the shared pool (lease_step)
         self.sequences_expired = 0  # freed because their lease ran out
         # Working memory one attend may need (AttentionMethod.work_bytes), in bytes; None: no limit. The server sets
         # it, so that a request's size, not only the store's, cannot exhaust the machine.
@@ -121,6 +123,7 @@ class KVStore:
         """New sequence sharing all of `seq_id`'s pages; a shared partial page is copied on write."""
         with self._lock:
             parent = self._get(seq_id)
+            self._check_unleased(seq_id)
             child = parent.clone_as(self._new_id())
             if child.lease_seconds is not None:  # the child's lease runs from now, named again or not
                 child.lease_deadline = time.monotonic() + child.lease_seconds
@@ -133,6 +136,7 @@ class KVStore:
         """Drop a sequence; its pages return to the free list once no other sequence holds them."""
         with self._lock:
             seq = self._get(seq_id)
+            self._check_unleased(seq_id)
             self._release(seq.live_pages)
             del self._seqs[seq_id]
 
@@ -166,6 +170,11 @@ class KVStore:
             seq = self._seqs.get(seq_id)
             if seq is None or seq.lease_deadline >= now:
                 return False
+            step = self.leases.of(seq_id)
+            if step is not None and step.deadline >= now:  # an engine is writing its step: its lease decides
+                return False
+            if step is not None:
+                self.abort_lease(step)
             self._release(seq.live_pages)
             del self._seqs[seq_id]
             self.sequences_expired += 1
@@ -225,6 +234,7 @@ class KVStore:
         """
         with self._lock:
             seq = self._get(seq_id)
+            self._check_unleased(seq_id)
             layers = check_layers(self.config, layer)
             k, v = check_kv(self.config, k, v, layer)
             num_new = k.shape[1]
@@ -259,6 +269,8 @@ class KVStore:
             seqs = [self._get(s) for s in seq_ids]
             if len(set(seq_ids)) != len(seq_ids):
                 raise InvalidParameter("a sequence appears twice in one append")
+            for seq_id in seq_ids:
+                self._check_unleased(seq_id)
             validate_kv(self.config, k, v, layer)  # [B, Hkv, d]: the batch checked as T positions
             if k.shape[0] != len(seqs):
                 raise ShapeMismatch(f"k holds {k.shape[0]} rows for {len(seqs)} sequences")
@@ -292,6 +304,8 @@ class KVStore:
             if len(set(seq_ids)) != len(seq_ids):
                 raise InvalidParameter("a sequence appears twice in one step")
             seqs = [self._get(s) for s in seq_ids]
+            for seq_id in seq_ids:
+                self._check_unleased(seq_id)
             uneven = [s.seq_id for s in seqs if min(s.lengths) != max(s.lengths)]
             if uneven:
                 raise InvalidParameter(f"sequence {uneven[0]} is part way through a step (its layers hold "
@@ -364,6 +378,62 @@ class KVStore:
                     seq.lengths[layer] += 1
                 self._register(seq)
             step.written = [True] * self.config.num_layers
+
+    def lease_step(self, seq_ids: Sequence[str], seconds: float) -> StepLease:
+        """Plan a decode step of `seq_ids` (plan_step, one new position) whose rows another process writes in the shared
+        pool: its sequences refuse every other change until commit_lease, abort_lease, or `seconds` pass."""
+        if not seconds > 0:
+            raise InvalidParameter(f"a step lease of {seconds!r} s: expected a positive number")
+        with self._lock:
+            plan = self.plan_step(seq_ids, 1)
+            lease = StepLease(plan, [self._seqs[s] for s in seq_ids], time.monotonic() + seconds)
+            self.leases.add(lease)
+            return lease
+
+    def commit_lease(self, lease: StepLease, value_sums: torch.Tensor) -> None:
+        """Record that every layer's new row of `lease`'s step is in the pool and that value_sums [B, L, Hkv, d]
+        (float32) are the sequences' value sums with it: lengths move on, full pages are hashed, summary listeners are
+        told; PlanStale if the lease ended first (aborted, or past its deadline: its rows are then not taken)."""
+        with self._lock:
+            if not self.leases.holds(lease) or lease.deadline < time.monotonic():
+                self.abort_lease(lease)
+                raise PlanStale(f"the lease of step {lease.step_id} ended before its commit: plan the step again")
+            for b, seq in enumerate(lease.seqs):
+                seq.value_sum.copy_(value_sums[b])
+                seq.lengths = [n + 1 for n in seq.lengths]
+                self._register(seq)
+            self.leases.drop(lease)
+            if self.summary_listeners:
+                P, starts = self.config.page_size, lease.plan.start_lengths
+                page_ids = torch.tensor([r[0] for r in self._row_targets(lease.seqs, starts)], dtype=torch.int64)
+                self._summaries_changed(list(range(self.config.num_layers)), page_ids,
+                                        torch.tensor([n // P for n in starts]), [n % P + 1 for n in starts])
+
+    def abort_lease(self, lease: StepLease) -> None:
+        """End `lease` without its step: the sequences keep their lengths, and the summaries of the pages its rows went
+        to are recomputed over their committed rows (a layer the engine wrote folded its new row in)."""
+        with self._lock:
+            if not self.leases.holds(lease):
+                return
+            self.leases.drop(lease)
+            live = [(seq, n) for seq, n in zip(lease.seqs, lease.plan.start_lengths) if self._seqs.get(seq.seq_id)
+                    is seq]
+            if not live:
+                return
+            rows = self._row_targets([seq for seq, _ in live], [n for _, n in live])
+            dev, L, P = self.config.device, self.config.num_layers, self.config.page_size
+            page_ids = torch.tensor([r[0] for r in rows], device=dev)
+            kv_slots = torch.tensor([r[1] for r in rows], device=dev)
+            fills = torch.tensor([n % P for _, n in live], device=dev).expand(L, -1)
+            self.pool.refresh_summaries(torch.arange(L, device=dev), page_ids, kv_slots, fills)
+
+    def end_overdue_leases(self) -> int:
+        """Abort every step lease past its deadline (its engine died or hangs); returns how many."""
+        with self._lock:
+            overdue = self.leases.overdue()
+            for lease in overdue:
+                self.abort_lease(lease)
+            return len(overdue)
 
     def reserve_scratch_page(self) -> int:
         """A page id no sequence will ever hold, for writes that must land somewhere harmless (a CUDA graph's warm-up
@@ -491,6 +561,16 @@ class KVStore:
             shown = seq_id if len(str(seq_id)) <= 80 else f"{str(seq_id)[:64]}... ({len(str(seq_id))} characters)"
             raise SequenceNotFound(f"sequence {shown!r} unknown; was it freed?")
         return seq
+
+    def _check_unleased(self, seq_id: str) -> None:
+        """SequenceLeased if an engine's step lease holds `seq_id` (one past its deadline is aborted instead)."""
+        lease = self.leases.of(seq_id)
+        if lease is None:
+            return
+        if lease.deadline < time.monotonic():
+            self.abort_lease(lease)
+            return
+        raise leased_error(seq_id, lease)
 
     def _owners_of(self, page: int) -> str:
         owners = [s.seq_id for s in self._seqs.values() if page in set(s.live_pages.tolist())]

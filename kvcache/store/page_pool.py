@@ -9,6 +9,7 @@ from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 # Rows of k_summary along its third axis.
 from kvcache.kernels.csr import SUMMARY_MAX, SUMMARY_MEAN, SUMMARY_MIN  # noqa: F401 (the layout, re-exported)
 from kvcache.store.host_copy import to_device_async
+from kvcache.store.shared_segment import CudaSegment, Region, SharedSegment, layout
 
 
 class PagePool:
@@ -31,20 +32,32 @@ class PagePool:
     P=16 in bf16; docs/architecture.md, "Key layouts").
     """
 
-    def __init__(self, config: KVCacheConfig) -> None:
+    def __init__(self, config: KVCacheConfig, segment: SharedSegment | CudaSegment | None = None) -> None:
+        """Zeroed page tensors on config.device; or, given `segment` (shared memory, or GPU memory shared by CUDA IPC),
+        views of it laid out by PagePool.regions: how a server's pool and an engine that maps it see the same pages."""
         c = config
-        dev = c.device
-        num_pages, kv_slots = c.total_pages, c.device_pages
-        shape_seq = (c.num_layers, kv_slots, c.num_kv_heads, c.page_size, c.head_dim)
-        shape_dim = (c.num_layers, c.num_kv_heads, c.head_dim, num_pages, c.page_size)  # memory order
         self.config = c
-        self.num_pages = num_pages
-        self.k_seq = torch.zeros(shape_seq, dtype=c.dtype, device=dev)
-        self.k_dim = torch.zeros(shape_dim, dtype=c.dtype, device=dev).permute(0, 3, 1, 2, 4)
-        self.v_seq = torch.zeros(shape_seq, dtype=c.dtype, device=dev)
-        self.k_summary = torch.zeros(
-            (c.num_layers, num_pages, c.num_kv_heads, 3, c.head_dim), dtype=SUMMARY_DTYPE, device=dev
-        )
+        self.num_pages = c.total_pages
+        self.segment = segment
+        if segment is None:
+            k_seq, k_dim, v_seq, k_summary = (torch.zeros(r.shape, dtype=r.dtype, device=c.device)
+                                              for r in self.regions(c)[0])
+        else:
+            if c.tiered or (c.device.type == "cuda") != isinstance(segment, CudaSegment):
+                raise ValueError("only an untiered store's pool can be shared, in a segment on its device")
+            k_seq, k_dim, v_seq, k_summary = (segment.tensor(r) for r in self.regions(c)[0])
+        self.k_seq, self.v_seq, self.k_summary = k_seq, v_seq, k_summary
+        self.k_dim = k_dim.permute(0, 3, 1, 2, 4)
+
+    @staticmethod
+    def regions(config: KVCacheConfig) -> tuple[list[Region], int]:
+        """Where k_seq, k_dim (in memory order), v_seq and k_summary lie in a shared segment, and its bytes."""
+        c = config
+        shape_seq = (c.num_layers, c.device_pages, c.num_kv_heads, c.page_size, c.head_dim)
+        shape_dim = (c.num_layers, c.num_kv_heads, c.head_dim, c.total_pages, c.page_size)  # memory order
+        shape_summary = (c.num_layers, c.total_pages, c.num_kv_heads, 3, c.head_dim)
+        return layout([(shape_seq, c.dtype), (shape_dim, c.dtype), (shape_seq, c.dtype),
+                       (shape_summary, SUMMARY_DTYPE)])
 
     def write(
         self,

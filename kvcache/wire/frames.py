@@ -26,6 +26,31 @@ def write_frame(sock: socket.socket, message: bytes) -> None:
     sock.sendall(FRAME.pack(len(message)) + message)
 
 
+def write_frame_with_fds(sock: socket.socket, message: bytes, fds: list[int]) -> None:
+    """Send `message` as one frame with file descriptors `fds` attached (SCM_RIGHTS, Unix sockets)."""
+    data = FRAME.pack(len(message)) + message
+    sent = socket.send_fds(sock, [data], fds)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def read_frame_with_fds(sock: socket.socket, limit: int, max_fds: int) -> tuple[bytes, list[int]]:
+    """The next frame's message and the descriptors that came with it (write_frame_with_fds); ConnectionError if the
+    peer closed the socket first."""
+    data, fds, _, _ = socket.recv_fds(sock, FRAME.size + limit, max_fds)
+    if not data:
+        raise ConnectionError("the peer closed the data plane")
+    if len(data) < FRAME.size:
+        data += _read_exactly(sock, FRAME.size - len(data), at_boundary=False)
+    (n,) = FRAME.unpack(data[: FRAME.size])
+    if n > limit:
+        raise ValueError(f"a frame of {n:,} bytes is over the {limit:,}-byte message limit")
+    body = data[FRAME.size :]
+    if len(body) < n:
+        body += _read_exactly(sock, n - len(body), at_boundary=False)
+    return body, list(fds)
+
+
 def _read_exactly(sock: socket.socket, n: int, at_boundary: bool) -> bytes | None:
     buf = bytearray(n)
     view = memoryview(buf)

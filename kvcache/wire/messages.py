@@ -76,3 +76,16 @@ def coverage_from_wire(messages) -> dict[str, dict[int, dict]]:
         buckets = {str(b): n for b, n in zip(m.bounds, m.cumulative)}
         out.setdefault(m.method, {})[m.layer] = coverage_entry(m.count, m.sum, m.fallbacks, buckets)
     return out
+
+
+def cuda_handle_to_wire(handle: tuple) -> pb.CudaHandle:
+    """A CudaHandle from torch's UntypedStorage._share_cuda_() tuple."""
+    device, ipc, size, offset, counter, counter_offset, event, sync = handle
+    return pb.CudaHandle(device=device, handle=ipc, size_bytes=size, offset_bytes=offset, ref_counter_handle=counter,
+                         ref_counter_offset=counter_offset, event_handle=event or b"", event_sync_required=sync)
+
+
+def cuda_handle_from_wire(m: pb.CudaHandle) -> tuple:
+    """The arguments of torch.UntypedStorage._new_shared_cuda for a CudaHandle."""
+    return (m.device, m.handle, m.size_bytes, m.offset_bytes, m.ref_counter_handle, m.ref_counter_offset,
+            m.event_handle or None, m.event_sync_required)
