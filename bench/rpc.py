@@ -1,5 +1,7 @@
 """In-process versus remote: latency of a decode step's layer calls and steps per second as batches grow, over the
-local data plane (a Unix socket, same host), a gRPC stream and unary gRPC calls.
+local data plane (a Unix socket, same host), a gRPC stream and unary gRPC calls; and planned steps in process
+against the same steps leased on the server's shared page pool (`kvcache serve --share-pool`), which send no layer
+call at all.
 
 A decode step of a SmolLM2-135M-shaped model (30 layers, 9 q heads, 3 kv heads, d=64): for every
 layer, one attend call carrying the new token's q, k, v for every sequence of the batch.
@@ -30,12 +32,12 @@ SHAPE = {"num_layers": 30, "num_q_heads": 9, "num_kv_heads": 3, "head_dim": 64}
 
 
 def start_server(config: KVCacheConfig, cpus: str | None = None) -> tuple[subprocess.Popen, int]:
-    """A `kvcache serve` subprocess with `config` on a free loopback port (on `cpus`, if given)."""
+    """A `kvcache serve` subprocess with `config` on a free loopback port (on `cpus`, if given), its pool shared."""
     cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--port", "0", "--layers", str(config.num_layers),
            "--kv-heads", str(config.num_kv_heads), "--head-dim", str(config.head_dim),
            "--page-size", str(config.page_size), "--dtype", str(config.dtype).removeprefix("torch."),
            "--pages", str(config.device_pages), "--workers", "8", "--torch-threads", "1",
-           "--device", str(config.device), *(("--cpus", cpus) if cpus else ())]
+           "--device", str(config.device), "--share-pool", *(("--cpus", cpus) if cpus else ())]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         event = json.loads(line)
@@ -60,8 +62,10 @@ def fill(client, batch: int, context: int, config: KVCacheConfig, chunk: int = 5
     return seqs
 
 
-def decode_steps(client, seqs: list[str], config: KVCacheConfig, steps: int) -> tuple[list[float], list[float]]:
-    """Run `steps` decode steps; (seconds per layer call, seconds per step)."""
+def decode_steps(client, seqs: list[str], config: KVCacheConfig, steps: int,
+                 planned: bool = False) -> tuple[list[float], list[float]]:
+    """Run `steps` decode steps, each layer an attend call (or, `planned`, the step begun once with begin_step);
+    (seconds per layer call, seconds per step)."""
     B = len(seqs)
     gen = torch.Generator().manual_seed(1)
     q = torch.randn((B, SHAPE["num_q_heads"], config.head_dim), generator=gen).to(config.dtype)
@@ -69,9 +73,13 @@ def decode_steps(client, seqs: list[str], config: KVCacheConfig, steps: int) -> 
     layer_times, step_times = [], []
     for _ in range(steps):
         t_step = time.perf_counter()
+        step = client.begin_step(seqs, SHAPE["num_q_heads"]) if planned else None
         for layer in range(config.num_layers):
             t = time.perf_counter()
-            client.attend(seqs, layer, q, "dense", new_k=kv[0], new_v=kv[1])
+            if step is not None:
+                step.attend(layer, q, kv[0], kv[1])
+            else:
+                client.attend(seqs, layer, q, "dense", new_k=kv[0], new_v=kv[1])
             layer_times.append(time.perf_counter() - t)
         step_times.append(time.perf_counter() - t_step)
     return layer_times, step_times
@@ -107,20 +115,22 @@ def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int =
         local = InProcessClient(config)
         stream = RemoteClient(f"127.0.0.1:{port}")
         unary = RemoteClient(f"127.0.0.1:{port}", use_stream=False)
-        shared = RemoteClient(f"127.0.0.1:{port}", data_plane="shared")
+        shared = RemoteClient(f"127.0.0.1:{port}", data_plane="shared", share_pool=False)
+        pool = RemoteClient(f"127.0.0.1:{port}", data_plane="shared")
         print(f"{'client':<12} {'batch':>5} {'layer call ms':>14} {'step ms':>9} {'steps/s':>8} {'tokens/s':>9}")
         for batch in batches:
             # The unary client shares the stream client's sequences (same server); unary at batch 1 only.
             local_seqs = fill(local, batch, context, config)
             remote_seqs = fill(stream, batch, context, config)
-            runners = {"in-process": (local, local_seqs), "shared": (shared, remote_seqs),
-                       "grpc-stream": (stream, remote_seqs),
-                       **({"grpc-unary": (unary, remote_seqs)} if batch == 1 else {})}
+            runners = {"in-process": (local, local_seqs, False), "shared": (shared, remote_seqs, False),
+                       "grpc-stream": (stream, remote_seqs, False),
+                       **({"grpc-unary": (unary, remote_seqs, False)} if batch == 1 else {}),
+                       "in-process-planned": (local, local_seqs, True), "pool": (pool, remote_seqs, True)}
             timings = {name: ([], []) for name in runners}
             # Steps alternate between the clients, so load from other processes falls on all alike.
             for step in range(steps + 1):  # step 0 warms up
-                for name, (client, seqs) in runners.items():
-                    layer_t, step_t = decode_steps(client, seqs, config, 1)
+                for name, (client, seqs, planned) in runners.items():
+                    layer_t, step_t = decode_steps(client, seqs, config, 1, planned)
                     if step:
                         timings[name][0].extend(layer_t)
                         timings[name][1].extend(step_t)
@@ -133,12 +143,17 @@ def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int =
         stream.close()
         unary.close()
         shared.close()
+        pool.close()
         report["rows"].append(_concurrent(port, config, context, steps, engines))
         base = {r["batch"]: r for r in report["rows"] if r["client"] == "in-process"}
+        planned = {r["batch"]: r for r in report["rows"] if r["client"] == "in-process-planned"}
         for r in report["rows"]:
             if r["client"] in ("shared", "grpc-stream", "grpc-unary"):
                 r["added_ms_per_layer_call"] = r["layer_call_ms"] - base[r["batch"]]["layer_call_ms"]
                 r["step_time_ratio_vs_in_process"] = r["step_ms"] / base[r["batch"]]["step_ms"]
+            if r["client"] == "pool":  # no layer call crosses: what it adds is per step (the lease and commit)
+                r["added_ms_per_step"] = r["step_ms"] - planned[r["batch"]]["step_ms"]
+                r["step_time_ratio_vs_in_process"] = r["step_ms"] / planned[r["batch"]]["step_ms"]
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -88,4 +88,4 @@ def cuda_handle_to_wire(handle: tuple) -> pb.CudaHandle:
 def cuda_handle_from_wire(m: pb.CudaHandle) -> tuple:
     """The arguments of torch.UntypedStorage._new_shared_cuda for a CudaHandle."""
     return (m.device, m.handle, m.size_bytes, m.offset_bytes, m.ref_counter_handle, m.ref_counter_offset,
-            m.event_handle or None, m.event_sync_required)
+            m.event_handle, m.event_sync_required)
