@@ -38,7 +38,9 @@ class MappedStore(KVStore):
         with self._lock:
             seqs = []
             for b, (seq_id, start, table) in enumerate(zip(seq_ids, starts, pages)):
-                seq = SequenceState(seq_id, c)
+                # The last step's states are reused: a new one allocates value sums (a GPU launch) it would drop.
+                seq = self._seqs.get(seq_id) or SequenceState(seq_id, c)
+                seq.num_pages = 0
                 seq.push_pages(list(table))
                 seq.lengths = [start] * c.num_layers
                 seq.value_sum = value_sums[b]

@@ -292,10 +292,11 @@ class KVStore:
 
     # ---- plan once per step ----------------------------------------------------------------
 
-    def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
+    def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1, page_table: bool = True) -> StepPlan:
         """Plan a decode step of `seq_ids` in which every layer's call appends `new_tokens` (0 or 1) positions:
         the sequences checked, the pages of the new positions made ready (allocated, or copied where shared), and
-        the batch's page table on the device for the lengths each layer reaches (docs/architecture.md)."""
+        the batch's page table on the device for the lengths each layer reaches, unless `page_table` is False
+        (docs/architecture.md)."""
         if isinstance(new_tokens, bool) or new_tokens not in (0, 1):
             raise InvalidParameter(f"a step appends 0 or 1 positions per sequence, not {new_tokens!r}")
         with self._lock:
@@ -319,7 +320,8 @@ class KVStore:
                                     f"{self.allocator.num_free} are free")
                 for seq, start in zip(seqs, starts):
                     self._prepare_pages(seq, start // P, self.config.pages_for(start + 1))
-            csr = build_csr(seqs, 0, self.config.device, [n + new_tokens for n in starts])
+            # A leased step's page table is built where it runs, in the engine: none here.
+            csr = build_csr(seqs, 0, self.config.device, [n + new_tokens for n in starts]) if page_table else None
             return StepPlan(tuple(seq_ids), new_tokens, tuple(starts), tuple(s.generation for s in seqs), csr)
 
     def plan_rows(self, seq_ids: Sequence[str]) -> StepRows:
@@ -385,7 +387,7 @@ class KVStore:
         if not seconds > 0:
             raise InvalidParameter(f"a step lease of {seconds!r} s: expected a positive number")
         with self._lock:
-            plan = self.plan_step(seq_ids, 1)
+            plan = self.plan_step(seq_ids, 1, page_table=False)
             lease = StepLease(plan, [self._seqs[s] for s in seq_ids], time.monotonic() + seconds)
             self.leases.add(lease)
             return lease
