@@ -108,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "no scoring cost: the bound on any page selector reading that many rows, at any --page-size")
     p.add_argument("--at-bytes", default="",
                    help="METHOD:f,...: any method with the parameters that read 1/f of dense bytes at each context "
-                        "(AttentionMethod.params_for_share), e.g. window:8,sparq:8")
+                        "(AttentionMethod.params_for_share; f >= 1, not necessarily whole), e.g. window:8,sparq:6.5")
     p.add_argument("--allocation",
                    help="a byte allocation (`kvcache calibrate-bytes`; a name under kvcache/methods/allocations/ or "
                         "a path): each --at-bytes METHOD:f row gets a twin spending the same mean share per layer "
@@ -213,14 +213,18 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
         grid.append((f"oracle share={item.strip()}", AttentionSpec("oracle", {"budget": budget})))
     for item in filter(None, at_bytes.split(",")):
         name, _, f = item.strip().partition(":")
-        if name not in METHODS or not f.isdigit() or int(f) < 1:
-            raise ValueError(f"--at-bytes takes METHOD:f with a known method and an integer f >= 1; got {item!r}")
-        params = METHODS[name].params_for_share(context, 1 / int(f), page_size, head_dim, itemsize)
+        try:
+            share = 1 / float(f) if float(f) >= 1 else 0.0
+        except ValueError:
+            share = 0.0
+        if name not in METHODS or not share:
+            raise ValueError(f"--at-bytes takes METHOD:f with a known method and a number f >= 1; got {item!r}")
+        params = METHODS[name].params_for_share(context, share, page_size, head_dim, itemsize)
         if params is None:
             raise ValueError(f"{name} has no parameters that read 1/{f} of dense bytes at {context} tokens")
         grid.append((f"{name} bytes/{f}", AttentionSpec(name, params.given())))
         if allocation is not None:  # the same mean share, spent per layer by the calibrated allocation
-            grid.append((f"{name} bytes/{f} calibrated", calibrated_spec(METHODS[name], context, 1 / int(f),
+            grid.append((f"{name} bytes/{f} calibrated", calibrated_spec(METHODS[name], context, share,
                                                                            page_size, head_dim, itemsize,
                                                                            allocation)))
     budget_rows = [(label, spec) for label, spec in grid if " bytes/" in label and spec.method != "window"]

@@ -24,13 +24,15 @@ page. The store's own bookkeeping (lengths, prefix-cache hashing) is done by KVS
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvcache.clients.inprocess import InProcessClient
 from kvcache.engine.model import Llama
+from kvcache.errors import PlanStale
 from kvcache.kernels.append_rows import append_rows_triton
 from kvcache.kernels.csr import PageTableCSR
 from kvcache.kernels.paged_decode import MODE_DENSE, attend_partial, merge_partials, plan_splits
@@ -45,6 +47,7 @@ from kvcache.store.host_copy import ints_to_device
 from kvcache.store.step_plan import StepRows
 
 if TYPE_CHECKING:  # grpc is imported only where a remote client is made
+    from kvcache.clients.pool_plane import PoolPlane
     from kvcache.clients.remote import RemoteClient
 
 MIN_CAPACITY = 1024  # positions per sequence of the smallest graph
@@ -209,9 +212,11 @@ class GraphDecoder:
         return self._graphs[key]
 
     def step(self, seq_ids: Sequence[str], token_ids: Sequence[int] | torch.Tensor, positions: Sequence[int],
-             method: str = "dense", params: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, int]:
+             method: str = "dense", params: Mapping[str, Any] | None = None,
+             before_replay: Callable[[], None] | None = None) -> tuple[torch.Tensor, int]:
         """Feed token_ids[b] at positions[b] to seq_ids[b] (holding positions[b] entries), attending by `method`
         (as `replayable` allows): logits [B, vocab] float32 (a copy) and the attention bytes the step read.
+        `before_replay` runs after any capture, just before the replay writes the step's rows (it may raise).
 
         Nothing here waits for the GPU: the step is queued and the host returns. token_ids may be the previous
         step's `greedy` (a device tensor), so that a greedy loop reads tokens back only when it wants them."""
@@ -234,6 +239,8 @@ class GraphDecoder:
             if graph.graph is None:
                 graph.capture()
                 self.captures += 1
+            if before_replay is not None:
+                before_replay()
             graph.graph.replay()
             logits = graph.logits.clone()
             self.greedy = graph.greedy.clone()
@@ -248,11 +255,15 @@ class LeasedGraphDecoder:
     server, replayed in this process on the mapped pool, and committed; the server keeps every page's bookkeeping."""
 
     def __init__(self, model: Llama, client: RemoteClient) -> None:
-        plane = client.pool_plane()
+        self.model, self.client = model, client
+        self.plane = self._plane()
+        self.decoder = GraphDecoder(model, self.plane.client)
+
+    def _plane(self) -> PoolPlane:
+        plane = self.client.pool_plane()
         if plane is None:
             raise ValueError("the server shares no page pool that this process can map (kvcache serve --share-pool)")
-        self.plane = plane
-        self.decoder = GraphDecoder(model, plane.client)
+        return plane
 
     @property
     def greedy(self) -> torch.Tensor | None:
@@ -262,8 +273,21 @@ class LeasedGraphDecoder:
     def step(self, seq_ids: Sequence[str], token_ids: Sequence[int] | torch.Tensor, positions: Sequence[int],
              method: str = "dense", params: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, int]:
         """GraphDecoder.step of a leased step: logits [B, vocab] float32 and the attention bytes read."""
-        self.plane.lease(seq_ids)
-        try:
-            return self.decoder.step(seq_ids, token_ids, positions, method, params)
-        finally:
-            self.plane.flush()  # committed once the replay's rows are recorded, else aborted
+        plane = self._plane()
+        if plane is not self.plane:  # the connection was lost and opened again: another mapping of the pool
+            self.plane, self.decoder = plane, GraphDecoder(self.model, plane.client)
+        for attempt in (1, 2):
+            deadline = plane.lease(seq_ids)
+
+            def in_time(deadline: float = deadline) -> None:
+                if time.monotonic() > deadline:
+                    raise PlanStale("the step's lease ran out before its replay")
+
+            try:
+                return self.decoder.step(seq_ids, token_ids, positions, method, params, before_replay=in_time)
+            except PlanStale:
+                if attempt == 2:
+                    raise  # its graph was captured under the first lease: the second ran out on a replay alone
+            finally:
+                plane.flush()  # committed once the replay's rows are recorded, else aborted
+        raise AssertionError("unreachable")

@@ -205,6 +205,16 @@ def test_min_coverage_rows_repeat_every_sparse_budget_row_with_the_threshold():
     assert "window bytes/8 cov>=0.75" not in grid  # the window has no coverage estimate
 
 
+def test_a_byte_share_may_be_a_fraction_of_a_whole_and_nonsense_is_refused():
+    from kvcache.engine.eval_cli import method_grid
+
+    grid = dict(method_grid(2048, 16, "", "", at_bytes="sparq:6.5,sparq:6", num_layers=30))
+    assert grid["sparq bytes/6.5"].params["k"] < grid["sparq bytes/6"].params["k"]  # fewer rows at the smaller share
+    for bad in ("sparq:0.5", "sparq:x", "nope:8"):
+        with pytest.raises(ValueError, match="number f >= 1"):
+            method_grid(2048, 16, "", "", at_bytes=bad, num_layers=30)
+
+
 def test_eval_scores_the_ruler_suite_as_agreement_with_dense(texts, tmp_path, monkeypatch):
     from kvcache.cli import main
 

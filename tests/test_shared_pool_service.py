@@ -5,8 +5,8 @@ ends, and an engine that dies or stalls loses its step, never the server's consi
 
 from __future__ import annotations
 
+import gc
 import os
-import socket
 import time
 
 import pytest
@@ -195,7 +195,30 @@ def test_a_segment_maps_the_same_memory_in_another_mapping():
         SharedSegment(nbytes + 1, os.dup(pool.segment.fd))
     with pytest.raises(ValueError, match="untiered"):
         PagePool(store_config(host_pages=8), SharedSegment(nbytes))
-    assert hasattr(socket, "send_fds")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through Linux's /proc")
+def test_engines_that_come_and_go_leave_no_descriptor_behind_and_a_step_whose_checks_fail_holds_nothing():
+    with (running_server(share_pool=True) as server, RemoteClient(_target(server), data_plane="grpc") as other):
+        [sid] = _fill(other, [5])
+        counts = []
+        for _ in range(4):  # engines connect, step, and close: the process's descriptors do not grow
+            engine = RemoteClient(_target(server), data_plane="shared")
+            _steps(engine, [sid], "dense", None, 1)
+            with pytest.raises(errors.ShapeMismatch):
+                engine.begin_step([sid], HQ + 1)  # leased, then refused by the step's own checks
+            other.fork(sid)  # the lease was aborted at once: the sequence takes changes again
+            engine.close()
+            del engine
+            time.sleep(0.1)  # the server's connection thread closes its end
+            gc.collect()  # a mapping holds a descriptor of its own (Python's mmap) until it is collected
+            counts.append(_open_fds())
+        assert counts[-1] <= counts[0] + 1, counts  # a leak of the two mappings would add 2 a connection
+        assert other.describe(sid).lengths == (9, 9)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU store's pool is shared through CUDA IPC")

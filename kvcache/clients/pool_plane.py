@@ -62,15 +62,15 @@ class PoolPlane:
             write_frame(self._sock, pb.LocalHello(ticket=ticket, pool=True).SerializeToString())
             frame, fds = read_frame_with_fds(self._sock, 4096, 2)
             offer = pb.PoolOffer.FromString(frame)
-            if offer.error_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]:
+            if offer.error_class == "NotSupported":
                 raise _error(offer.error_code, offer.error_message, offer.error_class)
             if offer.error_code:
                 raise ConnectionRefusedError(f"the data plane refused the connection: {offer.error_message}")
-            self._map(offer, config, fds)
-            fds = []
+            self._map(offer, config, fds)  # takes the descriptors, used or not
         except BaseException:
             for fd in fds:
-                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             self._sock.close()
             raise
         self.slots = offer.workspace_slots
@@ -94,7 +94,15 @@ class PoolPlane:
             self.server_event: SharedEvent | None = SharedEvent(dev, offer.server_event)
             self.engine_event: SharedEvent | None = SharedEvent(dev, offer.engine_event)
         else:
-            pool, sums = SharedSegment(offer.pool_bytes, fds[0]), SharedSegment(offer.workspace_bytes, fds[1])
+            # Each SharedSegment takes its descriptor (closing it once mapped, or on failure): none is left here.
+            pool_fd, sums_fd = fds
+            fds.clear()
+            try:
+                pool = SharedSegment(offer.pool_bytes, pool_fd)
+            except BaseException:
+                os.close(sums_fd)
+                raise
+            sums = SharedSegment(offer.workspace_bytes, sums_fd)
             self.server_event = self.engine_event = None
         self.store = MappedStore(config, pool, offer.scratch_page)
         shape = (offer.workspace_slots, config.num_layers, config.num_kv_heads, config.head_dim)
@@ -121,7 +129,11 @@ class PoolPlane:
         """End the previous step, lease this one, and begin it on the mapped pool: each layer's attend appends and
         attends here."""
         deadline = self.lease(seq_ids)
-        self._step = self.client.begin_step(seq_ids, q_heads, method, params, backend, layer_methods)
+        try:
+            self._step = self.client.begin_step(seq_ids, q_heads, method, params, backend, layer_methods)
+        except BaseException:
+            self.flush()  # the step's checks failed here: the lease is aborted, the sequences free at once
+            raise
         return _LeasedStep(self._step, self, deadline)
 
     def holds(self, seq_ids: Sequence[str]) -> bool:

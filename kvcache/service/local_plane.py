@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import grpc
 
+from kvcache.errors import KVCacheError
 from kvcache.service.pool_sessions import PoolSession
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire.frames import read_frame, write_frame, write_frame_with_fds
@@ -171,11 +172,15 @@ class LocalPlane:
     def _serve_pool(self, conn: socket.socket, client: str) -> None:
         session = self._pool(client) if self._pool is not None else None
         if session is None:
-            self._refuse(conn, grpc.StatusCode.FAILED_PRECONDITION, "NotSupported",
+            self._refuse(conn, grpc.StatusCode.UNIMPLEMENTED, "NotSupported",
                          "the server does not share its page pool (kvcache serve --share-pool)")
             return
         try:
-            offer, fds = session.offer()
+            try:
+                offer, fds = session.offer()
+            except KVCacheError as exc:  # a full store cannot spare the scratch page of a GPU engine's graphs
+                self._refuse(conn, getattr(grpc.StatusCode, exc.grpc_code), type(exc).__name__, str(exc))
+                return
             write_frame_with_fds(conn, offer.SerializeToString(), fds)
             while True:
                 try:

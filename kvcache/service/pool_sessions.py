@@ -90,15 +90,14 @@ class PoolSession:
         """The engine went away: abort the step it holds and unmap its workspace."""
         with self._lock:
             if self.lease is not None:
-                self._engine_done()
                 self.store.abort_lease(self.lease)
                 self.lease = None
             self.workspace.close()
 
     def _engine_done(self) -> None:
-        """Order what the server does next on the pool after the engine's last GPU writes."""
-        if self.cuda:
-            self.engine_event.wait()
+        """Order what the server does next on the pool after the engine's last GPU writes (whoever ends the lease:
+        this connection, the reaper, or a change that meets it past its deadline)."""
+        self.engine_event.wait()
 
     def _end(self, step_id: str, complete: bool) -> None:
         lease, self.lease = self.lease, None
@@ -106,11 +105,14 @@ class PoolSession:
             if lease is not None:
                 self.store.abort_lease(lease)
             raise PlanStale(f"step {step_id} is not this connection's leased step (it ended already, or never was)")
-        with self._guard(self.client, list(lease.plan.seq_ids), 0):
-            self._engine_done()
-            if complete:
-                self.store.commit_lease(lease, self.sums[: len(lease.seqs)])
-            else:
+        committed = False
+        try:
+            with self._guard(self.client, list(lease.plan.seq_ids), 0):
+                if complete:
+                    self.store.commit_lease(lease, self.sums[: len(lease.seqs)])
+                    committed = True
+        finally:
+            if not committed:  # aborted as asked, or refused (a draining server): never left open
                 self.store.abort_lease(lease)
 
     def _lease(self, seq_ids: list[str]) -> pb.LeaseReply:
@@ -118,12 +120,11 @@ class PoolSession:
             raise InvalidParameter(f"a step over the shared pool holds at most {WORKSPACE_SLOTS} sequences, "
                                    f"not {len(seq_ids)}")
         if self.lease is not None:  # a step neither committed nor aborted: it did not finish
-            self._engine_done()
             self.store.abort_lease(self.lease)
             self.lease = None
         with self._guard(self.client, seq_ids, sum(self.store.pages_to_append(s, 1) for s in seq_ids
                                                    if self.store.has_sequence(s))):
-            lease = self.store.lease_step(seq_ids, self.lease_seconds)
+            lease = self.store.lease_step(seq_ids, self.lease_seconds, self._engine_done if self.cuda else None)
         self.lease = lease
         torch.stack([seq.value_sum for seq in lease.seqs], out=self.sums[: len(seq_ids)])
         if self.cuda:

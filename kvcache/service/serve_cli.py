@@ -71,10 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="offer clients on this host a Unix socket for their layer calls, a ticket from the "
                    "authenticated channel (default: on; docs/wire-protocol.md, \"Local data plane\")")
     p.add_argument("--share-pool", action=argparse.BooleanOptionalAction, default=None,
-                   help="put the page pool in shared memory: an engine on this host maps it over the local data plane "
-                   "and runs each decode step's attention itself, leasing the step's pages from the server "
-                   "(untiered CPU stores; every engine given the pool can read all of it: docs/wire-protocol.md, "
-                   "\"Shared pool\")")
+                   help="put the page pool in shared memory (CUDA IPC on a GPU): an engine on this host maps it over "
+                   "the local data plane and runs each decode step's attention itself, leasing the step's pages from "
+                   "the server (untiered stores; every engine given the pool can read all of it: "
+                   "docs/wire-protocol.md, \"Shared pool\")")
     p.add_argument("--step-lease-seconds", type=float,
                    help="a decode step leased on the shared pool and not ended within this is aborted (default 10)")
     p.add_argument("--torch-threads", type=int,

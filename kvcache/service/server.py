@@ -613,9 +613,13 @@ class Server:
         if options.share_pool:
             if config.tiered or not options.local_plane:
                 raise ValueError("--share-pool needs an untiered store and the local data plane")
+            if not options.step_lease_seconds > 0:
+                raise ValueError(f"--step-lease-seconds {options.step_lease_seconds}: expected a positive number")
             nbytes = PagePool.regions(config)[1]
             segment = (CudaSegment(nbytes, config.device) if config.device.type == "cuda"
                        else SharedSegment(nbytes, name="kvcache-pool"))
+            if isinstance(segment, CudaSegment):
+                segment.handle()  # exported once, now: making the handle swaps the storage's deleter
             pool = PagePool(config, segment)
         client = InProcessClient(KVStore(config, pool))
         client.store.max_call_bytes = options.max_call_memory or default_call_memory(config)

@@ -381,14 +381,16 @@ class KVStore:
                 self._register(seq)
             step.written = [True] * self.config.num_layers
 
-    def lease_step(self, seq_ids: Sequence[str], seconds: float) -> StepLease:
+    def lease_step(self, seq_ids: Sequence[str], seconds: float,
+                   wait_writes: Callable[[], None] | None = None) -> StepLease:
         """Plan a decode step of `seq_ids` (plan_step, one new position) whose rows another process writes in the shared
-        pool: its sequences refuse every other change until commit_lease, abort_lease, or `seconds` pass."""
+        pool: its sequences refuse every other change until commit_lease, abort_lease, or `seconds` pass. However the
+        lease ends, `wait_writes` is called first (a GPU engine's writes ordered before the store's)."""
         if not seconds > 0:
             raise InvalidParameter(f"a step lease of {seconds!r} s: expected a positive number")
         with self._lock:
             plan = self.plan_step(seq_ids, 1, page_table=False)
-            lease = StepLease(plan, [self._seqs[s] for s in seq_ids], time.monotonic() + seconds)
+            lease = StepLease(plan, [self._seqs[s] for s in seq_ids], time.monotonic() + seconds, wait_writes)
             self.leases.add(lease)
             return lease
 
@@ -400,6 +402,8 @@ class KVStore:
             if not self.leases.holds(lease) or lease.deadline < time.monotonic():
                 self.abort_lease(lease)
                 raise PlanStale(f"the lease of step {lease.step_id} ended before its commit: plan the step again")
+            if lease.wait_writes is not None:
+                lease.wait_writes()
             for b, seq in enumerate(lease.seqs):
                 seq.value_sum.copy_(value_sums[b])
                 seq.lengths = [n + 1 for n in seq.lengths]
@@ -418,6 +422,8 @@ class KVStore:
             if not self.leases.holds(lease):
                 return
             self.leases.drop(lease)
+            if lease.wait_writes is not None:
+                lease.wait_writes()
             live = [(seq, n) for seq, n in zip(lease.seqs, lease.plan.start_lengths) if self._seqs.get(seq.seq_id)
                     is seq]
             if not live:

@@ -51,18 +51,26 @@ def shared_memory_supported() -> bool:
 
 
 class SharedSegment:
-    """`nbytes` of shared memory, mapped read-write into this process; new (zeroed) or from another's descriptor."""
+    """`nbytes` of shared memory, mapped read-write into this process; new (zeroed), keeping its descriptor to hand
+    out, or mapped from another's descriptor `fd`, which it takes and closes (the mapping keeps the memory)."""
 
     def __init__(self, nbytes: int, fd: int | None = None, name: str = "kvcache") -> None:
-        if fd is None:
+        owner = fd is None
+        if owner:
             fd = os.memfd_create(name, os.MFD_CLOEXEC)
             os.ftruncate(fd, nbytes)  # pages are allocated (zeroed) as they are first touched
-        elif (held := os.fstat(fd).st_size) < nbytes:
+        try:
+            if (held := os.fstat(fd).st_size) < nbytes:
+                raise ValueError(f"the shared segment holds {held} bytes, not the {nbytes} expected")
+            self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
             os.close(fd)
-            raise ValueError(f"the shared segment holds {held} bytes, not the {nbytes} expected")
+            raise
+        if not owner:
+            os.close(fd)
+            fd = -1
         self.fd = fd
         self.nbytes = nbytes
-        self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
 
     def tensor(self, region: Region) -> torch.Tensor:
@@ -88,6 +96,7 @@ class CudaSegment:
 
     def __init__(self, nbytes: int, device: torch.device, handle: tuple | None = None) -> None:
         self.nbytes = nbytes
+        self._handle: tuple | None = None
         if handle is None:
             self._bytes = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         else:
@@ -97,8 +106,11 @@ class CudaSegment:
             self._bytes = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (nbytes,), (1,))
 
     def handle(self) -> tuple:
-        """What another process passes to CudaSegment to map this memory: torch's CUDA IPC description of it."""
-        return self._bytes.untyped_storage()._share_cuda_()
+        """What another process passes to CudaSegment to map this memory: torch's CUDA IPC description of it, made
+        once (making it swaps the storage's deleter: the owner calls this before the memory is in use)."""
+        if self._handle is None:
+            self._handle = self._bytes.untyped_storage()._share_cuda_()
+        return self._handle
 
     def tensor(self, region: Region) -> torch.Tensor:
         """The tensor of `region`, a view of the shared GPU memory."""

@@ -5,6 +5,7 @@ the step, aborts it, or the lease runs out."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvcache.errors import SequenceLeased
@@ -20,6 +21,9 @@ class StepLease:
     plan: StepPlan
     seqs: list[SequenceState]
     deadline: float
+    # Called before the store reads or changes the step's pages as it ends the lease: a GPU engine's writes are
+    # ordered first (kvcache.service.pool_sessions).
+    wait_writes: Callable[[], None] | None = None
 
     @property
     def step_id(self) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -38,16 +39,21 @@ def read_frame_with_fds(sock: socket.socket, limit: int, max_fds: int) -> tuple[
     """The next frame's message and the descriptors that came with it (write_frame_with_fds); ConnectionError if the
     peer closed the socket first."""
     data, fds, _, _ = socket.recv_fds(sock, FRAME.size + limit, max_fds)
-    if not data:
-        raise ConnectionError("the peer closed the data plane")
-    if len(data) < FRAME.size:
-        data += _read_exactly(sock, FRAME.size - len(data), at_boundary=False)
-    (n,) = FRAME.unpack(data[: FRAME.size])
-    if n > limit:
-        raise ValueError(f"a frame of {n:,} bytes is over the {limit:,}-byte message limit")
-    body = data[FRAME.size :]
-    if len(body) < n:
-        body += _read_exactly(sock, n - len(body), at_boundary=False)
+    try:
+        if not data:
+            raise ConnectionError("the peer closed the data plane")
+        if len(data) < FRAME.size:
+            data += _read_exactly(sock, FRAME.size - len(data), at_boundary=False)
+        (n,) = FRAME.unpack(data[: FRAME.size])
+        if n > limit:
+            raise ValueError(f"a frame of {n:,} bytes is over the {limit:,}-byte message limit")
+        body = data[FRAME.size :]
+        if len(body) < n:
+            body += _read_exactly(sock, n - len(body), at_boundary=False)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     return body, list(fds)
 
 
