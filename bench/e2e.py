@@ -128,12 +128,12 @@ def _remote_clients(config: KVCacheConfig, wanted: set[str]) -> Iterator[dict[st
     if not paths:
         yield {}
         return
+    # The pool path has sequences of its own (a captured step holds them until the next one): twice the pages.
+    pooled = "remote-pool" in paths
     flags = ["--layers", str(config.num_layers), "--kv-heads", str(config.num_kv_heads), "--head-dim",
              str(config.head_dim), "--page-size", str(config.page_size), "--dtype",
              str(config.dtype).removeprefix("torch."), "--device", str(config.device), "--pages",
-             str(config.device_pages), "--torch-threads", "1"]
-    if "remote-pool" in paths:
-        flags.append("--share-pool")
+             str(config.device_pages * (2 if pooled else 1)), "--torch-threads", "1", *(["--share-pool"] * pooled)]
     with tempfile.NamedTemporaryFile(prefix="kvcache-e2e-serve-", suffix=".log") as log:
         server = ServerProcess(flags, log.name)
         clients = {path: RemoteClient(server.target, data_plane=REMOTE_PATHS[path][0], share_pool=REMOTE_PATHS[path][1])
@@ -164,16 +164,21 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
     tokens = [1] * batch
     graphs = graph_unsupported(client, model) is None
     with _remote_clients(config, wanted) as remotes:
-        remote_seqs = _fill(next(iter(remotes.values())), batch, context, model, device) if remotes else []
+        messages = [r for path, r in remotes.items() if path != "remote-pool"]
+        remote_seqs = _fill(messages[0], batch, context, model, device) if messages else []
+        pool_seqs = _fill(remotes["remote-pool"], batch, context, model, device) if "remote-pool" in remotes else []
         local_positions, remote_positions = [context] * batch, [context] * batch  # shared by their paths' steps
+        pool_positions = [context] * batch
         steps_of, host_ms = {}, {}
         for method, path in pairs:
             if path == "graph" and not (graphs and method in GRAPH_METHODS) or path in remotes and method == "gate":
                 continue  # the remote paths' server holds no gate
             if path in REMOTE_PATHS and path not in remotes:
                 continue
-            if path == "remote-pool" and graphs and method in GRAPH_METHODS:  # the engine's graph, on the mapped pool
-                target, ids, positions = LeasedGraphDecoder(model, remotes[path]), remote_seqs, remote_positions
+            if path == "remote-pool":  # the engine's graph where it has one, on the mapped pool
+                target = (LeasedGraphDecoder(model, remotes[path]) if graphs and method in GRAPH_METHODS
+                          else remotes[path])
+                ids, positions = pool_seqs, pool_positions
             elif path in remotes:
                 target, ids, positions = remotes[path], remote_seqs, remote_positions
             elif path == "graph":

@@ -252,10 +252,15 @@ class GraphDecoder:
 
 class LeasedGraphDecoder:
     """GraphDecoder's steps over a server's shared GPU pool (kvcache serve --share-pool): each step leased from the
-    server, replayed in this process on the mapped pool, and committed; the server keeps every page's bookkeeping."""
+    server, replayed in this process on the mapped pool, and committed; the server keeps every page's bookkeeping.
 
-    def __init__(self, model: Llama, client: RemoteClient) -> None:
+    With `commit_with_next` a step's commit travels in the next step's lease request: one socket round trip a step,
+    the sequences held by the engine between its steps (a change its own client makes, or end_step(), commits first;
+    another client's change waits for that, or for the lease's end)."""
+
+    def __init__(self, model: Llama, client: RemoteClient, commit_with_next: bool = True) -> None:
         self.model, self.client = model, client
+        self.commit_with_next = commit_with_next
         self.plane = self._plane()
         self.decoder = GraphDecoder(model, self.plane.client)
 
@@ -284,10 +289,20 @@ class LeasedGraphDecoder:
                     raise PlanStale("the step's lease ran out before its replay")
 
             try:
-                return self.decoder.step(seq_ids, token_ids, positions, method, params, before_replay=in_time)
+                result = self.decoder.step(seq_ids, token_ids, positions, method, params, before_replay=in_time)
             except PlanStale:
+                plane.flush()  # aborted
                 if attempt == 2:
                     raise  # its graph was captured under the first lease: the second ran out on a replay alone
-            finally:
-                plane.flush()  # committed once the replay's rows are recorded, else aborted
+                continue
+            except BaseException:
+                plane.flush()
+                raise
+            if not self.commit_with_next:
+                plane.flush()  # committed: the replay's rows are recorded
+            return result
         raise AssertionError("unreachable")
+
+    def end_step(self) -> None:
+        """Commit the last step now rather than with the next one."""
+        self.plane.flush()
