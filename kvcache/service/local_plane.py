@@ -182,26 +182,16 @@ class LocalPlane:
                 self._refuse(conn, getattr(grpc.StatusCode, exc.grpc_code), type(exc).__name__, str(exc))
                 return
             write_frame_with_fds(conn, offer.SerializeToString(), fds)
-            while True:
-                try:
-                    frame = read_frame(conn, self.max_message_bytes)
-                except ValueError as exc:
-                    self._refuse(conn, grpc.StatusCode.RESOURCE_EXHAUSTED, "MessageTooLarge", str(exc))
-                    return
-                if frame is None:
-                    return
-                try:
-                    request = pb.LeaseRequest.FromString(frame)
-                except Exception:  # protobuf's DecodeError
-                    reply = pb.LeaseReply(error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                                          error_message="the frame is not a LeaseRequest", error_class="ShapeMismatch")
-                else:
-                    reply = session.serve(request)
-                write_frame(conn, reply.SerializeToString())
+            self._answer(conn, pb.LeaseRequest, session.serve, pb.LeaseReply)
         finally:
             session.close()  # the engine went away (or the server closes): its step is aborted now
 
     def _serve(self, conn: socket.socket, client: str) -> None:
+        self._answer(conn, pb.AttendRequest, lambda request: self._serve_request(request, client), pb.AttendResponse)
+
+    def _answer(self, conn: socket.socket, kind: type, serve: Callable, reply_kind: type) -> None:
+        """Answer each frame of `conn` with serve(request) (a `kind` message in, a `reply_kind` one out; one that
+        does not parse is answered INVALID_ARGUMENT), until the peer closes or sends a frame over the limit."""
         while True:
             try:
                 frame = read_frame(conn, self.max_message_bytes)
@@ -211,12 +201,12 @@ class LocalPlane:
             if frame is None:
                 return
             try:
-                request = pb.AttendRequest.FromString(frame)
-            except Exception:  # protobuf's DecodeError: the frame is not an AttendRequest
-                reply = error_reply(grpc.StatusCode.INVALID_ARGUMENT, "the frame is not an AttendRequest",
-                                    "ShapeMismatch")
+                request = kind.FromString(frame)
+            except Exception:  # protobuf's DecodeError: the frame is not a `kind`
+                reply = reply_kind(error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                   error_message=f"the frame is not a {kind.__name__}", error_class="ShapeMismatch")
             else:
-                reply = self._serve_request(request, client)
+                reply = serve(request)
             write_frame(conn, reply.SerializeToString())
 
 
