@@ -2,7 +2,8 @@
 
 A decode step costs two round trips on the local data plane's socket, none per layer: the lease when it begins, and
 the commit once its last layer's rows are written (so its sequences are free for any other call as soon as the step
-returns). The step's appends and attention run in this process on the mapped pool.
+returns; a captured step's commit may instead ride on the next lease, engine/graph_decode.py). The step's appends
+and attention run in this process on the mapped pool.
 """
 
 from __future__ import annotations
