@@ -72,7 +72,7 @@ class KVStore:
 
     def __init__(self, config: KVCacheConfig, pool: PagePool | None = None) -> None:
         self.config = config
-        self.pool = PagePool(config) if pool is None else pool  # a pool in shared memory: kvcache serve's
+        self.pool = PagePool(config) if pool is None else pool  # given: in shared memory (kvcache serve --share-pool)
         p = self.pool  # made once: four tensor views per layer call otherwise
         self._views = [LayerView(p.k_seq[i], p.k_dim[i], p.v_seq[i], p.k_summary[i]) for i in range(config.num_layers)]
         # Decode rows are written by kvcache.kernels.append_rows on CUDA (it takes d as one power-of-two block);
