@@ -173,6 +173,8 @@ def test_serve_logs_the_allocation_on_stderr_before_and_after(tmp_path):
 @pytest.mark.parametrize(("flags", "message"), [
     (("--memory", "lots"), "--memory 'lots': expected a size"),
     (("--memory", "100"), "less than one page"),
+    (("--share-pool", "--host-pages", "8"), "--share-pool needs an untiered store"),
+    (("--share-pool", "--step-lease-seconds", "0"), "--step-lease-seconds 0.0: expected a positive number"),
 ])
 def test_serve_exits_2_with_the_reason(flags, message):
     proc = subprocess.run([sys.executable, "-c", SERVE, "--port", "0", *SMALL, *flags], capture_output=True,

@@ -195,7 +195,7 @@ def pin_process(cpus: list[int]) -> None:
 
 def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
     """KVCacheConfig and ServerOptions from defaults, then the TOML file, then the flags."""
-    from kvcache.service.server import ServerOptions  # grpc is imported only by commands that serve
+    from kvcache.service.server import ServerOptions, share_pool_problem  # grpc: only commands that serve
 
     store, server = dict(STORE_DEFAULTS), {}
     memory, memory_source = None, "--memory"  # the device pool as bytes, when that is how it is sized
@@ -247,9 +247,11 @@ def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
             size = parse_size(memory, memory_source)
             store["device_pages"] = pages_for_memory(KVCacheConfig(**{**store, "device_pages": 1}), size,
                                                      memory_source)
-        return KVCacheConfig(**store), ServerOptions(**server)
+        config, options = KVCacheConfig(**store), ServerOptions(**server)
     except TypeError as exc:
         raise InvalidParameter(f"bad configuration key: {exc}") from None
+    share_pool_problem(config, options)
+    return config, options
 
 
 class JsonLines(logging.Formatter):

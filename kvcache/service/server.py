@@ -603,6 +603,15 @@ class _BearerToken(grpc.ServerInterceptor):
                     response_serializer=handler.response_serializer)
 
 
+def share_pool_problem(config: KVCacheConfig, options: ServerOptions) -> None:
+    """InvalidParameter if `options` ask to share a pool that cannot be shared, or give a lease no time."""
+    if not options.step_lease_seconds > 0:
+        raise InvalidParameter(f"--step-lease-seconds {options.step_lease_seconds}: expected a positive number")
+    if options.share_pool and (config.tiered or not options.local_plane):
+        raise InvalidParameter("--share-pool needs an untiered store (no --host-pages or --disk-pages) and the local "
+                               "data plane")
+
+
 class Server:
     """A running `kvcache serve`: the gRPC server, its servicer, optional metrics endpoint."""
 
@@ -611,10 +620,7 @@ class Server:
         self.draining = threading.Event()
         pool = None
         if options.share_pool:
-            if config.tiered or not options.local_plane:
-                raise ValueError("--share-pool needs an untiered store and the local data plane")
-            if not options.step_lease_seconds > 0:
-                raise ValueError(f"--step-lease-seconds {options.step_lease_seconds}: expected a positive number")
+            share_pool_problem(config, options)
             nbytes = PagePool.regions(config)[1]
             segment = (CudaSegment(nbytes, config.device) if config.device.type == "cuda"
                        else SharedSegment(nbytes, name="kvcache-pool"))
