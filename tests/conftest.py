@@ -302,7 +302,8 @@ SERVER_FIXTURES = {"server", "servers", "tiered_server", "certificate"}
 SERVICE_TESTS = {
     "test_attend_batcher.py": {"test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone"},
     "test_byte_budget.py": {"test_a_remote_call_asks_for_bytes_as_an_in_process_one"},
-    "test_engine_generate.py": {"test_generation_over_grpc_equals_in_process"},
+    "test_engine_generate.py": {"test_generation_over_grpc_equals_in_process",
+                                "test_generation_on_a_servers_shared_pool_equals_in_process"},
     "test_engine_gguf.py": {"test_generate_command_against_a_server_gives_the_in_process_answer"},
     "test_engine_minference.py": {"test_over_grpc_the_served_variants_give_the_in_process_answer"},
     "test_gate.py": {"test_gate_over_the_attend_rpc"},
@@ -357,7 +358,8 @@ SLOW_TESTS = {
     "test_decode_step.py": {"test_a_planned_step_equals_the_per_call_path"},  # the Triton cases 3.4-6.5 s
     "test_faults.py": {"test_the_oversized_quest_attend_is_refused_and_the_server_s_memory_is_unchanged"},  # 3-6 s
     "test_leases.py": {"test_the_sequences_of_a_client_killed_mid_stream_are_reclaimed_within_the_lease_and_a_second"},
-    "test_engine_generate.py": {"test_generation_over_grpc_equals_in_process"},  # 2.3-8.8 s
+    "test_engine_generate.py": {"test_generation_over_grpc_equals_in_process",  # 2.3-8.8 s
+                                "test_generation_on_a_servers_shared_pool_equals_in_process"},  # 3.2 s
     "test_engine_gguf.py": {"test_truncated_smollm2_file_is_refused",  # 2.3-6.4 s
                             "test_generate_command_against_a_server_gives_the_in_process_answer"},  # 1.7-6.3 s
     "test_engine_minference.py": {"test_smollm2_with_its_searched_patterns_answers_as_with_dense_prefill",  # 7.8-27 s

@@ -258,6 +258,21 @@ def test_generation_over_grpc_equals_in_process(model):
     assert rpcs["Append"]["calls"] == first_run + second_run
 
 
+def test_generation_on_a_servers_shared_pool_equals_in_process(model):
+    from kvcache.clients.remote import RemoteClient
+
+    sparq = AttentionSpec("sparq", {"r": 8, "k": 12, "local_window": 4})
+    with serving("--share-pool") as server, RemoteClient(server.target, data_plane="shared") as remote:
+        for spec in (AttentionSpec(), sparq):
+            want = generate(model, client(), PROMPTS, max_new_tokens=8, spec=spec, chunk_size=8)
+            got = generate(model, remote, PROMPTS, max_new_tokens=8, spec=spec, chunk_size=8)
+            assert got.tokens == want.tokens and got.attention_bytes == want.attention_bytes, spec.method
+        stats = remote.stats()
+    assert remote._local.pool is not None  # the decode steps ran here, on the mapped pool
+    assert not {"AttendStream", "AttendLocal", "Attend"} & set(stats["rpcs"])  # no layer call reached the server
+    assert stats["methods"]["sparq"]["calls"] > 0  # the engine's reads are booked at the server
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="runs the model and the store on a GPU")
 @pytest.mark.parametrize("method", ["dense", "sparq"])
 def test_the_model_and_store_on_cuda_generate_what_the_cpu_does(model, method):
