@@ -181,7 +181,7 @@ class RemoteClient:
         # Where the data plane is local and the server shares its page pool: decode steps run here on the mapped pool.
         self.share_pool = share_pool
         self._max_message_bytes = limit
-        self._planes: list[LocalConnection] = []  # every thread's connection, for close()
+        self._planes: list[LocalConnection | PoolPlane] = []  # every thread's connections, for close()
         self._local = threading.local()
         self._streams: list[_AttendStream] = []  # every open stream, for the watchdog and close()
         self._streams_lock = threading.Lock()
