@@ -160,7 +160,8 @@ class PoolPlane:
             request.done_complete = self.store.completed == self._step_id
             if self.engine_event is not None:
                 self.engine_event.record()  # the server's stream waits for the step's writes
-        for method, totals in self.client.counters.snapshot().items():
+        counted = self.client.counters.snapshot()
+        for method, totals in counted.items():
             seen = self._reported.get(method, {})
             request.methods[method].CopyFrom(pb.MethodStats(
                 calls=int(totals["calls"] - seen.get("calls", 0)),
@@ -180,7 +181,7 @@ class PoolPlane:
         except (OSError, ValueError) as exc:
             self.close()
             raise errors.Unavailable(f"the server's data plane closed ({exc}) [UNAVAILABLE]") from None
-        self._reported = self.client.counters.snapshot()
+        self._reported = counted  # booked at the server with this frame
         if reply.error_code:
             raise _error(reply.error_code, reply.error_message, reply.error_class)
         return reply

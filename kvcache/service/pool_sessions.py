@@ -31,11 +31,12 @@ WORKSPACE_SLOTS = 256  # sequences one leased step may hold (their value sums tr
 class PoolSession:
     """The leases of one connection: its value-sum workspace and the step it holds.
 
-    `guard(client, seq_ids)` is the servicer's admission of a call on those sequences (draining, quotas, and their
-    per-sequence locks), used as a context manager; `count(method, stats)` books what the engine's attention read."""
+    `guard(client, seq_ids, appending)` is the servicer's admission of a call on those sequences (draining, the page
+    quota of a step that appends, and their per-sequence locks), used as a context manager; `count(method, stats)`
+    books what the engine's attention read."""
 
     def __init__(self, store: KVStore, segment: SharedSegment | CudaSegment, client: str, lease_seconds: float,
-                 guard: Callable[[str, list[str], int], object], count: Callable[[str, pb.MethodStats], None]) -> None:
+                 guard: Callable[[str, list[str], bool], object], count: Callable[[str, pb.MethodStats], None]) -> None:
         c = store.config
         self.store = store
         self.segment = segment
@@ -107,7 +108,7 @@ class PoolSession:
             raise PlanStale(f"step {step_id} is not this connection's leased step (it ended already, or never was)")
         committed = False
         try:
-            with self._guard(self.client, list(lease.plan.seq_ids), 0):
+            with self._guard(self.client, list(lease.plan.seq_ids), False):
                 if complete:
                     self.store.commit_lease(lease, self.sums[: len(lease.seqs)])
                     committed = True
@@ -122,8 +123,7 @@ class PoolSession:
         if self.lease is not None:  # a step neither committed nor aborted: it did not finish
             self.store.abort_lease(self.lease)
             self.lease = None
-        with self._guard(self.client, seq_ids, sum(self.store.pages_to_append(s, 1) for s in seq_ids
-                                                   if self.store.has_sequence(s))):
+        with self._guard(self.client, seq_ids, True):
             lease = self.store.lease_step(seq_ids, self.lease_seconds, self._engine_done if self.cuda else None)
         self.lease = lease
         torch.stack([seq.value_sum for seq in lease.seqs], out=self.sums[: len(seq_ids)])

@@ -373,9 +373,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     @_handler("Plan", lambda r: r.seq_ids)
     def Plan(self, request, context):
-        if self.quotas.max_pages and request.new_tokens:
-            store = self.client.store
-            self.quotas.admit_pages(context.peer(), sum(store.pages_to_append(s, 1) for s in request.seq_ids))
+        if request.new_tokens:
+            self._admit_step_pages(context.peer(), request.seq_ids)
         plan = self.client.plan_step(list(request.seq_ids), request.new_tokens)
         self.plans.add(plan)
         return pb.PlanResponse(step_id=plan.step_id)
@@ -417,14 +416,21 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                            self._count_pool_reads)
 
     @contextlib.contextmanager
-    def _pool_guard(self, client: str, seq_ids: list[str], new_pages: int) -> Iterator[None]:
-        """Admit a lease call of `client` on `seq_ids`, as a unary call on them is admitted."""
+    def _pool_guard(self, client: str, seq_ids: list[str], appending: bool) -> Iterator[None]:
+        """Admit a lease call of `client` on `seq_ids` (one that takes their next positions' pages if `appending`), as
+        a unary call on them is admitted."""
         if self.draining.is_set():
             raise Unavailable("server is shutting down")
-        if new_pages:
-            self.quotas.admit_pages(client, new_pages)
+        if appending:
+            self._admit_step_pages(client, seq_ids)
         with self.in_flight, self.locks.hold(seq_ids):
             yield
+
+    def _admit_step_pages(self, client: str, seq_ids) -> None:
+        """QuotaExceeded if a step of `seq_ids` would take `client` past its page cap (only counted under a cap)."""
+        if self.quotas.max_pages:
+            store = self.client.store
+            self.quotas.admit_pages(client, sum(store.pages_to_append(s, 1) for s in seq_ids if store.has_sequence(s)))
 
     def _count_pool_reads(self, method: str, stats: pb.MethodStats) -> None:
         self.client.counters.add(method[:64], calls=stats.calls, bytes_read=stats.bytes_read, seconds=stats.seconds)
