@@ -413,6 +413,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.service)
         if _named(item, GPU_TESTS):
             item.add_marker(pytest.mark.gpu)
+            item.add_marker(pytest.mark.kernel)  # a CUDA store appends and reads through its Triton kernels
         if _in(item, SLOW_MODULES) or _named(item, SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
         if not torch.cuda.is_available():  # here every CUDA-only test skips: GPU_TESTS must name exactly those

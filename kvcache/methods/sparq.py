@@ -22,6 +22,7 @@ from kvcache.methods.dense import DenseParams, attend_rows
 from kvcache.methods.gather import gather_key_dims, gather_rows
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.result import AttentionResult
+from kvcache.methods.sparq_cpu import runs_fit, sparq_cpu
 
 VALUE_MEAN_ITEMSIZE = SUMMARY_DTYPE.itemsize  # the mean value comes from float32 running sums
 
@@ -194,6 +195,14 @@ class Sparq(AttentionMethod):
         if p.reallocate:
             return Selection(MODE_ROWS, torch.cat(items), alpha=alpha)
         return Selection(MODE_ROWS, torch.cat(items), estimate=lambda: alpha)  # alpha for the coverage only
+
+    def run_cpu(self, q: torch.Tensor, inputs: LayerInputs, p: SparqParams) -> AttentionResult | None:
+        view = inputs.view
+        if not runs_fit(view.k_seq, view.k_dim, view.v_seq):
+            return None
+        nbytes = self.bytes_read(inputs.store.config, inputs.csr.host_lens, p)
+        return sparq_cpu(q, view.k_seq, view.k_dim, view.v_seq, inputs.value_mean, inputs.csr, nbytes=nbytes,
+                         **reference_args(p))
 
     def select_gpu(self, q: torch.Tensor, inputs: LayerInputs, p: SparqParams) -> Selection:
         csr = inputs.csr
