@@ -251,16 +251,21 @@ class GraphDecoder:
 
 
 class LeasedGraphDecoder:
-    """GraphDecoder's steps over a server's shared GPU pool (kvcache serve --share-pool): each step leased from the
-    server, replayed in this process on the mapped pool, and committed; the server keeps every page's bookkeeping.
+    """GraphDecoder's steps over a server's shared GPU pool (kvcache serve --share-pool): leased from the server
+    `steps_per_lease` steps at a time, replayed in this process on the mapped pool, and committed; the server keeps
+    every page's bookkeeping.
 
-    With `commit_with_next` a step's commit travels in the next step's lease request: one socket round trip a step,
-    the sequences held by the engine between its steps (a change its own client makes, or end_step(), commits first;
-    another client's change waits for that, or for the lease's end)."""
+    With `commit_with_next` a lease's steps are committed by the next lease request: one socket round trip per lease,
+    the sequences held by the engine until then (a change its own client makes, or end_step(), commits first; another
+    client's change waits for that, or for the lease's end). Without it each step is leased and committed alone."""
 
-    def __init__(self, model: Llama, client: RemoteClient, commit_with_next: bool = True) -> None:
+    def __init__(self, model: Llama, client: RemoteClient, commit_with_next: bool = True,
+                 steps_per_lease: int = 16) -> None:
+        if steps_per_lease < 1:
+            raise ValueError(f"steps_per_lease={steps_per_lease} must be at least 1")
         self.model, self.client = model, client
         self.commit_with_next = commit_with_next
+        self.steps_per_lease = steps_per_lease if commit_with_next else 1
         self.plane = self._plane()
         self.decoder = GraphDecoder(model, self.plane.client)
 
@@ -282,16 +287,17 @@ class LeasedGraphDecoder:
         if plane is not self.plane:  # the connection was lost and opened again: another mapping of the pool
             self.plane, self.decoder = plane, GraphDecoder(self.model, plane.client)
         for attempt in (1, 2):
-            deadline = plane.lease(seq_ids)
+            if not (plane.store.can_step(seq_ids) and time.monotonic() < plane.deadline):
+                plane.lease(seq_ids, self.steps_per_lease)
 
-            def in_time(deadline: float = deadline) -> None:
+            def in_time(deadline: float = plane.deadline) -> None:
                 if time.monotonic() > deadline:
                     raise PlanStale("the step's lease ran out before its replay")
 
             try:
                 result = self.decoder.step(seq_ids, token_ids, positions, method, params, before_replay=in_time)
             except PlanStale:
-                plane.flush()  # aborted
+                plane.flush()  # the lease's steps written so far are committed, the rest given back
                 if attempt == 2:
                     raise  # its graph was captured under the first lease: the second ran out on a replay alone
                 continue

@@ -106,6 +106,38 @@ def test_an_unfinished_step_is_aborted_and_leaves_the_sequence_as_before():
         assert torch.equal(_steps(engine, [sid], "dense", None, 2), _steps(local, [lid], "dense", None, 2))
 
 
+def test_a_lease_of_several_steps_takes_their_pages_at_once_and_gives_back_those_it_did_not_use():
+    lengths = [3, P - 1]
+    with running_server(share_pool=True) as server, RemoteClient(_target(server), data_plane="shared") as remote:
+        local = InProcessClient(store_config())
+        ids_r, ids_l = _fill(remote, lengths), _fill(local, lengths)
+        free = remote.stats()["pool"]["pages_free"]
+        plane = remote.pool_plane()
+        plane.lease(ids_r, 2 * P)  # the pages of 2P new positions per sequence, at once
+        assert plane.store.steps_left == 2 * P
+        assert [plane.store.describe(s).num_pages for s in ids_r] == [-(-(n + 2 * P) // P) for n in lengths]
+        assert remote.stats()["pool"]["pages_free"] == free - sum(-(-(n + 2 * P) // P) - -(-n // P) for n in lengths)
+        # Whole steps, one after the other, as a replayed graph writes them: no round trip between them.
+        got = _steps(plane.client, ids_r, "dense", None, 3)
+        assert plane.store.steps_left == 2 * P - 3 and plane.store.steps_done == 3
+        plane.flush()  # three steps committed; the pages of the rest go back
+        assert torch.equal(got, _steps(local, ids_l, "dense", None, 3))
+        assert [remote.describe(s).lengths for s in ids_r] == [(n + 3,) * L for n in lengths]
+        assert [remote.describe(s).num_pages for s in ids_r] == [-(-(n + 3) // P) for n in lengths]
+        assert remote.stats()["pool"]["pages_free"] == free - sum(-(-(n + 3) // P) - -(-n // P) for n in lengths)
+        with pytest.raises(errors.PlanStale):
+            plane.client.begin_step(ids_r, HQ)  # ended: a step needs a lease again
+        # A lease asks for more steps than the free pages hold: it gets one.
+        hog = remote.create().seq_id
+        remote.append(hog, *(torch.zeros((L, (remote.stats()["pool"]["pages_free"] - 2) * P, HKV, D)),) * 2)
+        plane.lease(ids_r, 2 * P)
+        assert plane.store.steps_left == 1
+        assert torch.equal(_steps(plane.client, ids_r, "dense", None, 1, seed=7), _steps(local, ids_l, "dense", None,
+                                                                                         1, seed=7))
+        plane.flush()
+        assert [remote.describe(s).lengths for s in ids_r] == [(n + 4,) * L for n in lengths]
+
+
 def test_an_engine_that_goes_away_or_stalls_loses_its_step_and_the_sequence_is_free_again():
     with (running_server(share_pool=True, step_lease_seconds=0.5) as server,
           RemoteClient(_target(server), data_plane="grpc") as other):

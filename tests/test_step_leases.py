@@ -106,3 +106,54 @@ def test_an_expired_sequence_under_a_live_step_lease_waits_for_the_lease():
     assert not store.free_if_expired(sid)
     store.abort_lease(lease)
     assert store.free_if_expired(sid, now=time.monotonic() + 1)
+
+
+def test_a_lease_of_several_steps_commits_the_steps_written_and_gives_back_the_pages_of_the_rest():
+    leased, appended = _store(), _store()
+    n = 3
+    a, b = _sequence(leased, n), _sequence(appended, n)
+    free = leased.allocator.num_free
+    lease = leased.lease_step([a], 5.0, steps=2 * P)
+    with pytest.raises(InvalidParameter):  # more steps than the lease holds: the whole lease is aborted
+        leased.commit_lease(lease, torch.stack([s.value_sum.clone() for s in lease.seqs]), 2 * P + 1)
+    assert leased.describe(a).lengths == (n,) * L and leased.allocator.num_free == free
+    lease = leased.lease_step([a], 5.0, steps=2 * P)
+    assert lease.steps == 2 * P and leased.describe(a).num_pages == -(-(n + 2 * P) // P)
+    assert leased.allocator.num_free == free - (-(-(n + 2 * P) // P) - -(-n // P))
+    sums = torch.stack([s.value_sum.clone() for s in lease.seqs])
+    gen = torch.Generator().manual_seed(7)
+    rows = []
+    for step in range(3):  # three whole steps, crossing from page 0 into page 1
+        k, v = torch.randn((L, 1, HKV, D), generator=gen), torch.randn((L, 1, HKV, D), generator=gen)
+        targets = leased._row_targets(lease.seqs, [n + step])
+        for layer in range(L):
+            leased.pool.append_rows(layer, k[layer], v[layer], targets)
+        sums += v.float().transpose(0, 1)
+        rows.append((k, v))
+    told = []
+    leased.summary_listeners.append(lambda layers, pages, at, fills: told.append((at.tolist(), fills)))
+    leased.commit_lease(lease, sums, 3)
+    for k, v in rows:
+        appended.append(b, k, v)
+    assert leased.describe(a).lengths == appended.describe(b).lengths == (n + 3,) * L
+    assert leased.describe(a).num_pages == appended.describe(b).num_pages == -(-(n + 3) // P)
+    assert leased.allocator.num_free == free - (-(-(n + 3) // P) - -(-n // P))
+    assert told == [([0], [P]), ([1], [n + 3 - P])]  # each page the steps touched, with its rows now
+    for layer in range(L):
+        assert torch.equal(leased.value_mean([a], layer), appended.value_mean([b], layer))
+        pa, pb = leased.page_table([a], layer).indices.long(), appended.page_table([b], layer).indices.long()
+        assert torch.equal(leased.pool.k_summary[layer, pa], appended.pool.k_summary[layer, pb])
+
+
+def test_a_lease_gets_one_step_where_the_free_pages_hold_no_more_and_refuses_a_count_that_is_not_one_or_more():
+    store = _store()
+    sid = _sequence(store, P)  # its next position opens a page
+    hog = store.create().seq_id
+    store.append(hog, *(torch.zeros((L, (store.allocator.num_free - 1) * P, HKV, D)),) * 2)
+    lease = store.lease_step([sid], 5.0, steps=8)
+    assert lease.steps == 1 and store.allocator.num_free == 0
+    store.abort_lease(lease)
+    assert store.allocator.num_free == 1 and store.describe(sid).num_pages == 1  # the page it opened went back
+    for steps in (0, -1, True, 1.5):
+        with pytest.raises(InvalidParameter):
+            store.lease_step([sid], 5.0, steps=steps)

@@ -1,9 +1,10 @@
 """MappedStore: an engine's view of a server's shared page pool (docs/architecture.md, "Shared pool").
 
-It is a KVStore over the server's pool tensors, mapped from shared memory, that holds only the sequences of the step
-the engine leased, as the server's lease described them: their page tables, lengths, and value sums (in the
-connection's workspace, which the server takes back when the step is committed). It never allocates: the server
-planned the step's pages. The engine's DecodeStep (or graph) then appends and attends on it as on its own store.
+It is a KVStore over the server's pool tensors, mapped from shared memory, that holds only the sequences of the lease
+the engine took, as the server's lease described them: their page tables, lengths, and value sums (in the
+connection's workspace, which the server takes back when the lease is committed). It never allocates: the server
+made the pages of the lease's steps ready. The engine's DecodeStep (or graph) then appends and attends on it as on
+its own store, step after step until the lease's steps are used.
 """
 
 from __future__ import annotations
@@ -22,23 +23,26 @@ from kvcache.store.step_plan import StepPlan, StepRows
 
 
 class MappedStore(KVStore):
-    """A KVStore over a mapped shared pool, whose sequences are those of the step installed last."""
+    """A KVStore over a mapped shared pool, whose sequences are those of the lease installed last."""
 
     def __init__(self, config: KVCacheConfig, segment: SharedSegment | CudaSegment, scratch_page: int = 0) -> None:
         super().__init__(config, PagePool(config, segment))
-        self._installed: StepPlan | None = None
+        self._lease_id = ""
+        self._seq_ids: tuple[str, ...] = ()
+        self.steps_left = 0  # steps of the installed lease not yet planned
+        self.steps_done = 0  # its steps whose every layer's rows are written
         self._scratch_page = scratch_page  # the server's: a page of the shared pool that no sequence holds
-        self.completed = ""  # the step_id of the installed step once every layer's rows are written
 
     def install(self, step_id: str, seq_ids: Sequence[str], starts: Sequence[int], pages: Sequence[Sequence[int]],
-                value_sums: torch.Tensor) -> None:
-        """Take the server's lease of a step: each sequence's positions before it, its page ids (the new position's
-        page included) and its value sums value_sums[b] [L, Hkv, d] (a view of the workspace, updated in place)."""
+                value_sums: torch.Tensor, steps: int = 1) -> None:
+        """Take the server's lease of `steps` steps: each sequence's positions before it, its page ids (those of the
+        lease's new positions included) and its value sums value_sums[b] [L, Hkv, d] (a view of the workspace,
+        updated in place)."""
         c = self.config
         with self._lock:
             seqs = []
             for b, (seq_id, start, table) in enumerate(zip(seq_ids, starts, pages)):
-                # The last step's states are reused: a new one allocates value sums (a GPU launch) it would drop.
+                # The last lease's states are reused: a new one allocates value sums (a GPU launch) it would drop.
                 seq = self._seqs.get(seq_id) or SequenceState(seq_id, c)
                 seq.num_pages = 0
                 seq.push_pages(list(table))
@@ -46,29 +50,50 @@ class MappedStore(KVStore):
                 seq.value_sum = value_sums[b]
                 seqs.append(seq)
             self._seqs = {seq.seq_id: seq for seq in seqs}
-            self.completed = ""
-            csr = build_csr(seqs, 0, c.device, [n + 1 for n in starts])
-            self._installed = StepPlan(tuple(seq_ids), 1, tuple(starts), tuple(s.generation for s in seqs), csr,
-                                       step_id)
+            self._lease_id, self._seq_ids = step_id, tuple(seq_ids)
+            self.steps_left, self.steps_done = steps, 0
 
-    def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1) -> StepPlan:
-        """The installed step's plan (once): the server planned it when it leased the step."""
+    def can_step(self, seq_ids: Sequence[str]) -> bool:
+        """Whether the installed lease holds another step of exactly `seq_ids`."""
+        return bool(self.steps_left) and tuple(seq_ids) == self._seq_ids
+
+    @property
+    def lease_id(self) -> str:
+        """The installed lease's id ("" once none is)."""
+        return self._lease_id
+
+    def plan_step(self, seq_ids: Sequence[str], new_tokens: int = 1, page_table: bool = True) -> StepPlan:
+        """The next step of the installed lease, over the pages the server made ready for it."""
         with self._lock:
-            plan, self._installed = self._installed, None
-            if plan is None or tuple(seq_ids) != plan.seq_ids or new_tokens != 1:
-                raise PlanStale("a step over the shared pool runs the sequences its lease names, once: lease it first")
-            return plan
+            if not self.steps_left or tuple(seq_ids) != self._seq_ids or new_tokens != 1:
+                raise PlanStale("a step over the shared pool runs the sequences its lease names, as many steps as it "
+                                "holds: lease it first")
+            seqs = [self._seqs[s] for s in seq_ids]
+            starts = [seq.lengths[0] for seq in seqs]
+            if any(self.config.pages_for(n + 1) > seq.num_pages for seq, n in zip(seqs, starts)):
+                raise PlanStale("a step over the shared pool past the pages its lease holds: lease it again")
+            self.steps_left -= 1
+            csr = build_csr(seqs, 0, self.config.device, [n + 1 for n in starts]) if page_table else None
+            return StepPlan(tuple(seq_ids), 1, tuple(starts), tuple(s.generation for s in seqs), csr, self._lease_id)
 
     def append_planned(self, step: StepRows, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """KVStore.append_planned, noting when the step's last layer is written."""
+        """KVStore.append_planned, counting the step done once its last layer is written."""
         super().append_planned(step, layer, k, v)
         if all(step.written):
-            self.completed = step.plan.step_id
+            self.steps_done += 1
 
     def commit_rows(self, step: StepRows) -> None:
-        """KVStore.commit_rows (a replayed graph wrote every layer's rows), noting the step complete."""
+        """KVStore.commit_rows (a replayed graph wrote every layer's rows), counting the step done."""
         super().commit_rows(step)
-        self.completed = step.plan.step_id
+        self.steps_done += 1
+
+    def end_lease(self) -> tuple[str, int]:
+        """The installed lease's id and its steps written whole, as the server is to be told when it ends; none is
+        installed after."""
+        with self._lock:
+            ended = (self._lease_id, self.steps_done)
+            self._lease_id, self._seq_ids, self.steps_left = "", (), 0
+            return ended
 
     def reserve_scratch_page(self) -> int:
         """The server's scratch page (a graph's warm-up writes there): this store allocates nothing itself."""

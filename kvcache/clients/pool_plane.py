@@ -1,9 +1,9 @@
 """PoolPlane: an engine's connection to a server's shared page pool (docs/wire-protocol.md, "Shared pool").
 
-A decode step costs two round trips on the local data plane's socket, none per layer: the lease when it begins, and
-the commit once its last layer's rows are written (so its sequences are free for any other call as soon as the step
-returns; a captured step's commit may instead ride on the next lease, engine/graph_decode.py). The step's appends
-and attention run in this process on the mapped pool.
+An eager decode step costs two round trips on the local data plane's socket, none per layer: the lease when it begins,
+and the commit once its last layer's rows are written (so its sequences are free for any other call as soon as the
+step returns). Captured steps lease several steps at once and commit them with the next lease (engine/graph_decode.py):
+one round trip per lease. The steps' appends and attention run in this process on the mapped pool.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ class PoolPlane:
         self.lease_seconds = offer.lease_seconds
         self.client = InProcessClient(self.store)
         self.closed = False
-        self._step: Any = None  # the step begun last: ended (committed or aborted) by the next call
-        self._step_id = ""
+        self._step: Any = None  # the eager step begun last: ended (committed or aborted) by the next call
+        self.deadline = 0.0  # time.monotonic() by which the lease taken last must be committed
         self._reported: dict[str, dict[str, float]] = {}
 
     def _map(self, offer: pb.PoolOffer, config: KVCacheConfig, fds: list[int]) -> None:
@@ -109,20 +109,21 @@ class PoolPlane:
         shape = (offer.workspace_slots, config.num_layers, config.num_kv_heads, config.head_dim)
         self._sums = sums.tensor(Region(0, shape, SUMMARY_DTYPE))
 
-    def lease(self, seq_ids: Sequence[str]) -> float:
-        """End the previous step and lease a step of `seq_ids`, installed in `store` for a DecodeStep or a graph;
-        returns the time.monotonic() by which it must be committed."""
+    def lease(self, seq_ids: Sequence[str], steps: int = 1) -> float:
+        """End the previous lease and lease up to `steps` steps of `seq_ids` (several only for steps written whole, as
+        a replayed graph writes them), installed in `store` for a DecodeStep or a graph; returns the time.monotonic()
+        by which they must be committed. `store.steps_left` says how many steps were granted."""
         asked = time.monotonic()  # the server's lease runs from later: a deadline from here is never past its own
-        reply = self._call(list(seq_ids))
+        reply = self._call(list(seq_ids), steps)
         pages, at = [], 0
         for n in reply.page_counts:
             pages.append(reply.pages[at : at + n])
             at += n
         if self.server_event is not None:
             self.server_event.wait()  # the lease's page copies and value sums come first
-        self.store.install(reply.step_id, seq_ids, list(reply.start_lengths), pages, self._sums)
-        self._step_id = reply.step_id
-        return asked + self.lease_seconds
+        self.store.install(reply.step_id, seq_ids, list(reply.start_lengths), pages, self._sums, max(1, reply.steps))
+        self.deadline = asked + self.lease_seconds
+        return self.deadline
 
     def begin_step(self, seq_ids: Sequence[str], q_heads: int, method: str = "dense",
                    params: Mapping[str, Any] | None = None, backend: str = "auto",
@@ -138,13 +139,13 @@ class PoolPlane:
         return _LeasedStep(self._step, self, deadline)
 
     def holds(self, seq_ids: Sequence[str]) -> bool:
-        """Whether the step begun last is still open and names any of `seq_ids`."""
-        return bool(self._step_id) and not set(seq_ids).isdisjoint(self.store.sequence_ids())
+        """Whether the lease taken last is still open and names any of `seq_ids`."""
+        return bool(self.store.lease_id) and not set(seq_ids).isdisjoint(self.store.sequence_ids())
 
     def flush(self) -> None:
-        """End the step begun last if it is still open: committed if every layer ran, else aborted (before a control
-        call on its sequences, which its lease would refuse)."""
-        if self._step_id:
+        """End the lease taken last if it is still open: its steps written whole committed, a lease with none aborted
+        (before a control call on its sequences, which the lease would refuse)."""
+        if self.store.lease_id:
             self._call([])
 
     def close(self) -> None:
@@ -153,13 +154,13 @@ class PoolPlane:
         with contextlib.suppress(OSError):
             self._sock.close()
 
-    def _call(self, seq_ids: list[str]) -> pb.LeaseReply:
-        request = pb.LeaseRequest(seq_ids=seq_ids)
-        if self._step_id:
-            request.done_step_id = self._step_id
-            request.done_complete = self.store.completed == self._step_id
+    def _call(self, seq_ids: list[str], steps: int = 1) -> pb.LeaseReply:
+        request = pb.LeaseRequest(seq_ids=seq_ids, steps=steps)
+        done_id, done_steps = self.store.end_lease()
+        if done_id:
+            request.done_step_id, request.done_steps = done_id, done_steps
             if self.engine_event is not None:
-                self.engine_event.record()  # the server's stream waits for the step's writes
+                self.engine_event.record()  # the server's stream waits for the steps' writes
         counted = self.client.counters.snapshot()
         for method, totals in counted.items():
             seen = self._reported.get(method, {})
@@ -167,7 +168,7 @@ class PoolPlane:
                 calls=int(totals["calls"] - seen.get("calls", 0)),
                 bytes_read=int(totals["bytes_read"] - seen.get("bytes_read", 0)),
                 seconds=totals["seconds"] - seen.get("seconds", 0.0)))
-        self._step, self._step_id = None, ""
+        self._step = None
         try:
             self._sock.settimeout(self.timeout)
             write_frame(self._sock, request.SerializeToString())
@@ -206,7 +207,7 @@ class _LeasedStep:
             raise PlanStale(f"this step's lease of {self.plane.lease_seconds} s ran out before its layer {layer}: "
                             f"begin the step again")
         result = self.step.attend(layer, q, new_k, new_v)
-        if self.plane.store.completed:
+        if self.plane.store.steps_done:
             self.plane.flush()
         return result
 

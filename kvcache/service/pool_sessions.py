@@ -18,25 +18,28 @@ import grpc
 import torch
 
 from kvcache.config import SUMMARY_DTYPE
-from kvcache.errors import InvalidParameter, KVCacheError, PlanStale
+from kvcache.errors import InvalidParameter, KVCacheError, PlanStale, QuotaExceeded
 from kvcache.store import KVStore
 from kvcache.store.shared_segment import CudaSegment, Region, SharedEvent, SharedSegment
 from kvcache.store.step_leases import StepLease
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire.messages import cuda_handle_to_wire
 
-WORKSPACE_SLOTS = 256  # sequences one leased step may hold (their value sums travel through the workspace)
+WORKSPACE_SLOTS = 256  # sequences one lease may hold (their value sums travel through the workspace)
+# Steps one lease may hold: the pages of that many new positions per sequence are taken at once (and the unused ones
+# given back when it ends), and the sequences are held from other callers for as long.
+MAX_LEASE_STEPS = 64
 
 
 class PoolSession:
-    """The leases of one connection: its value-sum workspace and the step it holds.
+    """The leases of one connection: its value-sum workspace and the lease it holds.
 
-    `guard(client, seq_ids, appending)` is the servicer's admission of a call on those sequences (draining, the page
-    quota of a step that appends, and their per-sequence locks), used as a context manager; `count(method, stats)`
-    books what the engine's attention read."""
+    `guard(client, seq_ids, new_positions)` is the servicer's admission of a call on those sequences (draining, the
+    page quota of a lease that takes the pages of new positions, and their per-sequence locks), used as a context
+    manager; `count(method, stats)` books what the engine's attention read."""
 
     def __init__(self, store: KVStore, segment: SharedSegment | CudaSegment, client: str, lease_seconds: float,
-                 guard: Callable[[str, list[str], bool], object], count: Callable[[str, pb.MethodStats], None]) -> None:
+                 guard: Callable[[str, list[str], int], object], count: Callable[[str, pb.MethodStats], None]) -> None:
         c = store.config
         self.store = store
         self.segment = segment
@@ -78,10 +81,10 @@ class PoolSession:
                 for method, stats in request.methods.items():
                     self._count(method, stats)
                 if request.done_step_id:
-                    self._end(request.done_step_id, request.done_complete)
+                    self._end(request.done_step_id, request.done_steps)
                 if not request.seq_ids:
                     return pb.LeaseReply()
-                return self._lease(list(request.seq_ids))
+                return self._lease(list(request.seq_ids), min(max(request.steps, 1), MAX_LEASE_STEPS))
             except KVCacheError as exc:
                 code = getattr(grpc.StatusCode, exc.grpc_code)
                 return pb.LeaseReply(error_code=code.value[0], error_message=str(exc)[:2000],
@@ -100,7 +103,7 @@ class PoolSession:
         this connection, the reaper, or a change that meets it past its deadline)."""
         self.engine_event.wait()
 
-    def _end(self, step_id: str, complete: bool) -> None:
+    def _end(self, step_id: str, steps: int) -> None:
         lease, self.lease = self.lease, None
         if lease is None or lease.step_id != step_id:
             if lease is not None:
@@ -108,23 +111,29 @@ class PoolSession:
             raise PlanStale(f"step {step_id} is not this connection's leased step (it ended already, or never was)")
         committed = False
         try:
-            with self._guard(self.client, list(lease.plan.seq_ids), False):
-                if complete:
-                    self.store.commit_lease(lease, self.sums[: len(lease.seqs)])
+            with self._guard(self.client, list(lease.plan.seq_ids), 0):
+                if steps:
+                    self.store.commit_lease(lease, self.sums[: len(lease.seqs)], steps)
                     committed = True
         finally:
             if not committed:  # aborted as asked, or refused (a draining server): never left open
                 self.store.abort_lease(lease)
 
-    def _lease(self, seq_ids: list[str]) -> pb.LeaseReply:
+    def _lease(self, seq_ids: list[str], steps: int) -> pb.LeaseReply:
         if len(seq_ids) > WORKSPACE_SLOTS:
             raise InvalidParameter(f"a step over the shared pool holds at most {WORKSPACE_SLOTS} sequences, "
                                    f"not {len(seq_ids)}")
         if self.lease is not None:  # a step neither committed nor aborted: it did not finish
             self.store.abort_lease(self.lease)
             self.lease = None
-        with self._guard(self.client, seq_ids, True):
-            lease = self.store.lease_step(seq_ids, self.lease_seconds, self._engine_done if self.cuda else None)
+        try:
+            with self._guard(self.client, seq_ids, steps):
+                lease = self.store.lease_step(seq_ids, self.lease_seconds, self._engine_done if self.cuda else None,
+                                              steps)
+        except QuotaExceeded:
+            if steps == 1:
+                raise
+            return self._lease(seq_ids, 1)  # the quota holds the pages of one step, if of no more
         self.lease = lease
         torch.stack([seq.value_sum for seq in lease.seqs], out=self.sums[: len(seq_ids)])
         if self.cuda:
@@ -132,4 +141,4 @@ class PoolSession:
         counts = [seq.num_pages for seq in lease.seqs]
         pages = torch.cat([seq.live_pages for seq in lease.seqs]).tolist()
         return pb.LeaseReply(step_id=lease.step_id, start_lengths=lease.plan.start_lengths, page_counts=counts,
-                             pages=pages)
+                             pages=pages, steps=lease.steps)

@@ -416,21 +416,23 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                            self._count_pool_reads)
 
     @contextlib.contextmanager
-    def _pool_guard(self, client: str, seq_ids: list[str], appending: bool) -> Iterator[None]:
-        """Admit a lease call of `client` on `seq_ids` (one that takes their next positions' pages if `appending`), as
-        a unary call on them is admitted."""
+    def _pool_guard(self, client: str, seq_ids: list[str], new_positions: int) -> Iterator[None]:
+        """Admit a lease call of `client` on `seq_ids` (one that takes the pages of `new_positions` more positions of
+        each), as a unary call on them is admitted."""
         if self.draining.is_set():
             raise Unavailable("server is shutting down")
-        if appending:
-            self._admit_step_pages(client, seq_ids)
+        if new_positions:
+            self._admit_step_pages(client, seq_ids, new_positions)
         with self.in_flight, self.locks.hold(seq_ids):
             yield
 
-    def _admit_step_pages(self, client: str, seq_ids) -> None:
-        """QuotaExceeded if a step of `seq_ids` would take `client` past its page cap (only counted under a cap)."""
+    def _admit_step_pages(self, client: str, seq_ids, new_positions: int = 1) -> None:
+        """QuotaExceeded if `new_positions` more positions of `seq_ids` would take `client` past its page cap (only
+        counted under a cap)."""
         if self.quotas.max_pages:
             store = self.client.store
-            self.quotas.admit_pages(client, sum(store.pages_to_append(s, 1) for s in seq_ids if store.has_sequence(s)))
+            self.quotas.admit_pages(client, sum(store.pages_to_append(s, new_positions) for s in seq_ids
+                                                if store.has_sequence(s)))
 
     def _count_pool_reads(self, method: str, stats: pb.MethodStats) -> None:
         self.client.counters.add(method[:64], calls=stats.calls, bytes_read=stats.bytes_read, seconds=stats.seconds)

@@ -382,58 +382,88 @@ class KVStore:
             step.written = [True] * self.config.num_layers
 
     def lease_step(self, seq_ids: Sequence[str], seconds: float,
-                   wait_writes: Callable[[], None] | None = None) -> StepLease:
-        """Plan a decode step of `seq_ids` (plan_step, one new position) whose rows another process writes in the shared
-        pool: its sequences refuse every other change until commit_lease, abort_lease, or `seconds` pass. However the
-        lease ends, `wait_writes` is called first (a GPU engine's writes ordered before the store's)."""
+                   wait_writes: Callable[[], None] | None = None, steps: int = 1) -> StepLease:
+        """Plan decode steps of `seq_ids` (plan_step, one new position a step) whose rows another process writes in
+        the shared pool: its sequences refuse every other change until commit_lease, abort_lease, or `seconds` pass.
+        The pages of `steps` new positions are made ready at once where the free list holds them, else of one
+        (lease.steps says which). However the lease ends, `wait_writes` is called first (a GPU engine's writes ordered
+        before the store's)."""
         if not seconds > 0:
             raise InvalidParameter(f"a step lease of {seconds!r} s: expected a positive number")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InvalidParameter(f"a lease of {steps!r} steps: expected a positive number")
         with self._lock:
             plan = self.plan_step(seq_ids, 1, page_table=False)
-            lease = StepLease(plan, [self._seqs[s] for s in seq_ids], time.monotonic() + seconds, wait_writes)
+            seqs = [self._seqs[s] for s in seq_ids]
+            granted = 1
+            if steps > 1 and sum(self._pages_needed(seq, steps, None) for seq in seqs) <= self.allocator.num_free:
+                for seq, start in zip(seqs, plan.start_lengths):
+                    self._prepare_pages(seq, start // self.config.page_size, self.config.pages_for(start + steps))
+                granted = steps
+            lease = StepLease(plan, seqs, time.monotonic() + seconds, wait_writes, granted)
             self.leases.add(lease)
             return lease
 
-    def commit_lease(self, lease: StepLease, value_sums: torch.Tensor) -> None:
-        """Record that every layer's new row of `lease`'s step is in the pool and that value_sums [B, L, Hkv, d]
-        (float32) are the sequences' value sums with it: lengths move on, full pages are hashed, summary listeners are
-        told; PlanStale if the lease ended first (aborted, or past its deadline: its rows are then not taken)."""
+    def commit_lease(self, lease: StepLease, value_sums: torch.Tensor, steps: int = 1) -> None:
+        """Record that every layer's new rows of the first `steps` steps of `lease` are in the pool and that
+        value_sums [B, L, Hkv, d] (float32) are the sequences' value sums with them: lengths move on by `steps`, full
+        pages are hashed, summary listeners are told, pages leased for later steps go back (0 steps: abort_lease);
+        PlanStale if the lease ended first (aborted, or past its deadline: its rows are then not taken)."""
         with self._lock:
             if not self.leases.holds(lease) or lease.deadline < time.monotonic():
                 self.abort_lease(lease)
                 raise PlanStale(f"the lease of step {lease.step_id} ended before its commit: plan the step again")
+            if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= lease.steps:
+                self.abort_lease(lease)
+                raise InvalidParameter(f"{steps!r} steps of a lease of {lease.steps} committed: aborted")
+            if steps == 0:
+                self.abort_lease(lease)
+                return
             if lease.wait_writes is not None:
                 lease.wait_writes()
             for b, seq in enumerate(lease.seqs):
                 seq.value_sum.copy_(value_sums[b])
-                seq.lengths = [n + 1 for n in seq.lengths]
+                seq.lengths = [n + steps for n in seq.lengths]
                 self._register(seq)
             self.leases.drop(lease)
+            self._end_lease(lease, steps)
             if self.summary_listeners:
-                P, starts = self.config.page_size, lease.plan.start_lengths
-                page_ids = torch.tensor([r[0] for r in self._row_targets(lease.seqs, starts)], dtype=torch.int64)
-                self._summaries_changed(list(range(self.config.num_layers)), page_ids,
-                                        torch.tensor([n // P for n in starts]), [n % P + 1 for n in starts])
+                P, L = self.config.page_size, self.config.num_layers
+                for seq, start in zip(lease.seqs, lease.plan.start_lengths):
+                    end = start + steps
+                    for index in range(start // P, self.config.pages_for(end)):
+                        self._summaries_changed(list(range(L)), seq.pages[index : index + 1], index,
+                                                [min(P, end - index * P)])
 
     def abort_lease(self, lease: StepLease) -> None:
-        """End `lease` without its step: the sequences keep their lengths, and the summaries of the pages its rows went
-        to are recomputed over their committed rows (a layer the engine wrote folded its new row in)."""
+        """End `lease` without its steps: the sequences keep their lengths, and the summaries of the pages their rows
+        went to are recomputed over their committed rows (a layer the engine wrote folded its new row in)."""
         with self._lock:
             if not self.leases.holds(lease):
                 return
             self.leases.drop(lease)
             if lease.wait_writes is not None:
                 lease.wait_writes()
-            live = [(seq, n) for seq, n in zip(lease.seqs, lease.plan.start_lengths) if self._seqs.get(seq.seq_id)
-                    is seq]
-            if not live:
-                return
+            self._end_lease(lease, 0)
+
+    def _end_lease(self, lease: StepLease, steps: int) -> None:
+        """After the first `steps` steps of `lease` were taken (or none): the page its next row went to gets summaries
+        over its committed rows (an engine may have written some layers of that step), and pages beyond the
+        sequences' lengths go back to the free list."""
+        live = [(seq, n + steps) for seq, n in zip(lease.seqs, lease.plan.start_lengths)
+                if self._seqs.get(seq.seq_id) is seq]
+        if steps < lease.steps and live:
             rows = self._row_targets([seq for seq, _ in live], [n for _, n in live])
             dev, L, P = self.config.device, self.config.num_layers, self.config.page_size
             page_ids = torch.tensor([r[0] for r in rows], device=dev)
             kv_slots = torch.tensor([r[1] for r in rows], device=dev)
             fills = torch.tensor([n % P for _, n in live], device=dev).expand(L, -1)
             self.pool.refresh_summaries(torch.arange(L, device=dev), page_ids, kv_slots, fills)
+        for seq, n in live:
+            keep = self.config.pages_for(n)
+            if seq.num_pages > keep:
+                self._release(seq.pages[keep : seq.num_pages].clone())
+                seq.num_pages = keep
 
     def end_overdue_leases(self) -> int:
         """Abort every step lease past its deadline (its engine died or hangs); returns how many."""

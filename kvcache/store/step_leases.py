@@ -15,8 +15,8 @@ from kvcache.store.step_plan import StepPlan
 
 @dataclass
 class StepLease:
-    """One leased step: its plan (pages ready for one new position per sequence) and when the lease runs out
-    (time.monotonic())."""
+    """One lease: its plan (the first step's), its steps (pages ready for that many new positions per sequence) and
+    when it runs out (time.monotonic())."""
 
     plan: StepPlan
     seqs: list[SequenceState]
@@ -24,6 +24,7 @@ class StepLease:
     # Called before the store reads or changes the step's pages as it ends the lease: a GPU engine's writes are
     # ordered first (kvcache.service.pool_sessions).
     wait_writes: Callable[[], None] | None = None
+    steps: int = 1
 
     @property
     def step_id(self) -> str:
