@@ -16,8 +16,8 @@ ratio to dense beside what the bytes predict. Paths:
 - `per-call`: the same step with every layer's call an attend(..., plan=) (validation in every call), eager;
 - `remote-pool`, `remote-local`, `remote-grpc`: the step of an engine whose store is a `kvcache serve` on this host:
   leased on the server's shared page pool (`--share-pool`) and run in the engine, replayed from its captured graph
-  where the `graph` path is (else planned); or planned, with every layer call sent to the server over its local data
-  plane (a Unix socket) or over gRPC;
+  where the `graph` path is (16 steps to a lease, timed in bursts of 16; else planned, one step a lease); or
+  planned, with every layer call sent to the server over its local data plane (a Unix socket) or over gRPC;
 - `static-graph`, `static-eager`: the baseline, a contiguous [B, Hkv, S, d] cache per layer read by SDPA with the
   step captured as one CUDA graph (as gpt-fast does), and the same eagerly.
 
@@ -65,6 +65,9 @@ PATHS = ("static-graph", "static-eager", "graph", "planned", "per-call", "remote
 # (data_plane, share_pool) of each remote path's client.
 REMOTE_PATHS = {"remote-pool": ("shared", True), "remote-local": ("shared", False), "remote-grpc": ("grpc", False)}
 BURST = 4  # back-to-back steps per timing: one step's host work overlaps the previous step's GPU work
+# A remote engine's captured steps on the shared pool, leased this many at a time and timed in bursts of as many:
+# each burst then holds one lease's round trip, and its median is the time per step with that round trip shared out.
+POOL_STEPS_PER_LEASE = 16
 
 
 def _method_params(method: str, context: int, head_dim: int) -> dict:
@@ -153,7 +156,7 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
     of random weights if `gate`), the remote ones one `kvcache serve` with the same store."""
     c = model.config
     pairs = [(method, path) for method in methods for path in PATHS[2:] if path in wanted]
-    grown = (len(pairs) + 1) * (steps * BURST + 8)  # every timed or profiled step appends a position
+    grown = (len(pairs) + 1) * (steps * max(BURST, POOL_STEPS_PER_LEASE) + 8)  # every timed or profiled step appends
     config = KVCacheConfig(c.num_layers, c.num_kv_heads, c.head_dim, page_size=P, dtype=model.dtype, device=device,
                            device_pages=batch * ((context + grown) // P + 2))
     client = InProcessClient(config)
@@ -176,8 +179,8 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
             if path in REMOTE_PATHS and path not in remotes:
                 continue
             if path == "remote-pool":  # the engine's graph where it has one, on the mapped pool
-                target = (LeasedGraphDecoder(model, remotes[path]) if graphs and method in GRAPH_METHODS
-                          else remotes[path])
+                target = (LeasedGraphDecoder(model, remotes[path], steps_per_lease=POOL_STEPS_PER_LEASE)
+                          if graphs and method in GRAPH_METHODS else remotes[path])
                 ids, positions = pool_seqs, pool_positions
             elif path in remotes:
                 target, ids, positions = remotes[path], remote_seqs, remote_positions
@@ -201,14 +204,18 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
                 positions[:] = [n + 1 for n in positions]
 
             steps_of[(method, path)] = one_step
-        times = interleaved_ms(steps_of, steps, device, BURST)
+        bursts = {pair: BURST for pair in steps_of}
+        bursts.update({pair: POOL_STEPS_PER_LEASE for pair in steps_of if pair[1] == "remote-pool" and graphs
+                       and pair[0] in GRAPH_METHODS})
+        times = interleaved_ms(steps_of, steps, device, bursts)
         rows = []
         for (method, path), one_step in steps_of.items():
             params = _method_params(method, context, c.head_dim)
             attention = lookup(method).bytes_read(config, [context] * batch, lookup(method).parse(params))
             ms = times[(method, path)]
             rows.append({"shape": shape, "context": context, "batch": batch, "method": method, "params": params,
-                         "path": path, "ms_per_step": ms, "host_ms": statistics.median(host_ms[(method, path)]),
+                         "path": path, "ms_per_step": ms, "burst": bursts[(method, path)],
+                         "host_ms": statistics.median(host_ms[(method, path)]),
                          **_busy(one_step, ms, device),
                          "bytes_per_step": weight_bytes + attention * c.num_layers,
                          "attention_bytes_per_step": attention * c.num_layers})

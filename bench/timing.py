@@ -124,9 +124,11 @@ def gpu_ms_per_call(fn: Callable[[], object], iters: int, device: torch.device) 
     return busy_us / 1e3 / iters if busy_us > 0 else None
 
 
-def interleaved_ms(fns: dict, iters: int, device: torch.device, burst: int = 1) -> dict:
+def interleaved_ms(fns: dict, iters: int, device: torch.device, burst: int | dict = 1) -> dict:
     """Median milliseconds per call of each of several zero-argument callables, timed in rounds (in each round,
     `burst` back-to-back calls of each, in order, each callable after one warm-up call), as median_ms times one.
+    `burst` may give each callable its own count (a dict by the same keys): one whose calls do some work only every
+    n calls times bursts of n, so that every burst holds it once.
 
     With burst > 1 nothing waits for the GPU between a callable's calls: a decode loop's host work for one step
     overlaps the GPU's work on the one before, as it does in an engine, and the time is the loop's per step."""
@@ -135,7 +137,7 @@ def interleaved_ms(fns: dict, iters: int, device: torch.device, burst: int = 1) 
     times: dict = {key: [] for key in fns}
     for _ in range(iters):
         for key, fn in fns.items():
-            times[key].append(_once_ms(fn, device, burst))
+            times[key].append(_once_ms(fn, device, burst[key] if isinstance(burst, dict) else burst))
     return {key: statistics.median(t) for key, t in times.items()}
 
 
