@@ -49,28 +49,31 @@ def sparq_cpu(
     # §1 steps 1-2 for the whole batch: the r components with the largest |q| summed over the group, and each query
     # head's 1/tau from the L1 mass of q they cover (a head with none keeps ratio 1), folded into q's r components.
     q_abs = np.abs(q_np)
-    i1_all = np.argpartition(-q_abs.sum(axis=2), r - 1, axis=2)[:, :, :r]  # [B, Hkv, r]
-    q_i1_all = np.take_along_axis(q_np, i1_all[:, :, None, :], axis=3)  # [B, Hkv, G, r]
-    covered, total = np.abs(q_i1_all).sum(-1), q_abs.sum(-1)
-    inv_tau = np.sqrt(np.where(covered > 0, total / np.where(covered > 0, covered, 1), 1.0)) * scale
-    q_i1_all = q_i1_all * inv_tau[..., None].astype(np.float32)
-    # The pools as [runs, width] views of their memory: a run is a page's P values of one key dim (dim-major) or
-    # one row of d values (sequence-major).
-    dim_runs, dim_base = _runs_view(k_dim, P)
-    k_rows, k_base = _runs_view(k_seq, d)
-    v_rows, v_base = _runs_view(v_seq, d)
+    i1_all = np.argpartition(q_abs.sum(axis=2), d - r, axis=2)[:, :, d - r :]  # [B, Hkv, r]
+    q_i1_all = torch.gather(torch.from_numpy(q_np), 3, torch.from_numpy(i1_all)[:, :, None, :].expand(B, Hkv, G, r))
+    q_i1_np = q_i1_all.numpy()
+    covered = np.abs(q_i1_np).sum(-1)
+    inv_tau = np.divide(q_abs.sum(-1), covered, out=np.ones_like(covered), where=covered > 0)
+    np.sqrt(inv_tau, out=inv_tau)
+    inv_tau *= scale
+    q_i1_np *= inv_tau[..., None]
+    # The pools as [runs, width] views from their first element: a run is a page's P values of one key dim
+    # (dim-major) or one row of d values (sequence-major).
+    dim_runs, k_rows, v_rows = _runs_view(k_dim, P), _runs_view(k_seq, d), _runs_view(v_seq, d)
     s_page, s_head, s_dim, _ = (s // P for s in k_dim.stride())
     r_page, r_head, r_row, _ = (s // d for s in k_seq.stride())
-    heads = np.arange(Hkv)
+    head_runs = np.arange(Hkv)[:, None, None] * s_head
+    head_rows = np.arange(Hkv)[:, None] * r_head
     indptr = csr.indptr.tolist()
     indices = csr.indices.numpy()
     out_groups = out.view(B, Hkv, G, d)
+    i2 = np.empty((Hkv, k), dtype=np.int64)
     for b, S in enumerate(csr.host_lens):
         pages = indices[indptr[b] : indptr[b + 1]].astype(np.int64)
         # §1 step 3: the r components of every key, read as runs of P from the dim-major pool -> [Hkv, r, S].
-        run = pages[None, None, :] * s_page + (heads[:, None, None] * s_head + i1_all[b][:, :, None] * s_dim + dim_base)
+        run = pages * s_page + (head_runs + i1_all[b][:, :, None] * s_dim)
         k_i1 = dim_runs.index_select(0, torch.from_numpy(run.reshape(-1))).view(Hkv, r, -1)[:, :, :S]
-        shat = torch.softmax(torch.bmm(torch.from_numpy(q_i1_all[b]), k_i1.float()), dim=-1)  # [Hkv, G, S]
+        shat = torch.softmax(torch.bmm(q_i1_all[b], k_i1.float()), dim=-1)  # [Hkv, G, S]
         # §1 step 4: the local window, and the top k - l of the group's mean shat before it (ranked by the sum,
         # the same order).
         free, n = S - local_window, k - local_window
@@ -78,14 +81,17 @@ def sparq_cpu(
         group = shat_np[:, 0, :free].copy()
         for g in range(1, G):
             group += shat_np[:, g, :free]
-        top = np.argpartition(group, free - n, axis=1)[:, free - n :] if n > 0 else np.empty((Hkv, 0), np.int64)
-        i2 = np.concatenate([top, np.broadcast_to(np.arange(free, S), (Hkv, local_window))], axis=1)  # [Hkv, k]
+        if n > 0:
+            i2[:, :n] = np.argpartition(group, free - n, axis=1)[:, free - n :]
+        i2[:, n:] = np.arange(free, S)
+        i2_t = torch.from_numpy(i2)
         # §1 step 5: alpha, the approximate mass the chosen rows cover.
-        torch.sum(torch.gather(shat, 2, torch.from_numpy(i2)[:, None, :].expand(Hkv, G, k)), -1, out=alphas[b])
+        torch.sum(torch.gather(shat, 2, i2_t[:, None, :].expand(Hkv, G, k)), -1, out=alphas[b])
         # §1 step 6: exact attention over the k chosen rows of K and V (sequence-major reads), one flash call.
-        row = torch.from_numpy((pages[i2 // P] * r_page + (i2 % P) * r_row + heads[:, None] * r_head).reshape(-1))
-        keys = k_rows.index_select(0, row + k_base).view(1, Hkv, k, d)
-        values = v_rows.index_select(0, row + v_base).view(1, Hkv, k, d)
+        page_index, slot = np.divmod(i2, P)
+        row = torch.from_numpy((pages.take(page_index) * r_page + slot * r_row + head_rows).reshape(-1))
+        keys = k_rows.index_select(0, row).view(1, Hkv, k, d)
+        values = v_rows.index_select(0, row).view(1, Hkv, k, d)
         y, s = _FLASH_CPU(torch.from_numpy(q_np[b][None]).to(keys.dtype), keys, values, 0.0, False, scale=scale)[:2]
         lse[b] = s.reshape(Hq)
         # §1 step 7: mean-value reallocation, alpha * y + (1 - alpha) * mean value.
@@ -104,8 +110,9 @@ def runs_fit(k_seq: torch.Tensor, k_dim: torch.Tensor, v_seq: torch.Tensor) -> b
                for t, w in ((k_seq, d), (v_seq, d), (k_dim, P)))
 
 
-def _runs_view(pool: torch.Tensor, width: int) -> tuple[torch.Tensor, int]:
-    """The pool's whole storage as [rows, width] and the row its first element starts (every stride but the last
-    is a multiple of width in the store's pools)."""
-    rows = pool.untyped_storage().nbytes() // (pool.element_size() * width)
-    return pool.as_strided((rows, width), (width, 1), 0), pool.storage_offset() // width
+def _runs_view(pool: torch.Tensor, width: int) -> torch.Tensor:
+    """The pool's storage from its first element as [rows, width] (runs_fit says every stride but the last is a
+    multiple of width)."""
+    offset = pool.storage_offset()
+    rows = (pool.untyped_storage().nbytes() // pool.element_size() - offset) // width
+    return pool.as_strided((rows, width), (width, 1), offset)

@@ -338,7 +338,8 @@ class KVStore:
                 # Pinned and sent without blocking: a pageable copy would wait for the previous step's replay.
                 tables = ints_to_device(flat, self.config.device).view(L, 4, len(seqs))
             page_ids = torch.tensor([r[0] for r in rows], dtype=torch.int64)
-            return StepRows(plan, seqs, rows, page_ids, tables, [False] * self.config.num_layers)
+            targets = self.pool.row_targets(rows, self.config.device) if tables is None else None
+            return StepRows(plan, seqs, rows, page_ids, tables, [False] * self.config.num_layers, targets)
 
     def append_planned(self, step: StepRows, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, Hkv, d] (on the device) as the new row of each of the step's sequences at `layer`, where
@@ -355,7 +356,7 @@ class KVStore:
                 view = self._views[layer]
                 append_rows_triton(view.k_seq, view.v_seq, view.k_dim, view.k_summary, k, v, step.tables[layer])
             else:
-                self.pool.append_rows(layer, k, v, step.rows)
+                self.pool.append_rows(layer, k, v, step.rows, step.targets)
                 torch._foreach_add_([seq.value_sum[layer] for seq in step.seqs], list(v.float().unbind(0)))
             for seq in step.seqs:
                 seq.lengths[layer] += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
@@ -10,6 +12,19 @@ from kvcache.config import SUMMARY_DTYPE, KVCacheConfig
 from kvcache.kernels.csr import SUMMARY_MAX, SUMMARY_MEAN, SUMMARY_MIN  # noqa: F401 (the layout, re-exported)
 from kvcache.store.host_copy import to_device_async
 from kvcache.store.shared_segment import CudaSegment, Region, SharedSegment, layout
+
+
+@dataclass(frozen=True)
+class RowTargets:
+    """Where a decode step's new rows go, as append_rows indexes the pool: page ids, device slots and rows in the page
+    [B] (int64), the running mean's weights [B, 2] (s / (s + 1), 1 / (s + 1)), and the sequences whose row opens
+    its page."""
+
+    page_ids: torch.Tensor
+    kv_slots: torch.Tensor
+    slots: torch.Tensor
+    weights: torch.Tensor
+    first: list[int]
 
 
 class PagePool:
@@ -101,28 +116,35 @@ class PagePool:
         keys = k.float()
         self.k_summary[:, page_id] = torch.stack((keys.amin(dim=2), keys.amax(dim=2), keys.mean(dim=2)), dim=2)
 
-    def append_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: list[tuple[int, int, int]]) -> None:
+    @staticmethod
+    def row_targets(rows: list[tuple[int, int, int]], device: torch.device) -> RowTargets:
+        """append_rows' index tensors for `rows` on `device`: a planned step makes them once for all its layers."""
+        page_ids, kv_slots, slots = to_device_async(torch.tensor(rows, dtype=torch.long).T.contiguous(), device)
+        weights = to_device_async(torch.tensor([(s / (s + 1), 1 / (s + 1)) for _, _, s in rows],
+                                               dtype=SUMMARY_DTYPE), device)
+        return RowTargets(page_ids, kv_slots, slots, weights, [b for b, (_, _, s) in enumerate(rows) if s == 0])
+
+    def append_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: list[tuple[int, int, int]],
+                    targets: RowTargets | None = None) -> None:
         """One new row per sequence at `layer` (a decode step): k, v [B, Hkv, d] to rows[b] = (page id, device
-        slot of its K/V, row in the page) in both key layouts, folded into the pages' summaries.
+        slot of its K/V, row in the page) in both key layouts, folded into the pages' summaries; `targets`, if
+        given, are row_targets(rows).
 
         A page's first row (row 0) sets min = max = mean; a later one at row s updates min, max and the
         running mean (mean * s + k) / (s + 1) instead of re-reducing the page. Reference of
         kvcache.kernels.append_rows."""
-        dev = k.device
-        page_ids, kv_slots, slots = to_device_async(torch.tensor(rows, dtype=torch.long).T.contiguous(), dev)
-        self.k_seq[layer, kv_slots, :, slots] = k
-        self.v_seq[layer, kv_slots, :, slots] = v
-        self.k_dim[layer, page_ids, :, :, slots] = k
+        t = targets or self.row_targets(rows, k.device)
+        self.k_seq[layer, t.kv_slots, :, t.slots] = k
+        self.v_seq[layer, t.kv_slots, :, t.slots] = v
+        self.k_dim[layer, t.page_ids, :, :, t.slots] = k
         kf = k.float()
-        summary = self.k_summary[layer, page_ids]  # [B, Hkv, 3, d], a copy
+        summary = self.k_summary[layer, t.page_ids]  # [B, Hkv, 3, d], a copy
         torch.minimum(summary[:, :, SUMMARY_MIN], kf, out=summary[:, :, SUMMARY_MIN])
         torch.maximum(summary[:, :, SUMMARY_MAX], kf, out=summary[:, :, SUMMARY_MAX])
-        w = to_device_async(torch.tensor([(s / (s + 1), 1 / (s + 1)) for _, _, s in rows], dtype=kf.dtype), dev)
-        summary[:, :, SUMMARY_MEAN].mul_(w[:, 0, None, None]).add_(kf * w[:, 1, None, None])
-        first = [b for b, (_, _, s) in enumerate(rows) if s == 0]
-        if first:  # a page's first row: whatever the page held before is gone
-            summary[first] = kf[first, :, None, :].expand(-1, -1, 3, -1)
-        self.k_summary[layer, page_ids] = summary
+        summary[:, :, SUMMARY_MEAN].mul_(t.weights[:, 0, None, None]).add_(kf * t.weights[:, 1, None, None])
+        if t.first:  # a page's first row: whatever the page held before is gone
+            summary[t.first] = kf[t.first, :, None, :].expand(-1, -1, 3, -1)
+        self.k_summary[layer, t.page_ids] = summary
 
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor, src_kv: torch.Tensor, dst_kv: torch.Tensor) -> None:
         """Copy pages src[n] -> dst[n] (device slots src_kv -> dst_kv) in every layer and layout (copy-on-write)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcache.kernels.csr import PageTableCSR
+from kvcache.store.page_pool import RowTargets
 
 
 @dataclass(frozen=True)
@@ -40,3 +41,4 @@ class StepRows:
     page_ids: torch.Tensor  # [B] int64 on the CPU: the pages written (for summary listeners)
     tables: torch.Tensor | None  # [L, 4, B] int64 on the device: append_rows_triton's rows per layer (CUDA only)
     written: list[bool]  # per layer
+    targets: RowTargets | None = None  # the rows as the torch append indexes them (PagePool.row_targets)
