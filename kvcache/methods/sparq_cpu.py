@@ -63,6 +63,9 @@ def sparq_cpu(
     s_page, s_head, s_dim, _ = (s // P for s in k_dim.stride())
     r_page, r_head, r_row, _ = (s // d for s in k_seq.stride())
     head_runs = np.arange(Hkv)[:, None, None] * s_head
+    # Where the page axis lies next to the positions (the store's layout), a sequence on consecutive page ids has
+    # each key dim of a head in one run of its S values: r rows of a [Hkv * d, N * P] view, not r * pages runs of P.
+    by_dim = k_dim.permute(1, 2, 0, 3).reshape(Hkv * d, -1) if s_page == 1 else None
     head_rows = np.arange(Hkv)[:, None] * r_head
     indptr = csr.indptr.tolist()
     indices = csr.indices.numpy()
@@ -71,8 +74,13 @@ def sparq_cpu(
     for b, S in enumerate(csr.host_lens):
         pages = indices[indptr[b] : indptr[b + 1]].astype(np.int64)
         # §1 step 3: the r components of every key, read as runs of P from the dim-major pool -> [Hkv, r, S].
-        run = pages * s_page + (head_runs + i1_all[b][:, :, None] * s_dim)
-        k_i1 = dim_runs.index_select(0, torch.from_numpy(run.reshape(-1))).view(Hkv, r, -1)[:, :, :S]
+        if by_dim is not None and len(pages) and pages[-1] - pages[0] == len(pages) - 1 and (np.diff(pages) == 1).all():
+            at = int(pages[0]) * P
+            dims = torch.from_numpy((i1_all[b] + np.arange(Hkv)[:, None] * d).reshape(-1))
+            k_i1 = by_dim[:, at : at + S].index_select(0, dims).view(Hkv, r, S)
+        else:
+            run = pages * s_page + (head_runs + i1_all[b][:, :, None] * s_dim)
+            k_i1 = dim_runs.index_select(0, torch.from_numpy(run.reshape(-1))).view(Hkv, r, -1)[:, :, :S]
         shat = torch.softmax(torch.bmm(q_i1_all[b], k_i1.float()), dim=-1)  # [Hkv, G, S]
         # §1 step 4: the local window, and the top k - l of the group's mean shat before it (ranked by the sum,
         # the same order).
