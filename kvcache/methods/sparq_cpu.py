@@ -2,7 +2,7 @@
 (docs/sparse-attention.md §1), with the index arithmetic in numpy and the attention over the chosen rows in the CPU
 flash kernel.
 
-At 8K positions a layer call of the reference ran about 300 torch operations, most on a few hundred elements, where
+At 8K positions a layer call of the reference ran hundreds of torch operations, most on a few hundred elements, where
 each costs microseconds whatever its size: the call's time was their count, not the 1/8 of the bytes it reads
 (docs/engine.md, "Decode on the CPU"). Here the per-position work is a handful of operations per sequence: one
 gather of the r key components, one product, one softmax, one partial sort, one gather of the k rows per pool, one
