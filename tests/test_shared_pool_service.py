@@ -164,6 +164,24 @@ def test_an_engine_that_goes_away_or_stalls_loses_its_step_and_the_sequence_is_f
             assert other.describe(stalled).lengths == (5, 5)
 
 
+def test_an_engine_that_dies_holding_a_lease_of_several_steps_gives_all_its_pages_back():
+    with (running_server(share_pool=True) as server, RemoteClient(_target(server), data_plane="grpc") as other):
+        [sid] = _fill(other, [P - 1])
+        free = other.stats()["pool"]["pages_free"]
+        engine = RemoteClient(_target(server), data_plane="shared")
+        plane = engine.pool_plane()
+        plane.lease([sid], 3 * P)
+        _steps(plane.client, [sid], "dense", None, 2)  # written whole, but never committed
+        assert other.stats()["pool"]["pages_free"] < free
+        engine.close()  # the server aborts the lease at once: the steps and their pages are gone
+        deadline = time.monotonic() + 5
+        while other.stats()["pool"]["pages_free"] != free:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert other.describe(sid).lengths == (P - 1,) * L
+        other.append(sid, *(torch.randn((L, 1, HKV, D)),) * 2)  # free for any change again
+
+
 def test_a_server_that_dies_is_unavailable_to_the_engine_at_once():
     with serving("--share-pool") as server, RemoteClient(server.target, timeout=30, data_plane="shared") as engine:
         [sid] = _fill(engine, [4])
