@@ -65,7 +65,7 @@ def sparq_cpu(
     head_runs = np.arange(Hkv)[:, None, None] * s_head
     # Where the page axis lies next to the positions (the store's layout), a sequence on consecutive page ids has
     # each key dim of a head in one run of its S values: r rows of a [Hkv * d, N * P] view, not r * pages runs of P.
-    by_dim = k_dim.permute(1, 2, 0, 3).reshape(Hkv * d, -1) if s_page == 1 else None
+    by_dim = k_dim.permute(1, 2, 0, 3).reshape(Hkv * d, -1) if s_page == 1 and s_head == d * s_dim else None
     head_rows = np.arange(Hkv)[:, None] * r_head
     indptr = csr.indptr.tolist()
     indices = csr.indices.numpy()
