@@ -264,9 +264,16 @@ def test_engines_that_come_and_go_leave_no_descriptor_behind_and_a_step_whose_ch
             other.fork(sid)  # the lease was aborted at once: the sequence takes changes again
             engine.close()
             del engine
-            time.sleep(0.1)  # the server's connection thread closes its end
-            gc.collect()  # a mapping holds a descriptor of its own (Python's mmap) until it is collected
-            counts.append(_open_fds())
+            # The server's connection thread closes its end when it next runs (later on a loaded machine), and a
+            # mapping holds a descriptor of its own (Python's mmap) until it is collected: wait for both, a while.
+            deadline = time.monotonic() + 10
+            while True:
+                gc.collect()
+                n = _open_fds()
+                if not counts or n <= counts[0] + 1 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            counts.append(n)
         assert counts[-1] <= counts[0] + 1, counts  # a leak of the two mappings would add 2 a connection
         assert other.describe(sid).lengths == (9, 9)
 
