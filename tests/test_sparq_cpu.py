@@ -8,8 +8,9 @@ import torch
 from kernel_support import HKV, assert_matches, poisoned_allocations, scattered_store
 
 from kvcache import InProcessClient, KVCacheConfig
+from kvcache.methods.gather import runs_fit
 from kvcache.methods.sparq import sparq
-from kvcache.methods.sparq_cpu import runs_fit, sparq_cpu
+from kvcache.methods.sparq_cpu import sparq_cpu
 
 CASES = [  # (lengths, head_dim, page size, G, r, k, local_window): odd lengths, part-filled and full last pages
     ((37, 11, 61), 64, 8, 4, 8, 9, 2),
@@ -76,5 +77,5 @@ def test_a_cpu_store_attends_through_it_and_a_view_it_cannot_read_as_runs_is_ref
     view, csr = store.layer_view(1), store.page_table([seq], 1)
     reference = sparq(q, view.k_seq, view.k_dim, view.v_seq, store.value_mean([seq], 1), csr, 8, 20, 4)
     assert_matches(got.out, got.lse, reference, torch.float32)
-    assert runs_fit(view.k_seq, view.k_dim, view.v_seq)
-    assert not runs_fit(view.k_seq[:, :, :, 1:], view.k_dim, view.v_seq)  # rows no longer start at multiples of d
+    assert runs_fit(view.k_seq, 32) and runs_fit(view.v_seq, 32) and runs_fit(view.k_dim, 8)
+    assert not runs_fit(view.k_seq[:, :, :, 1:], 32)  # rows no longer start at multiples of d

@@ -21,15 +21,14 @@ def gather_rows(pool: torch.Tensor, csr: PageTableCSR, b: int, positions: torch.
     Hkv, d = pool.shape[1], pool.shape[3]
     heads = torch.arange(Hkv, device=pool.device)[:, None]
     slots = positions % csr.page_size
-    strides = pool.stride()
-    if strides[3] != 1 or any(st % d for st in strides[:3]) or pool.storage_offset() % d:
+    if not runs_fit(pool, d):
         return pool[pages, heads, slots]
+    strides = pool.stride()
     # Rows by their index in a [rows, d] view of the pool's memory, one index_select of whole rows, where indexing
     # with three index tensors goes element by element (3 x 512 rows of 64 floats on the 2-core CPU: 60 against
     # 81 us).
-    row = (pool.storage_offset() // d + pages * (strides[0] // d) + heads * (strides[1] // d)
-           + slots.long() * (strides[2] // d))
-    return _select_runs(pool, d, row).view(Hkv, -1, d)
+    row = pages * (strides[0] // d) + heads * (strides[1] // d) + slots.long() * (strides[2] // d)
+    return runs_view(pool, d).index_select(0, row.flatten()).view(Hkv, -1, d)
 
 
 def gather_key_dims(k_dim: torch.Tensor, csr: PageTableCSR, b: int, dims: torch.Tensor) -> torch.Tensor:
@@ -46,13 +45,21 @@ def gather_key_dims(k_dim: torch.Tensor, csr: PageTableCSR, b: int, dims: torch.
     # but the positions' is a multiple of P), listed head, dim, page: one index_select of whole runs lands them as
     # [Hkv, r, n * P] with no copy after it (indexing with three index tensors went element by element: 1.5 ms
     # against 0.2 ms at 8K positions on the CPU; listing by page first cost a permuting copy).
-    run = (k_dim.storage_offset() // P + pages[None, None, :] * (s_page // P) + heads * (s_head // P)
+    run = (pages[None, None, :] * (s_page // P) + heads * (s_head // P)
            + dims.long()[:, :, None] * (s_dim // P))  # divided by P before the sums: no tensor division
-    return _select_runs(k_dim, P, run).view(dims.shape[0], dims.shape[1], -1)[:, :, :S]
+    return runs_view(k_dim, P).index_select(0, run.flatten()).view(dims.shape[0], dims.shape[1], -1)[:, :, :S]
 
 
-def _select_runs(pool: torch.Tensor, width: int, runs: torch.Tensor) -> torch.Tensor:
-    """Runs of `width` contiguous values of pool's memory, by their row index in a [rows, width] view of the whole
-    storage (its offset included): [runs.numel(), width], one index_select."""
-    rows = pool.untyped_storage().nbytes() // (pool.element_size() * width)
-    return pool.as_strided((rows, width), (width, 1), 0).index_select(0, runs.flatten())
+def runs_fit(pool: torch.Tensor, width: int) -> bool:
+    """Whether a pool can be read as runs of `width` contiguous values: its last stride 1, its other strides and its
+    offset multiples of width (as the store lays its pools out)."""
+    return (pool.stride(-1) == 1 and pool.storage_offset() % width == 0
+            and all(st % width == 0 for st in pool.stride()[:-1]))
+
+
+def runs_view(pool: torch.Tensor, width: int) -> torch.Tensor:
+    """The pool's storage from its first element as [rows, width] (runs_fit true): a run's row is its offset from
+    the pool's first element over `width`."""
+    offset = pool.storage_offset()
+    rows = (pool.untyped_storage().nbytes() // pool.element_size() - offset) // width
+    return pool.as_strided((rows, width), (width, 1), offset)

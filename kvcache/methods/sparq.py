@@ -19,10 +19,10 @@ from kvcache.kernels.tuning import TUNING
 from kvcache.methods.base import REQUIRED, AttentionMethod, Params, Selection, param, scale_of
 from kvcache.methods.coverage import reference_args
 from kvcache.methods.dense import DenseParams, attend_rows
-from kvcache.methods.gather import gather_key_dims, gather_rows
+from kvcache.methods.gather import gather_key_dims, gather_rows, runs_fit
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.result import AttentionResult
-from kvcache.methods.sparq_cpu import runs_fit, sparq_cpu
+from kvcache.methods.sparq_cpu import sparq_cpu
 
 VALUE_MEAN_ITEMSIZE = SUMMARY_DTYPE.itemsize  # the mean value comes from float32 running sums
 
@@ -198,7 +198,8 @@ class Sparq(AttentionMethod):
 
     def run_cpu(self, q: torch.Tensor, inputs: LayerInputs, p: SparqParams) -> AttentionResult | None:
         view = inputs.view
-        if not runs_fit(view.k_seq, view.k_dim, view.v_seq):
+        d, P = view.k_seq.shape[3], view.k_dim.shape[3]
+        if not (runs_fit(view.k_seq, d) and runs_fit(view.v_seq, d) and runs_fit(view.k_dim, P)):
             return None
         nbytes = self.bytes_read(inputs.store.config, inputs.csr.host_lens, p)
         return sparq_cpu(q, view.k_seq, view.k_dim, view.v_seq, inputs.value_mean, inputs.csr, nbytes=nbytes,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from kvcache.kernels.csr import PageTableCSR
+from kvcache.methods.gather import runs_view
 from kvcache.methods.result import AttentionResult
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -59,14 +60,15 @@ def sparq_cpu(
     q_i1_np *= inv_tau[..., None]
     # The pools as [runs, width] views from their first element: a run is a page's P values of one key dim
     # (dim-major) or one row of d values (sequence-major).
-    dim_runs, k_rows, v_rows = _runs_view(k_dim, P), _runs_view(k_seq, d), _runs_view(v_seq, d)
+    dim_runs, k_rows, v_rows = runs_view(k_dim, P), runs_view(k_seq, d), runs_view(v_seq, d)
     s_page, s_head, s_dim, _ = (s // P for s in k_dim.stride())
     r_page, r_head, r_row, _ = (s // d for s in k_seq.stride())
-    head_runs = np.arange(Hkv)[:, None, None] * s_head
+    heads = np.arange(Hkv)
+    head_runs = heads[:, None, None] * s_head
     # Where the page axis lies next to the positions (the store's layout), a sequence on consecutive page ids has
     # each key dim of a head in one run of its S values: r rows of a [Hkv * d, N * P] view, not r * pages runs of P.
     by_dim = k_dim.permute(1, 2, 0, 3).reshape(Hkv * d, -1) if s_page == 1 and s_head == d * s_dim else None
-    head_rows = np.arange(Hkv)[:, None] * r_head
+    head_rows = heads[:, None] * r_head
     indptr = csr.indptr.tolist()
     indices = csr.indices.numpy()
     out_groups = out.view(B, Hkv, G, d)
@@ -76,7 +78,7 @@ def sparq_cpu(
         # §1 step 3: the r components of every key, read as runs of P from the dim-major pool -> [Hkv, r, S].
         if by_dim is not None and len(pages) and pages[-1] - pages[0] == len(pages) - 1 and (np.diff(pages) == 1).all():
             at = int(pages[0]) * P
-            dims = torch.from_numpy((i1_all[b] + np.arange(Hkv)[:, None] * d).reshape(-1))
+            dims = torch.from_numpy((i1_all[b] + heads[:, None] * d).reshape(-1))
             k_i1 = by_dim[:, at : at + S].index_select(0, dims).view(Hkv, r, S)
         else:
             run = pages * s_page + (head_runs + i1_all[b][:, :, None] * s_dim)
@@ -108,19 +110,3 @@ def sparq_cpu(
         else:
             out_groups[b] = y[0]
     return AttentionResult(out, lse, nbytes, coverage=alphas.view(B, Hq).clamp_(0.0, 1.0))
-
-
-def runs_fit(k_seq: torch.Tensor, k_dim: torch.Tensor, v_seq: torch.Tensor) -> bool:
-    """Whether the pools can be read as runs: rows of d (sequence-major) and runs of P (dim-major) start at multiples
-    of their width in memory, as the store lays them out."""
-    P, d = k_seq.shape[2], k_seq.shape[3]
-    return all(t.stride(3) == 1 and t.storage_offset() % w == 0 and all(st % w == 0 for st in t.stride()[:3])
-               for t, w in ((k_seq, d), (v_seq, d), (k_dim, P)))
-
-
-def _runs_view(pool: torch.Tensor, width: int) -> torch.Tensor:
-    """The pool's storage from its first element as [rows, width] (runs_fit says every stride but the last is a
-    multiple of width)."""
-    offset = pool.storage_offset()
-    rows = (pool.untyped_storage().nbytes() // pool.element_size() - offset) // width
-    return pool.as_strided((rows, width), (width, 1), offset)
