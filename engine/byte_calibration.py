@@ -2,8 +2,8 @@
 on the calibration text, and save it as the model's byte allocation (kvcache.methods.byte_allocation).
 
 Each window of the calibration text runs once through the model with exact attention. In every layer, for the
-last `queries` positions, the probabilities of the group's query heads are averaged (the ranking SparQ uses:
-ALGORITHMS §1's group mean) and sorted; the curve at a fraction f is the mass of the top ceil(f * n) of the n
+last `queries` positions, the probabilities of the group's query heads are averaged (the paper's GQA rule,
+docs/sparse-attention.md §1) and sorted; the curve at a fraction f is the mass of the top ceil(f * n) of the n
 positions that query sees, averaged over queries, kv heads and windows. The evaluation text is never read here.
 """
 

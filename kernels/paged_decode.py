@@ -8,10 +8,13 @@ by lse (docs/sparse-attention.md §4) in a second kernel. The positions come fro
   MODE_ROWS   a list of positions per (sequence, kv head) (SparQ stage 2, §1);
   MODE_PAGES  a list of logical pages per (sequence, kv head) (Quest / gate page selection, §3).
 
-With WITH_ALPHA the program also sums SparQ's approximate scores shat over its rows (§1 step 5),
-from stage 1's logits at those positions and its softmax stats: G floats per row, where
-recomputing them from the K rows took a second dot per tile (stage 2 at 128K x 8 on an H200:
-167 us with the recompute, 92 us with no alpha at all).
+With WITH_ALPHA the program also sums SparQ's approximate scores shat over its rows (§1 step 5): it
+recomputes their approximate logits from the K rows it reads, in the same tensor-core product as the exact
+scores. The group's G query heads fill only G of the tile's BLOCK_G >= 16 rows, so rows G..2G-1 carry each
+head's query masked to SparQ's i1 (stage 1's qmask); their products over i1, over tau, are stage 1's logits,
+and stage 1's softmax stats turn them into shat. An earlier recompute in a second dot per tile made stage 2
+at 128K x 8 on an H200 take 167 us against 92 us with no alpha; reading stage 1's per-head logits instead
+cost their round trip through memory (G floats per position written, then read by the selection).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _attend_partial_kernel(
     q_ptr, k_ptr, v_ptr,
     indptr_ptr, indices_ptr, last_len_ptr,
     list_ptr, list_len_ptr,
-    logits_ptr, stat_m_ptr, stat_l_ptr, s_lbh, s_lg, s_ln,
+    qmask_ptr, tau_ptr, stat_m_ptr, stat_l_ptr,
     out_ptr, lse_ptr, alpha_ptr,
     ksum_ptr, vsum_ptr, bad_ptr, s_sn, s_sh,
     sm_scale, items_per_split, num_stat_splits, list_items,
@@ -74,6 +77,11 @@ def _attend_partial_kernel(
     offs_d = tl.arange(0, D)
     mask_g = offs_g < G
     q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+    if WITH_ALPHA:  # rows G..2G-1 of the tile: each head's query masked to i1 (see the module's docstring)
+        offs_a = offs_g - G
+        mask_a = (offs_g >= G) & (offs_a < G)
+        q += tl.load(qmask_ptr + (pid_bh.to(tl.int64) * G + offs_a)[:, None] * D + offs_d[None, :],
+                     mask=mask_a[:, None], other=0.0)
     page_start, _, seq_len = sequence_extent(indptr_ptr, last_len_ptr, b, P)
     pdl_wait(PDL)
     if MODE == 0:
@@ -88,10 +96,12 @@ def _attend_partial_kernel(
     end = tl.minimum(start + items_per_split, num_items)
 
     if WITH_ALPHA:
-        # Stage-1 softmax stats of each query head, merged over the stage-1 splits.
-        glob_m, glob_l = merged_softmax_stats(stat_m_ptr, stat_l_ptr, pid_bh, num_stat_splits, offs_g, mask_g,
+        # Stage-1 softmax stats and tau of each query head, merged over the stage-1 splits, on the tile rows that
+        # carry its masked query.
+        glob_m, glob_l = merged_softmax_stats(stat_m_ptr, stat_l_ptr, pid_bh, num_stat_splits, offs_a, mask_a,
                                               G, BLOCK_STAT)
-        glob_l = tl.where(glob_l > 0, glob_l, 1.0)
+        inv_l = tl.where(mask_a & (glob_l > 0), 1.0 / tl.where(glob_l > 0, glob_l, 1.0), 0.0)
+        inv_tau = 1.0 / tl.load(tau_ptr + pid_bh * G + offs_a, mask=mask_a, other=1.0)
         alpha_acc = tl.zeros([BLOCK_G], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -121,10 +131,16 @@ def _attend_partial_kernel(
                      | (row_checksum(v, D, BITS) != want_v.to(tl.uint32, bitcast=True)))
             num_wrong += tl.sum((wrong & mask_n).to(tl.int32), axis=0)
 
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+        products = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if WITH_ALPHA:  # the masked rows' logits x_g = qmask_g . k / tau_g, against their global max
+            scores = tl.where(mask_a[:, None], products * inv_tau[:, None], products * sm_scale)
+        else:
+            scores = products * sm_scale
         scores = tl.where(mask_n[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if WITH_ALPHA:  # exp(x_g - max_g): shat_g * l_g; the running softmax of those rows is never stored
+            m_safe = tl.where(mask_a, glob_m, m_safe)
         p = tl.exp(scores - m_safe[:, None])
         rescale = tl.exp(m_i - m_safe)
         l_i = l_i * rescale + tl.sum(p, axis=1)
@@ -132,9 +148,7 @@ def _attend_partial_kernel(
         m_i = m_new
 
         if WITH_ALPHA:
-            approx = tl.load(logits_ptr + pid_bh.to(tl.int64) * s_lbh + offs_g[:, None] * s_lg + pos[None, :] * s_ln,
-                             mask=mask_g[:, None] & mask_n[None, :], other=float("-inf"))
-            alpha_acc += tl.sum(tl.exp(approx - glob_m[:, None]) / glob_l[:, None], axis=1)
+            alpha_acc += tl.sum(p, axis=1) * inv_l
 
     if VERIFY:
         if num_wrong > 0:
@@ -146,7 +160,7 @@ def _attend_partial_kernel(
     tl.store(out_ptr + (part * G + offs_g)[:, None] * D + offs_d[None, :], out, mask=mask_g[:, None])
     tl.store(lse_ptr + part * G + offs_g, lse, mask=mask_g)
     if WITH_ALPHA:
-        tl.store(alpha_ptr + part * G + offs_g, alpha_acc, mask=mask_g)
+        tl.store(alpha_ptr + part * G + offs_a, alpha_acc, mask=mask_a)
 
 
 @triton.jit
@@ -242,11 +256,12 @@ def attend_partial(
 
     k_seq and v_seq [N, Hkv, P, d] must have the same strides; they may be views of a pinned host
     tensor (the GPU reads those rows over PCIe) as long as csr.indices address that pool.
-    alpha_inputs = (logits [B*Hkv, G, S_pad], stat_m, stat_l [B*Hkv, S1, G], S1) from SparQ's stage 1 turns
-    on its alpha (items are then positions). Without list_len every list holds max_items items (no per-row count to
-    read). `launch` overrides TUNING['decode']. With `pdl` (kvcache.kernels.pdl) it launches as following the kernel
-    before it (the one that made its lists). With row_sums = (k_sums, v_sums [N, Hkv, P] int32, bad [1] int32) every
-    row read is checked against its checksum (kvcache.kernels.row_checksum) and bad counts those that differ.
+    alpha_inputs = (qmask [B*Hkv, G, d] q's dtype, tau [B*Hkv, G], stat_m, stat_l [B*Hkv, S1, G], S1) from SparQ's
+    stage 1 turns on its alpha (items are then positions). Without list_len every list holds max_items items (no
+    per-row count to read). `launch` overrides TUNING['decode']. With `pdl` (kvcache.kernels.pdl) it launches as
+    following the kernel before it (the one that made its lists). With row_sums = (k_sums, v_sums [N, Hkv, P] int32,
+    bad [1] int32) every row read is checked against its checksum (kvcache.kernels.row_checksum) and bad counts those
+    that differ.
     """
     B, Hq, D = q.shape
     _, Hkv, P, _ = k_seq.shape
@@ -267,14 +282,14 @@ def attend_partial(
     with_alpha = alpha_inputs is not None
     part_alpha = torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev) if with_alpha else part_lse
     if with_alpha:
-        logits, stat_m, stat_l, stat_splits = alpha_inputs
+        qmask, tau, stat_m, stat_l, stat_splits = alpha_inputs
     else:
-        logits, stat_m, stat_l, stat_splits = part_lse, part_lse, part_lse, 1
+        qmask, tau, stat_m, stat_l, stat_splits = part_lse, part_lse, part_lse, part_lse, 1
     dummy = csr.indptr
     item_list = dummy if item_list is None else item_list
     has_list_len = list_len is not None
     list_len = dummy if list_len is None else list_len
-    block_g = max(16, triton.next_power_of_2(G))
+    block_g = max(16, triton.next_power_of_2(2 * G if with_alpha else G))  # alpha: G more rows (masked queries)
     verify = row_sums is not None
     if verify:
         k_sums, v_sums, bad = row_sums
@@ -287,7 +302,7 @@ def attend_partial(
         q, k_seq, v_seq,
         csr.indptr, csr.indices, csr.last_page_len,
         item_list, list_len,
-        logits, stat_m, stat_l, *logits.stride(),
+        qmask, tau, stat_m, stat_l,
         part_out, part_lse, part_alpha,
         k_sums, v_sums, bad, k_sums.stride(0) if verify else 0, k_sums.stride(1) if verify else 0,
         scale, items, stat_splits, max_items,
