@@ -68,9 +68,6 @@ def method_grid(context: int, methods: list[str], page_size: int) -> list[tuple[
             for div in (16, 8):
                 k = context // div
                 rows.append(("sparq", {"r": r, "k": k, "local_window": k // 4}))
-        for r, div in ((16, 16), (32, 8)):  # the group ranked as one softmax (docs/sparse-attention.md §1)
-            k = context // div
-            rows.append(("sparq", {"r": r, "k": k, "local_window": k // 4, "joint_rank": True}))
     if "quest" in methods:
         for div in (16, 8):
             rows.append(("quest", {"top_pages": max(1, context // div // page_size)}))
@@ -198,28 +195,26 @@ def _sparq_stage_rows(store, seqs, q, shape: Shape, timer: Timer, copy_bw: float
     Hkv, d, item = shape.num_kv_heads, shape.head_dim, torch.empty((), dtype=shape.dtype).element_size()
     S = shape.context
     rows = []
-    for r, k, joint in ((16, S // 16, False), (16, S // 16, True), (32, S // 8, False)):
-        s1 = sparq_stage1(q, view.k_dim, csr, r, k // 4, joint)
-        positions = sparq_select(s1, csr, k)
+    for r, k in ((16, S // 16), (32, S // 8)):
+        s1 = sparq_stage1(q, view.k_dim, csr, r)
+        positions = sparq_select(s1, csr, Hkv, k, k // 4)
         stage1_bytes = shape.batch * Hkv * S * r * item
         stage2_bytes = sparq_bytes(csr.host_lens, Hkv, d, 0, k, item)
-        us1 = timer.median_us(lambda: sparq_stage1(q, view.k_dim, csr, r, k // 4, joint))
-        # A selection takes the workspace its stage 1 readied (once): timed with stage 1, less stage 1 alone.
-        us_sel = timer.median_us(lambda: sparq_select(sparq_stage1(q, view.k_dim, csr, r, k // 4, joint), csr, k)) - us1
+        us1 = timer.median_us(lambda: sparq_stage1(q, view.k_dim, csr, r))
+        # Timed alone, each selection zeroes a workspace of its own (a memset the step leaves to stage 1).
+        us_sel = timer.median_us(lambda: sparq_select(s1, csr, Hkv, k, k // 4))
         us2 = timer.median_us(lambda: sparq_stage2(q, view.k_seq, view.v_seq, vbar, csr, s1, positions))
-        params = {"r": r, "k": k, "local_window": k // 4, "joint_rank": joint}
-        rows.append(_row(shape.batch, S, "sparq.stage1", params, us1, stage1_bytes, copy_bw, sdpa_us))
-        # The selection's bytes: what stage 1 wrote for it (G logits or one score per position), read back once.
-        select_bytes = s1.scores.numel() // s1.scores.shape[-1] * S * s1.scores.element_size()
-        rows.append(_row(shape.batch, S, "sparq.select", params, us_sel, select_bytes, copy_bw, sdpa_us))
-        rows.append(_row(shape.batch, S, "sparq.stage2", params, us2, stage2_bytes, copy_bw, sdpa_us))
-        if joint:
-            continue
         # torch.topk over the same scores is the selection baseline.
         scores = torch.rand((shape.batch * Hkv, S), device=q.device)
         n = torch.full((shape.batch * Hkv,), S, dtype=torch.int32, device=q.device)
         us_radix = timer.median_us(lambda: select_topk(scores, k, n, in_registers=False))
         us_torch = timer.median_us(lambda: torch.topk(scores, k, dim=-1))
+        params = {"r": r, "k": k, "local_window": k // 4}
+        rows.append(_row(shape.batch, S, "sparq.stage1", params, us1, stage1_bytes, copy_bw, sdpa_us))
+        # The selection's bytes: the G float32 logits per position stage 1 wrote, read back once.
+        select_bytes = s1.logits.shape[0] * s1.logits.shape[1] * S * s1.logits.element_size()
+        rows.append(_row(shape.batch, S, "sparq.select", params, us_sel, select_bytes, copy_bw, sdpa_us))
+        rows.append(_row(shape.batch, S, "sparq.stage2", params, us2, stage2_bytes, copy_bw, sdpa_us))
         rows.append(_row(shape.batch, S, "topk.radix", {"k": k}, us_radix, 0, copy_bw, us_torch))
         rows.append(_row(shape.batch, S, "topk.torch", {"k": k}, us_torch, 0, copy_bw, us_torch))
     return rows

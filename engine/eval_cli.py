@@ -81,8 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ruler-items", type=int, default=4, help="RULER-style items per task and length")
     p.add_argument("--ruler-seed", type=int, default=0, help="seed of the RULER-style items")
     p.add_argument("--sparq", default="16:8,8:16,4:32,2:64",
-                   help="SparQ settings r:f with k = S/f (local window k/4), r:f:joint to rank jointly (joint_rank): "
-                        "default 1/4 .. 1/32 of dense bytes")
+                   help="SparQ settings r:f with k = S/f (local window k/4): default 1/4 .. 1/32 of dense bytes")
     p.add_argument("--quest", default="4,8", help="Quest settings f with top_pages = pages/f")
     p.add_argument("--quest-bytes", default="", help="Quest settings f: top_pages that read 1/f of dense bytes "
                                                        "(summaries included), to compare with gate bytes/f")
@@ -109,8 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "no scoring cost: the bound on any page selector reading that many rows, at any --page-size")
     p.add_argument("--at-bytes", default="",
                    help="METHOD:f,...: any method with the parameters that read 1/f of dense bytes at each context "
-                        "(AttentionMethod.params_for_share; f >= 1, not necessarily whole), e.g. window:8,sparq:6.5; "
-                        "sparq:f:joint ranks jointly (joint_rank)")
+                        "(AttentionMethod.params_for_share; f >= 1, not necessarily whole), e.g. window:8,sparq:6.5")
     p.add_argument("--allocation",
                    help="a byte allocation (`kvcache calibrate-bytes`; a name under kvcache/methods/allocations/ or "
                         "a path): each --at-bytes METHOD:f row gets a twin spending the same mean share per layer "
@@ -155,22 +153,6 @@ def gate_threshold_at(setting: str, context: int, page_size: int) -> float:
     return threshold
 
 
-def _joint_suffix(item: str, mode: list[str]) -> bool:
-    """Whether a grid item ends in ':joint' (SparQ's joint_rank, docs/sparse-attention.md §1); ValueError for any
-    other suffix."""
-    if mode not in ([], ["joint"]):
-        raise ValueError(f"a SparQ setting ends in ':joint' or nothing; got {item!r}")
-    return bool(mode)
-
-
-def _ranked(spec: AttentionSpec, joint: bool) -> AttentionSpec:
-    """spec with SparQ's joint_rank on in its params and every layer's, if `joint`."""
-    if not joint:
-        return spec
-    layers = {layer: (m, {**p, "joint_rank": True} if m == "sparq" else p) for layer, (m, p) in spec.layers.items()}
-    return AttentionSpec(spec.method, {**spec.params, "joint_rank": True}, layers)
-
-
 def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes: str = "", gate_pages: str = "",
                 itemsize: int = 4, head_dim: int = 64, gate_dim: int = GATE_DIM,
                 quest_bytes: str = "", oracle_bytes: str = "",
@@ -183,11 +165,9 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
     needed for the per-layer gate rows)."""
     grid = [("dense", AttentionSpec("dense", {}))]
     for item in filter(None, sparq.split(",")):
-        r, f, *mode = item.strip().split(":")
-        r, f, joint = int(r), int(f), _joint_suffix(item, mode)
+        r, f = (int(x) for x in item.split(":"))
         k = context // f
-        params = {"r": r, "k": k, "local_window": k // 4, **({"joint_rank": True} if joint else {})}
-        grid.append((f"sparq r={r} k=S/{f}" + " joint" * joint, AttentionSpec("sparq", params)))
+        grid.append((f"sparq r={r} k=S/{f}", AttentionSpec("sparq", {"r": r, "k": k, "local_window": k // 4})))
     for item in filter(None, quest.split(",")):
         f = int(item)
         pages = max(1, -(-context // page_size) // f)
@@ -233,10 +213,6 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
         grid.append((f"oracle share={item.strip()}", AttentionSpec("oracle", {"budget": budget})))
     for item in filter(None, at_bytes.split(",")):
         name, _, f = item.strip().partition(":")
-        f, *mode = f.split(":")
-        joint = _joint_suffix(item, mode)
-        if joint and name != "sparq":
-            raise ValueError(f"--at-bytes: only sparq ranks jointly; got {item!r}")
         try:
             share = 1 / float(f) if float(f) >= 1 else 0.0
         except ValueError:
@@ -246,11 +222,11 @@ def method_grid(context: int, page_size: int, sparq: str, quest: str, gate_bytes
         params = METHODS[name].params_for_share(context, share, page_size, head_dim, itemsize)
         if params is None:
             raise ValueError(f"{name} has no parameters that read 1/{f} of dense bytes at {context} tokens")
-        tag = " joint" * joint
-        grid.append((f"{name} bytes/{f}{tag}", _ranked(AttentionSpec(name, params.given()), joint)))
+        grid.append((f"{name} bytes/{f}", AttentionSpec(name, params.given())))
         if allocation is not None:  # the same mean share, spent per layer by the calibrated allocation
-            grid.append((f"{name} bytes/{f} calibrated{tag}", _ranked(calibrated_spec(
-                METHODS[name], context, share, page_size, head_dim, itemsize, allocation), joint)))
+            grid.append((f"{name} bytes/{f} calibrated", calibrated_spec(METHODS[name], context, share,
+                                                                           page_size, head_dim, itemsize,
+                                                                           allocation)))
     budget_rows = [(label, spec) for label, spec in grid if " bytes/" in label and spec.method != "window"]
     for value in filter(None, (x.strip() for x in min_coverage.split(","))):
         # Each sparse --at-bytes row again, a sequence's layer read densely where its coverage is below `value`.

@@ -1,7 +1,7 @@
 """A GQA group's selection scores from per-head logits: f = mean_g softmax(x_g), and the top-k's first histogram.
 
-Both SparQ (approximate logits per position, docs/sparse-attention.md §1 step 4, unless it ranks jointly) and Quest
-(bound logits per page, §5) rank a row's items by the group mean of each head's softmax. The kernel that wrote the
+Both SparQ (approximate logits per position, docs/sparse-attention.md §1 step 4) and Quest (bound logits per
+page, §5) rank a row's items by the group mean of each head's softmax. The kernel that wrote the
 logits also wrote per-split softmax stats (max, sum of exp) per head, so one pass over the logits
 gives f = sum_g exp(x_g - m_g) / (G l_g), writes it, and fills kvcache.kernels.topk's level-0 histogram
 over the items outside the row's forced tail (SparQ's local window, Quest's last page): one

@@ -3,15 +3,14 @@ rows.
 
   stage 1   per (sequence, kv head, split): i1 (the r largest of sum_g |q_g|) and tau_g, then
             only rows i1 of each k_dim page (r runs of P) are read and the approximate logits
-            x_g = q_g[i1] . K[:, i1] / tau_g made; kept are the split's softmax max / sum per query head, and
-            either the logits or (joint_rank) one group score per position, f = log sum_g exp(x_g) (§1, "GQA
-            ranking"), as a top-k order key, with the top-k's first histogram when rows are too long to select in
-            registers.
-  scores    (not joint_rank) kvcache.kernels.group_scores: f = mean_g softmax(x_g) over the positions outside the
-            local window, with the first radix histogram, once every split's statistics are known.
+            x_g = q_g[i1] . K[:, i1] / tau_g written, with the split's softmax max / sum per query head.
+  scores    kvcache.kernels.group_scores: f = mean_g softmax(x_g) over the positions outside the local
+            window (the group mean ranks like the sum of §1, step 4), with the first radix histogram
+            when the rows are too long to select in registers.
   top-k     kvcache.kernels.topk.select_topk: the window plus the k - l largest f, no sort.
   stage 2   kvcache.kernels.paged_decode MODE_ROWS with alpha: exact softmax over the k rows, alpha_g
-            = sum of shat_g over them (x_g recomputed from the rows read), y = alpha * (s . V) + (1 - alpha) * vbar.
+            = sum of shat_g over them (the logits recomputed from the rows read, with stage 1's qmask, tau and
+            softmax stats), y = alpha * (s . V) + (1 - alpha) * vbar.
 """
 
 from __future__ import annotations
@@ -27,16 +26,7 @@ from .csr import PageTableCSR
 from .group_scores import group_scores
 from .paged_decode import MODE_ROWS, attend_partial_and_merge, dot_precision, plan_splits, sequence_extent
 from .softmax_stats import running_softmax_stats
-from .topk import (
-    LEVELS,
-    add_histogram,
-    digit_histogram,
-    order_key,
-    select_topk,
-    selects_in_registers,
-    topk_workspace,
-    zero_workspace_row,
-)
+from .topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
 from .tuning import TUNING
 
 
@@ -71,23 +61,20 @@ def _group_query(
 @triton.jit
 def _stage1_kernel(
     q_ptr, kdim_ptr, indptr_ptr, indices_ptr, last_len_ptr,
-    keys_ptr, qmask_ptr, tau_ptr, stat_m_ptr, stat_l_ptr, hist0_ptr, hist1_ptr, counters_ptr, n_valid_ptr,
-    n_total_ptr, scale, tail, items_per_split,
-    s_qb, s_qh, s_kn, s_kh, s_kd, s_keys, s_lbh, s_lg, s_ln,
+    logits_ptr, qmask_ptr, tau_ptr, stat_m_ptr, stat_l_ptr, hist0_ptr, hist1_ptr, counters_ptr,
+    scale, items_per_split,
+    s_qb, s_qh, s_kn, s_kh, s_kd, s_lbh, s_lg, s_ln,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_DOT: tl.constexpr, JOINT: tl.constexpr, WITH_HIST: tl.constexpr, SHIFT: tl.constexpr,
-    NBINS: tl.constexpr, NBINS_BITS: tl.constexpr, WS_B1: tl.constexpr,
+    USE_DOT: tl.constexpr, WS_B0: tl.constexpr, WS_B1: tl.constexpr,
 ):
-    """§1 steps 1-3 on one slice of positions: approximate logits from the r chosen key rows of k_dim, kept as each
-    head's softmax statistics and, with JOINT, one group score per position, else the logits (see sparq_stage1)."""
-    pid_bh = tl.program_id(0).to(tl.int64)  # key offsets can pass 2^31
+    """§1 steps 1-3 on one slice of positions: approximate logits from the r chosen key rows of k_dim."""
+    pid_bh = tl.program_id(0).to(tl.int64)  # logits offsets can pass 2^31
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     b = pid_bh // HKV
     h = pid_bh % HKV
     page_start, _, seq_len = sequence_extent(indptr_ptr, last_len_ptr, b, P)
-    n_valid = tl.maximum(seq_len - tail, 0)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_r = tl.arange(0, BLOCK_R)
@@ -95,23 +82,21 @@ def _stage1_kernel(
     mask_r = offs_r < R
     # Every program finds i1 and tau itself (a sort of d values): cheaper than a launch of its own.
     i1, tau, chosen = _group_query(q_ptr, b, h, R, scale, s_qb, s_qh, offs_g, mask_g, G, D, BLOCK_R)
-    if split == 0:  # what stage 2 needs to recompute these logits on the rows it reads, and the row's counts
+    if split == 0:
+        zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, pid_bh, WS_B0, WS_B1)  # rather than a memset
+        # For stage 2, which recomputes these logits on the rows it reads (alpha): each head's query with the
+        # components outside i1 zeroed, and tau.
         offs_d = tl.arange(0, D)
-        q_row = q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :]
-        q_full = tl.load(q_row, mask=mask_g[:, None], other=0.0)
+        q_full = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :], mask=mask_g[:, None],
+                         other=0.0)
         tl.store(qmask_ptr + (pid_bh * G + offs_g)[:, None] * D + offs_d[None, :],
                  tl.where(chosen[None, :], q_full, tl.zeros_like(q_full)), mask=mask_g[:, None])
         tl.store(tau_ptr + pid_bh * G + offs_g, tau, mask=mask_g)
-        tl.store(n_valid_ptr + pid_bh, n_valid)
-        tl.store(n_total_ptr + pid_bh, seq_len)
-        if not JOINT:  # the selection's workspace, zeroed here rather than by a memset of its own
-            zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, pid_bh, NBINS_BITS, WS_B1)
     q_sel = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + i1[None, :],  # [G, R], from L1
                     mask=mask_g[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
     col = h * s_kh + i1.to(tl.int64) * s_kd  # [BLOCK_R]
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    hist = tl.zeros([NBINS], dtype=tl.int32)
     start = split * items_per_split
     end = tl.minimum(start + items_per_split, seq_len)
     NPG: tl.constexpr = BLOCK_N // P
@@ -135,50 +120,30 @@ def _stage1_kernel(
         x = x / tau[:, None]
         offs_n = it + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        x = tl.where(mask_g[:, None] & mask_n[None, :], x, float("-inf"))
+        x = tl.where(mask_n[None, :], x, float("-inf"))
+        tl.store(logits_ptr + pid_bh * s_lbh + offs_g[:, None] * s_lg + offs_n[None, :] * s_ln, x,
+                 mask=mask_g[:, None] & mask_n[None, :])
         m_i, l_i = running_softmax_stats(m_i, l_i, x)
-        if JOINT:
-            # The group's score of a position: log sum_g exp(x_g), the group's logits ranked as one softmax
-            # (docs/sparse-attention.md §1, "GQA ranking"); padded heads and positions are -inf.
-            top = tl.max(x, axis=0)
-            top_safe = tl.where(top == float("-inf"), 0.0, top)
-            total = tl.sum(tl.exp(x - top_safe[None, :]), axis=0)  # >= 1 at a cached position
-            key = order_key(top_safe + tl.log(tl.where(total > 0, total, 1.0)))
-            tl.store(keys_ptr + pid_bh * s_keys + offs_n, key, mask=mask_n)
-            if WITH_HIST:  # the top-k's level-0 histogram, over the positions outside the local window
-                hist += digit_histogram(key, offs_n < tl.minimum(end, n_valid), SHIFT, NBINS)
-        else:  # the logits, for the scoring pass once every split's statistics are known
-            tl.store(keys_ptr + pid_bh * s_lbh + offs_g[:, None] * s_lg + offs_n[None, :] * s_ln, x,
-                     mask=mask_g[:, None] & mask_n[None, :])
     stat = (pid_bh * num_splits + split) * G + offs_g
     tl.store(stat_m_ptr + stat, m_i, mask=mask_g)
     tl.store(stat_l_ptr + stat, l_i, mask=mask_g)
-    if JOINT and WITH_HIST:
-        add_histogram(hist0_ptr + pid_bh * NBINS, hist, NBINS)
 
 
 @dataclass
 class Stage1Result:
     """What stage 1 leaves for the selection and stage 2 (all on the device)."""
 
-    scores: torch.Tensor  # joint: [B*Hkv, S_pad] float32 order keys (kvcache.kernels.topk.order_key) of the group
-    # scores; else [B*Hkv, G, S_pad] float32 approximate logits x_g (a view of position-major memory)
-    joint: bool  # the group's positions ranked as one softmax (docs/sparse-attention.md §1, "GQA ranking")
-    qmask: torch.Tensor  # [B*Hkv, G, d] q's dtype: each query head with the components outside i1 zeroed
-    tau: torch.Tensor  # [B*Hkv, G] float32 temperatures: x_g = qmask_g . K / tau_g
+    logits: torch.Tensor  # [B*Hkv, G, S_pad] float32 approximate logits x_g, a view of position-major memory
     stat_m: torch.Tensor  # [B*Hkv, splits, G] per-split softmax max of x_g
     stat_l: torch.Tensor  # [B*Hkv, splits, G] per-split softmax sum
-    n_valid: torch.Tensor  # [B*Hkv] int32 positions outside the local window
-    n_total: torch.Tensor  # [B*Hkv] int32 cached positions
+    qmask: torch.Tensor  # [B*Hkv, G, d] q's dtype: each query head with the components outside i1 zeroed
+    tau: torch.Tensor  # [B*Hkv, G] float32 temperatures: x_g = qmask_g . K / tau_g
     items_per_split: int
-    local_window: int
-    num_kv_heads: int
-    in_registers: bool  # whether the selection runs one program per row (then no histogram is made)
-    workspace: dict[str, torch.Tensor] | None  # kvcache.kernels.topk's, readied by stage 1; taken by the selection
+    workspace: dict[str, torch.Tensor] | None  # kvcache.kernels.topk's, zeroed by stage 1; taken by the first selection
 
     @property
     def num_splits(self) -> int:
-        """Splits of the sequence axis used by stage 1."""
+        """Splits of the sequence axis used by stage 1 (and the scoring pass)."""
         return self.stat_m.shape[1]
 
     @property
@@ -188,11 +153,10 @@ class Stage1Result:
 
 
 def sparq_stage1(
-    q: torch.Tensor, k_dim: torch.Tensor, csr: PageTableCSR, r: int, local_window: int = 0, joint_rank: bool = False,
-    block_n: int | None = None, scale: float | None = None,
+    q: torch.Tensor, k_dim: torch.Tensor, csr: PageTableCSR, r: int, block_n: int | None = None,
+    scale: float | None = None,
 ) -> Stage1Result:
-    """§1 steps 1-3: reads r of d key components per position; keeps softmax statistics, and a group score per
-    position (`joint_rank`) or every head's logits."""
+    """§1 steps 1-3 up to the softmax statistics: reads r of d key components per position."""
     B, Hq, D = q.shape
     Hkv, P = k_dim.shape[1], k_dim.shape[3]
     G = Hq // Hkv
@@ -203,66 +167,49 @@ def sparq_stage1(
     num_splits, items = plan_splits(csr.max_len, BH, block_n, launch.programs)
     row_len = triton.cdiv(csr.max_len, 16) * 16
     block_r = max(16, triton.next_power_of_2(r))
-    in_registers = selects_in_registers(csr.max_len, BH)
-    joint = joint_rank
-    if joint:
-        # One float per position where the per-head logits take G (16.8 MB written and read back at 128K x 1 with
-        # G = 4); stage 1 fills the top-k's first histogram itself, so its workspace is zeroed before the launch.
-        scores = torch.empty((BH, row_len), dtype=torch.float32, device=dev)
-        workspace = None if in_registers else topk_workspace(BH, dev)
-    else:
-        # float32: fp16 logits were tried (half the traffic) and made the selection slower on an H200, as rounding
-        # ties many scores on the radix's top 16 bits and the tied candidates are finished serially. Position-major
-        # ([B*Hkv, S_pad, G] in memory): the scoring pass loads each head's logits apart
-        # (kvcache.kernels.group_scores; bench/results/sparq_scores_loads_ab_h100.json).
-        scores = torch.empty((BH, row_len, G), dtype=torch.float32, device=dev).transpose(1, 2)
-        workspace = topk_workspace(BH, dev, zeroed=False)  # zeroed by stage 1, filled by the scoring pass
     res = Stage1Result(
-        scores=scores, joint=joint,
-        qmask=torch.empty((BH, G, D), dtype=q.dtype, device=dev),
-        tau=torch.empty((BH, G), dtype=torch.float32, device=dev),
+        # float32: fp16 logits were tried (half the traffic) and made the selection slower on an H200, as
+        # rounding ties many scores on the radix's top 16 bits and the tied candidates are finished serially.
+        # Position-major ([B*Hkv, S_pad, G] in memory), chosen when stage 2 still read the G logits of each chosen
+        # row for alpha (one 16-byte run where head-major rows cost G sectors a row), with the scoring pass loading
+        # each head's logits apart (kvcache.kernels.group_scores). H100, 128K x 8, r=16: step 539-542 us against
+        # 559-563 us head-major; 128K x 1 alike (bench/results/sparq_scores_loads_ab_h100.json).
+        logits=torch.empty((BH, row_len, G), dtype=torch.float32, device=dev).transpose(1, 2),
         stat_m=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
         stat_l=torch.empty((BH, num_splits, G), dtype=torch.float32, device=dev),
-        n_valid=torch.empty(BH, dtype=torch.int32, device=dev),
-        n_total=torch.empty(BH, dtype=torch.int32, device=dev),
-        items_per_split=items, local_window=local_window, num_kv_heads=Hkv, in_registers=in_registers,
-        workspace=workspace,
+        qmask=torch.empty((BH, G, D), dtype=q.dtype, device=dev),
+        tau=torch.empty((BH, G), dtype=torch.float32, device=dev),
+        items_per_split=items,
+        workspace=topk_workspace(BH, dev, zeroed=False),
     )
     use_dot = G >= 16  # measured on an H200: FMAs on G rows beat a 16-row tensor-core tile for G <= 8
     block_g = max(16, triton.next_power_of_2(G)) if use_dot else triton.next_power_of_2(G)
-    ws = workspace or {"hist0": res.n_valid, "hist1": res.n_valid, "counters": res.n_valid}  # unused in registers
-    shift, bits = LEVELS[0]
-    s_lbh, s_lg, s_ln = scores.stride() if not joint else (0, 0, 0)
     _stage1_kernel[(BH, num_splits)](
         q, k_dim, csr.indptr, csr.indices, csr.last_page_len,
-        scores, res.qmask, res.tau, res.stat_m, res.stat_l, ws["hist0"], ws["hist1"], ws["counters"],
-        res.n_valid, res.n_total, 1.0 / math.sqrt(D) if scale is None else scale, local_window, items,
-        q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), scores.stride(0),
-        s_lbh, s_lg, s_ln,
+        res.logits, res.qmask, res.tau, res.stat_m, res.stat_l,
+        res.workspace["hist0"], res.workspace["hist1"], res.workspace["counters"],
+        1.0 / math.sqrt(D) if scale is None else scale, items,
+        q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), *res.logits.stride(),
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, R=r, BLOCK_R=block_r, BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(q.dtype), USE_DOT=use_dot, JOINT=joint, WITH_HIST=not in_registers,
-        SHIFT=shift, NBINS=1 << bits, NBINS_BITS=bits, WS_B1=LEVELS[1][1], num_warps=launch.num_warps,
+        DOT_PRECISION=dot_precision(q.dtype), USE_DOT=use_dot, WS_B0=LEVELS[0][1], WS_B1=LEVELS[1][1],
+        num_warps=launch.num_warps,
     )
     return res
 
 
 def sparq_select(
-    s1: Stage1Result, csr: PageTableCSR, k: int, block_n: int | None = None, topk_block: int | None = None,
+    s1: Stage1Result, csr: PageTableCSR, num_kv_heads: int, k: int, local_window: int,
+    block_n: int | None = None, topk_block: int | None = None,
 ) -> torch.Tensor:
-    """§1 step 4: positions [B*Hkv, k] (int32, unordered): the local window and the k - l best group scores."""
-    # The selection fills its workspace: only the first one after stage 1 finds it as stage 1 left it.
-    ws, s1.workspace = s1.workspace, None
-    if ws is None and not (s1.joint and s1.in_registers):
-        raise RuntimeError("sparq_select: this stage-1 result was already selected from")
-    if s1.joint:
-        scores, n_valid, n_total = s1.scores, s1.n_valid, s1.n_total
-    else:  # the group mean of each head's softmax, once the statistics of every split are known
-        scores, counts = group_scores(s1.scores, s1.stat_m, s1.stat_l, s1.items_per_split, csr,
-                                      s1.num_kv_heads, s1.local_window, ws["hist0"],
-                                      block_n=block_n, with_hist=not s1.in_registers)
-        n_valid, n_total = counts["n_valid"], counts["n_total"]
-    return select_topk(scores, k, n_valid, n_total, csr.max_len, ws, block=topk_block, hist0_done=True,
-                       in_registers=s1.in_registers)
+    """§1 step 4: positions [B*Hkv, k] (int32, unordered): the local window and the k - l best group-mean shat."""
+    BH = s1.logits.shape[0]
+    # The selection fills its workspace: only the first one after stage 1 finds it zeroed.
+    ws, s1.workspace = (s1.workspace if s1.workspace is not None else topk_workspace(BH, s1.logits.device)), None
+    in_registers = selects_in_registers(csr.max_len, BH)
+    scores, counts = group_scores(s1.logits, s1.stat_m, s1.stat_l, s1.items_per_split, csr, num_kv_heads,
+                                  local_window, ws["hist0"], block_n=block_n, with_hist=not in_registers)
+    return select_topk(scores, k, counts["n_valid"], counts["n_total"], csr.max_len, ws, block=topk_block,
+                       hist0_done=True, in_registers=in_registers)
 
 
 def sparq_stage2(
@@ -272,11 +219,11 @@ def sparq_stage2(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """§1 steps 5-7: exact attention over the chosen rows, alpha, mean-value reallocation: out, lse."""
     BH, k = positions.shape
+    alpha_inputs = s1.alpha_inputs if reallocate else None
     vbar = value_mean.float().reshape(BH, -1) if reallocate else None
     return attend_partial_and_merge(
         q, k_seq, v_seq, csr, k, MODE_ROWS, item_list=positions,
-        alpha_inputs=s1.alpha_inputs if reallocate else None, value_mean=vbar, scale=scale, block_n=block_n,
-        launch=TUNING["rows"],
+        alpha_inputs=alpha_inputs, value_mean=vbar, scale=scale, block_n=block_n, launch=TUNING["rows"],
     )
 
 
@@ -292,7 +239,6 @@ def sparq_decode(
     local_window: int = 0,
     reallocate: bool = True,
     scale: float | None = None,
-    joint_rank: bool = False,
     block_n: int | None = None,
     topk_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,6 +246,6 @@ def sparq_decode(
 
     Parameters as kvcache.methods.sparq, which checks them; value_mean [B, Hkv, d] float32.
     """
-    s1 = sparq_stage1(q, k_dim, csr, r, local_window, joint_rank, block_n, scale)
-    positions = sparq_select(s1, csr, k, block_n, topk_block)
+    s1 = sparq_stage1(q, k_dim, csr, r, block_n, scale)
+    positions = sparq_select(s1, csr, k_seq.shape[1], k, local_window, block_n, topk_block)
     return sparq_stage2(q, k_seq, v_seq, value_mean, csr, s1, positions, reallocate, scale, block_n)

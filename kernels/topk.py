@@ -51,16 +51,6 @@ ROW_SELECT_MANY_ROWS = 16
 
 
 @triton.jit
-def order_key(v):
-    """A float32 >= 0 whose bits order like the float32 v (any sign; NaN excepted), for the selections here to rank.
-
-    The sign-magnitude bits of v become an unsigned order (flip all of a negative, set the top bit of the rest),
-    then drop their lowest bit to fit in 31: neighbouring floats may tie, and a tie is any correct choice."""
-    b = v.to(tl.int32, bitcast=True)
-    return tl.where(b >= 0, (b >> 1) + (1 << 30), (~b) >> 1).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _digit(x, SHIFT: tl.constexpr, NBITS: tl.constexpr):
     return ((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> SHIFT) & ((1 << NBITS) - 1)
 
@@ -90,14 +80,13 @@ def bisect_select(x, cand, need):
 
     Bisection on the float bits (they order like the values): the largest t with at least `need`
     candidates at or above it, 31 halvings of [0, +inf]. Lanes above t are taken; `need left` of the
-    lanes equal to t (the ties) complete the choice; order_key's bits (up to 0x7FC00000) are in range. One block
-    reduction per halving, where a radix
+    lanes equal to t (the ties) complete the choice. One block reduction per halving, where a radix
     digit costs a tl.histogram whose time grows with its bins: at 8192 lanes on an H200 this took
     20 us against 29 us for four 8-bit digits (16 warps). Fewer, wider steps (3 pivots a step, their
     counts packed in one int64 sum) were no faster: the time goes with the lanes, not the reductions."""
     bits = tl.where(cand, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)  # -0.0 ranks as 0
     lo = tl.zeros([], dtype=tl.int32)  # count(bits >= lo) >= need, while count(bits >= hi) < need
-    hi = tl.full([], 0x7FC00001, dtype=tl.int32)
+    hi = tl.full([], 0x7F800001, dtype=tl.int32)
     for _ in range(31):
         mid = lo + (hi - lo) // 2
         enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= need

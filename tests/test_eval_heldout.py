@@ -149,22 +149,6 @@ def test_the_floor_rows_read_each_method_s_share_of_the_bytes():
     assert floor_grid(grid, 512, config, "") == []
 
 
-def test_a_sparq_setting_ending_in_joint_ranks_jointly_and_another_suffix_is_refused():
-    from kvcache.engine.eval_cli import method_grid
-    from kvcache.methods.byte_allocation import load_allocation
-
-    grid = dict(method_grid(2048, 16, "8:16,8:16:joint", "", head_dim=64, at_bytes="sparq:8:joint",
-                            allocation=load_allocation("smollm2-135m"), num_layers=30))
-    assert "joint_rank" not in grid["sparq r=8 k=S/16"].params
-    assert grid["sparq r=8 k=S/16 joint"].params == {**grid["sparq r=8 k=S/16"].params, "joint_rank": True}
-    assert grid["sparq bytes/8 joint"].params["joint_rank"] is True
-    calibrated = grid["sparq bytes/8 calibrated joint"]
-    assert all(p["joint_rank"] for m, p in calibrated.layers.values() if m == "sparq") and calibrated.layers
-    for bad in ({"sparq": "8:16:fast"}, {"sparq": "", "at_bytes": "window:8:joint"}):
-        with pytest.raises(ValueError, match="joint"):
-            method_grid(2048, 16, bad.pop("sparq"), "", head_dim=64, **bad)
-
-
 # ---- end to end ----------------------------------------------------------------------------------------------
 
 

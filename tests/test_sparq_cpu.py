@@ -24,7 +24,7 @@ def _run(store, ids, q, **params):
     view, csr = store.layer_view(0), store.page_table(ids, 0)
     value_mean = store.value_mean(ids, 0)
     reference = sparq(q, view.k_seq, view.k_dim, view.v_seq, value_mean, csr, **params)
-    full = {"local_window": 0, "reallocate": True, "scale": None, "joint_rank": False, **params}
+    full = {"local_window": 0, "reallocate": True, "scale": None, **params}
     with poisoned_allocations():
         got = sparq_cpu(q, view.k_seq, view.k_dim, view.v_seq, value_mean, csr, nbytes=reference.bytes_read, **full)
     return got, reference
@@ -39,18 +39,6 @@ def test_sparq_cpu_equals_the_reference(lengths, d, page_size, G, r, k, window, 
     assert_matches(got.out, got.lse, reference, dtype)
     torch.testing.assert_close(got.coverage, reference.coverage, rtol=1e-5, atol=1e-6)
     assert got.bytes_read == reference.bytes_read
-
-
-@pytest.mark.parametrize(("lengths", "d", "page_size", "G", "r", "k", "window"), [CASES[0], CASES[3]])
-def test_joint_ranking_equals_the_reference(lengths, d, page_size, G, r, k, window):
-    store, ids = scattered_store(lengths, d=d, page_size=page_size, seed=7)
-    q = torch.randn((len(ids), HKV * G, d), generator=torch.Generator().manual_seed(8))
-    q = q * torch.linspace(0.5, 4.0, HKV * G)[None, :, None]  # heads of unlike scale: the rankings then differ
-    got, reference = _run(store, ids, q, r=r, k=k, local_window=window, joint_rank=True)
-    assert_matches(got.out, got.lse, reference, torch.float32)
-    torch.testing.assert_close(got.coverage, reference.coverage, rtol=1e-5, atol=1e-6)
-    by_mean = _run(store, ids, q, r=r, k=k, local_window=window)[1]
-    assert not torch.allclose(reference.out, by_mean.out, atol=1e-4)
 
 
 @pytest.mark.parametrize("reallocate", [True, False])

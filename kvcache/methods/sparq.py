@@ -23,7 +23,6 @@ from kvcache.methods.gather import gather_key_dims, gather_rows, runs_fit
 from kvcache.methods.inputs import LayerInputs
 from kvcache.methods.result import AttentionResult
 from kvcache.methods.sparq_cpu import sparq_cpu
-from kvcache.methods.sparq_ranking import group_scores
 
 VALUE_MEAN_ITEMSIZE = SUMMARY_DTYPE.itemsize  # the mean value comes from float32 running sums
 
@@ -61,8 +60,7 @@ def i1_of(qg: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def select_rows(
-    qg: torch.Tensor, k_i1: torch.Tensor, r: int, S: int, k: int, local_window: int, scale: float,
-    joint_rank: bool = False,
+    qg: torch.Tensor, k_i1: torch.Tensor, r: int, S: int, k: int, local_window: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """§1 steps 2-5 for one sequence: positions i2 [Hkv, k] and alpha [Hkv, G].
 
@@ -78,15 +76,12 @@ def select_rows(
     ratio = torch.where((covered > 0) & (total > 0), covered / total.clamp(min=1e-30), 1.0)
     tau = torch.sqrt(ratio) / scale  # [Hkv, G]
     # 3. shat over all S positions from the r chosen key components.
-    x = torch.einsum("hgr,hrs->hgs", q_i1, k_i1.float()) / tau[..., None]
-    shat = torch.softmax(x, dim=-1)
-    # 4. i2: the local window, and the top k - l of the group's scores before it; the window is always taken, so it
-    # is not ranked.
+    shat = torch.softmax(torch.einsum("hgr,hrs->hgs", q_i1, k_i1.float()) / tau[..., None], dim=-1)
+    # 4. i2: the local window, and the top k - l of the group's shat before it. Ranking by the group
+    # mean (same order as the sum) keeps shat <= 1; the window is always taken, so it is not ranked.
     free = S - local_window
     window = torch.arange(free, S, device=qg.device).expand(Hkv, local_window)
-    # Ranked by the group's mean shat (§1's rule) or by its logits as one softmax (joint_rank: "GQA ranking").
-    rank = group_scores(x[:, :, :free]) if joint_rank else shat[:, :, :free].mean(dim=1)
-    i2 = torch.cat([top_positions(rank, k - local_window), window], dim=1)  # [Hkv, k]
+    i2 = torch.cat([top_positions(shat[:, :, :free].mean(dim=1), k - local_window), window], dim=1)  # [Hkv, k]
     # 5. alpha per query head: approximate attention mass the chosen rows cover.
     alpha = torch.gather(shat, 2, i2[:, None, :].expand(Hkv, G, k)).sum(-1)  # [Hkv, G]
     return i2, alpha
@@ -121,9 +116,8 @@ def sparq(
     local_window: int = 0,
     reallocate: bool = True,
     scale: float | None = None,
-    joint_rank: bool = False,
 ) -> AttentionResult:
-    """SparQ decode attention of q [B, Hq, d] (§1, GQA as §1 says, or ranked jointly); value_mean [B, Hkv, d] f32.
+    """SparQ decode attention of q [B, Hq, d] (§1, GQA as §1 says); value_mean [B, Hkv, d] f32.
 
     Stage 1 reads r components of every key from `k_dim`; stage 2 reads k rows of K and V
     from `k_seq` / `v_seq`. The lse returned is that of the exact stage-2 scores, so merging
@@ -142,8 +136,7 @@ def sparq(
     coverage = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
     for b, S in enumerate(seq_lens):
         qg = q[b].view(Hkv, G, d).float()
-        i2, alpha = select_rows(qg, gather_key_dims(k_dim, csr, b, i1_of(qg, r)), r, S, k, local_window, scale,
-                                joint_rank)
+        i2, alpha = select_rows(qg, gather_key_dims(k_dim, csr, b, i1_of(qg, r)), r, S, k, local_window, scale)
         coverage[b] = alpha.reshape(Hq).clamp(0.0, 1.0)  # the estimate, whether or not it reallocates
         if not reallocate:
             alpha = torch.ones_like(alpha)
@@ -164,8 +157,6 @@ class SparqParams(Params):
     k: int = param(REQUIRED, doc="positions read per kv head (1..S)", lo=1, cli=256)
     local_window: int = param(0, doc="most recent positions always among the k (0..k)", lo=0, cli="k/4")
     reallocate: bool = param(True, doc="mean-value reallocation: alpha * out + (1 - alpha) * mean value")
-    joint_rank: bool = param(False, doc="rank a GQA group's positions by its logits as one softmax, not by the mean "
-                             "of each head's (one pass on the GPU)")
 
 
 class Sparq(AttentionMethod):
@@ -197,7 +188,7 @@ class Sparq(AttentionMethod):
         for b, S in enumerate(inputs.csr.host_lens):
             qg = q[b].view(Hkv, Hq // Hkv, d).float()
             k_i1 = gather_key_dims(inputs.view.k_dim, inputs.csr, b, i1_of(qg, p.r))
-            i2, alpha = select_rows(qg, k_i1, p.r, S, p.k, p.local_window, scale, p.joint_rank)
+            i2, alpha = select_rows(qg, k_i1, p.r, S, p.k, p.local_window, scale)
             items.append(i2)
             alphas.append(alpha)
         alpha = torch.cat(alphas)
@@ -216,8 +207,8 @@ class Sparq(AttentionMethod):
 
     def select_gpu(self, q: torch.Tensor, inputs: LayerInputs, p: SparqParams) -> Selection:
         csr = inputs.csr
-        s1 = sparq_stage1(q, inputs.view.k_dim, csr, p.r, p.local_window, p.joint_rank, scale=p.scale)
-        items = sparq_select(s1, csr, p.k)
+        s1 = sparq_stage1(q, inputs.view.k_dim, csr, p.r, scale=p.scale)
+        items = sparq_select(s1, csr, inputs.num_kv_heads, p.k, p.local_window)
         stats = s1.alpha_inputs
         # Without reallocation the attention kernel still sums alpha (G floats per row read): the coverage estimate.
         if p.reallocate:

@@ -19,7 +19,6 @@ import torch
 from kvcache.kernels.csr import PageTableCSR
 from kvcache.methods.gather import runs_view
 from kvcache.methods.result import AttentionResult
-from kvcache.methods.sparq_ranking import group_scores
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -37,7 +36,6 @@ def sparq_cpu(
     reallocate: bool,
     scale: float | None,
     nbytes: int,
-    joint_rank: bool = False,
 ) -> AttentionResult:
     """SparQ of q [B, Hq, d] over a CPU pool (parameters already checked): out [B, Hq, d] in q's dtype, lse [B, Hq]
     of the exact scores over the chosen rows, coverage [B, Hq] (alpha); `nbytes` is the bytes_read it reports."""
@@ -85,18 +83,14 @@ def sparq_cpu(
         else:
             run = pages * s_page + (head_runs + i1_all[b][:, :, None] * s_dim)
             k_i1 = dim_runs.index_select(0, torch.from_numpy(run.reshape(-1))).view(Hkv, r, -1)[:, :, :S]
-        logits = torch.bmm(q_i1_all[b], k_i1.float())
-        shat = torch.softmax(logits, dim=-1)  # [Hkv, G, S]
-        # §1 step 4: the local window, and the top k - l of the group's scores before it (the sum of shat ranks as
-        # the mean does).
+        shat = torch.softmax(torch.bmm(q_i1_all[b], k_i1.float()), dim=-1)  # [Hkv, G, S]
+        # §1 step 4: the local window, and the top k - l of the group's mean shat before it (ranked by the sum,
+        # the same order).
         free, n = S - local_window, k - local_window
-        if n > 0 and joint_rank:
-            group = group_scores(logits[:, :, :free]).numpy()
-        elif n > 0:
-            shat_np = shat.numpy()
-            group = shat_np[:, 0, :free].copy()
-            for g in range(1, G):
-                group += shat_np[:, g, :free]
+        shat_np = shat.numpy()
+        group = shat_np[:, 0, :free].copy()
+        for g in range(1, G):
+            group += shat_np[:, g, :free]
         if n > 0:
             i2[:, :n] = np.argpartition(group, free - n, axis=1)[:, free - n :]
         i2[:, n:] = np.arange(free, S)
