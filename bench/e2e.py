@@ -16,7 +16,8 @@ ratio to dense beside what the bytes predict. Paths:
 - `per-call`: the same step with every layer's call an attend(..., plan=) (validation in every call), eager;
 - `remote-pool`, `remote-local`, `remote-grpc`: the step of an engine whose store is a `kvcache serve` on this host:
   leased on the server's shared page pool (`--share-pool`) and run in the engine, replayed from its captured graph
-  where the `graph` path is (16 steps to a lease, timed in bursts of 16; else planned, one step a lease); or
+  where the `graph` path is (16 steps to a lease, timed in bursts of 16, as the `graph` path then is too; else
+  planned, one step a lease); or
   planned, with every layer call sent to the server over its local data plane (a Unix socket) or over gRPC;
 - `static-graph`, `static-eager`: the baseline, a contiguous [B, Hkv, S, d] cache per layer read by SDPA with the
   step captured as one CUDA graph (as gpt-fast does), and the same eagerly.
@@ -205,8 +206,11 @@ def _kvcache_rows(model: Llama, shape: str, context: int, batch: int, methods: l
 
             steps_of[(method, path)] = one_step
         bursts = {pair: BURST for pair in steps_of}
-        bursts.update({pair: POOL_STEPS_PER_LEASE for pair in steps_of if pair[1] == "remote-pool" and graphs
-                       and pair[0] in GRAPH_METHODS})
+        # The pool's captured steps are timed in bursts of one lease; the in-process graph's, which it is measured
+        # against, in bursts as long, so that both share a burst's first launch alike.
+        leased = {pair for pair in steps_of if pair[1] == "remote-pool" and graphs and pair[0] in GRAPH_METHODS}
+        bursts.update({pair: POOL_STEPS_PER_LEASE for pair in steps_of
+                       if pair in leased or (pair[1] == "graph" and (pair[0], "remote-pool") in leased)})
         times = interleaved_ms(steps_of, steps, device, bursts)
         rows = []
         for (method, path), one_step in steps_of.items():
