@@ -210,7 +210,8 @@ class Sparq(AttentionMethod):
         s1 = sparq_stage1(q, inputs.view.k_dim, csr, p.r, scale=p.scale)
         items = sparq_select(s1, csr, inputs.num_kv_heads, p.k, p.local_window)
         stats = s1.alpha_inputs
-        # Without reallocation the attention kernel still sums alpha (G floats per row read): the coverage estimate.
+        # Without reallocation the attention kernel still sums alpha (recomputed on the rows read): the coverage
+        # estimate.
         if p.reallocate:
             return Selection(MODE_ROWS, items, alpha_inputs=stats, launch=TUNING["rows"])
         return Selection(MODE_ROWS, items, coverage_inputs=stats, launch=TUNING["rows"])
