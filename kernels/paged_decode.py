@@ -15,7 +15,7 @@ head's query masked to SparQ's i1 (stage 1's qmask); their products over i1, ove
 and stage 1's softmax stats turn them into shat. An earlier recompute in a second dot per tile made stage 2
 at 128K x 8 on an H200 take 167 us against 92 us with no alpha. Reading stage 1's logits of the chosen rows
 back, stage 2 took 33.0 us at 128K x 1 on an H100 (bench/results/decode_h100_rerun_per_head_loads.json); this
-way, 29.6-29.8 us in a later run on another H100 (bench/results/decode_sparq_joint_rank_h100.json).
+way, 29.6-29.8 us in a later run on an H100 (bench/results/decode_sparq_joint_rank_h100.json).
 """
 
 from __future__ import annotations
