@@ -35,8 +35,8 @@ def _group_query(
     q_ptr, b, h, r, scale, s_qb, s_qh, offs_g, mask_g,
     G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """§1 steps 1-2 for one GQA group: i1 [BLOCK_R] (the r largest of sum_g |q_g|, then zeros), tau_g [BLOCK_G]
-    and which of the d components are in i1 [D]."""
+    """§1 steps 1-2 for one GQA group: i1 [BLOCK_R] (the r largest of sum_g |q_g|, then zeros), tau_g [BLOCK_G],
+    which of the d components are in i1 [D], and the group's queries [BLOCK_G, D] (float32)."""
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :], mask=mask_g[:, None],
                 other=0.0).to(tl.float32)
@@ -55,7 +55,7 @@ def _group_query(
     total = tl.sum(q_abs, axis=1)
     # As the reference: tau = sqrt(ratio) / scale, ratio 1 for a head with no mass on i1.
     ratio = tl.where((covered > 0) & (total > 0), covered / tl.where(total > 0, total, 1.0), 1.0)
-    return i1, tl.sqrt(ratio) / scale, chosen
+    return i1, tl.sqrt(ratio) / scale, chosen, q
 
 
 @triton.jit
@@ -81,16 +81,15 @@ def _stage1_kernel(
     mask_g = offs_g < G
     mask_r = offs_r < R
     # Every program finds i1 and tau itself (a sort of d values): cheaper than a launch of its own.
-    i1, tau, chosen = _group_query(q_ptr, b, h, R, scale, s_qb, s_qh, offs_g, mask_g, G, D, BLOCK_R)
+    i1, tau, chosen, q = _group_query(q_ptr, b, h, R, scale, s_qb, s_qh, offs_g, mask_g, G, D, BLOCK_R)
     if split == 0:
         zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, pid_bh, WS_B0, WS_B1)  # rather than a memset
         # For stage 2, which recomputes these logits on the rows it reads (alpha): each head's query with the
         # components outside i1 zeroed, and tau.
+        # (q was upcast from its dtype, so the store's cast back is exact.)
         offs_d = tl.arange(0, D)
-        q_full = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :], mask=mask_g[:, None],
-                         other=0.0)
         tl.store(qmask_ptr + (pid_bh * G + offs_g)[:, None] * D + offs_d[None, :],
-                 tl.where(chosen[None, :], q_full, tl.zeros_like(q_full)), mask=mask_g[:, None])
+                 tl.where(chosen[None, :], q, 0.0).to(qmask_ptr.dtype.element_ty), mask=mask_g[:, None])
         tl.store(tau_ptr + pid_bh * G + offs_g, tau, mask=mask_g)
     q_sel = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + i1[None, :],  # [G, R], from L1
                     mask=mask_g[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
