@@ -18,7 +18,7 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 
 import torch
@@ -32,18 +32,29 @@ SHAPE = {"num_layers": 30, "num_q_heads": 9, "num_kv_heads": 3, "head_dim": 64}
 
 
 def start_server(config: KVCacheConfig, cpus: str | None = None) -> tuple[subprocess.Popen, int]:
-    """A `kvcache serve` subprocess with `config` on a free loopback port (on `cpus`, if given), its pool shared."""
+    """A `kvcache serve` subprocess with `config` on a free loopback port (on `cpus`, if given), its pool shared.
+
+    Its log (one line per call) goes to a file, not a pipe: a thread of this process reading the pipe would wake at
+    every layer call and take this process's GIL and core from the engine being timed."""
     cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--port", "0", "--layers", str(config.num_layers),
            "--kv-heads", str(config.num_kv_heads), "--head-dim", str(config.head_dim),
            "--page-size", str(config.page_size), "--dtype", str(config.dtype).removeprefix("torch."),
            "--pages", str(config.device_pages), "--workers", "8", "--torch-threads", "1",
            "--device", str(config.device), "--share-pool", *(("--cpus", cpus) if cpus else ())]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        event = json.loads(line)
-        if event.get("event") == "listening":
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep the pipe drained
-            return proc, event["port"]
+    with tempfile.TemporaryFile() as log:  # the server keeps writing to it once this process lets go of it
+        proc = subprocess.Popen(cmd, stdout=log)
+        read, pending = 0, b""
+        while proc.poll() is None:
+            chunk = os.pread(log.fileno(), 1 << 16, read)
+            if not chunk:
+                time.sleep(0.01)
+                continue
+            read += len(chunk)
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                event = json.loads(line)
+                if event.get("event") == "listening":
+                    return proc, event["port"]
     raise RuntimeError("kvcache serve exited before listening")
 
 
@@ -113,8 +124,9 @@ def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int =
     proc, port = start_server(config, server_cpus)
     try:
         local = InProcessClient(config)
-        stream = RemoteClient(f"127.0.0.1:{port}")
-        unary = RemoteClient(f"127.0.0.1:{port}", use_stream=False)
+        # The gRPC rows send their layer calls over gRPC: "auto" would take the local data plane ("shared").
+        stream = RemoteClient(f"127.0.0.1:{port}", data_plane="grpc")
+        unary = RemoteClient(f"127.0.0.1:{port}", use_stream=False, data_plane="grpc")
         shared = RemoteClient(f"127.0.0.1:{port}", data_plane="shared", share_pool=False)
         pool = RemoteClient(f"127.0.0.1:{port}", data_plane="shared")
         print(f"{'client':<12} {'batch':>5} {'layer call ms':>14} {'step ms':>9} {'steps/s':>8} {'tokens/s':>9}")
@@ -173,7 +185,7 @@ def _row(name: str, batch: int, layer_t: list[float], step_t: list[float]) -> di
 def _engine(target: str, config: KVCacheConfig, context: int, steps: int, barrier, results, index: int) -> None:
     """One engine process: its own connection and sequence; sends (index, step seconds) when done."""
     torch.set_num_threads(1)
-    with RemoteClient(target) as client:
+    with RemoteClient(target, data_plane="grpc") as client:
         seqs = fill(client, 1, context, config)
         barrier.wait()
         _, step_t = decode_steps(client, seqs, config, steps)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import grpc
 import pytest
 import torch
 from service_support import store_config
@@ -257,3 +258,54 @@ def test_concurrent_streams_on_a_real_server_are_merged_and_answered_as_alone(de
 def test_max_batch_must_be_positive(max_batch):
     with pytest.raises(ValueError, match="max_batch"):
         AttendBatcher(lambda reqs: reqs, max_batch=max_batch)
+
+
+def test_a_lone_request_is_answered_as_a_batch_of_one_without_grouping():
+    servicer, plain, s, p = _twin_stores([5, 9])
+    servicer.client.attend_many = None  # a lone request must not go through the grouping
+    made = _request([s[0]], 1, seed=1)
+    _check(servicer._attend_batch([made[0]])[0], plain, [p[0]], 1, made[1])
+    assert servicer._attend_batch([_request(["0" * 32], 1, seed=2)[0]])[0].error_class == "SequenceNotFound"
+    bad_q = _request([s[1]], 1, seed=3)[0]
+    bad_q.q.CopyFrom(to_wire(torch.randn(1, HQ + 1, CONFIG.head_dim)))
+    assert servicer._attend_batch([bad_q])[0].error_class == "ShapeMismatch"
+    assert servicer.client.store.lengths(s, 1) == [6, 9]  # the rejected ones wrote nothing
+    assert (servicer.batcher.merged_calls, servicer.batcher.merged_requests) == (0, 0)
+
+
+def test_a_lone_request_that_fails_unexpectedly_is_answered_internal_and_releases_its_sequence():
+    servicer, _, s, _ = _twin_stores([5])
+    servicer.client.attend = lambda *a, **kw: 1 / 0
+    response = servicer._attend_batch([_request([s[0]], 1)[0]])[0]
+    assert (response.error_class, response.error_code) == ("RemoteError", grpc.StatusCode.INTERNAL.value[0])
+    assert len(servicer.locks) == 0
+
+
+@pytest.mark.service
+def test_two_streams_taking_turns_are_each_answered_as_alone():
+    server = Server(store_config(), ServerOptions(port=0, workers=8, grace_seconds=0))
+    server.start()
+    plain = InProcessClient(store_config())
+    try:
+        clients = [RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0, data_plane="grpc")
+                   for _ in range(2)]
+        gen = torch.Generator().manual_seed(0)
+        k, v = (torch.randn(2, 7, 2, 16, generator=gen) for _ in range(2))
+        pairs = []
+        for client in clients:
+            remote, local = client.create().seq_id, plain.create().seq_id
+            client.append(remote, k, v)
+            plain.append(local, k, v)
+            pairs.append((client, remote, local))
+        for step in range(3):
+            for client, remote, local in pairs:
+                q, row = torch.randn(1, 4, 16, generator=gen), torch.randn(1, 2, 16, generator=gen)
+                got = client.attend([remote], step % 2, q, new_k=row, new_v=row)
+                want = plain.attend([local], step % 2, q, new_k=row, new_v=row)
+                torch.testing.assert_close(got.out, want.out, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(got.lse, want.lse, rtol=1e-6, atol=1e-6)
+        assert server.servicer.stats()["batching"]["requests"] == 6
+        for client in clients:
+            client.close()
+    finally:
+        server.drain_and_stop()

@@ -14,6 +14,7 @@ import torch
 from service_support import running_server, store_config
 
 from kvcache import InProcessClient, InvalidParameter, RemoteClient, ShapeMismatch
+from kvcache.service.input_limits import InputLimits, surely_finite
 from kvcache.service.server import Server, ServerOptions
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
@@ -199,3 +200,42 @@ def test_a_call_whose_client_gave_up_while_it_waited_does_nothing_afterwards():
                     impatient.free(sid)
         time.sleep(0.3)
         assert client.describe(sid).lengths == (9, 9)  # the Free did not run once the lock was released
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_byte_screen_clears_finite_tensors_and_never_a_nan_or_an_inf(dtype):
+    t = torch.randn(3, 9, 64).to(dtype) * 100
+    assert surely_finite(to_wire(t).data, dtype)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[2, 8, 63] = bad
+        assert not surely_finite(to_wire(u).data, dtype)
+        with pytest.raises(InvalidParameter, match="NaN or Inf"):
+            InputLimits().check_finite(u, "q", to_wire(u).data)
+    huge = t.clone()
+    huge[0, 0, 0] = torch.finfo(dtype).max  # finite: the screen may not tell, the exact check then does
+    assert surely_finite(to_wire(huge).data, dtype) == (dtype == torch.float16)
+    InputLimits().check_finite(huge, "q", to_wire(huge).data)
+    assert not surely_finite(to_wire(torch.arange(4, dtype=torch.int32)).data, torch.int32)  # not a float: no say
+
+
+def test_a_nonfinite_result_is_refused_whatever_bytes_come_with_it():
+    out, lse = torch.randn(1, 4, 16), torch.randn(1, 4)
+    InputLimits().check_result(out, lse, (to_wire(out).data, to_wire(lse).data))
+    lse[0, 1] = float("nan")
+    with pytest.raises(InvalidParameter, match="not finite"):
+        InputLimits().check_result(out, lse, (to_wire(out).data, to_wire(lse).data))
+
+
+def test_nan_in_a_streamed_attend_is_refused_over_grpc_too():
+    with running_server() as server, RemoteClient(f"127.0.0.1:{server.port}", timeout=10, retries=0,
+                                                  data_plane="grpc") as client:
+        sid = _seq(client)
+        q, row = torch.randn((1, 4, 16)).half(), torch.randn((1, 2, 16))
+        q[0, 3, 15] = float("nan")
+        with pytest.raises(InvalidParameter, match="q holds NaN"):
+            client.attend([sid], 0, q.float(), new_k=row, new_v=row)
+        row[0, 1, 0] = float("inf")
+        with pytest.raises(InvalidParameter, match="new_v holds NaN"):
+            client.attend([sid], 0, torch.randn((1, 4, 16)), new_k=torch.randn((1, 2, 16)), new_v=row)
+        assert client.describe(sid).lengths == (9, 9)

@@ -16,11 +16,15 @@ import torch
 from service_support import store_config
 
 from kvcache import RemoteClient, SequenceNotFound
+from kvcache.clients.inprocess import InProcessClient
 from kvcache.errors import MessageTooLarge
+from kvcache.service.log_fields import LogFields
 from kvcache.service.metrics import prometheus_text
-from kvcache.service.server import MAX_ERROR_TEXT, Server, ServerOptions
+from kvcache.service.serve_cli import JsonLines
+from kvcache.service.server import MAX_ERROR_TEXT, KVCacheServicer, Server, ServerOptions
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
+from kvcache.wire.codec import to_wire
 
 pytestmark = pytest.mark.service
 TOKEN = "s3cret-token-for-tests"
@@ -147,3 +151,35 @@ def test_every_attend_stream_request_is_logged_like_a_unary_call(caplog):
         lines = [json.loads(r.getMessage()) for r in caplog.records if '"AttendStream"' in r.getMessage()]
         assert [(x["code"], x["method"], x["layer"], x["batch"]) for x in lines] == [
             ("OK", "window", 1, 1), ("INVALID_ARGUMENT", "window", 1, 1)]
+
+
+def test_a_stream_answer_is_logged_once_sent_and_an_error_before_it_is_sent(caplog):
+    servicer = KVCacheServicer(InProcessClient(store_config()))
+    sid = servicer.client.create().seq_id
+    servicer.client.append(sid, torch.randn((2, 9, 2, 16)), torch.randn((2, 9, 2, 16)))
+    ok = pb.AttendRequest(seq_ids=[sid], layer=0, q=to_wire(torch.randn((1, 4, 16))), method="dense")
+    bad = pb.AttendRequest(seq_ids=["nope"], layer=0, q=to_wire(torch.randn((1, 4, 16))), method="dense")
+    with caplog.at_level(logging.INFO, logger="kvcache.service.server"):
+        response, finish = servicer.answer_streamed(ok, "peer", "AttendStream")
+        assert not response.error_code and not caplog.records  # counted already, logged once sent
+        assert servicer.metrics.snapshot()["AttendStream"]["calls"] == 1
+        finish()
+        response, finish = servicer.answer_streamed(bad, "peer", "AttendStream")
+        assert response.error_class == "SequenceNotFound" and finish is None
+    lines = [json.loads(r.getMessage()) for r in caplog.records]
+    assert [(x["rpc"], x["code"], x["layer"], x["batch"]) for x in lines] == [
+        ("AttendStream", "OK", 0, 1), ("AttendStream", "NOT_FOUND", 0, 1)]
+
+
+def test_json_lines_write_log_fields_as_given_and_any_other_message_as_before():
+    formatter = JsonLines()
+
+    def line(msg) -> dict:
+        record = logging.LogRecord("kvcache.service.server", logging.INFO, __file__, 1, msg, (), None)
+        return json.loads(formatter.format(record))
+
+    fields = LogFields(rpc="AttendStream", code="OK", ms=1.5, method='a "quoted" name')
+    assert json.loads(str(fields)) == fields  # the message's text, as caplog and other handlers see it
+    assert {k: line(fields)[k] for k in fields} == fields
+    assert line(json.dumps({"event": "listening", "port": 5}))["port"] == 5
+    assert line("plain text")["msg"] == "plain text"

@@ -11,7 +11,7 @@ import torch
 
 from kvcache.errors import DTypeMismatch, ShapeMismatch
 from kvcache.wire import kvcache_pb2 as pb
-from kvcache.wire.codec import DTYPES, from_wire, to_wire
+from kvcache.wire.codec import DTYPES, fill_wire, from_wire, to_wire
 from kvcache.wire.transport import LOW_LATENCY_EXPERIMENTS
 
 
@@ -81,3 +81,13 @@ def test_an_explicit_grpc_experiments_setting_wins():
 def test_nothing_is_set_once_grpc_is_loaded():
     # grpc read its settings at import: setting them later would only mislead child processes.
     assert _experiments_after("import grpc, kvcache.clients.remote", {}) == repr(None)
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_a_tensor_filled_in_place_is_the_message_to_wire_builds(name):
+    t = _sample(DTYPES[name])
+    request = pb.AttendRequest()
+    data = fill_wire(request.q, t)
+    assert request.HasField("q") and request.q == to_wire(t) and data == request.q.data
+    empty = pb.AttendRequest()
+    assert fill_wire(empty.q, t[:0]) == b"" and empty.HasField("q") and empty.q == to_wire(t[:0])

@@ -32,7 +32,7 @@ from kvcache.store import SequenceInfo
 from kvcache.store.step_plan import StepPlan
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
-from kvcache.wire.codec import ERROR_CLASS_KEY, from_wire, to_wire
+from kvcache.wire.codec import ERROR_CLASS_KEY, fill_wire, from_wire, to_wire
 from kvcache.wire.messages import config_from_wire, coverage_from_wire, info_from_wire, params_to_wire
 
 _BY_CODE = {
@@ -259,11 +259,7 @@ class RemoteClient:
     ) -> AttentionResult:
         """Attention of q [B, Hq, d] at `layer`; new_k/new_v [B, Hkv, d], if given, are appended first; with a
         step's plan (plan_step), the server reuses that step's page table."""
-        request = pb.AttendRequest(seq_ids=list(seq_ids), layer=layer, q=_wire(q, "q"), method=method,
-                                   params=params_to_wire(params) if params else None, backend=backend,
-                                   new_k=None if new_k is None else _wire(new_k, "new_k"),
-                                   new_v=None if new_v is None else _wire(new_v, "new_v"),
-                                   step_id="" if plan is None else plan.step_id)
+        request = _attend_request(seq_ids, layer, q, method, params, new_k, new_v, backend, plan)
         if new_k is not None:
             self._end_pool_step(request)
         plane = self._plane() if self.data_plane != "grpc" else None
@@ -273,11 +269,7 @@ class RemoteClient:
             reply = self._attend_on_stream(request)
         else:
             reply = self._call("Attend", request, idempotent=new_k is None and new_v is None)
-        return AttentionResult(from_wire(reply.out, "out"), from_wire(reply.lse, "lse"), reply.bytes_read,
-                               dict(reply.bytes_moved),
-                               coverage=from_wire(reply.coverage, "coverage") if reply.HasField("coverage") else None,
-                               fallback=torch.tensor(list(reply.fallback), dtype=torch.bool) if reply.fallback
-                               else None)
+        return _attention_result(reply)
 
     def begin_step(self, seq_ids: Sequence[str], q_heads: int, method: str = "dense",
                    params: Mapping[str, Any] | None = None, backend: str = "auto",
@@ -521,6 +513,30 @@ def _raise_if_error(reply: pb.AttendResponse) -> pb.AttendResponse:
     return reply
 
 
+def _attend_request(seq_ids: Sequence[str], layer: int, q: Any, method: str, params: Mapping[str, Any] | None,
+                    new_k: Any, new_v: Any, backend: str, plan: StepPlan | None) -> pb.AttendRequest:
+    """An attend's request; its tensors are written into it in place (codec.fill_wire), not built and copied in."""
+    request = pb.AttendRequest(seq_ids=seq_ids, layer=layer, method=method, backend=backend)
+    _fill(request.q, q, "q")
+    for name, value in (params_to_wire(params) if params else {}).items():
+        request.params[name].CopyFrom(value)
+    if new_k is not None:
+        _fill(request.new_k, new_k, "new_k")
+    if new_v is not None:
+        _fill(request.new_v, new_v, "new_v")
+    if plan is not None:
+        request.step_id = plan.step_id
+    return request
+
+
+def _attention_result(reply: pb.AttendResponse) -> AttentionResult:
+    """The AttentionResult an attend reply carries."""
+    return AttentionResult(from_wire(reply.out, "out"), from_wire(reply.lse, "lse"), reply.bytes_read,
+                           dict(reply.bytes_moved) if reply.bytes_moved else {},
+                           coverage=from_wire(reply.coverage, "coverage") if reply.HasField("coverage") else None,
+                           fallback=torch.tensor(list(reply.fallback), dtype=torch.bool) if reply.fallback else None)
+
+
 def _ids(token_ids: Sequence[int] | torch.Tensor | None) -> list[int]:
     if token_ids is None:
         return []
@@ -533,6 +549,12 @@ def _wire(t: Any, name: str) -> pb.Tensor:
     if not isinstance(t, torch.Tensor):
         raise errors.ShapeMismatch(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     return to_wire(t)
+
+
+def _fill(msg: pb.Tensor, t: Any, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise errors.ShapeMismatch(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    fill_wire(msg, t)
 
 
 def _sparse_request(seq_id, layer, q, start, patterns, block_size) -> pb.SparseIndexRequest:

@@ -23,9 +23,12 @@ class InputLimits:
     reject_nonfinite: bool = True
     max_query_heads: int | None = None
 
-    def check_finite(self, t: torch.Tensor, name: str) -> None:
-        """InvalidParameter if `t` (a decoded request tensor, on the CPU) holds NaN or Inf and that is refused."""
-        if not (self.reject_nonfinite and t.is_floating_point() and t.numel()):
+    def check_finite(self, t: torch.Tensor, name: str, data: bytes | None = None) -> None:
+        """InvalidParameter if `t` (a decoded request tensor, on the CPU) holds NaN or Inf and that is refused; `data`,
+        its bytes as they came, lets most tensors be cleared without a torch call."""
+        if not self.reject_nonfinite or (data is not None and surely_finite(data, t.dtype)):
+            return
+        if not (t.is_floating_point() and t.numel()):
             return
         if not _finite(t):
             raise InvalidParameter(f"{name} holds NaN or Inf values: every later attend of the sequence would read "
@@ -39,9 +42,11 @@ class InputLimits:
             raise InvalidParameter(f"q brings {shape[1]} query heads; this server takes at most {limit} "
                                    f"({limit // config.num_kv_heads} per kv head)")
 
-    def check_result(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+    def check_result(self, out: torch.Tensor, lse: torch.Tensor, data: tuple[bytes, bytes] | None = None) -> None:
         """InvalidParameter if an attention result is not finite (a scale that overflows the scores, say): a
-        non-finite answer is never returned as OK."""
+        non-finite answer is never returned as OK. `data`: out's and lse's bytes as they leave, if at hand."""
+        if data is not None and all(surely_finite(d, t.dtype) for d, t in zip(data, (out, lse))):
+            return
         if not all(_finite(t) for t in (out, lse)):
             raise InvalidParameter("the attention result is not finite (NaN or Inf): the scores overflowed; "
                                    "check scale and the values appended")
@@ -51,3 +56,23 @@ def _finite(t: torch.Tensor) -> bool:
     """Whether every element of t is finite. A float32 sum is NaN or infinite whenever an element is, and 15 times
     cheaper than isfinite().all() on the CPU; only a sum that overflowed on finite values needs the exact check."""
     return math.isfinite(float(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
+# For each float dtype: bytes per element, the index of the byte holding the top of the exponent (little-endian),
+# and the bits of that byte which are all ones in every NaN and Inf. They are all ones in no value of magnitude
+# below 2**16 (float16: only in NaN and Inf) or 2**127 (float32, bfloat16).
+_EXPONENT_TOP = {torch.float16: (2, 1, 0x7C), torch.bfloat16: (2, 1, 0x7F), torch.float32: (4, 3, 0x7F)}
+_CLEAR = {mask: bytes(b for b in range(256) if b & mask != mask) for mask in {m for _, _, m in _EXPONENT_TOP.values()}}
+
+
+def surely_finite(data: bytes, dtype: torch.dtype) -> bool:
+    """True if `data`, a tensor of `dtype` as little-endian bytes, surely holds no NaN or Inf; False: cannot tell.
+
+    It reads each element's top exponent byte alone, so a huge value or an unknown dtype cannot be told apart. Two
+    passes over the bytes in C, against the two torch calls of a float32 sum: cheaper by an order of magnitude on a
+    layer call's few kilobytes, whose torch calls run with cold caches between attends."""
+    layout = _EXPONENT_TOP.get(dtype)
+    if layout is None:
+        return False
+    size, top, mask = layout
+    return not data[top::size].translate(None, _CLEAR[mask])

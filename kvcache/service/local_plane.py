@@ -47,10 +47,11 @@ def error_reply(code: grpc.StatusCode, message: str, error_class: str) -> pb.Att
 class LocalPlane:
     """A Unix socket that serves AttendRequest frames with `serve(request, client)` for clients holding a ticket."""
 
-    def __init__(self, serve: Callable[[pb.AttendRequest, str], pb.AttendResponse], max_message_bytes: int,
+    def __init__(self, serve: Callable[[pb.AttendRequest, str], tuple[pb.AttendResponse, Callable[[], None] | None]],
+                 max_message_bytes: int,
                  max_connections: int = 64, ticket_seconds: float = 30.0,
                  pool: Callable[[str], PoolSession | None] | None = None) -> None:
-        self._serve_request = serve
+        self._serve_request = serve  # (the answer, what is left to do once it is sent, or None)
         self._pool = pool  # a new connection's PoolSession, for a client; None where the pool is not shared
         self.max_message_bytes = max_message_bytes
         self.max_connections = max_connections
@@ -182,7 +183,7 @@ class LocalPlane:
                 self._refuse(conn, getattr(grpc.StatusCode, exc.grpc_code), type(exc).__name__, str(exc))
                 return
             write_frame_with_fds(conn, offer.SerializeToString(), fds)
-            self._answer(conn, pb.LeaseRequest, session.serve, pb.LeaseReply)
+            self._answer(conn, pb.LeaseRequest, lambda request: (session.serve(request), None), pb.LeaseReply)
         finally:
             session.close()  # the engine went away (or the server closes): its step is aborted now
 
@@ -190,8 +191,9 @@ class LocalPlane:
         self._answer(conn, pb.AttendRequest, lambda request: self._serve_request(request, client), pb.AttendResponse)
 
     def _answer(self, conn: socket.socket, kind: type, serve: Callable, reply_kind: type) -> None:
-        """Answer each frame of `conn` with serve(request) (a `kind` message in, a `reply_kind` one out; one that
-        does not parse is answered INVALID_ARGUMENT), until the peer closes or sends a frame over the limit."""
+        """Answer each frame of `conn` with serve(request) (a `kind` message in; out, a `reply_kind` one and what is
+        left to do once it is sent, or None; a frame that does not parse is answered INVALID_ARGUMENT), until the
+        peer closes or sends a frame over the limit."""
         while True:
             try:
                 frame = read_frame(conn, self.max_message_bytes)
@@ -200,14 +202,19 @@ class LocalPlane:
                 return
             if frame is None:
                 return
+            finish = None
             try:
                 request = kind.FromString(frame)
             except Exception:  # protobuf's DecodeError: the frame is not a `kind`
                 reply = reply_kind(error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
                                    error_message=f"the frame is not a {kind.__name__}", error_class="ShapeMismatch")
             else:
-                reply = serve(request)
-            write_frame(conn, reply.SerializeToString())
+                reply, finish = serve(request)
+            try:
+                write_frame(conn, reply.SerializeToString())
+            finally:
+                if finish is not None:
+                    finish()
 
 
 def _peer_uid(conn: socket.socket) -> int | None:

@@ -25,11 +25,17 @@ class CallMetrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.status = Counter("kvcache_rpc_status", "Calls by status code", ["rpc", "code"], registry=self.registry)
         self.registry.register(_StatsCollector(stats))
+        # Each labels() lookup takes the metric's lock and builds its key: a layer call's few labels are kept here.
+        self._series: dict[tuple[str, str, str], tuple] = {}
 
     def observe(self, rpc: str, code: str, seconds: float, method: str = "") -> None:
         """Count one call (or one AttendStream request) of `rpc` that ended with `code` after `seconds`."""
-        self.latency.labels(rpc, method).observe(seconds)
-        self.status.labels(rpc, code).inc()
+        key = (rpc, code, method)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series.setdefault(key, (self.latency.labels(rpc, method), self.status.labels(rpc, code)))
+        series[0].observe(seconds)
+        series[1].inc()
 
     def text(self) -> bytes:
         """The Prometheus text exposition."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from kvcache.config import KVCacheConfig
 from kvcache.errors import InvalidParameter, StoreFull
+from kvcache.service.log_fields import LogFields
 
 if TYPE_CHECKING:  # grpc is imported only by commands that serve
     from kvcache.service.server import ServerOptions
@@ -257,15 +258,22 @@ def resolve(args: argparse.Namespace) -> tuple[KVCacheConfig, ServerOptions]:
 class JsonLines(logging.Formatter):
     """One JSON object per log line: time, level, logger, and the message's own fields."""
 
+    _stamp = (-1, "")  # (a second since the epoch, its "ts"): a server writes many lines a second
+
     def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)), "level": record.levelname,
-                "logger": record.name}
-        message = record.getMessage()
-        try:
-            fields = json.loads(message)
-            line.update(fields if isinstance(fields, dict) else {"msg": message})
-        except ValueError:
-            line["msg"] = message
+        second = int(record.created)
+        if self._stamp[0] != second:
+            self._stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        line = {"ts": self._stamp[1], "level": record.levelname, "logger": record.name}
+        if isinstance(record.msg, LogFields) and not record.args:
+            line.update(record.msg)  # the fields as logged: no JSON text to parse back
+        else:
+            message = record.getMessage()
+            try:
+                fields = json.loads(message)
+                line.update(fields if isinstance(fields, dict) else {"msg": message})
+            except ValueError:
+                line["msg"] = message
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line)

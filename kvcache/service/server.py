@@ -45,6 +45,7 @@ from kvcache.service.heap_trim import HeapTrimmer
 from kvcache.service.input_limits import InputLimits
 from kvcache.service.local_plane import LocalPlane, error_reply
 from kvcache.service.locks import SequenceLocks
+from kvcache.service.log_fields import LogFields
 from kvcache.service.metrics import CallMetrics, serve_metrics
 from kvcache.service.pool_sessions import PoolSession
 from kvcache.stats import Totals
@@ -54,7 +55,7 @@ from kvcache.store.shared_segment import CudaSegment, SharedSegment
 from kvcache.store.step_plan import StepPlan
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
-from kvcache.wire.codec import ERROR_CLASS_KEY, from_wire, to_wire
+from kvcache.wire.codec import ERROR_CLASS_KEY, fill_wire, from_wire, to_wire
 from kvcache.wire.messages import config_to_wire, coverage_to_wire, info_to_wire, params_from_wire
 
 log = logging.getLogger("kvcache.service.server")
@@ -154,8 +155,7 @@ def _handler(rpc: str, seq_ids_of: Callable[[object], list[str]] | None = None, 
                 self.last_call = time.monotonic()
                 self.metrics.add(rpc, calls=1, errors=int(code != grpc.StatusCode.OK), seconds=seconds)
                 self.calls.observe(rpc, code.name, seconds, getattr(request, "method", "") if rpc == "Attend" else "")
-                log.info(json.dumps({"rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 3),
-                                     "peer": context.peer()}))
+                log.info(LogFields(rpc=rpc, code=code.name, ms=round(seconds * 1e3, 3), peer=context.peer()))
 
         return run
 
@@ -289,33 +289,61 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
 
     def _serve_stream(self, request_iterator, client: str) -> Iterator[pb.AttendResponse]:
         for request in request_iterator:
-            yield self.serve_streamed(request, client, "AttendStream")
+            response, finish = self.answer_streamed(request, client, "AttendStream")
+            try:
+                yield response  # grpc resumes this generator once the response is sent
+            finally:
+                if finish is not None:
+                    finish()
 
     def serve_streamed(self, request: pb.AttendRequest, client: str, rpc: str) -> pb.AttendResponse:
         """The answer to one attend of a stream (an AttendStream, or the local data plane's socket) from `client`:
         its result or its error, never an exception; counted and logged under `rpc`."""
+        response, finish = self.answer_streamed(request, client, rpc)
+        if finish is not None:
+            finish()
+        return response
+
+    def answer_streamed(self, request: pb.AttendRequest, client: str,
+                        rpc: str) -> tuple[pb.AttendResponse, Callable[[], None] | None]:
+        """serve_streamed's answer, counted, and what is left to do once it is sent (None: nothing).
+
+        An answer's log line is written after it is sent, off the layer call's path; an error's before, so that a
+        client that sees an error finds it logged."""
         t0 = time.perf_counter()
         try:
             self._check_quota(request, client)
         except KVCacheError as exc:
-            return _error_response(exc)
+            return _error_response(exc), None
         if self.draining.is_set():
             response = error_reply(grpc.StatusCode.UNAVAILABLE, "server is shutting down", "Unavailable")
         else:
             response = self.batcher.submit(request)
-        seconds = time.perf_counter() - t0
+        line = self._count_streamed(rpc, request, response, time.perf_counter() - t0)
+        if line is None:
+            return response, None
+        if response.error_code:
+            log.info(line)
+            return response, None
+        return response, functools.partial(log.info, line)
+
+    def _count_streamed(self, rpc: str, request: pb.AttendRequest, response: pb.AttendResponse,
+                        seconds: float) -> LogFields | None:
+        """Count one answered stream request in the metrics, as a unary call is; its log line, if INFO is logged."""
         code = _CODE_NAMES.get(response.error_code, "UNKNOWN")
-        self.calls.observe(rpc, code, seconds, request.method or "dense")
+        method = request.method or "dense"
+        self.calls.observe(rpc, code, seconds, method)
         self.metrics.add(rpc, calls=1, errors=int(response.error_code != 0), seconds=seconds)
-        if log.isEnabledFor(logging.INFO):  # one line per request, as for unary calls
-            log.info(json.dumps({"rpc": rpc, "code": code, "ms": round(seconds * 1e3, 3),
-                                 "method": request.method or "dense", "layer": request.layer,
-                                 "batch": len(request.seq_ids)}))
-        return response
+        if not log.isEnabledFor(logging.INFO):
+            return None
+        return LogFields(rpc=rpc, code=code, ms=round(seconds * 1e3, 3), method=method, layer=request.layer,
+                         batch=len(request.seq_ids))
 
     def _attend_batch(self, requests: list) -> list[pb.AttendResponse]:
         """Answers to stream requests that arrived together (AttendBatcher): decoded here, served by the client's
         attend_many (which lets compatible ones share one store call), each answered with its result or error."""
+        if len(requests) == 1:
+            return [self._attend_alone(requests[0])]
         calls: list[AttendCall | None] = []
         answers: list[pb.AttendResponse | None] = [None] * len(requests)
         for i, request in enumerate(requests):
@@ -330,16 +358,33 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         self.batcher.merged_calls += len(merged)  # only the batch's leader runs here
         self.batcher.merged_requests += sum(merged)
         for i, result in zip(live, results):
-            if isinstance(result, Exception) and not isinstance(result, KVCacheError):
-                log.error("internal error in AttendStream", exc_info=result)
-            if not isinstance(result, Exception):
-                try:
-                    answers[i] = self._attend_response(result, calls[i])
-                    continue
-                except KVCacheError as exc:
-                    result = exc
-            answers[i] = _error_response(result)
+            answers[i] = self._streamed_answer(result, calls[i])
         return answers
+
+    def _attend_alone(self, request: pb.AttendRequest) -> pb.AttendResponse:
+        """The answer to a stream request that arrived alone: what attend_many would give it, without grouping."""
+        try:
+            call = self._attend_call(request)
+        except Exception as exc:
+            return _error_response(exc)
+        with self.locks.hold(call.seq_ids):
+            try:
+                result = self.client.attend(call.seq_ids, call.layer, call.q, call.method, call.params, call.new_k,
+                                            call.new_v, call.backend, call.plan)
+            except Exception as exc:  # answered with its own error, as attend_many answers each call
+                result = exc
+        return self._streamed_answer(result, call)
+
+    def _streamed_answer(self, result: AttentionResult | Exception, call: AttendCall) -> pb.AttendResponse:
+        """A stream request's answer from its result or the error it raised (an unexpected one logged)."""
+        if isinstance(result, Exception) and not isinstance(result, KVCacheError):
+            log.error("internal error in AttendStream", exc_info=result)
+        if not isinstance(result, Exception):
+            try:
+                return self._attend_response(result, call)
+            except KVCacheError as exc:
+                result = exc
+        return _error_response(result)
 
     @_handler("Fetch", lambda r: [r.seq_id])
     def Fetch(self, request, context):
@@ -453,8 +498,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         if not request.HasField("k") or not request.HasField("v"):
             raise ShapeMismatch("append needs both k and v")
         k, v = from_wire(request.k, "k"), from_wire(request.v, "v")
-        self.limits.check_finite(k, "k")
-        self.limits.check_finite(v, "v")
+        self.limits.check_finite(k, "k", request.k.data)
+        self.limits.check_finite(v, "v", request.v.data)
         if self.quotas.max_pages and k.dim() >= 3:
             layer = request.layer if request.HasField("layer") else None
             self.quotas.admit_pages(client, self.client.store.pages_to_append(request.seq_id, k.shape[-3], layer))
@@ -476,42 +521,56 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         PlanStale for an unknown step)."""
         if not request.HasField("q"):
             raise ShapeMismatch("attend needs q")
-        self._check_size(request)  # from the wire shape, before the tensor is decoded: nothing is allocated
+        params = self._check_size(request)  # from the wire shape, before the tensor is decoded: nothing is allocated
         q = from_wire(request.q, "q")
         new_k = from_wire(request.new_k, "new_k") if request.HasField("new_k") else None
         new_v = from_wire(request.new_v, "new_v") if request.HasField("new_v") else None
         for name, t in (("q", q), ("new_k", new_k), ("new_v", new_v)):
             if t is not None:
-                self.limits.check_finite(t, name)
+                self.limits.check_finite(t, name, getattr(request, name).data)
         return AttendCall(list(request.seq_ids), request.layer, q, request.method or "dense",
-                          params_from_wire(request.params), new_k=new_k, new_v=new_v,
+                          params_from_wire(request.params) if params is None else params, new_k=new_k, new_v=new_v,
                           backend=request.backend or "auto",
                           plan=self.plans.get(request.step_id) if request.step_id else None)
 
-    def _check_size(self, request) -> None:
-        """The query-head limit and the working-memory estimate of an attend, from q's wire shape (a q that is not
-        [B, Hq, d] is left to the decode's own checks)."""
+    def _check_size(self, request) -> dict | None:
+        """The query-head limit and, for a large request, the working-memory estimate of an attend, from q's wire
+        shape (a q that is not [B, Hq, d] is left to the decode's own checks); the request's parameters, where it
+        read them."""
         shape = list(request.q.shape)
         if len(shape) != 3:
-            return
+            return None
         self.limits.check_query_shape(shape, self.client.config)
+        if request.ByteSize() <= EARLY_ESTIMATE_BYTES:
+            return None
         store = self.client.store
         m = lookup(request.method or "dense")
         lens = store.lengths(list(request.seq_ids), request.layer)
-        p = m.parse(resolved_params(store, m, params_from_wire(request.params), request.layer, [n + 1 for n in lens]))
+        params = params_from_wire(request.params)
+        p = m.parse(resolved_params(store, m, params, request.layer, [n + 1 for n in lens]))
         check_work(store, m, lens, shape[1], p)
+        return params
 
     def _attend_response(self, result: AttentionResult, call: AttendCall) -> pb.AttendResponse:
-        out, lse = result.out.cpu(), result.lse.cpu()
-        self.limits.check_result(out, lse)
-        coverage = None if result.coverage is None else result.coverage.cpu()
-        if coverage is not None and not result.coverage.is_cpu:
+        # Each torch call costs microseconds of a layer call's host time: a host result needs no copy.
+        out = result.out if result.out.is_cpu else result.out.cpu()
+        lse = result.lse if result.lse.is_cpu else result.lse.cpu()
+        response = pb.AttendResponse(bytes_read=result.bytes_read)
+        # Filled in place: a Tensor message passed to the constructor would be built, then copied.
+        data = fill_wire(response.out, out), fill_wire(response.lse, lse)
+        self.limits.check_result(out, lse, data)
+        coverage = result.coverage
+        if coverage is not None and not coverage.is_cpu:
+            coverage = coverage.cpu()
             # Read back with the reply, which syncs anyway; a host result was counted by the client already.
             self.client.count_coverage(call.method, call.layer, coverage, result.fallback)
-        fallback = [] if result.fallback is None else result.fallback.tolist()
-        return pb.AttendResponse(out=to_wire(out), lse=to_wire(lse), bytes_read=result.bytes_read,
-                                 bytes_moved=result.bytes_moved,
-                                 coverage=None if coverage is None else to_wire(coverage), fallback=fallback)
+        if result.bytes_moved:
+            response.bytes_moved.update(result.bytes_moved)
+        if result.fallback is not None:
+            response.fallback.extend(result.fallback.tolist())
+        if coverage is not None:
+            fill_wire(response.coverage, coverage)
+        return response
 
 
 class StepPlans:
@@ -542,6 +601,11 @@ class StepPlans:
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 LEASE_CHECK_SECONDS = 0.25  # how often the server frees sequences whose lease ran out
+# An attend's working memory is estimated from its wire shape before its tensors are decoded only past this many
+# bytes, where decoding would copy much: the store call estimates it again (as if each sequence held one more
+# position, so at least as strictly) before it writes or reads anything, and on a layer call's few kilobytes a
+# second estimate costs more than the decode it would spare.
+EARLY_ESTIMATE_BYTES = 1 << 16
 MAX_ERROR_TEXT = 2000  # characters: an error's text must fit a client's metadata limit whatever the request held
 
 
@@ -676,7 +740,7 @@ class Server:
         self.trimmer = HeapTrimmer(slack=self.options.max_message_mb * 2**20)  # the store is allocated by now
         if self.options.local_plane:
             self.servicer.local_plane = LocalPlane(
-                lambda request, client: self.servicer.serve_streamed(request, client, "AttendLocal"),
+                lambda request, client: self.servicer.answer_streamed(request, client, "AttendLocal"),
                 self.options.max_message_mb * 2**20, ticket_seconds=30.0, pool=self.servicer.pool_session)
         self.grpc.start()
         self._reaper = threading.Thread(target=self._reap_leases, daemon=True, name="kvcache-leases")
