@@ -46,13 +46,19 @@ WARMUP = 20
 
 
 class _BareAttend(pb_grpc.KVCacheServicer):
-    """AttendStream with no store: decode q, k, v, (on a device, move them there), answer out = q and lse = 0."""
+    """AttendStream with no store: decode q, k, v, (on a device, move them there), answer out = q and lse = 0;
+    with `hold` seconds, first keep the CPU busy that long, as a real attend's work does."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, hold: float = 0.0) -> None:
         self.device = device
+        self.hold = hold
 
     def AttendStream(self, request_iterator, context):
         for request in request_iterator:
+            if self.hold:
+                until = time.perf_counter() + self.hold
+                while time.perf_counter() < until:
+                    pass
             q, k, v = from_wire(request.q, "q"), from_wire(request.new_k, "new_k"), from_wire(request.new_v, "new_v")
             if self.device.type != "cpu":
                 q, k, v = (t.to(self.device, non_blocking=True) for t in (q, k, v))
@@ -61,13 +67,14 @@ class _BareAttend(pb_grpc.KVCacheServicer):
             yield pb.AttendResponse(out=to_wire(out), lse=to_wire(lse))
 
 
-def serve(device: str, cpus: str | None) -> None:
-    """The bare server: prints its port as one JSON line, serves until stdin closes."""
+def serve(device: str, cpus: str | None, hold: float = 0.0) -> None:
+    """The bare server (answers after `hold` seconds of work): prints its port as one JSON line, serves until stdin
+    closes."""
     if cpus:
         pin_process(parse_cpus(cpus))
     torch.set_num_threads(1)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_KVCacheServicer_to_server(_BareAttend(torch.device(device)), server)
+    pb_grpc.add_KVCacheServicer_to_server(_BareAttend(torch.device(device), hold), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(json.dumps({"port": port}), flush=True)
@@ -127,28 +134,38 @@ def host_result_cost(device: str, context: int, calls: int) -> tuple[list[float]
     return plain[WARMUP:WARMUP + calls], waited[WARMUP:WARMUP + calls]
 
 
+def _wire_times(device: str, server_cpus: str | None, calls: int, hold: float) -> list[float]:
+    """wire_round_trips to a bare server started for them (answering after `hold` seconds of work)."""
+    cmd = [sys.executable, "-m", "kvcache.bench.rpc_floor", "--serve", "--device", device, "--hold", str(hold),
+           *(("--server-cpus", server_cpus) if server_cpus else ())]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = json.loads(proc.stdout.readline())["port"]
+        return wire_round_trips(port, calls)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
 def _stats(times: list[float]) -> dict:
     us = sorted(t * 1e6 for t in times)
     return {"median_us": statistics.median(us), "p10_us": us[len(us) // 10], "p90_us": us[(9 * len(us)) // 10]}
 
 
 def run(device: str = "cpu", context: int = 4096, calls: int = 2000, server_cpus: str | None = None,
-        engine_cpus: str | None = None) -> dict:
-    """Both floors and their sum against the goal; the report."""
+        engine_cpus: str | None = None, hold_us: float = 0.0) -> dict:
+    """Both floors and their sum against the goal; the report. With `hold_us`, the wire round trip is also timed
+    with the bare server working that long before each answer (the work subtracted): the client then waits as it
+    does on a real attend, and its thread and core go idle in between."""
     if engine_cpus:
         pin_process(parse_cpus(engine_cpus))
     torch.set_num_threads(1)
-    cmd = [sys.executable, "-m", "kvcache.bench.rpc_floor", "--serve", "--device", device,
-           *(("--server-cpus", server_cpus) if server_cpus else ())]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        port = json.loads(proc.stdout.readline())["port"]
-        wire = wire_round_trips(port, calls)
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=60)
+    wire = _wire_times(device, server_cpus, calls, 0.0)
+    paced = [t - hold_us * 1e-6 for t in _wire_times(device, server_cpus, calls, hold_us * 1e-6)] if hold_us else None
     plain, waited = host_result_cost(device, context, calls)
     rows = {"wire": _stats(wire), "in_process": _stats(plain), "in_process_waited": _stats(waited)}
+    if paced is not None:
+        rows["wire_paced"] = {"hold_us": hold_us, **_stats(paced)}
     wait_us = rows["in_process_waited"]["median_us"] - rows["in_process"]["median_us"]
     floor = rows["wire"]["median_us"] + max(0.0, wait_us)
     host_gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -159,6 +176,10 @@ def run(device: str = "cpu", context: int = 4096, calls: int = 2000, server_cpus
               "host_wait_us": wait_us, "floor_added_us": floor, "goal_us": GOAL_US}
     print(f"wire round trip (bare handler{', device copies' if device != 'cpu' else ''}): "
           f"{rows['wire']['median_us']:.0f} us (p10 {rows['wire']['p10_us']:.0f}, p90 {rows['wire']['p90_us']:.0f})")
+    if paced is not None:
+        print(f"wire round trip after {hold_us:.0f} us of server work (subtracted): "
+              f"{rows['wire_paced']['median_us']:.0f} us (p10 {rows['wire_paced']['p10_us']:.0f}, "
+              f"p90 {rows['wire_paced']['p90_us']:.0f})")
     print(f"in-process layer call: {rows['in_process']['median_us']:.0f} us; waited for and copied to the host: "
           f"{rows['in_process_waited']['median_us']:.0f} us (+{wait_us:.0f})")
     print(f"least gRPC can add per layer call: {floor:.0f} us (goal {GOAL_US:.0f})")
@@ -167,7 +188,7 @@ def run(device: str = "cpu", context: int = 4096, calls: int = 2000, server_cpus
 
 def main(args: argparse.Namespace) -> int:
     """Entry of `kvcache bench rpc-floor`."""
-    report = run(args.device, args.context, args.calls, args.server_cpus, args.engine_cpus)
+    report = run(args.device, args.context, args.calls, args.server_cpus, args.engine_cpus, args.hold_us)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
@@ -180,5 +201,6 @@ if __name__ == "__main__":
     parser.add_argument("--serve", action="store_true", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--server-cpus")
+    parser.add_argument("--hold", type=float, default=0.0, help="seconds of work before each answer")
     ns = parser.parse_args()
-    serve(ns.device, ns.server_cpus)
+    serve(ns.device, ns.server_cpus, ns.hold)

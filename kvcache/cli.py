@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     rpc_floor.add_argument("--calls", type=int, default=2000, help="timed round trips and layer calls of each kind")
     rpc_floor.add_argument("--server-cpus", help="run the bare server on these CPUs, e.g. 8-15")
     rpc_floor.add_argument("--engine-cpus", help="run this process on these CPUs, e.g. 0-7")
+    rpc_floor.add_argument("--hold-us", type=float, default=0.0,
+                           help="also time round trips whose bare server works this long before answering (subtracted)")
     rpc_floor.add_argument("--json", help="write the report here")
     layer_call = bench_sub.add_parser("layer-call", help="a decode layer call's append and whole wall time, "
                                                          "in-process (Triton append against torch)")

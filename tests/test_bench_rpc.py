@@ -54,3 +54,13 @@ def test_bench_rpc_floor_reports_the_wire_the_host_wait_and_their_sum(tmp_path):
     assert report["host_wait_us"] == report["in_process_waited"]["median_us"] - report["in_process"]["median_us"]
     assert report["floor_added_us"] == report["wire"]["median_us"] + max(0.0, report["host_wait_us"])
     assert report["goal_us"] == 200.0 and report["calls"] == 30 and report["context"] == 40
+
+
+def test_bench_rpc_floor_with_server_work_reports_the_paced_round_trip_without_it(tmp_path):
+    out = tmp_path / "floor.json"
+    assert main(["bench", "rpc-floor", "--calls", "20", "--context", "40", "--hold-us", "3000",
+                 "--json", str(out)]) == 0
+    paced = json.loads(out.read_text())["wire_paced"]
+    assert paced["hold_us"] == 3000.0
+    # The 3 ms of work are subtracted: what is left is a round trip, well under the work itself.
+    assert 0 < paced["p10_us"] <= paced["median_us"] <= paced["p90_us"] < 3000
