@@ -5,7 +5,9 @@ Two floors, measured in one run on one machine (`kvcache bench rpc-floor`):
   AttendStream handler that only decodes it and answers out and lse, over grpcio on loopback. The client
   sends and reads as RemoteClient does: a queue-fed request iterator, the reply read on the calling
   thread. With --device cuda the handler also moves q, k, v to the device and out and lse back, as a
-  server with a CUDA store must;
+  server with a CUDA store must. With --hold-us the same round trip is timed again with the bare server
+  working that long before each answer (subtracted): a real attend keeps the client waiting, its thread and
+  core idle, and the back-to-back round trip never pays for waking them;
 - the result on the host: an in-process layer call of a store of --context positions, against the
   same call followed by waiting for its kernels and copying out and lse to the host. Every remote call
   does that wait; an in-process engine never needs it.
