@@ -32,7 +32,7 @@ from kvcache.store import SequenceInfo
 from kvcache.store.step_plan import StepPlan
 from kvcache.wire import kvcache_pb2 as pb
 from kvcache.wire import kvcache_pb2_grpc as pb_grpc
-from kvcache.wire.codec import ERROR_CLASS_KEY, fill_wire, from_wire, to_wire
+from kvcache.wire.codec import ERROR_CLASS_KEY, fill_wire, from_wire
 from kvcache.wire.messages import config_from_wire, coverage_from_wire, info_from_wire, params_to_wire
 
 _BY_CODE = {
@@ -546,9 +546,9 @@ def _ids(token_ids: Sequence[int] | torch.Tensor | None) -> list[int]:
 
 
 def _wire(t: Any, name: str) -> pb.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise errors.ShapeMismatch(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return to_wire(t)
+    msg = pb.Tensor()
+    _fill(msg, t, name)
+    return msg
 
 
 def _fill(msg: pb.Tensor, t: Any, name: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -83,14 +85,7 @@ def checked_layout(msg: pb.Tensor, name: str) -> tuple[torch.dtype, tuple[int, .
             raise ShapeMismatch(f"{name}: negative dimension in shape {shape}")
         if s > MAX_DIM_SIZE:
             raise ShapeMismatch(f"{name}: dimension {s} in shape {shape} is larger than {MAX_DIM_SIZE}")
-    expected = _count(shape) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(msg.data) != expected:
         raise ShapeMismatch(f"{name}: {len(msg.data)} bytes for shape {shape} of {msg.dtype} ({expected} expected)")
     return dtype, shape
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for s in shape:
-        count *= s
-    return count
