@@ -54,7 +54,8 @@ ROWS = [
     ("block_sparse", {"top_k": 100}),
 ]
 PATTERNS = sorted({pattern for pattern, _ in ROWS})
-SWEEP = [(4, 2), (4, 3), (8, 2), (8, 3)]  # (num_warps, num_stages) tried by --sweep
+# (pair, num_warps, num_stages) tried by --sweep: one query block per program, or two (kernels/sparse_prefill.py).
+SWEEP = [(False, 4, 2), (False, 4, 3), (False, 8, 2), (True, 4, 2), (True, 8, 1), (True, 8, 2), (True, 8, 3)]
 DATA = (f"synthetic: keys an AR(1) process over positions (correlation length {CORRELATION_LENGTH}), each "
         f"query its own key plus noise (a local band of slowly decaying attention), {NUM_SINKS} sink keys and "
         f"{NUM_HEAVY} heavy-hitter keys per kv head that every query favours (vertical lines); values N(0, 1)")
@@ -140,10 +141,12 @@ def run(contexts: list[int], patterns: list[str], device: torch.device, dtype: t
     vertical-slash rows is also measured at every SWEEP launch configuration.
     """
     if device.type == "cuda":
-        from kvcache.kernels.sparse_prefill import NUM_STAGES, NUM_WARPS, sparse_prefill
+        from kvcache.kernels import sparse_prefill as kernel
 
-        attention = sparse_prefill
-        launch = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+        attention = kernel.sparse_prefill
+        pair = kernel.PAIR_QUERY_BLOCKS
+        launch = {"pair": pair, "num_warps": kernel.PAIRED_NUM_WARPS if pair else kernel.NUM_WARPS,
+                  "num_stages": kernel.PAIRED_NUM_STAGES if pair else kernel.NUM_STAGES}
     else:
         attention, launch = minference_prefill, None  # the Triton kernels need a GPU (or the slow interpreter)
     timer = Timer(device, iters=iters, warmup=1, use_graphs=False)  # index builders sync on sizes
@@ -215,11 +218,20 @@ def _run_context(S, patterns, device, dtype, page_size, block_size, timer: Timer
         print(f"{S:>8} {pattern:<15} {short:<14} {row['density']:>8.3f} {index_ms:>9.2f} {attn_ms:>9.2f} "
               f"{total_ms:>9.2f} {sdpa_ms:>9.2f} {sdpa_ms / total_ms:>7.2f}x")
         swept = sweep and (pattern, params) in (ROWS[0], ROWS[2])
-        for num_warps, num_stages in SWEEP if swept else []:
-            ms = timer.median_us(partial(attend, index, num_warps=num_warps, num_stages=num_stages)) / 1e3
+        for pair, num_warps, num_stages in SWEEP if swept else []:
+            launch = {"pair": pair, "num_warps": num_warps, "num_stages": num_stages}
+            try:
+                ms = timer.median_us(partial(attend, index, **launch)) / 1e3
+            except Exception as exc:  # a launch that does not fit the device (triton's OutOfResources)
+                if type(exc).__name__ != "OutOfResources":
+                    raise
+                rows.append({"context": S, "pattern": f"sweep:{pattern}", "params": params, "launch": launch,
+                             "skipped": str(exc).splitlines()[0]})
+                print(f"{S:>8} {pattern:<15} {launch}: does not fit ({str(exc).splitlines()[0]})")
+                continue
             rows.append({"context": S, "pattern": f"sweep:{pattern}", "params": params, "attention_ms": ms,
-                         "launch": {"num_warps": num_warps, "num_stages": num_stages}})
-            print(f"{S:>8} {pattern:<15} warps={num_warps} stages={num_stages}: attention {ms:.2f} ms")
+                         "attention_speedup_vs_sdpa": sdpa_ms / ms, "launch": launch})
+            print(f"{S:>8} {pattern:<15} {launch}: attention {ms:.2f} ms, {sdpa_ms / ms:.2f}x SDPA")
         del index
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -79,3 +79,59 @@ def _compact_to_mask(entries: torch.Tensor, count: torch.Tensor, width: int) -> 
     out = torch.zeros((n, width + 1), dtype=torch.bool, device=entries.device)
     out.scatter_(1, torch.where(valid, entries.long(), width), True)  # invalid entries land in the spare column
     return out[:, :width]
+
+
+@dataclass(frozen=True)
+class PairedBlocks:
+    """A SparseIndex's block lists merged for query blocks 2j and 2j+1 (one program's 2B query rows), per head.
+
+    block_index  [Hq, npairs, width]: key block ids listed for either block of the pair; first the `full_count`
+                 listed for both and strictly before both (no mask needed), then the rest, ascending within each
+                 part; -1 past block_count.
+    member       [Hq, npairs, width] int32: bit 0 set when the lower query block lists the entry, bit 1 the upper.
+    full_count   [Hq, npairs]
+    block_count  [Hq, npairs]
+    """
+
+    block_index: torch.Tensor
+    member: torch.Tensor
+    full_count: torch.Tensor
+    block_count: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        """npairs: ceil(nq / 2)."""
+        return self.block_count.shape[1]
+
+
+def pair_blocks(index: SparseIndex) -> PairedBlocks:
+    """Merge each two consecutive query blocks' lists of `index` (on its device, no host sync but the width)."""
+    H, nq, W = index.block_index.shape
+    dev = index.block_index.device
+    npairs = -(-nq // 2)
+    nkb = index.first_block + nq  # no list goes past its own block
+    listed = torch.arange(W, device=dev)[None, None, :] < index.block_count[..., None]
+    target = torch.where(listed, index.block_index.long(), nkb)
+    if nq % 2:  # an empty upper block for the last pair
+        target = torch.cat([target, torch.full((H, 1, W), nkb, dtype=torch.long, device=dev)], dim=1)
+    halves = []
+    for half in (0, 1):
+        bitmap = torch.zeros((H, npairs, nkb + 1), dtype=torch.bool, device=dev)
+        bitmap.scatter_(2, target[:, half::2], True)
+        halves.append(bitmap[..., :nkb])
+    lower, upper = halves
+    kb = torch.arange(nkb, device=dev)
+    lower_block = index.first_block + 2 * torch.arange(npairs, device=dev)
+    full = lower & upper & (kb[None, None, :] < lower_block[None, :, None])
+    rest = (lower | upper) & ~full
+    full_count = full.sum(dim=-1)
+    block_count = full_count + rest.sum(dim=-1)
+    width = max(int(block_count.max()), 1) if block_count.numel() else 1
+    slot = torch.where(full, torch.cumsum(full, dim=-1) - 1,
+                       torch.where(rest, full_count[..., None] + torch.cumsum(rest, dim=-1) - 1, width))
+    ids = torch.full((H, npairs, width + 1), -1, dtype=torch.int32, device=dev)
+    ids.scatter_(2, slot, kb.to(torch.int32).expand(H, npairs, nkb))
+    member = torch.zeros((H, npairs, width + 1), dtype=torch.int32, device=dev)
+    member.scatter_(2, slot, (lower.int() + 2 * upper.int()))
+    return PairedBlocks(ids[..., :width].contiguous(), member[..., :width].contiguous(), full_count.int(),
+                        block_count.int())
