@@ -3,8 +3,9 @@
 Variants: stage 1 with its loads in step or one step ahead (kernels/sparq.py STAGE1_PREFETCH), and Triton's
 pipeline depth (num_stages) of stage 1 and of stage 2 (kernels/tuning.py). For each variant and shape (128K x 1,
 32K x 1, 128K x 8; 32 q / 8 kv heads, d=128, bf16, pages of 16): the whole SparQ step at r=16, k=S/16, stage 1 and
-stage 2 alone, in interleaved rounds; SDPA on contiguous K/V (the faster of graph and eager) is the baseline row of
-each shape. CUDA graphs, CUDA events, L2 flushed, median of 30.
+stage 2 alone, in interleaved rounds; then each kernel's device time in a step (torch profiler). SDPA on contiguous
+K/V (the faster of graph and eager) is the baseline row of each shape. CUDA graphs, CUDA events, L2 flushed, median
+of 30.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import dataclasses
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from kvcache.bench.decode import Shape, _sdpa_call, build_store, planned_call
 from kvcache.bench.timing import Timer, run_header, write_report
@@ -30,6 +32,17 @@ VARIANTS = {
     "ahead_s2_stages4": (True, 3, 4),
 }
 SHAPES = ((1, 131072), (1, 32768), (8, 131072))
+
+
+def kernel_times(step, runs: int = 10) -> dict[str, float]:
+    """Each kernel's device time in microseconds per step, over `runs` eager steps (torch profiler)."""
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            step()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / runs for e in prof.key_averages() if e.device_time_total > 0}
 
 
 def _apply(variant: tuple[bool, int, int], saved: dict) -> None:
@@ -76,6 +89,11 @@ def main() -> int:
                 report["rows"].append(row)
                 print(batch, context, rnd, f"{name:<20}", {key: round(v, 1) for key, v in times.items()},
                       f"{row['speedup_vs_sdpa']:.2f}x", flush=True)
+        for name in ("in_step", "ahead"):  # where a step's time goes, kernel by kernel
+            _apply(VARIANTS[name], saved)
+            report["rows"].append({"batch": batch, "context": context, "variant": name,
+                                   "kernels_us": kernel_times(planned_call(store, seqs, q, "sparq", params))})
+            print(batch, context, name, {key[:24]: round(v, 1) for key, v in report["rows"][-1]["kernels_us"].items()})
         TUNING.update(saved)
         del store
         torch.cuda.empty_cache()
