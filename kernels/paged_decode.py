@@ -313,7 +313,7 @@ def attend_partial(
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, BLOCK_N=block_n, MODE=mode, WITH_ALPHA=with_alpha,
         BLOCK_STAT=triton.next_power_of_2(stat_splits), DOT_PRECISION=dot_precision(q.dtype),
         HAS_LIST_LEN=has_list_len, PDL=pdl, VERIFY=verify, BITS=8 * k_seq.element_size(),
-        num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(pdl),
+        num_warps=launch.num_warps, **pdl_launch(pdl),
     )
     return Partials(part_out, part_lse, part_alpha if with_alpha else None)
 

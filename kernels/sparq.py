@@ -29,9 +29,6 @@ from .softmax_stats import running_softmax_stats
 from .topk import LEVELS, select_topk, selects_in_registers, topk_workspace, zero_workspace_row
 from .tuning import TUNING
 
-# Stage 1 loads a step ahead (see _stage1_kernel); module-level so an A/B can flip it.
-STAGE1_PREFETCH = False
-
 
 @triton.jit
 def _group_query(
@@ -62,24 +59,6 @@ def _group_query(
 
 
 @triton.jit
-def _stage1_pages(indices_ptr, page_start, it, end, offs_pg, P: tl.constexpr):
-    """Physical page ids [NPG] of the pages of positions [it, it + NPG * P) (0 past `end`)."""
-    logical_page = it // P + offs_pg
-    return tl.load(indices_ptr + page_start + logical_page, mask=logical_page * P < end, other=0).to(tl.int64)
-
-
-@triton.jit
-def _stage1_keys(kdim_ptr, col, page, s_kn, it, end, offs_pg, offs_p, mask_r, P: tl.constexpr):
-    """Rows i1 of k_dim's pages `page` [BLOCK_R, NPG, P] (§1 step 3), each a contiguous run of P.
-
-    The mask is per page (constant along P) so the runs load as vectors; positions past `end` in a last, partial
-    page are read and masked by the caller."""
-    page_ok = (it // P + offs_pg) * P < end
-    return tl.load(kdim_ptr + col[:, None, None] + (page * s_kn)[None, :, None] + offs_p[None, None, :],
-                   mask=mask_r[:, None, None] & page_ok[None, :, None], other=0.0)
-
-
-@triton.jit
 def _stage1_kernel(
     q_ptr, kdim_ptr, indptr_ptr, indices_ptr, last_len_ptr,
     logits_ptr, qmask_ptr, tau_ptr, stat_m_ptr, stat_l_ptr, hist0_ptr, hist1_ptr, counters_ptr,
@@ -87,7 +66,7 @@ def _stage1_kernel(
     s_qb, s_qh, s_kn, s_kh, s_kd, s_lbh, s_lg, s_ln,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_DOT: tl.constexpr, WS_B0: tl.constexpr, WS_B1: tl.constexpr, PREFETCH: tl.constexpr,
+    USE_DOT: tl.constexpr, WS_B0: tl.constexpr, WS_B1: tl.constexpr,
 ):
     """§1 steps 1-3 on one slice of positions: approximate logits from the r chosen key rows of k_dim."""
     pid_bh = tl.program_id(0).to(tl.int64)  # logits offsets can pass 2^31
@@ -122,21 +101,16 @@ def _stage1_kernel(
     NPG: tl.constexpr = BLOCK_N // P
     offs_pg = tl.arange(0, NPG)
     offs_p = tl.arange(0, P)
-    # Each step's loads are two dependent round trips (page ids, then the key runs they name), and at batch 1 a
-    # program has nothing else to hide them behind: with PREFETCH the runs of step i + 1 and the page ids of step
-    # i + 2 are in flight while step i's dot runs (docs/methods.md, sparq).
-    if PREFETCH:
-        page_next = _stage1_pages(indices_ptr, page_start, start, end, offs_pg, P)
-        keys = _stage1_keys(kdim_ptr, col, page_next, s_kn, start, end, offs_pg, offs_p, mask_r, P)
-        page_next = _stage1_pages(indices_ptr, page_start, start + BLOCK_N, end, offs_pg, P)
     for it in range(start, end, BLOCK_N):  # start and BLOCK_N are multiples of P: whole pages per step
-        if PREFETCH:
-            k3 = keys
-            keys = _stage1_keys(kdim_ptr, col, page_next, s_kn, it + BLOCK_N, end, offs_pg, offs_p, mask_r, P)
-            page_next = _stage1_pages(indices_ptr, page_start, it + 2 * BLOCK_N, end, offs_pg, P)
-        else:
-            page = _stage1_pages(indices_ptr, page_start, it, end, offs_pg, P)
-            k3 = _stage1_keys(kdim_ptr, col, page, s_kn, it, end, offs_pg, offs_p, mask_r, P)
+        logical_page = it // P + offs_pg
+        page_ok = logical_page * P < end
+        page = tl.load(indices_ptr + page_start + logical_page, mask=page_ok, other=0).to(tl.int64)
+        # §1 step 3: only rows i1 of each page are read, each a contiguous run of P. The mask is
+        # per page (constant along P) so the runs load as vectors; rows past the end are masked below.
+        k3 = tl.load(
+            kdim_ptr + col[:, None, None] + (page * s_kn)[None, :, None] + offs_p[None, None, :],
+            mask=mask_r[:, None, None] & page_ok[None, :, None], other=0.0,
+        )
         k_cols = tl.reshape(k3, [BLOCK_R, BLOCK_N])
         if USE_DOT:
             x = tl.dot(q_sel.to(k_cols.dtype), k_cols, input_precision=DOT_PRECISION)
@@ -217,7 +191,7 @@ def sparq_stage1(
         q.stride(0), q.stride(1), k_dim.stride(0), k_dim.stride(1), k_dim.stride(2), *res.logits.stride(),
         HKV=Hkv, G=G, BLOCK_G=block_g, D=D, P=P, R=r, BLOCK_R=block_r, BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype), USE_DOT=use_dot, WS_B0=LEVELS[0][1], WS_B1=LEVELS[1][1],
-        PREFETCH=STAGE1_PREFETCH, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        num_warps=launch.num_warps,
     )
     return res
 

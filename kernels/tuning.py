@@ -11,13 +11,11 @@ from dataclasses import dataclass
 
 @dataclass
 class Launch:
-    """Positions per loop step, warps per program, the number of programs to spread a batch over, and the software
-    pipeline's depth (Triton's num_stages; 3 is its default on CUDA)."""
+    """Positions per loop step, warps per program, and the number of programs to spread a batch over."""
 
     block_n: int
     num_warps: int
     programs: int
-    num_stages: int = 3
 
 
 TUNING: dict[str, Launch] = {

@@ -10,9 +10,7 @@ import pytest
 import torch
 from kernel_support import HKV, INTERPRETED, NO_BF16_ON_CPU, assert_matches, poisoned_allocations, scattered_store
 
-from kvcache.kernels import sparq as sparq_kernels
 from kvcache.kernels.sparq import sparq_decode
-from kvcache.kernels.tuning import TUNING, Launch
 from kvcache.methods import dense, sparq
 
 LENGTHS = (37, 11, 61)  # mixed and odd: every last page is partly filled
@@ -49,16 +47,6 @@ def run_both(lengths=LENGTHS, *, G=4, d=64, dtype=torch.float32, page_size=8, de
 def test_sparq_decode_matches_the_reference_on_a_mixed_batch(G, d, dtype, page_size, select_path):
     out, lse, ref, _ = run_both(G=G, d=d, dtype=dtype, page_size=page_size, r=d // 8, k=K, local_window=2)
     assert_matches(out, lse, ref, dtype)
-
-
-@pytest.mark.parametrize("prefetch", [False, True], ids=["in-step", "step-ahead"])
-def test_stage_1_loads_in_step_or_one_step_ahead_alike(prefetch, monkeypatch):
-    # One split per row, so each program runs several steps of 32 over pages of 8 and the loads ahead cross pages
-    # and the row's end.
-    monkeypatch.setattr(sparq_kernels, "STAGE1_PREFETCH", prefetch)
-    monkeypatch.setitem(TUNING, "stage1", Launch(block_n=32, num_warps=4, programs=1))
-    out, lse, ref, _ = run_both((97, 45, 130), r=8, k=K, local_window=2)
-    assert_matches(out, lse, ref, torch.float32)
 
 
 @pytest.mark.parametrize("r", [1, 64], ids=["r=1", "r=d"])
