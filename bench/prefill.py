@@ -55,7 +55,7 @@ ROWS = [
 ]
 PATTERNS = sorted({pattern for pattern, _ in ROWS})
 # (pair, num_warps, num_stages) tried by --sweep: one query block per program, or two (kernels/sparse_prefill.py).
-SWEEP = [(False, 4, 2), (False, 4, 3), (False, 8, 2), (True, 4, 2), (True, 8, 1), (True, 8, 2), (True, 8, 3)]
+SWEEP = [(False, 4, 2), (False, 4, 3), (False, 4, 4), (True, 4, 3), (True, 8, 3), (True, 8, 4)]
 DATA = (f"synthetic: keys an AR(1) process over positions (correlation length {CORRELATION_LENGTH}), each "
         f"query its own key plus noise (a local band of slowly decaying attention), {NUM_SINKS} sink keys and "
         f"{NUM_HEAVY} heavy-hitter keys per kv head that every query favours (vertical lines); values N(0, 1)")
@@ -189,11 +189,13 @@ def _run_context(S, patterns, device, dtype, page_size, block_size, timer: Timer
     del k, v
     sdpa = partial(F.scaled_dot_product_attention, q4, k4, v4, is_causal=True)
     sdpa_ms = timer.median_us(sdpa) / 1e3
+    backends = _sdpa_backends(S, sdpa, timer, sdpa_ms) if sweep else []  # which backend the baseline's speed is
     tail = min(S, 1024)  # the last rows see the most keys; their SDPA output checks `causal`
     sdpa_tail = sdpa()[0, :, -tail:].permute(1, 0, 2).float()
     del sdpa, q4, k4, v4  # SDPA's copies make room for the indices
     rows = [{"context": S, "pattern": "sdpa", "params": {}, "total_ms": sdpa_ms, "speedup_vs_sdpa": 1.0}]
     print(f"{S:>8} {'sdpa':<15} {'-':<14} {1.0:>8.3f} {'':>9} {'':>9} {sdpa_ms:>9.2f} {sdpa_ms:>9.2f} {1.0:>7.2f}x")
+    rows.extend(backends)
     for pattern, params in ROWS:
         if pattern not in patterns:
             continue
@@ -235,6 +237,23 @@ def _run_context(S, patterns, device, dtype, page_size, block_size, timer: Timer
         del index
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def _sdpa_backends(S: int, sdpa, timer: Timer, sdpa_ms: float) -> list[dict]:
+    """SDPA's time with each backend forced (FlashAttention-2, cuDNN, memory-efficient), where it runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                ms = timer.median_us(sdpa) / 1e3
+        except (RuntimeError, AttributeError) as exc:  # a backend this build or these inputs do not have
+            rows.append({"context": S, "pattern": f"sdpa:{name.lower()}", "skipped": str(exc).splitlines()[0]})
+            continue
+        rows.append({"context": S, "pattern": f"sdpa:{name.lower()}", "total_ms": ms, "speedup_vs_sdpa": sdpa_ms / ms})
+        print(f"{S:>8} sdpa backend {name.lower()}: {ms:.2f} ms")
     return rows
 
 
