@@ -54,8 +54,7 @@ ROWS = [
     ("block_sparse", {"top_k": 100}),
 ]
 PATTERNS = sorted({pattern for pattern, _ in ROWS})
-# (pair, num_warps, num_stages) tried by --sweep: one query block per program, or two (kernels/sparse_prefill.py).
-SWEEP = [(False, 4, 2), (False, 4, 3), (False, 4, 4), (True, 4, 3), (True, 8, 3), (True, 8, 4)]
+SWEEP = [(4, 2), (4, 3), (4, 4), (8, 3)]  # (num_warps, num_stages) tried by --sweep
 DATA = (f"synthetic: keys an AR(1) process over positions (correlation length {CORRELATION_LENGTH}), each "
         f"query its own key plus noise (a local band of slowly decaying attention), {NUM_SINKS} sink keys and "
         f"{NUM_HEAVY} heavy-hitter keys per kv head that every query favours (vertical lines); values N(0, 1)")
@@ -138,15 +137,14 @@ def run(contexts: list[int], patterns: list[str], device: torch.device, dtype: t
     """Time SDPA and every pattern at every context; returns the JSON-ready report.
 
     With `sweep` (GPU only), the kernel's attention time for the causal and the first
-    vertical-slash rows is also measured at every SWEEP launch configuration.
+    vertical-slash rows is also measured at every SWEEP launch configuration, and SDPA with each
+    of its backends forced (which one the baseline is).
     """
     if device.type == "cuda":
-        from kvcache.kernels import sparse_prefill as kernel
+        from kvcache.kernels.sparse_prefill import NUM_STAGES, NUM_WARPS, sparse_prefill
 
-        attention = kernel.sparse_prefill
-        pair = kernel.PAIR_QUERY_BLOCKS
-        launch = {"pair": pair, "num_warps": kernel.PAIRED_NUM_WARPS if pair else kernel.NUM_WARPS,
-                  "num_stages": kernel.PAIRED_NUM_STAGES if pair else kernel.NUM_STAGES}
+        attention = sparse_prefill
+        launch = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
     else:
         attention, launch = minference_prefill, None  # the Triton kernels need a GPU (or the slow interpreter)
     timer = Timer(device, iters=iters, warmup=1, use_graphs=False)  # index builders sync on sizes
@@ -220,8 +218,8 @@ def _run_context(S, patterns, device, dtype, page_size, block_size, timer: Timer
         print(f"{S:>8} {pattern:<15} {short:<14} {row['density']:>8.3f} {index_ms:>9.2f} {attn_ms:>9.2f} "
               f"{total_ms:>9.2f} {sdpa_ms:>9.2f} {sdpa_ms / total_ms:>7.2f}x")
         swept = sweep and (pattern, params) in (ROWS[0], ROWS[2])
-        for pair, num_warps, num_stages in SWEEP if swept else []:
-            launch = {"pair": pair, "num_warps": num_warps, "num_stages": num_stages}
+        for num_warps, num_stages in SWEEP if swept else []:
+            launch = {"num_warps": num_warps, "num_stages": num_stages}
             try:
                 ms = timer.median_us(partial(attend, index, **launch)) / 1e3
             except Exception as exc:  # a launch that does not fit the device (triton's OutOfResources)
@@ -272,7 +270,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-size", type=int, default=16, help="positions per page (default 16)")
     parser.add_argument("--block-size", type=int, default=64, help="query and key block size (default 64)")
     parser.add_argument("--sweep", action="store_true",
-                        help="also time the kernel at each (num_warps, num_stages) of SWEEP (GPU only)")
+                        help="also time the kernel at each (warps, stages) of SWEEP and SDPA per backend (GPU only)")
     parser.add_argument("--json", help="write the report here")
 
 

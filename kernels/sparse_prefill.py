@@ -23,35 +23,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_index import SparseIndex, pair_blocks
+from .block_index import SparseIndex
 from .csr import PageTableCSR
 from .paged_decode import dot_precision, sequence_extent
 
-# Launch parameters for B x B tiles (B = the index's block size, 64 by default), not yet from a
-# GPU sweep (`kvcache.bench.prefill --sweep` times the alternatives). Compiled for sm_90 with bf16,
-# d=128: 4 warps and 2 stages take 190 registers a thread (223 with columns), no spills, 80 KB
-# of shared memory, and the block loop's page-id loads and K/V gathers are asynchronous copies
-# pipelined behind the tensor-core dots; 3 stages reach 254 registers with columns.
+# Launch parameters for B x B tiles (B = the index's block size, 64 by default). Compiled for sm_90 with bf16, d=128:
+# 4 warps and 2 stages take 190 registers a thread (223 with columns), no spills, 80 KB of shared memory, and the
+# block loop's page-id loads and K/V gathers are asynchronous copies pipelined behind the tensor-core dots. 3 stages
+# (254 registers with columns) were 1-4% faster than 2 on an H100, for the full causal index and vertical-slash at
+# 32K and 128K, and 4 stages slower for the causal index; 8 warps, or two query blocks per program (2B query rows
+# per K/V tile), were slower at every setting tried (bench/results/prefill_pair_sweep_h100.json, _sweep2_h100.json).
 NUM_WARPS = 4
-NUM_STAGES = 2
-# Two query blocks per program (_paired_prefill_kernel): each K/V tile brought on chip serves 2B query rows, half
-# the tile loads per query of one block per program.
-PAIR_QUERY_BLOCKS = False
-PAIRED_NUM_WARPS = 8
-PAIRED_NUM_STAGES = 2
+NUM_STAGES = 3
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, q_pos,
-    k_ptr, v_ptr, indices_ptr, page_start, kv_offset, key_pos, key_valid, row_ok,
+    k_ptr, v_ptr, indices_ptr, page_start, kv_offset, key_pos, key_valid,
     qk_scale, s_kn, s_kp, offs_d,
     P: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step over the keys at key_pos [BLOCK_N] (base-2 scores); MASKED applies
-    key_valid, causality and row_ok [BLOCK_M] (the query rows these keys are listed for), otherwise every key is
-    known valid, before every query and listed for every row."""
+    key_valid and causality, otherwise every key is known valid and before every query."""
     if MASKED:
         page = tl.load(indices_ptr + page_start + key_pos // P, mask=key_valid, other=0).to(tl.int64)
     else:
@@ -65,7 +60,7 @@ def _attend_tile(
         v = tl.load(v_ptr + row[:, None] + offs_d[None, :])
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
-        keep = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
+        keep = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None])
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet stay empty, not NaN
@@ -74,18 +69,6 @@ def _attend_tile(
     l_i = l_i * rescale + tl.sum(p, axis=1)
     acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
-
-
-@triton.jit
-def _store_rows(acc, m_i, l_i, out_ptr, lse_ptr, q_row, mask_row, h, s_ot, s_oh, s_lt, offs_d):
-    """Normalise and write the rows' out (q's dtype) and lse (natural log; -inf for a row that saw no key)."""
-    has_keys = l_i > 0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # x ln 2: natural log
-    tl.store(out_ptr + q_row[:, None] * s_ot + h * s_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=mask_row[:, None])
-    tl.store(lse_ptr + q_row * s_lt + h, lse, mask=mask_row)
 
 
 @triton.jit
@@ -117,7 +100,6 @@ def _sparse_prefill_kernel(
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, D], dtype=tl.float32)
-    every_row = offs_m >= 0
 
     entry = h * num_qblocks + m
     num_blocks = tl.load(block_count_ptr + entry)
@@ -125,12 +107,12 @@ def _sparse_prefill_kernel(
     for i in range(num_blocks - 1):  # all but the last are strictly before the query block
         key_pos = tl.load(blocks_ptr + i) * BLOCK + offs_n
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, indices_ptr, page_start, kv_offset,
-                                     key_pos, key_pos < seq_len, every_row, qk_scale, s_kn, s_kp, offs_d,
+                                     key_pos, key_pos < seq_len, qk_scale, s_kn, s_kp, offs_d,
                                      P, False, DOT_PRECISION)
     if num_blocks > 0:
         key_pos = tl.load(blocks_ptr + num_blocks - 1) * BLOCK + offs_n
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, indices_ptr, page_start, kv_offset,
-                                     key_pos, key_pos < seq_len, every_row, qk_scale, s_kn, s_kp, offs_d,
+                                     key_pos, key_pos < seq_len, qk_scale, s_kn, s_kp, offs_d,
                                      P, True, DOT_PRECISION)
     if WITH_COLUMNS:
         num_columns = tl.load(column_count_ptr + entry)
@@ -139,77 +121,16 @@ def _sparse_prefill_kernel(
             listed = c0 + offs_n < num_columns
             key_pos = tl.load(columns_ptr + c0 + offs_n, mask=listed, other=0)
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, indices_ptr, page_start, kv_offset,
-                                         key_pos, listed & (key_pos < seq_len), every_row, qk_scale, s_kn, s_kp, offs_d,
+                                         key_pos, listed & (key_pos < seq_len), qk_scale, s_kn, s_kp, offs_d,
                                          P, True, DOT_PRECISION)
 
-    _store_rows(acc, m_i, l_i, out_ptr, lse_ptr, q_row, mask_row, h, s_ot, s_oh, s_lt, offs_d)
-
-
-@triton.jit
-def _paired_prefill_kernel(
-    q_ptr, k_ptr, v_ptr,
-    indptr_ptr, indices_ptr, last_len_ptr,
-    pair_index_ptr, member_ptr, full_count_ptr, pair_count_ptr, column_index_ptr, column_count_ptr,
-    out_ptr, lse_ptr,
-    b, start, num_queries, first_block, num_qblocks, num_pairs, qk_scale,
-    s_qt, s_qh, s_ot, s_oh, s_lt,
-    s_kn, s_kh, s_kp,
-    s_ph, s_pm, s_ch, s_cm,
-    G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr,
-    WITH_COLUMNS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """As _sparse_prefill_kernel, for query blocks 2j and 2j+1 at once: every K/V tile read serves 2B query rows
-    (kvcache.kernels.block_index.PairedBlocks lists what each half attends to)."""
-    h = tl.program_id(0)
-    j = num_pairs - 1 - tl.program_id(1)  # the longest causal ranges start first
-    page_start, _, seq_len = sequence_extent(indptr_ptr, last_len_ptr, b, P)
-    kv_offset = (h // G) * s_kh
-
-    offs_m = tl.arange(0, 2 * BLOCK)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    upper = offs_m >= BLOCK
-    q_pos = (first_block + 2 * j) * BLOCK + offs_m
-    q_row = (q_pos - start).to(tl.int64)
-    mask_row = (q_row >= 0) & (q_row < num_queries)
-    q = tl.load(q_ptr + q_row[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=mask_row[:, None], other=0.0)
-
-    m_i = tl.full([2 * BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([2 * BLOCK], dtype=tl.float32)
-    acc = tl.zeros([2 * BLOCK, D], dtype=tl.float32)
-
-    entry = h * num_pairs + j
-    num_full = tl.load(full_count_ptr + entry)
-    num_blocks = tl.load(pair_count_ptr + entry)
-    blocks_ptr = pair_index_ptr + h.to(tl.int64) * s_ph + j.to(tl.int64) * s_pm
-    members_ptr = member_ptr + h.to(tl.int64) * s_ph + j.to(tl.int64) * s_pm
-    for i in range(num_full):  # listed for both halves and before both: no mask
-        key_pos = tl.load(blocks_ptr + i) * BLOCK + offs_n
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, indices_ptr, page_start, kv_offset,
-                                     key_pos, key_pos < seq_len, upper, qk_scale, s_kn, s_kp, offs_d,
-                                     P, False, DOT_PRECISION)
-    for i in range(num_full, num_blocks):  # one half's only, or a diagonal block: masked by row and causally
-        key_pos = tl.load(blocks_ptr + i) * BLOCK + offs_n
-        member = tl.load(members_ptr + i)
-        row_ok = tl.where(upper, member & 2, member & 1) != 0
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, indices_ptr, page_start, kv_offset,
-                                     key_pos, key_pos < seq_len, row_ok, qk_scale, s_kn, s_kp, offs_d,
-                                     P, True, DOT_PRECISION)
-    if WITH_COLUMNS:  # each half's own columns, the other half's rows masked
-        for half in tl.static_range(2):
-            m = 2 * j + half
-            if m < num_qblocks:
-                num_columns = tl.load(column_count_ptr + h * num_qblocks + m)
-                columns_ptr = column_index_ptr + h.to(tl.int64) * s_ch + m.to(tl.int64) * s_cm
-                row_ok = offs_m // BLOCK == half
-                for c0 in range(0, num_columns, BLOCK):
-                    listed = c0 + offs_n < num_columns
-                    key_pos = tl.load(columns_ptr + c0 + offs_n, mask=listed, other=0)
-                    acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, indices_ptr, page_start,
-                                                 kv_offset, key_pos, listed & (key_pos < seq_len), row_ok, qk_scale,
-                                                 s_kn, s_kp, offs_d, P, True, DOT_PRECISION)
-
-    _store_rows(acc, m_i, l_i, out_ptr, lse_ptr, q_row, mask_row, h, s_ot, s_oh, s_lt, offs_d)
+    has_keys = l_i > 0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # x ln 2: natural log
+    tl.store(out_ptr + q_row[:, None] * s_ot + h * s_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask_row[:, None])
+    tl.store(lse_ptr + q_row * s_lt + h, lse, mask=mask_row)
 
 
 def sparse_prefill(
@@ -221,17 +142,15 @@ def sparse_prefill(
     *,
     b: int = 0,
     scale: float | None = None,
-    pair: bool | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of the chunk q [T, Hq, d] at index.start over sequence b's paged K/V [N, Hkv, P, d],
     restricted to the index (blocks, plus columns when it has them): out [T, Hq, d] (q dtype), lse [T, Hq] f32.
 
     The block lists must be ascending and end at or before each query block's own block (every
     builder in kvcache.prefill.minference_index makes them so); the kernel masks causally only
-    the last listed block and the columns. `pair` (default PAIR_QUERY_BLOCKS) runs 2B query rows per program;
-    num_warps and num_stages default to that kernel's. Raises ValueError (shapes), TypeError (dtypes) or IndexError (a
+    the last listed block and the columns. Raises ValueError (shapes), TypeError (dtypes) or IndexError (a
     chunk past the sequence's positions).
     """
     T, Hq, D = q.shape
@@ -254,31 +173,17 @@ def sparse_prefill(
     out = torch.empty_like(q)
     lse = torch.empty((T, Hq), dtype=torch.float32, device=q.device)
     nq = index.num_query_blocks
-    pair = PAIR_QUERY_BLOCKS if pair is None else pair
-    launch = {"num_warps": num_warps or (PAIRED_NUM_WARPS if pair else NUM_WARPS),
-              "num_stages": num_stages or (PAIRED_NUM_STAGES if pair else NUM_STAGES)}
-    common = (b, index.start, T, index.first_block, nq)
-    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-               k_seq.stride(0), k_seq.stride(1), k_seq.stride(2))
-    constants = {"G": Hq // Hkv, "D": D, "P": P, "BLOCK": B, "WITH_COLUMNS": index.has_columns,
-                 "DOT_PRECISION": dot_precision(q.dtype)}
-    if pair:
-        pb = pair_blocks(index)
-        _paired_prefill_kernel[(Hq, pb.num_pairs)](
-            q, k_seq, v_seq, csr.indptr, csr.indices, csr.last_page_len,
-            pb.block_index, pb.member, pb.full_count, pb.block_count, index.column_index, index.column_count,
-            out, lse, *common, pb.num_pairs, scale * LOG2E, *strides,
-            pb.block_index.stride(0), pb.block_index.stride(1),
-            index.column_index.stride(0), index.column_index.stride(1),
-            **constants, **launch,
-        )
-        return out, lse
     _sparse_prefill_kernel[(Hq, nq)](
-        q, k_seq, v_seq, csr.indptr, csr.indices, csr.last_page_len,
+        q, k_seq, v_seq,
+        csr.indptr, csr.indices, csr.last_page_len,
         index.block_index, index.block_count, index.column_index, index.column_count,
-        out, lse, *common, scale * LOG2E, *strides,
+        out, lse,
+        b, index.start, T, index.first_block, nq, scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+        k_seq.stride(0), k_seq.stride(1), k_seq.stride(2),
         index.block_index.stride(0), index.block_index.stride(1),
         index.column_index.stride(0), index.column_index.stride(1),
-        **constants, **launch,
+        G=Hq // Hkv, D=D, P=P, BLOCK=B, WITH_COLUMNS=index.has_columns, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse

@@ -3,8 +3,7 @@
 Each case checks three things agree: the Triton kernel (run with torch.empty poisoned, so an
 output it never writes is NaN), the torch reference, and plain dense attention over K/V read
 position by position through the page table with a mask built from the index's lists by loops.
-Kernels run on the CPU under the Triton interpreter: blocks of 16, d=32, a few hundred positions. Every case runs
-the kernel that takes one query block per program and the one that takes two.
+Kernels run on the CPU under the Triton interpreter: blocks of 16, d=32, a few hundred positions.
 """
 
 import math
@@ -13,7 +12,6 @@ import pytest
 import torch
 from kernel_support import HKV, INTERPRETED, NO_BF16_ON_CPU, TOL, assert_matches, poisoned_allocations, scattered_store
 
-from kvcache.kernels import sparse_prefill as sparse_prefill_module
 from kvcache.kernels.sparse_prefill import sparse_prefill
 from kvcache.prefill.minference import minference_prefill
 from kvcache.prefill.minference_index import (
@@ -26,12 +24,6 @@ from kvcache.prefill.minference_index import (
 
 D = 32
 B = 16
-
-
-@pytest.fixture(autouse=True, params=[False, True], ids=["one-query-block", "two-query-blocks"])
-def kernel_per_program(request, monkeypatch):
-    """Every case runs both kernels: one query block per program, and two (kernels/sparse_prefill.py)."""
-    monkeypatch.setattr(sparse_prefill_module, "PAIR_QUERY_BLOCKS", request.param)
 
 
 class Result:
