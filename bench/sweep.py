@@ -15,21 +15,23 @@ from kvcache.bench.timing import Timer, run_header
 
 
 class Sweep:
-    """A sweep on the GPU: a store of `--context` random positions (batch 1, bf16, page 16), a query, a timer
-    (CUDA graphs, L2 flushed, median of 30) and the report's rows; SDPA on contiguous K/V is the first row."""
+    """A sweep on the GPU: a store of `--batch` sequences of `--context` random positions (bf16, page 16), a query, a
+    timer (CUDA graphs, L2 flushed, median of 30) and the report's rows; SDPA on contiguous K/V is the first row."""
 
     def __init__(self, description: str) -> None:
         parser = argparse.ArgumentParser(description=description)
         parser.add_argument("--json", required=True)
         parser.add_argument("--context", type=int, default=131072)
+        parser.add_argument("--batch", type=int, default=1)
         self.args = parser.parse_args()
         dev = torch.device("cuda")
         self.timer = Timer(dev, iters=30)
-        self.report = {**run_header(dev), "rows": []}
+        self.report = {**run_header(dev), "batch": self.args.batch, "context": self.args.context, "rows": []}
         self.context = self.args.context
-        self.shape = Shape(1, self.context)
+        self.shape = Shape(self.args.batch, self.context)
         self.store, self.seqs = build_store(self.shape, dev)
-        self.q = torch.randn((1, self.shape.num_q_heads, self.shape.head_dim), device=dev).to(self.shape.dtype)
+        shape = self.shape
+        self.q = torch.randn((shape.batch, shape.num_q_heads, shape.head_dim), device=dev).to(shape.dtype)
         self.time("sdpa", {}, _sdpa_call(self.store, self.seqs, self.q, self.shape)[0])
 
     def row(self, name: str, params: dict, us: float) -> None:
