@@ -1,5 +1,6 @@
 """kvcache.kernels.topk.select_topk against torch.topk: the k largest of each row, tails always taken; every test runs
-twice, through the radix levels and through one program per row in registers.
+three times: through the radix levels (appending at once, or in slots reserved per program) and through one program
+per row in registers.
 
 Positions come back unordered, so rows are compared as sets (distinct values) or by their sorted
 values (ties: any choice among equal values is a correct top-k). Every call runs with
@@ -13,15 +14,21 @@ import pytest
 import torch
 from kernel_support import INTERPRETED, poisoned_allocations
 
+from kvcache.kernels import topk
 from kvcache.kernels.topk import select_topk
+from kvcache.kernels.tuning import TUNING, Launch
 
 BLOCK = 32
 IN_REGISTERS = False  # set by the _path fixture
 
 
-@pytest.fixture(autouse=True, params=["radix_levels", "in_registers"])
+@pytest.fixture(autouse=True, params=["radix_levels", "radix_levels_reserved", "in_registers"])
 def _path(request, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "IN_REGISTERS", request.param == "in_registers")
+    if request.param == "radix_levels_reserved":
+        # Slots reserved once per program (topk.RESERVE_SLOTS), with few programs so each runs several loop steps.
+        monkeypatch.setattr(topk, "RESERVE_SLOTS", True)
+        monkeypatch.setitem(TUNING, "topk", Launch(block_n=BLOCK, num_warps=4, programs=4))
 
 
 def run_topk(values, k, n_valid, n_total=None, block=BLOCK):
