@@ -3,9 +3,8 @@
 At `--context` x `--batch` (default 128K x 1; 32 q / 8 kv heads, d=128, bf16, page 16) it times, with
 kernels/tuning.py's entries replaced one at a time: the selection (scoring pass + radix top-k) over topk
 launches and scoring block sizes, and (at batch 1) stage 1 over its launches at r=16 and r=32; then the whole
-SparQ step with the per-kernel device times (torch profiler), the top-k's reserved slots against its appends
-(kernels/topk.py RESERVE_SLOTS), and the step at the best top-k launch. CUDA graphs, CUDA events, L2 flushed,
-median of 30.
+SparQ step with the per-kernel device times (torch profiler), and the step at the best top-k launch. CUDA graphs,
+CUDA events, L2 flushed, median of 30.
 The committed table came from bench/results/sparq_sweep_h200.json.
 """
 
@@ -17,7 +16,6 @@ import itertools
 from kvcache.bench.decode import planned_call
 from kvcache.bench.sweep import Sweep
 from kvcache.kernels import sparq as ks
-from kvcache.kernels import topk
 from kvcache.kernels.tuning import TUNING, Launch
 
 
@@ -57,16 +55,6 @@ def main() -> int:
         TUNING.update(saved)
     best = min((row for row in sw.report["rows"] if row["name"] == "select.topk"), key=lambda row: row["time_us"])
     p = best["params"]
-    # Slots reserved once per program (kernels/topk.py RESERVE_SLOTS) against appends per loop step, interleaved.
-    step_params = {"r": 16, "k": k, "local_window": k // 4}
-    for rnd, reserve, launch in itertools.product((0, 1), (False, True), (saved["topk"], Launch(p["bn"], p["nw"],
-                                                                                                 p["pr"]))):
-        topk.RESERVE_SLOTS, TUNING["topk"] = reserve, launch
-        tag = {"round": rnd, "reserve": reserve, "bn": launch.block_n, "nw": launch.num_warps, "pr": launch.programs}
-        sw.time("select.reserve_ab", tag, lambda: ks.sparq_select(s1, csr, Hkv, k, k // 4))
-        sw.time("sparq.reserve_ab", {**step_params, **tag}, planned_call(store, seqs, q, "sparq", step_params))
-    topk.RESERVE_SLOTS = False
-    TUNING.update(saved)
     TUNING["topk"] = Launch(p["bn"], p["nw"], p["pr"])  # the whole step again at the selection's best launch
     for r, div in ((16, 16), (32, 8)):
         params = {"r": r, "k": S // div, "local_window": S // div // 4}

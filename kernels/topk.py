@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .paged_decode import plan_splits
 from .pdl import pdl_launch, pdl_trigger, pdl_wait
-from .tuning import TUNING, Launch
+from .tuning import LARGE_SELECT_ITEMS, TUNING, Launch
 
 # (shift, bits) of the radix digits of a non-negative float32, most significant first.
 LEVELS = ((23, 8), (15, 8), (7, 8), (0, 7))
@@ -48,10 +48,6 @@ FINISH_BLOCK = 1024  # candidates the row's last program selects in registers (m
 ROW_SELECT_MAX = 2048
 ROW_SELECT_MAX_MANY = 8192
 ROW_SELECT_MANY_ROWS = 16
-# Digits 0 and 1 append what they take at slots given by an atomic on the row's counter. With RESERVE_SLOTS a program
-# counts first, takes its slots with one atomic and writes them in a second pass over its (L2-resident) values, so
-# its loop steps do not each wait on an atomic's answer.
-RESERVE_SLOTS = False
 
 
 @triton.jit
@@ -132,14 +128,6 @@ def _append(out_row_ptr, counter_ptr, values, keep):
 
 
 @triton.jit
-def _write_at(out_row_ptr, first, values, keep):
-    """Write values where keep at slots first, first + 1, ... (reserved beforehand); the next free slot."""
-    keep_i = keep.to(tl.int32)
-    tl.store(out_row_ptr + first + tl.cumsum(keep_i, axis=0) - 1, values, mask=keep)
-    return first + tl.sum(keep_i, axis=0)
-
-
-@triton.jit
 def zero_workspace_row(hist0_ptr, hist1_ptr, counters_ptr, row, B0: tl.constexpr, B1: tl.constexpr):
     """Zero one row of a topk_workspace(zeroed=False) from inside a kernel that runs before the select
     (B0, B1: the bits of LEVELS' first two digits)."""
@@ -190,7 +178,6 @@ def _digit0_kernel(
     k, items_per_split, s_row, s_out,
     BLOCK: tl.constexpr, K_PER_ROW: tl.constexpr,
     S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr, PDL: tl.constexpr,
-    RESERVE: tl.constexpr,
 ):
     """Take the tail and every value above digit 0's boundary bin; histogram digit 1 of those in it."""
     pdl_trigger(PDL)
@@ -200,7 +187,6 @@ def _digit0_kernel(
     start = tl.program_id(1) * items_per_split
     end = tl.minimum(start + items_per_split, n_total)
     hist1 = tl.zeros([1 << B1], dtype=tl.int32)
-    taken = 0
     for it in range(start, end, BLOCK):
         offs = it + tl.arange(0, BLOCK)
         valid = offs < tl.minimum(end, n_valid)
@@ -208,19 +194,8 @@ def _digit0_kernel(
         d0 = _digit(x, S0, B0)
         take = (valid & (d0 > b0)) | ((offs >= n_valid) & (offs < end))
         hist1 += digit_histogram(x, valid & (d0 == b0), S1, 1 << B1)
-        if RESERVE:
-            taken += tl.sum(take.to(tl.int32), axis=0)
-        else:
-            _append(out_ptr + row * s_out, counters_ptr + row * 4 + 0, offs, take)
+        _append(out_ptr + row * s_out, counters_ptr + row * 4 + 0, offs, take)
     add_histogram(hist1_ptr + row * (1 << B1), hist1, 1 << B1)
-    if RESERVE:  # one atomic for the program's slots, then a second pass writes them (see RESERVE_SLOTS)
-        slot0 = tl.atomic_add(counters_ptr + row * 4 + 0, taken)
-        for it in range(start, end, BLOCK):
-            offs = it + tl.arange(0, BLOCK)
-            valid = offs < tl.minimum(end, n_valid)
-            x = tl.load(values_ptr + row * s_row + offs, mask=valid, other=0.0)
-            take = (valid & (_digit(x, S0, B0) > b0)) | ((offs >= n_valid) & (offs < end))
-            slot0 = _write_at(out_ptr + row * s_out, slot0, offs, take)
 
 
 @triton.jit
@@ -231,7 +206,6 @@ def _digit1_kernel(
     BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr, K_PER_ROW: tl.constexpr,
     S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr,
     S2: tl.constexpr, B2: tl.constexpr, S3: tl.constexpr, B3: tl.constexpr, PDL: tl.constexpr,
-    RESERVE: tl.constexpr,
 ):
     """Take the values above digit 1's boundary bin, gather those in it (position and value); the
     row's last program then runs digits 2 and 3 over the gathered list."""
@@ -246,41 +220,19 @@ def _digit1_kernel(
     cand_val = cand_val_ptr + row * s_cand
     start = tl.program_id(1) * items_per_split
     end = tl.minimum(start + items_per_split, n_valid)
-    n_take = 0
-    n_cand = 0
     for it in range(start, end, BLOCK):
         offs = it + tl.arange(0, BLOCK)
         valid = offs < end
         x = tl.load(values_ptr + row * s_row + offs, mask=valid, other=0.0)
         match = valid & (_digit(x, S0, B0) == b0)
         d1 = _digit(x, S1, B1)
+        _append(out_row, counters + 0, offs, match & (d1 > b1))
         cand = match & (d1 == b1)
-        if RESERVE:
-            n_take += tl.sum((match & (d1 > b1)).to(tl.int32), axis=0)
-            n_cand += tl.sum(cand.to(tl.int32), axis=0)
-        else:
-            _append(out_row, counters + 0, offs, match & (d1 > b1))
-            n = tl.sum(cand.to(tl.int32), axis=0)
-            if n > 0:
-                slot = tl.atomic_add(counters + 1, n) + tl.cumsum(cand.to(tl.int32), axis=0) - 1
-                tl.store(cand_pos + slot, offs, mask=cand)
-                tl.store(cand_val + slot, x, mask=cand)
-    if RESERVE:  # as in _digit0_kernel: slots reserved once, written by a second pass
-        if n_take + n_cand > 0:
-            take0 = tl.atomic_add(counters + 0, n_take)
-            cand0 = tl.atomic_add(counters + 1, n_cand)
-            for it in range(start, end, BLOCK):
-                offs = it + tl.arange(0, BLOCK)
-                valid = offs < end
-                x = tl.load(values_ptr + row * s_row + offs, mask=valid, other=0.0)
-                match = valid & (_digit(x, S0, B0) == b0)
-                d1 = _digit(x, S1, B1)
-                take0 = _write_at(out_row, take0, offs, match & (d1 > b1))
-                cand = match & (d1 == b1)
-                slot = cand0 + tl.cumsum(cand.to(tl.int32), axis=0) - 1
-                tl.store(cand_pos + slot, offs, mask=cand)
-                tl.store(cand_val + slot, x, mask=cand)
-                cand0 += tl.sum(cand.to(tl.int32), axis=0)
+        n = tl.sum(cand.to(tl.int32), axis=0)
+        if n > 0:
+            slot = tl.atomic_add(counters + 1, n) + tl.cumsum(cand.to(tl.int32), axis=0) - 1
+            tl.store(cand_pos + slot, offs, mask=cand)
+            tl.store(cand_val + slot, x, mask=cand)
     # Every thread's stores are done before the ticket (its atomic is acq_rel): the last program of
     # the row then sees all the gathered candidates. They are few (they share the k-th largest's top
     # 16 bits), so their digit-2 histogram is made here rather than by every program.
@@ -389,8 +341,9 @@ def select_topk(
 
     `in_registers` picks one program per row (default: selects_in_registers(max_total, R)), else the radix
     levels: with hist0_done the caller has already filled workspace['hist0'] (SparQ fuses it into its
-    scoring pass), and `block` / `launch` override TUNING['topk']. With `pdl` (kvcache.kernels.pdl) each launch
-    follows the kernel before it, the first the caller's.
+    scoring pass), and `block` / `launch` override TUNING['topk'] (TUNING['topk_large'] from R x max_total >=
+    LARGE_SELECT_ITEMS). With `pdl` (kvcache.kernels.pdl) each launch follows the kernel before it, the first the
+    caller's.
     """
     R = values.shape[0]
     n_total = n_valid if n_total is None else n_total
@@ -410,7 +363,8 @@ def select_topk(
     ws = topk_workspace(R, values.device) if workspace is None else workspace
     cand_pos = torch.empty((R, max(max_total, 1)), dtype=torch.int32, device=values.device)
     cand_val = torch.empty((R, max(max_total, 1)), dtype=torch.float32, device=values.device)
-    launch = TUNING["topk"] if launch is None else launch
+    if launch is None:
+        launch = TUNING["topk_large" if R * max_total >= LARGE_SELECT_ITEMS else "topk"]
     block = launch.block_n if block is None else block
     splits, items = plan_splits(max_total, R, block, launch.programs)
     grid = (R, splits)
@@ -422,16 +376,14 @@ def select_topk(
     _digit0_kernel[grid](
         values, n_valid, n_total, k_ptr, ws["hist0"], ws["hist1"], ws["counters"], out,
         k_int, items, values.stride(0), out.stride(0),
-        BLOCK=block, K_PER_ROW=per_row, S0=s0, B0=b0, S1=s1, B1=b1, PDL=pdl, RESERVE=RESERVE_SLOTS,
-        num_warps=launch.num_warps,
+        BLOCK=block, K_PER_ROW=per_row, S0=s0, B0=b0, S1=s1, B1=b1, PDL=pdl, num_warps=launch.num_warps,
         **pdl_launch(pdl),
     )
     _digit1_kernel[grid](
         values, n_valid, n_total, k_ptr, ws["hist0"], ws["hist1"], ws["counters"], out, cand_pos, cand_val,
         k_int, items, values.stride(0), out.stride(0), cand_pos.stride(0),
         BLOCK=block, FINISH_BLOCK=FINISH_BLOCK, K_PER_ROW=per_row,
-        S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3, PDL=pdl, RESERVE=RESERVE_SLOTS,
-        num_warps=launch.num_warps,
+        S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3, PDL=pdl, num_warps=launch.num_warps,
         **pdl_launch(pdl),
     )
     return out

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+LARGE_SELECT_ITEMS = 1 << 23  # rows x items per row from which the radix select takes TUNING["topk_large"]
+
 
 @dataclass
 class Launch:
@@ -25,5 +27,9 @@ TUNING: dict[str, Launch] = {
     "stage1_wide": Launch(block_n=256, num_warps=2, programs=528),  # SparQ stage 1, r > 16
     "scores": Launch(block_n=512, num_warps=4, programs=528),  # SparQ's scoring pass (splits as stage 1's)
     "topk": Launch(block_n=1024, num_warps=4, programs=528),  # radix select digits
+    # ... over LARGE_SELECT_ITEMS items or more: more, smaller programs (each one's loop steps wait on their appends'
+    # atomics). H100, SparQ 128K x 8 (64 rows): selection 230.8 against 244.2 us, step 514.1 against 527.6 us; at
+    # 32K x 8 and 128K x 1 the default stays best (bench/results/sparq_sweep_b8_131072_h100.json and its siblings).
+    "topk_large": Launch(block_n=512, num_warps=2, programs=4224),
     "quest": Launch(block_n=64, num_warps=4, programs=1056),  # page bounds (block_n pages per step)
 }

@@ -1,6 +1,5 @@
 """kvcache.kernels.topk.select_topk against torch.topk: the k largest of each row, tails always taken; every test runs
-three times: through the radix levels (appending at once, or in slots reserved per program) and through one program
-per row in registers.
+twice, through the radix levels and through one program per row in registers.
 
 Positions come back unordered, so rows are compared as sets (distinct values) or by their sorted
 values (ties: any choice among equal values is a correct top-k). Every call runs with
@@ -22,13 +21,9 @@ BLOCK = 32
 IN_REGISTERS = False  # set by the _path fixture
 
 
-@pytest.fixture(autouse=True, params=["radix_levels", "radix_levels_reserved", "in_registers"])
+@pytest.fixture(autouse=True, params=["radix_levels", "in_registers"])
 def _path(request, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "IN_REGISTERS", request.param == "in_registers")
-    if request.param == "radix_levels_reserved":
-        # Slots reserved once per program (topk.RESERVE_SLOTS), with few programs so each runs several loop steps.
-        monkeypatch.setattr(topk, "RESERVE_SLOTS", True)
-        monkeypatch.setitem(TUNING, "topk", Launch(block_n=BLOCK, num_warps=4, programs=4))
 
 
 def run_topk(values, k, n_valid, n_total=None, block=BLOCK):
@@ -67,6 +62,18 @@ def test_distinct_values_give_the_positions_of_torch_topk(k):
     values = distinct_values(3, 100)
     positions = run_topk(values, k, [100, 100, 100])
     expected = torch.topk(values, k).indices
+    for row in range(3):
+        assert set(positions[row].tolist()) == set(expected[row].tolist())
+
+
+def test_large_selections_take_their_own_launch_and_the_same_positions(monkeypatch):
+    # Every selection counts as large here, so the radix levels run with TUNING["topk_large"], set to one program per
+    # row that loops over its blocks (TUNING["topk"] gives each block of these rows a program of its own).
+    monkeypatch.setattr(topk, "LARGE_SELECT_ITEMS", 0)
+    monkeypatch.setitem(TUNING, "topk_large", Launch(block_n=BLOCK, num_warps=2, programs=1))
+    values = distinct_values(3, 100, seed=2)
+    positions = run_topk(values, 13, [100, 100, 100], block=None)
+    expected = torch.topk(values, 13).indices
     for row in range(3):
         assert set(positions[row].tolist()) == set(expected[row].tolist())
 
