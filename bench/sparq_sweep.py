@@ -3,8 +3,8 @@
 At `--context` x `--batch` (default 128K x 1; 32 q / 8 kv heads, d=128, bf16, page 16) it times, with
 kernels/tuning.py's entries replaced one at a time: the selection (scoring pass + radix top-k) over topk
 launches and scoring block sizes, and (at batch 1) stage 1 over its launches at r=16 and r=32; then the whole
-SparQ step with the per-kernel device times (torch profiler), the top-k finishing by digits or by bisection and the
-scoring pass's warps, and the step at the best top-k launch. CUDA graphs, CUDA events, L2 flushed, median of 30.
+SparQ step with the per-kernel device times (torch profiler), the scoring pass's warps, and the step at the best
+top-k launch. CUDA graphs, CUDA events, L2 flushed, median of 30.
 The committed table came from bench/results/sparq_sweep_h200.json.
 """
 
@@ -16,7 +16,6 @@ import itertools
 from kvcache.bench.decode import planned_call
 from kvcache.bench.sweep import Sweep
 from kvcache.kernels import sparq as ks
-from kvcache.kernels import topk
 from kvcache.kernels.tuning import TUNING, Launch
 
 
@@ -54,18 +53,13 @@ def main() -> int:
             TUNING["stage1"] = dataclasses.replace(saved["stage1"], programs=pr)
             sw.time("sparq.stage1_programs", {**params, "pr": pr}, planned_call(store, seqs, q, "sparq", params))
         TUNING.update(saved)
-    # The top-k's last program finishing by digits or by bisection (kernels/topk.py FINISH_BY_BISECTION), and the
-    # scoring pass's warps, interleaved.
+    # The scoring pass's warps, interleaved.
     step_params = {"r": 16, "k": k, "local_window": k // 4}
-    for rnd, bisect, warps in itertools.product((0, 1), (False, True), (2, 4, 8)):
-        if bisect and warps != saved["scores"].num_warps:
-            continue
-        topk.FINISH_BY_BISECTION = bisect
+    for rnd, warps in itertools.product((0, 1), (2, 4, 8)):
         TUNING["scores"] = dataclasses.replace(saved["scores"], num_warps=warps)
-        tag = {"round": rnd, "finish_by_bisection": bisect, "scores_warps": warps}
-        sw.time("select.finish_ab", tag, lambda: ks.sparq_select(s1, csr, Hkv, k, k // 4))
-        sw.time("sparq.finish_ab", {**step_params, **tag}, planned_call(store, seqs, q, "sparq", step_params))
-    topk.FINISH_BY_BISECTION = False
+        tag = {"round": rnd, "scores_warps": warps}
+        sw.time("select.scores_warps", tag, lambda: ks.sparq_select(s1, csr, Hkv, k, k // 4))
+        sw.time("sparq.scores_warps", {**step_params, **tag}, planned_call(store, seqs, q, "sparq", step_params))
     TUNING.update(saved)
     best = min((row for row in sw.report["rows"] if row["name"] == "select.topk"), key=lambda row: row["time_us"])
     p = best["params"]

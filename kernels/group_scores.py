@@ -88,7 +88,7 @@ def group_scores(
     """
     BH, G, row_len = logits.shape
     dev = logits.device
-    launch = TUNING["scores"]
+    launch = TUNING["page_scores" if pages else "scores"]
     block_n = launch.block_n if block_n is None else block_n
     num_splits = stat_m.shape[1]
     f = torch.empty((BH, row_len), dtype=torch.float32, device=dev)

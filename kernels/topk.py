@@ -40,8 +40,6 @@ LEVELS = ((23, 8), (15, 8), (7, 8), (0, 7))
 _WORKSPACE = {"hist0": 1 << LEVELS[0][1], "hist1": 1 << LEVELS[1][1], "counters": 4}
 # counters of a row: [0] positions emitted, [1] candidates gathered by digit 1, [2] programs done with digit 1.
 FINISH_BLOCK = 1024  # candidates the row's last program selects in registers (more: loop steps of this size)
-# How that last program selects among them: digits 2 and 3 (two histograms), or bisection on the bits (bisect_select).
-FINISH_BY_BISECTION = False
 # select_topk gives a row to one program, which selects in registers (bisect_select: one launch, no workspace),
 # when rows hold at most ROW_SELECT_MAX items, or at most ROW_SELECT_MAX_MANY and there are ROW_SELECT_MANY_ROWS
 # rows or more to spread over the SMs; else the radix levels spread each row over many programs. Gate steps on
@@ -208,7 +206,6 @@ def _digit1_kernel(
     BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr, K_PER_ROW: tl.constexpr,
     S0: tl.constexpr, B0: tl.constexpr, S1: tl.constexpr, B1: tl.constexpr,
     S2: tl.constexpr, B2: tl.constexpr, S3: tl.constexpr, B3: tl.constexpr, PDL: tl.constexpr,
-    FINISH_BISECT: tl.constexpr,
 ):
     """Take the values above digit 1's boundary bin, gather those in it (position and value); the
     row's last program then runs digits 2 and 3 over the gathered list."""
@@ -247,12 +244,9 @@ def _digit1_kernel(
             cand = offs_c < n_cand
             pos = tl.load(cand_pos + offs_c, mask=cand, other=0, volatile=True)
             x = tl.load(cand_val + offs_c, mask=cand, other=0.0, volatile=True)
-            if FINISH_BISECT:
-                taken, cand, need = bisect_select(x, cand, need)
-            else:
-                taken = offs_c < 0
-                cand, taken, need = radix_level(x, cand, taken, need, S2, 1 << B2)
-                cand, taken, need = radix_level(x, cand, taken, need, S3, 1 << B3)
+            taken = offs_c < 0
+            cand, taken, need = radix_level(x, cand, taken, need, S2, 1 << B2)
+            cand, taken, need = radix_level(x, cand, taken, need, S3, 1 << B3)
             tie_rank = tl.cumsum(cand.to(tl.int32), axis=0)  # exact ties: the first ones
             _append(out_row, counters + 0, pos, taken | (cand & (tie_rank <= need)))
         else:  # many values tied on the top 16 bits: digit by digit over memory
@@ -389,8 +383,7 @@ def select_topk(
         values, n_valid, n_total, k_ptr, ws["hist0"], ws["hist1"], ws["counters"], out, cand_pos, cand_val,
         k_int, items, values.stride(0), out.stride(0), cand_pos.stride(0),
         BLOCK=block, FINISH_BLOCK=FINISH_BLOCK, K_PER_ROW=per_row,
-        S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3, PDL=pdl, FINISH_BISECT=FINISH_BY_BISECTION,
-        num_warps=launch.num_warps,
+        S0=s0, B0=b0, S1=s1, B1=b1, S2=s2, B2=b2, S3=s3, B3=b3, PDL=pdl, num_warps=launch.num_warps,
         **pdl_launch(pdl),
     )
     return out

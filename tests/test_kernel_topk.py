@@ -1,6 +1,5 @@
 """kvcache.kernels.topk.select_topk against torch.topk: the k largest of each row, tails always taken; every test runs
-three times: through the radix levels (their last program finishing by digits or by bisection) and through one
-program per row in registers.
+twice, through the radix levels and through one program per row in registers.
 
 Positions come back unordered, so rows are compared as sets (distinct values) or by their sorted
 values (ties: any choice among equal values is a correct top-k). Every call runs with
@@ -22,10 +21,9 @@ BLOCK = 32
 IN_REGISTERS = False  # set by the _path fixture
 
 
-@pytest.fixture(autouse=True, params=["radix_levels", "radix_levels_bisected", "in_registers"])
+@pytest.fixture(autouse=True, params=["radix_levels", "in_registers"])
 def _path(request, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "IN_REGISTERS", request.param == "in_registers")
-    monkeypatch.setattr(topk, "FINISH_BY_BISECTION", request.param == "radix_levels_bisected")
 
 
 def run_topk(values, k, n_valid, n_total=None, block=BLOCK):
