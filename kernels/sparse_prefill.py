@@ -32,7 +32,7 @@ from .paged_decode import dot_precision, sequence_extent
 # block loop's page-id loads and K/V gathers are asynchronous copies pipelined behind the tensor-core dots. 3 stages
 # (254 registers with columns) were 1-4% faster than 2 on an H100, for the full causal index and vertical-slash at
 # 32K and 128K, and 4 stages slower for the causal index; 8 warps, or two query blocks per program (2B query rows
-# per K/V tile), were slower at every setting tried (bench/results/prefill_pair_sweep_h100.json, _sweep2_h100.json).
+# per K/V tile), were slower at every setting tried (bench/results/prefill_pair_sweep_h100.json and _sweep2_h100).
 NUM_WARPS = 4
 NUM_STAGES = 3
 LOG2E = 1.4426950408889634
