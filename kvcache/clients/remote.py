@@ -297,7 +297,7 @@ class RemoteClient:
         """Raw reads for engines that attend themselves (columns, rows, value_mean, summaries)."""
         request = pb.FetchRequest(seq_id=seq_id, layer=layer, what=what)
         if index is not None:
-            request.index.CopyFrom(_wire(index, "index"))
+            _fill(request.index, index, "index")
         reply = self._call("Fetch", request)
         return FetchResult(tuple(from_wire(t) for t in reply.tensors), reply.bytes_read)
 

@@ -87,11 +87,11 @@ def sparq_cpu(
         # §1 step 4: the local window, and the top k - l of the group's mean shat before it (ranked by the sum,
         # the same order).
         free, n = S - local_window, k - local_window
-        shat_np = shat.numpy()
-        group = shat_np[:, 0, :free].copy()
-        for g in range(1, G):
-            group += shat_np[:, g, :free]
         if n > 0:
+            shat_np = shat.numpy()
+            group = shat_np[:, 0, :free].copy()
+            for g in range(1, G):
+                group += shat_np[:, g, :free]
             i2[:, :n] = np.argpartition(group, free - n, axis=1)[:, free - n :]
         i2[:, n:] = np.arange(free, S)
         i2_t = torch.from_numpy(i2)

@@ -60,8 +60,8 @@ def fill_wire(msg: pb.Tensor, t: torch.Tensor) -> bytes:
 
 def from_wire(msg: pb.Tensor, name: str = "tensor") -> torch.Tensor:
     """The tensor a message holds; ShapeMismatch / DTypeMismatch name what is malformed."""
-    dtype, shape = checked_layout(msg, name)
-    data = msg.data
+    data = msg.data  # one read: each attribute read of a bytes field may copy it
+    dtype, shape = _checked_layout(msg, len(data), name)
     if not data:
         return torch.empty(shape, dtype=dtype)
     # bytearray: a view of immutable bytes would give a read-only tensor (and a warning). Shaped by numpy, so that
@@ -71,9 +71,9 @@ def from_wire(msg: pb.Tensor, name: str = "tensor") -> torch.Tensor:
     return torch.from_numpy(array) if view is None else torch.from_numpy(array).view(dtype)
 
 
-def checked_layout(msg: pb.Tensor, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-    """A message's dtype and shape, checked against its bytes; ShapeMismatch / DTypeMismatch name what is
-    malformed."""
+def _checked_layout(msg: pb.Tensor, nbytes: int, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """A message's dtype and shape, checked against its `nbytes` bytes of data; ShapeMismatch / DTypeMismatch name
+    what is malformed."""
     dtype = DTYPES.get(msg.dtype)
     if dtype is None:
         raise DTypeMismatch(f"{name}: dtype {msg.dtype!r} unknown; supported: {sorted(DTYPES)}")
@@ -86,6 +86,6 @@ def checked_layout(msg: pb.Tensor, name: str) -> tuple[torch.dtype, tuple[int, .
         if s > MAX_DIM_SIZE:
             raise ShapeMismatch(f"{name}: dimension {s} in shape {shape} is larger than {MAX_DIM_SIZE}")
     expected = math.prod(shape) * dtype.itemsize
-    if len(msg.data) != expected:
-        raise ShapeMismatch(f"{name}: {len(msg.data)} bytes for shape {shape} of {msg.dtype} ({expected} expected)")
+    if nbytes != expected:
+        raise ShapeMismatch(f"{name}: {nbytes} bytes for shape {shape} of {msg.dtype} ({expected} expected)")
     return dtype, shape
