@@ -288,8 +288,7 @@ def run(cases: list[tuple[str, int, int]], methods: list[str], steps: int, devic
           f"{'GB/s':>7} {'x bytes':>7} {'busy':>5} {'host ms':>7} {'vs dense':>8} {'bound':>6} {'vs graph':>8}")
     for shape, context, batch in cases:
         model = random_model(SHAPES[shape], seed=0, dtype=dtype, device=device)
-        if device.type == "cuda":
-            model.fuse_projections()
+        model.for_decoding()
         weight_bytes = _weight_bytes(model)
         rows = _static_rows(model, shape, context, batch, steps, device, weight_bytes, wanted)
         if device.type == "cuda":

@@ -178,8 +178,7 @@ def _generate(args: argparse.Namespace) -> int:
     device = model_device(args.device)
     model, tokenizer = load_model(args.model)
     model = model.to(device)
-    if device.type == "cuda":
-        model.fuse_projections()
+    model.for_decoding()
     load_seconds = time.perf_counter() - t0
     prompt_len = len(tokenizer.prompt_ids(prompt, args.chat))
     client = _client(args, model.config, prompt_len + args.max_new_tokens)
@@ -270,8 +269,7 @@ def _generate_many(args: argparse.Namespace) -> int:
     device = model_device(args.device)
     model, tokenizer = load_model(args.model)
     model = model.to(device)
-    if device.type == "cuda":
-        model.fuse_projections()
+    model.for_decoding()
     prompts = [tokenizer.prompt_ids(t, args.chat) for t in texts]
     client = _client(args, model.config, max(map(len, prompts)) * min(len(prompts), args.max_batch)
                      + args.max_new_tokens * args.max_batch)

@@ -60,6 +60,7 @@ def main() -> int:
 
     print("loading SmolLM2-135M-Instruct from its GGUF file ...", flush=True)
     model, tok = load_model()
+    model.for_decoding()
     c = model.config
     passage = calibration_text()[:PASSAGE_CHARS]
     prompt = [{"role": "user", "content": f"{passage}\n\n{QUESTION}"}]

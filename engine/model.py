@@ -12,6 +12,9 @@ q and k, and SiLU(gate) * up are one Triton kernel each (kvcache.kernels.rms_nor
 
 from __future__ import annotations
 
+import functools
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -80,6 +83,43 @@ def _fuse(parts: list[nn.Linear]) -> torch.Tensor:
             p.weight.data = fused[at : at + n]
             at += n
     return fused
+
+
+def _install(module: nn.Module, weight: torch.Tensor) -> None:
+    module.weight.data = weight
+
+
+def _install_fused(owner: nn.Module, attr: str, parts: list[nn.Linear], fused: torch.Tensor) -> None:
+    setattr(owner, attr, fused)
+    at = 0
+    for p in parts:
+        n = p.weight.shape[0]
+        p.weight.data = fused[at : at + n]
+        at += n
+
+
+def _is_column_major(weight: torch.Tensor) -> bool:
+    return weight.stride(0) == 1 and weight.shape[0] > 1
+
+
+def _column_major_faster(weight: torch.Tensor, trials: int) -> bool:
+    """Whether one row times a weight of this shape is faster column-major than row-major: the median of `trials`
+    rounds of products of each over up to 64 MiB of copies, so that large weights stream from memory as in a step."""
+    out_features, in_features = weight.shape
+    copies = min(64, max(1, (64 << 20) // max(1, weight.numel() * weight.element_size())))
+    rows = weight.detach().expand(copies, out_features, in_features).contiguous()
+    x = torch.ones((1, 1, in_features), dtype=weight.dtype)
+    seconds = {}
+    for column_major in (False, True):
+        ws = [w.t().contiguous().t() if column_major else w for w in rows]
+        times = []
+        for _ in range(trials + 1):  # the first round warms up
+            t0 = time.perf_counter()
+            for w in ws:
+                F.linear(x, w)
+            times.append(time.perf_counter() - t0)
+        seconds[column_major] = statistics.median(times[1:])
+    return seconds[True] < seconds[False]
 
 
 class Attention(nn.Module):
@@ -193,6 +233,7 @@ class Llama(nn.Module):
         # Tied models have no lm_head parameter (as in HF checkpoints): logits use the embedding matrix.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
+        self.cpu_layouts_chosen = False  # set by choose_cpu_layouts
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -245,6 +286,51 @@ class Llama(nn.Module):
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
         return self
+
+    def for_decoding(self) -> Llama:
+        """Ready for decode steps on its device: projections fused (fuse_projections), and on the CPU every matmul
+        weight stored in the memory order its one-row products read fastest (measured once per shape:
+        choose_cpu_layouts). Values, names and the state dict are unchanged."""
+        if not self.projections_fused:
+            self.fuse_projections()
+        if self.device.type == "cpu" and not self.cpu_layouts_chosen:
+            self.choose_cpu_layouts()
+        return self
+
+    @torch.inference_mode()
+    def choose_cpu_layouts(self, trials: int = 5) -> Llama:
+        """Store each matmul weight row-major or column-major, whichever gives the faster product with one row.
+
+        A decode step multiplies one row per sequence by every weight, reading each once from memory. On the CPU
+        (MKL), a weight with many more outputs than inputs reads about twice as fast column-major: the output matrix
+        and the fused gate/up took half the time on the 2-core machine, the down projection a fifth more, so the
+        order is measured per shape rather than assumed (docs/engine.md, "Decode on the CPU")."""
+        faster: dict[tuple[int, int], bool] = {}
+        for weight, install in self._matmul_weights():
+            shape = tuple(weight.shape)
+            if shape not in faster:
+                faster[shape] = _column_major_faster(weight, trials)
+            if faster[shape] != _is_column_major(weight):
+                install(weight.t().contiguous().t() if faster[shape] else weight.contiguous())
+        self.cpu_layouts_chosen = True
+        return self
+
+    def _matmul_weights(self) -> list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]]:
+        """(weight, install) of every matmul weight a decode step reads, where install(w) puts w, of the same
+        values, in its place; a fused weight stands for its parts, which become views of the new one."""
+        found: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = []
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            for owner, attr, parts in ((a, "qkv", [a.q_proj, a.k_proj, a.v_proj]),
+                                       (m, "gate_up", [m.gate_proj, m.up_proj])):
+                fused = _fused(parts, getattr(owner, attr))
+                if fused is None:
+                    found += [(p.weight, functools.partial(_install, p)) for p in parts]
+                else:
+                    found.append((fused, functools.partial(_install_fused, owner, attr, parts)))
+            found += [(p.weight, functools.partial(_install, p)) for p in (a.o_proj, m.down_proj)]
+        out = self.lm_head if self.lm_head is not None else self.model.embed_tokens
+        return found + [(out.weight, functools.partial(_install, out))]
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
