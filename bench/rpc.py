@@ -137,7 +137,8 @@ def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int =
             runners = {"in-process": (local, local_seqs, False), "shared": (shared, remote_seqs, False),
                        "grpc-stream": (stream, remote_seqs, False),
                        **({"grpc-unary": (unary, remote_seqs, False)} if batch == 1 else {}),
-                       "in-process-planned": (local, local_seqs, True), "pool": (pool, remote_seqs, True)}
+                       "in-process-planned": (local, local_seqs, True),
+                       "grpc-stream-planned": (stream, remote_seqs, True), "pool": (pool, remote_seqs, True)}
             timings = {name: ([], []) for name in runners}
             # Steps alternate between the clients, so load from other processes falls on all alike.
             for step in range(steps + 1):  # step 0 warms up
@@ -163,6 +164,9 @@ def run(context: int = 4096, batches: tuple[int, ...] = (1, 8, 32), steps: int =
             if r["client"] in ("shared", "grpc-stream", "grpc-unary"):
                 r["added_ms_per_layer_call"] = r["layer_call_ms"] - base[r["batch"]]["layer_call_ms"]
                 r["step_time_ratio_vs_in_process"] = r["step_ms"] / base[r["batch"]]["step_ms"]
+            if r["client"] == "grpc-stream-planned":  # as an engine's decode step calls: a Plan RPC, then the layers
+                r["added_ms_per_layer_call"] = r["layer_call_ms"] - planned[r["batch"]]["layer_call_ms"]
+                r["step_time_ratio_vs_in_process"] = r["step_ms"] / planned[r["batch"]]["step_ms"]
             if r["client"] == "pool":  # no layer call crosses: what it adds is per step (the lease and commit)
                 r["added_ms_per_step"] = r["step_ms"] - planned[r["batch"]]["step_ms"]
                 r["step_time_ratio_vs_in_process"] = r["step_ms"] / planned[r["batch"]]["step_ms"]

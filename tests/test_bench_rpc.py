@@ -15,15 +15,19 @@ def test_bench_rpc_reports_every_client_and_concurrent_engine_processes(tmp_path
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["client"], r["batch"]) for r in rows] == [
-        ("in-process", 1), ("shared", 1), ("grpc-stream", 1), ("grpc-unary", 1), ("in-process-planned", 1), ("pool", 1),
-        ("in-process", 2), ("shared", 2), ("grpc-stream", 2), ("in-process-planned", 2), ("pool", 2),
-        ("grpc-stream x2 engine processes", 1)]
+        ("in-process", 1), ("shared", 1), ("grpc-stream", 1), ("grpc-unary", 1), ("in-process-planned", 1),
+        ("grpc-stream-planned", 1), ("pool", 1),
+        ("in-process", 2), ("shared", 2), ("grpc-stream", 2), ("in-process-planned", 2), ("grpc-stream-planned", 2),
+        ("pool", 2), ("grpc-stream x2 engine processes", 1)]
     for r in rows:
         assert r["step_ms"] > 0 and r["tokens_per_s"] > 0
     by = {(r["client"], r["batch"]): r for r in rows}
     for (client, batch), r in by.items():
         if client in ("shared", "grpc-stream", "grpc-unary"):
             assert r["added_ms_per_layer_call"] == r["layer_call_ms"] - by[("in-process", batch)]["layer_call_ms"]
+        if client == "grpc-stream-planned":  # against the in-process step planned the same way
+            planned = by[("in-process-planned", batch)]
+            assert r["added_ms_per_layer_call"] == r["layer_call_ms"] - planned["layer_call_ms"]
         if client == "pool":
             assert r["added_ms_per_step"] == r["step_ms"] - by[("in-process-planned", batch)]["step_ms"]
     assert rows[-1]["engines"] == 2 and rows[-1]["wall_tokens_per_s"] > 0
