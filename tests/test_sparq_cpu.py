@@ -3,6 +3,7 @@ the plain torch reference, and that a CPU store's attend takes it."""
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 from kernel_support import HKV, assert_matches, poisoned_allocations, scattered_store
@@ -10,7 +11,7 @@ from kernel_support import HKV, assert_matches, poisoned_allocations, scattered_
 from kvcache import InProcessClient, KVCacheConfig
 from kvcache.methods.gather import runs_fit
 from kvcache.methods.sparq import sparq
-from kvcache.methods.sparq_cpu import sparq_cpu
+from kvcache.methods.sparq_cpu import sparq_cpu, top_per_row
 
 CASES = [  # (lengths, head_dim, page size, G, r, k, local_window): odd lengths, part-filled and full last pages
     ((37, 11, 61), 64, 8, 4, 8, 9, 2),
@@ -79,3 +80,40 @@ def test_a_cpu_store_attends_through_it_and_a_view_it_cannot_read_as_runs_is_ref
     assert_matches(got.out, got.lse, reference, torch.float32)
     assert runs_fit(view.k_seq, 32) and runs_fit(view.v_seq, 32) and runs_fit(view.k_dim, 8)
     assert not runs_fit(view.k_seq[:, :, :, 1:], 32)  # rows no longer start at multiples of d
+
+
+def _top_sets(indices):
+    return [set(row.tolist()) for row in indices]
+
+
+@pytest.mark.parametrize("rows,m,n", [(3, 8064, 448), (2, 1000, 1), (4, 333, 40), (1, 64, 63), (3, 50, 50), (2, 17, 5)])
+@pytest.mark.parametrize("kind", ["softmax", "uniform", "ties"])
+def test_top_per_row_takes_each_rows_n_largest(rows, m, n, kind):
+    gen = np.random.default_rng(rows * 1000 + m + n)
+    if kind == "softmax":
+        scores = torch.softmax(torch.from_numpy(gen.standard_normal((rows, m)) * 2), -1).numpy().astype(np.float32)
+    elif kind == "uniform":
+        scores = gen.random((rows, m), dtype=np.float32)
+    else:  # few distinct values: many ties at the n-th largest
+        scores = gen.integers(0, 4, (rows, m)).astype(np.float32)
+    out = np.full((rows, n), -1, dtype=np.int64)
+    assert top_per_row(scores, n, out) is out
+    for i in range(rows):
+        assert len(set(out[i].tolist())) == n and out[i].min() >= 0 and out[i].max() < m
+        kth = np.sort(scores[i])[m - n]  # the n-th largest value
+        assert (scores[i, out[i]] >= kth).all()  # every one chosen is among the n largest (ties at kth: any of them)
+        assert (scores[i] > kth).sum() <= (scores[i, out[i]] > kth).sum()  # and every score above kth is chosen
+    if kind == "uniform":
+        assert _top_sets(out) == _top_sets(np.argpartition(scores, m - n, axis=1)[:, m - n :])
+
+
+def test_top_per_row_falls_back_where_the_sample_misses_the_row(monkeypatch):
+    # A row whose largest scores all sit off the sample's stride: the threshold lands above them, too few exceed it.
+    scores = np.zeros((2, 4096), dtype=np.float32)
+    scores[0, 1::16] = np.arange(256, dtype=np.float32) + 1  # off the sampled positions 0, 16, 32, ...
+    scores[0, 0::16] = 1000.0  # the sample sees only these: its threshold is 1000
+    scores[1] = np.random.default_rng(0).random(4096, dtype=np.float32)
+    n = 300
+    out = np.empty((2, n), dtype=np.int64)
+    top_per_row(scores, n, out)
+    assert _top_sets(out) == _top_sets(np.argpartition(scores, 4096 - n, axis=1)[:, 4096 - n :])
