@@ -77,12 +77,17 @@ def _fuse(parts: list[nn.Linear]) -> torch.Tensor:
     its names and the memory stay as they were."""
     with torch.no_grad():
         fused = torch.cat([p.weight.detach() for p in parts])
-        at = 0
-        for p in parts:
-            n = p.weight.shape[0]
-            p.weight.data = fused[at : at + n]
-            at += n
+        _as_blocks(parts, fused)
     return fused
+
+
+def _as_blocks(parts: list[nn.Linear], fused: torch.Tensor) -> None:
+    """Make each part's weight the view of its row block of `fused`."""
+    at = 0
+    for p in parts:
+        n = p.weight.shape[0]
+        p.weight.data = fused[at : at + n]
+        at += n
 
 
 def _install(module: nn.Module, weight: torch.Tensor) -> None:
@@ -91,11 +96,7 @@ def _install(module: nn.Module, weight: torch.Tensor) -> None:
 
 def _install_fused(owner: nn.Module, attr: str, parts: list[nn.Linear], fused: torch.Tensor) -> None:
     setattr(owner, attr, fused)
-    at = 0
-    for p in parts:
-        n = p.weight.shape[0]
-        p.weight.data = fused[at : at + n]
-        at += n
+    _as_blocks(parts, fused)
 
 
 def _is_column_major(weight: torch.Tensor) -> bool:
@@ -297,7 +298,7 @@ class Llama(nn.Module):
             self.choose_cpu_layouts()
         return self
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the weights it installs must stay usable by autograd
     def choose_cpu_layouts(self, trials: int = 5) -> Llama:
         """Store each matmul weight row-major or column-major, whichever gives the faster product with one row.
 
