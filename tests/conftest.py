@@ -341,6 +341,7 @@ GPU_TESTS = {
     "test_service.py": {"test_a_cuda_server_attends_as_the_in_process_cuda_store_does"},
     "test_shared_pool_service.py": {
         "test_a_cuda_server_s_pool_serves_an_engine_s_eager_and_graph_steps_as_its_own_store"},
+    "test_window.py": {"test_bfloat16_on_the_gpu_matches_the_reference"},
 }
 
 # slow: over ~2 s for the test itself (its call and function-scoped setup; a module fixture's one-off setup is not

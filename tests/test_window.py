@@ -75,7 +75,6 @@ def test_float16_on_the_triton_path_matches_the_reference():
     assert_matches(got.out, got.lse, ref, torch.float16)
 
 
-@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 through the compiled kernels is checked on a GPU")
 def test_bfloat16_on_the_gpu_matches_the_reference():
     lengths = (300, 529, 70)
