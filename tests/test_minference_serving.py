@@ -175,7 +175,7 @@ def test_remote_answers_equal_the_in_process_ones(clients):
                      "column_count"):
             x, y = getattr(a, name), getattr(b, name)
             assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, name
-        a = local.sparse_prefill(local_seq, 1, q, start, patterns, B)
+        a = local.sparse_prefill(local_seq, 1, q, start, patterns, B, backend="torch")
         b = remote.sparse_prefill(remote_seq, 1, q, start, patterns, B, backend="torch")
         assert torch.equal(a.out, b.out) and torch.equal(a.lse, b.lse)
         assert (a.bytes_read, a.pairs, a.causal_pairs) == (b.bytes_read, b.pairs, b.causal_pairs)

@@ -7,7 +7,7 @@ is assembled from one build per distinct pattern, each head taking its own rows.
 
     HeadPattern("vertical_slash", n_vertical=100, n_slash=750)
     index = build_index(q, k_seq, csr, start, [pattern_of_head_0, ...])
-    out, lse = sparse_attention(q, k_seq, v_seq, csr, index)        # torch on the CPU, Triton on CUDA
+    out, lse = sparse_attention(q, k_seq, v_seq, csr, index)        # gathered tiles on the CPU, Triton on CUDA
 
 `served_index` / `served_prefill` do the same for a sequence of a KVStore (InProcessClient and the
 SparseIndex / SparsePrefill RPCs call them); `paged` lays contiguous K/V [S, Hkv, d] out as pages,
@@ -23,6 +23,7 @@ import torch
 
 from kvcache.errors import DTypeMismatch, InvalidParameter, PositionOutOfRange, ShapeMismatch
 from kvcache.kernels.sparse_prefill import sparse_prefill
+from kvcache.prefill.block_sparse_cpu import block_sparse_prefill
 from kvcache.prefill.minference import minference_prefill
 from kvcache.prefill.minference_index import (
     BLOCK_SIZE,
@@ -177,7 +178,8 @@ def sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact causal attention of q [T, Hq, d] restricted to `index`: out [T, Hq, d] (q dtype), lse [T, Hq] float32.
 
-    backend "auto" runs the Triton kernel on CUDA and the torch reference elsewhere.
+    backend "auto" runs the Triton kernel on CUDA and the gathered tiles of kvcache.prefill.block_sparse_cpu
+    elsewhere; "torch" runs the reference, which computes every pair and masks.
     """
     if backend not in BACKENDS:
         raise InvalidParameter(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -191,7 +193,9 @@ def sparse_attention(
         except ValueError as exc:
             raise ShapeMismatch(str(exc)) from exc
         return out.to(q.dtype), lse
-    return minference_prefill(q, k_seq, v_seq, csr, index, b=b)
+    if backend == "torch":
+        return minference_prefill(q, k_seq, v_seq, csr, index, b=b)
+    return block_sparse_prefill(q, k_seq, v_seq, csr, index, b=b)
 
 
 def paged(k: torch.Tensor, v: torch.Tensor, page_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor,
