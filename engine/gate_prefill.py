@@ -7,7 +7,7 @@ picks.
 
 Per chunk and layer, the index comes from the chunk's queries and the prompt's keys so far
 (kvcache.prefill.gate_prefill.gate_block_index, blocks of the gate's page size), and attention is
-exact on it: the torch reference on the CPU, the block-sparse Triton kernel on CUDA
+exact on it: the listed pairs' tiles on the CPU, the block-sparse Triton kernel on CUDA
 (kvcache.prefill.serving.sparse_attention). Decoding is untouched.
 """
 

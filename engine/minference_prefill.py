@@ -5,8 +5,9 @@ patterns.
     prefill(model, client, seq_id, ids, attention=attention)     # or generate(..., prefill_attention=attention)
 
 Per chunk and layer, the index of each head is built from the chunk's queries and the keys so far
-(kvcache.prefill.serving.build_index), then attention is computed exactly on it: the torch
-reference on the CPU, the Triton kernel on CUDA. Where the index and the attention come from:
+(kvcache.prefill.serving.build_index), then attention is computed exactly on it: the listed pairs'
+tiles on the CPU (kvcache.prefill.block_sparse_cpu), the Triton kernel on CUDA. Where the index and the
+attention come from:
 
   served="none"       the engine builds the index from the prompt's K/V it holds and attends itself;
   served="index"      the KV store builds the index from the keys it holds (SparseIndex), the engine attends;
