@@ -58,6 +58,12 @@ class SparseIndex:
         """Whether the index lists gathered columns (vertical-slash) besides blocks."""
         return self.column_index.shape[-1] > 0
 
+    def check_chunk(self, q: torch.Tensor) -> None:
+        """Raise ValueError unless q [T, Hq, d] is the chunk this index is for (its queries and heads)."""
+        if q.dim() != 3 or self.num_queries != q.shape[0] or self.num_heads != q.shape[1]:
+            raise ValueError(f"the index is for {self.num_queries} queries x {self.num_heads} heads; "
+                             f"q has shape {tuple(q.shape)}")
+
     def mask(self, head: int) -> torch.Tensor:
         """(query, key) pairs of `head` that attention computes [T, start+T] bool: listed blocks and columns, causal."""
         B, S, T = self.block_size, self.num_keys, self.num_queries

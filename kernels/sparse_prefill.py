@@ -153,12 +153,10 @@ def sparse_prefill(
     the last listed block and the columns. Raises ValueError (shapes), TypeError (dtypes) or IndexError (a
     chunk past the sequence's positions).
     """
+    index.check_chunk(q)
     T, Hq, D = q.shape
     _, Hkv, P, _ = k_seq.shape
     B = index.block_size
-    if index.num_queries != T or index.num_heads != Hq:
-        raise ValueError(f"the index is for {index.num_queries} queries x {index.num_heads} heads; "
-                            f"q has shape {tuple(q.shape)}")
     if Hq % Hkv or k_seq.shape[3] != D or k_seq.stride() != v_seq.stride() or k_seq.stride(3) != 1:
         raise ValueError(f"q [T, {Hq}, {D}] does not fit the pools k {tuple(k_seq.shape)} / v {tuple(v_seq.shape)}")
     if q.dtype != k_seq.dtype or v_seq.dtype != k_seq.dtype:

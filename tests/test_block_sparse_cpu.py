@@ -64,3 +64,11 @@ def test_the_listed_positions_are_the_blocks_rows_then_the_columns():
             columns = index.column_index[h, m, : int(index.column_count[h, m])].tolist()
             want = [blk * B + r for blk in blocks for r in range(B)] + columns
             assert positions[h, m][listed[h, m]].tolist() == want
+
+
+def test_a_chunk_the_index_is_not_for_is_refused_with_its_shape():
+    q, k_seq, v_seq, csr = chunk(118, 0, 2, torch.float32)
+    index = build("block_sparse", q, k_seq, csr, 0)
+    for wrong in (q[:-1], q[:, :-1], q[0]):
+        with pytest.raises(ValueError, match="the index is for"):
+            block_sparse_prefill(wrong, k_seq, v_seq, csr, index)

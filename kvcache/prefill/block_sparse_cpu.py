@@ -52,10 +52,8 @@ def block_sparse_prefill(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the chunk q [T, Hq, d] at index.start over sequence b's paged K/V, on the index's pairs only:
     out [T, Hq, d] (q dtype), lse [T, Hq] float32, as kvcache.prefill.minference.minference_prefill gives them."""
+    index.check_chunk(q)
     T, Hq, d = q.shape
-    if index.num_queries != T or index.num_heads != Hq:
-        raise ValueError(f"the index is for {index.num_queries} queries x {index.num_heads} heads; "
-                         f"q has shape {tuple(q.shape)}")
     S, B = index.num_keys, index.block_size
     keys = chunk_keys(k_seq, csr, index.start, q, b).float()  # [Hkv, S, d]
     values = gather_sequence(v_seq, csr, b)[:, :S].float()

@@ -31,10 +31,8 @@ def minference_prefill(
     Returns out [T, Hq, d] (q dtype) and lse [T, Hq] float32 (natural log). A query with no
     allowed key gets out 0 and lse -inf. One head at a time, so memory stays at a [T, S] mask.
     """
+    index.check_chunk(q)
     T, Hq, d = q.shape
-    if index.num_queries != T or index.num_heads != Hq:
-        raise ValueError(f"the index is for {index.num_queries} queries x {index.num_heads} heads; "
-                         f"q has shape {tuple(q.shape)}")
     S = index.num_keys
     keys = chunk_keys(k_seq, csr, index.start, q, b).float()  # [Hkv, S, d]
     values = gather_sequence(v_seq, csr, b)[:, :S].float()
