@@ -20,7 +20,7 @@ from kvcache.store.page_table import PageTableCSR
 
 # One fused product per batch (ATen's CPU flash kernel, the listed pairs as an additive mask): it gives out and lse.
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-QUERY_BLOCKS = 16  # query blocks of a head per batched product: [16, B, L] logits, 33 MB at B=64, L=8192
+QUERY_BLOCKS = 16  # query blocks of a head per product: a [16, B, L] float mask, 33 MB at B=64, L=8192
 
 
 def listed_positions(index: SparseIndex) -> tuple[torch.Tensor, torch.Tensor]:
