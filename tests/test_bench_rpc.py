@@ -60,11 +60,23 @@ def test_bench_rpc_floor_reports_the_wire_the_host_wait_and_their_sum(tmp_path):
     assert report["goal_us"] == 200.0 and report["calls"] == 30 and report["context"] == 40
 
 
-def test_bench_rpc_floor_with_server_work_reports_the_paced_round_trip_without_it(tmp_path):
+def test_bench_rpc_floor_with_server_work_reports_the_paced_round_trip_without_it(tmp_path, monkeypatch):
+    from kvcache.bench import rpc_floor
+
+    holds = []
+
+    def wire_times(device, server_cpus, calls, hold):  # round trips of 250..269 us on top of the server's work
+        holds.append(hold)
+        return [hold + (250 + i % 20) * 1e-6 for i in range(calls)]
+
+    monkeypatch.setattr(rpc_floor, "_wire_times", wire_times)
     out = tmp_path / "floor.json"
     assert main(["bench", "rpc-floor", "--calls", "20", "--context", "40", "--hold-us", "3000",
                  "--json", str(out)]) == 0
-    paced = json.loads(out.read_text())["wire_paced"]
+    report = json.loads(out.read_text())
+    assert holds == [0.0, 0.003]  # back to back, then after 3 ms of server work
+    paced = report["wire_paced"]
     assert paced["hold_us"] == 3000.0
-    # The 3 ms of work are subtracted: what is left is a round trip, well under the work itself.
-    assert 0 < paced["p10_us"] <= paced["median_us"] <= paced["p90_us"] < 3000
+    # The 3 ms of work are subtracted: what is left is the round trip itself.
+    assert paced["p10_us"] == pytest.approx(252.0) and paced["median_us"] == pytest.approx(259.5)
+    assert paced["p90_us"] == pytest.approx(268.0) and report["wire"]["median_us"] == pytest.approx(259.5)
