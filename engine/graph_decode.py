@@ -193,7 +193,7 @@ class GraphDecoder:
         why = graph_unsupported(client, model)
         if why is not None:
             raise ValueError(f"a decode step cannot be captured as a CUDA graph: {why}")
-        self.model = model.fuse_projections() if not model.projections_fused else model
+        self.model = model.for_decoding()
         self.client = client
         self._graphs: dict[tuple, _Graph] = {}
         self.captures = 0
